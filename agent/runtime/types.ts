@@ -1,0 +1,120 @@
+/**
+ * The seams between the parts of the node runtime, and between the runtime and the agent's worker.
+ * Implementations: images.ts/content.ts/snapshots.ts (images and layers), containers.ts (runc + conmon),
+ * and agent/worker/sim.ts (a simulated runtime for scale work, same ContainerRuntime interface).
+ */
+
+/** The parts of an OCI/Docker image config that flotilla honours. */
+export interface ImageConfig {
+  entrypoint: string[];
+  cmd: string[];
+  env: string[];
+  workingDir: string;
+  user: string;
+  /** Docker HEALTHCHECK, when the image carries one (docker-archive imports). Durations in ms. */
+  healthcheck?: { test: string[]; intervalMs: number; timeoutMs: number; startPeriodMs: number; retries: number };
+}
+
+export interface ImageRecord {
+  /** normalised reference, "name:tag" */
+  name: string;
+  /** digest of the manifest, "sha256:<hex>": the image's identity */
+  digest: string;
+  configDigest: string;
+  /** layer blob digests, lowest first */
+  layers: string[];
+  /** uncompressed layer digests (diff ids), lowest first */
+  diffIds: string[];
+  config: ImageConfig;
+  /** total size of the layer blobs in bytes */
+  size: number;
+  /** Unix ms */
+  created: number;
+}
+
+/** A mount description: the snapshotter returns these and one place (mount.ts) performs them. */
+export interface MountSpec {
+  type: string;
+  source: string;
+  options: string[];
+}
+
+export interface ContainerCreateOptions {
+  /** unique container name; also its hostname unless hostname is given */
+  name: string;
+  /** image name[:tag] or digest */
+  image: string;
+  /** overrides the image's Cmd; entrypoint overrides the image's Entrypoint */
+  command?: string[];
+  entrypoint?: string[];
+  env?: string[];
+  workdir?: string;
+  user?: string;
+  hostname?: string;
+  /** bytes; 0 or undefined means no limit */
+  memoryBytes?: number;
+  /** 1e9 per CPU */
+  nanoCpus?: number;
+  pidsLimit?: number;
+  /** "" or undefined: own network namespace with loopback up; "host"; "none" */
+  network?: string;
+  labels?: Record<string, string>;
+}
+
+export type ContainerStatus = 'created' | 'running' | 'stopped';
+
+export interface ContainerInfo {
+  id: string;
+  name: string;
+  image: string;
+  imageDigest: string;
+  status: ContainerStatus;
+  pid: number;
+  exitCode: number | null;
+  oomKilled: boolean;
+  rootfs: string;
+  cgroupPaths: Record<string, string>;
+  labels: Record<string, string>;
+  /** Unix ms; 0 when not yet */
+  created: number;
+  started: number;
+  finished: number;
+}
+
+export interface ExitInfo {
+  exitCode: number;
+  oomKilled: boolean;
+}
+
+export interface LogEntry {
+  time: number;
+  stream: 'stdout' | 'stderr';
+  line: string;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  output: string;
+}
+
+/** What the agent's task controllers use. Errors are FlotillaError with a code. */
+export interface ContainerRuntime {
+  readonly kind: 'runc' | 'sim';
+  /** Creates the container (rootfs, spec, runc create under the monitor) without starting it. */
+  create(opts: ContainerCreateOptions): Promise<ContainerInfo>;
+  start(idOrName: string): Promise<void>;
+  /** Resolves when the container's main process exits (at once if it already has). */
+  wait(idOrName: string, signal?: AbortSignal): Promise<ExitInfo>;
+  /** SIGTERM, then SIGKILL after graceMs. */
+  stop(idOrName: string, graceMs: number): Promise<void>;
+  kill(idOrName: string, signal: string): Promise<void>;
+  /** Removes everything the container had (mounts, cgroups, directories). */
+  remove(idOrName: string, force: boolean): Promise<void>;
+  inspect(idOrName: string): Promise<ContainerInfo>;
+  list(): Promise<ContainerInfo[]>;
+  exec(idOrName: string, cmd: string[], opts?: { timeoutMs?: number; signal?: AbortSignal }): Promise<ExecResult>;
+  logs(idOrName: string, opts: { follow?: boolean; tail?: number; signal?: AbortSignal }): AsyncIterable<LogEntry>;
+  /** Whether an image is present locally, by name or digest. */
+  hasImage(ref: string): Promise<boolean>;
+  imageConfig(ref: string): Promise<ImageConfig>;
+}

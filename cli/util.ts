@@ -1,0 +1,70 @@
+import { errorMessage } from '../common/errors.js';
+
+/** Thrown by commands to exit with a given code after printing a message (if any). */
+export class ExitError extends Error {
+  constructor(
+    readonly exitCode: number,
+    message = '',
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * Wraps a command action: errors become one clear line on stderr and a non-zero exit code.
+ * Commander passes the parsed arguments through.
+ */
+export function action<A extends unknown[]>(fn: (...args: A) => Promise<void> | void): (...args: A) => Promise<void> {
+  return async (...args: A) => {
+    try {
+      await fn(...args);
+    } catch (err) {
+      if (err instanceof ExitError) {
+        if (err.message) process.stderr.write(`flotilla: ${err.message}\n`);
+        process.exitCode = err.exitCode;
+        return;
+      }
+      const grpcDetails = (err as { details?: string }).details;
+      process.stderr.write(`flotilla: ${grpcDetails ?? errorMessage(err)}\n`);
+      if (process.env.FLOTILLA_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+      process.exitCode = 1;
+    }
+  };
+}
+
+/** Renders rows as a left-aligned table with a header, like docker's. */
+export function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]): string =>
+    cells
+      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd((widths[i] ?? 0) + 3)))
+      .join('')
+      .trimEnd();
+  return [line(headers), ...rows.map(line)].join('\n') + '\n';
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+}
+
+/** Collects repeated flags (-e A=1 -e B=2). */
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+export function timeAgo(ms: number, now = Date.now()): string {
+  if (!ms) return '';
+  const s = Math.max(0, Math.round((now - ms) / 1000));
+  if (s < 60) return `${s} seconds ago`;
+  const m = Math.round(s / 60);
+  if (m < 60) return `${m} minute${m === 1 ? '' : 's'} ago`;
+  const h = Math.round(m / 60);
+  if (h < 48) return `${h} hour${h === 1 ? '' : 's'} ago`;
+  return `${Math.round(h / 24)} days ago`;
+}
+
+export function checkFormat(format: string | undefined): 'table' | 'json' {
+  if (format === undefined || format === 'table') return 'table';
+  if (format === 'json') return 'json';
+  throw new ExitError(2, `invalid --format "${format}": use table or json`);
+}
