@@ -1,0 +1,504 @@
+/**
+ * Layers: each layer blob is unpacked once, into <data>/snapshots/layers/<hex>/fs, and shared read-only
+ * by every container that uses it (as an overlay lowerdir).
+ *
+ * Unpacking is done entry by entry over node-tar's Parser, so that we control every file system call:
+ * - OCI whiteouts become overlayfs whiteouts: ".wh.NAME" -> a 0:0 character device NAME;
+ *   ".wh..wh..opq" -> the directory gets the xattr trusted.overlay.opaque=y.
+ * - Entries that would land outside the layer are refused: absolute paths, ".." components, writing
+ *   through a symlink (any symlink, since its meaning depends on lower layers), hardlinks whose target is
+ *   absolute, escapes, or is not already in the layer. Symlinks themselves may point anywhere: they are
+ *   resolved inside the container's root at run time, never followed while unpacking.
+ * - Ownership, modes (with setuid/setgid/sticky), mtimes, symlinks, hardlinks, devices and FIFOs are
+ *   kept (we run as root). PAX xattrs (e.g. file capabilities) are not applied.
+ * A layer is unpacked into a temporary directory and renamed into place only when complete, so a failure
+ * or crash leaves nothing half-unpacked behind.
+ */
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { constants as fsc } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { promisify } from 'node:util';
+import zlib from 'node:zlib';
+import { Parser, type ReadEntry } from 'tar';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
+import { type ContentStore, cleanStale, digestHex, fsyncDir, tempName } from './content.js';
+
+const execFileP = promisify(execFile);
+
+export interface UnpackResult {
+  /** sha256 of the uncompressed tar stream ("diff id") */
+  diffId: string;
+  /** uncompressed size in bytes */
+  size: number;
+}
+
+export interface LayerInfo extends UnpackResult {
+  /** the layer blob digest */
+  digest: string;
+  /** the unpacked file system, <data>/snapshots/layers/<hex>/fs */
+  path: string;
+}
+
+export type Compression = 'gzip' | 'zstd' | 'bzip2' | 'xz' | 'none';
+
+/** Detects the compression of a blob by its first bytes. */
+export function detectCompression(head: Uint8Array): Compression {
+  if (head[0] === 0x1f && head[1] === 0x8b) return 'gzip';
+  if (head[0] === 0x28 && head[1] === 0xb5 && head[2] === 0x2f && head[3] === 0xfd) return 'zstd';
+  if (head[0] === 0x42 && head[1] === 0x5a && head[2] === 0x68) return 'bzip2';
+  if (head[0] === 0xfd && head[1] === 0x37 && head[2] === 0x7a && head[3] === 0x58) return 'xz';
+  return 'none';
+}
+
+async function* prepend(first: Buffer, rest: AsyncIterator<Buffer>): AsyncGenerator<Buffer> {
+  yield first;
+  while (true) {
+    const r = await rest.next();
+    if (r.done) return;
+    yield r.value;
+  }
+}
+
+/** Yields the uncompressed bytes of a (possibly gzip-compressed) tar stream. */
+async function* uncompressed(source: Readable | AsyncIterable<Buffer>, label: string): AsyncGenerator<Buffer> {
+  const it = (source as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  let first: Buffer = Buffer.alloc(0);
+  // gather at least 4 bytes for the magic
+  while (first.length < 4) {
+    const r = await it.next();
+    if (r.done) break;
+    first = Buffer.concat([first, Buffer.from(r.value)]);
+  }
+  const kind = detectCompression(first);
+  if (kind === 'zstd' || kind === 'bzip2' || kind === 'xz') {
+    await it.return?.();
+    throw new FlotillaError('INVALID_ARGUMENT', `layer ${label}: ${kind}-compressed layers are not supported (use gzip or an uncompressed tar)`);
+  }
+  const all = prepend(first, it);
+  if (kind === 'none') {
+    yield* all;
+    return;
+  }
+  const gunzip = zlib.createGunzip();
+  const feed = (async () => {
+    try {
+      for await (const chunk of all) {
+        if (!gunzip.write(chunk)) await once(gunzip, 'drain');
+      }
+      gunzip.end();
+    } catch (err) {
+      gunzip.destroy(err as Error);
+    }
+  })();
+  try {
+    for await (const chunk of gunzip as AsyncIterable<Buffer>) yield chunk;
+  } catch (err) {
+    throw new FlotillaError('INVALID_ARGUMENT', `layer ${label}: corrupt gzip data: ${errorMessage(err)}`, { cause: err });
+  } finally {
+    gunzip.destroy();
+    await feed;
+  }
+}
+
+function unsafe(label: string, entry: string, why: string): FlotillaError {
+  return new FlotillaError('INVALID_ARGUMENT', `layer ${label}: refusing entry ${JSON.stringify(entry)}: ${why}`);
+}
+
+/** Turns an archive path into a safe relative path ('' is the root), or throws naming the entry. */
+function safeRelative(label: string, raw: string, what = 'path'): string {
+  if (raw.startsWith('/')) throw unsafe(label, raw, `absolute ${what}`);
+  const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
+  if (parts.includes('..')) throw unsafe(label, raw, `${what} has a ".." component`);
+  return parts.join('/');
+}
+
+/** Sets one xattr on many paths (python3's os.setxattr, else setfattr(1)). */
+export async function setXattr(paths: string[], name: string, value: string): Promise<void> {
+  if (paths.length === 0) return;
+  const py = 'import os,sys\nn=sys.argv[1].encode();v=sys.argv[2].encode()\nfor p in sys.argv[3:]: os.setxattr(p,n,v,follow_symlinks=False)';
+  try {
+    await execFileP('python3', ['-c', py, name, value, ...paths]);
+    return;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new FlotillaError('INTERNAL', `setting xattr ${name}: ${((err as { stderr?: string }).stderr ?? errorMessage(err)).trim()}`);
+    }
+  }
+  try {
+    for (const p of paths) await execFileP('setfattr', ['-h', '-n', name, '-v', value, p]);
+  } catch (err) {
+    throw new FlotillaError('INTERNAL', `setting xattr ${name} needs python3 or setfattr (package attr): ${errorMessage(err)}`);
+  }
+}
+
+/** Reads an xattr (or undefined); used by tests and diagnostics. */
+export async function getXattr(p: string, name: string): Promise<string | undefined> {
+  const py = 'import os,sys\ntry: sys.stdout.write(os.getxattr(sys.argv[1],sys.argv[2],follow_symlinks=False).decode())\nexcept OSError: sys.exit(3)';
+  try {
+    const { stdout } = await execFileP('python3', ['-c', py, p, name]);
+    return stdout;
+  } catch {
+    return undefined;
+  }
+}
+
+async function mknod(p: string, kind: 'c' | 'b' | 'p', mode: number, major = 0, minor = 0): Promise<void> {
+  const args = ['-m', (mode & 0o7777).toString(8), p, kind];
+  if (kind !== 'p') args.push(String(major), String(minor));
+  try {
+    await execFileP('mknod', args);
+  } catch (err) {
+    throw new FlotillaError('INTERNAL', `mknod ${args.join(' ')}: ${((err as { stderr?: string }).stderr ?? errorMessage(err)).trim()}`);
+  }
+}
+
+class Unpacker {
+  private readonly okDirs = new Set<string>(['']);
+  private readonly dirTimes: { abs: string; mtime: Date }[] = [];
+  readonly opaque: string[] = [];
+
+  constructor(
+    private readonly root: string,
+    private readonly label: string,
+  ) {}
+
+  private abs(rel: string): string {
+    return rel === '' ? this.root : path.join(this.root, rel);
+  }
+
+  /** Makes sure every parent of rel is a real directory inside the root (creating missing ones). */
+  private async ensureParents(raw: string, rel: string, create = true): Promise<void> {
+    const parts = rel.split('/');
+    parts.pop();
+    let cur = '';
+    for (const part of parts) {
+      cur = cur ? `${cur}/${part}` : part;
+      if (this.okDirs.has(cur)) continue;
+      let st;
+      try {
+        st = await fs.lstat(this.abs(cur));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+        if (!create) throw unsafe(this.label, raw, `"${cur}" does not exist in the layer`);
+        await fs.mkdir(this.abs(cur), { mode: 0o755 });
+        this.okDirs.add(cur);
+        continue;
+      }
+      if (st.isSymbolicLink()) throw unsafe(this.label, raw, `"${cur}" is a symlink; refusing to write through it`);
+      if (!st.isDirectory()) throw unsafe(this.label, raw, `"${cur}" is not a directory`);
+      this.okDirs.add(cur);
+    }
+  }
+
+  /** Removes whatever is at rel, unless it is a directory and keepDir is set. Returns whether a dir remains. */
+  private async clear(rel: string, keepDir: boolean): Promise<boolean> {
+    const abs = this.abs(rel);
+    let st;
+    try {
+      st = await fs.lstat(abs);
+    } catch {
+      return false;
+    }
+    if (st.isDirectory()) {
+      if (keepDir) return true;
+      await fs.rm(abs, { recursive: true, force: true });
+      for (const d of this.okDirs) if (d === rel || d.startsWith(rel + '/')) this.okDirs.delete(d);
+      return false;
+    }
+    await fs.unlink(abs);
+    return false;
+  }
+
+  async entry(e: ReadEntry): Promise<void> {
+    const raw = e.path;
+    const rel = safeRelative(this.label, raw);
+    const base = path.posix.basename(rel);
+    const uid = e.uid ?? 0;
+    const gid = e.gid ?? 0;
+    const mode = (e.mode ?? 0o644) & 0o7777;
+    const mtime = e.mtime ?? new Date(0);
+
+    // OCI whiteouts
+    if (base.startsWith('.wh.')) {
+      e.resume();
+      await this.ensureParents(raw, rel);
+      const parentRel = path.posix.dirname(rel) === '.' ? '' : path.posix.dirname(rel);
+      if (base === '.wh..wh..opq') {
+        this.opaque.push(this.abs(parentRel));
+      } else if (!base.startsWith('.wh..wh.')) {
+        const name = base.slice(4);
+        if (name === '' || name === '.' || name === '..') throw unsafe(this.label, raw, 'bad whiteout name');
+        const targetRel = parentRel ? `${parentRel}/${name}` : name;
+        await this.clear(targetRel, false);
+        await mknod(this.abs(targetRel), 'c', 0o000, 0, 0);
+      }
+      return;
+    }
+
+    const abs = this.abs(rel);
+    switch (e.type) {
+      case 'Directory': {
+        e.resume();
+        if (rel !== '') {
+          await this.ensureParents(raw, rel);
+          if (!(await this.clear(rel, true))) await fs.mkdir(abs, { mode: 0o700 });
+          this.okDirs.add(rel);
+        }
+        await fs.lchown(abs, uid, gid);
+        await fs.chmod(abs, mode);
+        this.dirTimes.push({ abs, mtime });
+        return;
+      }
+      case 'File':
+      case 'OldFile':
+      case 'ContiguousFile': {
+        if (rel === '') throw unsafe(this.label, raw, 'a file at the layer root');
+        await this.ensureParents(raw, rel);
+        await this.clear(rel, false);
+        const fh = await fs.open(abs, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+        try {
+          for await (const chunk of e as AsyncIterable<Buffer>) {
+            let off = 0;
+            while (off < chunk.length) off += (await fh.write(chunk, off, chunk.length - off)).bytesWritten;
+          }
+          await fh.chown(uid, gid);
+          await fh.chmod(mode);
+          await fh.utimes(mtime, mtime);
+        } finally {
+          await fh.close();
+        }
+        return;
+      }
+      case 'SymbolicLink': {
+        e.resume();
+        if (rel === '') throw unsafe(this.label, raw, 'a symlink at the layer root');
+        await this.ensureParents(raw, rel);
+        await this.clear(rel, false);
+        await fs.symlink(e.linkpath ?? '', abs);
+        await fs.lchown(abs, uid, gid);
+        await fs.lutimes(abs, mtime, mtime);
+        return;
+      }
+      case 'Link': {
+        e.resume();
+        if (rel === '') throw unsafe(this.label, raw, 'a hardlink at the layer root');
+        const targetRel = safeRelative(this.label, e.linkpath ?? '', 'hardlink target');
+        if (targetRel === '') throw unsafe(this.label, raw, 'hardlink to the layer root');
+        if (targetRel === rel) return;
+        await this.ensureParents(e.linkpath ?? '', targetRel, false).catch((err: unknown) => {
+          throw unsafe(this.label, raw, `hardlink target ${JSON.stringify(e.linkpath)}: ${errorMessage(err).replace(/^.*?: /, '')}`);
+        });
+        let st;
+        try {
+          st = await fs.lstat(this.abs(targetRel));
+        } catch {
+          throw unsafe(this.label, raw, `hardlink target ${JSON.stringify(e.linkpath)} is not in the layer`);
+        }
+        if (st.isDirectory()) throw unsafe(this.label, raw, `hardlink target ${JSON.stringify(e.linkpath)} is a directory`);
+        await this.ensureParents(raw, rel);
+        await this.clear(rel, false);
+        await fs.link(this.abs(targetRel), abs);
+        return;
+      }
+      case 'CharacterDevice':
+      case 'BlockDevice':
+      case 'FIFO': {
+        e.resume();
+        if (rel === '') throw unsafe(this.label, raw, 'a device at the layer root');
+        await this.ensureParents(raw, rel);
+        await this.clear(rel, false);
+        const kind = e.type === 'FIFO' ? 'p' : e.type === 'CharacterDevice' ? 'c' : 'b';
+        await mknod(abs, kind, mode, e.header.devmaj ?? 0, e.header.devmin ?? 0);
+        await fs.lchown(abs, uid, gid);
+        await fs.chmod(abs, mode);
+        await fs.lutimes(abs, mtime, mtime);
+        return;
+      }
+      default:
+        e.resume();
+        throw unsafe(this.label, raw, `unsupported tar entry type ${e.type}`);
+    }
+  }
+
+  async finish(): Promise<void> {
+    await setXattr(this.opaque, 'trusted.overlay.opaque', 'y');
+    // deepest first, so setting a child's mtime does not disturb its parent's
+    for (const d of [...this.dirTimes].reverse()) await fs.utimes(d.abs, d.mtime, d.mtime);
+  }
+}
+
+/**
+ * Unpacks a tar stream (gzip-compressed or not, detected by magic bytes) into target, which must be an
+ * existing empty directory. Throws INVALID_ARGUMENT naming the entry on unsafe or corrupt archives; the
+ * caller removes target on failure.
+ */
+export async function unpackTar(source: Readable | AsyncIterable<Buffer>, target: string, label = 'archive'): Promise<UnpackResult> {
+  const root = path.resolve(target);
+  const unpacker = new Unpacker(root, label);
+  const parser = new Parser({ strict: true });
+  const hash = createHash('sha256');
+  let size = 0;
+  let failure: unknown;
+  let sawEntry = false;
+  let chain: Promise<void> = Promise.resolve();
+  let rejectFailed: (err: unknown) => void = () => undefined;
+  const failed = new Promise<never>((_, reject) => (rejectFailed = reject));
+  failed.catch(() => undefined);
+  const fail = (err: unknown): void => {
+    if (failure === undefined) {
+      failure = err;
+      rejectFailed(err);
+    }
+  };
+
+  parser.on('entry', (e: ReadEntry) => {
+    sawEntry = true;
+    chain = chain.then(async () => {
+      if (failure !== undefined) {
+        e.resume();
+        return;
+      }
+      try {
+        await unpacker.entry(e);
+      } catch (err) {
+        e.resume();
+        fail(err);
+      }
+    });
+  });
+  parser.on('error', (err: Error) =>
+    fail(new FlotillaError('INVALID_ARGUMENT', `layer ${label}: corrupt tar archive: ${err.message.replace(/^TAR_\w+: /, '')}`, { cause: err })),
+  );
+  const ended = once(parser, 'end');
+  ended.catch(() => undefined);
+
+  try {
+    for await (const chunk of uncompressed(source, label)) {
+      if (failure !== undefined) break;
+      hash.update(chunk);
+      size += chunk.length;
+      if (!parser.write(chunk)) await Promise.race([once(parser, 'drain'), failed]);
+    }
+    if (failure === undefined) {
+      parser.end();
+      await Promise.race([ended, failed]);
+      await chain;
+    }
+    if (failure !== undefined) throw failure;
+    if (!sawEntry && size > 0) throw new FlotillaError('INVALID_ARGUMENT', `layer ${label}: not a tar archive`);
+    await unpacker.finish();
+  } catch (err) {
+    fail(err);
+    await chain.catch(() => undefined);
+    throw failure;
+  }
+  return { diffId: `sha256:${hash.digest('hex')}`, size };
+}
+
+/** Unpacked layers under <data>/snapshots/layers, one directory per layer blob digest. */
+export class LayerStore {
+  readonly root: string;
+  private readonly inflight = new Map<string, Promise<LayerInfo>>();
+
+  private constructor(
+    dataDir: string,
+    readonly content: ContentStore,
+  ) {
+    this.root = path.join(dataDir, 'snapshots', 'layers');
+  }
+
+  /** Opens the layer store and removes temp directories left by crashed unpacks. */
+  static async open(dataDir: string, content: ContentStore): Promise<LayerStore> {
+    const s = new LayerStore(path.resolve(dataDir), content);
+    await fs.mkdir(s.root, { recursive: true, mode: 0o700 });
+    await cleanStale(s.root, '.tmp-');
+    return s;
+  }
+
+  dir(digest: string): string {
+    return path.join(this.root, digestHex(digest, 'layer digest'));
+  }
+
+  /** The unpacked file system of a layer (an overlay lowerdir). */
+  fsPath(digest: string): string {
+    return path.join(this.dir(digest), 'fs');
+  }
+
+  /** The layer's metadata if it is unpacked, else undefined. */
+  async info(digest: string): Promise<LayerInfo | undefined> {
+    try {
+      const meta = JSON.parse(await fs.readFile(path.join(this.dir(digest), 'layer.json'), 'utf8')) as UnpackResult;
+      return { digest, diffId: meta.diffId, size: meta.size, path: this.fsPath(digest) };
+    } catch (err) {
+      if (err instanceof FlotillaError) throw err;
+      return undefined;
+    }
+  }
+
+  async has(digest: string): Promise<boolean> {
+    return (await this.info(digest)) !== undefined;
+  }
+
+  /**
+   * Makes sure the layer blob (which must be in the content store) is unpacked; returns where. Concurrent
+   * calls for one digest share one unpack. If another process wins the final rename, its copy is used.
+   */
+  prepare(digest: string): Promise<LayerInfo> {
+    digestHex(digest, 'layer digest');
+    const running = this.inflight.get(digest);
+    if (running) return running;
+    const p = this.doPrepare(digest).finally(() => this.inflight.delete(digest));
+    this.inflight.set(digest, p);
+    return p;
+  }
+
+  private async doPrepare(digest: string): Promise<LayerInfo> {
+    const existing = await this.info(digest);
+    if (existing) return existing;
+    const tmp = path.join(this.root, `.tmp-${tempName()}`);
+    await fs.mkdir(path.join(tmp, 'fs'), { recursive: true, mode: 0o700 });
+    try {
+      await fs.chmod(path.join(tmp, 'fs'), 0o755);
+      const result = await unpackTar(await this.content.openRead(digest), path.join(tmp, 'fs'), digest);
+      await fs.writeFile(path.join(tmp, 'layer.json'), JSON.stringify({ digest, ...result }) + '\n');
+      await execFileP('sync', ['-f', tmp]).catch(() => undefined);
+      try {
+        await fs.rename(tmp, this.dir(digest));
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
+        await fs.rm(tmp, { recursive: true, force: true });
+      }
+      await fsyncDir(this.root);
+    } catch (err) {
+      await fs.rm(tmp, { recursive: true, force: true });
+      throw err;
+    }
+    const info = await this.info(digest);
+    if (!info) throw new FlotillaError('INTERNAL', `layer ${digest} vanished after unpacking`);
+    return info;
+  }
+
+  /** Removes an unpacked layer (the caller makes sure no image or snapshot uses it). */
+  async remove(digest: string): Promise<void> {
+    const dir = this.dir(digest);
+    const doomed = path.join(this.root, `.tmp-${tempName()}`);
+    try {
+      await fs.rename(dir, doomed); // atomic: the layer disappears at once
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    await fs.rm(doomed, { recursive: true, force: true });
+  }
+
+  /** Digests of all unpacked layers. */
+  async list(): Promise<string[]> {
+    const names = await fs.readdir(this.root);
+    return names.filter((n) => /^[a-f0-9]{64}$/.test(n)).map((n) => `sha256:${n}`);
+  }
+}

@@ -1,0 +1,283 @@
+/**
+ * The control API: what the CLI talks to. Every spec is validated before it reaches the store;
+ * errors carry the right gRPC status (INVALID_ARGUMENT naming the field, NOT_FOUND, ALREADY_EXISTS,
+ * ABORTED for stale versions, FAILED_PRECONDITION).
+ */
+import * as grpc from '@grpc/grpc-js';
+import {
+  ControlServer,
+  CreateServiceRequest,
+  CreateServiceResponse,
+  GetClusterResponse,
+  ListTasksRequest,
+  LogLine,
+  RemoveNodeRequest,
+  ServiceLogsRequest,
+  UpdateNodeRequest,
+  UpdateServiceRequest,
+  UpdateServiceResponse,
+} from '../../gen/flotilla/v1/control.js';
+import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
+import { isValidName, newId } from '../../common/ids.js';
+import type { MemoryStore } from '../store/store.js';
+import type { Dispatcher } from '../dispatcher/dispatcher.js';
+import { unary } from '../dispatcher/dispatcher.js';
+import { grpcError } from '../grpc.js';
+import { validateServiceSpec } from './validate.js';
+import { diffSpecs, tasksToReplace } from './diff.js';
+
+export const DEFAULT_SERVICE_HISTORY = 10;
+
+export interface ControlContext {
+  store: MemoryStore;
+  dispatcher: Dispatcher;
+  leaderAddr(): string;
+  /** linearizable read barrier (Raft ReadIndex); a no-op on a single manager */
+  readBarrier(): Promise<void>;
+  /** membership hooks for manager nodes (Raft); undefined on a single manager */
+  removeManager?(node: Node, force: boolean): Promise<void>;
+}
+
+export function resolveService(store: MemoryStore, ref: string): Service {
+  if (!ref) throw invalidArgument('service', ref, 'required');
+  const byId = store.getService(ref);
+  if (byId) return byId;
+  const byName = store.serviceByName(ref);
+  if (byName) return byName;
+  const matches = store.listServices().filter((s) => s.id.startsWith(ref));
+  if (matches.length === 1) return matches[0]!;
+  if (matches.length > 1) throw new FlotillaError('FAILED_PRECONDITION', `service ${JSON.stringify(ref)} is ambiguous (${matches.length} matches)`);
+  throw notFound('service', ref);
+}
+
+export function resolveNode(store: MemoryStore, ref: string): Node {
+  if (!ref) throw invalidArgument('node', ref, 'required');
+  const byId = store.getNode(ref);
+  if (byId) return byId;
+  const byName = store.listNodes().filter((n) => n.description?.hostname === ref);
+  if (byName.length === 1) return byName[0]!;
+  const matches = store.listNodes().filter((n) => n.id.startsWith(ref));
+  if (matches.length === 1) return matches[0]!;
+  if (matches.length > 1 || byName.length > 1) throw new FlotillaError('FAILED_PRECONDITION', `node ${JSON.stringify(ref)} is ambiguous`);
+  throw notFound('node', ref);
+}
+
+export class ControlApi {
+  constructor(private readonly ctx: ControlContext) {}
+
+  private get store(): MemoryStore {
+    return this.ctx.store;
+  }
+
+  async getCluster(): Promise<GetClusterResponse> {
+    await this.ctx.readBarrier();
+    const cluster = this.store.getCluster();
+    if (!cluster) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+    return {
+      cluster,
+      leaderAddr: this.ctx.leaderAddr(),
+      nodes: this.store.nodes.size,
+      services: this.store.services.size,
+      tasks: this.store.tasks.size,
+    };
+  }
+
+  async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
+    const spec = validateServiceSpec(req.spec);
+    const id = newId();
+    const now = Date.now();
+    await this.store.update((tx) => {
+      if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+      tx.create('service', {
+        id,
+        meta: undefined,
+        spec,
+        specVersion: 1,
+        previousSpec: undefined,
+        updateStatus: undefined,
+        history: [{ version: 1, spec, createdAt: now }],
+      });
+    });
+    return { service: this.store.getService(id) };
+  }
+
+  async updateService(req: UpdateServiceRequest): Promise<UpdateServiceResponse> {
+    const cur = resolveService(this.store, req.serviceId);
+    if (req.version && req.version !== cur.specVersion)
+      throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} is at version ${cur.specVersion}, not ${req.version}`);
+    let next: ServiceSpec;
+    if (req.rollback) {
+      next = this.rollbackTarget(cur, req.rollback, req.toVersion);
+    } else {
+      next = validateServiceSpec(req.spec);
+    }
+    if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
+    if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
+    const diff = diffSpecs(cur.spec!, next);
+    const replaced = tasksToReplace(this.store.tasksOfService(cur.id), next);
+    if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
+    const limit = Number(this.store.getCluster()?.spec?.serviceHistoryLimit || DEFAULT_SERVICE_HISTORY);
+    await this.store.update((tx) => {
+      const s = tx.get<Service>('service', cur.id);
+      if (!s) throw notFound('service', req.serviceId);
+      if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
+      const version = s.specVersion + 1;
+      const history = [...s.history, { version, spec: next, createdAt: Date.now() }].slice(-limit);
+      tx.update('service', {
+        ...s,
+        spec: next,
+        specVersion: version,
+        previousSpec: s.spec,
+        history,
+        updateStatus: req.rollback
+          ? { state: 4 /* ROLLBACK_STARTED */, startedAt: Date.now(), completedAt: 0, message: `manually requested rollback to version ${this.rollbackVersion(s, req)}` }
+          : s.updateStatus,
+      });
+    });
+    return { service: this.store.getService(cur.id), replacedTasks: replaced.map((t) => t.id), diff };
+  }
+
+  private rollbackVersion(s: Service, req: UpdateServiceRequest): number {
+    if (req.rollback === 'version') return req.toVersion;
+    return s.history.length >= 2 ? (s.history[s.history.length - 2]?.version ?? 0) : 0;
+  }
+
+  private rollbackTarget(cur: Service, how: string, toVersion: number): ServiceSpec {
+    if (how === 'previous') {
+      if (!cur.previousSpec) throw new FlotillaError('FAILED_PRECONDITION', `service ${cur.spec?.name} has no previous version to roll back to`);
+      return structuredClone(cur.previousSpec);
+    }
+    if (how === 'version') {
+      const v = cur.history.find((h) => h.version === toVersion);
+      if (!v?.spec) {
+        const kept = cur.history.map((h) => h.version).join(', ');
+        throw invalidArgument('to-version', toVersion, `version not kept (kept: ${kept})`);
+      }
+      if (toVersion === cur.specVersion) throw invalidArgument('to-version', toVersion, 'is the current version');
+      return structuredClone(v.spec);
+    }
+    throw invalidArgument('rollback', how, 'must be previous or version');
+  }
+
+  async removeService(ref: string): Promise<void> {
+    const s = resolveService(this.store, ref);
+    await this.store.update((tx) => {
+      tx.delete('service', s.id);
+      for (const t of this.store.tasksOfService(s.id)) {
+        const cur = tx.get<Task>('task', t.id);
+        if (cur && cur.desiredState <= TaskState.TASK_STATE_RUNNING) tx.update('task', { ...cur, desiredState: TaskState.TASK_STATE_SHUTDOWN });
+      }
+    });
+  }
+
+  async listTasks(req: ListTasksRequest): Promise<Task[]> {
+    await this.ctx.readBarrier();
+    let tasks: Task[];
+    if (req.serviceId) tasks = this.store.tasksOfService(resolveService(this.store, req.serviceId).id);
+    else if (req.nodeId) tasks = this.store.tasksOfNode(resolveNode(this.store, req.nodeId).id);
+    else tasks = this.store.listTasks();
+    if (req.serviceId && req.nodeId) {
+      const n = resolveNode(this.store, req.nodeId);
+      tasks = tasks.filter((t) => t.nodeId === n.id);
+    }
+    if (req.desiredRunning) tasks = tasks.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
+    return tasks;
+  }
+
+  async updateNode(req: UpdateNodeRequest): Promise<Node> {
+    const cur = resolveNode(this.store, req.nodeId);
+    if (!req.spec) throw invalidArgument('spec', null, 'required');
+    if (req.version && req.version !== cur.meta?.version) throw new FlotillaError('ABORTED', `update out of sequence for node ${req.nodeId}`);
+    if (![NodeAvailability.NODE_AVAILABILITY_ACTIVE, NodeAvailability.NODE_AVAILABILITY_PAUSE, NodeAvailability.NODE_AVAILABILITY_DRAIN].includes(req.spec.availability))
+      throw invalidArgument('availability', req.spec.availability, 'must be active, pause or drain');
+    for (const k of Object.keys(req.spec.labels)) if (!k || /\s/.test(k)) throw invalidArgument('label', k, 'invalid key');
+    await this.store.update((tx) => {
+      const n = tx.get<Node>('node', cur.id);
+      if (!n) throw notFound('node', req.nodeId);
+      tx.update('node', { ...n, spec: { ...req.spec!, desiredRole: n.spec?.desiredRole ?? NodeRole.NODE_ROLE_WORKER } });
+    });
+    return this.store.getNode(cur.id)!;
+  }
+
+  async removeNode(req: RemoveNodeRequest): Promise<void> {
+    const n = resolveNode(this.store, req.nodeId);
+    if (n.status?.state === NodeState.NODE_STATE_READY && !req.force)
+      throw new FlotillaError('FAILED_PRECONDITION', `node ${n.description?.hostname ?? n.id} is not down and can't be removed (use --force)`);
+    if (n.role === NodeRole.NODE_ROLE_MANAGER && this.ctx.removeManager) await this.ctx.removeManager(n, req.force);
+    await this.store.update((tx) => tx.delete('node', n.id));
+  }
+
+  serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
+    let service: Service;
+    try {
+      service = resolveService(this.store, call.request.serviceId);
+    } catch (err) {
+      call.destroy(grpcError(err));
+      return;
+    }
+    const tasks = this.store.tasksOfService(service.id).filter((t) => t.nodeId && t.status?.containerId);
+    if (tasks.length === 0) {
+      call.end();
+      return;
+    }
+    let open = tasks.length;
+    const cancels: Array<() => void> = [];
+    call.on('cancelled', () => cancels.forEach((c) => c()));
+    for (const t of tasks) {
+      cancels.push(
+        this.ctx.dispatcher.requestLogs(
+          t.nodeId,
+          { taskId: t.id, containerId: t.status!.containerId, follow: call.request.follow, tail: call.request.tail },
+          {
+            lines: (lines) => {
+              for (const l of lines) call.write({ ...l, taskId: t.id, nodeId: t.nodeId, slot: t.slot });
+            },
+            done: () => {
+              if (--open === 0) call.end();
+            },
+          },
+        ),
+      );
+    }
+  }
+
+  server(): ControlServer {
+    return {
+      getCluster: unary(() => this.getCluster()),
+      listNodes: unary(async () => {
+        await this.ctx.readBarrier();
+        return { nodes: this.store.listNodes() };
+      }),
+      getNode: unary(async (req: { nodeId: string }) => {
+        await this.ctx.readBarrier();
+        return { node: resolveNode(this.store, req.nodeId) };
+      }),
+      updateNode: unary(async (req: UpdateNodeRequest) => ({ node: await this.updateNode(req) })),
+      removeNode: unary(async (req: RemoveNodeRequest) => {
+        await this.removeNode(req);
+        return {};
+      }),
+      createService: unary((req: CreateServiceRequest) => this.createService(req)),
+      getService: unary(async (req: { serviceId: string }) => {
+        await this.ctx.readBarrier();
+        return { service: resolveService(this.store, req.serviceId) };
+      }),
+      listServices: unary(async () => {
+        await this.ctx.readBarrier();
+        return { services: this.store.listServices() };
+      }),
+      updateService: unary((req: UpdateServiceRequest) => this.updateService(req)),
+      removeService: unary(async (req: { serviceId: string }) => {
+        await this.removeService(req.serviceId);
+        return {};
+      }),
+      listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
+      serviceLogs: (call) => this.serviceLogs(call),
+    };
+  }
+}
+
+export function validateNodeName(name: string): void {
+  if (!isValidName(name)) throw invalidArgument('hostname', name, 'use letters, digits, "_", "." or "-"');
+}

@@ -1,0 +1,114 @@
+/**
+ * Spec validation and defaults: every spec is checked here before it reaches the store. Errors are
+ * INVALID_ARGUMENT naming the field and the value.
+ */
+import {
+  HealthConfig,
+  RestartCondition,
+  RestartPolicy,
+  ServiceMode,
+  ServiceSpec,
+  UpdateConfig,
+  UpdateFailureAction,
+  UpdateOrder,
+} from '../../gen/flotilla/v1/objects.js';
+import { invalidArgument } from '../../common/errors.js';
+import { isValidName } from '../../common/ids.js';
+import { parseConstraint } from '../scheduler/constraints.js';
+
+export const DEFAULT_STOP_GRACE_MS = 10_000;
+export const MAX_REPLICAS = 100_000;
+
+export function defaultUpdateConfig(): UpdateConfig {
+  return {
+    parallelism: 1,
+    delayMs: 0,
+    failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE,
+    monitorMs: 5000,
+    maxFailureRatio: 0,
+    order: UpdateOrder.UPDATE_ORDER_STOP_FIRST,
+  };
+}
+
+export function defaultRestartPolicy(): RestartPolicy {
+  return { condition: RestartCondition.RESTART_CONDITION_ANY, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
+}
+
+const IMAGE_RE = /^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$|^sha256:[a-f0-9]{6,64}$/;
+const ENV_RE = /^[^=\s][^=]*(=.*)?$/s;
+
+function nonNegative(field: string, v: number): void {
+  if (!Number.isFinite(v) || v < 0) throw invalidArgument(field, v, 'must not be negative');
+}
+
+/** Validates a service spec in place and fills defaults. Returns the spec. */
+export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec {
+  if (!spec) throw invalidArgument('spec', null, 'required');
+  if (!isValidName(spec.name)) throw invalidArgument('spec.name', spec.name, 'use 1-63 letters, digits, "_", "." or "-", starting with a letter or digit');
+  if (spec.mode !== ServiceMode.SERVICE_MODE_REPLICATED && spec.mode !== ServiceMode.SERVICE_MODE_GLOBAL)
+    throw invalidArgument('spec.mode', spec.mode, 'must be replicated or global');
+  if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL && spec.replicas !== 0)
+    throw invalidArgument('spec.replicas', spec.replicas, 'replicas cannot be set for a global service');
+  if (!Number.isSafeInteger(spec.replicas) || spec.replicas < 0 || spec.replicas > MAX_REPLICAS)
+    throw invalidArgument('spec.replicas', spec.replicas, `must be between 0 and ${MAX_REPLICAS}`);
+  const task = spec.task;
+  if (!task?.container) throw invalidArgument('spec.task.container', null, 'required');
+  const c = task.container;
+  if (!c.image || !IMAGE_RE.test(c.image)) throw invalidArgument('image', c.image, 'expected NAME[:TAG] or sha256:DIGEST');
+  for (const e of c.env) if (!ENV_RE.test(e)) throw invalidArgument('env', e, 'expected KEY=VALUE');
+  if (c.networkMode !== '' && c.networkMode !== 'host' && c.networkMode !== 'none')
+    throw invalidArgument('network', c.networkMode, 'must be host or none (or empty for a private network namespace)');
+  if (c.user && !/^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$/.test(c.user)) throw invalidArgument('user', c.user, 'expected USER[:GROUP] or UID[:GID]');
+  if (c.workdir && !c.workdir.startsWith('/')) throw invalidArgument('workdir', c.workdir, 'must be an absolute path');
+  nonNegative('stop-grace-period', c.stopGracePeriodMs);
+  if (c.stopGracePeriodMs === 0) c.stopGracePeriodMs = DEFAULT_STOP_GRACE_MS;
+  if (c.healthcheck) validateHealth(c.healthcheck);
+  const lim = task.resources?.limits;
+  const res = task.resources?.reservations;
+  for (const [name, r] of [
+    ['limit', lim],
+    ['reserve', res],
+  ] as const) {
+    if (!r) continue;
+    nonNegative(`${name}-cpu`, r.nanoCpus);
+    nonNegative(`${name}-memory`, r.memoryBytes);
+    nonNegative(`${name}-pids`, r.pids);
+  }
+  if (lim && lim.memoryBytes > 0 && lim.memoryBytes < 4 * 1024 * 1024)
+    throw invalidArgument('limit-memory', lim.memoryBytes, 'must be at least 4MiB');
+  if (!task.restart) task.restart = defaultRestartPolicy();
+  const r = task.restart;
+  if (![RestartCondition.RESTART_CONDITION_ANY, RestartCondition.RESTART_CONDITION_ON_FAILURE, RestartCondition.RESTART_CONDITION_NONE].includes(r.condition))
+    throw invalidArgument('restart-condition', r.condition, 'must be any, on-failure or none');
+  nonNegative('restart-delay', r.delayMs);
+  nonNegative('restart-window', r.windowMs);
+  nonNegative('restart-max-attempts', r.maxAttempts);
+  if (!task.placement) task.placement = { constraints: [], maxReplicasPerNode: 0 };
+  for (const expr of task.placement.constraints) parseConstraint(expr);
+  nonNegative('replicas-max-per-node', task.placement.maxReplicasPerNode);
+  spec.update = validateUpdateConfig('update', spec.update);
+  spec.rollback = validateUpdateConfig('rollback', spec.rollback);
+  for (const k of Object.keys(spec.labels)) if (!k) throw invalidArgument('label', k, 'empty key');
+  return spec;
+}
+
+function validateUpdateConfig(prefix: string, u: UpdateConfig | undefined): UpdateConfig {
+  if (!u) return defaultUpdateConfig();
+  nonNegative(`${prefix}-parallelism`, u.parallelism);
+  nonNegative(`${prefix}-delay`, u.delayMs);
+  nonNegative(`${prefix}-monitor`, u.monitorMs);
+  if (!(u.maxFailureRatio >= 0 && u.maxFailureRatio <= 1)) throw invalidArgument(`${prefix}-max-failure-ratio`, u.maxFailureRatio, 'must be between 0 and 1');
+  if (![0, 1, 2].includes(u.failureAction)) throw invalidArgument(`${prefix}-failure-action`, u.failureAction, 'must be pause, continue or rollback');
+  if (![0, 1].includes(u.order)) throw invalidArgument(`${prefix}-order`, u.order, 'must be stop-first or start-first');
+  return u;
+}
+
+function validateHealth(h: HealthConfig): void {
+  const kind = h.test[0];
+  if (h.test.length > 0 && kind !== 'CMD' && kind !== 'CMD-SHELL' && kind !== 'NONE')
+    throw invalidArgument('health-cmd', h.test.join(' '), 'test must start with CMD, CMD-SHELL or NONE');
+  nonNegative('health-interval', h.intervalMs);
+  nonNegative('health-timeout', h.timeoutMs);
+  nonNegative('health-start-period', h.startPeriodMs);
+  nonNegative('health-retries', h.retries);
+}

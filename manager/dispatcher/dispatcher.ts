@@ -1,0 +1,348 @@
+/**
+ * The dispatcher: agents register with a join token and hold a session; heartbeats at a period the
+ * manager sets (a node that misses 3 is marked down); an assignment stream per session sends the
+ * node's full task set, then increments; task status reports are batched into store writes and only
+ * ever move a task forward. Leader-only: start() runs it, its signal ending stops it.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { timingSafeEqual } from 'node:crypto';
+import {
+  AssignmentsMessage,
+  AssignmentsRequest,
+  AssignmentsType,
+  DispatcherServer,
+  HeartbeatRequest,
+  HeartbeatResponse,
+  LogChunk,
+  LogRequest,
+  RegisterRequest,
+  RegisterResponse,
+  UpdateTaskStatusRequest,
+  UpdateTaskStatusResponse,
+} from '../../gen/flotilla/v1/dispatcher.js';
+import { LogLine } from '../../gen/flotilla/v1/control.js';
+import { Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { FlotillaError } from '../../common/errors.js';
+import { newId } from '../../common/ids.js';
+import type { Logger } from '../../common/log.js';
+import type { MemoryStore, StoreEvent } from '../store/store.js';
+import { grpcError } from '../grpc.js';
+import { sleep } from '../orchestrator/loop.js';
+
+export const DEFAULT_HEARTBEAT_MS = 5000;
+const MISSED_HEARTBEATS = 3;
+const STATUS_FLUSH_MS = 25;
+const STATUS_CHUNK = 1000;
+
+interface Session {
+  id: string;
+  nodeId: string;
+  lastSeen: number;
+  streams: Set<grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>>;
+  logStream?: grpc.ServerDuplexStream<LogChunk, LogRequest>;
+}
+
+export interface LogSink {
+  lines(lines: LogLine[]): void;
+  done(error?: string): void;
+}
+
+export class Dispatcher {
+  private readonly sessions = new Map<string, Session>();
+  private running = false;
+  private pending = new Map<string, { nodeId: string; status: TaskStatus }>();
+  private flushTimer: NodeJS.Timeout | undefined;
+  private flushing: Promise<void> = Promise.resolve();
+  private readonly logSinks = new Map<string, LogSink>();
+  private unsubscribe: (() => void) | undefined;
+
+  constructor(
+    private readonly store: MemoryStore,
+    private readonly log: Logger,
+    private readonly opts: { managers: () => string[]; heartbeatMs?: number },
+  ) {}
+
+  private heartbeatMs(): number {
+    return Number(this.store.getCluster()?.spec?.heartbeatPeriodMs || this.opts.heartbeatMs || DEFAULT_HEARTBEAT_MS);
+  }
+
+  /** Leader-only: serve sessions and watch heartbeats until signal aborts. */
+  async run(signal: AbortSignal): Promise<void> {
+    this.running = true;
+    const started = Date.now();
+    this.unsubscribe = this.store.subscribe((evs) => this.route(evs));
+    try {
+      while (!signal.aborted) {
+        await sleep(Math.max(100, Math.floor(this.heartbeatMs() / 2)), signal);
+        if (signal.aborted) break;
+        await this.checkHeartbeats(started, signal).catch((err: unknown) =>
+          this.log.warn({ err: (err as Error).message }, 'heartbeat check failed'),
+        );
+      }
+    } finally {
+      this.running = false;
+      this.unsubscribe?.();
+      for (const s of this.sessions.values()) {
+        for (const st of s.streams) st.destroy(grpcError(new FlotillaError('UNAVAILABLE', 'manager is no longer the leader')));
+        s.logStream?.end();
+      }
+      this.sessions.clear();
+      if (this.flushTimer) clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+      await this.flushing;
+      this.pending.clear();
+    }
+  }
+
+  private async checkHeartbeats(started: number, signal: AbortSignal): Promise<void> {
+    const now = Date.now();
+    const deadline = this.heartbeatMs() * MISSED_HEARTBEATS;
+    const down: string[] = [];
+    for (const n of this.store.listNodes()) {
+      if (n.status?.state !== NodeState.NODE_STATE_READY) continue;
+      const s = this.sessions.get(n.id);
+      const last = s ? s.lastSeen : started;
+      if (now - last > deadline) down.push(n.id);
+    }
+    if (down.length === 0) return;
+    for (const id of down) {
+      const s = this.sessions.get(id);
+      if (s) this.endSession(s, 'heartbeat failure');
+    }
+    await this.store.update((tx) => {
+      for (const id of down) {
+        const n = tx.get<Node>('node', id);
+        if (!n || n.status?.state !== NodeState.NODE_STATE_READY) continue;
+        tx.update('node', { ...n, status: { ...n.status, state: NodeState.NODE_STATE_DOWN, message: 'heartbeat failure' } });
+      }
+    }, signal);
+    this.log.warn({ nodes: down }, 'nodes missed heartbeats: marked down');
+  }
+
+  private endSession(s: Session, why: string): void {
+    this.sessions.delete(s.nodeId);
+    for (const st of s.streams) st.destroy(grpcError(new FlotillaError('UNAVAILABLE', `session ended: ${why}`)));
+    s.logStream?.end();
+  }
+
+  private requireRunning(): void {
+    if (!this.running) throw new FlotillaError('UNAVAILABLE', 'this manager is not the leader');
+  }
+
+  private session(nodeId: string, sessionId: string): Session {
+    this.requireRunning();
+    const s = this.sessions.get(nodeId);
+    if (!s || s.id !== sessionId) throw new FlotillaError('NOT_FOUND', 'session not found: register again');
+    return s;
+  }
+
+  async register(req: RegisterRequest): Promise<RegisterResponse> {
+    this.requireRunning();
+    const cluster = this.store.getCluster();
+    if (!cluster?.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+    const role = tokenMatches(req.token, cluster.tokens.manager)
+      ? NodeRole.NODE_ROLE_MANAGER
+      : tokenMatches(req.token, cluster.tokens.worker)
+        ? NodeRole.NODE_ROLE_WORKER
+        : undefined;
+    if (role === undefined) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
+    const desc = req.description;
+    if (!desc?.hostname) throw new FlotillaError('INVALID_ARGUMENT', 'invalid description.hostname "": required');
+    const existing = req.nodeId ? this.store.getNode(req.nodeId) : undefined;
+    const nodeId = existing?.id ?? newId();
+    const old = this.sessions.get(nodeId);
+    if (old) this.endSession(old, 'replaced by a new session');
+    await this.store.update((tx) => {
+      const n = tx.get<Node>('node', nodeId);
+      const status = { state: NodeState.NODE_STATE_READY, message: '', addr: req.addr, lastHeartbeat: Date.now() };
+      if (n) {
+        tx.update('node', { ...n, description: desc, status });
+      } else {
+        tx.create('node', {
+          id: nodeId,
+          meta: undefined,
+          spec: { labels: {}, desiredRole: role, availability: NodeAvailability.NODE_AVAILABILITY_ACTIVE },
+          description: desc,
+          status,
+          managerStatus: undefined,
+          role,
+        });
+      }
+    });
+    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set() };
+    this.sessions.set(nodeId, s);
+    this.log.info({ nodeId, hostname: desc.hostname }, 'node registered');
+    return { nodeId, sessionId: s.id, heartbeatPeriodMs: this.heartbeatMs(), managers: this.opts.managers() };
+  }
+
+  heartbeat(req: HeartbeatRequest): HeartbeatResponse {
+    const s = this.session(req.nodeId, req.sessionId);
+    s.lastSeen = Date.now();
+    return { periodMs: this.heartbeatMs() };
+  }
+
+  assignments(call: grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>): void {
+    let s: Session;
+    try {
+      s = this.session(call.request.nodeId, call.request.sessionId);
+    } catch (err) {
+      call.destroy(grpcError(err));
+      return;
+    }
+    s.streams.add(call);
+    call.on('cancelled', () => s.streams.delete(call));
+    call.on('close', () => s.streams.delete(call));
+    const tasks = this.store.tasksOfNode(s.nodeId).filter(assignable);
+    call.write({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
+  }
+
+  /** Routes committed task changes to the sessions of their nodes. */
+  private route(evs: StoreEvent[]): void {
+    if (this.sessions.size === 0) return;
+    const perNode = new Map<string, AssignmentsMessage>();
+    const msgFor = (nodeId: string): AssignmentsMessage => {
+      let m = perNode.get(nodeId);
+      if (!m) perNode.set(nodeId, (m = { type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [], remove: [] }));
+      return m;
+    };
+    for (const ev of evs) {
+      if (ev.kind === 'commit' || ev.table !== 'task') continue;
+      const t = ev.object as Task;
+      if (!t.nodeId || !this.sessions.has(t.nodeId)) continue;
+      if (ev.kind === 'delete') {
+        if (assignable(t)) msgFor(t.nodeId).remove.push(t.id);
+        continue;
+      }
+      if (!assignable(t)) continue;
+      const old = ev.old as Task | undefined;
+      const changed =
+        !old || !assignable(old) || old.nodeId !== t.nodeId || old.desiredState !== t.desiredState || old.specVersion !== t.specVersion;
+      if (changed) msgFor(t.nodeId).update.push(t);
+    }
+    for (const [nodeId, m] of perNode) {
+      const s = this.sessions.get(nodeId);
+      if (!s) continue;
+      for (const st of s.streams) st.write(m);
+    }
+  }
+
+  updateTaskStatus(req: UpdateTaskStatusRequest): UpdateTaskStatusResponse {
+    const s = this.session(req.nodeId, req.sessionId);
+    s.lastSeen = Date.now();
+    for (const u of req.updates) {
+      if (!u.status) continue;
+      this.pending.set(u.taskId, { nodeId: s.nodeId, status: u.status });
+    }
+    if (!this.flushTimer && this.pending.size > 0) this.flushTimer = setTimeout(() => this.flush(), STATUS_FLUSH_MS);
+    return {};
+  }
+
+  private flush(): void {
+    this.flushTimer = undefined;
+    const batch = [...this.pending];
+    this.pending = new Map();
+    this.flushing = this.flushing.then(async () => {
+      for (let i = 0; i < batch.length; i += STATUS_CHUNK) {
+        const chunk = batch.slice(i, i + STATUS_CHUNK);
+        try {
+          await this.store.update((tx) => {
+            for (const [taskId, u] of chunk) {
+              const t = tx.get<Task>('task', taskId);
+              if (!t || t.nodeId !== u.nodeId) continue;
+              const cur = t.status?.state ?? TaskState.TASK_STATE_NEW;
+              if (u.status.state < cur) continue; // task state only moves forward
+              const st = t.status;
+              if (
+                st &&
+                u.status.state === cur &&
+                st.message === u.status.message &&
+                st.err === u.status.err &&
+                st.health === u.status.health &&
+                st.containerId === u.status.containerId
+              )
+                continue;
+              tx.update('task', { ...t, status: { ...u.status, timestamp: u.status.timestamp || Date.now() } });
+            }
+          });
+        } catch (err) {
+          this.log.warn({ err: (err as Error).message }, 'writing task status failed');
+        }
+      }
+    });
+  }
+
+  // ---- logs: the agent holds a stream; the control API asks through it
+
+  logs(call: grpc.ServerDuplexStream<LogChunk, LogRequest>): void {
+    let s: Session | undefined;
+    call.on('data', (chunk: LogChunk) => {
+      if (!s) {
+        try {
+          s = this.session(chunk.nodeId, chunk.sessionId);
+          s.logStream = call;
+        } catch (err) {
+          call.destroy(grpcError(err));
+          return;
+        }
+        if (!chunk.requestId) return; // the hello
+      }
+      const sink = this.logSinks.get(chunk.requestId);
+      if (!sink) return;
+      if (chunk.lines.length) sink.lines(chunk.lines);
+      if (chunk.done) {
+        this.logSinks.delete(chunk.requestId);
+        sink.done(chunk.error || undefined);
+      }
+    });
+    call.on('error', () => {});
+    call.on('end', () => call.end());
+  }
+
+  /** Asks a node's agent for a task's logs. Returns a cancel function. */
+  requestLogs(nodeId: string, req: Omit<LogRequest, 'requestId' | 'cancel'>, sink: LogSink): () => void {
+    const s = this.sessions.get(nodeId);
+    if (!s?.logStream) {
+      sink.done(`node ${nodeId} is not connected`);
+      return () => {};
+    }
+    const requestId = newId();
+    this.logSinks.set(requestId, sink);
+    s.logStream.write({ ...req, requestId, cancel: false });
+    return () => {
+      if (this.logSinks.delete(requestId)) s.logStream?.write({ ...req, requestId, cancel: true });
+    };
+  }
+
+  isConnected(nodeId: string): boolean {
+    return this.sessions.has(nodeId);
+  }
+
+  server(): DispatcherServer {
+    return {
+      register: unary((req: RegisterRequest) => this.register(req)),
+      heartbeat: unary(async (req: HeartbeatRequest) => this.heartbeat(req)),
+      updateTaskStatus: unary(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
+      assignments: (call) => this.assignments(call),
+      logs: (call) => this.logs(call),
+    };
+  }
+}
+
+function assignable(t: Task): boolean {
+  return !!t.nodeId && (t.status?.state ?? 0) >= TaskState.TASK_STATE_ASSIGNED;
+}
+
+function tokenMatches(given: string, want: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(want);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+export function unary<Req, Res>(fn: (req: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    fn(call.request).then(
+      (res) => callback(null, res),
+      (err: unknown) => callback(grpcError(err)),
+    );
+  };
+}

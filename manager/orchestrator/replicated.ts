@@ -1,0 +1,107 @@
+/**
+ * The replicated orchestrator: keeps slots 1..N of every replicated service filled with one task
+ * desired running, applies the restart policy to tasks that ended, replaces tasks on nodes that went
+ * down or were drained, and shuts down the highest slots when scaling down.
+ *
+ * Rolling updates of tasks whose spec is out of date are the updater's job (manager/orchestrator/update.ts);
+ * this loop never replaces a running task because its spec changed.
+ */
+import { Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import type { StoreEvent, Tx } from '../store/store.js';
+import { ReconcileLoop } from './loop.js';
+import { isActive, isTerminal, newTask, nodeIsDrained, nodeIsReady, restartDecision, withDesired, withStatus } from './tasks.js';
+
+export class ReplicatedOrchestrator extends ReconcileLoop {
+  protected interested(ev: StoreEvent): boolean {
+    if (ev.kind === 'commit') return false;
+    if (ev.table === 'service' || ev.table === 'node') return true;
+    if (ev.table !== 'task') return false;
+    const t = ev.object as Task;
+    const old = ev.old as Task | undefined;
+    // task state changes that matter: ended, or desired state changed
+    return ev.kind !== 'update' || isTerminal(t.status?.state ?? 0) !== isTerminal(old?.status?.state ?? 0) || t.desiredState !== old?.desiredState;
+  }
+
+  protected async reconcile(signal: AbortSignal): Promise<void> {
+    const services = this.store.listServices().filter((s) => s.spec?.mode === ServiceMode.SERVICE_MODE_REPLICATED);
+    for (const s of services) {
+      if (signal.aborted) return;
+      await this.store.update((tx) => this.reconcileService(tx, s.id), signal);
+    }
+  }
+
+  /** One service's pass, inside a transaction. */
+  reconcileService(tx: Tx, serviceId: string): void {
+    const service = tx.get<Service>('service', serviceId);
+    if (!service || service.spec?.mode !== ServiceMode.SERVICE_MODE_REPLICATED) return;
+    const now = Date.now();
+    const want = service.spec.replicas;
+    const slots = new Map<number, Task[]>();
+    for (const t0 of this.store.tasksOfService(serviceId)) {
+      const t = tx.get<Task>('task', t0.id) ?? t0;
+      let list = slots.get(t.slot);
+      if (!list) slots.set(t.slot, (list = []));
+      list.push(t);
+    }
+    let occupied = 0;
+    for (const [slot, list] of slots) {
+      if (slot > want) {
+        // scale down: everything in slots above N stops
+        for (const t of list) if (isActive(t)) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+        continue;
+      }
+      const active = list.filter(isActive);
+      if (active.length === 0) {
+        // a slot whose task finished for good (restart policy said no) stays occupied
+        if (list.some((t) => t.desiredState === TaskState.TASK_STATE_COMPLETE)) occupied++;
+        continue;
+      }
+      occupied++;
+      // the newest active task is the slot's; extra actives (should not happen) are shut down
+      active.sort((a, b) => (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
+      const [cur, ...extra] = active;
+      for (const t of extra) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+      if (!cur) continue;
+      this.superviseTask(tx, service, cur, list, now);
+    }
+    // fill empty slots 1..N
+    for (let slot = 1; slot <= want && occupied < want; slot++) {
+      const list = slots.get(slot);
+      if (list && list.some((t) => isActive(t) || t.desiredState === TaskState.TASK_STATE_COMPLETE)) continue;
+      tx.create('task', newTask(service, slot));
+      occupied++;
+    }
+  }
+
+  /** Restart policy and node failures for the slot's current task. */
+  private superviseTask(tx: Tx, service: Service, t: Task, history: Task[], now: number): void {
+    const state = t.status?.state ?? 0;
+    if (t.nodeId && state < TaskState.TASK_STATE_COMPLETE) {
+      const node = this.store.getNode(t.nodeId);
+      if (!node || (!nodeIsReady(node) && state >= TaskState.TASK_STATE_ASSIGNED)) {
+        // node gone or down: the task is orphaned and replaced elsewhere
+        tx.update('task', withDesired(withStatus(t, TaskState.TASK_STATE_ORPHANED, 'node is down', 'node is down'), TaskState.TASK_STATE_SHUTDOWN));
+        tx.create('task', newTask(service, t.slot));
+        return;
+      }
+      if (nodeIsDrained(node)) {
+        tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+        tx.create('task', newTask(service, t.slot));
+        return;
+      }
+    }
+    if (!isTerminal(state)) return;
+    const at = restartDecision(t, history, now);
+    if (at === undefined) {
+      // finished for good: keep the slot, mark it
+      tx.update('task', withDesired(t, TaskState.TASK_STATE_COMPLETE));
+      return;
+    }
+    if (at > now) {
+      this.wakeAt(at);
+      return;
+    }
+    tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+    tx.create('task', newTask(service, t.slot));
+  }
+}
