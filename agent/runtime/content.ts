@@ -133,7 +133,7 @@ export class ContentStore {
    * becomes visible; a mismatch throws INVALID_ARGUMENT and leaves nothing behind. Returns what was written.
    * If the blob already exists the new copy is discarded (content addressed: it is the same).
    */
-  async ingest(source: Readable | AsyncIterable<Uint8Array>, expected: Expected = {}): Promise<BlobInfo> {
+  async ingest(source: Readable | Iterable<Uint8Array> | AsyncIterable<Uint8Array>, expected: Expected = {}): Promise<BlobInfo> {
     if (expected.digest !== undefined) digestHex(expected.digest, 'expected digest');
     const tmp = path.join(this.ingestDir, tempName());
     const hash = createHash('sha256');

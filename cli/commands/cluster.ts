@@ -1,5 +1,60 @@
 import type { Command } from 'commander';
+import { GetClusterResponse } from '../../gen/flotilla/v1/control.js';
+import { withControl } from '../client.js';
+import { action, checkFormat, printJson, ExitError } from '../util.js';
+import { hostOption } from './service.js';
 
-export function register(_program: Command): void {
-  // filled in by the cluster commands
+export function register(program: Command): void {
+  const cluster = program.command('cluster').description('Manage the cluster');
+
+  hostOption(cluster.command('info').description('Display cluster-wide information').option('--format <format>', 'table or json')).action(
+    action(async (opts: { host?: string; format?: string }) => {
+      const format = checkFormat(opts.format);
+      await withControl(opts.host, async (c) => {
+        const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
+        const info = {
+          id: r.cluster?.id,
+          name: r.cluster?.spec?.name,
+          leader: r.leaderAddr,
+          nodes: r.nodes,
+          services: r.services,
+          tasks: r.tasks,
+          heartbeatPeriodMs: r.cluster?.spec?.heartbeatPeriodMs,
+          taskHistoryLimit: r.cluster?.spec?.taskHistoryLimit,
+        };
+        if (format === 'json') return printJson(info);
+        process.stdout.write(
+          [
+            `Cluster ID:          ${info.id}`,
+            `Name:                ${info.name}`,
+            `Leader:              ${info.leader}`,
+            `Nodes:               ${info.nodes}`,
+            `Services:            ${info.services}`,
+            `Tasks:               ${info.tasks}`,
+            `Heartbeat period:    ${(info.heartbeatPeriodMs ?? 0) / 1000}s`,
+            `Task history limit:  ${info.taskHistoryLimit}`,
+          ].join('\n') + '\n',
+        );
+      });
+    }),
+  );
+
+  hostOption(
+    cluster
+      .command('join-token')
+      .description('Show the join token for workers or managers')
+      .argument('<role>', 'worker or manager')
+      .option('-q, --quiet', 'only display the token'),
+  ).action(
+    action(async (role: string, opts: { host?: string; quiet?: boolean }) => {
+      if (role !== 'worker' && role !== 'manager') throw new ExitError(1, `invalid role ${JSON.stringify(role)}: must be worker or manager`);
+      await withControl(opts.host, async (c) => {
+        const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
+        const token = role === 'worker' ? r.cluster?.tokens?.worker : r.cluster?.tokens?.manager;
+        if (opts.quiet) return void process.stdout.write(`${token}\n`);
+        const join = role === 'worker' ? `flotilla agent --manager ${r.leaderAddr} --token ${token}` : `flotilla manager --join ${r.leaderAddr} --token ${token} --listen-addr HOST:PORT`;
+        process.stdout.write(`To add a ${role} to this cluster, run the following command:\n\n    ${join}\n\n`);
+      });
+    }),
+  );
 }

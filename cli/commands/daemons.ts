@@ -1,5 +1,94 @@
 import type { Command } from 'commander';
+import { resolveDataDir } from '../../common/paths.js';
+import { createLogger } from '../../common/log.js';
+import { parseDuration } from '../../common/units.js';
+import { isValidName } from '../../common/ids.js';
+import { invalidArgument } from '../../common/errors.js';
+import { Manager, defaultHostname } from '../../manager/manager.js';
+import { DEFAULT_CONTROL_SOCKET } from '../client.js';
+import { action, collect } from '../util.js';
+import { parseKeyValue } from '../../common/units.js';
 
-export function register(_program: Command): void {
-  // filled in by the daemons commands
+function checkAddr(flag: string, v: string): string {
+  if (!/^[^\s:]*:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument(flag, v, 'expected HOST:PORT');
+  return v;
+}
+
+export function register(program: Command): void {
+  program
+    .command('manager')
+    .description('Run a manager (and, unless --no-agent, an agent in the same process)')
+    .option('--data-dir <dir>', 'data directory (env FLOTILLA_DATA_DIR, default /var/lib/flotilla)')
+    .option('--hostname <name>', 'node hostname (default: the host name)')
+    .option('--listen-addr <addr>', 'HOST:PORT for managers and agents', '0.0.0.0:4242')
+    .option('--advertise-addr <addr>', 'HOST:PORT other nodes use to reach this manager')
+    .option('--control-socket <path>', 'unix socket for the control API ("" to disable)', DEFAULT_CONTROL_SOCKET)
+    .option('--no-agent', 'do not run an agent in this process')
+    .option('--runtime <runtime>', 'runtime of the in-process agent: runc or sim', 'runc')
+    .option('--label <K=V>', 'engine label of the in-process agent (repeatable)', collect)
+    .option('--heartbeat-period <duration>', 'agent heartbeat period for a new cluster', '5s')
+    .action(
+      action(
+        async (opts: {
+          dataDir?: string;
+          hostname?: string;
+          listenAddr: string;
+          advertiseAddr?: string;
+          controlSocket: string;
+          agent: boolean;
+          runtime: string;
+          label?: string[];
+          heartbeatPeriod: string;
+        }) => {
+          checkAddr('--listen-addr', opts.listenAddr);
+          if (opts.advertiseAddr) checkAddr('--advertise-addr', opts.advertiseAddr);
+          if (opts.runtime !== 'runc' && opts.runtime !== 'sim') throw invalidArgument('--runtime', opts.runtime, 'must be runc or sim');
+          const hostname = opts.hostname ?? defaultHostname();
+          if (!isValidName(hostname)) throw invalidArgument('--hostname', hostname, 'use letters, digits, "_", "." or "-"');
+          const heartbeatMs = parseDuration('--heartbeat-period', opts.heartbeatPeriod);
+          const labels = Object.fromEntries((opts.label ?? []).map((l) => parseKeyValue('--label', l)));
+          const dataDir = resolveDataDir(opts.dataDir);
+          const log = createLogger('manager');
+          const ctl = new AbortController();
+          const stop = (): void => ctl.abort();
+          process.once('SIGINT', stop);
+          process.once('SIGTERM', stop);
+          const manager = new Manager({
+            dataDir,
+            hostname,
+            listenAddr: opts.listenAddr,
+            advertiseAddr: opts.advertiseAddr,
+            controlSocket: opts.controlSocket,
+            heartbeatMs,
+            log,
+            signal: ctl.signal,
+          });
+          await manager.start();
+          process.stdout.write(
+            `flotilla manager ready: listening on ${manager.advertiseAddr()}${opts.controlSocket ? `, control socket unix://${opts.controlSocket}` : ''}\n`,
+          );
+          let agentRun: Promise<void> = Promise.resolve();
+          if (opts.agent) {
+            const { runAgent } = await import('../../agent/agent.js');
+            agentRun = runAgent({
+              dataDir,
+              managers: [manager.advertiseAddr()],
+              token: manager.workerToken(),
+              hostname,
+              labels,
+              runtime: opts.runtime as 'runc' | 'sim',
+              signal: ctl.signal,
+              log: log.child({ component: 'agent' }),
+            }).catch((err: unknown) => {
+              log.error({ err: (err as Error).message }, 'in-process agent failed');
+              process.exitCode = 1;
+              ctl.abort();
+            });
+          }
+          await new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+          await agentRun;
+          await manager.stop();
+        },
+      ),
+    );
 }

@@ -1,5 +1,113 @@
 import type { Command } from 'commander';
+import { GetClusterResponse, GetNodeResponse, ListNodesResponse, UpdateNodeResponse } from '../../gen/flotilla/v1/control.js';
+import { NodeAvailability, NodeState } from '../../gen/flotilla/v1/objects.js';
+import { invalidArgument } from '../../common/errors.js';
+import { shortId } from '../../common/ids.js';
+import { parseKeyValue } from '../../common/units.js';
+import { withControl } from '../client.js';
+import { availabilityName, nodeJson, nodeStateName } from '../format.js';
+import { action, checkFormat, collect, printJson, table, ExitError } from '../util.js';
+import { hostOption } from './service.js';
 
-export function register(_program: Command): void {
-  // filled in by the node commands
+function availability(v: string): NodeAvailability {
+  switch (v) {
+    case 'active':
+      return NodeAvailability.NODE_AVAILABILITY_ACTIVE;
+    case 'pause':
+      return NodeAvailability.NODE_AVAILABILITY_PAUSE;
+    case 'drain':
+      return NodeAvailability.NODE_AVAILABILITY_DRAIN;
+  }
+  throw invalidArgument('--availability', v, 'must be active, pause or drain');
+}
+
+export function register(program: Command): void {
+  const node = program.command('node').description('Manage nodes');
+
+  hostOption(node.command('ls').description('List nodes').option('--format <format>', 'table or json').option('-q, --quiet', 'only ids')).action(
+    action(async (opts: { host?: string; format?: string; quiet?: boolean }) => {
+      const format = checkFormat(opts.format);
+      await withControl(opts.host, async (c) => {
+        const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
+        const { leaderAddr } = await c.call<unknown, GetClusterResponse>('getCluster', {});
+        nodes.sort((a, b) => (a.description?.hostname ?? '').localeCompare(b.description?.hostname ?? '') || a.id.localeCompare(b.id));
+        if (opts.quiet) return void process.stdout.write(nodes.map((n) => n.id + '\n').join(''));
+        const json = nodes.map((n) => nodeJson(n, leaderAddr));
+        if (format === 'json') return printJson(json);
+        process.stdout.write(
+          table(
+            ['ID', 'HOSTNAME', 'STATUS', 'AVAILABILITY', 'MANAGER STATUS', 'RUNTIME'],
+            nodes.map((n, i) => {
+              const ms = json[i]!.managerStatus as { leader: boolean; reachability: string } | null;
+              return [
+                shortId(n.id),
+                n.description?.hostname ?? '',
+                cap(nodeStateName(n.status?.state)),
+                cap(availabilityName(n.spec?.availability)),
+                ms ? (ms.leader ? 'Leader' : cap(ms.reachability)) : '',
+                n.description?.runtime === 'sim' ? 'sim (simulated)' : (n.description?.runtime ?? ''),
+              ];
+            }),
+          ),
+        );
+      });
+    }),
+  );
+
+  hostOption(node.command('inspect').description('Display detailed information on nodes').argument('<node...>').option('--format <format>', 'json (default)')).action(
+    action(async (refs: string[], opts: { host?: string }) => {
+      await withControl(opts.host, async (c) => {
+        const { leaderAddr } = await c.call<unknown, GetClusterResponse>('getCluster', {});
+        const out = [];
+        for (const r of refs) {
+          const { node: n } = await c.call<unknown, GetNodeResponse>('getNode', { nodeId: r });
+          out.push(nodeJson(n!, leaderAddr));
+        }
+        printJson(out);
+      });
+    }),
+  );
+
+  hostOption(
+    node
+      .command('update')
+      .description('Update a node')
+      .argument('<node>')
+      .option('--availability <availability>', 'active, pause or drain')
+      .option('--label-add <K=V>', 'add or update a node label (repeatable)', collect)
+      .option('--label-rm <K>', 'remove a node label (repeatable)', collect),
+  ).action(
+    action(async (ref: string, opts: { host?: string; availability?: string; labelAdd?: string[]; labelRm?: string[] }) => {
+      const av = opts.availability !== undefined ? availability(opts.availability) : undefined;
+      const adds = (opts.labelAdd ?? []).map((l) => (l.includes('=') ? parseKeyValue('--label-add', l) : ([l, ''] as [string, string])));
+      await withControl(opts.host, async (c) => {
+        const { node: n } = await c.call<unknown, GetNodeResponse>('getNode', { nodeId: ref });
+        const labels = { ...(n!.spec?.labels ?? {}) };
+        for (const [k, v] of adds) labels[k] = v;
+        for (const k of opts.labelRm ?? []) {
+          if (!(k in labels)) throw new ExitError(1, `invalid --label-rm ${JSON.stringify(k)}: node ${ref} has no such label`);
+          delete labels[k];
+        }
+        const spec = { ...n!.spec!, labels, availability: av ?? n!.spec!.availability };
+        await c.call<unknown, UpdateNodeResponse>('updateNode', { nodeId: n!.id, version: n!.meta?.version ?? 0, spec });
+        process.stdout.write(`${ref}\n`);
+      });
+    }),
+  );
+
+  hostOption(node.command('rm').alias('remove').description('Remove one or more nodes from the cluster').argument('<node...>').option('-f, --force', 'force remove a node')).action(
+    action(async (refs: string[], opts: { host?: string; force?: boolean }) => {
+      await withControl(opts.host, async (c) => {
+        for (const r of refs) {
+          await c.call('removeNode', { nodeId: r, force: !!opts.force });
+          process.stdout.write(`${r}\n`);
+        }
+      });
+    }),
+  );
+  void NodeState;
+}
+
+function cap(s: string): string {
+  return s.charAt(0).toUpperCase() + s.slice(1);
 }

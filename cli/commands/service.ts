@@ -1,5 +1,297 @@
-import type { Command } from 'commander';
+import { Command, Option } from 'commander';
+import {
+  CreateServiceResponse,
+  GetServiceResponse,
+  ListNodesResponse,
+  ListServicesResponse,
+  ListTasksResponse,
+  LogLine,
+  UpdateServiceResponse,
+} from '../../gen/flotilla/v1/control.js';
+import { Node, ServiceMode, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { shortId } from '../../common/ids.js';
+import { parseDuration, parseUint } from '../../common/units.js';
+import { invalidArgument } from '../../common/errors.js';
+import { withControl } from '../client.js';
+import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
+import { waitForService } from '../progress.js';
+import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
+import { action, checkFormat, collect, printJson, table, timeAgo, ExitError } from '../util.js';
 
-export function register(_program: Command): void {
-  // filled in by the service commands
+export function hostOption(cmd: Command): Command {
+  return cmd.option('-H, --host <host>', 'manager address: unix:///path or HOST:PORT (env FLOTILLA_HOST)');
+}
+
+/** The flags `service create` and `service update` share. */
+export function addSpecFlags(cmd: Command): Command {
+  return cmd
+    .option('--constraint <expr>', 'placement constraint, e.g. node.labels.zone==a (repeatable)', collect)
+    .option('--replicas-max-per-node <n>', 'maximum replicas per node (0 = unlimited)')
+    .option('--reserve-cpu <cpus>', 'reserve CPUs')
+    .option('--reserve-memory <bytes>', 'reserve memory, e.g. 64m')
+    .option('--limit-cpu <cpus>', 'limit CPUs')
+    .option('--limit-memory <bytes>', 'limit memory, e.g. 64m')
+    .option('--limit-pids <n>', 'limit the number of processes')
+    .option('--workdir <dir>', 'working directory inside the container')
+    .option('--user <user>', 'username or UID[:GID]')
+    .option('--entrypoint <cmd>', 'override the image entrypoint')
+    .option('--network <mode>', 'host or none (default: a private network namespace)')
+    .option('--restart-condition <cond>', 'any, on-failure or none')
+    .option('--restart-delay <duration>', 'delay between restart attempts (default 5s)')
+    .option('--restart-max-attempts <n>', 'maximum restarts before giving up (0 = unlimited)')
+    .option('--restart-window <duration>', 'window used to evaluate the restart policy')
+    .option('--stop-grace-period <duration>', 'time to wait before force-killing a container (default 10s)')
+    .option('--health-cmd <cmd>', 'command to run to check health')
+    .option('--health-interval <duration>', 'time between running the check')
+    .option('--health-timeout <duration>', 'maximum time to allow one check to run')
+    .option('--health-retries <n>', 'consecutive failures needed to report unhealthy')
+    .option('--health-start-period <duration>', 'start period for the container to initialise')
+    .option('--no-healthcheck', "disable any container-specified HEALTHCHECK")
+    .option('--update-parallelism <n>', 'maximum number of tasks updated simultaneously (0 to update all at once)')
+    .option('--update-delay <duration>', 'delay between updates')
+    .option('--update-failure-action <action>', 'action on update failure: pause, continue or rollback')
+    .option('--update-monitor <duration>', 'duration after each task update to monitor for failure')
+    .option('--update-max-failure-ratio <ratio>', 'failure rate to tolerate during an update')
+    .option('--update-order <order>', 'update order: start-first or stop-first')
+    .option('--rollback-parallelism <n>', 'maximum number of tasks rolled back simultaneously')
+    .option('--rollback-delay <duration>', 'delay between task rollbacks')
+    .option('--rollback-failure-action <action>', 'action on rollback failure: pause or continue')
+    .option('--rollback-monitor <duration>', 'duration after each task rollback to monitor for failure')
+    .option('--rollback-max-failure-ratio <ratio>', 'failure rate to tolerate during a rollback')
+    .option('--rollback-order <order>', 'rollback order: start-first or stop-first');
+}
+
+async function nodeMap(c: import('../client.js').Control): Promise<Map<string, Node>> {
+  const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
+  return new Map(nodes.map((n) => [n.id, n] as const));
+}
+
+function timeoutMs(v: string | undefined): number {
+  return v === undefined ? 120_000 : parseDuration('--timeout', v);
+}
+
+export function register(program: Command): void {
+  const service = program.command('service').description('Manage services');
+
+  addSpecFlags(
+    hostOption(
+      service
+        .command('create')
+        .description('Create a new service')
+        .argument('<image>', 'image name[:tag] or digest')
+        .argument('[command...]', 'command and arguments')
+        .option('--name <name>', 'service name')
+        .option('--replicas <n>', 'number of tasks')
+        .option('--mode <mode>', 'replicated or global', 'replicated')
+        .option('-e, --env <K=V>', 'set an environment variable (repeatable)', collect)
+        .option('-l, --label <K=V>', 'service label (repeatable)', collect)
+        .option('-d, --detach', 'exit immediately instead of waiting for the service to converge')
+        .option('-q, --quiet', 'suppress progress output')
+        .option('--timeout <duration>', 'how long to wait for convergence (default 2m)')
+        .passThroughOptions(),
+    ),
+  ).action(
+    action(async (image: string, args: string[], opts: ServiceFlags & { host?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+      const spec = buildServiceSpec(opts, image, args);
+      const wait = timeoutMs(opts.timeout);
+      await withControl(opts.host, async (c) => {
+        const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec });
+        process.stdout.write(`${s!.id}\n`);
+        if (!opts.detach) await waitForService(c, s!.id, wait, opts.quiet);
+      });
+    }),
+  );
+
+  hostOption(service.command('ls').description('List services').option('--format <format>', 'table or json').option('-q, --quiet', 'only ids')).action(
+    action(async (opts: { host?: string; format?: string; quiet?: boolean }) => {
+      const format = checkFormat(opts.format);
+      await withControl(opts.host, async (c) => {
+        const { services } = await c.call<unknown, ListServicesResponse>('listServices', {});
+        const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: true });
+        const running = new Map<string, number>();
+        for (const t of tasks) if (t.status?.state === TaskState.TASK_STATE_RUNNING) running.set(t.serviceId, (running.get(t.serviceId) ?? 0) + 1);
+        const desiredGlobal = new Map<string, number>();
+        for (const t of tasks) if (t.desiredState === TaskState.TASK_STATE_RUNNING) desiredGlobal.set(t.serviceId, (desiredGlobal.get(t.serviceId) ?? 0) + 1);
+        services.sort((a, b) => (a.spec?.name ?? '').localeCompare(b.spec?.name ?? ''));
+        if (opts.quiet) return void process.stdout.write(services.map((s) => s.id + '\n').join(''));
+        if (format === 'json') return printJson(services.map((s) => serviceJson(s, running.get(s.id) ?? 0)));
+        process.stdout.write(
+          table(
+            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'UPDATE STATUS'],
+            services.map((s) => {
+              const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
+              const want = global ? (desiredGlobal.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
+              return [
+                shortId(s.id),
+                s.spec?.name ?? '',
+                global ? 'global' : 'replicated',
+                `${running.get(s.id) ?? 0}/${want}`,
+                s.spec?.task?.container?.image ?? '',
+                s.updateStatus ? updateStateName(s.updateStatus.state) : '',
+              ];
+            }),
+          ),
+        );
+      });
+    }),
+  );
+
+  hostOption(
+    service
+      .command('ps')
+      .description("List a service's tasks")
+      .argument('<service>', 'service name or id')
+      .option('--format <format>', 'table or json')
+      .option('-q, --quiet', 'only task ids')
+      .option('--no-trunc', 'do not truncate output')
+      .option('--filter <filter>', 'desired-state=running|shutdown|accepted, node=NODE', collect),
+  ).action(
+    action(async (ref: string, opts: { host?: string; format?: string; quiet?: boolean; trunc?: boolean; filter?: string[] }) => {
+      const format = checkFormat(opts.format);
+      await withControl(opts.host, async (c) => {
+        const nodes = await nodeMap(c);
+        let { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: ref, nodeId: '', desiredRunning: false });
+        for (const f of opts.filter ?? []) {
+          const [k, v] = f.split('=', 2);
+          if (k === 'desired-state') {
+            if (v === 'running') tasks = tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING);
+            else if (v === 'shutdown') tasks = tasks.filter((t) => t.desiredState > TaskState.TASK_STATE_RUNNING);
+            else if (v === 'accepted') tasks = tasks.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
+            else throw invalidArgument('--filter desired-state', v, 'must be running, shutdown or accepted');
+          } else if (k === 'node') {
+            tasks = tasks.filter((t) => t.nodeId === v || nodes.get(t.nodeId)?.description?.hostname === v);
+          } else throw invalidArgument('--filter', f, 'supported: desired-state=..., node=...');
+        }
+        tasks.sort((a, b) => a.slot - b.slot || a.nodeId.localeCompare(b.nodeId) || (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
+        if (opts.quiet) return void process.stdout.write(tasks.map((t) => t.id + '\n').join(''));
+        if (format === 'json') return printJson(tasks.map((t) => taskJson(t, nodes)));
+        const trunc = opts.trunc !== false;
+        let prevSlot = '';
+        process.stdout.write(
+          table(
+            ['ID', 'NAME', 'IMAGE', 'NODE', 'DESIRED STATE', 'CURRENT STATE', 'HEALTH', 'ERROR'],
+            tasks.map((t) => {
+              const name = taskName(t, nodes);
+              const shown = name === prevSlot ? ` \\_ ${name}` : name;
+              prevSlot = name;
+              const state = `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`;
+              const err = t.status?.err ?? '';
+              return [
+                trunc ? shortId(t.id) : t.id,
+                shown,
+                t.spec?.container?.image ?? '',
+                nodes.get(t.nodeId)?.description?.hostname ?? '',
+                cap(taskStateName(t.desiredState)),
+                state,
+                healthName(t.status?.health),
+                trunc && err.length > 80 ? `"${err.slice(0, 77)}…"` : err ? `"${err}"` : '',
+              ];
+            }),
+          ),
+        );
+      });
+    }),
+  );
+
+  hostOption(
+    service.command('inspect').description('Display detailed information on services').argument('<service...>').option('--format <format>', 'json (default) or table'),
+  ).action(
+    action(async (refs: string[], opts: { host?: string; format?: string }) => {
+      await withControl(opts.host, async (c) => {
+        const out = [];
+        for (const r of refs) {
+          const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: r });
+          const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: s!.id, nodeId: '', desiredRunning: true });
+          out.push(serviceJson(s!, tasks.filter((t) => t.status?.state === TaskState.TASK_STATE_RUNNING).length));
+        }
+        printJson(out);
+      });
+    }),
+  );
+
+  hostOption(
+    service
+      .command('scale')
+      .description('Scale one or multiple replicated services')
+      .argument('<service=replicas...>')
+      .option('-d, --detach', 'exit immediately instead of waiting for the services to converge')
+      .option('--timeout <duration>', 'how long to wait for convergence (default 2m)'),
+  ).action(
+    action(async (pairs: string[], opts: { host?: string; detach?: boolean; timeout?: string }) => {
+      const wanted = pairs.map((p) => {
+        const i = p.lastIndexOf('=');
+        if (i <= 0) throw invalidArgument('scale', p, 'expected SERVICE=REPLICAS');
+        return { ref: p.slice(0, i), replicas: parseUint(`replicas of ${p.slice(0, i)}`, p.slice(i + 1)) };
+      });
+      const wait = timeoutMs(opts.timeout);
+      await withControl(opts.host, async (c) => {
+        const ids: string[] = [];
+        for (const w of wanted) {
+          const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: w.ref });
+          if (s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL) throw new ExitError(1, `scale can only be used with replicated mode: ${w.ref} is global`);
+          const spec = { ...s!.spec!, replicas: w.replicas };
+          await c.call<unknown, UpdateServiceResponse>('updateService', { serviceId: s!.id, version: s!.specVersion, spec, rollback: '', toVersion: 0, dryRun: false });
+          process.stdout.write(`${s!.spec?.name} scaled to ${w.replicas}\n`);
+          ids.push(s!.id);
+        }
+        if (!opts.detach) for (const id of ids) await waitForService(c, id, wait);
+      });
+    }),
+  );
+
+  hostOption(service.command('rm').alias('remove').description('Remove one or more services').argument('<service...>')).action(
+    action(async (refs: string[], opts: { host?: string }) => {
+      await withControl(opts.host, async (c) => {
+        let failed = 0;
+        for (const r of refs) {
+          try {
+            await c.call('removeService', { serviceId: r });
+            process.stdout.write(`${r}\n`);
+          } catch (err) {
+            failed++;
+            process.stderr.write(`flotilla: ${(err as Error).message}\n`);
+          }
+        }
+        if (failed) throw new ExitError(1);
+      });
+    }),
+  );
+
+  hostOption(
+    service
+      .command('logs')
+      .description('Fetch the logs of a service')
+      .argument('<service>')
+      .option('-f, --follow', 'follow log output')
+      .option('-n, --tail <n>', 'number of lines to show from the end of the logs')
+      .option('-t, --timestamps', 'show timestamps'),
+  ).action(
+    action(async (ref: string, opts: { host?: string; follow?: boolean; tail?: string; timestamps?: boolean }) => {
+      const tail = opts.tail !== undefined ? parseUint('--tail', opts.tail) : 0;
+      await withControl(opts.host, async (c) => {
+        const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+        const nodes = await nodeMap(c);
+        await new Promise<void>((resolve, reject) => {
+          const stream = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail });
+          stream.on('data', (l: LogLine) => {
+            const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
+            const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
+            const ts = opts.timestamps ? `${new Date(l.timestamp).toISOString()} ` : '';
+            (l.stream === 'stderr' ? process.stderr : process.stdout).write(`${prefix}    | ${ts}${l.line}\n`);
+          });
+          stream.on('end', () => resolve());
+          stream.on('error', (err: Error & { details?: string }) => reject(new Error(err.details || err.message)));
+          process.once('SIGINT', () => {
+            stream.cancel();
+            resolve();
+          });
+        });
+      });
+    }),
+  );
+  void Option;
+}
+
+function cap(s: string): string {
+  return s.charAt(0).toUpperCase() + s.slice(1);
 }
