@@ -7,6 +7,7 @@ import { ServiceMode, Task, TaskState } from '../gen/flotilla/v1/objects.js';
 import type { Control } from './client.js';
 import { ExitError } from './util.js';
 import { taskStateName } from './format.js';
+import { taskSpecEqual } from '../manager/controlapi/diff.js';
 
 export interface Convergence {
   running: number;
@@ -19,11 +20,11 @@ export async function convergence(c: Control, serviceId: string): Promise<Conver
   const { service } = await c.call<unknown, GetServiceResponse>('getService', { serviceId });
   const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: service!.id, nodeId: '', desiredRunning: true });
   const current = tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING);
-  const running = current.filter((t) => t.status?.state === TaskState.TASK_STATE_RUNNING && t.specVersion === service!.specVersion).length;
+  const running = current.filter((t) => t.status?.state === TaskState.TASK_STATE_RUNNING && taskSpecEqual(t.spec, service!.spec?.task)).length;
   const global = service!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
   const desired = global ? current.length : (service!.spec?.replicas ?? 0);
   // done when every wanted slot runs the current spec, and nothing old is still up
-  const done = running === desired && current.length === desired && (!global || desired > 0 || true);
+  const done = running === desired && current.length === desired;
   return { running, desired, done, tasks };
 }
 

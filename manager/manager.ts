@@ -20,6 +20,7 @@ import { ControlApi } from './controlapi/server.js';
 import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
 import { GlobalOrchestrator } from './orchestrator/global.js';
 import { TaskReaper } from './orchestrator/reaper.js';
+import { Updater } from './orchestrator/update.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
@@ -116,6 +117,7 @@ export class Manager {
         new GlobalOrchestrator(this.store, log.child({ component: 'global' })).run(ctl.signal),
         new SchedulerLoop(this.store, log.child({ component: 'scheduler' })).run(ctl.signal),
         new TaskReaper(this.store, log.child({ component: 'reaper' })).run(ctl.signal),
+        new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),
       ];
       this.leaderRuns = Promise.allSettled(loops).then((results) => {
         for (const r of results) if (r.status === 'rejected') log.error({ err: String(r.reason) }, 'leader component failed');

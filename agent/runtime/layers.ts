@@ -64,8 +64,10 @@ async function* prepend(first: Buffer, rest: AsyncIterator<Buffer>): AsyncGenera
 }
 
 /** Yields the uncompressed bytes of a (possibly gzip-compressed) tar stream. */
-async function* uncompressed(source: Readable | AsyncIterable<Buffer>, label: string): AsyncGenerator<Buffer> {
-  const it = (source as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+async function* uncompressed(source: Readable | Iterable<Buffer> | AsyncIterable<Buffer>, label: string): AsyncGenerator<Buffer> {
+  const it = (async function* () {
+    yield* source as AsyncIterable<Buffer>;
+  })();
   let first: Buffer = Buffer.alloc(0);
   // gather at least 4 bytes for the magic
   while (first.length < 4) {
@@ -109,10 +111,10 @@ function unsafe(label: string, entry: string, why: string): FlotillaError {
 }
 
 /** Turns an archive path into a safe relative path ('' is the root), or throws naming the entry. */
-function safeRelative(label: string, raw: string, what = 'path'): string {
-  if (raw.startsWith('/')) throw unsafe(label, raw, `absolute ${what}`);
+function safeRelative(label: string, raw: string, what = 'path', entry = raw): string {
+  if (raw.startsWith('/')) throw unsafe(label, entry, `absolute ${what} ${what === 'path' ? '' : JSON.stringify(raw)}`.trim());
   const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
-  if (parts.includes('..')) throw unsafe(label, raw, `${what} has a ".." component`);
+  if (parts.includes('..')) throw unsafe(label, entry, `${what} ${what === 'path' ? '' : JSON.stringify(raw) + ' '}has a ".." component`);
   return parts.join('/');
 }
 
@@ -286,7 +288,7 @@ class Unpacker {
       case 'Link': {
         e.resume();
         if (rel === '') throw unsafe(this.label, raw, 'a hardlink at the layer root');
-        const targetRel = safeRelative(this.label, e.linkpath ?? '', 'hardlink target');
+        const targetRel = safeRelative(this.label, e.linkpath ?? '', 'hardlink target', raw);
         if (targetRel === '') throw unsafe(this.label, raw, 'hardlink to the layer root');
         if (targetRel === rel) return;
         await this.ensureParents(e.linkpath ?? '', targetRel, false).catch((err: unknown) => {
@@ -336,7 +338,7 @@ class Unpacker {
  * existing empty directory. Throws INVALID_ARGUMENT naming the entry on unsafe or corrupt archives; the
  * caller removes target on failure.
  */
-export async function unpackTar(source: Readable | AsyncIterable<Buffer>, target: string, label = 'archive'): Promise<UnpackResult> {
+export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncIterable<Buffer>, target: string, label = 'archive'): Promise<UnpackResult> {
   const root = path.resolve(target);
   const unpacker = new Unpacker(root, label);
   const parser = new Parser({ strict: true });

@@ -15,6 +15,8 @@ import { invalidArgument } from '../../common/errors.js';
 import { withControl } from '../client.js';
 import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
 import { waitForService } from '../progress.js';
+import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
+import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
 import { action, checkFormat, collect, printJson, table, timeAgo, ExitError } from '../util.js';
 
@@ -289,7 +291,112 @@ export function register(program: Command): void {
       });
     }),
   );
+  addSpecFlags(
+    hostOption(
+      service
+        .command('update')
+        .description('Update a service (a rolling update when the task spec changes)')
+        .argument('<service>')
+        .option('--image <image>', 'service image')
+        .option('--args <command>', 'service command arguments')
+        .option('--replicas <n>', 'number of tasks')
+        .option('--env-add <K=V>', 'add or update an environment variable (repeatable)', collect)
+        .option('--env-rm <K>', 'remove an environment variable (repeatable)', collect)
+        .option('--constraint-add <expr>', 'add a placement constraint (repeatable)', collect)
+        .option('--constraint-rm <expr>', 'remove a placement constraint (repeatable)', collect)
+        .option('--label-add <K=V>', 'add or update a service label (repeatable)', collect)
+        .option('--label-rm <K>', 'remove a service label (repeatable)', collect)
+        .option('--container-label-add <K=V>', 'add or update a container label (repeatable)', collect)
+        .option('--container-label-rm <K>', 'remove a container label (repeatable)', collect)
+        .option('--force', 'replace tasks even if no changes require it')
+        .option('--rollback', 'roll back to the previous specification')
+        .option('--dry-run', 'show what would change and which tasks would be replaced; change nothing')
+        .option('-d, --detach', 'exit immediately instead of waiting for the update to finish')
+        .option('-q, --quiet', 'suppress progress output')
+        .option('--timeout <duration>', 'how long to wait (default 10m)'),
+    ),
+  ).action(
+    action(async (ref: string, opts: UpdateFlags & { host?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+      const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
+      await withControl(opts.host, async (c) => {
+        const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts);
+        const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
+          serviceId: s!.id,
+          version: s!.specVersion,
+          spec,
+          rollback: opts.rollback ? 'previous' : '',
+          toVersion: 0,
+          dryRun: !!opts.dryRun,
+        });
+        if (opts.dryRun) return printDryRun(res);
+        process.stdout.write(`${s!.spec?.name}\n`);
+        if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet);
+      });
+    }),
+  );
+
+  hostOption(
+    service
+      .command('rollback')
+      .description("Revert a service to a previous version of its spec")
+      .argument('<service>')
+      .option('--to-version <n>', 'roll back to this kept version (see service history)')
+      .option('--dry-run', 'show what would change; change nothing')
+      .option('-d, --detach', 'exit immediately instead of waiting for the rollback to finish')
+      .option('-q, --quiet', 'suppress progress output')
+      .option('--timeout <duration>', 'how long to wait (default 10m)'),
+  ).action(
+    action(async (ref: string, opts: { host?: string; toVersion?: string; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+      const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
+      const toVersion = opts.toVersion !== undefined ? parseUint('--to-version', opts.toVersion) : 0;
+      await withControl(opts.host, async (c) => {
+        const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+        const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
+          serviceId: s!.id,
+          version: s!.specVersion,
+          spec: undefined,
+          rollback: opts.toVersion !== undefined ? 'version' : 'previous',
+          toVersion,
+          dryRun: !!opts.dryRun,
+        });
+        if (opts.dryRun) return printDryRun(res);
+        process.stdout.write(`${s!.spec?.name}\n`);
+        if (!opts.detach) await waitForUpdate(c, s!.id, wait, true, opts.quiet);
+      });
+    }),
+  );
+
+  hostOption(service.command('history').description('List the kept versions of a service and what changed between them').argument('<service>').option('--format <format>', 'table or json')).action(
+    action(async (ref: string, opts: { host?: string; format?: string }) => {
+      const format = checkFormat(opts.format);
+      await withControl(opts.host, async (c) => {
+        const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+        const rows = s!.history.map((h, i) => ({
+          version: h.version,
+          current: h.version === s!.specVersion,
+          createdAt: new Date(h.createdAt).toISOString(),
+          image: h.spec?.task?.container?.image ?? '',
+          changes: i === 0 ? ['(first kept version)'] : diffSpecs(s!.history[i - 1]!.spec, h.spec),
+        }));
+        if (format === 'json') return printJson(rows);
+        process.stdout.write(
+          table(
+            ['VERSION', 'CREATED', 'IMAGE', 'CHANGES'],
+            rows.map((r) => [`${r.version}${r.current ? ' (current)' : ''}`, timeAgo(Date.parse(r.createdAt)), r.image, r.changes.join('; ') || '(no change)']),
+          ),
+        );
+      });
+    }),
+  );
   void Option;
+}
+
+function printDryRun(res: UpdateServiceResponse): void {
+  process.stdout.write(`Dry run: nothing was changed.\n\nSpec changes:\n`);
+  process.stdout.write(res.diff.length ? res.diff.map((d) => `  ${d}\n`).join('') : '  (none)\n');
+  process.stdout.write(`\nTasks that would be replaced (${res.replacedTasks.length}):\n`);
+  process.stdout.write(res.replacedTasks.map((t) => `  ${t}\n`).join(''));
 }
 
 function cap(s: string): string {

@@ -25,7 +25,8 @@ import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
 import { validateServiceSpec } from './validate.js';
-import { diffSpecs, tasksToReplace } from './diff.js';
+import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
+import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
 
@@ -123,17 +124,21 @@ export class ControlApi {
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
       const version = s.specVersion + 1;
-      const history = [...s.history, { version, spec: next, createdAt: Date.now() }].slice(-limit);
-      tx.update('service', {
-        ...s,
-        spec: next,
-        specVersion: version,
-        previousSpec: s.spec,
-        history,
-        updateStatus: req.rollback
-          ? { state: 4 /* ROLLBACK_STARTED */, startedAt: Date.now(), completedAt: 0, message: `manually requested rollback to version ${this.rollbackVersion(s, req)}` }
-          : s.updateStatus,
-      });
+      const now = Date.now();
+      const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
+      // a change of the task spec starts a rolling update (or a rollback); scaling does not
+      const rolling = !taskSpecEqual(s.spec?.task, next.task);
+      const updateStatus = req.rollback
+        ? {
+            state: UpdateState.UPDATE_STATE_ROLLBACK_STARTED,
+            startedAt: now,
+            completedAt: 0,
+            message: `manually requested rollback to version ${this.rollbackVersion(s, req)}`,
+          }
+        : rolling
+          ? { state: UpdateState.UPDATE_STATE_UPDATING, startedAt: now, completedAt: 0, message: 'update in progress' }
+          : s.updateStatus;
+      tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus });
     });
     return { service: this.store.getService(cur.id), replacedTasks: replaced.map((t) => t.id), diff };
   }

@@ -1,15 +1,15 @@
 /**
  * The replicated orchestrator: keeps slots 1..N of every replicated service filled with one task
  * desired running, applies the restart policy to tasks that ended, replaces tasks on nodes that went
- * down or were drained, and shuts down the highest slots when scaling down.
+ * down, and shuts down the highest slots when scaling down.
  *
- * Rolling updates of tasks whose spec is out of date are the updater's job (manager/orchestrator/update.ts);
- * this loop never replaces a running task because its spec changed.
+ * Rolling updates of tasks whose spec is out of date, and moving tasks off drained nodes, are the
+ * updater's job (manager/orchestrator/update.ts): both follow the service's update parallelism and order.
  */
 import { Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent, Tx } from '../store/store.js';
 import { ReconcileLoop } from './loop.js';
-import { isActive, isTerminal, newTask, nodeIsDrained, nodeIsReady, restartDecision, withDesired, withStatus } from './tasks.js';
+import { isActive, isTerminal, newTask, nodeIsReady, restartDecision, withDesired, withStatus } from './tasks.js';
 
 export class ReplicatedOrchestrator extends ReconcileLoop {
   protected interested(ev: StoreEvent): boolean {
@@ -50,46 +50,43 @@ export class ReplicatedOrchestrator extends ReconcileLoop {
         for (const t of list) if (isActive(t)) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
         continue;
       }
-      const active = list.filter(isActive);
+      let active = list.filter(isActive);
+      // tasks on nodes that are gone or down are orphaned; the slot gets a new task
+      const orphaned = active.filter((t) => this.onLostNode(t));
+      for (const t of orphaned)
+        tx.update('task', withDesired(withStatus(t, TaskState.TASK_STATE_ORPHANED, 'node is down', 'node is down'), TaskState.TASK_STATE_SHUTDOWN));
+      if (orphaned.length) active = active.filter((t) => !orphaned.includes(t));
       if (active.length === 0) {
         // a slot whose task finished for good (restart policy said no) stays occupied
-        if (list.some((t) => t.desiredState === TaskState.TASK_STATE_COMPLETE)) occupied++;
+        if (orphaned.length === 0 && list.some((t) => t.desiredState === TaskState.TASK_STATE_COMPLETE)) occupied++;
         continue;
       }
       occupied++;
-      // the newest active task is the slot's; extra actives (should not happen) are shut down
+      // Several active tasks in a slot happen only during a rolling update (start-first, or a new
+      // task held until the old one stops): the updater settles those. The newest is the slot's.
       active.sort((a, b) => (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
-      const [cur, ...extra] = active;
-      for (const t of extra) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
-      if (!cur) continue;
+      const cur = active[0]!;
       this.superviseTask(tx, service, cur, list, now);
     }
     // fill empty slots 1..N
     for (let slot = 1; slot <= want && occupied < want; slot++) {
       const list = slots.get(slot);
-      if (list && list.some((t) => isActive(t) || t.desiredState === TaskState.TASK_STATE_COMPLETE)) continue;
+      if (list && list.some((t) => (isActive(t) && !this.onLostNode(t)) || t.desiredState === TaskState.TASK_STATE_COMPLETE)) continue;
       tx.create('task', newTask(service, slot));
       occupied++;
     }
   }
 
-  /** Restart policy and node failures for the slot's current task. */
+  private onLostNode(t: Task): boolean {
+    const state = t.status?.state ?? 0;
+    if (!t.nodeId || state < TaskState.TASK_STATE_ASSIGNED || isTerminal(state)) return false;
+    const node = this.store.getNode(t.nodeId);
+    return !node || !nodeIsReady(node);
+  }
+
+  /** The restart policy for the slot's current task. */
   private superviseTask(tx: Tx, service: Service, t: Task, history: Task[], now: number): void {
     const state = t.status?.state ?? 0;
-    if (t.nodeId && state < TaskState.TASK_STATE_COMPLETE) {
-      const node = this.store.getNode(t.nodeId);
-      if (!node || (!nodeIsReady(node) && state >= TaskState.TASK_STATE_ASSIGNED)) {
-        // node gone or down: the task is orphaned and replaced elsewhere
-        tx.update('task', withDesired(withStatus(t, TaskState.TASK_STATE_ORPHANED, 'node is down', 'node is down'), TaskState.TASK_STATE_SHUTDOWN));
-        tx.create('task', newTask(service, t.slot));
-        return;
-      }
-      if (nodeIsDrained(node)) {
-        tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
-        tx.create('task', newTask(service, t.slot));
-        return;
-      }
-    }
     if (!isTerminal(state)) return;
     const at = restartDecision(t, history, now);
     if (at === undefined) {

@@ -18,14 +18,17 @@ export class SchedulerLoop extends ReconcileLoop {
     const t = ev.object as Task;
     if (ev.kind === 'create') return t.status?.state === TaskState.TASK_STATE_PENDING;
     const old = ev.old as Task | undefined;
+    // a held task released by the updater
+    if (t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState !== old?.desiredState) return true;
     // a task that ended or stopped frees room
     return (t.status?.state ?? 0) !== (old?.status?.state ?? 0) && (t.status?.state ?? 0) >= TaskState.TASK_STATE_COMPLETE;
   }
 
   protected async reconcile(signal: AbortSignal): Promise<void> {
     // snapshot (synchronous reads: one consistent state)
-    const tasks = this.store.listTasks();
-    if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState <= TaskState.TASK_STATE_RUNNING)) return;
+    // tasks held back by a stop-first update (desired state below running) are not placed yet
+    const tasks = this.store.listTasks().filter((t) => !(t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState < TaskState.TASK_STATE_RUNNING));
+    if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState === TaskState.TASK_STATE_RUNNING)) return;
     const nodes = this.store.listNodes();
     const plan = schedule({ nodes, tasks });
     const reasons = new Map(plan.unassigned.map((u) => [u.taskId, u.reason] as const));
@@ -38,7 +41,7 @@ export class SchedulerLoop extends ReconcileLoop {
       await this.store.update((tx) => {
         for (const w of chunk) {
           const t = tx.get<Task>('task', w.taskId);
-          if (!t || t.status?.state !== TaskState.TASK_STATE_PENDING || t.desiredState > TaskState.TASK_STATE_RUNNING) continue;
+          if (!t || t.status?.state !== TaskState.TASK_STATE_PENDING || t.desiredState !== TaskState.TASK_STATE_RUNNING) continue;
           if (w.nodeId) {
             tx.update('task', {
               ...t,

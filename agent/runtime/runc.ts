@@ -1,0 +1,241 @@
+/**
+ * Thin wrappers over the runc and conmon binaries.
+ *
+ * runc keeps its state under its own root (--root <data>/runc), so `runc list` shows exactly the
+ * containers of one flotilla data dir. conmon (the podman/cri-o monitor) runs `runc create` for us, holds
+ * the container's stdio (written to a k8s-file log with timestamps, rotated at --log-size-max), reaps the
+ * container's init as a subreaper and writes its exit code to <exit-dir>/<id> and <persist-dir>/exit, and an
+ * empty <persist-dir>/oom file on an OOM kill in the container's memory cgroup. It daemonises (double fork,
+ * setsid), so containers outlive the process that created them.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { FlotillaError } from '../../common/errors.js';
+
+export interface RuncState {
+  id: string;
+  pid: number;
+  status: 'creating' | 'created' | 'running' | 'paused' | 'stopped' | string;
+  bundle: string;
+  created?: string;
+}
+
+const SEARCH_DIRS = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin', '/usr/libexec/podman', '/usr/lib/podman'];
+
+/** Finds an executable in $PATH (and the usual sbin/libexec places); undefined when missing. */
+export function findBinary(name: string): string | undefined {
+  const dirs = [...(process.env.PATH ?? '').split(':').filter((d) => d !== ''), ...SEARCH_DIRS];
+  for (const d of dirs) {
+    const p = path.join(d, name);
+    try {
+      accessSync(p, constants.X_OK);
+      return p;
+    } catch {
+      // next
+    }
+  }
+  return undefined;
+}
+
+function errText(stderr: string): string {
+  // runc prints logrus lines: time="..." level=error msg="..."; keep the msg parts
+  const msgs = [...stderr.matchAll(/level=(?:error|fatal) msg="((?:[^"\\]|\\.)*)"/g)].map((m) => (m[1] ?? '').replace(/\\"/g, '"'));
+  const text = msgs.length > 0 ? msgs.join('; ') : stderr.trim();
+  return text.split('\n').filter((l) => l.trim() !== '').slice(-3).join('; ');
+}
+
+export class RuncError extends FlotillaError {
+  constructor(
+    readonly args: string[],
+    readonly stderr: string,
+    readonly exitCode: number | null,
+  ) {
+    super('INTERNAL', `runc ${args.join(' ')}: ${errText(stderr) || `exit code ${exitCode}`}`);
+  }
+  get notExist(): boolean {
+    return /container does not exist|not exist/.test(this.stderr);
+  }
+  get notRunning(): boolean {
+    return /not running|process already finished|container not running/.test(this.stderr);
+  }
+}
+
+const CHILD_ENV = { PATH: process.env.PATH ?? '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' };
+
+export class Runc {
+  constructor(
+    readonly bin: string,
+    readonly root: string,
+  ) {}
+
+  /** Runs `runc --root R ...args`; resolves stdout, rejects with RuncError. */
+  run(args: string[], timeoutMs = 30_000): Promise<string> {
+    const full = ['--root', this.root, ...args];
+    return new Promise((resolve, reject) => {
+      execFile(this.bin, full, { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024, env: CHILD_ENV }, (err, stdout, stderr) => {
+        if (err) {
+          const code = typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null;
+          reject(new RuncError(args, String(stderr) || err.message, code));
+        } else resolve(String(stdout));
+      });
+    });
+  }
+
+  async start(id: string): Promise<void> {
+    await this.run(['start', id]);
+  }
+
+  async kill(id: string, signal: string, all = false): Promise<void> {
+    await this.run(['kill', ...(all ? ['--all'] : []), id, signal]);
+  }
+
+  async delete(id: string, force: boolean): Promise<void> {
+    await this.run(['delete', ...(force ? ['--force'] : []), id]);
+  }
+
+  /** The runc state of a container, or undefined when runc does not know it. */
+  async state(id: string): Promise<RuncState | undefined> {
+    try {
+      return JSON.parse(await this.run(['state', id])) as RuncState;
+    } catch (err) {
+      if (err instanceof RuncError && err.notExist) return undefined;
+      throw err;
+    }
+  }
+
+  async list(): Promise<RuncState[]> {
+    const out = await this.run(['list', '--format', 'json']);
+    const parsed = JSON.parse(out.trim() || 'null') as RuncState[] | null;
+    return parsed ?? [];
+  }
+}
+
+export interface MonitorOptions {
+  conmon: string;
+  runc: Runc;
+  id: string;
+  name: string;
+  /** bundle dir (config.json inside); also conmon's working and persist dir */
+  bundle: string;
+  pidFile: string;
+  conmonPidFile: string;
+  logPath: string;
+  logSizeMax: number;
+  exitDir: string;
+  timeoutMs?: number;
+}
+
+export interface MonitorStarted {
+  /** the container's init pid (in the host pid namespace) */
+  pid: number;
+  conmonPid: number;
+}
+
+/**
+ * Starts conmon, which runs `runc create` and stays behind as the container's monitor. Resolves once the
+ * container is created (its init waits for `runc start`), with the pids. The sync pipe (_OCI_SYNCPIPE,
+ * conmon API version 1) carries {"data": pid} or {"data": -1, "message": runc's stderr}.
+ */
+export function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
+  const args = [
+    '--api-version',
+    '1',
+    '-c',
+    o.id,
+    '-u',
+    o.id,
+    '-n',
+    o.name,
+    '-r',
+    o.runc.bin,
+    '--runtime-arg',
+    '--root',
+    '--runtime-arg',
+    o.runc.root,
+    '-b',
+    o.bundle,
+    '-p',
+    o.pidFile,
+    '-P',
+    o.conmonPidFile,
+    '-l',
+    `k8s-file:${o.logPath}`,
+    '--log-size-max',
+    String(o.logSizeMax),
+    '--exit-dir',
+    o.exitDir,
+    '--persist-dir',
+    o.bundle,
+    '--full-attach',
+    '--socket-dir-path',
+    o.bundle,
+    '--no-sync-log',
+  ];
+  return new Promise((resolve, reject) => {
+    const child = spawn(o.conmon, args, {
+      cwd: o.bundle,
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+      env: { ...CHILD_ENV, _OCI_SYNCPIPE: '3' },
+    });
+    let settled = false;
+    let sync = '';
+    let errOut = '';
+    const sp = child.stdio[3] as NodeJS.ReadableStream & { destroy(): void };
+    const finish = (err: Error | undefined, value?: MonitorStarted): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      sp.destroy();
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      child.unref();
+      if (err) reject(err);
+      else resolve(value!);
+    };
+    const timer = setTimeout(() => {
+      finish(new FlotillaError('DEADLINE_EXCEEDED', `conmon did not report the creation of container ${o.id} in time`));
+    }, o.timeoutMs ?? 60_000);
+    child.stdout?.on('data', (d: Buffer) => (errOut += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (errOut += d.toString()));
+    child.on('error', (err) => finish(new FlotillaError('INTERNAL', `cannot run conmon: ${err.message}`, { cause: err })));
+    sp.on('error', () => undefined);
+    sp.on('data', (d: Buffer) => {
+      sync += d.toString();
+      const nl = sync.indexOf('\n');
+      if (nl < 0) return;
+      let msg: { data?: number; message?: string };
+      try {
+        msg = JSON.parse(sync.slice(0, nl)) as { data?: number; message?: string };
+      } catch {
+        finish(new FlotillaError('INTERNAL', `conmon sent an unreadable message: ${sync.slice(0, nl)}`));
+        return;
+      }
+      if (typeof msg.data === 'number' && msg.data > 0) {
+        void readConmonPid(o.conmonPidFile).then((conmonPid) => finish(undefined, { pid: msg.data!, conmonPid }));
+      } else {
+        finish(new FlotillaError('INTERNAL', `runc create failed: ${errText(msg.message ?? '') || 'unknown error'}`));
+      }
+    });
+    sp.on('end', () => {
+      // conmon exited (or closed the pipe) without reporting a pid
+      setTimeout(() => finish(new FlotillaError('INTERNAL', `conmon failed to create the container${errOut.trim() ? `: ${errOut.trim()}` : ''}`)), 20);
+    });
+  });
+}
+
+/** conmon's parent writes this file right after forking the monitor; allow it a moment. */
+async function readConmonPid(file: string): Promise<number> {
+  for (let i = 0; i < 50; i++) {
+    try {
+      const n = Number((await readFile(file, 'utf8')).trim());
+      if (n > 0) return n;
+    } catch {
+      // not yet
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return 0;
+}

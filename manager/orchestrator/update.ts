@@ -1,0 +1,236 @@
+/**
+ * The updater: replaces tasks whose spec is out of date (a rolling update or a rollback), and tasks
+ * on drained nodes, following the service's update policy:
+ *
+ * - parallelism: at most N slots in flight at once (0 = all); a slot is in flight from the moment its
+ *   replacement is created until the replacement runs (and is healthy, when it has a check);
+ * - order: stop-first shuts the old task down and holds the new one (desired state PENDING: the
+ *   scheduler leaves it alone) until the old one has stopped; start-first starts the new one and only
+ *   stops the old one once the new one runs, so the number of running tasks never drops;
+ * - delay between batches; monitor: the update completes only when every updated task runs, and the
+ *   last one has run for the monitor period;
+ * - failures: an updated task that fails (or is rejected) at any point before the update completes
+ *   counts; when failures / slots exceeds the max failure ratio the failure action applies: pause,
+ *   continue, or rollback (the service's previous spec becomes its spec, rolled out with the rollback
+ *   policy).
+ *
+ * The updater keeps no state of its own: every pass derives progress from the store, so a new leader
+ * carries on where the old one stopped.
+ */
+import {
+  Node,
+  NodeAvailability,
+  Service,
+  ServiceMode,
+  Task,
+  TaskState,
+  UpdateConfig,
+  UpdateFailureAction,
+  UpdateOrder,
+  UpdateState,
+  HealthState,
+} from '../../gen/flotilla/v1/objects.js';
+import type { StoreEvent, Tx } from '../store/store.js';
+import { taskSpecEqual } from '../controlapi/diff.js';
+import { ReconcileLoop } from './loop.js';
+import { isActive, isTerminal, newTask, nodeIsReady, withDesired } from './tasks.js';
+
+const HELD = TaskState.TASK_STATE_PENDING;
+
+export function isUpdating(s: Service): boolean {
+  const st = s.updateStatus?.state;
+  return st === UpdateState.UPDATE_STATE_UPDATING || st === UpdateState.UPDATE_STATE_ROLLBACK_STARTED;
+}
+
+function isPaused(s: Service): boolean {
+  const st = s.updateStatus?.state;
+  return st === UpdateState.UPDATE_STATE_PAUSED || st === UpdateState.UPDATE_STATE_ROLLBACK_PAUSED;
+}
+
+/** Running, and healthy when the task has a health check. */
+export function isUp(t: Task): boolean {
+  if (t.status?.state !== TaskState.TASK_STATE_RUNNING) return false;
+  const h = t.status.health;
+  return h === HealthState.HEALTH_STATE_NONE || h === HealthState.HEALTH_STATE_HEALTHY;
+}
+
+function isFailure(t: Task): boolean {
+  const s = t.status?.state ?? 0;
+  return s === TaskState.TASK_STATE_FAILED || s === TaskState.TASK_STATE_REJECTED;
+}
+
+export class Updater extends ReconcileLoop {
+  protected interested(ev: StoreEvent): boolean {
+    if (ev.kind === 'commit') return false;
+    if (ev.table === 'service' || ev.table === 'node') return true;
+    if (ev.table !== 'task') return false;
+    const t = ev.object as Task;
+    const old = ev.old as Task | undefined;
+    return ev.kind !== 'update' || t.status?.state !== old?.status?.state || t.status?.health !== old?.status?.health || t.desiredState !== old?.desiredState;
+  }
+
+  protected async reconcile(signal: AbortSignal): Promise<void> {
+    for (const s of this.store.listServices()) {
+      if (signal.aborted) return;
+      const drained = this.store.tasksOfService(s.id).some((t) => isActive(t) && this.onDrainedNode(t));
+      if (!isUpdating(s) && !drained) continue;
+      await this.store.update((tx) => this.reconcileService(tx, s.id, Date.now()), signal);
+    }
+  }
+
+  private onDrainedNode(t: Task): boolean {
+    if (!t.nodeId) return false;
+    const n = this.store.getNode(t.nodeId);
+    return n?.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN;
+  }
+
+  private lost(t: Task): boolean {
+    if (!t.nodeId) return false;
+    const n: Node | undefined = this.store.getNode(t.nodeId);
+    return !n || !nodeIsReady(n);
+  }
+
+  reconcileService(tx: Tx, serviceId: string, now: number): void {
+    const service = tx.get<Service>('service', serviceId);
+    if (!service?.spec?.task) return;
+    const spec = service.spec;
+    const global = spec.mode === ServiceMode.SERVICE_MODE_GLOBAL;
+    const updating = isUpdating(service);
+    const rollingBack = service.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_STARTED;
+    const cfg: UpdateConfig = (rollingBack ? spec.rollback : spec.update) ?? {
+      parallelism: 1,
+      delayMs: 0,
+      failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE,
+      monitorMs: 5000,
+      maxFailureRatio: 0,
+      order: UpdateOrder.UPDATE_ORDER_STOP_FIRST,
+    };
+    const startedAt = service.updateStatus?.startedAt ?? 0;
+
+    const slots = new Map<string, Task[]>();
+    const all: Task[] = [];
+    for (const t0 of this.store.tasksOfService(serviceId)) {
+      const t = tx.get<Task>('task', t0.id) ?? t0;
+      all.push(t);
+      if (!global && t.slot > spec.replicas) continue;
+      const key = global ? t.nodeId : String(t.slot);
+      let list = slots.get(key);
+      if (!list) slots.set(key, (list = []));
+      list.push(t);
+    }
+
+    // A task is current when it runs the service's spec and is not on a drained node.
+    const current = (t: Task): boolean => taskSpecEqual(t.spec, spec.task) && !this.onDrainedNode(t);
+    const dirty: Array<{ key: string; stale: Task[] }> = [];
+    let busy = 0;
+    let lastUp = 0;
+    for (const [key, list] of slots) {
+      const active = list.filter(isActive).sort((a, b) => (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
+      if (active.length === 0) continue;
+      const fresh = active.filter(current);
+      const stale = active.filter((t) => !current(t));
+      // while paused, only drained nodes are still worked on
+      if (!updating && !stale.some((t) => this.onDrainedNode(t))) continue;
+      const n = fresh[0];
+      if (!n) {
+        if (stale.length) dirty.push({ key, stale });
+        continue;
+      }
+      // the slot's replacement exists: move it along
+      if (n.desiredState === HELD) {
+        // stop-first: release the new task once the old ones have stopped (or their node is gone)
+        if (stale.every((t) => isTerminal(t.status?.state ?? 0) || this.lost(t))) {
+          for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+          tx.update('task', withDesired(n, TaskState.TASK_STATE_RUNNING));
+        }
+        busy++;
+        continue;
+      }
+      if (isUp(n)) {
+        // start-first: the new one runs, so the old ones may stop now
+        for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+        lastUp = Math.max(lastUp, n.status?.timestamp ?? 0);
+        continue;
+      }
+      if (!isTerminal(n.status?.state ?? 0) && (n.meta?.createdAt ?? 0) >= startedAt) busy++;
+      else if (!isTerminal(n.status?.state ?? 0) && stale.length) busy++;
+    }
+
+    if (updating) {
+      // failures of updated tasks at any point before completion
+      const updated = all.filter((t) => taskSpecEqual(t.spec, spec.task) && (t.meta?.createdAt ?? 0) >= startedAt);
+      const failed = updated.filter(isFailure);
+      const total = Math.max(1, global ? slots.size : spec.replicas);
+      if (failed.length > 0 && failed.length / total > cfg.maxFailureRatio && cfg.failureAction !== UpdateFailureAction.UPDATE_FAILURE_ACTION_CONTINUE) {
+        const f = failed[0]!;
+        const why = `task ${f.id.slice(0, 12)} ${f.status?.state === TaskState.TASK_STATE_REJECTED ? 'was rejected' : 'failed'}: ${f.status?.err || f.status?.message || 'unknown error'}`;
+        if (cfg.failureAction === UpdateFailureAction.UPDATE_FAILURE_ACTION_ROLLBACK && !rollingBack && service.previousSpec) {
+          const version = service.specVersion + 1;
+          const prev = service.previousSpec;
+          tx.update('service', {
+            ...service,
+            spec: prev,
+            previousSpec: spec,
+            specVersion: version,
+            history: [...service.history, { version, spec: prev, createdAt: now }].slice(-Number(this.store.getCluster()?.spec?.serviceHistoryLimit || 10)),
+            updateStatus: { state: UpdateState.UPDATE_STATE_ROLLBACK_STARTED, startedAt: now, completedAt: 0, message: `update rolled back: ${why}` },
+          });
+          return;
+        }
+        tx.update('service', {
+          ...service,
+          updateStatus: {
+            ...service.updateStatus!,
+            state: rollingBack ? UpdateState.UPDATE_STATE_ROLLBACK_PAUSED : UpdateState.UPDATE_STATE_PAUSED,
+            message: `${rollingBack ? 'rollback' : 'update'} paused: ${why}`,
+          },
+        });
+        return;
+      }
+    } else if (isPaused(service) && dirty.every((d) => !d.stale.some((t) => this.onDrainedNode(t)))) {
+      return;
+    }
+
+    // start the next batch
+    const parallelism = cfg.parallelism > 0 ? cfg.parallelism : Infinity;
+    if (dirty.length > 0 && busy < parallelism) {
+      if (cfg.delayMs > 0 && busy === 0 && lastUp > 0 && now < lastUp + cfg.delayMs) {
+        this.wakeAt(lastUp + cfg.delayMs);
+        return;
+      }
+      dirty.sort((a, b) => (global ? a.key.localeCompare(b.key) : Number(a.key) - Number(b.key)));
+      for (const d of dirty.slice(0, parallelism - busy)) {
+        const t = newTask(service, global ? 0 : Number(d.key), global ? d.key : '');
+        if (cfg.order === UpdateOrder.UPDATE_ORDER_START_FIRST) {
+          tx.create('task', t);
+        } else {
+          const stopped = d.stale.every((s) => isTerminal(s.status?.state ?? 0) || this.lost(s));
+          for (const s of d.stale) tx.update('task', withDesired(s, TaskState.TASK_STATE_SHUTDOWN));
+          tx.create('task', stopped ? t : { ...t, desiredState: HELD });
+        }
+      }
+      return;
+    }
+
+    // completion: nothing left to replace, every updated task up, and the monitor period has passed
+    if (updating && dirty.length === 0 && busy === 0) {
+      const wanted = [...slots.values()].map((l) => l.filter(isActive));
+      const allUp = wanted.every((a) => a.length === 0 || a.some((t) => current(t) && isUp(t)));
+      if (!allUp) return;
+      const until = Math.max(lastUp, startedAt) + cfg.monitorMs;
+      if (now < until) {
+        this.wakeAt(until);
+        return;
+      }
+      tx.update('service', {
+        ...service,
+        updateStatus: {
+          state: rollingBack ? UpdateState.UPDATE_STATE_ROLLBACK_COMPLETED : UpdateState.UPDATE_STATE_COMPLETED,
+          startedAt,
+          completedAt: now,
+          message: rollingBack ? 'rollback completed' : 'update completed',
+        },
+      });
+    }
+  }
+}
