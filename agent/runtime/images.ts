@@ -9,6 +9,7 @@
  * (layers.ts) during import, which also checks it against the config's diff ids.
  */
 import { createHash } from 'node:crypto';
+import type { Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
@@ -413,6 +414,7 @@ export class ImageStore {
     const readBlob = async (d: Descriptor): Promise<Buffer> => {
       const b = await fs.readFile(await insideFile(dir, blobRel(d.digest), source));
       if (sha256Digest(b) !== d.digest) throw bad(source, `blob ${d.digest} does not match its digest`);
+      if (typeof d.size === 'number' && b.length !== d.size) throw bad(source, `blob ${d.digest} is ${b.length} bytes, its descriptor says ${d.size}`);
       return b;
     };
     const index = parseJson<Index>(await fs.readFile(await insideFile(dir, 'index.json', source)), source, 'index.json');
@@ -514,7 +516,11 @@ export class ImageStore {
       },
     });
     const gzip = zlib.createGzip();
-    const pack = tar.create({ cwd: dir, portable: false, follow: false, noDirRecurse: false }, ['.']) as unknown as Readable;
+    // node-tar packs files, directories, symlinks and hardlinks; other types (devices, FIFOs, sockets)
+    // are skipped here, since letting them through stalls its Pack stream.
+    const filter = (_p: string, st: Stats | tar.ReadEntry): boolean =>
+      !('isFile' in st) || st.isFile() || st.isDirectory() || st.isSymbolicLink();
+    const pack = tar.create({ cwd: dir, portable: false, follow: false, filter }, ['.']) as unknown as Readable;
     const [layer] = await Promise.all([this.content.ingest(gzip), pipeline(pack, hasher, gzip)]);
     const diffId = `sha256:${hash.digest('hex')}`;
     const now = new Date().toISOString();

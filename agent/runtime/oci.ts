@@ -145,7 +145,7 @@ export function buildSpec(o: SpecOptions): OciSpec {
       env: o.env,
       cwd: o.cwd || '/',
       capabilities: { bounding: caps, effective: caps, permitted: caps, inheritable: [], ambient: [] },
-      rlimits: [{ type: 'RLIMIT_NOFILE', hard: 1048576, soft: 1048576 }],
+      rlimits: [{ type: 'RLIMIT_NOFILE', hard: 1024, soft: 1024 }],
       noNewPrivileges: true,
       oomScoreAdj: 0,
     },

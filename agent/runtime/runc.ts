@@ -216,7 +216,8 @@ export function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
       if (typeof msg.data === 'number' && msg.data > 0) {
         void readConmonPid(o.conmonPidFile).then((conmonPid) => finish(undefined, { pid: msg.data!, conmonPid }));
       } else {
-        finish(new FlotillaError('INTERNAL', `runc create failed: ${errText(msg.message ?? '') || 'unknown error'}`));
+        const text = errText(msg.message ?? '') || 'unknown error';
+        finish(new FlotillaError('INTERNAL', text.startsWith('runc create failed') ? text : `runc create failed: ${text}`));
       }
     });
     sp.on('end', () => {

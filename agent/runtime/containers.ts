@@ -1,0 +1,865 @@
+/**
+ * The runc runtime: containers as runc + conmon over overlay snapshots of local images.
+ *
+ *   <data>/containers/<id>/state.json   our record (written atomically: temp file + rename)
+ *   <data>/containers/<id>/config.json  the OCI bundle's spec; the bundle dir is the container dir
+ *   <data>/containers/<id>/rootfs       the overlay root file system (mounted from create to remove)
+ *   <data>/containers/<id>/ctr.log      stdout/stderr, k8s-file format, written by conmon
+ *   <data>/containers/<id>/exit, oom    written by conmon (persist dir): exit code, OOM marker
+ *   <data>/containers/<id>/hosts ...    /etc/hosts, /etc/resolv.conf, /etc/hostname (bind-mounted)
+ *   <data>/exits/<id>                   conmon's exit file (one directory to watch for all containers)
+ *   <data>/names/<name>                 name reservation (created O_EXCL: unique across processes)
+ *   <data>/runc/                        runc's state root (runc --root)
+ *
+ * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
+ * Containers outlive this process: conmon holds them. open() reconciles records with the exit files and
+ * runc's state, and cleans up half-created or half-removed containers of crashed processes.
+ */
+import { existsSync, watch, type FSWatcher } from 'node:fs';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { FlotillaError, alreadyExists, errorMessage, invalidArgument, isCode, notFound } from '../../common/errors.js';
+import { isValidName, newId } from '../../common/ids.js';
+import { cgroupPaths, oomKills, removeCgroups } from './cgroups.js';
+import { readLogs } from './logs.js';
+import { mountAll, unmount } from './mount.js';
+import { buildSpec, envValue, mergeEnv, processArgs, DEFAULT_PATH, type NetworkMode, type OciSpec } from './oci.js';
+import { findExecutable, resolveInRoot, resolveUser } from './rootfs.js';
+import { Runc, RuncError, findBinary, startMonitor } from './runc.js';
+import type {
+  ContainerCreateOptions,
+  ContainerInfo,
+  ContainerRuntime,
+  ContainerStatus,
+  ExecResult,
+  ExitInfo,
+  ImageConfig,
+  ImageRecord,
+  LogEntry,
+  MountSpec,
+} from './types.js';
+
+/** What the runtime needs of the image half (ImageStore and Snapshotter satisfy it). */
+export interface ImageSource {
+  get(ref: string): Promise<ImageRecord>;
+}
+export interface SnapshotSource {
+  prepare(key: string, image: ImageRecord): Promise<MountSpec[]>;
+  remove(key: string): Promise<void>;
+}
+
+export interface RuncRuntimeOptions {
+  /** default: ImageStore.open(dataDir) and its snapshotter */
+  images?: ImageSource;
+  snapshots?: SnapshotSource;
+  /** default log size limit per container (bytes); default 10 MiB */
+  logSizeMax?: number;
+  /** paths of the binaries; default: found in $PATH */
+  runc?: string;
+  conmon?: string;
+}
+
+export interface RuncCreateOptions extends ContainerCreateOptions {
+  /** rotate the log at this size (bytes) */
+  logSizeMax?: number;
+}
+
+type RecordState = 'creating' | 'created' | 'running' | 'stopped' | 'removing';
+
+interface ContainerRecord {
+  version: 1;
+  id: string;
+  name: string;
+  image: string;
+  imageDigest: string;
+  state: RecordState;
+  /** pid of the process that last took the record into creating/removing */
+  ownerPid: number;
+  pid: number;
+  conmonPid: number;
+  exitCode: number | null;
+  oomKilled: boolean;
+  created: number;
+  started: number;
+  finished: number;
+  cgroupsPath: string;
+  labels: Record<string, string>;
+  logSizeMax: number;
+  args: string[];
+}
+
+export const DEFAULT_LOG_SIZE_MAX = 10 * 1024 * 1024;
+const MIN_MEMORY = 6 * 1024 * 1024;
+const MIN_NANO_CPUS = 10_000_000; // 0.01 CPU
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function isAlive(pid: number): boolean {
+  if (!pid || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Whether pid is the conmon monitoring container id (guards against pid reuse). */
+async function isMonitor(pid: number, id: string): Promise<boolean> {
+  if (!isAlive(pid)) return false;
+  try {
+    const cmd = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8');
+    return cmd.includes('conmon') && cmd.includes(id);
+  } catch {
+    return false;
+  }
+}
+
+async function writeAtomic(file: string, data: string): Promise<void> {
+  const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
+  await fs.writeFile(tmp, data);
+  await fs.rename(tmp, file);
+}
+
+async function readExitCode(file: string): Promise<number | undefined> {
+  try {
+    const t = (await fs.readFile(file, 'utf8')).trim();
+    if (t === '') return undefined;
+    const n = Number(t);
+    return Number.isInteger(n) ? n : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const SIGNALS = os.constants.signals as Record<string, number>;
+
+/** Validates a signal ("TERM", "SIGTERM", "15") and returns its canonical name without SIG. */
+export function parseSignal(sig: string): string {
+  const s = sig.trim().toUpperCase();
+  if (/^\d+$/.test(s)) {
+    const n = Number(s);
+    const name = Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
+    if (!name) throw invalidArgument('signal', sig, 'unknown signal number');
+    return name.slice(3);
+  }
+  const name = s.startsWith('SIG') ? s : `SIG${s}`;
+  if (SIGNALS[name] === undefined) throw invalidArgument('signal', sig, 'unknown signal (use e.g. TERM, KILL, HUP or a number)');
+  return name.slice(3);
+}
+
+export function checkRoot(): void {
+  if (process.getuid?.() !== 0) {
+    throw new FlotillaError('PERMISSION_DENIED', 'the container runtime needs root (runc, mounts and cgroups): run as root');
+  }
+}
+
+export class RuncRuntime implements ContainerRuntime {
+  readonly kind = 'runc' as const;
+  readonly containersDir: string;
+  readonly exitsDir: string;
+  readonly namesDir: string;
+  readonly runcRoot: string;
+  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly waiters = new Map<string, Set<() => void>>();
+  private watcher: FSWatcher | undefined;
+
+  private constructor(
+    readonly dataDir: string,
+    readonly runc: Runc,
+    readonly conmon: string,
+    readonly images: ImageSource,
+    readonly snapshots: SnapshotSource,
+    readonly logSizeMax: number,
+  ) {
+    this.containersDir = path.join(dataDir, 'containers');
+    this.exitsDir = path.join(dataDir, 'exits');
+    this.namesDir = path.join(dataDir, 'names');
+    this.runcRoot = runc.root;
+  }
+
+  /**
+   * Opens the runtime over a data dir: checks root, runc and conmon, creates the directories and
+   * reconciles the records with what survived (exit files, runc state).
+   */
+  static async open(dataDir: string, opts: RuncRuntimeOptions = {}): Promise<RuncRuntime> {
+    checkRoot();
+    const runcBin = opts.runc ?? findBinary('runc');
+    if (!runcBin) throw new FlotillaError('FAILED_PRECONDITION', 'runc not found in $PATH: install runc (Debian: apt-get install runc)');
+    const conmonBin = opts.conmon ?? findBinary('conmon');
+    if (!conmonBin) throw new FlotillaError('FAILED_PRECONDITION', 'conmon not found in $PATH: install conmon (Debian: apt-get install conmon)');
+    const abs = path.resolve(dataDir);
+    let images = opts.images;
+    let snapshots = opts.snapshots;
+    if (!images || !snapshots) {
+      const { ImageStore } = await import('./images.js');
+      const store = await ImageStore.open(abs);
+      images ??= store;
+      snapshots ??= store.snapshots;
+    }
+    const rt = new RuncRuntime(abs, new Runc(runcBin, path.join(abs, 'runc')), conmonBin, images, snapshots, opts.logSizeMax ?? DEFAULT_LOG_SIZE_MAX);
+    for (const d of [rt.containersDir, rt.exitsDir, rt.namesDir, rt.runcRoot]) await fs.mkdir(d, { recursive: true, mode: 0o700 });
+    await rt.reconcile();
+    return rt;
+  }
+
+  /** Stops the exit watcher (pending wait() calls keep polling). Containers keep running. */
+  close(): void {
+    this.stopWatcher();
+  }
+
+  // ---------------------------------------------------------------------------------------------- paths
+
+  private dir(id: string): string {
+    return path.join(this.containersDir, id);
+  }
+  private statePath(id: string): string {
+    return path.join(this.dir(id), 'state.json');
+  }
+  private rootfs(id: string): string {
+    return path.join(this.dir(id), 'rootfs');
+  }
+  private logPath(id: string): string {
+    return path.join(this.dir(id), 'ctr.log');
+  }
+
+  // ---------------------------------------------------------------------------------------------- records
+
+  private async readRecord(id: string): Promise<ContainerRecord | undefined> {
+    try {
+      return JSON.parse(await fs.readFile(this.statePath(id), 'utf8')) as ContainerRecord;
+    } catch {
+      return undefined;
+    }
+  }
+
+  private async writeRecord(rec: ContainerRecord): Promise<void> {
+    await writeAtomic(this.statePath(rec.id), JSON.stringify(rec));
+  }
+
+  /** Serialises mutations of one container within this process. */
+  private locked<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(id) ?? Promise.resolve();
+    const run = prev.then(fn, fn);
+    const tail = run.catch(() => undefined);
+    this.locks.set(id, tail);
+    void tail.then(() => {
+      if (this.locks.get(id) === tail) this.locks.delete(id);
+    });
+    return run;
+  }
+
+  /** Resolves a container id, name or unique id prefix to its id. */
+  async resolve(idOrName: string): Promise<string> {
+    const ref = idOrName.trim();
+    if (ref === '' || ref.includes('/') || ref.startsWith('.')) throw notFound('container', idOrName);
+    if (isValidName(ref)) {
+      try {
+        const id = (await fs.readFile(path.join(this.namesDir, ref), 'utf8')).trim();
+        if (id && existsSync(this.statePath(id))) return id;
+      } catch {
+        // not a name
+      }
+    }
+    if (existsSync(this.statePath(ref))) return ref;
+    if (/^[a-z0-9]{3,}$/.test(ref)) {
+      const hits = (await fs.readdir(this.containersDir)).filter((d) => d.startsWith(ref));
+      if (hits.length === 1 && existsSync(this.statePath(hits[0]!))) return hits[0]!;
+      if (hits.length > 1) throw new FlotillaError('INVALID_ARGUMENT', `container id prefix ${JSON.stringify(ref)} is ambiguous: it matches ${hits.length} containers`);
+    }
+    throw notFound('container', idOrName);
+  }
+
+  private async load(idOrName: string): Promise<ContainerRecord> {
+    const id = await this.resolve(idOrName);
+    const rec = await this.readRecord(id);
+    if (!rec || rec.state === 'removing' || rec.state === 'creating') throw notFound('container', idOrName);
+    return this.refresh(rec);
+  }
+
+  /**
+   * Brings a created/running record up to date with the monitor: an exit file means it stopped; a dead
+   * monitor without an exit file means it stopped with an unknown code (-1).
+   */
+  private async refresh(rec: ContainerRecord): Promise<ContainerRecord> {
+    if (rec.state !== 'created' && rec.state !== 'running') return rec;
+    const code = await this.exitCodeOf(rec.id);
+    if (code !== undefined) return this.markStopped(rec, code);
+    if (rec.conmonPid && !(await isMonitor(rec.conmonPid, rec.id))) {
+      // re-check: the monitor writes the exit file just before it exits
+      const again = await this.exitCodeOf(rec.id);
+      if (again !== undefined) return this.markStopped(rec, again);
+      const st = await this.runc.state(rec.id).catch(() => undefined);
+      if (!st || st.status === 'stopped') return this.markStopped(rec, -1);
+    }
+    return rec;
+  }
+
+  private async exitCodeOf(id: string): Promise<number | undefined> {
+    return (await readExitCode(path.join(this.exitsDir, id))) ?? (await readExitCode(path.join(this.dir(id), 'exit')));
+  }
+
+  private async markStopped(rec: ContainerRecord, code: number): Promise<ContainerRecord> {
+    let finished = Date.now();
+    try {
+      finished = (await fs.stat(path.join(this.exitsDir, rec.id))).mtimeMs;
+    } catch {
+      // no exit file
+    }
+    const oom = existsSync(path.join(this.dir(rec.id), 'oom')) || (await oomKills(rec.cgroupsPath)) > 0;
+    const next: ContainerRecord = { ...rec, state: 'stopped', exitCode: code, oomKilled: oom, finished: Math.round(finished) };
+    // another process may be removing it meanwhile: only write over a record that is still there
+    if (existsSync(this.statePath(rec.id))) await this.writeRecord(next).catch(() => undefined);
+    return next;
+  }
+
+  private info(rec: ContainerRecord): ContainerInfo {
+    const status: ContainerStatus = rec.state === 'created' ? 'created' : rec.state === 'running' ? 'running' : 'stopped';
+    return {
+      id: rec.id,
+      name: rec.name,
+      image: rec.image,
+      imageDigest: rec.imageDigest,
+      status,
+      pid: status === 'stopped' ? 0 : rec.pid,
+      exitCode: rec.exitCode,
+      oomKilled: rec.oomKilled,
+      rootfs: this.rootfs(rec.id),
+      cgroupPaths: cgroupPaths(rec.cgroupsPath),
+      labels: rec.labels,
+      created: rec.created,
+      started: rec.started,
+      finished: rec.finished,
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------------- create
+
+  private validate(o: RuncCreateOptions): NetworkMode {
+    if (typeof o.name !== 'string' || !isValidName(o.name)) {
+      throw invalidArgument('container name', o.name, 'use 1-63 letters, digits, "_", "." or "-", starting with a letter or digit');
+    }
+    if (typeof o.image !== 'string' || o.image.trim() === '') throw invalidArgument('image', o.image, 'an image name or digest is required');
+    if (o.hostname !== undefined && !/^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,62})$/.test(o.hostname)) throw invalidArgument('hostname', o.hostname, 'not a valid host name');
+    if (o.memoryBytes !== undefined && o.memoryBytes !== 0) {
+      if (!Number.isSafeInteger(o.memoryBytes) || o.memoryBytes < 0) throw invalidArgument('memory', o.memoryBytes, 'must be a whole number of bytes');
+      if (o.memoryBytes < MIN_MEMORY) throw invalidArgument('memory', o.memoryBytes, 'the minimum memory limit is 6MiB');
+    }
+    if (o.nanoCpus !== undefined && o.nanoCpus !== 0) {
+      const max = os.availableParallelism() * 1e9;
+      if (!Number.isSafeInteger(o.nanoCpus) || o.nanoCpus < MIN_NANO_CPUS || o.nanoCpus > max) {
+        throw invalidArgument('cpus', o.nanoCpus / 1e9, `the range of CPUs is 0.01 to ${os.availableParallelism()}`);
+      }
+    }
+    if (o.pidsLimit !== undefined && (!Number.isSafeInteger(o.pidsLimit) || o.pidsLimit < 0)) throw invalidArgument('pids limit', o.pidsLimit, 'must be a non-negative integer');
+    if (o.logSizeMax !== undefined && (!Number.isSafeInteger(o.logSizeMax) || o.logSizeMax < 1024)) throw invalidArgument('log size max', o.logSizeMax, 'must be at least 1024 bytes');
+    for (const e of o.env ?? []) {
+      if (typeof e !== 'string' || e.startsWith('=') || e === '' || e.includes('\0')) throw invalidArgument('env', e, 'expected KEY=VALUE');
+    }
+    for (const a of [...(o.command ?? []), ...(o.entrypoint ?? [])]) if (typeof a !== 'string' || a.includes('\0')) throw invalidArgument('command', a, 'arguments must be strings without NUL');
+    if (o.workdir !== undefined && o.workdir !== '' && !o.workdir.startsWith('/')) throw invalidArgument('workdir', o.workdir, 'must be an absolute path');
+    const net = o.network ?? '';
+    if (net === '' || net === 'private' || net === 'bridge' || net === 'default') return 'private';
+    if (net === 'host' || net === 'none') return net;
+    throw invalidArgument('network', net, 'use host or none (or leave it empty for a private network namespace)');
+  }
+
+  private async getImage(ref: string): Promise<ImageRecord> {
+    try {
+      return await this.images.get(ref);
+    } catch (err) {
+      if (isCode(err, 'NOT_FOUND')) {
+        throw new FlotillaError('NOT_FOUND', `image ${JSON.stringify(ref)} not found: import it first (flotilla image import)`, { cause: err });
+      }
+      throw err;
+    }
+  }
+
+  async create(opts: RuncCreateOptions): Promise<ContainerInfo> {
+    const network = this.validate(opts);
+    const image = await this.getImage(opts.image.trim());
+    const id = newId();
+    const dir = this.dir(id);
+    const hostname = opts.hostname || opts.name;
+    const rec: ContainerRecord = {
+      version: 1,
+      id,
+      name: opts.name,
+      image: image.name,
+      imageDigest: image.digest,
+      state: 'creating',
+      ownerPid: process.pid,
+      pid: 0,
+      conmonPid: 0,
+      exitCode: null,
+      oomKilled: false,
+      created: Date.now(),
+      started: 0,
+      finished: 0,
+      cgroupsPath: `/flotilla/${id}`,
+      labels: { ...(opts.labels ?? {}) },
+      logSizeMax: opts.logSizeMax ?? this.logSizeMax,
+      args: [],
+    };
+    let nameTaken = false;
+    let snapshot = false;
+    let monitor = false;
+    await fs.mkdir(dir, { mode: 0o700 });
+    try {
+      await this.writeRecord(rec);
+      try {
+        await fs.writeFile(path.join(this.namesDir, opts.name), id, { flag: 'wx' });
+        nameTaken = true;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('container', opts.name);
+        throw err;
+      }
+      snapshot = true;
+      const mounts = await this.snapshots.prepare(id, image);
+      const rootfs = this.rootfs(id);
+      await mountAll(mounts, rootfs);
+
+      const cfg: ImageConfig = image.config;
+      const env = mergeEnv(hostname, cfg.env ?? [], opts.env ?? []);
+      const args = processArgs(cfg, opts.command, opts.entrypoint);
+      if (args.length === 0) throw new FlotillaError('INVALID_ARGUMENT', `no command: image ${image.name} has no Entrypoint or Cmd and none was given`);
+      const userSpec = opts.user ?? cfg.user ?? '';
+      const user = userSpec === '' || userSpec === 'root' || userSpec === '0' ? { uid: 0, gid: 0, additionalGids: [] as number[] } : await resolveUser(rootfs, userSpec);
+      const cwd = opts.workdir || cfg.workingDir || '/';
+      await findExecutable(rootfs, args[0]!, envValue(env, 'PATH') ?? DEFAULT_PATH, cwd);
+      if (cwd !== '/') await fs.mkdir(await resolveInRoot(rootfs, cwd), { recursive: true, mode: 0o755 });
+      rec.args = args;
+
+      const etc = await this.writeEtcFiles(dir, hostname, network);
+      const spec: OciSpec = buildSpec({
+        args,
+        env,
+        cwd,
+        uid: user.uid,
+        gid: user.gid,
+        additionalGids: user.additionalGids,
+        hostname,
+        rootfs: 'rootfs',
+        cgroupsPath: rec.cgroupsPath,
+        network,
+        memoryBytes: opts.memoryBytes,
+        nanoCpus: opts.nanoCpus,
+        pidsLimit: opts.pidsLimit,
+        etc,
+        annotations: { 'io.flotilla.container.name': opts.name },
+      });
+      await fs.writeFile(path.join(dir, 'config.json'), JSON.stringify(spec));
+
+      monitor = true;
+      const started = await startMonitor({
+        conmon: this.conmon,
+        runc: this.runc,
+        id,
+        name: opts.name,
+        bundle: dir,
+        pidFile: path.join(dir, 'pidfile'),
+        conmonPidFile: path.join(dir, 'conmon.pid'),
+        logPath: this.logPath(id),
+        logSizeMax: rec.logSizeMax,
+        exitDir: this.exitsDir,
+      });
+      rec.pid = started.pid;
+      rec.conmonPid = started.conmonPid;
+      rec.state = 'created';
+      await this.writeRecord(rec);
+      return this.info(rec);
+    } catch (err) {
+      await this.cleanup(rec, { monitor, snapshot, name: nameTaken }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async writeEtcFiles(dir: string, hostname: string, network: NetworkMode): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
+    const hosts = path.join(dir, 'hosts');
+    const resolvConf = path.join(dir, 'resolv.conf');
+    const hostnameFile = path.join(dir, 'hostname');
+    let hostsText = `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t${hostname}\n`;
+    if (network === 'host') hostsText = await fs.readFile('/etc/hosts', 'utf8').catch(() => hostsText);
+    let resolv = '';
+    if (network !== 'none') resolv = await fs.readFile('/etc/resolv.conf', 'utf8').catch(() => '');
+    await Promise.all([fs.writeFile(hosts, hostsText, { mode: 0o644 }), fs.writeFile(resolvConf, resolv, { mode: 0o644 }), fs.writeFile(hostnameFile, `${hostname}\n`, { mode: 0o644 })]);
+    return { hosts, resolvConf, hostname: hostnameFile };
+  }
+
+  /**
+   * Removes everything a container has, whatever state it got to: its runc container (killing it), the
+   * monitor, the rootfs mount, the snapshot, the cgroups, the exit file, the directory and the name.
+   */
+  private async cleanup(rec: ContainerRecord, what: { monitor: boolean; snapshot: boolean; name: boolean }): Promise<void> {
+    const errors: string[] = [];
+    const step = async (label: string, fn: () => Promise<unknown>): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(`${label}: ${errorMessage(err)}`);
+      }
+    };
+    if (what.monitor) {
+      await step('runc delete', async () => {
+        try {
+          await this.runc.delete(rec.id, true);
+        } catch (err) {
+          if (!(err instanceof RuncError && err.notExist)) throw err;
+        }
+      });
+      await step('monitor', () => this.waitMonitorGone(rec));
+    }
+    await step('unmount', () => unmount(this.rootfs(rec.id)));
+    if (what.snapshot) await step('snapshot', () => this.snapshots.remove(rec.id));
+    await step('cgroups', async () => {
+      const left = await removeCgroups(rec.cgroupsPath);
+      if (left.length > 0) throw new Error(`could not remove ${left.join(', ')}`);
+    });
+    await step('exit file', () => fs.rm(path.join(this.exitsDir, rec.id), { force: true }));
+    await step('directory', () => fs.rm(this.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
+    if (what.name) {
+      await step('name', async () => {
+        const file = path.join(this.namesDir, rec.name);
+        const owner = await fs.readFile(file, 'utf8').catch(() => '');
+        if (owner.trim() === rec.id) await fs.rm(file, { force: true });
+      });
+    }
+    if (errors.length > 0) throw new FlotillaError('INTERNAL', `removing container ${rec.name} (${rec.id}) left debris: ${errors.join('; ')}`);
+  }
+
+  /** Waits (briefly) for the container's conmon to exit, killing it if it lingers. */
+  private async waitMonitorGone(rec: ContainerRecord): Promise<void> {
+    let pid = rec.conmonPid;
+    if (!pid) pid = Number((await fs.readFile(path.join(this.dir(rec.id), 'conmon.pid'), 'utf8').catch(() => '0')).trim()) || 0;
+    if (!pid) return;
+    for (let i = 0; i < 200 && (await isMonitor(pid, rec.id)); i++) {
+      if (i === 100) process.kill(pid, 'SIGKILL');
+      await sleep(i < 20 ? 5 : 25);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------- lifecycle
+
+  async start(idOrName: string): Promise<void> {
+    const id = await this.resolve(idOrName);
+    await this.locked(id, async () => {
+      const rec = await this.load(id);
+      if (rec.state === 'running') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is already running`);
+      if (rec.state !== 'created') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} has exited and cannot be started again (create a new one)`);
+      await this.runc.start(id);
+      rec.state = 'running';
+      rec.started = Date.now();
+      await this.writeRecord(rec);
+    });
+  }
+
+  async wait(idOrName: string, signal?: AbortSignal): Promise<ExitInfo> {
+    const id = await this.resolve(idOrName);
+    while (true) {
+      if (signal?.aborted) throw new FlotillaError('ABORTED', `wait for container ${idOrName} aborted`);
+      const rec = await this.load(id).catch((err: unknown) => {
+        if (isCode(err, 'NOT_FOUND')) throw new FlotillaError('NOT_FOUND', `container ${JSON.stringify(idOrName)} was removed while waiting for it`);
+        throw err;
+      });
+      if (rec.state === 'stopped') return { exitCode: rec.exitCode ?? -1, oomKilled: rec.oomKilled };
+      await this.exitEvent(id, 1000, signal);
+    }
+  }
+
+  /** Resolves when an exit file for id appears (or after timeoutMs, or on abort). */
+  private exitEvent(id: string, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      let set = this.waiters.get(id);
+      if (!set) this.waiters.set(id, (set = new Set()));
+      const done = (): void => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', done);
+        const s = this.waiters.get(id);
+        s?.delete(done);
+        if (s && s.size === 0) this.waiters.delete(id);
+        if (this.waiters.size === 0) this.stopWatcher();
+        resolve();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      signal?.addEventListener('abort', done, { once: true });
+      set.add(done);
+      this.startWatcher();
+    });
+  }
+
+  private startWatcher(): void {
+    if (this.watcher) return;
+    try {
+      this.watcher = watch(this.exitsDir, { persistent: true }, (_event, file) => {
+        const name = file?.toString();
+        if (!name) return;
+        const id = name.split('.')[0] ?? name;
+        for (const fn of [...(this.waiters.get(id) ?? [])]) fn();
+      });
+      this.watcher.on('error', () => this.stopWatcher());
+    } catch {
+      this.watcher = undefined; // polling (the waits' timeouts) still works
+    }
+  }
+
+  private stopWatcher(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
+  }
+
+  async stop(idOrName: string, graceMs: number): Promise<void> {
+    const id = await this.resolve(idOrName);
+    const rec = await this.load(id);
+    if (rec.state === 'stopped') return;
+    if (rec.state === 'created') {
+      // never started: nothing to signal gracefully
+      await this.signal(rec, 'KILL');
+      await this.waitExited(id, 10_000);
+      return;
+    }
+    await this.signal(rec, 'TERM');
+    if (await this.waitExited(id, Math.max(0, graceMs))) return;
+    await this.signal(rec, 'KILL', true);
+    if (!(await this.waitExited(id, 10_000))) throw new FlotillaError('DEADLINE_EXCEEDED', `container ${rec.name} did not exit after SIGKILL`);
+  }
+
+  private async signal(rec: ContainerRecord, sig: string, all = false): Promise<void> {
+    try {
+      await this.runc.kill(rec.id, sig, all);
+    } catch (err) {
+      if (err instanceof RuncError && (err.notRunning || err.notExist)) return;
+      throw err;
+    }
+  }
+
+  /** true when the container stopped within ms. */
+  private async waitExited(id: string, ms: number): Promise<boolean> {
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(), ms);
+    try {
+      await this.wait(id, ac.signal);
+      return true;
+    } catch (err) {
+      if (isCode(err, 'ABORTED')) return false;
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async kill(idOrName: string, signal: string): Promise<void> {
+    const sig = parseSignal(signal);
+    const rec = await this.load(idOrName);
+    if (rec.state !== 'running' && rec.state !== 'created') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is not running`);
+    try {
+      await this.runc.kill(rec.id, sig);
+    } catch (err) {
+      if (err instanceof RuncError && (err.notRunning || err.notExist)) throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is not running`);
+      throw err;
+    }
+  }
+
+  async remove(idOrName: string, force: boolean): Promise<void> {
+    const id = await this.resolve(idOrName);
+    await this.locked(id, async () => {
+      let rec = await this.load(id);
+      if (rec.state === 'running' || rec.state === 'created') {
+        if (!force) throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is ${rec.state === 'running' ? 'running' : 'created but not stopped'}: stop it first or force the removal`);
+        await this.signal(rec, 'KILL', true);
+        if (rec.state === 'created') {
+          await this.runc.delete(id, true).catch(() => undefined);
+        }
+        await this.waitExited(id, 10_000);
+        rec = (await this.readRecord(id)) ?? rec;
+      }
+      rec.state = 'removing';
+      rec.ownerPid = process.pid;
+      await this.writeRecord(rec);
+      await this.cleanup(rec, { monitor: true, snapshot: true, name: true });
+    });
+  }
+
+  async inspect(idOrName: string): Promise<ContainerInfo> {
+    return this.info(await this.load(idOrName));
+  }
+
+  async list(): Promise<ContainerInfo[]> {
+    const ids = await fs.readdir(this.containersDir);
+    const recs = await Promise.all(
+      ids.map(async (id) => {
+        const rec = await this.readRecord(id);
+        if (!rec || rec.state === 'creating' || rec.state === 'removing') return undefined;
+        return this.refresh(rec).catch(() => rec);
+      }),
+    );
+    return recs
+      .filter((r): r is ContainerRecord => r !== undefined)
+      .sort((a, b) => b.created - a.created)
+      .map((r) => this.info(r));
+  }
+
+  // ---------------------------------------------------------------------------------------------- exec, logs
+
+  async exec(
+    idOrName: string,
+    cmd: string[],
+    opts: { timeoutMs?: number; signal?: AbortSignal; stdout?: NodeJS.WritableStream; stderr?: NodeJS.WritableStream } = {},
+  ): Promise<ExecResult> {
+    const rec = await this.load(idOrName);
+    if (rec.state !== 'running') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is not running`);
+    if (cmd.length === 0 || cmd[0] === '') throw invalidArgument('command', cmd, 'a command is required');
+    const dir = this.dir(rec.id);
+    const spec = JSON.parse(await fs.readFile(path.join(dir, 'config.json'), 'utf8')) as OciSpec;
+    await findExecutable(this.rootfs(rec.id), cmd[0]!, envValue(spec.process.env, 'PATH') ?? DEFAULT_PATH, spec.process.cwd);
+    const tag = `${process.pid}-${Math.random().toString(36).slice(2)}`;
+    const procFile = path.join(dir, `exec-${tag}.json`);
+    const pidFile = path.join(dir, `exec-${tag}.pid`);
+    await fs.writeFile(procFile, JSON.stringify({ ...spec.process, args: cmd, terminal: false }));
+    try {
+      return await new Promise<ExecResult>((resolve, reject) => {
+        const child = spawn(this.runc.bin, ['--root', this.runc.root, 'exec', '--process', procFile, '--pid-file', pidFile, rec.id], {
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        const chunks: Buffer[] = [];
+        let size = 0;
+        const LIMIT = 16 * 1024 * 1024;
+        const onData = (out?: NodeJS.WritableStream) => (d: Buffer) => {
+          if (out) out.write(d);
+          if (size < LIMIT) chunks.push(d);
+          size += d.length;
+        };
+        child.stdout.on('data', onData(opts.stdout));
+        child.stderr.on('data', onData(opts.stderr));
+        let killedWhy: string | undefined;
+        const killProcess = (why: string): void => {
+          killedWhy ??= why;
+          void fs
+            .readFile(pidFile, 'utf8')
+            .then((p) => {
+              const pid = Number(p.trim());
+              if (pid > 0) process.kill(pid, 'SIGKILL');
+            })
+            .catch(() => child.kill('SIGKILL'));
+        };
+        const timer = opts.timeoutMs ? setTimeout(() => killProcess('timeout'), opts.timeoutMs) : undefined;
+        const onAbort = (): void => killProcess('aborted');
+        opts.signal?.addEventListener('abort', onAbort, { once: true });
+        child.on('error', (err) => reject(new FlotillaError('INTERNAL', `cannot run runc exec: ${err.message}`)));
+        child.on('close', (code, sig) => {
+          if (timer) clearTimeout(timer);
+          opts.signal?.removeEventListener('abort', onAbort);
+          const output = Buffer.concat(chunks).toString('utf8');
+          if (killedWhy === 'timeout') return reject(new FlotillaError('DEADLINE_EXCEEDED', `exec in container ${rec.name} timed out after ${opts.timeoutMs}ms`));
+          if (killedWhy === 'aborted') return reject(new FlotillaError('ABORTED', `exec in container ${rec.name} aborted`));
+          resolve({ exitCode: code ?? 128 + (sig ? (SIGNALS[sig] ?? 0) : 0), output });
+        });
+      });
+    } finally {
+      await Promise.all([fs.rm(procFile, { force: true }), fs.rm(pidFile, { force: true })]);
+    }
+  }
+
+  async *logs(idOrName: string, opts: { follow?: boolean; tail?: number; signal?: AbortSignal } = {}): AsyncIterable<LogEntry> {
+    const rec = await this.load(idOrName);
+    const id = rec.id;
+    yield* readLogs(this.logPath(id), {
+      follow: opts.follow,
+      tail: opts.tail,
+      signal: opts.signal,
+      done: async () => (await this.exitCodeOf(id)) !== undefined || !existsSync(this.statePath(id)),
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------------- images
+
+  async hasImage(ref: string): Promise<boolean> {
+    try {
+      await this.images.get(ref);
+      return true;
+    } catch (err) {
+      if (isCode(err, 'NOT_FOUND') || isCode(err, 'INVALID_ARGUMENT')) return false;
+      throw err;
+    }
+  }
+
+  async imageConfig(ref: string): Promise<ImageConfig> {
+    return (await this.getImage(ref)).config;
+  }
+
+  // ---------------------------------------------------------------------------------------------- reconcile
+
+  /**
+   * Brings the data dir to a consistent state after a crash or restart:
+   *  - running/created records whose exit file exists (or whose monitor died) become stopped;
+   *  - records left in creating/removing by a process that no longer runs are cleaned up completely;
+   *  - runc containers, name reservations and exit files without a record are removed.
+   */
+  async reconcile(): Promise<void> {
+    const ids = await fs.readdir(this.containersDir);
+    const known = new Set<string>();
+    await Promise.all(
+      ids.map(async (id) => {
+        const rec = await this.readRecord(id);
+        if (!rec) {
+          // a directory without a record: a create that crashed before writing it (or not ours)
+          if (/^[a-z0-9]{25}$/.test(id)) {
+            const st = await fs.stat(this.dir(id)).catch(() => undefined);
+            if (st && Date.now() - st.mtimeMs > 60_000) {
+              await this.cleanup(this.stubRecord(id), { monitor: true, snapshot: true, name: false }).catch(() => undefined);
+              return;
+            }
+          }
+          known.add(id);
+          return;
+        }
+        known.add(id);
+        if ((rec.state === 'creating' || rec.state === 'removing') && !isAlive(rec.ownerPid)) {
+          await this.cleanup(rec, { monitor: true, snapshot: true, name: true }).catch(() => undefined);
+          known.delete(id);
+          return;
+        }
+        await this.refresh(rec).catch(() => undefined);
+      }),
+    );
+    // runc containers without a record (crash between runc create and our cleanup)
+    const runcIds = await fs.readdir(this.runcRoot).catch(() => [] as string[]);
+    for (const rid of runcIds) {
+      if (known.has(rid) || !/^[a-z0-9]{25}$/.test(rid)) continue;
+      await this.runc.delete(rid, true).catch(() => undefined);
+      await removeCgroups(`/flotilla/${rid}`).catch(() => undefined);
+    }
+    for (const name of await fs.readdir(this.namesDir)) {
+      const file = path.join(this.namesDir, name);
+      const owner = (await fs.readFile(file, 'utf8').catch(() => '')).trim();
+      if (owner && !existsSync(this.dir(owner))) await fs.rm(file, { force: true });
+    }
+    for (const f of await fs.readdir(this.exitsDir)) {
+      if (/^[a-z0-9]{25}$/.test(f) && !existsSync(this.dir(f))) await fs.rm(path.join(this.exitsDir, f), { force: true });
+    }
+  }
+
+  private stubRecord(id: string): ContainerRecord {
+    return {
+      version: 1,
+      id,
+      name: '',
+      image: '',
+      imageDigest: '',
+      state: 'removing',
+      ownerPid: process.pid,
+      pid: 0,
+      conmonPid: 0,
+      exitCode: null,
+      oomKilled: false,
+      created: 0,
+      started: 0,
+      finished: 0,
+      cgroupsPath: `/flotilla/${id}`,
+      labels: {},
+      logSizeMax: 0,
+      args: [],
+    };
+  }
+}

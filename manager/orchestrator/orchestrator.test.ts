@@ -1,0 +1,340 @@
+import { describe, expect, it } from 'vitest';
+import {
+  NodeAvailability,
+  NodeState,
+  Node,
+  RestartCondition,
+  Service,
+  ServiceMode,
+  Task,
+  TaskState,
+  UpdateFailureAction,
+  UpdateOrder,
+  UpdateState,
+  HealthState,
+} from '../../gen/flotilla/v1/objects.js';
+import { MemoryStore } from '../store/store.js';
+import { MemoryProposer } from '../store/memory-proposer.js';
+import { testNode, testService } from '../testutil.js';
+import { ReplicatedOrchestrator } from './replicated.js';
+import { GlobalOrchestrator } from './global.js';
+import { Updater } from './update.js';
+import { createLogger } from '../../common/log.js';
+
+const log = createLogger('test');
+log.level = 'silent';
+
+function setup() {
+  const store = new MemoryStore();
+  store.setProposer(new MemoryProposer(store));
+  const repl = new ReplicatedOrchestrator(store, log);
+  const glob = new GlobalOrchestrator(store, log);
+  const upd = new Updater(store, log);
+  return { store, repl, glob, upd };
+}
+
+async function put(store: MemoryStore, table: 'service' | 'node', obj: Service | Node): Promise<void> {
+  await store.update((tx) => tx.create(table, obj));
+}
+
+/** What an agent would report: move a task to a state. */
+async function report(store: MemoryStore, id: string, state: TaskState, extra: Partial<Task['status']> = {}): Promise<void> {
+  await store.update((tx) => {
+    const t = tx.get<Task>('task', id)!;
+    tx.update('task', { ...t, status: { ...t.status!, state, timestamp: Date.now(), ...extra } });
+  });
+}
+
+/** Assign pending tasks round robin and report them running (a stand-in for scheduler + agents). */
+async function runAll(store: MemoryStore, nodes: Node[]): Promise<void> {
+  let i = 0;
+  await store.update((tx) => {
+    for (const t0 of store.listTasks()) {
+      const t = tx.get<Task>('task', t0.id)!;
+      if (t.desiredState !== TaskState.TASK_STATE_RUNNING) continue;
+      if (t.status!.state === TaskState.TASK_STATE_PENDING) {
+        const nodeId = t.nodeId || nodes[i++ % nodes.length]!.id;
+        tx.update('task', { ...t, nodeId, status: { ...t.status!, state: TaskState.TASK_STATE_RUNNING, timestamp: Date.now() } });
+      }
+    }
+  });
+}
+
+async function stopShutdown(store: MemoryStore): Promise<void> {
+  await store.update((tx) => {
+    for (const t0 of store.listTasks()) {
+      const t = tx.get<Task>('task', t0.id)!;
+      if (t.desiredState > TaskState.TASK_STATE_RUNNING && t.status!.state < TaskState.TASK_STATE_COMPLETE && t.desiredState !== TaskState.TASK_STATE_COMPLETE)
+        tx.update('task', { ...t, status: { ...t.status!, state: TaskState.TASK_STATE_SHUTDOWN, timestamp: Date.now() } });
+    }
+  });
+}
+
+const live = (store: MemoryStore, sid: string) => store.tasksOfService(sid).filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
+
+describe('replicated orchestrator', () => {
+  it('fills slots 1..N, and scaling down shuts the highest slots', async () => {
+    const { store, repl } = setup();
+    const svc = testService('web', 3);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    expect(live(store, svc.id).map((t) => t.slot).sort()).toEqual([1, 2, 3]);
+    // idempotent
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    expect(store.tasksOfService(svc.id)).toHaveLength(3);
+    await store.update((tx) => {
+      const s = tx.get<Service>('service', svc.id)!;
+      tx.update('service', { ...s, spec: { ...s.spec!, replicas: 1 } });
+    });
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    expect(live(store, svc.id).map((t) => t.slot)).toEqual([1]);
+  });
+
+  it('restarts a failed task in the same slot after the delay, and honours on-failure and max attempts', async () => {
+    const { store, repl } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('job', 1);
+    svc.spec!.task!.restart = { condition: RestartCondition.RESTART_CONDITION_ON_FAILURE, delayMs: 0, maxAttempts: 2, windowMs: 0 };
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const [t] = live(store, svc.id);
+      await report(store, t!.id, TaskState.TASK_STATE_FAILED, { exitCode: 1 });
+      await store.update((tx) => repl.reconcileService(tx, svc.id));
+      await runAll(store, [n]);
+    }
+    // 1 original + 2 restarts, then it gives up: the last failed task keeps the slot
+    const all = store.tasksOfService(svc.id);
+    expect(all).toHaveLength(3);
+    expect(all.every((t) => t.slot === 1)).toBe(true);
+    expect(all.filter((t) => t.desiredState === TaskState.TASK_STATE_COMPLETE)).toHaveLength(1);
+
+    // on-failure: a task that completes is not restarted
+    const svc2 = testService('once', 1);
+    svc2.spec!.task!.restart = { condition: RestartCondition.RESTART_CONDITION_ON_FAILURE, delayMs: 0, maxAttempts: 0, windowMs: 0 };
+    await put(store, 'service', svc2);
+    await store.update((tx) => repl.reconcileService(tx, svc2.id));
+    await runAll(store, [n]);
+    await report(store, live(store, svc2.id)[0]!.id, TaskState.TASK_STATE_COMPLETE);
+    await store.update((tx) => repl.reconcileService(tx, svc2.id));
+    expect(store.tasksOfService(svc2.id)).toHaveLength(1);
+  });
+
+  it('waits for the restart delay', async () => {
+    const { store, repl } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 1);
+    svc.spec!.task!.restart!.delayMs = 60_000;
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await report(store, live(store, svc.id)[0]!.id, TaskState.TASK_STATE_FAILED);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    expect(store.tasksOfService(svc.id)).toHaveLength(1); // not yet
+  });
+
+  it('orphans the tasks of a node that went down and replaces them', async () => {
+    const { store, repl } = setup();
+    const a = testNode('a');
+    const b = testNode('b');
+    await put(store, 'node', a);
+    await put(store, 'node', b);
+    const svc = testService('web', 2);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [a, b]);
+    await store.update((tx) => {
+      const n = tx.get<Node>('node', a.id)!;
+      tx.update('node', { ...n, status: { ...n.status!, state: NodeState.NODE_STATE_DOWN } });
+    });
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    const orphaned = store.tasksOfService(svc.id).filter((t) => t.status!.state === TaskState.TASK_STATE_ORPHANED);
+    expect(orphaned).toHaveLength(1);
+    expect(orphaned[0]!.nodeId).toBe(a.id);
+    const l = live(store, svc.id);
+    expect(l).toHaveLength(2);
+    expect(l.filter((t) => t.status!.state === TaskState.TASK_STATE_PENDING)).toHaveLength(1);
+  });
+});
+
+describe('global orchestrator', () => {
+  it('runs one task per eligible node, following nodes as they come, pause and drain', async () => {
+    const { store, glob } = setup();
+    const a = testNode('a', { labels: { zone: 'x' } });
+    const b = testNode('b', { labels: { zone: 'y' } });
+    await put(store, 'node', a);
+    await put(store, 'node', b);
+    const svc = testService('agent', 0, { mode: ServiceMode.SERVICE_MODE_GLOBAL });
+    await put(store, 'service', svc);
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    expect(live(store, svc.id).map((t) => t.nodeId).sort()).toEqual([a.id, b.id].sort());
+    const c = testNode('c', { availability: NodeAvailability.NODE_AVAILABILITY_PAUSE });
+    await put(store, 'node', c);
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    expect(live(store, svc.id)).toHaveLength(2); // paused node takes no new task
+    await store.update((tx) => {
+      const n = tx.get<Node>('node', b.id)!;
+      tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
+    });
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    expect(live(store, svc.id).map((t) => t.nodeId)).toEqual([a.id]);
+
+    const zoned = testService('zoned', 0, { mode: ServiceMode.SERVICE_MODE_GLOBAL });
+    zoned.spec!.task!.placement!.constraints = ['node.labels.zone==x'];
+    await put(store, 'service', zoned);
+    await store.update((tx) => glob.reconcileService(tx, zoned.id));
+    expect(live(store, zoned.id).map((t) => t.nodeId)).toEqual([a.id]);
+  });
+});
+
+describe('updater', () => {
+  async function updatedService(store: MemoryStore, svc: Service, order: UpdateOrder, parallelism: number, extra: Partial<NonNullable<Service['spec']>['update']> = {}) {
+    await store.update((tx) => {
+      const s = tx.get<Service>('service', svc.id)!;
+      const spec = structuredClone(s.spec!);
+      spec.task!.container!.env = ['V=2'];
+      spec.update = { ...spec.update!, order, parallelism, monitorMs: 0, ...extra };
+      tx.update('service', {
+        ...s,
+        spec,
+        previousSpec: s.spec,
+        specVersion: s.specVersion + 1,
+        updateStatus: { state: UpdateState.UPDATE_STATE_UPDATING, startedAt: Date.now(), completedAt: 0, message: '' },
+      });
+    });
+  }
+
+  async function drive(store: MemoryStore, repl: ReplicatedOrchestrator, upd: Updater, svcId: string, nodes: Node[], onStep: () => void, steps = 40) {
+    for (let i = 0; i < steps; i++) {
+      await store.update((tx) => upd.reconcileService(tx, svcId, Date.now()));
+      await store.update((tx) => repl.reconcileService(tx, svcId));
+      onStep();
+      await stopShutdown(store);
+      onStep();
+      await runAll(store, nodes);
+      onStep();
+      const st = store.getService(svcId)!.updateStatus?.state;
+      if (st !== UpdateState.UPDATE_STATE_UPDATING && st !== UpdateState.UPDATE_STATE_ROLLBACK_STARTED) return;
+    }
+  }
+
+  it('stop-first never takes down more than the parallelism at once, and completes', async () => {
+    const { store, repl, upd } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 6);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 2);
+    let minRunning = Infinity;
+    let maxNewAtOnce = 0;
+    await drive(store, repl, upd, svc.id, [n], () => {
+      const running = store.tasksOfService(svc.id).filter((t) => t.status!.state === TaskState.TASK_STATE_RUNNING && t.desiredState === TaskState.TASK_STATE_RUNNING).length;
+      minRunning = Math.min(minRunning, running);
+      const inflight = store.tasksOfService(svc.id).filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING && t.status!.state !== TaskState.TASK_STATE_RUNNING).length;
+      maxNewAtOnce = Math.max(maxNewAtOnce, inflight);
+    });
+    expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
+    expect(minRunning).toBeGreaterThanOrEqual(4);
+    expect(maxNewAtOnce).toBeLessThanOrEqual(2);
+    expect(maxNewAtOnce).toBe(2);
+    expect(live(store, svc.id).every((t) => t.spec!.container!.env[0] === 'V=2')).toBe(true);
+    // a held stop-first task is never handed to a node before the old one stopped: checked by the order of states
+  });
+
+  it('start-first never lets the running count drop below the desired count', async () => {
+    const { store, repl, upd } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 4);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 2);
+    let minRunning = Infinity;
+    await drive(store, repl, upd, svc.id, [n], () => {
+      const running = store.tasksOfService(svc.id).filter((t) => t.status!.state === TaskState.TASK_STATE_RUNNING).length;
+      minRunning = Math.min(minRunning, running);
+    });
+    expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
+    expect(minRunning).toBeGreaterThanOrEqual(4);
+  });
+
+  it('pauses on a failed task, or rolls back when so configured', async () => {
+    for (const action of [UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE, UpdateFailureAction.UPDATE_FAILURE_ACTION_ROLLBACK]) {
+      const { store, repl, upd } = setup();
+      const n = testNode('a');
+      await put(store, 'node', n);
+      const svc = testService('web', 3);
+      await put(store, 'service', svc);
+      await store.update((tx) => repl.reconcileService(tx, svc.id));
+      await runAll(store, [n]);
+      await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { failureAction: action });
+      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      await stopShutdown(store);
+      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      const fresh = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2')!;
+      await report(store, fresh.id, TaskState.TASK_STATE_FAILED, { err: 'task: non-zero exit (3)' });
+      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      const s = store.getService(svc.id)!;
+      if (action === UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE) {
+        expect(s.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_PAUSED);
+        expect(s.updateStatus!.message).toMatch(/non-zero exit \(3\)/);
+      } else {
+        expect(s.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_ROLLBACK_STARTED);
+        expect(s.spec!.task!.container!.env).toEqual([]);
+        await drive(store, repl, upd, svc.id, [n], () => {});
+        expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_ROLLBACK_COMPLETED);
+        expect(live(store, svc.id).filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING).every((t) => t.spec!.container!.env.length === 0)).toBe(true);
+      }
+    }
+  });
+
+  it('counts a task that fails after the monitor window but before completion', async () => {
+    const { store, repl, upd } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 2);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { monitorMs: 0 });
+    // first slot updated and running; second not yet done
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await stopShutdown(store);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await runAll(store, [n]);
+    const first = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2' && t.status!.state === TaskState.TASK_STATE_RUNNING)!;
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 60_000)); // long after its monitor window
+    await report(store, first.id, TaskState.TASK_STATE_FAILED, { err: 'late crash' });
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 60_000));
+    expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_PAUSED);
+  });
+
+  it('does not complete while an updated task is running but unhealthy', async () => {
+    const { store, repl, upd } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 1);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 1);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    const fresh = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2')!;
+    await report(store, fresh.id, TaskState.TASK_STATE_RUNNING, { health: HealthState.HEALTH_STATE_STARTING });
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_UPDATING);
+    // the old task still runs: start-first keeps it until the new one is healthy
+    expect(live(store, svc.id)).toHaveLength(2);
+    await report(store, fresh.id, TaskState.TASK_STATE_RUNNING, { health: HealthState.HEALTH_STATE_HEALTHY });
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(live(store, svc.id)).toHaveLength(1);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
+  });
+});
