@@ -2,6 +2,7 @@
  * The image half of the node runtime against the real kernel: imports of the three source formats,
  * lookups, shared layers, overlay snapshots mounted with mountAll, whiteouts, removal rules.
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -205,6 +206,40 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     expect((await fs.readdir(path.join(lower, 'opq'))).sort()).toEqual(['a', 'b']);
   });
 
+  it('imports a newer docker-archive (layers under blobs/sha256, gzip-compressed tar, shared layer symlinked)', async () => {
+    const archive = path.join(work, 'docker-blobs');
+    await fs.rm(archive, { recursive: true, force: true });
+    await fs.mkdir(path.join(archive, 'blobs/sha256'), { recursive: true });
+    const cfg = configJson([busyboxLayer, upperLayer]);
+    await fs.writeFile(path.join(archive, 'blobs/sha256', sha(cfg).slice(7)), cfg);
+    const names = [];
+    for (const l of [busyboxLayer, upperLayer]) {
+      await fs.writeFile(path.join(archive, 'blobs/sha256', sha(l.bytes).slice(7)), l.bytes);
+      names.push(`blobs/sha256/${sha(l.bytes).slice(7)}`);
+    }
+    // docker save links a layer shared by two images
+    await fs.mkdir(path.join(archive, 'shared'));
+    await fs.symlink(`../${names[1]}`, path.join(archive, 'shared/layer.tar'));
+    names[1] = 'shared/layer.tar';
+    await fs.writeFile(
+      path.join(archive, 'manifest.json'),
+      JSON.stringify([
+        { Config: `blobs/sha256/${sha(cfg).slice(7)}`, RepoTags: ['other:1'], Layers: names.slice(0, 1) },
+        { Config: `blobs/sha256/${sha(cfg).slice(7)}`, RepoTags: ['test/new:v3'], Layers: names },
+      ]),
+    );
+    const file = path.join(work, 'docker-blobs.tar.gz');
+    await tar.c({ cwd: archive, file, gzip: true }, await fs.readdir(archive));
+    const img = await store.import('test/new:v3', file);
+    expect(img.configDigest).toBe(sha(cfg));
+    expect(img.layers).toEqual([sha(busyboxLayer.bytes), sha(upperLayer.bytes)]);
+    expectConfig(img.config);
+    // a symlink pointing out of the archive is refused
+    await fs.rm(path.join(archive, 'shared/layer.tar'));
+    await fs.symlink('/etc/passwd', path.join(archive, 'shared/layer.tar'));
+    await expect(store.import('test/new:v3', archive)).rejects.toThrow(/shared\/layer\.tar points outside the archive/);
+  });
+
   it('imports a root file system directory (one layer, generated config)', async () => {
     const img = await store.import('busybox', rootfs, { config: { cmd: ['sh'] } });
     expect(img.name).toBe('busybox:latest');
@@ -216,6 +251,27 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     expect((await fs.lstat(path.join(lower, 'tmp'))).mode & 0o7777).toBe(0o1777);
     expect(await fs.readlink(path.join(lower, 'bin/sh'))).toBe('busybox');
     expect(await fs.readFile(path.join(lower, 'etc/passwd'), 'utf8')).toContain('nobody:x:65534:65534');
+  });
+
+  it('a root file system import keeps devices, fifos and hardlinks (sockets are skipped)', async () => {
+    const dir = path.join(work, 'special');
+    await fs.rm(dir, { recursive: true, force: true });
+    await fs.mkdir(path.join(dir, 'dev'), { recursive: true });
+    execFileSync('mknod', ['-m', '666', path.join(dir, 'dev/null'), 'c', '1', '3']);
+    execFileSync('mknod', [path.join(dir, 'fifo'), 'p']);
+    execFileSync('python3', ['-c', `import socket; socket.socket(socket.AF_UNIX).bind(${JSON.stringify(path.join(dir, 'sock'))})`]);
+    await fs.writeFile(path.join(dir, 'f'), 'f');
+    await fs.link(path.join(dir, 'f'), path.join(dir, 'f2'));
+    await fs.chown(path.join(dir, 'f'), 123, 456);
+    const img = await store.import('special', dir);
+    const lower = store.layers.fsPath(img.layers[0]!);
+    const dev = await fs.lstat(path.join(lower, 'dev/null'));
+    expect(dev.isCharacterDevice() && dev.rdev === 0x103).toBe(true);
+    expect((await fs.lstat(path.join(lower, 'fifo'))).isFIFO()).toBe(true);
+    const f = await fs.lstat(path.join(lower, 'f'));
+    expect([f.uid, f.gid]).toEqual([123, 456]);
+    expect((await fs.lstat(path.join(lower, 'f2'))).ino).toBe(f.ino);
+    await expect(fs.lstat(path.join(lower, 'sock'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 
   it('finds images by name, full digest and unique digest prefix; validates names', async () => {
@@ -281,7 +337,6 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     const removed = await store.remove('busybox', { inUse: () => false });
     expect(removed.map((r) => r.name)).toEqual(['busybox:latest']);
     await expect(store.get('busybox')).rejects.toMatchObject({ code: 'NOT_FOUND' });
-    // 'other' has its own layer blob (a new gzip of the same tree may differ only in the config);
     // everything of busybox that 'other' does not share is gone
     const left = new Set(await store.content.list());
     expect(left.has(img.digest)).toBe(false);
@@ -291,6 +346,21 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     expect(await store.content.list()).toEqual([]);
     expect(await store.layers.list()).toEqual([]);
     expect(await store.list()).toEqual([]);
+  });
+
+  it('re-importing a name keeps what a snapshot of the old image uses until prune', async () => {
+    const old = await importBusybox(dataDir);
+    await store.snapshots.prepare('old-user', old);
+    const fresh = await store.import('busybox', rootfs, { config: { cmd: ['sh'] } });
+    expect(fresh.digest).not.toBe(old.digest);
+    expect((await store.get('busybox')).digest).toBe(fresh.digest);
+    // the old image is gone as a record, its unpacked layer stays for the snapshot
+    expect(await store.layers.has(old.layers[0]!)).toBe(true);
+    expect(await store.content.has(old.digest)).toBe(false);
+    expect(await store.prune()).toEqual({ blobs: [], layers: [] });
+    await store.snapshots.remove('old-user');
+    expect(await store.prune()).toEqual({ blobs: [], layers: [old.layers[0]] });
+    expect(await store.layers.list()).toEqual(fresh.layers);
   });
 
   it('a corrupt or malicious archive gives a clear error and leaves nothing behind', async () => {

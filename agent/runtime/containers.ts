@@ -94,6 +94,17 @@ export const DEFAULT_LOG_SIZE_MAX = 10 * 1024 * 1024;
 const MIN_MEMORY = 6 * 1024 * 1024;
 const MIN_NANO_CPUS = 10_000_000; // 0.01 CPU
 
+const TRACE = process.env.FLOTILLA_TRACE === '1';
+function tracer(label: string): (step: string) => void {
+  if (!TRACE) return () => undefined;
+  let last = performance.now();
+  return (step) => {
+    const now = performance.now();
+    process.stderr.write(`[trace] ${label} ${step} ${(now - last).toFixed(1)}ms\n`);
+    last = now;
+  };
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 function isAlive(pid: number): boolean {
@@ -132,6 +143,16 @@ async function readExitCode(file: string): Promise<number | undefined> {
   } catch {
     return undefined;
   }
+}
+
+const hostFiles = new Map<string, { at: number; text: Promise<string> }>();
+/** A host file (/etc/hosts, /etc/resolv.conf), re-read at most once a second. */
+function hostFile(file: string): Promise<string> {
+  const c = hostFiles.get(file);
+  if (c && Date.now() - c.at < 1000) return c.text;
+  const text = fs.readFile(file, 'utf8').catch(() => '');
+  hostFiles.set(file, { at: Date.now(), text });
+  return text;
 }
 
 const SIGNALS = os.constants.signals as Record<string, number>;
@@ -309,7 +330,7 @@ export class RuncRuntime implements ContainerRuntime {
       // no exit file
     }
     const oom = existsSync(path.join(this.dir(rec.id), 'oom')) || (await oomKills(rec.cgroupsPath)) > 0;
-    const next: ContainerRecord = { ...rec, state: 'stopped', exitCode: code, oomKilled: oom, finished: Math.round(finished) };
+    const next: ContainerRecord = { ...rec, state: 'stopped', exitCode: code, oomKilled: oom, finished: Math.max(Math.round(finished), rec.started) };
     // another process may be removing it meanwhile: only write over a record that is still there
     if (existsSync(this.statePath(rec.id))) await this.writeRecord(next).catch(() => undefined);
     return next;
@@ -378,8 +399,10 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async create(opts: RuncCreateOptions): Promise<ContainerInfo> {
+    const tr = tracer(`create ${opts.name}`);
     const network = this.validate(opts);
     const image = await this.getImage(opts.image.trim());
+    tr('image');
     const id = newId();
     const dir = this.dir(id);
     const hostname = opts.hostname || opts.name;
@@ -416,23 +439,33 @@ export class RuncRuntime implements ContainerRuntime {
         if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('container', opts.name);
         throw err;
       }
+      tr('record+name');
       snapshot = true;
-      const mounts = await this.snapshots.prepare(id, image);
       const rootfs = this.rootfs(id);
-      await mountAll(mounts, rootfs);
-
       const cfg: ImageConfig = image.config;
       const env = mergeEnv(hostname, cfg.env ?? [], opts.env ?? []);
       const args = processArgs(cfg, opts.command, opts.entrypoint);
       if (args.length === 0) throw new FlotillaError('INVALID_ARGUMENT', `no command: image ${image.name} has no Entrypoint or Cmd and none was given`);
       const userSpec = opts.user ?? cfg.user ?? '';
-      const user = userSpec === '' || userSpec === 'root' || userSpec === '0' ? { uid: 0, gid: 0, additionalGids: [] as number[] } : await resolveUser(rootfs, userSpec);
       const cwd = opts.workdir || cfg.workingDir || '/';
-      await findExecutable(rootfs, args[0]!, envValue(env, 'PATH') ?? DEFAULT_PATH, cwd);
-      if (cwd !== '/') await fs.mkdir(await resolveInRoot(rootfs, cwd), { recursive: true, mode: 0o755 });
       rec.args = args;
+      // the /etc files do not need the rootfs: write them while the snapshot is prepared and mounted
+      const [etc, user] = await Promise.all([
+        this.writeEtcFiles(dir, hostname, network),
+        (async () => {
+          const mounts = await this.snapshots.prepare(id, image);
+          tr('snapshot');
+          await mountAll(mounts, rootfs);
+          tr('mount');
+          const [u] = await Promise.all([
+            userSpec === '' || userSpec === 'root' || userSpec === '0' ? { uid: 0, gid: 0, additionalGids: [] as number[] } : resolveUser(rootfs, userSpec),
+            findExecutable(rootfs, args[0]!, envValue(env, 'PATH') ?? DEFAULT_PATH, cwd),
+          ]);
+          if (cwd !== '/') await fs.mkdir(await resolveInRoot(rootfs, cwd), { recursive: true, mode: 0o755 });
+          return u;
+        })(),
+      ]);
 
-      const etc = await this.writeEtcFiles(dir, hostname, network);
       const spec: OciSpec = buildSpec({
         args,
         env,
@@ -451,6 +484,7 @@ export class RuncRuntime implements ContainerRuntime {
         annotations: { 'io.flotilla.container.name': opts.name },
       });
       await fs.writeFile(path.join(dir, 'config.json'), JSON.stringify(spec));
+      tr('spec');
 
       monitor = true;
       const started = await startMonitor({
@@ -465,10 +499,12 @@ export class RuncRuntime implements ContainerRuntime {
         logSizeMax: rec.logSizeMax,
         exitDir: this.exitsDir,
       });
+      tr('conmon+runc create');
       rec.pid = started.pid;
       rec.conmonPid = started.conmonPid;
       rec.state = 'created';
       await this.writeRecord(rec);
+      tr('record');
       return this.info(rec);
     } catch (err) {
       await this.cleanup(rec, { monitor, snapshot, name: nameTaken }).catch(() => undefined);
@@ -481,9 +517,8 @@ export class RuncRuntime implements ContainerRuntime {
     const resolvConf = path.join(dir, 'resolv.conf');
     const hostnameFile = path.join(dir, 'hostname');
     let hostsText = `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t${hostname}\n`;
-    if (network === 'host') hostsText = await fs.readFile('/etc/hosts', 'utf8').catch(() => hostsText);
-    let resolv = '';
-    if (network !== 'none') resolv = await fs.readFile('/etc/resolv.conf', 'utf8').catch(() => '');
+    if (network === 'host') hostsText = (await hostFile('/etc/hosts')) || hostsText;
+    const resolv = network === 'none' ? '' : await hostFile('/etc/resolv.conf');
     await Promise.all([fs.writeFile(hosts, hostsText, { mode: 0o644 }), fs.writeFile(resolvConf, resolv, { mode: 0o644 }), fs.writeFile(hostnameFile, `${hostname}\n`, { mode: 0o644 })]);
     return { hosts, resolvConf, hostname: hostnameFile };
   }
@@ -548,9 +583,10 @@ export class RuncRuntime implements ContainerRuntime {
       const rec = await this.load(id);
       if (rec.state === 'running') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is already running`);
       if (rec.state !== 'created') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} has exited and cannot be started again (create a new one)`);
+      const t = Date.now();
       await this.runc.start(id);
       rec.state = 'running';
-      rec.started = Date.now();
+      rec.started = t;
       await this.writeRecord(rec);
     });
   }

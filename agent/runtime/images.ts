@@ -9,10 +9,10 @@
  * (layers.ts) during import, which also checks it against the config's diff ids.
  */
 import { createHash } from 'node:crypto';
-import type { Stats } from 'node:fs';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import * as tar from 'tar';
@@ -66,14 +66,14 @@ export function normalizeImageName(ref: string, field = 'image name'): string {
 // ---------------------------------------------------------------------------------------------------------
 // OCI / Docker JSON shapes (the parts we read)
 
-interface Descriptor {
+export interface Descriptor {
   mediaType?: string;
   digest: string;
   size: number;
   annotations?: Record<string, string>;
   platform?: { os?: string; architecture?: string; variant?: string };
 }
-interface Manifest {
+export interface Manifest {
   schemaVersion?: number;
   mediaType?: string;
   config: Descriptor;
@@ -181,6 +181,8 @@ export class ImageStore {
   readonly imagesDir: string;
   readonly tmpDir: string;
   private lock: Promise<unknown> = Promise.resolve();
+  /** digests (blobs and layers) that imports in progress have written: never garbage collected */
+  private readonly pins = new Map<string, number>();
 
   private constructor(
     readonly dataDir: string,
@@ -314,8 +316,19 @@ export class ImageStore {
     } catch {
       throw bad(source, 'no such file or directory');
     }
-    const blobsBefore = new Set(await this.content.list());
-    const layersBefore = new Set(await this.layers.list());
+    const mine = new Set<string>();
+    const pin = (d: string): void => {
+      if (mine.has(d)) return;
+      mine.add(d);
+      this.pins.set(d, (this.pins.get(d) ?? 0) + 1);
+    };
+    const unpin = (): void => {
+      for (const d of mine) {
+        const n = (this.pins.get(d) ?? 1) - 1;
+        if (n > 0) this.pins.set(d, n);
+        else this.pins.delete(d);
+      }
+    };
     let extracted: string | undefined;
     try {
       let dir = src;
@@ -336,10 +349,10 @@ export class ImageStore {
       if (kind !== 'rootfs' && opts.config) throw bad(source, 'config options only apply to the import of a root file system directory');
       const staged =
         kind === 'oci'
-          ? await this.stageOci(dir, source, ref)
+          ? await this.stageOci(dir, source, ref, pin)
           : kind === 'docker'
-            ? await this.stageDocker(dir, source, ref)
-            : await this.stageRootfs(dir, opts.config ?? {});
+            ? await this.stageDocker(dir, source, ref, pin)
+            : await this.stageRootfs(dir, opts.config ?? {}, pin);
       const diffIds = strings(staged.config.rootfs?.diff_ids);
       if (diffIds.length !== staged.layers.length) {
         throw bad(source, `the config lists ${diffIds.length} layer diff ids but the manifest has ${staged.layers.length} layers`);
@@ -365,14 +378,19 @@ export class ImageStore {
       await this.locked(async () => {
         const old = await this.find(ref);
         await this.writeRecord(record);
+        unpin();
         if (old && old.digest !== record.digest) await this.gc([old]);
       });
       return record;
     } catch (err) {
       await this.locked(async () => {
+        unpin();
         const referenced = await this.referenced();
-        for (const b of await this.content.list()) if (!blobsBefore.has(b) && !referenced.blobs.has(b)) await this.content.delete(b);
-        for (const l of await this.layers.list()) if (!layersBefore.has(l) && !referenced.layers.has(l)) await this.layers.remove(l);
+        for (const d of mine) {
+          if (referenced.blobs.has(d) || this.pins.has(d)) continue;
+          await this.content.delete(d);
+          if (!referenced.layers.has(d)) await this.layers.remove(d);
+        }
       });
       throw err;
     } finally {
@@ -409,7 +427,7 @@ export class ImageStore {
     }
   }
 
-  private async stageOci(dir: string, source: string, ref: string): Promise<Staged> {
+  private async stageOci(dir: string, source: string, ref: string, pin: (d: string) => void): Promise<Staged> {
     const blobRel = (d: string): string => `blobs/sha256/${digestHex(d, 'descriptor digest')}`;
     const readBlob = async (d: Descriptor): Promise<Buffer> => {
       const b = await fs.readFile(await insideFile(dir, blobRel(d.digest), source));
@@ -451,13 +469,18 @@ export class ImageStore {
     }
     const configBytes = await readBlob(manifest.config);
     const config = parseJson<OciConfig>(configBytes, source, `config ${manifest.config.digest}`);
+    pin(desc.digest);
     await this.content.writeBytes(manifestBytes, { digest: desc.digest });
+    pin(manifest.config.digest);
     await this.content.writeBytes(configBytes, { digest: manifest.config.digest, size: manifest.config.size });
-    for (const l of manifest.layers) await this.ingestFrom(dir, blobRel(l.digest), source, { digest: l.digest, size: l.size });
+    for (const l of manifest.layers) {
+      pin(l.digest);
+      await this.ingestFrom(dir, blobRel(l.digest), source, { digest: l.digest, size: l.size });
+    }
     return { manifestDigest: desc.digest, configDigest: manifest.config.digest, layers: manifest.layers, config };
   }
 
-  private async stageDocker(dir: string, source: string, ref: string): Promise<Staged> {
+  private async stageDocker(dir: string, source: string, ref: string, pin: (d: string) => void): Promise<Staged> {
     interface DockerEntry {
       Config?: string;
       RepoTags?: string[] | null;
@@ -483,10 +506,12 @@ export class ImageStore {
     const configFile = await insideFile(dir, entry.Config, source);
     const configBytes = await fs.readFile(configFile);
     const config = parseJson<OciConfig>(configBytes, source, entry.Config);
+    pin(sha256Digest(configBytes));
     const cfg = await this.content.writeBytes(configBytes);
     const layers: Descriptor[] = [];
     for (const rel of entry.Layers) {
       const blob = await this.ingestFrom(dir, rel, source);
+      pin(blob.digest);
       const fh = await fs.open(this.content.path(blob.digest), 'r');
       const head = Buffer.alloc(2);
       try {
@@ -503,11 +528,13 @@ export class ImageStore {
       config: { mediaType: MEDIA_OCI_CONFIG, digest: cfg.digest, size: cfg.size },
       layers,
     };
-    const m = await this.content.writeBytes(JSON.stringify(manifest));
+    const manifestBytes = JSON.stringify(manifest);
+    pin(sha256Digest(manifestBytes));
+    const m = await this.content.writeBytes(manifestBytes);
     return { manifestDigest: m.digest, configDigest: cfg.digest, layers, config };
   }
 
-  private async stageRootfs(dir: string, overrides: Partial<Omit<ImageConfig, 'healthcheck'>>): Promise<Staged> {
+  private async stageRootfs(dir: string, overrides: Partial<Omit<ImageConfig, 'healthcheck'>>, pin: (d: string) => void): Promise<Staged> {
     const hash = createHash('sha256');
     const hasher = new Transform({
       transform(chunk: Buffer, _enc, cb) {
@@ -516,12 +543,19 @@ export class ImageStore {
       },
     });
     const gzip = zlib.createGzip();
-    // node-tar packs files, directories, symlinks and hardlinks; other types (devices, FIFOs, sockets)
-    // are skipped here, since letting them through stalls its Pack stream.
-    const filter = (_p: string, st: Stats | tar.ReadEntry): boolean =>
-      !('isFile' in st) || st.isFile() || st.isDirectory() || st.isSymbolicLink();
-    const pack = tar.create({ cwd: dir, portable: false, follow: false, filter }, ['.']) as unknown as Readable;
-    const [layer] = await Promise.all([this.content.ingest(gzip), pipeline(pack, hasher, gzip)]);
+    // GNU tar packs every file type (devices, FIFOs, hardlinks) with numeric owners; sockets are skipped.
+    // POSIX (pax) format: node-tar reads device numbers only from POSIX headers.
+    // (node-tar's Pack stalls or throws on device files, so it is not used here.)
+    const child = spawn('tar', ['-C', dir, '--format=posix', '--numeric-owner', '--sort=name', '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number>((resolve, reject) => {
+      child.on('error', reject);
+      child.on('close', (code) => resolve(code ?? 1));
+    });
+    const [layer, , code] = await Promise.all([this.content.ingest(gzip), pipeline(child.stdout, hasher, gzip), exited]);
+    pin(layer.digest);
+    if (code !== 0) throw bad(dir, `packing the directory failed: tar: ${stderr.trim().split('\n').slice(-3).join('; ')}`);
     const diffId = `sha256:${hash.digest('hex')}`;
     const now = new Date().toISOString();
     const config = {
@@ -538,7 +572,9 @@ export class ImageStore {
       rootfs: { type: 'layers', diff_ids: [diffId] },
       history: [{ created: now, created_by: 'flotilla image import (root file system directory)' }],
     };
-    const cfg = await this.content.writeBytes(JSON.stringify(config));
+    const configBytes = JSON.stringify(config);
+    pin(sha256Digest(configBytes));
+    const cfg = await this.content.writeBytes(configBytes);
     const layers: Descriptor[] = [{ mediaType: MEDIA_OCI_LAYER_GZIP, digest: layer.digest, size: layer.size }];
     const manifest: Manifest = {
       schemaVersion: 2,
@@ -546,7 +582,9 @@ export class ImageStore {
       config: { mediaType: MEDIA_OCI_CONFIG, digest: cfg.digest, size: cfg.size },
       layers,
     };
-    const m = await this.content.writeBytes(JSON.stringify(manifest));
+    const manifestBytes = JSON.stringify(manifest);
+    pin(sha256Digest(manifestBytes));
+    const m = await this.content.writeBytes(manifestBytes);
     return { manifestDigest: m.digest, configDigest: cfg.digest, layers, config };
   }
 
@@ -580,6 +618,32 @@ export class ImageStore {
     });
   }
 
+  /**
+   * Deletes every blob and unpacked layer that no image and no snapshot references (e.g. the layers of a
+   * replaced image once its last container is gone). Returns what was deleted. Safe against imports in
+   * this process; do not run it while another process imports into the same data dir.
+   */
+  async prune(): Promise<{ blobs: string[]; layers: string[] }> {
+    return this.locked(async () => {
+      const ref = await this.referenced();
+      const blobs: string[] = [];
+      const layers: string[] = [];
+      for (const b of await this.content.list()) {
+        if (!ref.blobs.has(b) && !this.pins.has(b)) {
+          await this.content.delete(b);
+          blobs.push(b);
+        }
+      }
+      for (const l of await this.layers.list()) {
+        if (!ref.layers.has(l) && !this.pins.has(l)) {
+          await this.layers.remove(l);
+          layers.push(l);
+        }
+      }
+      return { blobs, layers };
+    });
+  }
+
   /** What remaining images and snapshots reference. */
   private async referenced(): Promise<{ blobs: Set<string>; layers: Set<string> }> {
     const blobs = new Set<string>();
@@ -593,6 +657,10 @@ export class ImageStore {
       }
     }
     for (const s of await this.snapshots.list()) for (const l of s.layers) layers.add(l);
+    for (const d of this.pins.keys()) {
+      blobs.add(d);
+      layers.add(d);
+    }
     return { blobs, layers };
   }
 
@@ -600,8 +668,8 @@ export class ImageStore {
   private async gc(removed: ImageRecord[]): Promise<void> {
     const ref = await this.referenced();
     for (const img of removed) {
-      for (const b of [img.digest, img.configDigest, ...img.layers]) if (!ref.blobs.has(b)) await this.content.delete(b);
-      for (const l of img.layers) if (!ref.layers.has(l)) await this.layers.remove(l);
+      for (const b of [img.digest, img.configDigest, ...img.layers]) if (!ref.blobs.has(b) && !this.pins.has(b)) await this.content.delete(b);
+      for (const l of img.layers) if (!ref.layers.has(l) && !this.pins.has(l)) await this.layers.remove(l);
     }
   }
 }

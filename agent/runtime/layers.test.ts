@@ -1,3 +1,5 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -142,6 +144,13 @@ describe.skipIf(!isRoot)('layers (needs root: chown, mknod, trusted xattrs)', ()
     }
   });
 
+  it('stops promptly on a bad entry at the start of a large gzip layer', async () => {
+    const big = rawTar([{ path: '../x', body: 'evil' }, { path: 'big', body: randomBytes(8 * 1024 * 1024) }], { gzip: true });
+    const digest = await layerOf(big);
+    await expect(layers.prepare(digest)).rejects.toThrow(/refusing entry "\.\.\/x"/);
+    expect(await fs.readdir(layers.root)).toEqual([]);
+  });
+
   it('gives a clear error for a corrupt archive and leaves nothing behind', async () => {
     const good = rawTar([{ path: 'f', body: 'x'.repeat(5000) }]);
     const garbage = Buffer.from('this is not a tar archive at all, just some text. '.repeat(30));
@@ -151,6 +160,17 @@ describe.skipIf(!isRoot)('layers (needs root: chown, mknod, trusted xattrs)', ()
     const truncated = good.subarray(0, 1024);
     await expect(layers.prepare(await layerOf(truncated))).rejects.toThrow(/corrupt tar archive/);
     expect(await fs.readdir(layers.root)).toEqual([]);
+  });
+
+  it('refuses a GNU-format device entry rather than turning it into a whiteout', async () => {
+    const src = path.join(dir, 'src');
+    await fs.mkdir(path.join(src, 'dev'), { recursive: true });
+    execFileSync('mknod', [path.join(src, 'dev/null'), 'c', '1', '3']);
+    const gnu = execFileSync('tar', ['-C', src, '--format=gnu', '-cf', '-', 'dev']);
+    await expect(layers.prepare(await layerOf(gnu))).rejects.toThrow(/refusing entry "dev\/null": device numbers are not readable/);
+    const posix = execFileSync('tar', ['-C', src, '--format=posix', '-cf', '-', 'dev']);
+    const info = await layers.prepare(await layerOf(posix));
+    expect((await fs.lstat(path.join(info.path, 'dev/null'))).rdev).toBe(0x103);
   });
 
   it('unpackTar refuses zstd layers by magic', async () => {

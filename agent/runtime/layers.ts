@@ -55,11 +55,15 @@ export function detectCompression(head: Uint8Array): Compression {
 }
 
 async function* prepend(first: Buffer, rest: AsyncIterator<Buffer>): AsyncGenerator<Buffer> {
-  yield first;
-  while (true) {
-    const r = await rest.next();
-    if (r.done) return;
-    yield r.value;
+  try {
+    yield first;
+    while (true) {
+      const r = await rest.next();
+      if (r.done) return;
+      yield r.value;
+    }
+  } finally {
+    await rest.return?.();
   }
 }
 
@@ -86,14 +90,16 @@ async function* uncompressed(source: Readable | Iterable<Buffer> | AsyncIterable
     return;
   }
   const gunzip = zlib.createGunzip();
+  const stop = new AbortController();
   const feed = (async () => {
     try {
       for await (const chunk of all) {
-        if (!gunzip.write(chunk)) await once(gunzip, 'drain');
+        if (stop.signal.aborted) break;
+        if (!gunzip.write(chunk)) await once(gunzip, 'drain', { signal: stop.signal });
       }
       gunzip.end();
     } catch (err) {
-      gunzip.destroy(err as Error);
+      if (!stop.signal.aborted) gunzip.destroy(err as Error);
     }
   })();
   try {
@@ -101,6 +107,7 @@ async function* uncompressed(source: Readable | Iterable<Buffer> | AsyncIterable
   } catch (err) {
     throw new FlotillaError('INVALID_ARGUMENT', `layer ${label}: corrupt gzip data: ${errorMessage(err)}`, { cause: err });
   } finally {
+    stop.abort();
     gunzip.destroy();
     await feed;
   }
@@ -156,6 +163,20 @@ async function mknod(p: string, kind: 'c' | 'b' | 'p', mode: number, major = 0, 
   } catch (err) {
     throw new FlotillaError('INTERNAL', `mknod ${args.join(' ')}: ${((err as { stderr?: string }).stderr ?? errorMessage(err)).trim()}`);
   }
+}
+
+/**
+ * Device numbers of an entry. node-tar decodes them (and uname) only from POSIX ustar headers; GNU tar's
+ * default format has them too but node-tar leaves them 0. A 0:0 character device would silently turn into
+ * an overlay whiteout, so such an entry is refused rather than guessed.
+ */
+function deviceNumbers(label: string, e: ReadEntry): { major: number; minor: number } {
+  const major = e.header.devmaj ?? 0;
+  const minor = e.header.devmin ?? 0;
+  if (major === 0 && minor === 0 && e.header.uname === undefined) {
+    throw unsafe(label, e.path, 'device numbers are not readable from this (GNU format) tar header; repack the layer in POSIX/pax format');
+  }
+  return { major, minor };
 }
 
 class Unpacker {
@@ -314,7 +335,8 @@ class Unpacker {
         await this.ensureParents(raw, rel);
         await this.clear(rel, false);
         const kind = e.type === 'FIFO' ? 'p' : e.type === 'CharacterDevice' ? 'c' : 'b';
-        await mknod(abs, kind, mode, e.header.devmaj ?? 0, e.header.devmin ?? 0);
+        const { major, minor } = kind === 'p' ? { major: 0, minor: 0 } : deviceNumbers(this.label, e);
+        await mknod(abs, kind, mode, major, minor);
         await fs.lchown(abs, uid, gid);
         await fs.chmod(abs, mode);
         await fs.lutimes(abs, mtime, mtime);

@@ -10,7 +10,7 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { lstat, open, readFile, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { FlotillaError } from '../../common/errors.js';
 
@@ -83,8 +83,41 @@ export class Runc {
     });
   }
 
+  /**
+   * Starts a created container. `runc start` does nothing but open the container's exec.fifo in runc's
+   * state dir, read the init's "0" and remove the fifo (that is how runc tells created from running).
+   * Doing the same here saves a Go process start (~8 ms); when the fifo is not there (another runc
+   * version, another layout) we run `runc start`.
+   */
   async start(id: string): Promise<void> {
-    await this.run(['start', id]);
+    const fifo = path.join(this.root, id, 'exec.fifo');
+    let fh: FileHandle | undefined;
+    try {
+      const st = await lstat(fifo);
+      if (!st.isFIFO()) throw new Error('not a fifo');
+      fh = await open(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+    } catch {
+      await this.run(['start', id]);
+      return;
+    }
+    try {
+      // The init opens the fifo for writing and writes "0". It may not have opened it yet, so read
+      // until its byte arrived (EOF only counts after the byte).
+      const buf = Buffer.alloc(16);
+      let got = 0;
+      for (let i = 0; got === 0; i++) {
+        const { bytesRead } = await fh.read(buf, 0, buf.length, null).catch((err: NodeJS.ErrnoException) => {
+          if (err.code === 'EAGAIN') return { bytesRead: -1 };
+          throw err;
+        });
+        if (bytesRead > 0) got += bytesRead;
+        else if (i > 2000) throw new FlotillaError('DEADLINE_EXCEEDED', `container ${id} did not start (its init never signalled)`);
+        else await new Promise((r) => setTimeout(r, i < 20 ? 1 : 10));
+      }
+      await rm(fifo, { force: true });
+    } finally {
+      await fh.close();
+    }
   }
 
   async kill(id: string, signal: string, all = false): Promise<void> {

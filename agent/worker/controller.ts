@@ -1,0 +1,174 @@
+/**
+ * A task controller: runs one task's container through a ContainerRuntime (prepare, start, wait,
+ * shutdown, terminate, remove). It knows nothing of task states or the dispatcher: the worker drives
+ * it and turns its results and errors (TaskError) into status reports.
+ */
+import { errorMessage, isCode } from '../../common/errors.js';
+import { shortId } from '../../common/ids.js';
+import { TaskState, type Task } from '../../gen/flotilla/v1/objects.js';
+import type { ContainerCreateOptions, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
+
+export const LABEL_TASK_ID = 'flotilla.task.id';
+export const LABEL_SERVICE_ID = 'flotilla.service.id';
+export const LABEL_SERVICE_NAME = 'flotilla.service.name';
+export const LABEL_SLOT = 'flotilla.slot';
+export const LABEL_NODE_ID = 'flotilla.node.id';
+
+export const DEFAULT_STOP_GRACE_MS = 10_000;
+const MAX_NAME = 63;
+
+/** A failure that decides the task's terminal state (REJECTED before the container ran, FAILED after). */
+export class TaskError extends Error {
+  constructor(
+    readonly state: TaskState.TASK_STATE_REJECTED | TaskState.TASK_STATE_FAILED,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'TaskError';
+  }
+}
+
+/** `<serviceName>.<slot or node id prefix>.<taskId>`, the service name shortened to fit 63 characters. */
+export function containerName(task: Task): string {
+  const middle = task.slot > 0 ? String(task.slot) : shortId(task.nodeId || 'node');
+  const tail = `.${middle}.${task.id}`;
+  let svc = (task.serviceName || 'task').replace(/[^a-zA-Z0-9_.-]/g, '-');
+  if (!/^[a-zA-Z0-9]/.test(svc)) svc = `t${svc}`;
+  svc = svc.slice(0, Math.max(1, MAX_NAME - tail.length));
+  return `${svc}${tail}`;
+}
+
+/** The runtime's create options for a task. */
+export function createOptions(task: Task): ContainerCreateOptions {
+  const c = task.spec?.container;
+  const limits = task.spec?.resources?.limits;
+  const labels: Record<string, string> = {
+    ...(c?.labels ?? {}),
+    [LABEL_TASK_ID]: task.id,
+    [LABEL_SERVICE_ID]: task.serviceId,
+    [LABEL_SERVICE_NAME]: task.serviceName,
+    [LABEL_SLOT]: String(task.slot),
+  };
+  if (task.nodeId) labels[LABEL_NODE_ID] = task.nodeId;
+  return {
+    name: containerName(task),
+    image: c?.image ?? '',
+    // ContainerSpec.command overrides the image's entrypoint; args override its Cmd (Docker's semantics)
+    entrypoint: c && c.command.length > 0 ? [...c.command] : undefined,
+    command: c && c.args.length > 0 ? [...c.args] : undefined,
+    env: c?.env.length ? [...c.env] : undefined,
+    workdir: c?.workdir || undefined,
+    user: c?.user || undefined,
+    hostname: c?.hostname || undefined,
+    memoryBytes: limits?.memoryBytes || undefined,
+    nanoCpus: limits?.nanoCpus || undefined,
+    pidsLimit: limits?.pids || undefined,
+    network: c?.networkMode || undefined,
+    labels,
+  };
+}
+
+export class TaskController {
+  /** the container's id once prepared (or adopted) */
+  containerId: string | undefined;
+
+  constructor(
+    readonly runtime: ContainerRuntime,
+    public task: Task,
+    readonly hostname: string,
+  ) {}
+
+  /** Takes over a container that already exists for this task (after an agent restart). */
+  adopt(info: ContainerInfo): void {
+    this.containerId = info.id;
+  }
+
+  /** Checks the image and creates the container. Errors are TaskError(REJECTED). */
+  async prepare(): Promise<ContainerInfo> {
+    const image = this.task.spec?.container?.image ?? '';
+    if (!image) throw new TaskError(TaskState.TASK_STATE_REJECTED, 'task has no image');
+    let present: boolean;
+    try {
+      present = await this.runtime.hasImage(image);
+    } catch (err) {
+      throw new TaskError(TaskState.TASK_STATE_REJECTED, errorMessage(err), { cause: err });
+    }
+    if (!present) {
+      throw new TaskError(
+        TaskState.TASK_STATE_REJECTED,
+        `image ${JSON.stringify(image)} not found on node ${this.hostname} (import it with flotilla image import)`,
+      );
+    }
+    try {
+      const info = await this.runtime.create(createOptions(this.task));
+      this.containerId = info.id;
+      return info;
+    } catch (err) {
+      throw new TaskError(TaskState.TASK_STATE_REJECTED, errorMessage(err), { cause: err });
+    }
+  }
+
+  private id(): string {
+    if (!this.containerId) throw new TaskError(TaskState.TASK_STATE_FAILED, `task ${this.task.id} has no container`);
+    return this.containerId;
+  }
+
+  /** Starts the container; returns its state after the start (pid). Errors are TaskError(FAILED). */
+  async start(): Promise<ContainerInfo> {
+    const id = this.id();
+    try {
+      await this.runtime.start(id);
+      return await this.runtime.inspect(id);
+    } catch (err) {
+      throw new TaskError(TaskState.TASK_STATE_FAILED, errorMessage(err), { cause: err });
+    }
+  }
+
+  /** Resolves when the container's process exits; rejects (ABORTED) when signal aborts. */
+  wait(signal?: AbortSignal): Promise<ExitInfo> {
+    return this.runtime.wait(this.id(), signal);
+  }
+
+  async inspect(): Promise<ContainerInfo | undefined> {
+    if (!this.containerId) return undefined;
+    try {
+      return await this.runtime.inspect(this.containerId);
+    } catch (err) {
+      if (isCode(err, 'NOT_FOUND')) return undefined;
+      throw err;
+    }
+  }
+
+  /** Stops the container: SIGTERM, SIGKILL after the task's stop grace period (default 10 s). */
+  async shutdown(): Promise<void> {
+    if (!this.containerId) return;
+    const grace = this.task.spec?.container?.stopGracePeriodMs || DEFAULT_STOP_GRACE_MS;
+    try {
+      await this.runtime.stop(this.containerId, grace);
+    } catch (err) {
+      if (!isCode(err, 'NOT_FOUND')) throw err;
+    }
+  }
+
+  /** Kills the container at once. */
+  async terminate(): Promise<void> {
+    if (!this.containerId) return;
+    try {
+      await this.runtime.kill(this.containerId, 'KILL');
+    } catch (err) {
+      if (!isCode(err, 'NOT_FOUND') && !isCode(err, 'FAILED_PRECONDITION')) throw err;
+    }
+  }
+
+  /** Removes the container (forcibly: a running one is killed). */
+  async remove(): Promise<void> {
+    if (!this.containerId) return;
+    try {
+      await this.runtime.remove(this.containerId, true);
+    } catch (err) {
+      if (!isCode(err, 'NOT_FOUND')) throw err;
+    }
+    this.containerId = undefined;
+  }
+}
