@@ -212,18 +212,33 @@ export class RuncRuntime implements ContainerRuntime {
     const conmonBin = opts.conmon ?? findBinary('conmon');
     if (!conmonBin) throw new FlotillaError('FAILED_PRECONDITION', 'conmon not found in $PATH: install conmon (Debian: apt-get install conmon)');
     const abs = path.resolve(dataDir);
-    let images = opts.images;
-    let snapshots = opts.snapshots;
-    if (!images || !snapshots) {
-      const { ImageStore } = await import('./images.js');
-      const store = await ImageStore.open(abs);
-      images ??= store;
-      snapshots ??= store.snapshots;
-    }
-    const rt = new RuncRuntime(abs, new Runc(runcBin, path.join(abs, 'runc')), conmonBin, images, snapshots, opts.logSizeMax ?? DEFAULT_LOG_SIZE_MAX);
-    for (const d of [rt.containersDir, rt.exitsDir, rt.namesDir, rt.runcRoot]) await fs.mkdir(d, { recursive: true, mode: 0o700 });
-    await rt.reconcile();
-    return rt;
+    const runc = new Runc(runcBin, path.join(abs, 'runc'));
+    const dirs = ['containers', 'exits', 'names', 'runc'].map((d) => path.join(abs, d));
+    // the image store opens while our directories are checked and reconciled
+    const [store] = await Promise.all([
+      opts.images && opts.snapshots ? undefined : import('./images.js').then(({ ImageStore }) => ImageStore.open(abs)),
+      (async () => {
+        for (const d of dirs) await fs.mkdir(d, { recursive: true, mode: 0o700 });
+        await RuncRuntime.reconcileDir(abs, runc, conmonBin);
+      })(),
+    ]);
+    const images = opts.images ?? store!;
+    const snapshots = opts.snapshots ?? store!.snapshots;
+    return new RuncRuntime(abs, runc, conmonBin, images, snapshots, opts.logSizeMax ?? DEFAULT_LOG_SIZE_MAX);
+  }
+
+  /** Reconciles a data dir before the image store is open (cleanup of crashed creates needs the snapshotter lazily). */
+  private static async reconcileDir(abs: string, runc: Runc, conmonBin: string): Promise<void> {
+    let store: Promise<SnapshotSource> | undefined;
+    const lazySnapshots: SnapshotSource = {
+      prepare: () => Promise.reject(new Error('not available during reconcile')),
+      remove: async (key) => {
+        store ??= import('./images.js').then(async ({ ImageStore }) => (await ImageStore.open(abs)).snapshots);
+        await (await store).remove(key);
+      },
+    };
+    const lazyImages: ImageSource = { get: () => Promise.reject(new Error('not available during reconcile')) };
+    await new RuncRuntime(abs, runc, conmonBin, lazyImages, lazySnapshots, DEFAULT_LOG_SIZE_MAX).reconcile();
   }
 
   /** Stops the exit watcher (pending wait() calls keep polling). Containers keep running. */

@@ -5,8 +5,9 @@ import * as daemons from './daemons.js';
 import * as cluster from './cluster.js';
 import * as node from './node.js';
 import * as service from './service.js';
+import * as agent from './agent.js';
 
 /** Each command group lives in its own module with a register(program) function. */
 export function registerCommands(program: Command): void {
-  for (const g of [daemons, cluster, node, service, image, container]) g.register(program);
+  for (const g of [daemons, agent, cluster, node, service, image, container]) g.register(program);
 }

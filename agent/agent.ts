@@ -1,0 +1,133 @@
+/**
+ * The agent: a worker over a container runtime, driven by a dispatcher session. runAgent() runs until
+ * its signal aborts (then it disconnects; containers keep running and are adopted at the next start)
+ * or until the managers refuse its token (then it rejects). It never exits the process, so the manager
+ * can run an agent in its own process.
+ */
+import os from 'node:os';
+import path from 'node:path';
+import { FlotillaError, errorMessage } from '../common/errors.js';
+import { createLogger, type Logger } from '../common/log.js';
+import type { RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
+import type { NodeDescription } from '../gen/flotilla/v1/objects.js';
+import type { ContainerRuntime } from './runtime/types.js';
+import { Session } from './worker/session.js';
+import { SimRuntime } from './worker/sim.js';
+import { Worker, type WorkerOptions } from './worker/worker.js';
+
+export interface AgentOptions {
+  /** the node's data dir (the runtime's, and <dataDir>/agent/node.json) */
+  dataDir: string;
+  /** HOST:PORT of the managers */
+  managers: string[];
+  /** the cluster's worker (or manager) join token */
+  token: string;
+  /** default: os.hostname() */
+  hostname?: string;
+  /** engine labels */
+  labels?: Record<string, string>;
+  runtime: 'runc' | 'sim';
+  signal: AbortSignal;
+  log?: Logger;
+  /** use this runtime instead of opening one (tests, simulations sharing a process) */
+  runtimeInstance?: ContainerRuntime;
+  /** the address reported to the manager; default: the first non-internal IPv4 address */
+  addr?: string;
+  /** resources reported; default: os.cpus() and os.totalmem() */
+  resources?: { nanoCpus: number; memoryBytes: number };
+  /** worker tuning (concurrency, status batching) */
+  worker?: Omit<WorkerOptions, 'runtime' | 'hostname' | 'log'>;
+  /** reconnect backoff (default 100 ms → 5 s) */
+  backoffInitialMs?: number;
+  backoffMaxMs?: number;
+  /** called after each successful registration (tests, embedding) */
+  onRegistered?: (info: RegisterResponse & { manager: string }) => void;
+  /** receives the worker and session once they exist (tests, embedding) */
+  onStarted?: (agent: { worker: Worker; session: Session; runtime: ContainerRuntime }) => void;
+}
+
+/** The first non-internal IPv4 address, else 127.0.0.1. */
+export function defaultAddr(): string {
+  for (const list of Object.values(os.networkInterfaces())) {
+    for (const a of list ?? []) if (a.family === 'IPv4' && !a.internal) return a.address;
+  }
+  return '127.0.0.1';
+}
+
+/** Opens the runtime an agent uses: sim (in <dataDir>/sim) or runc (the real one, loaded on demand). */
+export async function openRuntime(kind: 'runc' | 'sim', dataDir: string): Promise<ContainerRuntime & { close?: () => unknown }> {
+  if (kind === 'sim') return SimRuntime.open(dataDir);
+  if (kind !== 'runc') throw new FlotillaError('INVALID_ARGUMENT', `invalid runtime ${JSON.stringify(kind)}: must be runc or sim`);
+  const { RuncRuntime } = await import('./runtime/containers.js');
+  return RuncRuntime.open(dataDir);
+}
+
+export function nodeDescription(opts: Pick<AgentOptions, 'hostname' | 'labels' | 'resources'>, runtime: 'runc' | 'sim'): NodeDescription {
+  return {
+    hostname: opts.hostname ?? os.hostname(),
+    resources: {
+      nanoCpus: opts.resources?.nanoCpus ?? Math.max(1, os.cpus().length) * 1e9,
+      memoryBytes: opts.resources?.memoryBytes ?? os.totalmem(),
+      pids: 0,
+    },
+    engineLabels: { ...(opts.labels ?? {}) },
+    os: process.platform,
+    arch: process.arch,
+    // a sim node always shows itself as simulated
+    runtime,
+  };
+}
+
+export async function runAgent(opts: AgentOptions): Promise<void> {
+  const log = opts.log ?? createLogger('agent');
+  if (opts.signal.aborted) return;
+  if (opts.managers.length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --manager []: at least one manager address is required');
+  if (!opts.token) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --token "": a join token is required (--token or FLOTILLA_TOKEN)');
+  const dataDir = path.resolve(opts.dataDir);
+  const owned = opts.runtimeInstance === undefined;
+  const runtime: ContainerRuntime & { close?: () => unknown } = opts.runtimeInstance ?? (await openRuntime(opts.runtime, dataDir));
+  const description = nodeDescription(opts, runtime.kind);
+  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }) });
+  const session = new Session({
+    managers: opts.managers,
+    token: opts.token,
+    dataDir,
+    description,
+    addr: opts.addr ?? defaultAddr(),
+    worker,
+    log: log.child({ component: 'session' }),
+    backoffInitialMs: opts.backoffInitialMs,
+    backoffMaxMs: opts.backoffMaxMs,
+    onRegistered: opts.onRegistered,
+  });
+  opts.onStarted?.({ worker, session, runtime });
+  log.info({ hostname: description.hostname, runtime: runtime.kind, managers: opts.managers }, 'agent starting');
+
+  // The session lives a little longer than the caller's signal: the worker's last reports go out first.
+  const sessionCtl = new AbortController();
+  const stopped = new Promise<void>((resolve) => {
+    if (opts.signal.aborted) return resolve();
+    opts.signal.addEventListener('abort', () => resolve(), { once: true });
+  });
+  const sessionRun = session.run(sessionCtl.signal).then(
+    () => undefined,
+    (err: unknown) => err,
+  );
+  const outcome = await Promise.race([stopped.then(() => 'stopped' as const), sessionRun.then((err) => ({ err }))]);
+  try {
+    await worker.close();
+  } finally {
+    sessionCtl.abort();
+    await sessionRun;
+    if (owned) {
+      try {
+        await runtime.close?.();
+      } catch (err) {
+        log.warn({ err: errorMessage(err) }, 'closing the runtime failed');
+      }
+    }
+  }
+  // a fatal session error (token refused): the caller reports it (the CLI prints one line)
+  if (outcome !== 'stopped' && outcome.err !== undefined) throw outcome.err;
+  log.info('agent stopped: disconnected (containers keep running)');
+}

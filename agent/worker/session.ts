@@ -1,0 +1,347 @@
+/**
+ * The dispatcher session: the agent's one connection to the managers.
+ *
+ *   Register(token, node id, description) → node id, session id, heartbeat period, managers
+ *   Heartbeat every period (the manager may change the period in its answer)
+ *   Assignments stream → worker.assign (COMPLETE first, then INCREMENTAL)
+ *   UpdateTaskStatus ← the worker's status queue (batched)
+ *   Logs stream: the manager asks (LogRequest), the agent answers with LogChunks from runtime.logs()
+ *
+ * Any failure ends the session; the agent then registers again (same node id) after an exponential
+ * backoff with jitter, trying the next manager of the list each time. A refused token (or a
+ * description the manager rejects) is fatal: run() rejects with a FlotillaError PERMISSION_DENIED
+ * (INVALID_ARGUMENT) and does not retry.
+ */
+import * as grpc from '@grpc/grpc-js';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
+import type { Logger } from '../../common/log.js';
+import { LogLine } from '../../gen/flotilla/v1/control.js';
+import {
+  AssignmentsMessage,
+  DispatcherClient,
+  LogChunk,
+  LogRequest,
+  RegisterResponse,
+  type TaskStatusUpdate,
+} from '../../gen/flotilla/v1/dispatcher.js';
+import type { NodeDescription } from '../../gen/flotilla/v1/objects.js';
+import { LABEL_SLOT, LABEL_TASK_ID } from './controller.js';
+import type { Worker } from './worker.js';
+
+export interface SessionOptions {
+  /** HOST:PORT of the managers to try, in order */
+  managers: string[];
+  token: string;
+  /** the node's data dir: the node id is kept in <dataDir>/agent/node.json */
+  dataDir: string;
+  description: NodeDescription;
+  /** the address the node reports */
+  addr: string;
+  worker: Worker;
+  log: Logger;
+  /** reconnect backoff: first delay and cap; default 100 ms and 5 s */
+  backoffInitialMs?: number;
+  backoffMaxMs?: number;
+  /** deadline of unary calls; default 10 s */
+  rpcTimeoutMs?: number;
+  /** called after each successful registration */
+  onRegistered?: (info: RegisterResponse & { manager: string }) => void;
+}
+
+interface NodeFile {
+  nodeId: string;
+}
+
+const FATAL_REGISTER = new Set<number>([grpc.status.PERMISSION_DENIED, grpc.status.UNAUTHENTICATED, grpc.status.INVALID_ARGUMENT]);
+const LOG_BATCH_LINES = 200;
+const LOG_FLUSH_MS = 50;
+
+type GrpcError = Error & { code?: number; details?: string };
+
+function grpcMessage(err: unknown): string {
+  const e = err as GrpcError;
+  return e?.details || errorMessage(err);
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const done = (): void => {
+      clearTimeout(t);
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const t = setTimeout(done, ms);
+    signal.addEventListener('abort', done, { once: true });
+  });
+}
+
+/** Runs a unary call with a deadline, cancelled when signal aborts. */
+function unary<Req, Res>(
+  fn: (req: Req, md: grpc.Metadata, opts: Partial<grpc.CallOptions>, cb: (err: grpc.ServiceError | null, res: Res) => void) => grpc.ClientUnaryCall,
+  req: Req,
+  timeoutMs: number,
+  signal: AbortSignal,
+): Promise<Res> {
+  return new Promise<Res>((resolve, reject) => {
+    if (signal.aborted) return reject(new FlotillaError('ABORTED', 'call aborted'));
+    const onAbort = (): void => call.cancel();
+    const call = fn(req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => {
+      signal.removeEventListener('abort', onAbort);
+      if (err) reject(err);
+      else resolve(res);
+    });
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+export class Session {
+  /** the node id (from node.json, then from the manager) */
+  nodeId = '';
+  sessionId = '';
+  /** where the agent connects: the flag list, extended with the managers' own list */
+  managers: string[];
+  /** successful heartbeats and registrations, for tests and diagnostics */
+  heartbeats = 0;
+  registrations = 0;
+  isConnected = false;
+  private readonly initial: string[];
+  private readonly log: Logger;
+
+  constructor(private readonly opts: SessionOptions) {
+    if (opts.managers.length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --manager []: at least one manager address is required');
+    this.initial = [...opts.managers];
+    this.managers = [...opts.managers];
+    this.log = opts.log;
+  }
+
+  private nodeFile(): string {
+    return path.join(this.opts.dataDir, 'agent', 'node.json');
+  }
+
+  private async loadNodeId(): Promise<void> {
+    try {
+      const f = JSON.parse(await fs.readFile(this.nodeFile(), 'utf8')) as NodeFile;
+      if (typeof f.nodeId === 'string') this.nodeId = f.nodeId;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.log.warn({ err: errorMessage(err) }, `ignoring unreadable ${this.nodeFile()}`);
+    }
+  }
+
+  private async saveNodeId(): Promise<void> {
+    const file = this.nodeFile();
+    await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    const tmp = `${file}.${process.pid}.tmp`;
+    await fs.writeFile(tmp, JSON.stringify({ nodeId: this.nodeId } satisfies NodeFile) + '\n');
+    await fs.rename(tmp, file);
+  }
+
+  private backoff(attempt: number): number {
+    const initial = this.opts.backoffInitialMs ?? 100;
+    const max = this.opts.backoffMaxMs ?? 5000;
+    const base = Math.min(max, initial * 2 ** Math.min(attempt, 20));
+    return Math.round(base / 2 + (Math.random() * base) / 2);
+  }
+
+  /** Keeps a session up until signal aborts. Rejects only on a fatal registration error. */
+  async run(signal: AbortSignal): Promise<void> {
+    await this.loadNodeId();
+    let attempt = 0;
+    let idx = 0;
+    while (!signal.aborted) {
+      const addr = this.managers[idx % this.managers.length]!;
+      const client = new DispatcherClient(addr, grpc.credentials.createInsecure(), {
+        'grpc.max_receive_message_length': 64 * 1024 * 1024,
+        'grpc.max_send_message_length': 64 * 1024 * 1024,
+        'grpc.initial_reconnect_backoff_ms': 100,
+        'grpc.max_reconnect_backoff_ms': 1000,
+      });
+      let upSince = 0;
+      let periodMs = 0;
+      try {
+        const reg = await this.register(client, addr, signal);
+        upSince = Date.now();
+        periodMs = reg.heartbeatPeriodMs;
+        idx = Math.max(0, this.managers.indexOf(addr));
+        await this.connected(client, reg, signal);
+      } catch (err) {
+        if (err instanceof FlotillaError && (err.code === 'PERMISSION_DENIED' || err.code === 'INVALID_ARGUMENT')) throw err;
+        if (!signal.aborted) this.log.warn({ manager: addr, err: grpcMessage(err) }, 'dispatcher session failed; reconnecting');
+      } finally {
+        this.isConnected = false;
+        client.close();
+      }
+      if (signal.aborted) break;
+      // a session that lived at least a heartbeat period resets the backoff
+      if (upSince && Date.now() - upSince >= Math.max(1000, periodMs)) attempt = 0;
+      idx = (idx + 1) % this.managers.length;
+      await sleep(this.backoff(attempt++), signal);
+    }
+  }
+
+  private async register(client: DispatcherClient, addr: string, signal: AbortSignal): Promise<RegisterResponse> {
+    let reg: RegisterResponse;
+    try {
+      reg = await unary(
+        client.register.bind(client),
+        { token: this.opts.token, nodeId: this.nodeId, description: this.opts.description, addr: this.opts.addr },
+        this.opts.rpcTimeoutMs ?? 10_000,
+        signal,
+      );
+    } catch (err) {
+      const code = (err as GrpcError).code;
+      if (code !== undefined && FATAL_REGISTER.has(code)) {
+        const why = grpcMessage(err);
+        throw new FlotillaError(
+          code === grpc.status.INVALID_ARGUMENT ? 'INVALID_ARGUMENT' : 'PERMISSION_DENIED',
+          code === grpc.status.INVALID_ARGUMENT
+            ? `manager ${addr} refused the node's registration: ${why}`
+            : `manager ${addr} refused the join token: ${why} (check --token or FLOTILLA_TOKEN)`,
+        );
+      }
+      throw err;
+    }
+    if (reg.nodeId !== this.nodeId) {
+      this.nodeId = reg.nodeId;
+      await this.saveNodeId();
+    }
+    this.sessionId = reg.sessionId;
+    this.registrations++;
+    const seen = new Set<string>();
+    this.managers = [...reg.managers, ...this.initial].filter((m) => m && !seen.has(m) && (seen.add(m), true));
+    if (!this.managers.includes(addr)) this.managers.unshift(addr);
+    this.log.info({ manager: addr, nodeId: reg.nodeId, heartbeatMs: reg.heartbeatPeriodMs }, 'registered with the dispatcher');
+    this.opts.onRegistered?.({ ...reg, manager: addr });
+    return reg;
+  }
+
+  /** One live session: resolves when signal aborts, rejects when any part of the session fails. */
+  private async connected(client: DispatcherClient, reg: RegisterResponse, signal: AbortSignal): Promise<void> {
+    const ctl = new AbortController();
+    const { nodeId, sessionId } = reg;
+    let failure: unknown;
+    const fail = (err: unknown): void => {
+      if (ctl.signal.aborted) return;
+      failure = err;
+      ctl.abort();
+    };
+    const onOuterAbort = (): void => ctl.abort();
+    signal.addEventListener('abort', onOuterAbort, { once: true });
+    const ended = new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+    const timeout = this.opts.rpcTimeoutMs ?? 10_000;
+    const worker = this.opts.worker;
+
+    // assignments: applied in order by the worker
+    const assignments = client.assignments({ nodeId, sessionId });
+    assignments.on('data', (msg: AssignmentsMessage) => {
+      worker.assign(msg).catch((err: unknown) => this.log.error({ err: errorMessage(err) }, 'applying assignments failed'));
+    });
+    assignments.on('error', (err: Error) => fail(err));
+    assignments.on('end', () => fail(new FlotillaError('UNAVAILABLE', 'the assignments stream ended')));
+
+    // logs: the manager asks, the agent answers
+    const logs = client.logs();
+    const logRequests = new Map<string, AbortController>();
+    const logOps = new Set<Promise<void>>();
+    logs.on('data', (req: LogRequest) => {
+      if (req.cancel) {
+        logRequests.get(req.requestId)?.abort();
+        return;
+      }
+      const ac = new AbortController();
+      logRequests.set(req.requestId, ac);
+      const op = this.serveLogs(logs, req, ac.signal).finally(() => {
+        logRequests.delete(req.requestId);
+        logOps.delete(op);
+      });
+      logOps.add(op);
+    });
+    logs.on('error', (err: Error) => fail(err));
+    logs.on('end', () => fail(new FlotillaError('UNAVAILABLE', 'the logs stream ended')));
+    logs.write({ requestId: '', nodeId, sessionId, lines: [], done: false, error: '' });
+
+    // task status: the worker's queue sends through this session while it lives
+    worker.setSender(async (updates: TaskStatusUpdate[]) => {
+      try {
+        await unary(client.updateTaskStatus.bind(client), { nodeId, sessionId, updates }, timeout, ctl.signal);
+      } catch (err) {
+        const code = (err as GrpcError).code;
+        if (code === grpc.status.NOT_FOUND || code === grpc.status.UNAVAILABLE) fail(err);
+        throw err;
+      }
+    });
+    this.isConnected = true;
+
+    // heartbeats at the period the manager sets
+    const heartbeats = (async () => {
+      let period = reg.heartbeatPeriodMs > 0 ? reg.heartbeatPeriodMs : 5000;
+      while (!ctl.signal.aborted) {
+        await sleep(period, ctl.signal);
+        if (ctl.signal.aborted) break;
+        try {
+          const res = await unary(client.heartbeat.bind(client), { nodeId, sessionId }, Math.max(1000, Math.min(timeout, period * 2)), ctl.signal);
+          this.heartbeats++;
+          if (res.periodMs > 0) period = res.periodMs;
+        } catch (err) {
+          fail(err);
+        }
+      }
+    })();
+
+    await ended;
+    signal.removeEventListener('abort', onOuterAbort);
+    this.isConnected = false;
+    worker.setSender(undefined);
+    for (const ac of logRequests.values()) ac.abort();
+    assignments.cancel();
+    logs.cancel();
+    await heartbeats;
+    await Promise.all([...logOps]);
+    if (failure !== undefined && !signal.aborted) throw failure;
+  }
+
+  /** Streams a task's logs to the manager in chunks; the last chunk has done (and error, if any). */
+  private async serveLogs(stream: grpc.ClientDuplexStream<LogChunk, LogRequest>, req: LogRequest, signal: AbortSignal): Promise<void> {
+    const write = (chunk: Partial<LogChunk>): void => {
+      if (stream.writable && !stream.destroyed) stream.write(LogChunk.fromPartial({ requestId: req.requestId, ...chunk }));
+    };
+    const rt = this.opts.worker.runtime;
+    let slot = 0;
+    let buf: LogLine[] = [];
+    let timer: NodeJS.Timeout | undefined;
+    const flush = (): void => {
+      if (timer) clearTimeout(timer);
+      timer = undefined;
+      if (buf.length === 0) return;
+      write({ lines: buf });
+      buf = [];
+    };
+    try {
+      let container = req.containerId || this.opts.worker.containerOf(req.taskId) || '';
+      if (!container || req.taskId) {
+        const found = (await rt.list()).find((c) => (container ? c.id === container : c.labels[LABEL_TASK_ID] === req.taskId));
+        if (found) {
+          container = found.id;
+          slot = Number(found.labels[LABEL_SLOT] ?? 0) || 0;
+        } else if (!container) {
+          throw new FlotillaError('NOT_FOUND', `no container for task ${req.taskId} on node ${this.opts.description.hostname}`);
+        }
+      }
+      for await (const e of rt.logs(container, { follow: req.follow, tail: req.tail > 0 ? req.tail : undefined, signal })) {
+        buf.push({ taskId: req.taskId, nodeId: this.nodeId, slot, stream: e.stream, timestamp: e.time, line: e.line });
+        if (buf.length >= LOG_BATCH_LINES) flush();
+        else timer ??= setTimeout(flush, LOG_FLUSH_MS);
+        if (signal.aborted) break;
+      }
+      flush();
+      write({ done: true });
+    } catch (err) {
+      flush();
+      write({ done: true, error: signal.aborted ? '' : errorMessage(err) });
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+}

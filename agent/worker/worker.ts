@@ -1,0 +1,403 @@
+/**
+ * The worker: reconciles the node's assignment set with one task controller per task.
+ *
+ *  - a COMPLETE set replaces what the worker knows (tasks absent from it are removed); an INCREMENTAL
+ *    message adds or updates tasks and removes the listed ones;
+ *  - a task with desired state RUNNING is run: ACCEPTED → PREPARING → STARTING → RUNNING → COMPLETE
+ *    (exit 0) | FAILED (non-zero exit) | REJECTED (could not be prepared);
+ *  - a task whose desired state is past RUNNING is stopped (stop grace period) and reported SHUTDOWN;
+ *  - a task no longer assigned has its container removed;
+ *  - containers found at start (label flotilla.task.id) are adopted, not started again; those whose
+ *    task is no longer assigned are removed; one that exited meanwhile is reported with its exit code.
+ *
+ * Reported states only move forward. Reports go through a StatusQueue (coalesced, batched). Work on
+ * containers runs concurrently, at most `concurrency` create/start/stop/remove operations at once.
+ * close() detaches from the containers (they keep running) and does not stop them.
+ */
+import type { Logger } from '../../common/log.js';
+import { errorMessage } from '../../common/errors.js';
+import { AssignmentsType, type AssignmentsMessage } from '../../gen/flotilla/v1/dispatcher.js';
+import { HealthState, TaskState, type Task, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import type { ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
+import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
+import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
+
+export interface WorkerOptions {
+  runtime: ContainerRuntime;
+  /** the node's hostname, for messages */
+  hostname: string;
+  log?: Logger;
+  /** container operations (create+start, remove) in flight at once; default 16 (stops: 4 times as many) */
+  concurrency?: number;
+  /** status batching */
+  status?: StatusQueueOptions;
+  /** how long close() waits for operations in flight; default 2000 ms */
+  closeTimeoutMs?: number;
+}
+
+/** A counting semaphore whose waiters can give up through an AbortSignal. */
+class Limiter {
+  private active = 0;
+  private readonly queue: Array<() => void> = [];
+  constructor(private readonly max: number) {}
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.active >= this.max) await new Promise<void>((resolve) => this.queue.push(resolve));
+    else this.active++;
+    try {
+      return await fn();
+    } finally {
+      const next = this.queue.shift();
+      if (next) next();
+      else this.active--;
+    }
+  }
+}
+
+interface Runner {
+  task: Task;
+  /** the newest state known: reported by us, or the manager's */
+  state: TaskState;
+  /** the last status we reported (fields carried forward: container id, pid) */
+  status: TaskStatus;
+  ctl: TaskController;
+  /** the container found at adoption, if any */
+  adopted?: ContainerInfo;
+  /** aborts the lifecycle's wait (shutdown, removal, close) */
+  abort: AbortController;
+  life?: Promise<void>;
+  stopping?: Promise<void>;
+  removing?: Promise<void>;
+}
+
+const TERMINAL = TaskState.TASK_STATE_COMPLETE;
+
+export class Worker {
+  readonly runtime: ContainerRuntime;
+  readonly statuses: StatusQueue;
+  private readonly log: Logger | undefined;
+  private readonly runners = new Map<string, Runner>();
+  /** tasks whose container is being removed, by task id */
+  private readonly removing = new Map<string, Promise<void>>();
+  private readonly ops = new Set<Promise<void>>();
+  private readonly limit: Limiter;
+  /** stops wait out grace periods: they get their own, wider limit */
+  private readonly stopLimit: Limiter;
+  private applying: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  constructor(private readonly opts: WorkerOptions) {
+    this.runtime = opts.runtime;
+    this.log = opts.log;
+    this.limit = new Limiter(Math.max(1, opts.concurrency ?? 16));
+    this.stopLimit = new Limiter(Math.max(1, (opts.concurrency ?? 16) * 4));
+    this.statuses = new StatusQueue({ log: opts.log, ...opts.status });
+  }
+
+  /** Attaches the function that sends status batches (the session); undefined while disconnected. */
+  setSender(sender: StatusSender | undefined): void {
+    this.statuses.setSender(sender);
+  }
+
+  /** Applies an assignments message. Messages are applied in the order of the calls. */
+  assign(msg: AssignmentsMessage): Promise<void> {
+    const p = this.applying.then(() => this.apply(msg));
+    this.applying = p.catch((err: unknown) => this.log?.error({ err: errorMessage(err) }, 'applying assignments failed'));
+    return p;
+  }
+
+  /** The task ids the worker holds. */
+  taskIds(): string[] {
+    return [...this.runners.keys()];
+  }
+
+  /** The last status the worker reported (or learnt from the manager) for a task. */
+  taskStatus(taskId: string): TaskStatus | undefined {
+    const r = this.runners.get(taskId);
+    return r ? { ...r.status } : undefined;
+  }
+
+  /** The container of a task, if the worker knows it. */
+  containerOf(taskId: string): string | undefined {
+    return this.runners.get(taskId)?.ctl.containerId;
+  }
+
+  /** Resolves when no container operation is in flight (lifecycles waiting on exits excepted). */
+  async idle(): Promise<void> {
+    await this.applying;
+    while (true) {
+      const busy = [...this.ops];
+      if (busy.length === 0) return;
+      await Promise.all(busy);
+    }
+  }
+
+  /** Detaches: aborts waits, lets operations in flight finish (bounded), flushes statuses. Containers keep running. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.applying;
+    for (const r of this.runners.values()) r.abort.abort();
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((r) => (timer = setTimeout(r, this.opts.closeTimeoutMs ?? 2000)));
+    await Promise.race([Promise.all([...this.ops]), timeout]);
+    clearTimeout(timer);
+    await this.statuses.close();
+  }
+
+  // ---------------------------------------------------------------------------------------------- reconcile
+
+  private track(p: Promise<void>): Promise<void> {
+    const q = p.catch((err: unknown) => this.log?.error({ err: errorMessage(err) }, 'task operation failed'));
+    this.ops.add(q);
+    void q.finally(() => this.ops.delete(q));
+    return q;
+  }
+
+  private async apply(msg: AssignmentsMessage): Promise<void> {
+    if (this.closed) return;
+    const complete = msg.type === AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE;
+    // the runtime's containers of tasks, for adoption (a COMPLETE set reconciles with them)
+    const found = new Map<string, ContainerInfo[]>();
+    if (complete || !this.listedOnce) {
+      this.listedOnce = true;
+      for (const c of await this.runtime.list()) {
+        const id = c.labels[LABEL_TASK_ID];
+        if (!id) continue; // not ours (flotilla container run)
+        let l = found.get(id);
+        if (!l) found.set(id, (l = []));
+        l.push(c);
+      }
+    }
+    if (complete) {
+      const keep = new Set(msg.update.map((t) => t.id));
+      for (const [id, r] of this.runners) if (!keep.has(id)) this.remove(r);
+    }
+    for (const t of msg.update) this.upsert(t, found.get(t.id));
+    for (const id of msg.remove) {
+      const r = this.runners.get(id);
+      if (r) this.remove(r);
+    }
+    // containers of tasks that are not (or no longer) assigned, and duplicates of adopted ones
+    for (const [taskId, list] of found) {
+      const r = this.runners.get(taskId);
+      for (const c of list) {
+        if (r && (r.ctl.containerId === c.id || r.ctl.containerId === undefined)) continue;
+        if (!r && (!complete || this.removing.has(taskId))) continue;
+        this.log?.info({ taskId, container: c.name }, 'removing the container of a task no longer assigned');
+        void this.track(this.limit.run(() => this.removeContainer(c.id)));
+      }
+    }
+  }
+
+  private listedOnce = false;
+
+  private async removeContainer(id: string): Promise<void> {
+    try {
+      await this.runtime.remove(id, true);
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'NOT_FOUND') throw err;
+    }
+  }
+
+  private upsert(t: Task, containers: ContainerInfo[] | undefined): void {
+    let r = this.runners.get(t.id);
+    const managerState = t.status?.state ?? TaskState.TASK_STATE_ASSIGNED;
+    if (!r) {
+      if (this.removing.has(t.id)) {
+        this.log?.warn({ taskId: t.id }, 'task assigned again while its container is being removed: ignored');
+        return;
+      }
+      const ctl = new TaskController(this.runtime, t, this.opts.hostname);
+      r = {
+        task: t,
+        state: managerState,
+        status: t.status ? { ...t.status } : emptyStatus(managerState),
+        ctl,
+        abort: new AbortController(),
+      };
+      const adopted = pickContainer(containers);
+      if (adopted) {
+        r.adopted = adopted;
+        ctl.adopt(adopted);
+      }
+      this.runners.set(t.id, r);
+    } else {
+      r.task = t;
+      r.ctl.task = t;
+      if (managerState > r.state) r.state = managerState;
+    }
+    this.drive(r);
+  }
+
+  private drive(r: Runner): void {
+    if (r.removing || r.stopping || this.closed) return;
+    if (r.state >= TERMINAL) {
+      // terminal already (e.g. the manager marked it orphaned): make sure nothing of it still runs
+      const live = r.life !== undefined || (r.adopted !== undefined && r.adopted.status !== 'stopped');
+      if (live) void this.shutdown(r);
+      return;
+    }
+    if (r.task.desiredState > TaskState.TASK_STATE_RUNNING) {
+      void this.shutdown(r);
+      return;
+    }
+    if (r.task.desiredState === TaskState.TASK_STATE_RUNNING && !r.life) {
+      r.life = this.track(this.lifecycle(r));
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------- reports
+
+  /** Reports a state if it moves the task forward; carries the container id and pid along. */
+  private report(r: Runner, state: TaskState, fields: Partial<TaskStatus> = {}): void {
+    if (r.removing || r.state >= TERMINAL || state <= r.state) return;
+    const status: TaskStatus = {
+      ...r.status,
+      message: '',
+      err: '',
+      ...fields,
+      state,
+      timestamp: Date.now(),
+      health: HealthState.HEALTH_STATE_NONE,
+    };
+    if (r.ctl.containerId && !status.containerId) status.containerId = r.ctl.containerId;
+    r.state = state;
+    r.status = status;
+    if (!this.closed) this.statuses.push(r.task.id, status);
+  }
+
+  private reportExit(r: Runner, exit: ExitInfo): void {
+    if (exit.exitCode === 0) {
+      this.report(r, TaskState.TASK_STATE_COMPLETE, { message: 'finished', exitCode: 0, pid: 0, oomKilled: exit.oomKilled });
+    } else {
+      this.report(r, TaskState.TASK_STATE_FAILED, {
+        message: 'started',
+        err: `task: non-zero exit (${exit.exitCode})`,
+        exitCode: exit.exitCode,
+        pid: 0,
+        oomKilled: exit.oomKilled,
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------- lifecycle
+
+  private async lifecycle(r: Runner): Promise<void> {
+    const sig = r.abort.signal;
+    const id = r.task.id;
+    try {
+      let info = r.adopted;
+      let started = false;
+      if (!info) {
+        if (r.state >= TaskState.TASK_STATE_STARTING) {
+          // the manager saw it start here, but its container is gone (data dir lost?): do not start a copy
+          this.report(r, TaskState.TASK_STATE_FAILED, { err: `task: its container is gone from node ${this.opts.hostname}` });
+          return;
+        }
+        this.report(r, TaskState.TASK_STATE_ACCEPTED, { message: 'accepted' });
+        info = await this.limit.run(async () => {
+          if (sig.aborted) return undefined;
+          this.report(r, TaskState.TASK_STATE_PREPARING, { message: 'preparing' });
+          const created = await r.ctl.prepare();
+          if (sig.aborted) return created;
+          this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: created.id });
+          const after = await r.ctl.start();
+          started = true;
+          return after;
+        });
+        if (!info || sig.aborted) return;
+      } else if (info.status === 'created') {
+        const adopted = info;
+        info = await this.limit.run(async () => {
+          if (sig.aborted) return adopted;
+          this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: adopted.id });
+          const after = await r.ctl.start();
+          started = true;
+          return after;
+        });
+        if (sig.aborted) return;
+      }
+      if (started || info.status === 'running') {
+        this.report(r, TaskState.TASK_STATE_RUNNING, { message: 'started', containerId: info.id, pid: info.pid });
+      }
+      this.log?.debug({ taskId: id, container: info.name }, started ? 'task started' : 'task adopted');
+      const exit = await r.ctl.wait(sig);
+      if (sig.aborted) return;
+      this.reportExit(r, exit);
+    } catch (err) {
+      if (sig.aborted) return; // shutdown, removal or close took over
+      const state = err instanceof TaskError ? err.state : TaskState.TASK_STATE_FAILED;
+      this.log?.warn({ taskId: id, err: errorMessage(err) }, state === TaskState.TASK_STATE_REJECTED ? 'task rejected' : 'task failed');
+      this.report(r, state, { err: errorMessage(err) });
+    }
+  }
+
+  private shutdown(r: Runner): Promise<void> {
+    if (r.stopping) return r.stopping;
+    r.abort.abort();
+    r.stopping = this.track(
+      (async () => {
+        await r.life;
+        const before = await r.ctl.inspect();
+        if (before?.status === 'stopped' && r.state < TERMINAL && r.state >= TaskState.TASK_STATE_RUNNING) {
+          // it exited by itself before we stopped it
+          this.reportExit(r, { exitCode: before.exitCode ?? -1, oomKilled: before.oomKilled });
+          return;
+        }
+        if (before && before.status !== 'stopped') {
+          try {
+            await this.stopLimit.run(() => r.ctl.shutdown());
+          } catch (err) {
+            this.report(r, TaskState.TASK_STATE_FAILED, { err: `task: shutdown failed: ${errorMessage(err)}` });
+            return;
+          }
+        }
+        const after = await r.ctl.inspect();
+        this.report(r, TaskState.TASK_STATE_SHUTDOWN, {
+          message: 'shutdown',
+          pid: 0,
+          exitCode: after?.exitCode ?? 0,
+          oomKilled: after?.oomKilled ?? false,
+        });
+      })(),
+    );
+    return r.stopping;
+  }
+
+  private remove(r: Runner): void {
+    if (r.removing) return;
+    const id = r.task.id;
+    this.runners.delete(id);
+    this.statuses.drop(id);
+    r.abort.abort();
+    r.removing = this.track(
+      (async () => {
+        await r.life;
+        await r.stopping;
+        await this.limit.run(() => r.ctl.remove());
+      })().finally(() => this.removing.delete(id)),
+    );
+    this.removing.set(id, r.removing);
+  }
+}
+
+function emptyStatus(state: TaskState): TaskStatus {
+  return {
+    state,
+    timestamp: 0,
+    message: '',
+    err: '',
+    exitCode: 0,
+    containerId: '',
+    pid: 0,
+    health: HealthState.HEALTH_STATE_NONE,
+    oomKilled: false,
+  };
+}
+
+/** Of several containers of one task (should not happen), the running one, else the newest. */
+function pickContainer(list: ContainerInfo[] | undefined): ContainerInfo | undefined {
+  if (!list || list.length === 0) return undefined;
+  return [...list].sort((a, b) => Number(b.status === 'running') - Number(a.status === 'running') || b.created - a.created)[0];
+}
