@@ -10,6 +10,6 @@ program
   .showHelpAfterError('(add --help for usage)')
   .configureOutput({ outputError: (str, write) => write(str.startsWith('error:') ? `flotilla: ${str.slice(7)}` : str) });
 
-registerCommands(program);
+await registerCommands(program, process.argv);
 
 await program.parseAsync(process.argv);

@@ -136,6 +136,12 @@ export class Manager {
     return t;
   }
 
+  managerToken(): string {
+    const t = this.store.getCluster()?.tokens?.manager;
+    if (!t) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+    return t;
+  }
+
   async stop(): Promise<void> {
     this.onLeadershipChange(false);
     await this.leaderRuns;

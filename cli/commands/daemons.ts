@@ -73,7 +73,8 @@ export function register(program: Command): void {
             agentRun = runAgent({
               dataDir,
               managers: [manager.advertiseAddr()],
-              token: manager.workerToken(),
+              addr: manager.advertiseAddr(),
+              token: manager.managerToken(),
               hostname,
               labels,
               runtime: opts.runtime as 'runc' | 'sim',

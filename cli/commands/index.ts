@@ -1,13 +1,24 @@
 import type { Command } from 'commander';
-import * as image from './image.js';
-import * as container from './container.js';
-import * as daemons from './daemons.js';
-import * as cluster from './cluster.js';
-import * as node from './node.js';
-import * as service from './service.js';
-import * as agent from './agent.js';
 
-/** Each command group lives in its own module with a register(program) function. */
-export function registerCommands(program: Command): void {
-  for (const g of [daemons, agent, cluster, node, service, image, container]) g.register(program);
+type Group = { register(program: Command): void };
+
+/**
+ * Each command group lives in its own module with a register(program) function. Only the group the
+ * command line names is loaded (start-up time matters for `container run -d`); help loads them all.
+ */
+const GROUPS: Record<string, () => Promise<Group>> = {
+  manager: () => import('./daemons.js'),
+  agent: () => import('./agent.js'),
+  cluster: () => import('./cluster.js'),
+  node: () => import('./node.js'),
+  service: () => import('./service.js'),
+  image: () => import('./image.js'),
+  container: () => import('./container.js'),
+};
+
+export async function registerCommands(program: Command, argv: string[]): Promise<void> {
+  program.enablePositionalOptions();
+  const first = argv.slice(2).find((a) => !a.startsWith('-'));
+  const load = first && GROUPS[first] ? [GROUPS[first]] : Object.values(GROUPS);
+  for (const g of await Promise.all(load.map((f) => f()))) g.register(program);
 }
