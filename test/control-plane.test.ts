@@ -94,10 +94,13 @@ describe.skipIf(!builtCli())('control plane (manager + sim agents as processes)'
     const t = (await ps('picky'))[0]!;
     expect(t.state).toBe('pending');
     expect(t.error).toMatch(/3 nodes? fails? constraint node\.labels\.zone==c/);
-    // a constraint that matches one node
-    const ok = await cli(['service', 'create', '--name', 'zoned', '--replicas', '2', '--constraint', 'node.labels.zone==b', 'busybox', 'sleep', '1000'], c.env);
+    // a constraint on an engine label (agent --label) and one on a node label (node update --label-add)
+    const ok = await cli(['service', 'create', '--name', 'zoned', '--replicas', '2', '--constraint', 'engine.labels.zone==b', 'busybox', 'sleep', '1000'], c.env);
     expect(ok.code).toBe(0);
     expect((await running('zoned')).every((x) => x.node === 'n3')).toBe(true);
+    expect((await cli(['node', 'update', '--label-add', 'zone=c', 'n2'], c.env)).code).toBe(0);
+    await waitFor('picky placed on n2', async () => (await running('picky')).map((x) => x.node).join() === 'n2');
+    expect((await cli(['node', 'update', '--label-rm', 'zone', 'n2'], c.env)).code).toBe(0);
     expect((await cli(['service', 'rm', 'picky', 'zoned'], c.env)).code).toBe(0);
   });
 

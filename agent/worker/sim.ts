@@ -118,7 +118,7 @@ export class SimRuntime implements ContainerRuntime {
   private readonly imageCfg: (ref: string) => ImageConfig;
   private closed = false;
 
-  private constructor(opts: SimRuntimeOptions) {
+  protected constructor(opts: SimRuntimeOptions) {
     this.file = opts.dataDir ? path.join(path.resolve(opts.dataDir), 'sim', 'containers.json') : undefined;
     this.imageFilter = opts.hasImage ?? defaultMissing();
     this.imageCfg = opts.imageConfig ?? (() => structuredClone(DEFAULT_IMAGE_CONFIG));

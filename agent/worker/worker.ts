@@ -79,7 +79,10 @@ export class Worker {
   private readonly runners = new Map<string, Runner>();
   /** tasks whose container is being removed, by task id */
   private readonly removing = new Map<string, Promise<void>>();
-  private readonly ops = new Set<Promise<void>>();
+  /** container operations in flight (idle() waits for these) */
+  private readonly ops = new Set<Promise<unknown>>();
+  /** task lifecycles (they include waiting for the container to exit) */
+  private readonly lives = new Set<Promise<unknown>>();
   private readonly limit: Limiter;
   /** stops wait out grace periods: they get their own, wider limit */
   private readonly stopLimit: Limiter;
@@ -140,18 +143,31 @@ export class Worker {
     for (const r of this.runners.values()) r.abort.abort();
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<void>((r) => (timer = setTimeout(r, this.opts.closeTimeoutMs ?? 2000)));
-    await Promise.race([Promise.all([...this.ops]), timeout]);
+    await Promise.race([Promise.all([...this.ops, ...this.lives]), timeout]);
     clearTimeout(timer);
     await this.statuses.close();
   }
 
   // ---------------------------------------------------------------------------------------------- reconcile
 
-  private track(p: Promise<void>): Promise<void> {
+  /** Tracks a promise that never rejects (errors are logged) in a set until it settles. */
+  private track(p: Promise<void>, set: Set<Promise<unknown>> = this.ops): Promise<void> {
     const q = p.catch((err: unknown) => this.log?.error({ err: errorMessage(err) }, 'task operation failed'));
+    set.add(q);
+    void q.finally(() => set.delete(q));
+    return q;
+  }
+
+  /** Runs a container operation: at most `concurrency` at once, counted by idle(). */
+  private op<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.limit.run(fn);
+    const q = p.then(
+      () => undefined,
+      () => undefined,
+    );
     this.ops.add(q);
     void q.finally(() => this.ops.delete(q));
-    return q;
+    return p;
   }
 
   private async apply(msg: AssignmentsMessage): Promise<void> {
@@ -185,7 +201,7 @@ export class Worker {
         if (r && (r.ctl.containerId === c.id || r.ctl.containerId === undefined)) continue;
         if (!r && (!complete || this.removing.has(taskId))) continue;
         this.log?.info({ taskId, container: c.name }, 'removing the container of a task no longer assigned');
-        void this.track(this.limit.run(() => this.removeContainer(c.id)));
+        void this.track(this.op(() => this.removeContainer(c.id)));
       }
     }
   }
@@ -243,7 +259,7 @@ export class Worker {
       return;
     }
     if (r.task.desiredState === TaskState.TASK_STATE_RUNNING && !r.life) {
-      r.life = this.track(this.lifecycle(r));
+      r.life = this.track(this.lifecycle(r), this.lives);
     }
   }
 
@@ -296,7 +312,7 @@ export class Worker {
           return;
         }
         this.report(r, TaskState.TASK_STATE_ACCEPTED, { message: 'accepted' });
-        info = await this.limit.run(async () => {
+        info = await this.op(async () => {
           if (sig.aborted) return undefined;
           this.report(r, TaskState.TASK_STATE_PREPARING, { message: 'preparing' });
           const created = await r.ctl.prepare();
@@ -309,7 +325,7 @@ export class Worker {
         if (!info || sig.aborted) return;
       } else if (info.status === 'created') {
         const adopted = info;
-        info = await this.limit.run(async () => {
+        info = await this.op(async () => {
           if (sig.aborted) return adopted;
           this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: adopted.id });
           const after = await r.ctl.start();
@@ -375,7 +391,7 @@ export class Worker {
       (async () => {
         await r.life;
         await r.stopping;
-        await this.limit.run(() => r.ctl.remove());
+        await this.op(() => r.ctl.remove());
       })().finally(() => this.removing.delete(id)),
     );
     this.removing.set(id, r.removing);

@@ -237,6 +237,11 @@ describe('updater', () => {
       minRunning = Math.min(minRunning, running);
       const inflight = store.tasksOfService(svc.id).filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING && t.status!.state !== TaskState.TASK_STATE_RUNNING).length;
       maxNewAtOnce = Math.max(maxNewAtOnce, inflight);
+      // stop-first: a slot never has its old and new task on a node at the same time
+      for (const slot of [1, 2, 3, 4, 5, 6]) {
+        const onNode = store.tasksOfService(svc.id).filter((t) => t.slot === slot && t.status!.state >= TaskState.TASK_STATE_ASSIGNED && t.status!.state < TaskState.TASK_STATE_COMPLETE);
+        expect(onNode.length, `slot ${slot}`).toBeLessThanOrEqual(1);
+      }
     });
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
     expect(minRunning).toBeGreaterThanOrEqual(4);
@@ -256,10 +261,14 @@ describe('updater', () => {
     await runAll(store, [n]);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 2);
     let minRunning = Infinity;
+    let overlap = 0;
     await drive(store, repl, upd, svc.id, [n], () => {
       const running = store.tasksOfService(svc.id).filter((t) => t.status!.state === TaskState.TASK_STATE_RUNNING).length;
       minRunning = Math.min(minRunning, running);
+      // start-first: old and new run side by side for a while
+      overlap = Math.max(overlap, running - 4);
     });
+    expect(overlap).toBeGreaterThan(0);
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
     expect(minRunning).toBeGreaterThanOrEqual(4);
   });
@@ -270,6 +279,7 @@ describe('updater', () => {
       const n = testNode('a');
       await put(store, 'node', n);
       const svc = testService('web', 3);
+      svc.spec!.rollback!.monitorMs = 0;
       await put(store, 'service', svc);
       await store.update((tx) => repl.reconcileService(tx, svc.id));
       await runAll(store, [n]);

@@ -72,8 +72,8 @@ export class Updater extends ReconcileLoop {
   protected async reconcile(signal: AbortSignal): Promise<void> {
     for (const s of this.store.listServices()) {
       if (signal.aborted) return;
-      const drained = this.store.tasksOfService(s.id).some((t) => isActive(t) && this.onDrainedNode(t));
-      if (!isUpdating(s) && !drained) continue;
+      const pending = this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);
+      if (!isUpdating(s) && !pending) continue;
       await this.store.update((tx) => this.reconcileService(tx, s.id, Date.now()), signal);
     }
   }
@@ -129,31 +129,26 @@ export class Updater extends ReconcileLoop {
       if (active.length === 0) continue;
       const fresh = active.filter(current);
       const stale = active.filter((t) => !current(t));
-      // while paused, only drained nodes are still worked on
-      if (!updating && !stale.some((t) => this.onDrainedNode(t))) continue;
       const n = fresh[0];
-      if (!n) {
-        if (stale.length) dirty.push({ key, stale });
-        continue;
-      }
-      // the slot's replacement exists: move it along
-      if (n.desiredState === HELD) {
-        // stop-first: release the new task once the old ones have stopped (or their node is gone)
-        if (stale.every((t) => isTerminal(t.status?.state ?? 0) || this.lost(t))) {
-          for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
-          tx.update('task', withDesired(n, TaskState.TASK_STATE_RUNNING));
-        }
+      if (n && n.desiredState === HELD) {
+        // stop-first: release the new task once every other task of the slot has stopped (or its node is gone)
+        const stopping = list.filter((t) => t !== n && !isTerminal(t.status?.state ?? 0) && (t.status?.state ?? 0) >= TaskState.TASK_STATE_ASSIGNED && !this.lost(t));
+        for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+        if (stopping.length === 0) tx.update('task', withDesired(n, TaskState.TASK_STATE_RUNNING));
         busy++;
         continue;
       }
-      if (isUp(n)) {
+      if (n && isUp(n)) {
         // start-first: the new one runs, so the old ones may stop now
         for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
         lastUp = Math.max(lastUp, n.status?.timestamp ?? 0);
         continue;
       }
-      if (!isTerminal(n.status?.state ?? 0) && (n.meta?.createdAt ?? 0) >= startedAt) busy++;
-      else if (!isTerminal(n.status?.state ?? 0) && stale.length) busy++;
+      // a replacement on its way counts against the parallelism
+      if (n && !isTerminal(n.status?.state ?? 0) && ((n.meta?.createdAt ?? 0) >= startedAt || stale.length > 0)) busy++;
+      // while not updating (or paused), only tasks on drained nodes are replaced
+      if (!updating && !stale.some((t) => this.onDrainedNode(t))) continue;
+      if (!n && stale.length) dirty.push({ key, stale });
     }
 
     if (updating) {

@@ -120,6 +120,10 @@ export class RawNode {
   private leadTransferee = NONE;
   /** index of the last conf change proposed by this leader; no new one until it is applied */
   private pendingConfIndex = 0;
+  /** conf changes up to this index are already in effect (bootstrap entries) */
+  private confKnownIndex = 0;
+  /** proposals appended since the last ready(): broadcast them then, in one batch */
+  private bcastPending = false;
 
   private readQueue: string[] = [];
   private readonly readPending = new Map<string, ReadRequest>();
@@ -167,16 +171,22 @@ export class RawNode {
       this.log.append(ents);
       this.log.commitTo(ents.length);
       for (const p of config.peers!) this.addNode(p, false);
+      this.confKnownIndex = ents.length; // already in effect: the node may campaign at once
     } else if (!hsEmpty) {
-      if (hardState.commit < this.log.committed || hardState.commit > this.log.lastIndex()) {
+      if (hardState.commit > this.log.lastIndex()) {
         throw new FlotillaError(
           'INTERNAL',
-          `raft: hard state commit ${hardState.commit} is out of range [${this.log.committed}, ${this.log.lastIndex()}]`,
+          `raft: hard state commit ${hardState.commit} is past the last log index ${this.log.lastIndex()}`,
         );
       }
-      this.log.committed = hardState.commit;
+      // (a snapshot is committed by definition, even if the hard state was saved before it)
+      this.log.committed = Math.max(hardState.commit, this.log.committed);
       this.term = hardState.term;
       this.vote = hardState.vote;
+    }
+    if (this.prs.size === 0 && storage.lastIndex() > 0 && snapIndex(storage.snapshot()) === 0 && (config.peers?.length ?? 0) > 0) {
+      // A log without a snapshot and without bootstrap entries: take the voters from peers.
+      for (const p of config.peers!) this.addNode(p, false);
     }
     const applied = Math.min(config.applied ?? 0, this.log.committed);
     if (applied > this.log.applied) {
@@ -272,6 +282,7 @@ export class RawNode {
   }
 
   hasReady(): boolean {
+    if (this.bcastPending && this.role === 'leader') return true;
     if (this.msgs.length > 0 || this.readStates.length > 0) return true;
     if (this.lead !== this.prevSoft.lead || this.role !== this.prevSoft.role) return true;
     if (this.term !== this.prevHard.term || this.vote !== this.prevHard.vote || this.log.committed !== this.prevHard.commit) return true;
@@ -286,6 +297,10 @@ export class RawNode {
    * snapshot and committedEntries, then call advance(rd). Readys must be handled in order.
    */
   ready(): Ready {
+    if (this.bcastPending) {
+      this.bcastPending = false;
+      if (this.role === 'leader') this.bcastAppend();
+    }
     const u = this.log.unstable;
     const rd: Ready = {
       entries: u.nextEntries(),
@@ -346,6 +361,19 @@ export class RawNode {
       progress,
       confState: this.confState(),
       leadTransferee: this.leadTransferee,
+    };
+  }
+
+  /** A cheap subset of status() for hot paths. */
+  basicStatus(): { id: number; term: number; vote: number; lead: number; role: RaftRole; commit: number; applied: number } {
+    return {
+      id: this.id,
+      term: this.term,
+      vote: this.vote,
+      lead: this.lead,
+      role: this.role,
+      commit: this.log.committed,
+      applied: this.log.applied,
     };
   }
 
@@ -416,9 +444,11 @@ export class RawNode {
     this.lead = this.id;
     this.role = 'leader';
     this.prs.get(this.id)?.becomeReplicate();
-    // No conf change until this term's first entry is applied (the single-server change safety rule).
-    this.pendingConfIndex = this.log.lastIndex();
     this.appendEntries([{ term: 0, index: 0, type: EntryType.ENTRY_TYPE_NORMAL, data: EMPTY_BUFFER }]);
+    // No conf change until this term's first entry is applied: this also covers any conf change
+    // left unapplied from earlier terms, and is the fix for the single-server change bug Ongaro
+    // describes (a new leader must commit an entry of its term before changing the membership).
+    this.pendingConfIndex = this.log.lastIndex();
   }
 
   private hup(transfer: boolean): void {
@@ -430,8 +460,9 @@ export class RawNode {
   }
 
   private hasUnappliedConfChanges(): boolean {
-    if (this.log.applied >= this.log.committed) return false;
-    let i = Math.max(this.log.applied + 1, this.log.firstIndex());
+    const from = Math.max(this.log.applied, this.confKnownIndex);
+    if (from >= this.log.committed) return false;
+    let i = Math.max(from + 1, this.log.firstIndex());
     while (i <= this.log.committed) {
       const ents = this.log.slice(i, this.log.committed + 1, 4 * 1024 * 1024);
       for (const e of ents) if (e.type === EntryType.ENTRY_TYPE_CONF_CHANGE) return true;
@@ -623,7 +654,8 @@ export class RawNode {
           ents.push(e);
         }
         this.appendEntries(ents);
-        this.bcastAppend();
+        // Sent at the next ready(): every proposal made until then goes in one append per follower.
+        this.bcastPending = true;
         return true;
       }
       case T.MESSAGE_TYPE_READ_INDEX: {

@@ -24,6 +24,8 @@ export interface TestNetOptions {
   seed?: number;
   maxSizePerMsg?: number;
   maxInflightMsgs?: number;
+  /** a pre-filled storage for a node (default: empty, bootstrapped from the peers) */
+  storage?: (id: number) => MemoryStorage | undefined;
 }
 
 export class TestNet {
@@ -60,7 +62,7 @@ export class TestNet {
 
   /** Add a node; peers empty means "joining an existing cluster". */
   addNode(id: number, peers: number[]): TestNode {
-    const storage = new MemoryStorage();
+    const storage = (peers.length > 0 ? this.opts.storage?.(id) : undefined) ?? new MemoryStorage();
     const raw = new RawNode(this.config(id, storage, peers));
     const n: TestNode = { id, raw, storage, applied: [], readStates: [] };
     this.nodes.set(id, n);

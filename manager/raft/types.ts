@@ -36,7 +36,11 @@ export interface Ready {
   /** messages to send after persisting */
   messages: Message[];
   readStates: ReadState[];
-  /** true when messages may be sent before persisting (never in this implementation) */
+  /**
+   * true when the hard state's term/vote, entries or a snapshot changed: persist them durably
+   * (fsync) before sending messages. False when only the commit index changed (persisting it
+   * without fsync is enough). Messages are never to be sent before persisting.
+   */
   mustSync: boolean;
 }
 

@@ -3,9 +3,11 @@
  * plan (task -> node, or task -> the reason it fits nowhere). No store, no I/O, no clock: the same
  * input always gives the same plan, whatever the order of the input arrays. See docs/scheduler.md.
  *
- * Cost: O(N log N) to index the nodes, O(T) to count load and group the pending tasks, then per group
- * O(N * constraints) for the filters plus O(P log N) to place its P tasks through a binary heap of the
- * eligible nodes keyed by (tasks of this service, tasks overall, node id).
+ * Cost: O(N log N) to index the nodes, O(T) to count load and group the pending tasks. Then a group
+ * of P interchangeable tasks (same service, same placement-relevant spec) costs O(N * constraints)
+ * for the filters plus O(P log N) through a binary heap of the eligible nodes keyed by (tasks of this
+ * service, tasks overall, node id); a small group (P <= SCAN_MAX_TASKS) instead scans nodes in
+ * (tasks overall, id) order and stops at the first that fits, so many tiny groups do not each pay O(N).
  */
 import { Node, NodeAvailability, NodeState, Service, Task, TaskSpec, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { errorMessage } from '../../common/errors.js';
@@ -63,9 +65,23 @@ interface Placement {
   cpu: number;
   memory: number;
   maxPerNode: number;
+  /** The constraints as written in the spec. */
+  raw: string[];
   constraints: Constraint[];
   /** Set when a constraint does not parse: every task with this spec is unassigned with it. */
   invalid: string;
+}
+
+interface ServiceLoad {
+  /** Node indices holding tasks of the service, and how many (parallel arrays). */
+  hosts: number[];
+  counts: number[];
+}
+
+function newLoad(loads: Map<string, ServiceLoad>, id: string): ServiceLoad {
+  const l: ServiceLoad = { hosts: [], counts: [] };
+  loads.set(id, l);
+  return l;
 }
 
 interface Group {
@@ -79,7 +95,18 @@ const COMPLETE = TaskState.TASK_STATE_COMPLETE;
 
 const cmp = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 
-export function schedule(input: ScheduleInput): Plan {
+/**
+ * Groups of at most this many tasks are placed by scanning nodes in load order (cheap when there are
+ * many small groups); larger groups by filtering every node once and a heap. Both give the same plan.
+ */
+export const SCAN_MAX_TASKS = 32;
+
+export interface ScheduleOptions {
+  /** Force one placement strategy (tests and benchmarks); the plan is the same either way. */
+  strategy?: 'auto' | 'heap' | 'scan';
+}
+
+export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): Plan {
   const plan: Plan = { assignments: [], unassigned: [] };
 
   // ---- nodes, indexed in id order (the index is the final tiebreak) ----
@@ -106,20 +133,39 @@ export function schedule(input: ScheduleInput): Plan {
     memFree[i] = n.description?.resources?.memoryBytes ?? 0;
     state[i] = nodeState(n);
   }
-  const perService = new Map<string, Int32Array>();
-  const noService = new Int32Array(N);
-  const countsOf = (serviceId: string): Int32Array => {
-    if (!serviceId) return noService;
-    let c = perService.get(serviceId);
-    if (!c) perService.set(serviceId, (c = new Int32Array(N)));
-    return c;
+
+  // Tasks of each service per node, kept sparse (a service often sits on few of many nodes): the
+  // nodes holding some and how many. The service being placed has its counts in the dense `svc`.
+  const loads = new Map<string, ServiceLoad>();
+  const svc = new Int32Array(N);
+  let current: ServiceLoad | undefined;
+  const enter = (serviceId: string): ServiceLoad | undefined => {
+    const next = serviceId ? loads.get(serviceId) ?? newLoad(loads, serviceId) : undefined;
+    if (next === current) return current;
+    if (current) {
+      const { hosts, counts } = current;
+      for (let k = 0; k < hosts.length; k++) {
+        counts[k] = svc[hosts[k]!]!;
+        svc[hosts[k]!] = 0;
+      }
+    }
+    current = next;
+    if (current) {
+      const { hosts, counts } = current;
+      for (let k = 0; k < hosts.length; k++) svc[hosts[k]!] = counts[k]!;
+    }
+    return current;
   };
 
   // ---- placements (parsed once per distinct spec) ----
   const byKey = new Map<string, Placement>();
   const bySpec = new Map<TaskSpec, string>();
+  const lastOfService = new Map<string, Placement>();
   const placementOf = (t: Task): Placement => {
     const spec = t.spec ?? input.services?.get(t.serviceId)?.spec?.task;
+    // fast path: the same placement as the previous task of this service (no string building)
+    const last = lastOfService.get(t.serviceId);
+    if (last && samePlacement(last, spec)) return last;
     let fp = spec ? bySpec.get(spec) : '';
     if (fp === undefined && spec) {
       const r = spec.resources?.reservations;
@@ -136,6 +182,7 @@ export function schedule(input: ScheduleInput): Plan {
         cpu: Math.max(0, r?.nanoCpus ?? 0),
         memory: Math.max(0, r?.memoryBytes ?? 0),
         maxPerNode: spec?.placement?.maxReplicasPerNode ?? 0,
+        raw: spec?.placement?.constraints ?? [],
         constraints: [],
         invalid: '',
       };
@@ -146,12 +193,16 @@ export function schedule(input: ScheduleInput): Plan {
       }
       byKey.set(key, p);
     }
+    lastOfService.set(t.serviceId, p);
     return p;
   };
 
   // ---- load on each node, and the tasks to place ----
   const pinned: Task[] = [];
   const groups = new Map<Placement, Group>();
+  const serviceLoad = new Map<string, Map<number, number>>();
+  let lastSid = '';
+  let lastMap: Map<number, number> | undefined;
   for (const t of input.tasks) {
     const s = t.status?.state ?? TaskState.TASK_STATE_NEW;
     if (s >= COMPLETE || t.desiredState > RUNNING) continue;
@@ -174,11 +225,19 @@ export function schedule(input: ScheduleInput): Plan {
     cpuFree[i]! -= Math.max(0, r?.nanoCpus ?? 0);
     memFree[i]! -= Math.max(0, r?.memoryBytes ?? 0);
     total[i]!++;
-    if (t.serviceId) countsOf(t.serviceId)[i]!++;
+    if (t.serviceId) {
+      if (t.serviceId !== lastSid) {
+        lastSid = t.serviceId;
+        lastMap = serviceLoad.get(lastSid);
+        if (!lastMap) serviceLoad.set(lastSid, (lastMap = new Map()));
+      }
+      lastMap!.set(i, (lastMap!.get(i) ?? 0) + 1);
+    }
   }
+  for (const [id, m] of serviceLoad) loads.set(id, { hosts: [...m.keys()], counts: [...m.values()] });
 
   // the first dynamic filter a node fails for this placement, or OK
-  const dynamic = (i: number, p: Placement, svc: Int32Array): number => {
+  const dynamic = (i: number, p: Placement): number => {
     if (p.cpu > 0 && cpuFree[i]! < p.cpu) return LACK_CPU;
     if (p.memory > 0 && memFree[i]! < p.memory) return LACK_MEMORY;
     if (p.maxPerNode > 0 && svc[i]! >= p.maxPerNode) return AT_MAX;
@@ -190,17 +249,20 @@ export function schedule(input: ScheduleInput): Plan {
     for (let c = 0; c < p.constraints.length; c++) if (!matchConstraint(p.constraints[c]!, n)) return CONSTRAINT + c;
     return OK;
   };
-  const assign = (t: Task, i: number, p: Placement, svc: Int32Array): void => {
+  const assign = (t: Task, i: number, p: Placement): void => {
     plan.assignments.push({ taskId: t.id, nodeId: nodes[i]!.id });
     cpuFree[i]! -= p.cpu;
     memFree[i]! -= p.memory;
     total[i]!++;
-    if (svc !== noService) svc[i]!++;
+    if (current && svc[i]!++ === 0) {
+      current.hosts.push(i);
+      current.counts.push(0); // written back when another service is entered
+    }
   };
 
   // ---- tasks already bound to a node (global services): validate that node ----
   // They go first: they have no other choice, the replicated tasks after them do.
-  pinned.sort((a, b) => cmp(a.nodeId, b.nodeId) || cmp(a.id, b.id));
+  pinned.sort((a, b) => cmp(a.serviceId, b.serviceId) || cmp(a.nodeId, b.nodeId) || cmp(a.id, b.id));
   for (const t of pinned) {
     const p = placementOf(t);
     if (p.invalid) {
@@ -212,10 +274,10 @@ export function schedule(input: ScheduleInput): Plan {
       plan.unassigned.push({ taskId: t.id, reason: `node ${t.nodeId} not found` });
       continue;
     }
-    const svc = countsOf(p.serviceId);
+    enter(p.serviceId);
     let why = staticCheck(i, p);
-    if (why === OK) why = dynamic(i, p, svc);
-    if (why === OK) assign(t, i, p, svc);
+    if (why === OK) why = dynamic(i, p);
+    if (why === OK) assign(t, i, p);
     else plan.unassigned.push({ taskId: t.id, reason: `node ${nodeName(nodes[i]!)} ${single(why, p, cpuFree[i]!, memFree[i]!)}` });
   }
 
@@ -223,21 +285,21 @@ export function schedule(input: ScheduleInput): Plan {
   const ordered = [...groups.values()].sort((a, b) => cmp(a.placement.key, b.placement.key));
   const heap = new Int32Array(N);
   const why = new Int32Array(N);
-  for (const g of ordered) {
+  // scan strategy: ready+active nodes in buckets by tasks overall, each bucket in id order
+  let buckets: number[][] = [];
+  let bucketsStale = true;
+  const stamp = new Int32Array(N).fill(-1);
+  const stat = new Int32Array(N);
+  const strategy = options.strategy ?? 'auto';
+  for (let gi = 0; gi < ordered.length; gi++) {
+    const g = ordered[gi]!;
     const p = g.placement;
     const tasks = g.tasks.sort((a, b) => a.slot - b.slot || cmp(a.id, b.id));
     if (p.invalid) {
       for (const t of tasks) plan.unassigned.push({ taskId: t.id, reason: p.invalid });
       continue;
     }
-    const svc = countsOf(p.serviceId);
-    // static filters, once per node for the whole group
-    let size = 0;
-    for (let i = 0; i < N; i++) {
-      const w = staticCheck(i, p);
-      why[i] = w;
-      if (w === OK) heap[size++] = i;
-    }
+    const load = enter(p.serviceId);
     const less = (a: number, b: number): boolean => {
       const sa = svc[a]!;
       const sb = svc[b]!;
@@ -247,39 +309,115 @@ export function schedule(input: ScheduleInput): Plan {
       if (ta !== tb) return ta < tb;
       return a < b;
     };
-    const siftDown = (pos: number): void => {
-      const x = heap[pos]!;
-      for (;;) {
-        let c = 2 * pos + 1;
-        if (c >= size) break;
-        if (c + 1 < size && less(heap[c + 1]!, heap[c]!)) c++;
-        if (!less(heap[c]!, x)) break;
-        heap[pos] = heap[c]!;
-        pos = c;
-      }
-      heap[pos] = x;
-    };
-    for (let pos = (size >> 1) - 1; pos >= 0; pos--) siftDown(pos);
-
     let next = 0;
-    while (next < tasks.length && size > 0) {
-      const i = heap[0]!;
-      // capacity and max-per-node only shrink while a group is placed: a node that fails now is done
-      if (dynamic(i, p, svc) !== OK) {
-        heap[0] = heap[--size]!;
-        if (size > 0) siftDown(0);
-        continue;
+
+    if (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS)) {
+      // Few tasks: no O(nodes) pass. The best node is the first in (tasks overall, id) order
+      // holding no task of this service that passes the filters; only when there is none, the
+      // best of the nodes that hold some.
+      if (bucketsStale) {
+        buckets = [];
+        for (let i = 0; i < N; i++) {
+          if (state[i] !== OK) continue;
+          const t = total[i]!;
+          while (buckets.length <= t) buckets.push([]);
+          buckets[t]!.push(i);
+        }
+        bucketsStale = false;
       }
-      assign(tasks[next++]!, i, p, svc);
-      siftDown(0);
+      const fits = (i: number): boolean => {
+        if (stamp[i] !== gi) {
+          stamp[i] = gi;
+          stat[i] = staticCheck(i, p);
+        }
+        return stat[i] === OK && dynamic(i, p) === OK;
+      };
+      const hs = load?.hosts ?? [];
+      for (; next < tasks.length; next++) {
+        let best = -1;
+        scan: for (const b of buckets) {
+          for (const i of b) {
+            if (svc[i] === 0 && fits(i)) {
+              best = i;
+              break scan;
+            }
+          }
+        }
+        if (best < 0) for (const i of hs) if (state[i] === OK && fits(i) && (best < 0 || less(i, best))) best = i;
+        if (best < 0) break;
+        const t = total[best]!;
+        assign(tasks[next]!, best, p);
+        // move the node from bucket t to bucket t+1, keeping id order
+        const from = buckets[t]!;
+        from.splice(lowerBound(from, best), 1);
+        if (buckets.length <= t + 1) buckets.push([]);
+        const to = buckets[t + 1]!;
+        to.splice(lowerBound(to, best), 0, best);
+      }
+      if (next < tasks.length) for (let i = 0; i < N; i++) why[i] = staticCheck(i, p);
+    } else {
+      // Many tasks: filters once per node, then a heap of the eligible nodes.
+      bucketsStale = true;
+      let size = 0;
+      for (let i = 0; i < N; i++) {
+        const w = staticCheck(i, p);
+        why[i] = w;
+        if (w === OK) heap[size++] = i;
+      }
+      const siftDown = (pos: number): void => {
+        const x = heap[pos]!;
+        for (;;) {
+          let c = 2 * pos + 1;
+          if (c >= size) break;
+          if (c + 1 < size && less(heap[c + 1]!, heap[c]!)) c++;
+          if (!less(heap[c]!, x)) break;
+          heap[pos] = heap[c]!;
+          pos = c;
+        }
+        heap[pos] = x;
+      };
+      for (let pos = (size >> 1) - 1; pos >= 0; pos--) siftDown(pos);
+      while (next < tasks.length && size > 0) {
+        const i = heap[0]!;
+        // capacity and max-per-node only shrink while a group is placed: a node that fails now is done
+        if (dynamic(i, p) !== OK) {
+          heap[0] = heap[--size]!;
+          if (size > 0) siftDown(0);
+          continue;
+        }
+        assign(tasks[next++]!, i, p);
+        siftDown(0);
+      }
     }
     if (next < tasks.length) {
-      for (let i = 0; i < N; i++) if (why[i] === OK) why[i] = dynamic(i, p, svc);
+      for (let i = 0; i < N; i++) if (why[i] === OK) why[i] = dynamic(i, p);
       const reason = explain(why, N, p);
       for (; next < tasks.length; next++) plan.unassigned.push({ taskId: tasks[next]!.id, reason });
     }
   }
   return plan;
+}
+
+function samePlacement(p: Placement, spec: TaskSpec | undefined): boolean {
+  const r = spec?.resources?.reservations;
+  if (Math.max(0, r?.nanoCpus ?? 0) !== p.cpu || Math.max(0, r?.memoryBytes ?? 0) !== p.memory) return false;
+  if ((spec?.placement?.maxReplicasPerNode ?? 0) !== p.maxPerNode) return false;
+  const cs = spec?.placement?.constraints ?? [];
+  if (cs.length !== p.raw.length) return false;
+  for (let k = 0; k < cs.length; k++) if (cs[k] !== p.raw[k]) return false;
+  return true;
+}
+
+/** The first position in the ascending array xs whose value is >= x. */
+function lowerBound(xs: number[], x: number): number {
+  let lo = 0;
+  let hi = xs.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (xs[mid]! < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 function nodeState(n: Node): number {
@@ -342,5 +480,5 @@ function explain(why: Int32Array, n: number, p: Placement): string {
     else if (w === AT_MAX) parts.push(`${nodes} at max replicas per node (${p.maxPerNode})`);
     else parts.push(`${nodes} ${STATIC_TEXT[w]}`);
   }
-  return `no suitable node (${parts.join(', ')})`;
+  return parts.length ? `no suitable node (${parts.join(', ')})` : 'no suitable node';
 }

@@ -1,0 +1,353 @@
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { pino } from 'pino';
+import { AssignmentsType, type AssignmentsMessage, type TaskStatusUpdate } from '../../gen/flotilla/v1/dispatcher.js';
+import { Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { newId } from '../../common/ids.js';
+import type { ContainerCreateOptions, ContainerInfo } from '../runtime/types.js';
+import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, containerName, createOptions } from './controller.js';
+import { SimRuntime } from './sim.js';
+import { StatusQueue } from './status.js';
+import { Worker } from './worker.js';
+
+const log = pino({ level: 'silent' });
+const S = TaskState;
+
+function task(over: { slot?: number; image?: string; env?: string[]; desired?: TaskState; status?: TaskState; service?: string; grace?: number } = {}): Task {
+  const id = newId();
+  return Task.fromPartial({
+    id,
+    serviceId: 'svc1',
+    serviceName: over.service ?? 'web',
+    slot: over.slot ?? 1,
+    nodeId: 'node1node1node1node1node1',
+    spec: {
+      container: { image: over.image ?? 'busybox:latest', args: ['sleep', '1000'], env: over.env ?? [], stopGracePeriodMs: over.grace ?? 0 },
+      resources: { limits: { memoryBytes: 64 * 1024 * 1024, nanoCpus: 5e8, pids: 100 } },
+    },
+    status: { state: over.status ?? S.TASK_STATE_ASSIGNED },
+    desiredState: over.desired ?? S.TASK_STATE_RUNNING,
+  });
+}
+
+const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
+const incremental = (update: Task[], remove: string[] = []): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update, remove });
+
+/** A fake dispatcher end: records every batch and every status per task, in order. */
+class Recorder {
+  calls: TaskStatusUpdate[][] = [];
+  byTask = new Map<string, TaskStatus[]>();
+  fail = false;
+  send = async (updates: TaskStatusUpdate[]): Promise<void> => {
+    if (this.fail) throw new Error('manager unavailable');
+    this.calls.push(updates);
+    for (const u of updates) {
+      let l = this.byTask.get(u.taskId);
+      if (!l) this.byTask.set(u.taskId, (l = []));
+      l.push(u.status!);
+    }
+  };
+  last(id: string): TaskStatus | undefined {
+    return this.byTask.get(id)?.at(-1);
+  }
+  states(id: string): TaskState[] {
+    return (this.byTask.get(id) ?? []).map((s) => s.state);
+  }
+}
+
+async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (await fn()) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+function newWorker(rt: SimRuntime, rec: Recorder, over: Partial<ConstructorParameters<typeof Worker>[0]> = {}): Worker {
+  const w = new Worker({ runtime: rt, hostname: 'host1', log, status: { flushMs: 20 }, ...over });
+  w.setSender(rec.send);
+  return w;
+}
+
+describe('controller', () => {
+  it('names containers <service>.<slot|node prefix>.<task id> within 63 characters and maps the spec', () => {
+    const t = task({ slot: 3 });
+    expect(containerName(t)).toBe(`web.3.${t.id}`);
+    const g = Task.fromPartial({ ...t, slot: 0 });
+    expect(containerName(g)).toBe(`web.node1node1no.${t.id}`);
+    const long = Task.fromPartial({ ...t, serviceName: 'x'.repeat(60) });
+    expect(containerName(long).length).toBeLessThanOrEqual(63);
+    expect(containerName(long).endsWith(`.3.${t.id}`)).toBe(true);
+    const withCmd = Task.fromPartial({ ...t, spec: { ...t.spec, container: { ...t.spec!.container!, command: ['/bin/sh', '-c'], args: ['echo hi'], networkMode: 'host', user: 'nobody', workdir: '/tmp' } } });
+    const o = createOptions(withCmd);
+    expect(o).toMatchObject({
+      image: 'busybox:latest',
+      entrypoint: ['/bin/sh', '-c'],
+      command: ['echo hi'],
+      memoryBytes: 64 * 1024 * 1024,
+      nanoCpus: 5e8,
+      pidsLimit: 100,
+      network: 'host',
+      user: 'nobody',
+      workdir: '/tmp',
+    });
+    expect(o.labels).toMatchObject({ [LABEL_TASK_ID]: t.id, [LABEL_SERVICE_ID]: 'svc1', [LABEL_SERVICE_NAME]: 'web', [LABEL_SLOT]: '3' });
+    expect(createOptions(t).entrypoint).toBeUndefined();
+  });
+});
+
+describe('worker over the sim runtime', () => {
+  let rt: SimRuntime;
+  let rec: Recorder;
+  let worker: Worker | undefined;
+  beforeEach(() => {
+    rt = SimRuntime.memory();
+    rec = new Recorder();
+  });
+  afterEach(async () => {
+    await worker?.close();
+    worker = undefined;
+    await rt.close();
+  });
+
+  it('starts 50 tasks concurrently; statuses only move forward, batched into few calls', async () => {
+    worker = newWorker(rt, rec);
+    const tasks = Array.from({ length: 50 }, (_, i) => task({ slot: i + 1 }));
+    const t0 = Date.now();
+    await worker.assign(complete(tasks));
+    await waitFor('all running', () => tasks.every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+    expect(Date.now() - t0).toBeLessThan(2000);
+    for (const t of tasks) {
+      const states = rec.states(t.id);
+      for (let i = 1; i < states.length; i++) expect(states[i]!).toBeGreaterThan(states[i - 1]!);
+      const st = rec.last(t.id)!;
+      expect(st.containerId).toMatch(/^[a-z0-9]{25}$/);
+      expect(st.pid).toBeGreaterThan(0);
+      expect(st.timestamp).toBeGreaterThan(0);
+      const info = await rt.inspect(st.containerId);
+      expect(info.status).toBe('running');
+      expect(info.name).toBe(`web.${t.slot}.${t.id}`);
+      expect(info.labels[LABEL_TASK_ID]).toBe(t.id);
+    }
+    // 50 tasks × 4 states = 200 reports, coalesced into a handful of calls
+    expect(worker.statuses.stats.pushed).toBe(200);
+    expect(rec.calls.length).toBeLessThan(20);
+    expect(rt.size).toBe(50);
+  });
+
+  it('does not serialize container creation (bounded concurrency)', async () => {
+    class SlowSim extends SimRuntime {
+      static make(): SlowSim {
+        return new SlowSim({});
+      }
+      override async create(o: ContainerCreateOptions): Promise<ContainerInfo> {
+        await new Promise((r) => setTimeout(r, 40));
+        return super.create(o);
+      }
+    }
+    const slow = SlowSim.make();
+    const w = newWorker(slow, rec, { concurrency: 16 });
+    try {
+      const tasks = Array.from({ length: 50 }, (_, i) => task({ slot: i + 1 }));
+      const t0 = Date.now();
+      await w.assign(complete(tasks));
+      await waitFor('all running', () => tasks.every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+      // serialized: 50 × 40 ms = 2 s; 16 at once: 4 rounds ≈ 160 ms
+      expect(Date.now() - t0).toBeLessThan(1000);
+    } finally {
+      await w.close();
+      await slow.close();
+    }
+  });
+
+  it('reports COMPLETE on exit 0 and FAILED with the exit code (and OOM) otherwise', async () => {
+    worker = newWorker(rt, rec);
+    const ok = task({ env: ['FLOTILLA_SIM_EXIT_CODE=0', 'FLOTILLA_SIM_EXIT_AFTER_MS=20'] });
+    const bad = task({ env: ['FLOTILLA_SIM_EXIT_CODE=3'] });
+    const oom = task({ env: ['FLOTILLA_SIM_EXIT_CODE=137', 'FLOTILLA_SIM_OOM=1'] });
+    await worker.assign(complete([ok, bad, oom]));
+    await waitFor('exits', () => [ok, bad, oom].every((t) => (rec.last(t.id)?.state ?? 0) >= S.TASK_STATE_COMPLETE));
+    expect(rec.last(ok.id)).toMatchObject({ state: S.TASK_STATE_COMPLETE, exitCode: 0, err: '' });
+    expect(rec.last(bad.id)).toMatchObject({ state: S.TASK_STATE_FAILED, exitCode: 3, err: 'task: non-zero exit (3)' });
+    expect(rec.last(oom.id)).toMatchObject({ state: S.TASK_STATE_FAILED, exitCode: 137, oomKilled: true });
+    expect(rec.last(bad.id)!.containerId).toMatch(/^[a-z0-9]{25}$/);
+    // a terminal task is never reported again, even when its desired state changes
+    const calls = rec.calls.length;
+    await worker.assign(incremental([{ ...bad, desiredState: S.TASK_STATE_SHUTDOWN }]));
+    await worker.idle();
+    await worker.statuses.flush();
+    expect(rec.calls.length).toBe(calls);
+  });
+
+  it('shuts down tasks whose desired state is past RUNNING, then removes them when unassigned', async () => {
+    worker = newWorker(rt, rec);
+    const a = task({ slot: 1, grace: 5000 });
+    const b = task({ slot: 2 });
+    const c = task({ slot: 3 });
+    await worker.assign(complete([a, b, c]));
+    await waitFor('running', () => [a, b, c].every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+    const cidA = rec.last(a.id)!.containerId;
+    const cidC = rec.last(c.id)!.containerId;
+
+    await worker.assign(incremental([{ ...a, desiredState: S.TASK_STATE_SHUTDOWN }]));
+    await waitFor('a shut down', () => rec.last(a.id)?.state === S.TASK_STATE_SHUTDOWN);
+    expect(rec.last(a.id)).toMatchObject({ containerId: cidA, exitCode: 143, pid: 0 });
+    // the container stays (for logs) until the task is removed
+    expect((await rt.inspect(cidA)).status).toBe('stopped');
+
+    await worker.assign(incremental([], [a.id]));
+    await worker.idle();
+    await expect(rt.inspect(cidA)).rejects.toThrow(/not found/);
+    expect(worker.taskIds()).not.toContain(a.id);
+
+    // a COMPLETE set without c: c's container is stopped and removed, not reported
+    await worker.assign(complete([b]));
+    await worker.idle();
+    await expect(rt.inspect(cidC)).rejects.toThrow(/not found/);
+    expect(rec.states(c.id)).not.toContain(S.TASK_STATE_SHUTDOWN);
+    expect(worker.taskIds()).toEqual([b.id]);
+    expect(rt.size).toBe(1);
+  });
+
+  it('reports SHUTDOWN for a task stopped before it started', async () => {
+    worker = newWorker(rt, rec);
+    const t = task({ desired: S.TASK_STATE_SHUTDOWN });
+    await worker.assign(complete([t]));
+    await waitFor('shutdown', () => rec.last(t.id)?.state === S.TASK_STATE_SHUTDOWN);
+    expect(rt.size).toBe(0);
+  });
+
+  it('rejects a task whose image is missing, naming the image and the node', async () => {
+    const missing = SimRuntime.memory({ hasImage: (ref) => !ref.startsWith('nothere') });
+    const w = newWorker(missing, rec);
+    try {
+      const t = task({ image: 'nothere:1.0' });
+      await w.assign(complete([t]));
+      await waitFor('rejected', () => rec.last(t.id)?.state === S.TASK_STATE_REJECTED);
+      expect(rec.last(t.id)!.err).toBe('image "nothere:1.0" not found on node host1 (import it with flotilla image import)');
+      const states = rec.states(t.id);
+      for (let i = 1; i < states.length; i++) expect(states[i]!).toBeGreaterThan(states[i - 1]!);
+      expect(missing.size).toBe(0);
+    } finally {
+      await w.close();
+      await missing.close();
+    }
+  });
+
+  it('rejects a task whose container cannot be created, with the error text', async () => {
+    worker = newWorker(rt, rec);
+    const t = task();
+    await rt.create({ name: containerName(t), image: 'busybox' }); // name taken by a foreign container
+    await worker.assign(complete([t]));
+    await waitFor('rejected', () => rec.last(t.id)?.state === S.TASK_STATE_REJECTED);
+    expect(rec.last(t.id)!.err).toMatch(/already exists/);
+  });
+
+  it('adopts its containers after a restart instead of starting copies', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-worker-'));
+    try {
+      const rt1 = await SimRuntime.open(dir);
+      const w1 = newWorker(rt1, rec);
+      const keep = task({ slot: 1 });
+      const dies = task({ slot: 2 });
+      const gone = task({ slot: 3 });
+      const created = task({ slot: 4 });
+      await w1.assign(complete([keep, dies, gone]));
+      await waitFor('running', () => [keep, dies, gone].every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+      const ids = new Map([keep, dies, gone].map((t) => [t.id, rec.last(t.id)!.containerId]));
+      await w1.close();
+      // while the agent is down: one process exits, and a container was created but never started
+      rt1.exit(ids.get(dies.id)!, 3);
+      const cCreated = await rt1.create(createOptions(created));
+      await rt1.close();
+
+      // a new agent process: the runtime's state comes back from its file
+      const rt2 = await SimRuntime.open(dir);
+      expect(rt2.size).toBe(4);
+      const rec2 = new Recorder();
+      const w2 = newWorker(rt2, rec2);
+      try {
+        const asManagerSees = (t: Task, state: TaskState): Task => ({ ...t, status: { ...rec.last(t.id)!, state } });
+        await w2.assign(
+          complete([
+            asManagerSees(keep, S.TASK_STATE_RUNNING),
+            asManagerSees(dies, S.TASK_STATE_RUNNING),
+            { ...created, status: { ...created.status!, state: S.TASK_STATE_PREPARING } },
+          ]),
+        );
+        await waitFor('exit reported', () => rec2.last(dies.id)?.state === S.TASK_STATE_FAILED);
+        await waitFor('created one started', () => rec2.last(created.id)?.state === S.TASK_STATE_RUNNING);
+        await w2.idle();
+        expect(rec2.last(dies.id)).toMatchObject({ exitCode: 3, err: 'task: non-zero exit (3)', containerId: ids.get(dies.id) });
+        expect(rec2.last(created.id)!.containerId).toBe(cCreated.id);
+        // the running one is adopted silently: same container, no new report, no copy
+        expect(rec2.byTask.has(keep.id)).toBe(false);
+        expect(w2.containerOf(keep.id)).toBe(ids.get(keep.id));
+        expect((await rt2.inspect(ids.get(keep.id)!)).status).toBe('running');
+        // the unassigned task's container is removed
+        await expect(rt2.inspect(ids.get(gone.id)!)).rejects.toThrow(/not found/);
+        expect(rt2.size).toBe(3);
+        // the adopted task can still be shut down
+        await w2.assign(incremental([{ ...keep, desiredState: S.TASK_STATE_SHUTDOWN, status: { ...rec.last(keep.id)! } }]));
+        await waitFor('shutdown', () => rec2.last(keep.id)?.state === S.TASK_STATE_SHUTDOWN);
+      } finally {
+        await w2.close();
+        await rt2.close();
+      }
+    } finally {
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('fails (does not restart) a task the manager saw running whose container is gone', async () => {
+    worker = newWorker(rt, rec);
+    const t = task({ status: S.TASK_STATE_RUNNING });
+    await worker.assign(complete([t]));
+    await waitFor('failed', () => rec.last(t.id)?.state === S.TASK_STATE_FAILED);
+    expect(rec.last(t.id)!.err).toMatch(/container is gone/);
+    expect(rt.size).toBe(0);
+  });
+
+  it('keeps reports while disconnected and sends them on reconnect', async () => {
+    worker = new Worker({ runtime: rt, hostname: 'host1', log, status: { flushMs: 10, retryMs: 30 } });
+    const t = task();
+    await worker.assign(complete([t]));
+    await worker.idle();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(rec.calls.length).toBe(0);
+    rec.fail = true;
+    worker.setSender(rec.send);
+    await new Promise((r) => setTimeout(r, 80));
+    expect(worker.statuses.stats.failures).toBeGreaterThan(0);
+    rec.fail = false;
+    await waitFor('sent after failures', () => rec.last(t.id)?.state === S.TASK_STATE_RUNNING);
+    // coalesced: only the newest status of the task went out
+    expect(rec.states(t.id)).toEqual([S.TASK_STATE_RUNNING]);
+  });
+});
+
+describe('status queue', () => {
+  it('coalesces per task and flushes in batches of at most maxBatch', async () => {
+    const rec = new Recorder();
+    const q = new StatusQueue({ flushMs: 30, maxBatch: 4 });
+    const st = (state: TaskState): TaskStatus => ({ state, timestamp: Date.now(), message: '', err: '', exitCode: 0, containerId: '', pid: 0, health: 0, oomKilled: false });
+    for (let i = 0; i < 3; i++) for (const s of [S.TASK_STATE_ACCEPTED, S.TASK_STATE_PREPARING, S.TASK_STATE_RUNNING]) q.push(`t${i}`, st(s));
+    q.setSender(rec.send);
+    await waitFor('sent', () => rec.calls.length > 0);
+    expect(rec.calls.length).toBe(1);
+    expect(rec.calls[0]!.map((u) => [u.taskId, u.status!.state])).toEqual([
+      ['t0', S.TASK_STATE_RUNNING],
+      ['t1', S.TASK_STATE_RUNNING],
+      ['t2', S.TASK_STATE_RUNNING],
+    ]);
+    // 10 tasks at once: flushed at once (>= maxBatch), 4 per call
+    for (let i = 0; i < 10; i++) q.push(`u${i}`, st(S.TASK_STATE_RUNNING));
+    await q.flush();
+    expect(rec.calls.slice(1).map((c) => c.length)).toEqual([4, 4, 2]);
+    q.drop('x');
+    await q.close();
+  });
+});

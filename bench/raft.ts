@@ -1,0 +1,155 @@
+/**
+ * Raft benchmark: three raft-kv processes (test/helpers/raft-kv.ts) on loopback, fsync on.
+ *
+ *   npm run build && npm run bench:raft          (BENCH_SECONDS=4 per throughput phase)
+ *
+ * Measures committed writes/s (256-byte puts over HTTP keep-alive to the leader) with 1 and 64
+ * concurrent clients, leader failover after kill -9 (from the kill to the first write a survivor
+ * accepts), and the catch-up time of a new member from a snapshot of 100,000 objects. Prints our
+ * figures beside the anchors of /work/shared/design/ANCHORS.md (etcd 3.4, 3 members, measured on
+ * a machine like this one). If `etcd` is on PATH it is not measured here (left to a later run).
+ * Bounded in time; never fails on a missed target.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { builtRaftKv, findLeader, killKv, request, spawnKv, status, waitUntil, type KvProc } from '../test/helpers/raft-kv-procs.js';
+
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
+const VALUE = 'v'.repeat(256);
+const ANCHOR = { etcd1: 735, etcd64: 3345, etcdFailover: 1.21 };
+
+const quantile = (xs: number[], q: number): number => {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
+};
+
+async function throughput(leader: KvProc, clients: number, seconds: number, tag: string): Promise<{ rate: number; p50: number; p99: number; errors: number }> {
+  const lat: number[] = [];
+  let errors = 0;
+  const end = Date.now() + seconds * 1000;
+  const t0 = Date.now();
+  await Promise.all(
+    Array.from({ length: clients }, async (_, c) => {
+      for (let i = 0; Date.now() < end; i++) {
+        const s = performance.now();
+        try {
+          const r = await request(leader.httpPort, 'PUT', `/kv/${tag}-${c}-${i}`, VALUE);
+          if (r.status === 204) lat.push(performance.now() - s);
+          else errors++;
+        } catch {
+          errors++;
+        }
+      }
+    }),
+  );
+  const secs = (Date.now() - t0) / 1000;
+  return { rate: lat.length / secs, p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), errors };
+}
+
+async function main(): Promise<void> {
+  if (!builtRaftKv()) {
+    console.error('bench:raft: run `npm run build` first (dist/test/helpers/raft-kv.js is missing)');
+    process.exitCode = 1;
+    return;
+  }
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-bench-raft-'));
+  const procs: KvProc[] = [];
+  const spawn = async (name: string, opts: Parameters<typeof spawnKv>[2] = {}): Promise<KvProc> => {
+    const p = await spawnKv(name, path.join(root, name), opts);
+    procs.push(p);
+    return p;
+  };
+  const results: string[] = [];
+  try {
+    console.log(`flotilla raft benchmark: 3 processes on loopback, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
+    const a = await spawn('a');
+    await waitUntil('a leads', async () => (await status(a))?.leader, 20_000);
+    const b = await spawn('b', { join: a.addr });
+    const c = await spawn('c', { join: a.addr });
+    await waitUntil('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3, 30_000);
+    let nodes = [a, b, c];
+
+    // warm-up
+    await throughput(a, 16, 1, 'warm');
+    const one = await throughput(a, 1, SECONDS, 'one');
+    const many = await throughput(a, 64, SECONDS, 'many');
+    results.push(
+      `writes/s, 1 client:    ${one.rate.toFixed(0).padStart(7)}  (p50 ${one.p50.toFixed(2)} ms, p99 ${one.p99.toFixed(2)} ms)   etcd 3.4 anchor: ${ANCHOR.etcd1}/s   ratio ${(one.rate / ANCHOR.etcd1).toFixed(2)}x`,
+      `writes/s, 64 clients:  ${many.rate.toFixed(0).padStart(7)}  (p50 ${many.p50.toFixed(2)} ms, p99 ${many.p99.toFixed(2)} ms)   etcd 3.4 anchor: ${ANCHOR.etcd64}/s  ratio ${(many.rate / ANCHOR.etcd64).toFixed(2)}x   target >= 10,000/s`,
+    );
+    console.log(results.slice(-2).join('\n'));
+
+    // failover: 8 writers; kill -9 the leader; time to the first write a survivor accepts
+    const failovers: number[] = [];
+    for (let round = 0; round < 2; round++) {
+      const leader = (await findLeader(nodes))!;
+      const survivors = nodes.filter((n) => n !== leader);
+      let firstAfter = 0;
+      let killedAt = 0;
+      let stop = false;
+      const writers = Array.from({ length: 8 }, async (_, w) => {
+        for (let i = 0; !stop; i++) {
+          for (const s of killedAt ? survivors : [leader]) {
+            try {
+              const r = await request(s.httpPort, 'PUT', `/kv/fo${round}-${w}-${i}`, VALUE, 3000);
+              if (r.status === 204) {
+                if (killedAt && !firstAfter) firstAfter = Date.now();
+                break;
+              }
+            } catch {}
+          }
+          if (killedAt && !firstAfter) await new Promise((r) => setTimeout(r, 5));
+        }
+      });
+      await new Promise((r) => setTimeout(r, 500));
+      killedAt = Date.now();
+      await killKv(leader, 'SIGKILL');
+      await waitUntil('a write after the kill', () => firstAfter > 0, 15_000, 5).catch(() => {});
+      stop = true;
+      await Promise.all(writers);
+      if (firstAfter) failovers.push((firstAfter - killedAt) / 1000);
+      // bring the killed one back from its disk
+      const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort });
+      procs.push(back);
+      nodes = nodes.map((n) => (n === leader ? back : n));
+      await waitUntil('3 reachable', async () => {
+        const l = await findLeader(nodes);
+        const s = l && (await status(l));
+        return s && s.members.filter((m) => m.reachable).length === 3;
+      }, 20_000);
+    }
+    results.push(
+      `failover (kill -9 -> first write accepted): ${failovers.map((f) => `${f.toFixed(2)} s`).join(', ') || 'n/a'}   etcd 3.4 anchor: ${ANCHOR.etcdFailover} s   target <= 2 s`,
+    );
+    console.log(results[results.length - 1]);
+    for (const n of nodes) await killKv(n, 'SIGTERM');
+
+    // catch-up: one member with 100,000 objects compacted into a snapshot; a new member joins
+    const s1 = await spawn('s1', { snapshotEvery: 50, compactKeep: 10 });
+    await waitUntil('s1 leads', async () => (await status(s1))?.leader, 20_000);
+    const tl = Date.now();
+    const r = await request(s1.httpPort, 'POST', '/bulk?n=100000&size=100&prefix=obj', undefined, 120_000);
+    if (r.status !== 204) throw new Error(`bulk load: ${r.status} ${r.body}`);
+    const loadMs = Date.now() - tl;
+    const snapBytes = fs.readdirSync(path.join(s1.dir, 'snap')).map((f) => fs.statSync(path.join(s1.dir, 'snap', f)).size).sort((x, y) => y - x)[0] ?? 0;
+    const tc = Date.now();
+    const s2 = await spawn('s2', { join: s1.addr, snapshotEvery: 50, compactKeep: 10 });
+    await waitUntil('s2 has 100,000 objects', async () => ((await status(s2))?.size ?? 0) >= 100_000, 120_000, 20);
+    const catchup = (Date.now() - tc) / 1000;
+    results.push(`catch-up of a new member from a snapshot of 100,000 objects (${(snapBytes / 1e6).toFixed(1)} MB): ${catchup.toFixed(2)} s (spawn + join + snapshot transfer + restore; bulk load took ${(loadMs / 1000).toFixed(2)} s)`);
+    console.log(results[results.length - 1]);
+
+    console.log('\nsummary');
+    for (const line of results) console.log(`  ${line}`);
+  } finally {
+    for (const p of procs) await killKv(p, 'SIGKILL');
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  console.error(`bench:raft: ${(err as Error).stack ?? String(err)}`);
+  process.exitCode = 1;
+});

@@ -1,0 +1,1030 @@
+/**
+ * RaftNode: the driver around the pure Raft core (core.ts). It owns a RawNode, the durable storage
+ * (wal.ts), the gRPC transport (transport.ts) and a ticker, and runs the Ready loop:
+ *
+ *   persist (snapshot file, WAL append + one fsync) -> send messages -> apply the snapshot and the
+ *   committed entries through the state machine -> advance
+ *
+ * Everything in the loop is synchronous, so all proposals and messages that arrive while one Ready
+ * is being handled land in the next one and share its fsync (group commit).
+ *
+ * Proposals carry a random request id; propose() resolves when the entry carrying it is applied
+ * locally. A proposal on a follower is forwarded to the leader by the core. When the known leader
+ * changes, pending proposals and reads are rejected with a retryable UNAVAILABLE error (the entry
+ * may or may not have been committed).
+ *
+ * Membership: new members join as learners (Join RPC to any manager, forwarded to the leader) and
+ * the leader promotes a learner to voter once it has caught up. Peer addresses travel in the
+ * ConfChange context and in snapshots, and are kept in <dataDir>/members.json.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { randomBytes, randomInt } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
+import type { Logger } from '../../common/log.js';
+import { ConfChangeType, EntryType, RaftClient, type JoinRaftRequest, type JoinRaftResponse, type LeaveRaftRequest } from '../../gen/flotilla/v1/raft.js';
+import { RawNode, decodeConfChange } from './core.js';
+import { snapIndex } from './memory-storage.js';
+import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftServiceHandlers } from './transport.js';
+import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
+import { Wal } from './wal.js';
+
+export interface StateMachine {
+  /** apply a committed entry (deterministically, the same on every manager); a throw is logged and rejects the local proposer */
+  apply(data: Uint8Array, index: number): void;
+  /** the whole state, for a snapshot */
+  snapshot(): Uint8Array;
+  /** replace the whole state with a snapshot's */
+  restore(data: Uint8Array): void;
+}
+
+export interface RaftNodeOptions {
+  /** this node's raft id for a brand-new cluster (default: random; a joiner gets its id from the leader) */
+  id?: number;
+  /** where the WAL and snapshots live (the manager passes <data>/raft) */
+  dataDir: string;
+  /** address to bind when no `server` is given (e.g. "127.0.0.1:0") */
+  listenAddr?: string;
+  /** the address peers reach this node at (default: the bound listen address) */
+  advertiseAddr?: string;
+  /** register the Raft service on this server (the caller binds and shuts it down) */
+  server?: grpc.Server;
+  /** static bootstrap of a brand-new cluster: every founding member, this one included */
+  peers?: { id: number; addr: string }[];
+  /** address of a member of an existing cluster to join (brand-new nodes only) */
+  join?: string;
+  /** the token sent with Join; when set, Join requests to this node must carry it too */
+  joinToken?: string;
+  /** extra check of Join requests (throw a FlotillaError to refuse) */
+  validateJoin?: (req: JoinRaftRequest) => void | Promise<void>;
+  stateMachine: StateMachine;
+  signal: AbortSignal;
+  tickMs?: number;
+  electionTick?: number;
+  heartbeatTick?: number;
+  /** take a snapshot (and compact the log) every N applied entries (default 10,000) */
+  snapshotEvery?: number;
+  /** entries kept in memory behind a snapshot for slow followers (default 1,000) */
+  compactKeep?: number;
+  /** restart from the local state as a one-member cluster (quorum loss recovery) */
+  forceNewCluster?: boolean;
+  /** proposals and reads not done within this are rejected (default 15 s) */
+  requestTimeoutMs?: number;
+  segmentBytes?: number;
+  queueSize?: number;
+  chunkBytes?: number;
+  credentials?: grpc.ChannelCredentials;
+  serverCredentials?: grpc.ServerCredentials;
+  log?: Logger;
+}
+
+export interface RaftMemberInfo {
+  raftId: number;
+  addr: string;
+  reachable: boolean;
+  leader: boolean;
+  learner: boolean;
+}
+
+interface Waiter {
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+interface ReadWaiter {
+  resolve: (index: number) => void;
+  reject: (err: unknown) => void;
+}
+
+const ENVELOPE = 0xf1;
+const SNAP_MAGIC = Buffer.from('FLRS');
+const MAX_PROPOSAL = 8 * 1024 * 1024;
+
+function retryable(why: string): FlotillaError {
+  return new FlotillaError('UNAVAILABLE', why);
+}
+
+/** A normal entry's data: 0xF1, 8-byte request id, payload. */
+function wrapProposal(rid: Buffer, data: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(9 + data.length);
+  out[0] = ENVELOPE;
+  rid.copy(out, 1);
+  out.set(data, 9);
+  return out;
+}
+
+function unwrapProposal(data: Buffer): { rid: string | undefined; payload: Buffer } {
+  if (data.length >= 9 && data[0] === ENVELOPE) return { rid: data.subarray(1, 9).toString('hex'), payload: data.subarray(9) };
+  return { rid: undefined, payload: data };
+}
+
+/** Snapshot data: "FLRS", u32 length of the members JSON, the JSON, the state machine's bytes. */
+function wrapSnapshot(members: Map<number, string>, state: Uint8Array): Buffer {
+  const json = Buffer.from(JSON.stringify([...members].map(([id, addr]) => ({ id, addr }))));
+  const out = Buffer.allocUnsafe(8 + json.length + state.length);
+  SNAP_MAGIC.copy(out, 0);
+  out.writeUInt32LE(json.length, 4);
+  json.copy(out, 8);
+  out.set(state, 8 + json.length);
+  return out;
+}
+
+function unwrapSnapshot(data: Buffer): { members: { id: number; addr: string }[]; state: Buffer } {
+  if (data.length < 8 || !data.subarray(0, 4).equals(SNAP_MAGIC)) throw new FlotillaError('INTERNAL', 'raft snapshot data has no flotilla header');
+  const len = data.readUInt32LE(4);
+  const members = JSON.parse(data.subarray(8, 8 + len).toString()) as { id: number; addr: string }[];
+  return { members, state: data.subarray(8 + len) };
+}
+
+interface CcContext {
+  addr?: string;
+  rid?: string;
+}
+
+function parseContext(ctx: Buffer): CcContext {
+  if (ctx.length === 0) return {};
+  try {
+    const v = JSON.parse(ctx.toString()) as CcContext;
+    return typeof v === 'object' && v ? v : {};
+  } catch {
+    return { addr: ctx.toString() };
+  }
+}
+
+function writeJsonAtomic(file: string, value: unknown): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    fs.writeSync(fd, JSON.stringify(value, null, 1));
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+}
+
+const sleep = (ms: number, signal?: AbortSignal): Promise<void> =>
+  new Promise((resolve) => {
+    const t = setTimeout(done, ms);
+    function done(): void {
+      clearTimeout(t);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    }
+    signal?.addEventListener('abort', done, { once: true });
+  });
+
+export class RaftNode {
+  /** this node's raft id */
+  readonly id: number;
+  /** the address peers reach this node at */
+  readonly addr: string;
+  private raw!: RawNode;
+  private readonly wal: Wal;
+  private readonly transport: RaftTransport;
+  private readonly sm: StateMachine;
+  private readonly log: Logger | undefined;
+  private readonly events = new EventEmitter();
+  private readonly book = new Map<number, string>();
+  private readonly waiters = new Map<string, Waiter>();
+  private readonly readWaiters = new Map<string, ReadWaiter>();
+  /** reads whose index is known, waiting for applied to reach it */
+  private appliedWaiters: { index: number; resolve: () => void }[] = [];
+  private ticker: NodeJS.Timeout | undefined;
+  private readyScheduled = false;
+  private applied = 0;
+  private lastSnapshotIndex = 0;
+  private lead = 0;
+  private leader = false;
+  private stopped = false;
+  private stopping: Promise<void> | undefined;
+  private removed = false;
+  private fatal: unknown;
+  private readonly ownServer: grpc.Server | undefined;
+  private readonly tickMs: number;
+  private readonly electionTick: number;
+  private readonly snapshotEvery: number;
+  private readonly compactKeep: number;
+  private readonly requestTimeoutMs: number;
+  private readonly membersFile: string;
+  private readonly ac = new AbortController();
+
+  private constructor(
+    private readonly opts: RaftNodeOptions,
+    init: { id: number; addr: string; wal: Wal; server: grpc.Server | undefined; members: Map<number, string> },
+  ) {
+    this.id = init.id;
+    this.addr = init.addr;
+    this.wal = init.wal;
+    this.ownServer = init.server;
+    this.sm = opts.stateMachine;
+    this.log = opts.log;
+    this.tickMs = opts.tickMs ?? 100;
+    this.electionTick = opts.electionTick ?? 10;
+    this.snapshotEvery = opts.snapshotEvery ?? 10_000;
+    this.compactKeep = opts.compactKeep ?? 1000;
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? 15_000;
+    this.membersFile = path.join(opts.dataDir, 'members.json');
+    for (const [id, addr] of init.members) this.book.set(id, addr);
+    this.events.setMaxListeners(0);
+    this.transport = new RaftTransport({
+      id: this.id,
+      signal: this.ac.signal,
+      queueSize: opts.queueSize,
+      chunkBytes: opts.chunkBytes,
+      credentials: opts.credentials,
+      log: opts.log,
+      onUnreachable: (peer) => {
+        if (this.stopped) return;
+        this.raw.reportUnreachable(peer);
+        this.scheduleReady();
+      },
+      onSnapshotStatus: (peer, ok) => {
+        if (this.stopped) return;
+        this.raw.reportSnapshot(peer, ok);
+        this.scheduleReady();
+      },
+    });
+  }
+
+  /** Open (or create, or join) a raft node. Resolves once the node runs (not necessarily with a leader). */
+  static async open(opts: RaftNodeOptions): Promise<RaftNode> {
+    opts.signal.throwIfAborted();
+    fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+    const log = opts.log;
+    const idFile = path.join(opts.dataDir, 'node.json');
+    const membersFile = path.join(opts.dataDir, 'members.json');
+    const existing = Wal.exists(opts.dataDir);
+
+    // the server first: a joiner must be reachable as soon as the leader adds it
+    let server: grpc.Server | undefined;
+    let addr = opts.advertiseAddr ?? '';
+    const handlers: { node?: RaftNode } = {};
+    const pendingHandlers = makeHandlers(handlers);
+    if (opts.server) {
+      addRaftService(opts.server, pendingHandlers, log);
+      if (!addr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: advertiseAddr is required when the server is given');
+    } else {
+      if (!opts.listenAddr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: listenAddr or server is required');
+      server = new grpc.Server(CHANNEL_OPTIONS);
+      addRaftService(server, pendingHandlers, log);
+      const srv = server;
+      const port = await new Promise<number>((resolve, reject) =>
+        srv.bindAsync(opts.listenAddr!, opts.serverCredentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(new FlotillaError('UNAVAILABLE', `raft: cannot listen on ${opts.listenAddr}: ${err.message}`)) : resolve(p))),
+      );
+      const host = opts.listenAddr.replace(/:\d+$/, '');
+      if (!addr) addr = `${host === '0.0.0.0' || host === '[::]' ? '127.0.0.1' : host}:${port}`;
+      else if (/:0$/.test(addr)) addr = addr.replace(/:0$/, `:${port}`);
+    }
+
+    try {
+      let id: number;
+      let peers: number[] | undefined;
+      const members = new Map<number, string>();
+      if (existing) {
+        if (!fs.existsSync(idFile)) throw new FlotillaError('INTERNAL', `raft: ${opts.dataDir} holds a log but no node.json (raft id); refusing to start`);
+        id = (JSON.parse(fs.readFileSync(idFile, 'utf8')) as { id: number }).id;
+        if (fs.existsSync(membersFile)) {
+          for (const m of JSON.parse(fs.readFileSync(membersFile, 'utf8')) as { id: number; addr: string }[]) members.set(m.id, m.addr);
+        }
+      } else if (opts.join) {
+        const res = await joinCluster(opts, addr);
+        id = res.raftId;
+        for (const m of res.members) members.set(m.raftId, m.addr);
+        writeJsonAtomic(membersFile, [...members].map(([i, a]) => ({ id: i, addr: a })));
+        writeJsonAtomic(idFile, { id });
+      } else {
+        if (opts.peers && opts.peers.length > 0) {
+          if (opts.id === undefined || !opts.peers.some((p) => p.id === opts.id)) {
+            throw new FlotillaError('INVALID_ARGUMENT', `raft: id ${JSON.stringify(opts.id)} must be one of the peers`);
+          }
+          id = opts.id;
+          peers = opts.peers.map((p) => p.id);
+          for (const p of opts.peers) members.set(p.id, p.id === id ? addr : p.addr);
+        } else {
+          id = opts.id ?? randomInt(1, 2 ** 47);
+          peers = [id];
+          members.set(id, addr);
+        }
+        writeJsonAtomic(membersFile, [...members].map(([i, a]) => ({ id: i, addr: a })));
+        writeJsonAtomic(idFile, { id });
+      }
+      members.set(id, addr);
+
+      let wal = Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, log });
+      if (existing && opts.forceNewCluster) {
+        wal = forceNewCluster(wal, opts, id, addr, members);
+      }
+      const node = new RaftNode(opts, { id, addr, wal, server, members });
+      node.start(peers);
+      handlers.node = node;
+      return node;
+    } catch (err) {
+      server?.forceShutdown();
+      throw err;
+    }
+  }
+
+  private start(peers: number[] | undefined): void {
+    const storage = this.wal.storage;
+    const snap = storage.snapshot();
+    if (snapIndex(snap) > 0) this.restoreSnapshot(snap);
+    this.raw = new RawNode({
+      id: this.id,
+      peers,
+      storage,
+      applied: this.applied,
+      electionTick: this.electionTick,
+      heartbeatTick: this.opts.heartbeatTick ?? 1,
+      preVote: true,
+      checkQuorum: true,
+      maxSizePerMsg: 1024 * 1024,
+      maxInflightMsgs: 256,
+    });
+    for (const [id, addr] of this.book) this.transport.setPeer(id, addr);
+    this.ticker = setInterval(() => this.tick(), this.tickMs);
+    this.opts.signal.addEventListener('abort', this.onAbort, { once: true });
+    // a lone voter need not wait for an election timeout
+    const cs = this.raw.confState();
+    if (cs.voters.length === 1 && cs.voters[0] === this.id) this.raw.campaign();
+    else if (peers && peers.length === 1 && peers[0] === this.id) this.raw.campaign();
+    this.scheduleReady();
+  }
+
+  private readonly onAbort = (): void => {
+    this.stop().catch((err: unknown) => this.log?.error({ err: errorMessage(err) }, 'raft: stop failed'));
+  };
+
+  // ------------------------------------------------------------------ the loop
+
+  private tick(): void {
+    if (this.stopped) return;
+    this.raw.tick();
+    if (this.leader) this.promoteLearners();
+    this.scheduleReady();
+  }
+
+  private scheduleReady(): void {
+    if (this.readyScheduled || this.stopped) return;
+    this.readyScheduled = true;
+    setImmediate(() => this.processReady());
+  }
+
+  private processReady(): void {
+    this.readyScheduled = false;
+    if (this.stopped) return;
+    try {
+      for (let i = 0; i < 64 && this.raw.hasReady(); i++) this.handleReady(this.raw.ready());
+      this.maybeSnapshot();
+      if (this.raw.hasReady()) this.scheduleReady();
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  private handleReady(rd: Ready): void {
+    if (rd.softState) this.onSoftState(rd.softState.lead, rd.softState.role === 'leader');
+    const storage = this.wal.storage;
+    // A leader may send its appends and heartbeats before its own write is durable (Raft thesis
+    // 10.2.1): it counts itself towards a commit only in a later Ready, after this fsync. Not when
+    // the term or vote changed: those must be durable before anyone hears of them.
+    const prev = storage.initialState().hardState;
+    const termOrVote = rd.hardState !== undefined && (rd.hardState.term !== prev.term || rd.hardState.vote !== prev.vote);
+    const early = this.leader && !termOrVote && !rd.snapshot;
+    if (early && rd.messages.length > 0) this.transport.send(rd.messages);
+    // 1. persist: the snapshot file, then entries + hard state with one fsync
+    if (rd.snapshot) {
+      this.wal.saveSnapshot(rd.snapshot);
+      storage.applySnapshot(rd.snapshot);
+      this.lastSnapshotIndex = snapIndex(rd.snapshot);
+    }
+    this.wal.save(rd.hardState, rd.entries, rd.mustSync);
+    if (rd.hardState) storage.setHardState(rd.hardState);
+    storage.append(rd.entries);
+    // 2. send
+    if (!early && rd.messages.length > 0) this.transport.send(rd.messages);
+    // 3. apply
+    if (rd.snapshot) this.restoreSnapshot(rd.snapshot);
+    for (const e of rd.committedEntries) this.applyEntry(e);
+    for (const rs of rd.readStates) {
+      const key = Buffer.from(rs.context).toString('hex');
+      const w = this.readWaiters.get(key);
+      if (w) {
+        this.readWaiters.delete(key);
+        w.resolve(rs.index);
+      }
+    }
+    // 4. advance
+    this.raw.advance(rd);
+    this.wakeApplied();
+  }
+
+  private onSoftState(lead: number, isLeader: boolean): void {
+    if (lead !== this.lead) {
+      const prev = this.lead;
+      this.lead = lead;
+      if (prev !== 0) {
+        const err = retryable(`raft leader changed (${prev} -> ${lead || 'none'}) while the request was in flight; it may or may not have been committed: retry`);
+        this.rejectAll(err);
+      }
+      this.events.emit('leader', lead);
+    }
+    if (isLeader !== this.leader) {
+      this.leader = isLeader;
+      this.log?.info({ id: this.id, leader: isLeader, lead }, isLeader ? 'raft: became leader' : 'raft: lost leadership');
+      this.events.emit('leadership', isLeader);
+    }
+  }
+
+  private rejectAll(err: unknown): void {
+    const ws = [...this.waiters.values()];
+    const rs = [...this.readWaiters.values()];
+    this.waiters.clear();
+    this.readWaiters.clear();
+    for (const w of ws) w.reject(err);
+    for (const r of rs) r.reject(err);
+  }
+
+  private restoreSnapshot(snap: Snapshot): void {
+    const { members, state } = unwrapSnapshot(snap.data);
+    this.sm.restore(state);
+    this.applied = snapIndex(snap);
+    this.lastSnapshotIndex = Math.max(this.lastSnapshotIndex, this.applied);
+    const cs = snap.metadata?.confState;
+    const inConf = new Set([...(cs?.voters ?? []), ...(cs?.learners ?? [])]);
+    let changed = false;
+    for (const m of members) {
+      if (this.book.get(m.id) !== m.addr && m.id !== this.id) {
+        this.book.set(m.id, m.addr);
+        this.transport?.setPeer(m.id, m.addr);
+        changed = true;
+      }
+    }
+    for (const id of [...this.book.keys()]) {
+      if (inConf.size > 0 && !inConf.has(id) && id !== this.id) {
+        this.book.delete(id);
+        this.transport?.removePeer(id);
+        changed = true;
+      }
+    }
+    if (changed) this.saveMembers();
+  }
+
+  private applyEntry(e: Entry): void {
+    if (e.index <= this.applied) return;
+    if (e.type === EntryType.ENTRY_TYPE_CONF_CHANGE) {
+      const cc = decodeConfChange(e.data);
+      this.raw.applyConfChange(cc);
+      const ctx = parseContext(cc.context);
+      this.applyMembership(cc, ctx);
+      this.applied = e.index;
+      if (ctx.rid) this.settle(ctx.rid, undefined);
+      return;
+    }
+    this.applied = e.index;
+    if (e.data.length === 0) return;
+    const { rid, payload } = unwrapProposal(e.data);
+    let failure: unknown;
+    try {
+      this.sm.apply(payload, e.index);
+    } catch (err) {
+      failure = err;
+      if (!rid || !this.waiters.has(rid)) this.log?.warn({ index: e.index, err: errorMessage(err) }, 'raft: applying an entry failed');
+    }
+    if (rid) this.settle(rid, failure);
+  }
+
+  private settle(rid: string, failure: unknown): void {
+    const w = this.waiters.get(rid);
+    if (!w) return;
+    this.waiters.delete(rid);
+    if (failure !== undefined) w.reject(failure);
+    else w.resolve();
+  }
+
+  private applyMembership(cc: ConfChange, ctx: CcContext): void {
+    if (cc.type === ConfChangeType.CONF_CHANGE_TYPE_REMOVE_NODE) {
+      if (cc.nodeId === this.id) {
+        this.removed = true;
+        this.log?.warn({ id: this.id }, 'raft: this node was removed from the cluster');
+      }
+      if (this.book.delete(cc.nodeId)) this.saveMembers();
+      this.transport.removePeer(cc.nodeId);
+      return;
+    }
+    if (ctx.addr && cc.nodeId !== this.id && this.book.get(cc.nodeId) !== ctx.addr) {
+      this.book.set(cc.nodeId, ctx.addr);
+      this.transport.setPeer(cc.nodeId, ctx.addr);
+      this.saveMembers();
+    }
+  }
+
+  private saveMembers(): void {
+    writeJsonAtomic(this.membersFile, [...this.book].map(([id, addr]) => ({ id, addr })));
+  }
+
+  private wakeApplied(): void {
+    if (this.appliedWaiters.length === 0) return;
+    const ready = this.appliedWaiters.filter((w) => w.index <= this.applied);
+    if (ready.length === 0) return;
+    this.appliedWaiters = this.appliedWaiters.filter((w) => w.index > this.applied);
+    for (const w of ready) w.resolve();
+  }
+
+  private maybeSnapshot(): void {
+    if (this.applied - this.lastSnapshotIndex < this.snapshotEvery) return;
+    const storage = this.wal.storage;
+    const index = this.applied;
+    const t0 = Date.now();
+    const data = wrapSnapshot(this.book, this.sm.snapshot());
+    const snap = storage.createSnapshot(index, this.raw.confState(), data);
+    this.wal.saveSnapshot(snap);
+    this.lastSnapshotIndex = index;
+    const compactTo = index - this.compactKeep;
+    if (compactTo >= storage.firstIndex()) storage.compact(compactTo);
+    const released = this.wal.releaseTo(index);
+    this.log?.info({ index, bytes: data.length, ms: Date.now() - t0, released }, 'raft: snapshot saved');
+  }
+
+  /** Leader only: promote learners that have caught up (one conf change at a time). */
+  private promoteLearners(): void {
+    const st = this.raw.status();
+    if (st.confState.learners.length === 0) return;
+    for (const l of st.confState.learners) {
+      const pr = st.progress[l];
+      if (!pr || !pr.recentActive || pr.state !== 'replicate' || pr.match + 100 < st.commit) continue;
+      try {
+        this.raw.proposeConfChange({ type: ConfChangeType.CONF_CHANGE_TYPE_ADD_NODE, nodeId: l, context: Buffer.from(JSON.stringify({ addr: this.book.get(l) })) });
+        this.log?.info({ id: l }, 'raft: promoting a caught-up learner to voter');
+      } catch {}
+      return;
+    }
+  }
+
+  private fail(err: unknown): void {
+    if (this.fatal) return;
+    this.fatal = err;
+    this.log?.error({ err: errorMessage(err) }, 'raft: fatal error in the Ready loop; stopping');
+    this.events.emit('fatal', err);
+    this.stop().catch(() => {});
+  }
+
+  // ------------------------------------------------------------------ incoming
+
+  /** @internal the transport's server side */
+  handleMessage(m: RaftEnvelopeMessage): void {
+    if (this.stopped) return;
+    this.transport.heardFrom(m.from);
+    try {
+      this.raw.step(m);
+    } catch (err) {
+      this.log?.warn({ err: errorMessage(err), from: m.from, type: m.type }, 'raft: step failed');
+    }
+    this.scheduleReady();
+  }
+
+  // ------------------------------------------------------------------ public API
+
+  isLeader(): boolean {
+    return this.leader && !this.stopped;
+  }
+
+  /** the current leader's raft id, 0 if none is known */
+  leaderId(): number {
+    return this.lead;
+  }
+
+  leaderAddr(): string | undefined {
+    return this.lead ? this.book.get(this.lead) : undefined;
+  }
+
+  /** index of the last entry applied to the state machine */
+  appliedIndex(): number {
+    return this.applied;
+  }
+
+  isRemoved(): boolean {
+    return this.removed;
+  }
+
+  /** Members of the current configuration with their address and reachability. */
+  members(): RaftMemberInfo[] {
+    const st = this.raw.status();
+    const out: RaftMemberInfo[] = [];
+    const add = (id: number, learner: boolean): void => {
+      let reachable: boolean;
+      if (id === this.id) reachable = !this.stopped;
+      else if (this.leader) reachable = st.progress[id]?.recentActive === true && this.transport.isReachable(id);
+      else reachable = this.transport.isReachable(id);
+      out.push({ raftId: id, addr: this.book.get(id) ?? '', reachable, leader: id === this.lead, learner });
+    };
+    for (const v of st.confState.voters) add(v, false);
+    for (const l of st.confState.learners) add(l, true);
+    return out;
+  }
+
+  /** Transport counters per peer (queued, dropped, sent). */
+  peerStatus(): ReturnType<RaftTransport['status']> {
+    return this.transport.status();
+  }
+
+  walStats(): Wal['stats'] {
+    return this.wal.stats;
+  }
+
+  /** Subscribe to leadership changes of this node; returns an unsubscribe function. */
+  onLeadershipChange(cb: (isLeader: boolean) => void): () => void {
+    this.events.on('leadership', cb);
+    return () => this.events.off('leadership', cb);
+  }
+
+  /** Subscribe to a fatal error (the node has stopped). */
+  onFatal(cb: (err: unknown) => void): () => void {
+    this.events.on('fatal', cb);
+    return () => this.events.off('fatal', cb);
+  }
+
+  private check(signal?: AbortSignal): void {
+    if (this.stopped) throw retryable(this.fatal ? `raft node stopped: ${errorMessage(this.fatal)}` : 'raft node is stopped');
+    signal?.throwIfAborted();
+  }
+
+  /** Wait until some leader is known (up to the request timeout). */
+  async waitForLeader(signal?: AbortSignal, timeoutMs = this.requestTimeoutMs): Promise<number> {
+    this.check(signal);
+    if (this.lead !== 0) return this.lead;
+    return new Promise<number>((resolve, reject) => {
+      const cleanup = (): void => {
+        clearTimeout(t);
+        this.events.off('leader', onLeader);
+        this.events.off('stopped', onStop);
+        signal?.removeEventListener('abort', onAbortSig);
+      };
+      const onLeader = (lead: number): void => {
+        if (lead === 0) return;
+        cleanup();
+        resolve(lead);
+      };
+      const onStop = (): void => {
+        cleanup();
+        reject(retryable('raft node is stopped'));
+      };
+      const onAbortSig = (): void => {
+        cleanup();
+        reject(signal!.reason);
+      };
+      const t = setTimeout(() => {
+        cleanup();
+        reject(retryable(`no raft leader after ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.events.on('leader', onLeader);
+      this.events.on('stopped', onStop);
+      signal?.addEventListener('abort', onAbortSig, { once: true });
+    });
+  }
+
+  /** Runs fn with a request deadline: rejects with DEADLINE_EXCEEDED or the signal's reason. */
+  private withDeadline<T>(signal: AbortSignal | undefined, register: (resolve: (v: T) => void, reject: (e: unknown) => void) => () => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let unregister: () => void = () => {};
+      const done = (): void => {
+        clearTimeout(t);
+        signal?.removeEventListener('abort', onAbortSig);
+      };
+      const onAbortSig = (): void => {
+        done();
+        unregister();
+        reject(signal!.reason);
+      };
+      const t = setTimeout(() => {
+        done();
+        unregister();
+        reject(new FlotillaError('DEADLINE_EXCEEDED', `raft request not done within ${this.requestTimeoutMs} ms; it may or may not have been committed: retry`));
+      }, this.requestTimeoutMs);
+      signal?.addEventListener('abort', onAbortSig, { once: true });
+      unregister = register(
+        (v) => {
+          done();
+          resolve(v);
+        },
+        (e) => {
+          done();
+          reject(e);
+        },
+      );
+    });
+  }
+
+  /**
+   * Propose data; resolves once it is committed and applied locally (rejects with the state
+   * machine's error if its apply threw). Rejects with UNAVAILABLE (retryable) when there is no
+   * leader, the leader changes meanwhile, or the node stops.
+   */
+  async propose(data: Uint8Array, signal?: AbortSignal): Promise<void> {
+    this.check(signal);
+    if (data.length > MAX_PROPOSAL) throw new FlotillaError('INVALID_ARGUMENT', `raft proposal of ${data.length} bytes: larger than ${MAX_PROPOSAL}`);
+    await this.waitForLeader(signal);
+    this.check(signal);
+    const ridBuf = randomBytes(8);
+    const rid = ridBuf.toString('hex');
+    const entry = wrapProposal(ridBuf, data);
+    return this.withDeadline<void>(signal, (resolve, reject) => {
+      this.waiters.set(rid, { resolve, reject });
+      try {
+        this.raw.propose(entry);
+      } catch (err) {
+        this.waiters.delete(rid);
+        reject(err);
+        return () => {};
+      }
+      this.scheduleReady();
+      return () => this.waiters.delete(rid);
+    });
+  }
+
+  /** The read index (commit index confirmed by a quorum), without waiting for it to be applied. */
+  async readIndexRaw(signal?: AbortSignal): Promise<number> {
+    this.check(signal);
+    await this.waitForLeader(signal);
+    this.check(signal);
+    const ctx = randomBytes(8);
+    const key = ctx.toString('hex');
+    return this.withDeadline<number>(signal, (resolve, reject) => {
+      this.readWaiters.set(key, { resolve, reject });
+      try {
+        this.raw.readIndex(ctx);
+      } catch (err) {
+        this.readWaiters.delete(key);
+        reject(err);
+        return () => {};
+      }
+      this.scheduleReady();
+      return () => this.readWaiters.delete(key);
+    });
+  }
+
+  /** Linearizable read barrier: resolves when this node has applied everything committed before the call. */
+  async readIndex(signal?: AbortSignal): Promise<void> {
+    const index = await this.readIndexRaw(signal);
+    await this.waitApplied(index, signal);
+  }
+
+  /** Resolves once applied >= index. */
+  async waitApplied(index: number, signal?: AbortSignal): Promise<void> {
+    this.check(signal);
+    if (this.applied >= index) return;
+    return this.withDeadline<void>(signal, (resolve) => {
+      const w = { index, resolve };
+      this.appliedWaiters.push(w);
+      return () => {
+        this.appliedWaiters = this.appliedWaiters.filter((x) => x !== w);
+      };
+    });
+  }
+
+  private leaderClient(): RaftClient {
+    const c = this.lead ? this.transport.client(this.lead) : undefined;
+    if (!c) throw retryable('no raft leader known');
+    return c;
+  }
+
+  /** Propose a conf change on the leader and wait until it is applied here. */
+  private async confChange(type: ConfChangeType, nodeId: number, addr: string | undefined, signal?: AbortSignal): Promise<void> {
+    const rid = randomBytes(8).toString('hex');
+    const cc: ConfChange = { type, nodeId, context: Buffer.from(JSON.stringify({ addr, rid })) };
+    return this.withDeadline<void>(signal, (resolve, reject) => {
+      this.waiters.set(rid, { resolve, reject });
+      try {
+        this.raw.proposeConfChange(cc);
+      } catch (err) {
+        this.waiters.delete(rid);
+        reject(err instanceof FlotillaError && err.code === 'UNAVAILABLE' ? new FlotillaError('FAILED_PRECONDITION', `${err.message}: one membership change at a time`) : err);
+        return () => {};
+      }
+      this.scheduleReady();
+      return () => this.waiters.delete(rid);
+    });
+  }
+
+  /**
+   * Add a member at addr (as a learner; the leader promotes it once caught up). Returns its raft
+   * id and the member list. On a follower, forwards a Join to the leader.
+   */
+  async addMember(addr: string, signal?: AbortSignal): Promise<JoinRaftResponse> {
+    this.check(signal);
+    if (!addr || !/^[^\s]+:\d+$/.test(addr)) throw new FlotillaError('INVALID_ARGUMENT', `invalid member address ${JSON.stringify(addr)}: expected host:port`);
+    await this.waitForLeader(signal);
+    if (!this.leader) {
+      return callUnary<JoinRaftRequest, JoinRaftResponse>(this.leaderClient(), 'join', { token: this.opts.joinToken ?? '', addr, hostname: '', nodeId: '' }, signal, this.requestTimeoutMs);
+    }
+    const st = this.raw.status();
+    const inConf = new Set([...st.confState.voters, ...st.confState.learners]);
+    for (const [id, a] of this.book) {
+      // a joiner retrying after its first Join was committed gets the same id back
+      if (a === addr && inConf.has(id)) return this.joinResponse(id);
+    }
+    let id = randomInt(1, 2 ** 47);
+    while (inConf.has(id)) id = randomInt(1, 2 ** 47);
+    await this.confChange(ConfChangeType.CONF_CHANGE_TYPE_ADD_LEARNER, id, addr, signal);
+    return this.joinResponse(id);
+  }
+
+  private joinResponse(raftId: number): JoinRaftResponse {
+    return { raftId, members: [...this.book].map(([id, addr]) => ({ raftId: id, addr, nodeId: '' })) };
+  }
+
+  /**
+   * Remove a member. Refused (FAILED_PRECONDITION) when the remaining voters that are reachable
+   * would not make a quorum, unless force. On a follower, forwards a Leave to the leader.
+   */
+  async removeMember(id: number, opts: { force?: boolean; signal?: AbortSignal } = {}): Promise<void> {
+    const signal = opts.signal;
+    this.check(signal);
+    await this.waitForLeader(signal);
+    if (!this.leader) {
+      await callUnary<LeaveRaftRequest, object>(this.leaderClient(), 'leave', { raftId: id, force: opts.force ?? false }, signal, this.requestTimeoutMs);
+      return;
+    }
+    const st = this.raw.status();
+    const isVoter = st.confState.voters.includes(id);
+    if (!isVoter && !st.confState.learners.includes(id)) throw new FlotillaError('NOT_FOUND', `raft member ${id} not found`);
+    if (isVoter && !opts.force) {
+      const remaining = st.confState.voters.filter((v) => v !== id);
+      const up = remaining.filter((v) => v === this.id || (st.progress[v]?.recentActive === true && this.transport.isReachable(v))).length;
+      const quorum = Math.floor(remaining.length / 2) + 1;
+      if (remaining.length === 0 || up < quorum) {
+        throw new FlotillaError(
+          'FAILED_PRECONDITION',
+          `removing raft member ${id} would leave ${up} reachable of ${remaining.length} voters, short of a quorum of ${quorum} (use force to remove anyway)`,
+        );
+      }
+    }
+    await this.confChange(ConfChangeType.CONF_CHANGE_TYPE_REMOVE_NODE, id, undefined, signal);
+  }
+
+  /** Hand leadership to the most up-to-date reachable voter; resolves when it took over. */
+  async transferLeadership(signal?: AbortSignal): Promise<number> {
+    this.check(signal);
+    if (!this.leader) throw new FlotillaError('FAILED_PRECONDITION', 'this node is not the raft leader');
+    const st = this.raw.status();
+    let best = 0;
+    let bestMatch = -1;
+    for (const v of st.confState.voters) {
+      if (v === this.id) continue;
+      const pr = st.progress[v];
+      if (pr && pr.recentActive && pr.match > bestMatch) {
+        best = v;
+        bestMatch = pr.match;
+      }
+    }
+    if (!best) throw new FlotillaError('FAILED_PRECONDITION', 'no reachable voter to transfer raft leadership to');
+    this.raw.transferLeader(best);
+    this.scheduleReady();
+    const deadline = Date.now() + this.tickMs * this.electionTick * 3;
+    while (Date.now() < deadline) {
+      this.check(signal);
+      if (this.lead !== 0 && this.lead !== this.id) return this.lead;
+      await sleep(this.tickMs / 2, signal);
+    }
+    throw new FlotillaError('DEADLINE_EXCEEDED', `raft leadership transfer to ${best} did not complete`);
+  }
+
+  /** Raft status of the core plus the applied index. */
+  status(): ReturnType<RawNode['status']> {
+    return this.raw.status();
+  }
+
+  /** Stop ticking, reject pending requests, close the transport and the WAL. Idempotent. */
+  stop(): Promise<void> {
+    this.stopping ??= this.doStop();
+    return this.stopping;
+  }
+
+  private async doStop(): Promise<void> {
+    this.stopped = true;
+    this.opts.signal.removeEventListener('abort', this.onAbort);
+    if (this.ticker) clearInterval(this.ticker);
+    this.ticker = undefined;
+    this.rejectAll(retryable('raft node stopped'));
+    for (const w of this.appliedWaiters) w.resolve();
+    this.appliedWaiters = [];
+    this.events.emit('stopped');
+    if (this.leader) {
+      this.leader = false;
+      this.events.emit('leadership', false);
+    }
+    this.ac.abort();
+    this.transport.stop();
+    await this.transport.drain();
+    if (this.ownServer) {
+      const srv = this.ownServer;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          srv.forceShutdown();
+          resolve();
+        }, 500);
+        srv.tryShutdown(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+    this.wal.close();
+  }
+}
+
+type RaftEnvelopeMessage = Parameters<RawNode['step']>[0];
+
+function makeHandlers(ref: { node?: RaftNode }): RaftServiceHandlers {
+  const node = (): RaftNode => {
+    if (!ref.node) throw retryable('raft node is starting');
+    return ref.node;
+  };
+  return {
+    onMessage(m) {
+      ref.node?.handleMessage(m);
+    },
+    async join(req, signal) {
+      const n = node();
+      const token = n['opts'].joinToken;
+      if (token && req.token !== token) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
+      await n['opts'].validateJoin?.(req);
+      return n.addMember(req.addr, signal);
+    },
+    async propose(data, signal) {
+      await node().propose(data, signal);
+    },
+    async readIndex(signal) {
+      return node().readIndexRaw(signal);
+    },
+    async leave(req, signal) {
+      await node().removeMember(req.raftId, { force: req.force, signal });
+    },
+  };
+}
+
+async function joinCluster(opts: RaftNodeOptions, addr: string): Promise<JoinRaftResponse> {
+  const client = new RaftClient(opts.join!, opts.credentials ?? grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  try {
+    const deadline = Date.now() + (opts.requestTimeoutMs ?? 15_000) * 2;
+    for (;;) {
+      opts.signal.throwIfAborted();
+      try {
+        const res = await callUnary<JoinRaftRequest, JoinRaftResponse>(client, 'join', { token: opts.joinToken ?? '', addr, hostname: os.hostname(), nodeId: '' }, opts.signal, opts.requestTimeoutMs ?? 15_000);
+        if (!res.raftId) throw new FlotillaError('INTERNAL', `raft: join via ${opts.join} returned no raft id`);
+        return res;
+      } catch (err) {
+        const code = err instanceof FlotillaError ? err.code : 'UNAVAILABLE';
+        if ((code !== 'UNAVAILABLE' && code !== 'DEADLINE_EXCEEDED' && code !== 'FAILED_PRECONDITION') || Date.now() > deadline) {
+          throw new FlotillaError(code, `raft: joining via ${opts.join} failed: ${errorMessage(err)}`, { cause: err });
+        }
+        opts.log?.info({ join: opts.join, err: errorMessage(err) }, 'raft: join not accepted yet; retrying');
+        await sleep(300, opts.signal);
+      }
+    }
+  } finally {
+    client.close();
+  }
+}
+
+/**
+ * Force-new-cluster: apply everything committed, take a snapshot at the commit index whose
+ * configuration is this node alone, and replace the log with it. Uncommitted entries are dropped.
+ */
+function forceNewCluster(wal: Wal, opts: RaftNodeOptions, id: number, addr: string, members: Map<number, string>): Wal {
+  const storage = wal.storage;
+  const hs = storage.initialState().hardState;
+  const commit = hs.commit;
+  const sm = opts.stateMachine;
+  const snap = storage.snapshot();
+  const si = snapIndex(snap);
+  if (si > 0) sm.restore(unwrapSnapshot(snap.data).state);
+  for (let i = si + 1; i <= commit; ) {
+    const ents = storage.entries(i, commit + 1, 16 * 1024 * 1024);
+    for (const e of ents) {
+      if (e.type === EntryType.ENTRY_TYPE_NORMAL && e.data.length > 0) {
+        try {
+          sm.apply(unwrapProposal(e.data).payload, e.index);
+        } catch {}
+      }
+    }
+    i += ents.length;
+  }
+  members.clear();
+  members.set(id, addr);
+  const conf: ConfState = { voters: [id], learners: [] };
+  const term = commit > 0 ? storage.term(commit) : 0;
+  const data = wrapSnapshot(members, sm.snapshot());
+  const newSnap: Snapshot = { data, metadata: { index: Math.max(commit, 0), term, confState: conf } };
+  if (commit === 0) {
+    throw new FlotillaError('FAILED_PRECONDITION', 'raft: nothing was ever committed here; start a new cluster instead of --force-new-cluster');
+  }
+  wal.resetTo(newSnap, { term: hs.term, vote: 0, commit });
+  wal.close();
+  writeJsonAtomic(path.join(opts.dataDir, 'members.json'), [{ id, addr }]);
+  opts.log?.warn({ id, index: commit, term: hs.term }, 'raft: forced a new one-member cluster from the local state');
+  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, log: opts.log });
+}

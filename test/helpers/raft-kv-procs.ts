@@ -1,0 +1,179 @@
+/**
+ * Spawning and talking to raft-kv processes (test/helpers/raft-kv.ts, run from dist/), for
+ * test/raft-processes.test.ts and bench/raft.ts.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+/** the repository root, from test/helpers/ (vitest) or dist/test/helpers/ (compiled) */
+const ROOT = path.resolve(HERE, path.basename(path.resolve(HERE, '../..')) === 'dist' ? '../../..' : '../..');
+export const RAFT_KV = path.join(ROOT, 'dist/test/helpers/raft-kv.js');
+
+export function builtRaftKv(): boolean {
+  return fs.existsSync(RAFT_KV);
+}
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+export interface KvProc {
+  name: string;
+  dir: string;
+  raftPort: number;
+  httpPort: number;
+  child: ChildProcess;
+  id: number;
+  addr: string;
+  exited: Promise<number | null>;
+  err: string[];
+}
+
+export interface SpawnOptions {
+  join?: string;
+  tickMs?: number;
+  snapshotEvery?: number;
+  compactKeep?: number;
+  forceNewCluster?: boolean;
+  raftPort?: number;
+  httpPort?: number;
+}
+
+/** Start a raft-kv process and wait for its READY line. */
+export async function spawnKv(name: string, dir: string, opts: SpawnOptions = {}, timeoutMs = 30_000): Promise<KvProc> {
+  const raftPort = opts.raftPort ?? (await freePort());
+  const httpPort = opts.httpPort ?? (await freePort());
+  const args = [RAFT_KV, '--dir', dir, '--listen', `127.0.0.1:${raftPort}`, '--http', `127.0.0.1:${httpPort}`];
+  if (opts.join) args.push('--join', opts.join);
+  if (opts.tickMs) args.push('--tick-ms', String(opts.tickMs));
+  if (opts.snapshotEvery) args.push('--snapshot-every', String(opts.snapshotEvery));
+  if (opts.compactKeep !== undefined) args.push('--compact-keep', String(opts.compactKeep));
+  if (opts.forceNewCluster) args.push('--force-new-cluster');
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, FLOTILLA_LOG_LEVEL: process.env.FLOTILLA_LOG_LEVEL ?? 'warn' } });
+  const err: string[] = [];
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => {
+    err.push(d);
+    if (err.length > 200) err.shift();
+  });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))));
+  const ready = await new Promise<{ id: number; addr: string }>((resolve, reject) => {
+    let buf = '';
+    const t = setTimeout(() => reject(new Error(`${name}: no READY within ${timeoutMs} ms: ${err.join('')}`)), timeoutMs);
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+      buf += d;
+      const m = /READY (\{.*\})\n/.exec(buf);
+      if (m) {
+        clearTimeout(t);
+        resolve(JSON.parse(m[1]!) as { id: number; addr: string });
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(t);
+      reject(new Error(`${name} exited (${code}) before READY: ${err.join('')}`));
+    });
+  });
+  return { name, dir, raftPort, httpPort, child, id: ready.id, addr: ready.addr, exited, err };
+}
+
+export async function killKv(p: KvProc, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
+  if (signal !== 'SIGKILL') p.child.kill('SIGCONT');
+  p.child.kill(signal);
+  const t = setTimeout(() => p.child.kill('SIGKILL'), 5000);
+  await p.exited;
+  clearTimeout(t);
+}
+
+export const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+
+export interface HttpResult {
+  status: number;
+  body: string;
+}
+
+export function request(port: number, method: string, p: string, body?: string, timeoutMs = 10_000): Promise<HttpResult> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, method, path: p, agent, timeout: timeoutMs }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (data += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: data }));
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`${method} ${p} timed out`)));
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+export interface KvStatus {
+  id: number;
+  addr: string;
+  leader: boolean;
+  leaderId: number;
+  leaderAddr?: string;
+  applied: number;
+  size: number;
+  members: { raftId: number; addr: string; reachable: boolean; leader: boolean; learner: boolean }[];
+}
+
+export async function status(p: KvProc): Promise<KvStatus | undefined> {
+  try {
+    const r = await request(p.httpPort, 'GET', '/status', undefined, 2000);
+    return r.status === 200 ? (JSON.parse(r.body) as KvStatus) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The process that says it leads (among the live ones). */
+export async function findLeader(ps: KvProc[]): Promise<KvProc | undefined> {
+  for (const p of ps) {
+    if (p.child.exitCode !== null || p.child.signalCode !== null) continue;
+    const s = await status(p);
+    if (s?.leader) return p;
+  }
+  return undefined;
+}
+
+export async function waitUntil<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20_000, everyMs = 50): Promise<T> {
+  const start = Date.now();
+  let last: unknown;
+  while (Date.now() - start < timeoutMs) {
+    try {
+      const v = await fn();
+      if (v !== undefined && v !== false) return v;
+    } catch (err) {
+      last = err;
+    }
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+}
+
+export async function put(p: KvProc, key: string, value: string): Promise<boolean> {
+  try {
+    const r = await request(p.httpPort, 'PUT', `/kv/${encodeURIComponent(key)}`, value, 5000);
+    return r.status === 204;
+  } catch {
+    return false;
+  }
+}
+
+export async function dump(p: KvProc, stale = false): Promise<Record<string, string>> {
+  const r = await request(p.httpPort, 'GET', `/dump${stale ? '?stale=1' : ''}`, undefined, 15_000);
+  if (r.status !== 200) throw new Error(`${p.name}: dump: ${r.status} ${r.body}`);
+  return JSON.parse(r.body) as Record<string, string>;
+}
