@@ -71,6 +71,7 @@ describe.skipIf(!builtRaftKv())('raft across processes (needs npm run build)', (
       await waitUntil('writes after the kill', () => lastAck > killedAt, 10_000, 10);
       const failoverMs = lastAck - killedAt;
       expect(failoverMs).toBeLessThan(5000);
+      console.log(`raft processes: kill -9 of the leader -> next acknowledged write in ${failoverMs} ms`);
       const restarted = await restart(leader);
       nodes = nodes.map((n) => (n === leader ? restarted : n));
       const n1 = acked.size;
@@ -113,6 +114,7 @@ describe.skipIf(!builtRaftKv())('raft across processes (needs npm run build)', (
     for (const n of nodes) again.push(await restart(n));
     await waitUntil('a leader after the full restart', () => findLeader(again), 20_000);
     expect(acked.size).toBeGreaterThan(500);
+    console.log(`raft processes: ${acked.size} acknowledged writes checked on ${again.length} nodes`);
     for (const n of again) {
       const st = await waitUntil(`${n.name} dump`, async () => dump(n), 20_000);
       const missing = [...acked].filter((k) => st[k] === undefined);

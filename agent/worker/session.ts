@@ -330,7 +330,7 @@ export class Session {
         }
       }
       for await (const e of rt.logs(container, { follow: req.follow, tail: req.tail > 0 ? req.tail : undefined, signal })) {
-        buf.push({ taskId: req.taskId, nodeId: this.nodeId, slot, stream: e.stream, timestamp: e.time, line: e.line });
+        buf.push({ taskId: req.taskId, nodeId: this.nodeId, slot, stream: e.stream, timestamp: Math.floor(e.time), line: e.line });
         if (buf.length >= LOG_BATCH_LINES) flush();
         else timer ??= setTimeout(flush, LOG_FLUSH_MS);
         if (signal.aborted) break;

@@ -8,6 +8,7 @@
  *   FLOTILLA_SIM_EXIT_CODE=N       the process exits by itself with code N ...
  *   FLOTILLA_SIM_EXIT_AFTER_MS=T   ... T ms after it started (default 0)
  *   FLOTILLA_SIM_OOM=1             ... and reports it was OOM-killed
+ *   FLOTILLA_SIM_EXEC_EXIT_CODE=N  exec (so health checks) exits with N instead of 0
  * Every image exists unless the hasImage option says otherwise (or, for a whole process, the env var
  * FLOTILLA_SIM_MISSING_IMAGES, a comma-separated list of substrings of image names that are missing).
  */
@@ -372,7 +373,8 @@ export class SimRuntime implements ContainerRuntime {
     const c = this.get(idOrName);
     if (c.status !== 'running') throw new FlotillaError('FAILED_PRECONDITION', `container ${c.name} is not running`);
     if (cmd.length === 0 || cmd[0] === '') throw invalidArgument('command', cmd, 'a command is required');
-    return { exitCode: 0, output: '' };
+    const code = Number(envValue(c.env, 'FLOTILLA_SIM_EXEC_EXIT_CODE') ?? '0') || 0;
+    return { exitCode: code, output: '' };
   }
 
   private lines(c: SimContainer): LogEntry[] {

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { AssignmentsType, type AssignmentsMessage, type TaskStatusUpdate } from '../../gen/flotilla/v1/dispatcher.js';
-import { Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { newId } from '../../common/ids.js';
 import type { ContainerCreateOptions, ContainerInfo } from '../runtime/types.js';
 import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, containerName, createOptions } from './controller.js';
@@ -326,6 +326,84 @@ describe('worker over the sim runtime', () => {
     await waitFor('sent after failures', () => rec.last(t.id)?.state === S.TASK_STATE_RUNNING);
     // coalesced: only the newest status of the task went out
     expect(rec.states(t.id)).toEqual([S.TASK_STATE_RUNNING]);
+  });
+});
+
+describe('health checks', () => {
+  class FlakySim extends SimRuntime {
+    execCode = 0;
+    execs = 0;
+    static make(opts: ConstructorParameters<typeof SimRuntime>[0] = {}): FlakySim {
+      return new FlakySim(opts);
+    }
+    override async exec(id: string, cmd: string[]): Promise<{ exitCode: number; output: string }> {
+      await super.exec(id, cmd);
+      this.execs++;
+      return { exitCode: this.execCode, output: this.execCode ? 'boom' : 'ok' };
+    }
+  }
+  const withHealth = (t: Task, test: string[], over: Partial<{ retries: number; startPeriodMs: number }> = {}): Task =>
+    Task.fromPartial({
+      ...t,
+      spec: { ...t.spec, container: { ...t.spec!.container!, healthcheck: { test, intervalMs: 20, timeoutMs: 1000, retries: over.retries ?? 2, startPeriodMs: over.startPeriodMs ?? 0 } } },
+    });
+
+  it('reports STARTING then HEALTHY with RUNNING; an unhealthy container is stopped and its task FAILED', async () => {
+    const rt = FlakySim.make();
+    const rec = new Recorder();
+    const w = newWorker(rt, rec);
+    try {
+      const t = withHealth(task(), ['CMD', 'true']);
+      await w.assign(complete([t]));
+      await waitFor('healthy', () => rec.last(t.id)?.health === HealthState.HEALTH_STATE_HEALTHY);
+      expect(rec.last(t.id)!.state).toBe(S.TASK_STATE_RUNNING);
+      const cid = rec.last(t.id)!.containerId;
+      rt.execCode = 1;
+      await waitFor('failed', () => rec.last(t.id)?.state === S.TASK_STATE_FAILED);
+      expect(rec.last(t.id)).toMatchObject({ err: 'task: container unhealthy', health: HealthState.HEALTH_STATE_UNHEALTHY, exitCode: 143 });
+      expect((await rt.inspect(cid)).status).toBe('stopped');
+    } finally {
+      await w.close();
+      await rt.close();
+    }
+  });
+
+  it("inherits the image's HEALTHCHECK unless the task disables it", async () => {
+    const rt = FlakySim.make({
+      imageConfig: () => ({ entrypoint: [], cmd: ['sh'], env: [], workingDir: '', user: '', healthcheck: { test: ['CMD-SHELL', 'true'], intervalMs: 20, timeoutMs: 100, startPeriodMs: 0, retries: 1 } }),
+    });
+    const rec = new Recorder();
+    const w = newWorker(rt, rec);
+    try {
+      const inherits = task({ slot: 1 });
+      const disabled = Task.fromPartial({ ...task({ slot: 2 }) });
+      disabled.spec!.container!.noHealthcheck = true;
+      await w.assign(complete([inherits, disabled]));
+      await waitFor('healthy', () => rec.last(inherits.id)?.health === HealthState.HEALTH_STATE_HEALTHY);
+      await waitFor('running', () => rec.last(disabled.id)?.state === S.TASK_STATE_RUNNING);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(rec.last(disabled.id)!.health).toBe(HealthState.HEALTH_STATE_NONE);
+    } finally {
+      await w.close();
+      await rt.close();
+    }
+  });
+
+  it('does not count failures during the start period', async () => {
+    const rt = FlakySim.make();
+    rt.execCode = 1;
+    const rec = new Recorder();
+    const w = newWorker(rt, rec);
+    try {
+      const t = withHealth(task(), ['CMD', 'check'], { retries: 1, startPeriodMs: 300 });
+      await w.assign(complete([t]));
+      await waitFor('checked a few times', () => rt.execs >= 3);
+      expect(rec.last(t.id)).toMatchObject({ state: S.TASK_STATE_RUNNING, health: HealthState.HEALTH_STATE_STARTING });
+      await waitFor('failed after the start period', () => rec.last(t.id)?.state === S.TASK_STATE_FAILED);
+    } finally {
+      await w.close();
+      await rt.close();
+    }
   });
 });
 

@@ -18,7 +18,8 @@ import type { Logger } from '../../common/log.js';
 import { errorMessage } from '../../common/errors.js';
 import { AssignmentsType, type AssignmentsMessage } from '../../gen/flotilla/v1/dispatcher.js';
 import { HealthState, TaskState, type Task, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
-import type { ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
+import type { ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../runtime/types.js';
+import { healthSettings, monitorHealth } from './health.js';
 import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
 
@@ -275,8 +276,8 @@ export class Worker {
       ...fields,
       state,
       timestamp: Date.now(),
-      health: HealthState.HEALTH_STATE_NONE,
     };
+    if (fields.health === undefined) status.health = r.status.health;
     if (r.ctl.containerId && !status.containerId) status.containerId = r.ctl.containerId;
     r.state = state;
     r.status = status;
@@ -338,7 +339,14 @@ export class Worker {
         this.report(r, TaskState.TASK_STATE_RUNNING, { message: 'started', containerId: info.id, pid: info.pid });
       }
       this.log?.debug({ taskId: id, container: info.name }, started ? 'task started' : 'task adopted');
-      const exit = await r.ctl.wait(sig);
+      const health = started || info.status === 'running' ? await this.watchHealth(r, info.id, sig) : undefined;
+      let exit: ExitInfo;
+      try {
+        exit = await r.ctl.wait(sig);
+      } finally {
+        health?.stop();
+      }
+      if (health && (await health.done) === 'unhealthy') return; // reported FAILED by the health watch
       if (sig.aborted) return;
       this.reportExit(r, exit);
     } catch (err) {
@@ -347,6 +355,65 @@ export class Worker {
       this.log?.warn({ taskId: id, err: errorMessage(err) }, state === TaskState.TASK_STATE_REJECTED ? 'task rejected' : 'task failed');
       this.report(r, state, { err: errorMessage(err) });
     }
+  }
+
+  /**
+   * Starts the container's health checks, if it has any: health changes are reported with RUNNING;
+   * an unhealthy container is stopped and its task reported FAILED ("task: container unhealthy").
+   */
+  private async watchHealth(
+    r: Runner,
+    containerId: string,
+    sig: AbortSignal,
+  ): Promise<{ stop: () => void; done: Promise<'unhealthy' | undefined> } | undefined> {
+    const spec = r.task.spec?.container;
+    if (!spec || spec.noHealthcheck) return undefined;
+    let image: ImageConfig['healthcheck'];
+    try {
+      image = (await this.runtime.imageConfig(spec.image)).healthcheck;
+    } catch {
+      image = undefined; // the image went away: only the task's own check applies
+    }
+    const settings = healthSettings(spec, image);
+    if (!settings) return undefined;
+    const ctl = new AbortController();
+    const onAbort = (): void => ctl.abort();
+    sig.addEventListener('abort', onAbort, { once: true });
+    const done = monitorHealth(this.runtime, containerId, settings, ctl.signal, (h) => this.reportHealth(r, h), r.status.health).then(
+      async (res) => {
+        if (res !== 'unhealthy' || sig.aborted) return undefined;
+        this.log?.warn({ taskId: r.task.id }, 'container unhealthy: stopping it');
+        try {
+          await this.stopLimit.run(() => r.ctl.shutdown());
+        } catch (err) {
+          this.log?.warn({ taskId: r.task.id, err: errorMessage(err) }, 'stopping an unhealthy container failed');
+        }
+        const after = await r.ctl.inspect().catch(() => undefined);
+        this.report(r, TaskState.TASK_STATE_FAILED, {
+          message: 'started',
+          err: 'task: container unhealthy',
+          exitCode: after?.exitCode ?? 0,
+          pid: 0,
+          health: HealthState.HEALTH_STATE_UNHEALTHY,
+        });
+        return 'unhealthy' as const;
+      },
+    );
+    return {
+      stop: () => {
+        sig.removeEventListener('abort', onAbort);
+        ctl.abort();
+      },
+      done,
+    };
+  }
+
+  /** Reports a change of health of a RUNNING task (same state, new health). */
+  private reportHealth(r: Runner, health: HealthState): void {
+    if (r.removing || r.state !== TaskState.TASK_STATE_RUNNING || r.status.health === health) return;
+    const status: TaskStatus = { ...r.status, health, timestamp: Date.now() };
+    r.status = status;
+    if (!this.closed) this.statuses.push(r.task.id, status);
   }
 
   private shutdown(r: Runner): Promise<void> {

@@ -195,6 +195,8 @@ export class RaftNode {
   private appliedWaiters: { index: number; resolve: () => void }[] = [];
   private ticker: NodeJS.Timeout | undefined;
   private readyScheduled = false;
+  private readyAgain = false;
+  private loop: Promise<void> | undefined;
   private applied = 0;
   private lastSnapshotIndex = 0;
   private lead = 0;
@@ -376,16 +378,33 @@ export class RaftNode {
   private processReady(): void {
     this.readyScheduled = false;
     if (this.stopped) return;
+    if (this.loop) {
+      this.readyAgain = true;
+      return;
+    }
+    this.loop = this.runReadyLoop().finally(() => {
+      this.loop = undefined;
+      if (this.readyAgain || (!this.stopped && this.raw.hasReady())) {
+        this.readyAgain = false;
+        this.scheduleReady();
+      }
+    });
+  }
+
+  /**
+   * One Ready at a time. While a Ready's fsync runs (on the thread pool), messages and proposals
+   * keep being stepped into the core; they form the next Ready and share its fsync.
+   */
+  private async runReadyLoop(): Promise<void> {
     try {
-      for (let i = 0; i < 64 && this.raw.hasReady(); i++) this.handleReady(this.raw.ready());
-      this.maybeSnapshot();
-      if (this.raw.hasReady()) this.scheduleReady();
+      for (let i = 0; i < 64 && !this.stopped && this.raw.hasReady(); i++) await this.handleReady(this.raw.ready());
+      if (!this.stopped) this.maybeSnapshot();
     } catch (err) {
       this.fail(err);
     }
   }
 
-  private handleReady(rd: Ready): void {
+  private async handleReady(rd: Ready): Promise<void> {
     if (rd.softState) this.onSoftState(rd.softState.lead, rd.softState.role === 'leader');
     const storage = this.wal.storage;
     // A leader may send its appends and heartbeats before its own write is durable (Raft thesis
@@ -401,7 +420,9 @@ export class RaftNode {
       storage.applySnapshot(rd.snapshot);
       this.lastSnapshotIndex = snapIndex(rd.snapshot);
     }
-    this.wal.save(rd.hardState, rd.entries, rd.mustSync);
+    this.wal.write(rd.hardState, rd.entries);
+    if (rd.mustSync) await this.wal.syncAsync();
+    if (this.stopped) return;
     if (rd.hardState) storage.setHardState(rd.hardState);
     storage.append(rd.entries);
     // 2. send
@@ -916,6 +937,7 @@ export class RaftNode {
       this.leader = false;
       this.events.emit('leadership', false);
     }
+    await this.loop;
     this.ac.abort();
     this.transport.stop();
     await this.transport.drain();

@@ -18,10 +18,10 @@ const start = Number(process.env.RAFT_SEED_START ?? 1);
 const duration = Number(process.env.RAFT_DURATION ?? (soak ? 30000 : 8000));
 const timeout = soak ? 24 * 3600 * 1000 : 120_000;
 
-type Totals = Record<'committed' | 'elections' | 'crashes' | 'partitions' | 'snapshotsInstalled' | 'confChanges' | 'ops' | 'unknownWrites', number>;
+type Totals = Record<'committed' | 'elections' | 'crashes' | 'partitions' | 'snapshotsInstalled' | 'confChanges' | 'transfers' | 'ops' | 'unknownWrites', number>;
 
 function runRange(first: number, count: number, extra: { compaction?: boolean; membership?: boolean } = {}): Totals {
-  const totals: Totals = { committed: 0, elections: 0, crashes: 0, partitions: 0, snapshotsInstalled: 0, confChanges: 0, ops: 0, unknownWrites: 0 };
+  const totals: Totals = { committed: 0, elections: 0, crashes: 0, partitions: 0, snapshotsInstalled: 0, confChanges: 0, transfers: 0, ops: 0, unknownWrites: 0 };
   for (let seed = first; seed < first + count; seed++) {
     const st: SimStats = runSimulation({ seed, duration, ...extra });
     for (const k of Object.keys(totals) as (keyof Totals)[]) totals[k] += st[k];

@@ -40,6 +40,7 @@ export interface SimStats {
   partitions: number;
   snapshotsInstalled: number;
   confChanges: number;
+  transfers: number;
   ops: number;
   reads: number;
   writes: number;
@@ -198,6 +199,7 @@ class Simulation {
       partitions: 0,
       snapshotsInstalled: 0,
       confChanges: 0,
+      transfers: 0,
       ops: 0,
       reads: 0,
       writes: 0,
@@ -494,6 +496,14 @@ class Simulation {
       }
     }
     if (this.membership && r.chance(0.002)) this.changeMembership();
+    if (r.chance(0.001)) {
+      const leader = this.liveNodes().find((n) => n.raw!.basicStatus().role === 'leader');
+      if (leader) {
+        leader.raw!.transferLeader(r.pick(leader.raw!.confState().voters));
+        this.stats.transfers++;
+        this.process(leader);
+      }
+    }
   }
 
   private changeMembership(): void {

@@ -347,6 +347,34 @@ export class Wal {
    * the write is not fsynced: the next fsync covers it, and a lost commit index is recomputed.
    */
   save(hardState: HardState | undefined, entries: Entry[], sync = true): void {
+    this.write(hardState, entries);
+    if (sync) this.sync();
+  }
+
+  /** fdatasync what was written (synchronously). */
+  sync(): void {
+    this.check();
+    fs.fdatasyncSync(this.fd);
+    this.stats.fsyncs++;
+  }
+
+  /** fdatasync what was written, on the thread pool: the event loop keeps running meanwhile. */
+  syncAsync(): Promise<void> {
+    this.check();
+    const fd = this.fd;
+    return new Promise<void>((resolve, reject) =>
+      fs.fdatasync(fd, (err) => {
+        if (err) reject(new FlotillaError('INTERNAL', `raft WAL: fsync failed: ${err.message}`, { cause: err }));
+        else {
+          this.stats.fsyncs++;
+          resolve();
+        }
+      }),
+    );
+  }
+
+  /** Append records without fsync (save() = write() + sync()). */
+  write(hardState: HardState | undefined, entries: Entry[]): void {
     this.check();
     if (!hardState && entries.length === 0) return;
     if (this.size >= this.segmentBytes) this.roll();
@@ -367,10 +395,6 @@ export class Wal {
     for (const p of payloads) off = writeRecord(out, off, RECORD_ENTRY, p);
     if (hsPayload) off = writeRecord(out, off, RECORD_HARD_STATE, hsPayload);
     this.writeAll(out);
-    if (sync) {
-      fs.fdatasyncSync(this.fd);
-      this.stats.fsyncs++;
-    }
     if (entries.length > 0) this.lastIndex = entries[entries.length - 1]!.index;
     if (hardState) this.hardState = { term: hardState.term, vote: hardState.vote, commit: hardState.commit };
   }

@@ -61,7 +61,8 @@ export async function spawnKv(name: string, dir: string, opts: SpawnOptions = {}
   if (opts.snapshotEvery) args.push('--snapshot-every', String(opts.snapshotEvery));
   if (opts.compactKeep !== undefined) args.push('--compact-keep', String(opts.compactKeep));
   if (opts.forceNewCluster) args.push('--force-new-cluster');
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, FLOTILLA_LOG_LEVEL: process.env.FLOTILLA_LOG_LEVEL ?? 'warn' } });
+  const nodeArgs = (process.env.RAFT_KV_NODE_ARGS ?? '').split(' ').filter(Boolean); // e.g. --cpu-prof
+  const child = spawn(process.execPath, [...nodeArgs, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, FLOTILLA_LOG_LEVEL: process.env.FLOTILLA_LOG_LEVEL ?? 'warn' } });
   const err: string[] = [];
   child.stderr!.setEncoding('utf8').on('data', (d: string) => {
     err.push(d);
