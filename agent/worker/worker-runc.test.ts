@@ -9,7 +9,7 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../../common/ids.js';
 import { AssignmentsType, type AssignmentsMessage, type TaskStatusUpdate } from '../../gen/flotilla/v1/dispatcher.js';
-import { Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
 import { Worker } from './worker.js';
@@ -17,14 +17,19 @@ import { Worker } from './worker.js';
 const log = pino({ level: 'silent' });
 const S = TaskState;
 
-function task(slot: number, args: string[], over: { grace?: number; image?: string } = {}): Task {
+function task(slot: number, args: string[], over: { grace?: number; image?: string; health?: string[] } = {}): Task {
   return Task.fromPartial({
     id: newId(),
     serviceId: 'svc1',
     serviceName: 'rt',
     slot,
     spec: {
-      container: { image: over.image ?? 'busybox:latest', args, stopGracePeriodMs: over.grace ?? 2000 },
+      container: {
+        image: over.image ?? 'busybox:latest',
+        args,
+        stopGracePeriodMs: over.grace ?? 2000,
+        healthcheck: over.health ? { test: over.health, intervalMs: 300, timeoutMs: 5000, startPeriodMs: 0, retries: 2 } : undefined,
+      },
       resources: { limits: { memoryBytes: 32 * 1024 * 1024 } },
     },
     status: { state: S.TASK_STATE_ASSIGNED },
@@ -68,7 +73,7 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
   it('runs, reports exits, shuts down, removes and adopts after a restart', async () => {
     const w1 = new Worker({ runtime: rt, hostname: 'host1', log, status: { flushMs: 20 } });
     w1.setSender(send);
-    const sleeper = task(1, ['sleep', '1000']);
+    const sleeper = task(1, ['sleep', '1000'], { health: ['CMD-SHELL', 'test -d /proc/1'] });
     const failer = task(2, ['sh', '-c', 'exit 3']);
     const stopper = task(3, ['sleep', '1000']);
     const missing = task(4, ['true'], { image: 'nosuchimage:1' });
@@ -81,6 +86,8 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     const info = await rt.inspect(last.get(sleeper.id)!.containerId);
     expect(info.name).toBe(`rt.1.${sleeper.id}`);
     expect(info.pid).toBe(last.get(sleeper.id)!.pid);
+    // the health check runs in the container
+    await waitFor('healthy', () => last.get(sleeper.id)?.health === HealthState.HEALTH_STATE_HEALTHY);
 
     // shutdown: sleep (pid 1) ignores TERM, so it is killed after the 2 s grace period
     const t0 = Date.now();

@@ -8,7 +8,7 @@ import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotill
 import { newId } from '../../common/ids.js';
 import type { ContainerCreateOptions, ContainerInfo } from '../runtime/types.js';
 import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, containerName, createOptions } from './controller.js';
-import { SimRuntime } from './sim.js';
+import { SimRuntime, type SimRuntimeOptions } from './sim.js';
 import { StatusQueue } from './status.js';
 import { Worker } from './worker.js';
 
@@ -333,7 +333,7 @@ describe('health checks', () => {
   class FlakySim extends SimRuntime {
     execCode = 0;
     execs = 0;
-    static make(opts: ConstructorParameters<typeof SimRuntime>[0] = {}): FlakySim {
+    static make(opts: SimRuntimeOptions = {}): FlakySim {
       return new FlakySim(opts);
     }
     override async exec(id: string, cmd: string[]): Promise<{ exitCode: number; output: string }> {
