@@ -228,7 +228,7 @@ describe('dispatcher session', () => {
     const from = disp.heartbeats.length;
     await new Promise((r) => setTimeout(r, 1000));
     const n = disp.heartbeats.length - from;
-    expect(n).toBeGreaterThanOrEqual(7);
+    expect(n).toBeGreaterThanOrEqual(5);
     expect(n).toBeLessThanOrEqual(11);
     // the manager changes the period: the agent follows
     disp.periodMs = 300;
@@ -236,7 +236,7 @@ describe('dispatcher session', () => {
     const from2 = disp.heartbeats.length;
     await new Promise((r) => setTimeout(r, 1200));
     const n2 = disp.heartbeats.length - from2;
-    expect(n2).toBeGreaterThanOrEqual(3);
+    expect(n2).toBeGreaterThanOrEqual(2);
     expect(n2).toBeLessThanOrEqual(5);
 
     // an increment: shut one task down

@@ -110,6 +110,8 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     await w2.idle();
     expect(w2.containerOf(sleeper.id)).toBe(sleeperId);
     expect((await rt.inspect(sleeperId)).status).toBe('running');
+    await new Promise((r) => setTimeout(r, 700)); // two health checks: still healthy, nothing to report
+    expect(after.has(sleeper.id)).toBe(false);
     // the other tasks are no longer assigned: their containers are gone
     const names = (await rt.list()).map((c) => c.name);
     expect(names).toEqual([`rt.1.${sleeper.id}`]);

@@ -531,6 +531,7 @@ export class RaftNode {
       if (cc.nodeId === this.id) {
         this.removed = true;
         this.log?.warn({ id: this.id }, 'raft: this node was removed from the cluster');
+        this.events.emit('removed');
       }
       if (this.book.delete(cc.nodeId)) this.saveMembers();
       this.transport.removePeer(cc.nodeId);
@@ -660,6 +661,12 @@ export class RaftNode {
   onLeadershipChange(cb: (isLeader: boolean) => void): () => void {
     this.events.on('leadership', cb);
     return () => this.events.off('leadership', cb);
+  }
+
+  /** Subscribe to this node's removal from the cluster (the owner should stop it). */
+  onRemoved(cb: () => void): () => void {
+    this.events.on('removed', cb);
+    return () => this.events.off('removed', cb);
   }
 
   /** Subscribe to a fatal error (the node has stopped). */

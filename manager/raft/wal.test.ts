@@ -61,7 +61,7 @@ describe('raft WAL', () => {
     r.close();
     // checksum-failing last record: flip a byte in its payload
     const buf = fs.readFileSync(file);
-    buf[buf.length - 5] ^= 0xff;
+    buf[buf.length - 5]! ^= 0xff;
     fs.writeFileSync(file, buf);
     r = Wal.open({ dir });
     expect(r.storage.lastIndex()).toBe(5);
@@ -77,7 +77,7 @@ describe('raft WAL', () => {
     w.close();
     const buf = fs.readFileSync(file);
     const at = buf.indexOf('value-7');
-    buf[at + 2] ^= 0x01;
+    buf[at + 2]! ^= 0x01;
     fs.writeFileSync(file, buf);
     let err: unknown;
     try {
@@ -155,7 +155,7 @@ describe('raft WAL', () => {
     const [name] = fs.readdirSync(path.join(dir, 'snap'));
     const file = path.join(dir, 'snap', name!);
     const buf = fs.readFileSync(file);
-    buf[buf.length - 2] ^= 0x10;
+    buf[buf.length - 2]! ^= 0x10;
     fs.writeFileSync(file, buf);
     expect(() => Wal.open({ dir })).toThrow(/raft snapshot .* is corrupt \(checksum mismatch\)/);
   });
