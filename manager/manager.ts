@@ -9,12 +9,13 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { ControlService } from '../gen/flotilla/v1/control.js';
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
-import { Cluster } from '../gen/flotilla/v1/objects.js';
+import { Cluster, ManagerStatus, Node, NodeRole, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../common/errors.js';
 import { newId } from '../common/ids.js';
 import type { Logger } from '../common/log.js';
 import { MemoryStore } from './store/store.js';
-import { LocalProposer } from './store/local-proposer.js';
+import { RaftNode } from './raft/node.js';
+import { timingSafeEqual } from 'node:crypto';
 import { Dispatcher, DEFAULT_HEARTBEAT_MS } from './dispatcher/dispatcher.js';
 import { ControlApi } from './controlapi/server.js';
 import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
@@ -33,6 +34,13 @@ export interface ManagerOptions {
   /** unix socket path for the control API ("" to disable) */
   controlSocket: string;
   heartbeatMs?: number;
+  /** join an existing cluster through this manager (HOST:PORT), with the manager join token */
+  join?: string;
+  token?: string;
+  /** restart a lone survivor as a new one-manager cluster with all its state */
+  forceNewCluster?: boolean;
+  /** raft tick (default 100 ms: elections after 1-2 s) */
+  raftTickMs?: number;
   log: Logger;
   signal: AbortSignal;
 }
@@ -45,7 +53,8 @@ export class Manager {
   readonly store = new MemoryStore();
   readonly dispatcher: Dispatcher;
   readonly control: ControlApi;
-  private proposer: LocalProposer | undefined;
+  raft: RaftNode | undefined;
+  private removed = false;
   private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 64 * 1024 * 1024, 'grpc.max_send_message_length': 64 * 1024 * 1024 });
   private leaderCtl: AbortController | undefined;
   private leaderRuns: Promise<unknown> | undefined;
@@ -53,14 +62,20 @@ export class Manager {
 
   constructor(readonly opts: ManagerOptions) {
     this.dispatcher = new Dispatcher(this.store, opts.log.child({ component: 'dispatcher' }), {
-      managers: () => [this.advertiseAddr()],
+      managers: () => this.raft?.members().filter((m) => !m.learner).map((m) => m.addr) ?? [this.advertiseAddr()],
       heartbeatMs: opts.heartbeatMs,
     });
     this.control = new ControlApi({
       store: this.store,
       dispatcher: this.dispatcher,
-      leaderAddr: () => this.advertiseAddr(),
-      readBarrier: async () => {},
+      leaderAddr: () => this.raft?.leaderAddr() ?? '',
+      readBarrier: async () => {
+        if (this.removed) throw new FlotillaError('UNAVAILABLE', 'this manager was removed from the cluster; ask another manager');
+        if (!this.raft) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
+        await this.raft.readIndex();
+      },
+      managerStatus: (n) => this.managerStatus(n),
+      removeManager: (n, force) => this.removeManager(n, force),
     });
   }
 
@@ -69,23 +84,79 @@ export class Manager {
   }
 
   async start(): Promise<void> {
-    const dir = path.join(this.opts.dataDir, 'manager');
-    this.proposer = LocalProposer.open(dir, this.store);
-    this.store.setProposer(this.proposer);
-    if (!this.store.getCluster()) await this.initCluster();
     this.server.addService(ControlService, this.control.server());
     this.server.addService(DispatcherService, this.dispatcher.server());
     const port = await bind(this.server, this.opts.listenAddr, grpc.ServerCredentials.createInsecure());
     const host = this.opts.listenAddr.slice(0, this.opts.listenAddr.lastIndexOf(':'));
     this.boundAddr = `${host === '0.0.0.0' || host === '' ? '127.0.0.1' : host}:${port}`;
+    const store = this.store;
+    const log = this.opts.log.child({ component: 'raft' });
+    this.raft = await RaftNode.open({
+      dataDir: path.join(this.opts.dataDir, 'raft'),
+      server: this.server,
+      advertiseAddr: this.advertiseAddr(),
+      join: this.opts.join,
+      joinToken: this.opts.join ? this.opts.token : undefined,
+      validateJoin: (req) => {
+        const want = store.getCluster()?.tokens?.manager;
+        if (!want || !tokenMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
+      },
+      forceNewCluster: this.opts.forceNewCluster,
+      tickMs: this.opts.raftTickMs,
+      signal: this.opts.signal,
+      log,
+      stateMachine: {
+        // a rejected batch (version conflict) throws the same way on every manager; the proposer sees the error
+        apply: (data, index) => store.applyBatch(StoreBatch.decode(data), index),
+        snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
+        restore: (data) => store.restore(StoreSnapshot.decode(data), store.appliedIndex),
+      },
+    });
+    const raft = this.raft;
+    this.store.setProposer({ propose: (batch, signal) => raft.propose(StoreBatch.encode(batch).finish(), signal) });
+    raft.onLeadershipChange((leader) => this.onLeadershipChange(leader));
+    raft.onRemoved(() => {
+      this.removed = true;
+      this.opts.log.warn('this manager was removed from the cluster: stopping its raft member');
+      this.onLeadershipChange(false);
+      void raft.stop();
+    });
+    raft.onFatal((err) => {
+      this.opts.log.fatal({ err: (err as Error).message }, 'raft failed: stopping the manager');
+      process.exitCode = 1;
+      this.onLeadershipChange(false);
+    });
     if (this.opts.controlSocket) {
       fs.mkdirSync(path.dirname(this.opts.controlSocket), { recursive: true, mode: 0o755 });
       fs.rmSync(this.opts.controlSocket, { force: true });
       await bind(this.server, `unix://${this.opts.controlSocket}`, grpc.ServerCredentials.createInsecure());
       fs.chmodSync(this.opts.controlSocket, 0o600);
     }
-    // A single manager is always the leader.
-    this.onLeadershipChange(true);
+    await raft.waitForLeader(this.opts.signal, 30_000);
+    // a brand-new cluster: its first leader creates the cluster object
+    if (!this.opts.join) {
+      await raft.readIndex(this.opts.signal);
+      if (!this.store.getCluster() && raft.isLeader()) await this.initCluster();
+    }
+    // joining: wait until the cluster object has arrived through the log
+    const t0 = Date.now();
+    while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await new Promise((r) => setTimeout(r, 50));
+    if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
+    if (raft.isLeader()) this.onLeadershipChange(true);
+  }
+
+  private managerStatus(n: Node): ManagerStatus | undefined {
+    if (n.role !== NodeRole.NODE_ROLE_MANAGER || !this.raft) return undefined;
+    const m = this.raft.members().find((x) => x.addr === n.status?.addr);
+    if (!m) return { raftId: 0, addr: n.status?.addr ?? '', leader: false, reachability: 'unreachable' };
+    return { raftId: m.raftId, addr: m.addr, leader: m.leader, reachability: m.reachable || m.leader ? 'reachable' : 'unreachable' };
+  }
+
+  private async removeManager(n: Node, force: boolean): Promise<void> {
+    if (!this.raft) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
+    const m = this.raft.members().find((x) => x.addr === n.status?.addr);
+    if (!m) return;
+    await this.raft.removeMember(m.raftId, { force });
   }
 
   private async initCluster(): Promise<void> {
@@ -108,9 +179,35 @@ export class Manager {
   /** The leadership handler: the one place leader-only components start and stop. */
   onLeadershipChange(isLeader: boolean): void {
     if (isLeader && !this.leaderCtl) {
+      if (!this.store.getCluster()) return; // start() calls again once the cluster exists
       const ctl = new AbortController();
       this.leaderCtl = ctl;
       const log = this.opts.log;
+      const raft = this.raft;
+      this.leaderRuns = (async () => {
+        // never act on a store that has not applied everything committed before this term
+        while (raft && !ctl.signal.aborted) {
+          try {
+            await raft.readIndex(ctl.signal);
+            break;
+          } catch {
+            await new Promise((r) => setTimeout(r, 50));
+          }
+        }
+        if (ctl.signal.aborted) return;
+        await this.runLeaderLoops(ctl, log);
+      })();
+      return;
+    }
+    if (!isLeader && this.leaderCtl) {
+      this.leaderCtl.abort();
+      this.leaderCtl = undefined;
+      this.opts.log.info('lost leadership: leader components stopped');
+    }
+  }
+
+  private async runLeaderLoops(ctl: AbortController, log: Logger): Promise<void> {
+    {
       const loops = [
         this.dispatcher.run(ctl.signal),
         new ReplicatedOrchestrator(this.store, log.child({ component: 'replicated' })).run(ctl.signal),
@@ -119,14 +216,9 @@ export class Manager {
         new TaskReaper(this.store, log.child({ component: 'reaper' })).run(ctl.signal),
         new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),
       ];
-      this.leaderRuns = Promise.allSettled(loops).then((results) => {
-        for (const r of results) if (r.status === 'rejected') log.error({ err: String(r.reason) }, 'leader component failed');
-      });
       log.info('became leader: orchestrators, scheduler and dispatcher started');
-    } else if (!isLeader && this.leaderCtl) {
-      this.leaderCtl.abort();
-      this.leaderCtl = undefined;
-      this.opts.log.info('lost leadership: leader components stopped');
+      const results = await Promise.allSettled(loops);
+      for (const r of results) if (r.status === 'rejected') log.error({ err: String(r.reason) }, 'leader component failed');
     }
   }
 
@@ -146,10 +238,16 @@ export class Manager {
     this.onLeadershipChange(false);
     await this.leaderRuns;
     await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    await this.raft?.stop();
     this.server.forceShutdown();
-    this.proposer?.close();
     if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
   }
+}
+
+function tokenMatches(given: string, want: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(want);
+  return a.length === b.length && timingSafeEqual(a, b);
 }
 
 export function bind(server: grpc.Server, addr: string, creds: grpc.ServerCredentials): Promise<number> {

@@ -27,6 +27,9 @@ export function register(program: Command): void {
     .option('--runtime <runtime>', 'runtime of the in-process agent: runc or sim', 'runc')
     .option('--label <K=V>', 'engine label of the in-process agent (repeatable)', collect)
     .option('--heartbeat-period <duration>', 'agent heartbeat period for a new cluster', '5s')
+    .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs --token with the manager join token)')
+    .option('--token <token>', 'the manager join token, with --join (env FLOTILLA_TOKEN)')
+    .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .action(
       action(
         async (opts: {
@@ -39,7 +42,16 @@ export function register(program: Command): void {
           runtime: string;
           label?: string[];
           heartbeatPeriod: string;
+          join?: string;
+          token?: string;
+          forceNewCluster?: boolean;
         }) => {
+          const token = opts.token ?? process.env.FLOTILLA_TOKEN;
+          if (opts.join) {
+            checkAddr('--join', opts.join);
+            if (!token) throw invalidArgument('--token', '', 'required with --join (the manager join token: flotilla cluster join-token manager -q)');
+          }
+          if (opts.join && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'cannot be combined with --join');
           checkAddr('--listen-addr', opts.listenAddr);
           if (opts.advertiseAddr) checkAddr('--advertise-addr', opts.advertiseAddr);
           if (opts.runtime !== 'runc' && opts.runtime !== 'sim') throw invalidArgument('--runtime', opts.runtime, 'must be runc or sim');
@@ -60,6 +72,9 @@ export function register(program: Command): void {
             advertiseAddr: opts.advertiseAddr,
             controlSocket: opts.controlSocket,
             heartbeatMs,
+            join: opts.join,
+            token,
+            forceNewCluster: opts.forceNewCluster,
             log,
             signal: ctl.signal,
           });

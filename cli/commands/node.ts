@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { GetClusterResponse, GetNodeResponse, ListNodesResponse, UpdateNodeResponse } from '../../gen/flotilla/v1/control.js';
-import { NodeAvailability, NodeState } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole, NodeState } from '../../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
 import { parseKeyValue } from '../../common/units.js';
@@ -89,11 +89,33 @@ export function register(program: Command): void {
           delete labels[k];
         }
         const spec = { ...n!.spec!, labels, availability: av ?? n!.spec!.availability };
-        await c.call<unknown, UpdateNodeResponse>('updateNode', { nodeId: n!.id, version: n!.meta?.version ?? 0, spec });
+        await c.call<unknown, UpdateNodeResponse>('updateNode', { nodeId: n!.id, version: n!.meta?.version ?? 0, spec, force: false });
         process.stdout.write(`${ref}\n`);
       });
     }),
   );
+
+  for (const [name, desc] of [
+    ['promote', 'Promote a node to manager'],
+    ['demote', 'Demote a manager to worker (leaves the Raft membership)'],
+  ] as const) {
+    hostOption(node.command(name).description(desc).argument('<node...>').option('-f, --force', 'demote even if the remaining managers would lose quorum')).action(
+      action(async (refs: string[], opts: { host?: string; force?: boolean }) => {
+        await withControl(opts.host, async (c) => {
+          for (const r of refs) {
+            const { node: n } = await c.call<unknown, GetNodeResponse>('getNode', { nodeId: r });
+            const desiredRole = name === 'promote' ? NodeRole.NODE_ROLE_MANAGER : NodeRole.NODE_ROLE_WORKER;
+            if (n!.role === desiredRole) {
+              process.stdout.write(`node ${r} is already a ${name === 'promote' ? 'manager' : 'worker'}\n`);
+              continue;
+            }
+            await c.call<unknown, UpdateNodeResponse>('updateNode', { nodeId: n!.id, version: 0, spec: { ...n!.spec!, desiredRole }, force: !!opts.force });
+            process.stdout.write(`node ${r} ${name}d\n`);
+          }
+        });
+      }),
+    );
+  }
 
   hostOption(node.command('rm').alias('remove').description('Remove one or more nodes from the cluster').argument('<node...>').option('-f, --force', 'force remove a node')).action(
     action(async (refs: string[], opts: { host?: string; force?: boolean }) => {

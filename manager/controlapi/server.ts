@@ -36,8 +36,9 @@ export interface ControlContext {
   leaderAddr(): string;
   /** linearizable read barrier (Raft ReadIndex); a no-op on a single manager */
   readBarrier(): Promise<void>;
-  /** membership hooks for manager nodes (Raft); undefined on a single manager */
+  /** Raft membership of manager nodes */
   removeManager?(node: Node, force: boolean): Promise<void>;
+  managerStatus?(node: Node): import('../../gen/flotilla/v1/objects.js').ManagerStatus | undefined;
 }
 
 export function resolveService(store: MemoryStore, ref: string): Service {
@@ -197,20 +198,38 @@ export class ControlApi {
     if (![NodeAvailability.NODE_AVAILABILITY_ACTIVE, NodeAvailability.NODE_AVAILABILITY_PAUSE, NodeAvailability.NODE_AVAILABILITY_DRAIN].includes(req.spec.availability))
       throw invalidArgument('availability', req.spec.availability, 'must be active, pause or drain');
     for (const k of Object.keys(req.spec.labels)) if (!k || /\s/.test(k)) throw invalidArgument('label', k, 'invalid key');
+    const wantRole = req.spec.desiredRole;
+    let role = cur.role;
+    if (wantRole !== cur.role) {
+      if (wantRole === NodeRole.NODE_ROLE_MANAGER)
+        throw new FlotillaError(
+          'FAILED_PRECONDITION',
+          `node ${cur.description?.hostname ?? cur.id} runs no manager: start \`flotilla manager --join <manager> --token <manager token>\` on that host instead of promoting it`,
+        );
+      // demote: leave the Raft membership first (refused when the rest would lose quorum, unless forced)
+      if (this.ctx.removeManager) await this.ctx.removeManager(cur, req.force);
+      role = NodeRole.NODE_ROLE_WORKER;
+    }
     await this.store.update((tx) => {
       const n = tx.get<Node>('node', cur.id);
       if (!n) throw notFound('node', req.nodeId);
-      tx.update('node', { ...n, spec: { ...req.spec!, desiredRole: n.spec?.desiredRole ?? NodeRole.NODE_ROLE_WORKER } });
+      tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: role } });
     });
-    return this.store.getNode(cur.id)!;
+    return this.withManagerStatus(this.store.getNode(cur.id)!);
   }
 
   async removeNode(req: RemoveNodeRequest): Promise<void> {
     const n = resolveNode(this.store, req.nodeId);
     if (n.status?.state === NodeState.NODE_STATE_READY && !req.force)
       throw new FlotillaError('FAILED_PRECONDITION', `node ${n.description?.hostname ?? n.id} is not down and can't be removed (use --force)`);
-    if (n.role === NodeRole.NODE_ROLE_MANAGER && this.ctx.removeManager) await this.ctx.removeManager(n, req.force);
+    if (n.role === NodeRole.NODE_ROLE_MANAGER)
+      throw new FlotillaError('FAILED_PRECONDITION', `node ${n.description?.hostname ?? n.id} is a manager: demote it first (flotilla node demote)`);
     await this.store.update((tx) => tx.delete('node', n.id));
+  }
+
+  private withManagerStatus(n: Node): Node {
+    const ms = this.ctx.managerStatus?.(n);
+    return ms ? { ...n, managerStatus: ms } : n;
   }
 
   serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
@@ -252,11 +271,11 @@ export class ControlApi {
       getCluster: unary(() => this.getCluster()),
       listNodes: unary(async () => {
         await this.ctx.readBarrier();
-        return { nodes: this.store.listNodes() };
+        return { nodes: this.store.listNodes().map((n) => this.withManagerStatus(n)) };
       }),
       getNode: unary(async (req: { nodeId: string }) => {
         await this.ctx.readBarrier();
-        return { node: resolveNode(this.store, req.nodeId) };
+        return { node: this.withManagerStatus(resolveNode(this.store, req.nodeId)) };
       }),
       updateNode: unary(async (req: UpdateNodeRequest) => ({ node: await this.updateNode(req) })),
       removeNode: unary(async (req: RemoveNodeRequest) => {

@@ -109,11 +109,11 @@ export class TestCluster {
     return r.stdout.trim();
   }
 
-  async startAgent(hostname: string, opts: { runtime?: string; labels?: string[]; token?: string } = {}): Promise<Proc> {
+  async startAgent(hostname: string, opts: { runtime?: string; labels?: string[]; token?: string; env?: NodeJS.ProcessEnv } = {}): Promise<Proc> {
     const token = opts.token ?? (await this.token());
     const args = ['agent', '--data-dir', path.join(this.root, hostname), '--manager', this.managerAddr, '--token', token, '--hostname', hostname, '--runtime', opts.runtime ?? 'sim'];
     for (const l of opts.labels ?? []) args.push('--label', l);
-    const p = start(args);
+    const p = start(args, opts.env);
     this.procs.push(p);
     return p;
   }

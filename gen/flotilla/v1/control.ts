@@ -60,7 +60,11 @@ export interface UpdateNodeRequest {
   nodeId: string;
   /** the version read by the caller; 0 means "latest" */
   version: number;
-  spec: NodeSpec | undefined;
+  spec:
+    | NodeSpec
+    | undefined;
+  /** demote even when the remaining managers would lose quorum */
+  force: boolean;
 }
 
 export interface UpdateNodeResponse {
@@ -511,7 +515,7 @@ export const GetNodeResponse: MessageFns<GetNodeResponse> = {
 };
 
 function createBaseUpdateNodeRequest(): UpdateNodeRequest {
-  return { nodeId: "", version: 0, spec: undefined };
+  return { nodeId: "", version: 0, spec: undefined, force: false };
 }
 
 export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
@@ -524,6 +528,9 @@ export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
     }
     if (message.spec !== undefined) {
       NodeSpec.encode(message.spec, writer.uint32(26).fork()).join();
+    }
+    if (message.force !== false) {
+      writer.uint32(32).bool(message.force);
     }
     return writer;
   },
@@ -565,6 +572,14 @@ export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
             message.spec = NodeSpec.decode(reader, reader.uint32());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.force = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -585,6 +600,7 @@ export const UpdateNodeRequest: MessageFns<UpdateNodeRequest> = {
     message.nodeId = object.nodeId ?? "";
     message.version = object.version ?? 0;
     message.spec = (object.spec !== undefined && object.spec !== null) ? NodeSpec.fromPartial(object.spec) : undefined;
+    message.force = object.force ?? false;
     return message;
   },
 };
