@@ -281,3 +281,16 @@ export class BenchCluster {
     );
   }
 }
+
+/** CPU time (user + system) a process has used so far, in ms, from /proc/PID/stat. */
+export function cpuMs(pid: number | undefined): number {
+  if (!pid) return NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // fields after the command: state(3) ... utime(14) stime(15) → indexes 11, 12 here
+    return ((Number(f[11]) + Number(f[12])) * 1000) / 100;
+  } catch {
+    return NaN;
+  }
+}

@@ -22,6 +22,8 @@ import path from 'node:path';
 import type { Control } from '../cli/client.js';
 import { buildServiceSpec } from '../cli/servicespec.js';
 import { findBinary } from '../agent/runtime/runc.js';
+import { buildSpec } from '../agent/runtime/oci.js';
+import { removeCgroups } from '../agent/runtime/cgroups.js';
 import type { CreateServiceResponse, ListServicesResponse } from '../gen/flotilla/v1/control.js';
 import { TaskState } from '../gen/flotilla/v1/objects.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
@@ -119,6 +121,59 @@ async function convergeCli(env: NodeJS.ProcessEnv, name: string, n: number): Pro
   return { ms };
 }
 
+/**
+ * The floor under any orchestrator here: n raw `runc run -d` of the same rootfs and default spec,
+ * CONCURRENCY at a time (the worker's default), no conmon, no image/snapshot work.
+ */
+const CONCURRENCY = 16;
+async function rawFloor(base: string, rootfs: string, n: number, seq: number): Promise<Sample> {
+  const runc = findBinary('runc')!;
+  const root = path.join(base, 'runc-raw');
+  const ids = Array.from({ length: n }, (_, i) => `flbench-raw-${process.pid}-${seq}-${i}`);
+  for (const id of ids) {
+    const bundle = path.join(base, 'bundles', id);
+    await fs.mkdir(bundle, { recursive: true });
+    const spec = buildSpec({ args: ['sleep', '100000'], env: ['PATH=/bin'], cwd: '/', uid: 0, gid: 0, hostname: id, rootfs, cgroupsPath: `/flotilla-bench/${id}`, network: 'private' });
+    await fs.writeFile(path.join(bundle, 'config.json'), JSON.stringify(spec));
+  }
+  const t = performance.now();
+  let next = 0;
+  let failed = '';
+  await Promise.all(
+    Array.from({ length: CONCURRENCY }, async () => {
+      while (next < ids.length) {
+        const id = ids[next++]!;
+        const r = await run(runc, ['--root', root, 'run', '-d', '--bundle', path.join(base, 'bundles', id), id], { timeoutMs: 60_000 });
+        if (r.code !== 0) failed ||= `runc run -d ${id}: ${r.stderr.trim()}`;
+      }
+    }),
+  );
+  const ms = performance.now() - t;
+  await removeRaw(base, ids);
+  if (failed) throw new Error(failed);
+  return { ms };
+}
+
+async function removeRaw(base: string, ids: string[]): Promise<void> {
+  const runc = findBinary('runc')!;
+  const root = path.join(base, 'runc-raw');
+  await Promise.all(
+    ids.map(async (id) => {
+      await run(runc, ['--root', root, 'delete', '--force', id], { timeoutMs: 30_000 });
+      await removeCgroups(`/flotilla-bench/${id}`).catch(() => undefined);
+      await fs.rm(path.join(base, 'bundles', id), { recursive: true, force: true });
+    }),
+  );
+}
+
+/** Removes raw runc containers a failed run left (every id under our --root). */
+async function removeAllRaw(base: string): Promise<void> {
+  const runc = findBinary('runc');
+  if (!runc || !existsSync(path.join(base, 'runc-raw'))) return;
+  const r = await run(runc, ['--root', path.join(base, 'runc-raw'), 'list', '-q'], { timeoutMs: 30_000 });
+  await removeRaw(base, r.stdout.split('\n').filter(Boolean));
+}
+
 async function convergeSwarm(name: string, n: number): Promise<Sample> {
   const t = performance.now();
   const r = await run('docker', ['service', 'create', '--detach', '--name', name, '--replicas', String(n), '--stop-grace-period', '1s', SWARM_IMAGE, 'sleep', '100000'], { timeoutMs: 60_000 });
@@ -161,11 +216,11 @@ async function main(): Promise<number> {
     ctl = control(c.socket);
     await waitNodesReady(ctl, 1, 30_000);
 
+    const rootfs = path.join(c.root, 'bb-rootfs');
+    await buildBusyboxRootfs(rootfs);
     if (process.env.BENCH_SWARM !== '0' && (await dockerAvailable())) {
       try {
         swarmInit = await ensureSwarm();
-        const rootfs = path.join(c.root, 'bb-rootfs');
-        await buildBusyboxRootfs(rootfs);
         await dockerImportRootfs(rootfs, SWARM_IMAGE);
         swarmImage = true;
         swarm = true;
@@ -183,14 +238,19 @@ async function main(): Promise<number> {
       await swarmRemove(`${SWARM_PREFIX}warm`);
     }
 
-    const results: Array<{ n: number; api: Sample[]; cli: Sample[]; swarm: Sample[] }> = [];
+    await rawFloor(c.root, rootfs, 5, seq++);
+
+    const results: Array<{ n: number; api: Sample[]; cli: Sample[]; swarm: Sample[]; raw: Sample[]; cpu: number[] }> = [];
     for (const n of SIZES) {
-      const r = { n, api: [] as Sample[], cli: [] as Sample[], swarm: [] as Sample[] };
+      const r = { n, api: [] as Sample[], cli: [] as Sample[], swarm: [] as Sample[], raw: [] as Sample[], cpu: [] as number[] };
       results.push(r);
       for (let i = 0; i < RUNS; i++) {
+        r.raw.push(await rawFloor(c.root, rootfs, n, seq++));
         const a = `conv-${n}-api-${i}`;
+        const cpu0 = cpuMs(mgr.child.pid);
         r.api.push(await convergeApi(ctl, dataDir, a, n, true));
-        process.stdout.write(`  ${n} replicas, run ${i + 1}: API ${secs(r.api.at(-1)!.ms)}`);
+        r.cpu.push(cpuMs(mgr.child.pid) - cpu0);
+        process.stdout.write(`  ${n} replicas, run ${i + 1}: raw runc ${secs(r.raw.at(-1)!.ms)}, API ${secs(r.api.at(-1)!.ms)}`);
         await removeService(ctl, dataDir, a);
         const b = `conv-${n}-cli-${i}`;
         r.cli.push(await convergeCli(c.env, b, n));
@@ -217,6 +277,8 @@ async function main(): Promise<number> {
       const ref = swarm ? sw : (ANCHOR_S[r.n] ?? NaN) * 1000;
       console.log(`${String(r.n).padStart(3)} replicas: flotilla API ${secs(api)}   CLI service create ${secs(cliMs)}   ${anchor}   ${Number.isFinite(ref) ? `(${(ref / api).toFixed(1)}x faster)` : ''}`);
       console.log(`             runs: API ${r.api.map((s) => secs(s.ms)).join(', ')}; CLI ${r.cli.map((s) => secs(s.ms)).join(', ')}${swarm ? `; Swarm ${r.swarm.map((s) => secs(s.ms)).join(', ')}` : ''}`);
+      console.log(`             floor: ${r.n} raw \`runc run -d\`, ${CONCURRENCY} at a time, same rootfs and spec: ${secs(median(r.raw.map((s) => s.ms)))} (flotilla API ${(api / median(r.raw.map((s) => s.ms))).toFixed(2)}x that)`);
+      console.log(`             manager process CPU (user+sys, its in-process agent included; runc/conmon not) during an API run: ${secs(median(r.cpu))}`);
     }
     if (!swarm) console.log(`(${swarmNote})`);
     console.log(`manager RSS (with its in-process agent) at the end: ${mib(mgrRss)}`);
@@ -256,6 +318,7 @@ async function cleanup(c: BenchCluster, ctl: Control | undefined, dataDir: strin
     ctl.close();
   }
   await c.stop();
+  await removeAllRaw(c.root);
   // whatever the agent left behind: removed by the runtime itself
   const left = await containers(dataDir).catch(() => []);
   for (const ct of left) await flotilla(['container', 'rm', '-f', ct.id, '--data-dir', dataDir]);

@@ -83,7 +83,20 @@ export class Manager {
     return this.opts.advertiseAddr || this.boundAddr || this.opts.listenAddr;
   }
 
+  /** Starts the manager; on failure nothing stays listening. */
   async start(): Promise<void> {
+    try {
+      await this.startInner();
+    } catch (err) {
+      this.onLeadershipChange(false);
+      await this.raft?.stop().catch(() => {});
+      this.server.forceShutdown();
+      if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
+      throw err;
+    }
+  }
+
+  private async startInner(): Promise<void> {
     this.server.addService(ControlService, this.control.server());
     this.server.addService(DispatcherService, this.dispatcher.server());
     const port = await bind(this.server, this.opts.listenAddr, grpc.ServerCredentials.createInsecure());

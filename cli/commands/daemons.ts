@@ -87,7 +87,10 @@ export function register(program: Command): void {
             const { runAgent } = await import('../../agent/agent.js');
             agentRun = runAgent({
               dataDir,
-              managers: [manager.advertiseAddr()],
+              // this manager first, then every other manager (a follower's dispatcher sends agents on)
+              managers: [manager.advertiseAddr(), ...(manager.raft?.members().map((m) => m.addr) ?? []), ...(opts.join ? [opts.join] : [])].filter(
+                (a, i, all) => all.indexOf(a) === i,
+              ),
               addr: manager.advertiseAddr(),
               token: manager.managerToken(),
               hostname,

@@ -1,0 +1,211 @@
+/**
+ * Manager high availability with real processes on loopback: three managers (each with a sim agent),
+ * kill -9 of the leader under a stream of writes, everyone restarted at once, one manager frozen,
+ * demotion with the quorum guard, and --force-new-cluster after quorum loss. At every check, every
+ * write the API acknowledged is present on every manager.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Control } from '../cli/client.js';
+import { ServiceSpec } from '../gen/flotilla/v1/objects.js';
+import type { ListServicesResponse, ListNodesResponse } from '../gen/flotilla/v1/control.js';
+import { builtCli, cli, start, waitFor, type Proc } from './helpers/procs.js';
+
+interface Mgr {
+  name: string;
+  dir: string;
+  sock: string;
+  addr: string;
+  proc?: Proc;
+}
+
+const spec = (name: string) =>
+  ServiceSpec.fromPartial({ name, replicas: 0, task: { container: { image: 'busybox:latest', args: ['sleep', '1000'] } } });
+
+describe.skipIf(!builtCli())('manager high availability (3 managers as processes)', () => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-ha-'));
+  const mgrs: Mgr[] = ['m1', 'm2', 'm3'].map((name) => ({ name, dir: path.join(root, name), sock: path.join(root, `${name}.sock`), addr: '' }));
+  const acked = new Set<string>();
+  let token = '';
+  let seq = 0;
+
+  async function launch(m: Mgr, extra: string[] = []): Promise<void> {
+    const args = ['manager', '--data-dir', m.dir, '--hostname', m.name, '--listen-addr', m.addr || '127.0.0.1:0', '--control-socket', m.sock, '--runtime', 'sim', '--heartbeat-period', '500ms', ...extra];
+    const p = start(args);
+    m.proc = p;
+    m.addr = await waitFor(`${m.name} ready`, () => p.out.join('').match(/listening on (\S+?)[,\s]/)?.[1] ?? (p.child.exitCode !== null ? Promise.reject(new Error(p.err.join(''))) : undefined), 40_000, 50);
+  }
+  async function kill(m: Mgr, sig: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    const p = m.proc;
+    if (!p) return;
+    if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill(sig);
+    await p.exited;
+    m.proc = undefined;
+  }
+  const env = (m: Mgr) => ({ FLOTILLA_HOST: `unix://${m.sock}` });
+  async function services(m: Mgr): Promise<Set<string>> {
+    const c = new Control(`unix:${m.sock}`);
+    try {
+      const r = await c.call<unknown, ListServicesResponse>('listServices', {}, 10_000);
+      return new Set(r.services.map((s) => s.spec!.name));
+    } finally {
+      c.close();
+    }
+  }
+  async function leader(m: Mgr): Promise<string> {
+    const c = new Control(`unix:${m.sock}`);
+    try {
+      const r = await c.call<unknown, ListNodesResponse>('listNodes', {}, 10_000);
+      return r.nodes.find((n) => n.managerStatus?.leader)?.description?.hostname ?? '';
+    } finally {
+      c.close();
+    }
+  }
+  /** Writes (creates services) through the given managers until stop; records acknowledged names. */
+  async function writer(targets: () => Mgr[], until: () => boolean): Promise<number> {
+    let errors = 0;
+    let i = 0;
+    while (!until()) {
+      const live = targets().filter((m) => m.proc);
+      const m = live[i++ % Math.max(1, live.length)];
+      if (!m) break;
+      const name = `w${seq++}`;
+      const c = new Control(`unix:${m.sock}`);
+      try {
+        await c.call('createService', { spec: spec(name) }, 5000);
+        acked.add(name);
+      } catch {
+        errors++;
+        await new Promise((r) => setTimeout(r, 50));
+      } finally {
+        c.close();
+      }
+    }
+    return errors;
+  }
+  async function allHaveAcked(ms: Mgr[]): Promise<void> {
+    for (const m of ms) {
+      await waitFor(`${m.name} has every acknowledged write`, async () => {
+        const have = await services(m);
+        return [...acked].every((n) => have.has(n));
+      }, 20_000);
+    }
+  }
+
+  beforeAll(async () => {
+    await launch(mgrs[0]!);
+    const r = await cli(['cluster', 'join-token', 'manager', '-q'], env(mgrs[0]!));
+    token = r.stdout.trim();
+    expect(token).toMatch(/^FLTTKN-1-/);
+    await launch(mgrs[1]!, ['--join', mgrs[0]!.addr, '--token', token]);
+    await launch(mgrs[2]!, ['--join', mgrs[0]!.addr, '--token', token]);
+  });
+  afterAll(async () => {
+    await Promise.all(mgrs.map((m) => kill(m, 'SIGTERM')));
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+
+  it('lists three managers, one of them the leader', async () => {
+    await waitFor('3 reachable managers', async () => {
+      const r = await cli(['node', 'ls', '--format', 'json'], env(mgrs[1]!));
+      const nodes = JSON.parse(r.stdout) as Array<{ hostname: string; role: string; managerStatus: { leader: boolean; reachability: string } | null }>;
+      return nodes.length === 3 && nodes.every((n) => n.role === 'manager' && n.managerStatus?.reachability === 'reachable') && nodes.filter((n) => n.managerStatus?.leader).length === 1;
+    });
+    const table = await cli(['node', 'ls'], env(mgrs[2]!));
+    expect(table.stdout).toMatch(/Leader/);
+  });
+
+  it('refuses a manager join with a wrong token', async () => {
+    const bad: Mgr = { name: 'intruder', dir: path.join(root, 'intruder'), sock: path.join(root, 'intruder.sock'), addr: '' };
+    const p = start(['manager', '--data-dir', bad.dir, '--hostname', 'intruder', '--listen-addr', '127.0.0.1:0', '--control-socket', bad.sock, '--no-agent', '--join', mgrs[0]!.addr, '--token', 'FLTTKN-1-x-mbad']);
+    expect(await p.exited).not.toBe(0);
+    expect(p.err.join('')).toMatch(/token/i);
+  });
+
+  it('survives kill -9 of the leader under a stream of writes, losing no acknowledged write', async () => {
+    let stop = false;
+    const w = writer(() => mgrs, () => stop);
+    await waitFor('some writes', () => acked.size >= 20);
+    const lead = await leader(mgrs[0]!);
+    const victim = mgrs.find((m) => m.name === lead)!;
+    const before = acked.size;
+    const t0 = Date.now();
+    await kill(victim);
+    await waitFor('writes accepted again', () => acked.size > before + 5, 15_000, 20);
+    const failover = Date.now() - t0;
+    stop = true;
+    await w;
+    expect(failover).toBeLessThan(10_000);
+    const survivors = mgrs.filter((m) => m.proc);
+    await allHaveAcked(survivors);
+    // the agents found the new leader: a new service converges on the surviving nodes
+    const r = await cli(['service', 'create', '--name', 'after-failover', '--replicas', '4', '--timeout', '30s', 'busybox', 'sleep', '1000'], env(survivors[0]!));
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    await launch(victim);
+    await allHaveAcked(mgrs);
+  });
+
+  it('comes back with every write after all managers restart at once', async () => {
+    await Promise.all(mgrs.map((m) => kill(m)));
+    await Promise.all(mgrs.map((m) => launch(m)));
+    await allHaveAcked(mgrs);
+    await waitFor('a leader', async () => (await leader(mgrs[0]!)) !== '');
+  });
+
+  it('keeps working with one manager frozen, which catches up when it thaws', async () => {
+    const frozen = mgrs[2]!;
+    frozen.proc!.child.kill('SIGSTOP');
+    try {
+      let stop = false;
+      const w = writer(() => mgrs.slice(0, 2), () => stop);
+      await waitFor('writes with one manager cut off', () => acked.size >= seq - 5 && seq > 0 && acked.size > 0, 5000).catch(() => {});
+      await new Promise((r) => setTimeout(r, 2000));
+      stop = true;
+      await w;
+    } finally {
+      frozen.proc!.child.kill('SIGCONT');
+    }
+    await allHaveAcked(mgrs);
+  });
+
+  it('refuses a demotion that would lose quorum, allows one that keeps it', async () => {
+    // m2 down: demoting m3 would leave m1 and an unreachable m2 (no quorum): refused
+    await kill(mgrs[1]!);
+    await waitFor('a leader among m1 and m3', async () => ['m1', 'm3'].includes(await leader(mgrs[0]!)), 20_000);
+    const refused = await cli(['node', 'demote', 'm3'], env(mgrs[0]!));
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(/quorum/i);
+    // with m2 back, demoting m3 keeps a quorum of 2
+    await launch(mgrs[1]!);
+    await allHaveAcked(mgrs);
+    await waitFor('m3 demoted', async () => {
+      const r = await cli(['node', 'demote', 'm3'], env(mgrs[0]!));
+      return r.code === 0;
+    }, 20_000);
+    const ls = JSON.parse((await cli(['node', 'ls', '--format', 'json'], env(mgrs[0]!))).stdout) as Array<{ hostname: string; role: string }>;
+    expect(ls.find((n) => n.hostname === 'm3')?.role).toBe('worker');
+    await kill(mgrs[1]!);
+  });
+
+  it('recovers from quorum loss with --force-new-cluster, keeping all state', async () => {
+    // m1 is alone now (m2 killed, m3 demoted): no quorum, no writes
+    const c0 = new Control(`unix:${mgrs[0]!.sock}`);
+    await expect(c0.call('createService', { spec: spec('no-quorum') }, 3000)).rejects.toThrow();
+    c0.close();
+    await kill(mgrs[0]!);
+    await launch(mgrs[0]!, ['--force-new-cluster']);
+    await allHaveAcked([mgrs[0]!]);
+    const c = new Control(`unix:${mgrs[0]!.sock}`);
+    try {
+      await c.call('createService', { spec: spec('after-recovery') }, 10_000);
+    } finally {
+      c.close();
+    }
+    expect((await services(mgrs[0]!)).has('after-recovery')).toBe(true);
+    const info = await cli(['cluster', 'info', '--format', 'json'], env(mgrs[0]!));
+    expect(JSON.parse(info.stdout).leader).toBe(mgrs[0]!.addr);
+  });
+});
