@@ -1,6 +1,6 @@
 /** `service update` flags applied onto the current spec, and waiting for an update to settle. */
 import { GetServiceResponse } from '../gen/flotilla/v1/control.js';
-import { ServiceMode, ServiceSpec, UpdateState } from '../gen/flotilla/v1/objects.js';
+import { ServiceMode, ServiceSpec, TaskState, UpdateState } from '../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
@@ -109,16 +109,24 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags): ServiceSpec {
 
 /**
  * Waits until an update or rollback settles. Exit codes: 0 completed; 1 paused or rolled back (the
- * message says why); 1 on timeout.
+ * message says why); 1 on timeout. `rolling` false (the task spec did not change: a scale, a label)
+ * means no rolling update was started, so the update status (maybe left from an earlier update) is not
+ * this command's: it waits until the desired number of tasks run.
  */
-export async function waitForUpdate(c: Control, serviceId: string, timeoutMs: number, rollback: boolean, quiet = false): Promise<void> {
+export async function waitForUpdate(c: Control, serviceId: string, timeoutMs: number, rollback: boolean, quiet = false, rolling = true): Promise<void> {
   const start = Date.now();
   const tty = process.stdout.isTTY && !quiet;
   let last = '';
   while (Date.now() - start < timeoutMs) {
     const { service } = await c.call<unknown, GetServiceResponse>('getService', { serviceId });
     const conv = await convergence(c, serviceId);
-    const st = service!.updateStatus?.state ?? UpdateState.UPDATE_STATE_UNKNOWN;
+    const st = rolling ? (service!.updateStatus?.state ?? UpdateState.UPDATE_STATE_UNKNOWN) : UpdateState.UPDATE_STATE_UNKNOWN;
+    if (!rolling) {
+      // whatever spec they run: a paused update may leave old tasks in some slots
+      const up = conv.tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING && t.status?.state === TaskState.TASK_STATE_RUNNING).length;
+      conv.running = up;
+      conv.done = up === conv.desired && conv.tasks.length === conv.desired;
+    }
     const line = `${rollback || st >= UpdateState.UPDATE_STATE_ROLLBACK_STARTED ? 'rollback' : 'update'}: ${updateStateName(st) || 'pending'}, ${conv.running} out of ${conv.desired} tasks running`;
     if (!quiet && line !== last) {
       process.stdout.write(tty ? `\r\x1b[K${line}` : `${line}\n`);
@@ -142,7 +150,8 @@ export async function waitForUpdate(c: Control, serviceId: string, timeoutMs: nu
           if (!quiet) process.stdout.write('rollback: rollback completed\n');
           return;
         }
-        throw new ExitError(1, `update rolled back: ${msg}`);
+        // "rollback completed (update rolled back: task … failed: …)": say why it was rolled back
+        throw new ExitError(1, /update rolled back: /.test(msg) ? msg.slice(msg.indexOf('update rolled back: ')).replace(/\)$/, '') : `update rolled back: ${msg}`);
       case UpdateState.UPDATE_STATE_PAUSED:
         done();
         throw new ExitError(1, msg || 'update paused');

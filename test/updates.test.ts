@@ -29,7 +29,7 @@ interface ServiceJ {
   name: string;
   version: number;
   image: string;
-  updateStatus: { state: string; message: string } | null;
+  updateStatus: { state: string; message: string; startedAt: string; completedAt: string } | null;
   spec: Record<string, unknown> & { task: { container: { image: string; env: string[] } } };
   previousSpec: unknown;
 }
@@ -207,7 +207,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
   });
 
   it('a bad image pauses the update (exit 1, saying which task and why); paused shows in ls and inspect', async () => {
-    await create('bad', 4, ['--update-monitor', '300ms']);
+    await create('bad', 4, ['--update-monitor', '300ms', '--rollback-monitor', '300ms']);
     const r = await flotilla('service', 'update', '--image', 'busybox:missing', 'bad');
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/update paused: task \w+ was rejected: image "busybox:missing" not found/);
@@ -244,6 +244,13 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect(tasks.every((t) => t.health === 'healthy' && t.state === 'running')).toBe(true);
     const { service, tasks: raw } = await tasksOf('hb');
     expect(raw.filter(active).every((t) => taskSpecEqual(t.spec, service.spec!.task))).toBe(true);
+    // the rollback followed the --rollback-* policy given with the update it undid (monitor 300ms, not 5s)
+    expect(Date.parse(after.updateStatus!.completedAt) - Date.parse(after.updateStatus!.startedAt)).toBeLessThan(4000);
+    // a later scale is not an update: it converges and exits 0 although the last update was rolled back
+    const scale = await flotilla('service', 'update', '--replicas', '5', 'hb');
+    expect(scale.stderr).toBe('');
+    expect(scale.code).toBe(0);
+    expect((await inspect('hb')).updateStatus!.state).toBe('rollback_completed');
   });
 
   it('the max failure ratio: 2 of 8 failed tasks pause an update allowing 0.2, not one allowing 0.3; continue ignores failures', async () => {
@@ -290,7 +297,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
   });
 
   it('history keeps versions with what changed; rollback and --to-version restore specs exactly; dry run changes nothing', async () => {
-    await create('h', 2, ['--update-monitor', '200ms', '--update-parallelism', '0']);
+    await create('h', 2, ['--update-monitor', '200ms', '--update-parallelism', '0', '--rollback-monitor', '200ms', '--rollback-parallelism', '0']);
     const v1 = await inspect('h');
     expect((await flotilla('service', 'update', '--image', 'busybox:2', 'h')).code).toBe(0);
     const v2 = await inspect('h');

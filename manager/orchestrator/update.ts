@@ -97,7 +97,8 @@ export class Updater extends ReconcileLoop {
     const global = spec.mode === ServiceMode.SERVICE_MODE_GLOBAL;
     const updating = isUpdating(service);
     const rollingBack = service.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_STARTED;
-    const cfg: UpdateConfig = (rollingBack ? spec.rollback : spec.update) ?? {
+    // a rollback follows the rollback policy of the spec it leaves (the one just given with --rollback-*)
+    const cfg: UpdateConfig = (rollingBack ? (service.previousSpec?.rollback ?? spec.rollback) : spec.update) ?? {
       parallelism: 1,
       delayMs: 0,
       failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE,
@@ -223,7 +224,8 @@ export class Updater extends ReconcileLoop {
           state: rollingBack ? UpdateState.UPDATE_STATE_ROLLBACK_COMPLETED : UpdateState.UPDATE_STATE_COMPLETED,
           startedAt,
           completedAt: now,
-          message: rollingBack ? 'rollback completed' : 'update completed',
+          // a rollback keeps saying why it happened
+          message: rollingBack ? `rollback completed${service.updateStatus?.message ? ` (${service.updateStatus.message})` : ''}` : 'update completed',
         },
       });
     }

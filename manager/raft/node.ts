@@ -213,6 +213,8 @@ export class RaftNode {
   private readonly requestTimeoutMs: number;
   private readonly membersFile: string;
   private readonly ac = new AbortController();
+  /** counters for benchmarks and tests */
+  readonly stats = { readies: 0, syncs: 0, entries: 0, committed: 0, messagesOut: 0, messagesIn: 0, proposals: 0 };
 
   private constructor(
     private readonly opts: RaftNodeOptions,
@@ -405,6 +407,12 @@ export class RaftNode {
   }
 
   private async handleReady(rd: Ready): Promise<void> {
+    const stats = this.stats;
+    stats.readies++;
+    stats.entries += rd.entries.length;
+    stats.committed += rd.committedEntries.length;
+    stats.messagesOut += rd.messages.length;
+    if (rd.mustSync) stats.syncs++;
     if (rd.softState) this.onSoftState(rd.softState.lead, rd.softState.role === 'leader');
     const storage = this.wal.storage;
     // A leader may send its appends and heartbeats before its own write is durable (Raft thesis
@@ -599,6 +607,7 @@ export class RaftNode {
   /** @internal the transport's server side */
   handleMessage(m: RaftEnvelopeMessage): void {
     if (this.stopped) return;
+    this.stats.messagesIn++;
     this.transport.heardFrom(m.from);
     try {
       this.raw.step(m);
@@ -756,6 +765,7 @@ export class RaftNode {
     if (data.length > MAX_PROPOSAL) throw new FlotillaError('INVALID_ARGUMENT', `raft proposal of ${data.length} bytes: larger than ${MAX_PROPOSAL}`);
     await this.waitForLeader(signal);
     this.check(signal);
+    this.stats.proposals++;
     const ridBuf = randomBytes(8);
     const rid = ridBuf.toString('hex');
     const entry = wrapProposal(ridBuf, data);
