@@ -235,6 +235,9 @@ export class ControlApi {
   serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
     let service: Service;
     try {
+      // the agents' log streams end at the leader's dispatcher
+      if (!this.ctx.dispatcher.isRunning())
+        throw new FlotillaError('UNAVAILABLE', `logs are served by the leader manager; retry with --host ${this.ctx.leaderAddr() || '<leader>'}`);
       service = resolveService(this.store, call.request.serviceId);
     } catch (err) {
       call.destroy(grpcError(err));

@@ -313,6 +313,11 @@ export class Dispatcher {
     };
   }
 
+  /** Whether this manager's dispatcher serves agents (it is the leader's). */
+  isRunning(): boolean {
+    return this.running;
+  }
+
   isConnected(nodeId: string): boolean {
     return this.sessions.has(nodeId);
   }
