@@ -32,6 +32,7 @@ import {
   CLI,
   Timeline,
   flotilla,
+  cpuMs,
   control,
   dockerAvailable,
   dockerImportRootfs,

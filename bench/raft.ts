@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { builtRaftKv, findLeader, killKv, request, spawnKv, status, waitUntil, type KvProc } from '../test/helpers/raft-kv-procs.js';
+import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, waitUntil, type KvProc } from '../test/helpers/raft-kv-procs.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
 const VALUE = 'v'.repeat(256);
@@ -32,15 +32,21 @@ async function throughput(leader: KvProc, clients: number, seconds: number, tag:
   const t0 = Date.now();
   await Promise.all(
     Array.from({ length: clients }, async (_, c) => {
-      for (let i = 0; Date.now() < end; i++) {
-        const s = performance.now();
-        try {
-          const r = await request(leader.httpPort, 'PUT', `/kv/${tag}-${c}-${i}`, VALUE);
-          if (r.status === 204) lat.push(performance.now() - s);
-          else errors++;
-        } catch {
-          errors++;
+      // one keep-alive connection per client, one request at a time: each write is one acknowledged PUT
+      const conn = new KvConnection(leader.httpPort);
+      try {
+        for (let i = 0; Date.now() < end; i++) {
+          const s = performance.now();
+          try {
+            const r = await conn.request('PUT', `/kv/${tag}-${c}-${i}`, VALUE);
+            if (r.status === 204) lat.push(performance.now() - s);
+            else errors++;
+          } catch {
+            errors++;
+          }
         }
+      } finally {
+        conn.close();
       }
     }),
   );

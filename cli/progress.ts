@@ -6,8 +6,9 @@ import { ListTasksResponse, GetServiceResponse } from '../gen/flotilla/v1/contro
 import { ServiceMode, Task, TaskState } from '../gen/flotilla/v1/objects.js';
 import type { Control } from './client.js';
 import { ExitError } from './util.js';
-import { taskStateName } from './format.js';
+import { healthName, taskStateName } from './format.js';
 import { taskSpecEqual } from '../manager/controlapi/diff.js';
+import { isUp } from '../manager/orchestrator/update.js';
 
 export interface Convergence {
   running: number;
@@ -20,7 +21,8 @@ export async function convergence(c: Control, serviceId: string): Promise<Conver
   const { service } = await c.call<unknown, GetServiceResponse>('getService', { serviceId });
   const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: service!.id, nodeId: '', desiredRunning: true });
   const current = tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING);
-  const running = current.filter((t) => t.status?.state === TaskState.TASK_STATE_RUNNING && taskSpecEqual(t.spec, service!.spec?.task)).length;
+  // a task with a health check counts as running only once healthy
+  const running = current.filter((t) => isUp(t) && taskSpecEqual(t.spec, service!.spec?.task)).length;
   const global = service!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
   const desired = global ? current.length : (service!.spec?.replicas ?? 0);
   // done when every wanted slot runs the current spec, and nothing old is still up
@@ -51,8 +53,11 @@ export async function waitForService(c: Control, serviceId: string, timeoutMs: n
   if (tty) process.stdout.write('\n');
   const reasons = new Map<string, number>();
   for (const t of conv?.tasks ?? []) {
-    if (t.status?.state === TaskState.TASK_STATE_RUNNING) continue;
-    const why = `${taskStateName(t.status?.state ?? 0)}: ${t.status?.err || t.status?.message || ''}`;
+    if (isUp(t)) continue;
+    const why =
+      t.status?.state === TaskState.TASK_STATE_RUNNING
+        ? `running, health ${healthName(t.status.health)}`
+        : `${taskStateName(t.status?.state ?? 0)}: ${t.status?.err || t.status?.message || ''}`;
     reasons.set(why, (reasons.get(why) ?? 0) + 1);
   }
   const detail = [...reasons].map(([why, n]) => `${n} task${n === 1 ? '' : 's'} ${why}`).join('; ');

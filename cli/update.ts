@@ -54,6 +54,8 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags): ServiceSpec {
     if (!e.includes('=')) throw invalidArgument('--env-add', e, 'expected KEY=VALUE');
     c.env = [...c.env.filter((x) => envKey(x) !== envKey(e)), e];
   }
+  // the create-only forms of list flags would silently do nothing here: say which flags to use
+  if (f.constraint?.length) throw invalidArgument('--constraint', f.constraint[0], 'service update takes --constraint-add and --constraint-rm');
   task.placement ??= { constraints: [], maxReplicasPerNode: 0 };
   for (const x of f.constraintRm ?? []) task.placement.constraints = task.placement.constraints.filter((y) => y.replace(/\s/g, '') !== x.replace(/\s/g, ''));
   for (const x of f.constraintAdd ?? []) {

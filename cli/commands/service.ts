@@ -16,7 +16,7 @@ import { withControl } from '../client.js';
 import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
 import { waitForService } from '../progress.js';
 import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
-import { diffSpecs, taskSpecEqual } from '../../manager/controlapi/diff.js';
+import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
 import { action, checkFormat, collect, printJson, table, timeAgo, ExitError } from '../util.js';
 
@@ -331,8 +331,9 @@ export function register(program: Command): void {
         });
         if (opts.dryRun) return printDryRun(res);
         process.stdout.write(`${s!.spec?.name}\n`);
-        // only a change of the task spec (or a rollback) starts a rolling update; a scale just converges
-        const rolling = !!opts.rollback || !taskSpecEqual(s!.spec?.task, res.service?.spec?.task);
+        // only a change of the task spec, a rollback, or resuming a paused update starts a rolling
+        // update (a new update status); a scale just converges
+        const rolling = !!opts.rollback || res.service?.updateStatus?.startedAt !== s!.updateStatus?.startedAt;
         if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet, rolling);
       });
     }),

@@ -127,8 +127,10 @@ export class ControlApi {
       const version = s.specVersion + 1;
       const now = Date.now();
       const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
-      // a change of the task spec starts a rolling update (or a rollback); scaling does not
-      const rolling = !taskSpecEqual(s.spec?.task, next.task);
+      // a change of the task spec starts a rolling update (or a rollback); scaling does not. Any update
+      // of a paused service resumes it (as a new update).
+      const paused = s.updateStatus?.state === UpdateState.UPDATE_STATE_PAUSED || s.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_PAUSED;
+      const rolling = !taskSpecEqual(s.spec?.task, next.task) || paused;
       const updateStatus = req.rollback
         ? {
             state: UpdateState.UPDATE_STATE_ROLLBACK_STARTED,

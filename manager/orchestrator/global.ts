@@ -4,27 +4,12 @@
  */
 import { Node, NodeAvailability, Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { matchConstraint, parseConstraint } from '../scheduler/constraints.js';
-import type { StoreEvent, Tx } from '../store/store.js';
-import { ReconcileLoop } from './loop.js';
+import type { Tx } from '../store/store.js';
+import { ServiceOrchestrator } from './service-loop.js';
 import { isActive, isTerminal, newTask, nodeIsReady, restartDecision, withDesired, withStatus } from './tasks.js';
 
-export class GlobalOrchestrator extends ReconcileLoop {
-  protected interested(ev: StoreEvent): boolean {
-    if (ev.kind === 'commit') return false;
-    if (ev.table === 'service' || ev.table === 'node') return true;
-    if (ev.table !== 'task') return false;
-    const t = ev.object as Task;
-    const old = ev.old as Task | undefined;
-    return ev.kind !== 'update' || isTerminal(t.status?.state ?? 0) !== isTerminal(old?.status?.state ?? 0) || t.desiredState !== old?.desiredState;
-  }
-
-  protected async reconcile(signal: AbortSignal): Promise<void> {
-    const services = this.store.listServices().filter((s) => s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL);
-    for (const s of services) {
-      if (signal.aborted) return;
-      await this.store.update((tx) => this.reconcileService(tx, s.id), signal);
-    }
-  }
+export class GlobalOrchestrator extends ServiceOrchestrator {
+  protected readonly mode = ServiceMode.SERVICE_MODE_GLOBAL;
 
   reconcileService(tx: Tx, serviceId: string): void {
     const service = tx.get<Service>('service', serviceId);
@@ -61,9 +46,10 @@ export class GlobalOrchestrator extends ReconcileLoop {
         tx.create('task', newTask(service, 0, node.id));
         continue;
       }
+      // Several active tasks on a node happen only during a rolling update (start-first, or a new task
+      // held until the old one stops): the updater settles those. The newest is the node's.
       active.sort((a, b) => (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
       const cur = active[0]!;
-      for (const t of active.slice(1)) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
       if (!isTerminal(cur.status?.state ?? 0)) continue;
       const at = restartDecision(cur, list, now);
       if (at === undefined) {

@@ -33,11 +33,15 @@ export abstract class ReconcileLoop {
         this.timer = undefined;
         this.timerAt = Infinity;
         this.dirty = true;
+        this.onWake();
         this.kick?.();
       },
       Math.max(0, at - Date.now()),
     );
   }
+
+  /** Called when a wake-up asked for with wakeAt() is due, before the pass it causes. */
+  protected onWake(): void {}
 
   /** Ask for another pass right away. */
   protected poke(): void {

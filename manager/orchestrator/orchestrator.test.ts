@@ -347,4 +347,35 @@ describe('updater', () => {
     await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
   });
+
+  it('global start-first: the global orchestrator leaves the old task to the updater; a drained node gets no replacement', async () => {
+    const { store, glob, upd } = setup();
+    const a = testNode('a');
+    const b = testNode('b');
+    await put(store, 'node', a);
+    await put(store, 'node', b);
+    const svc = testService('agent', 0, { mode: ServiceMode.SERVICE_MODE_GLOBAL });
+    await put(store, 'service', svc);
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    await runAll(store, [a, b]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 0);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    // both nodes run old and new side by side until the new ones are up
+    expect(live(store, svc.id)).toHaveLength(4);
+    await runAll(store, [a, b]);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(live(store, svc.id).map((t) => t.spec!.container!.env[0])).toEqual(['V=2', 'V=2']);
+    // drain b: its task stops; neither the orchestrator nor the updater puts a new one there
+    const onB = store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id).length;
+    await store.update((tx) => {
+      const n = tx.get<Node>('node', b.id)!;
+      tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
+    });
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => glob.reconcileService(tx, svc.id));
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(live(store, svc.id).map((t) => t.nodeId)).toEqual([a.id]);
+    expect(store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id)).toHaveLength(onB);
+  });
 });

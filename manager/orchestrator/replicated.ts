@@ -7,30 +7,13 @@
  * updater's job (manager/orchestrator/update.ts): both follow the service's update parallelism and order.
  */
 import { Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
-import type { StoreEvent, Tx } from '../store/store.js';
-import { ReconcileLoop } from './loop.js';
+import type { Tx } from '../store/store.js';
+import { ServiceOrchestrator } from './service-loop.js';
 import { isActive, isTerminal, newTask, nodeIsReady, restartDecision, withDesired, withStatus } from './tasks.js';
 
-export class ReplicatedOrchestrator extends ReconcileLoop {
-  protected interested(ev: StoreEvent): boolean {
-    if (ev.kind === 'commit') return false;
-    if (ev.table === 'service' || ev.table === 'node') return true;
-    if (ev.table !== 'task') return false;
-    const t = ev.object as Task;
-    const old = ev.old as Task | undefined;
-    // task state changes that matter: ended, or desired state changed
-    return ev.kind !== 'update' || isTerminal(t.status?.state ?? 0) !== isTerminal(old?.status?.state ?? 0) || t.desiredState !== old?.desiredState;
-  }
+export class ReplicatedOrchestrator extends ServiceOrchestrator {
+  protected readonly mode = ServiceMode.SERVICE_MODE_REPLICATED;
 
-  protected async reconcile(signal: AbortSignal): Promise<void> {
-    const services = this.store.listServices().filter((s) => s.spec?.mode === ServiceMode.SERVICE_MODE_REPLICATED);
-    for (const s of services) {
-      if (signal.aborted) return;
-      await this.store.update((tx) => this.reconcileService(tx, s.id), signal);
-    }
-  }
-
-  /** One service's pass, inside a transaction. */
   reconcileService(tx: Tx, serviceId: string): void {
     const service = tx.get<Service>('service', serviceId);
     if (!service || service.spec?.mode !== ServiceMode.SERVICE_MODE_REPLICATED) return;

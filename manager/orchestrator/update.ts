@@ -12,7 +12,7 @@
  * - failures: an updated task that fails (or is rejected) at any point before the update completes
  *   counts; when failures / slots exceeds the max failure ratio the failure action applies: pause,
  *   continue, or rollback (the service's previous spec becomes its spec, rolled out with the rollback
- *   policy).
+ *   policy of the spec it leaves).
  *
  * The updater keeps no state of its own: every pass derives progress from the store, so a new leader
  * carries on where the old one stopped.
@@ -147,6 +147,8 @@ export class Updater extends ReconcileLoop {
       }
       // a replacement on its way counts against the parallelism
       if (n && !isTerminal(n.status?.state ?? 0) && ((n.meta?.createdAt ?? 0) >= startedAt || stale.length > 0)) busy++;
+      // a global service's task on a drained node is not replaced: the global orchestrator stops it
+      if (global && stale.some((t) => this.onDrainedNode(t))) continue;
       // while not updating (or paused), only tasks on drained nodes are replaced
       if (!updating && !stale.some((t) => this.onDrainedNode(t))) continue;
       if (!n && stale.length) dirty.push({ key, stale });

@@ -178,3 +178,103 @@ export async function dump(p: KvProc, stale = false): Promise<Record<string, str
   if (r.status !== 200) throw new Error(`${p.name}: dump: ${r.status} ${r.body}`);
   return JSON.parse(r.body) as Record<string, string>;
 }
+
+/**
+ * One keep-alive HTTP/1.1 connection doing one request at a time (no pipelining), for the
+ * benchmark: Node's http.Agent/ClientRequest machinery costs the client several times more CPU
+ * per request than the server's own handling, so on a 2-core machine the stock client would be
+ * what the write rate measures. Each request still waits for its full response (status line,
+ * headers, Content-Length or chunked body) before the next one is written.
+ */
+export class KvConnection {
+  private socket: net.Socket | undefined;
+  private buf: Buffer = Buffer.alloc(0);
+  private pending: { resolve: (r: HttpResult) => void; reject: (e: Error) => void; timer: NodeJS.Timeout } | undefined;
+
+  constructor(readonly port: number) {}
+
+  private connect(): net.Socket {
+    if (this.socket && !this.socket.destroyed) return this.socket;
+    const s = net.connect({ host: '127.0.0.1', port: this.port, noDelay: true });
+    this.buf = Buffer.alloc(0);
+    s.on('data', (d: Buffer) => {
+      this.buf = this.buf.length === 0 ? d : Buffer.concat([this.buf, d]);
+      this.parse();
+    });
+    const fail = (err: Error): void => {
+      if (this.socket === s) this.socket = undefined;
+      const p = this.pending;
+      this.pending = undefined;
+      if (p) {
+        clearTimeout(p.timer);
+        p.reject(err);
+      }
+    };
+    s.on('error', fail);
+    s.on('close', () => fail(new Error('connection closed')));
+    this.socket = s;
+    return s;
+  }
+
+  private parse(): void {
+    const p = this.pending;
+    if (!p) return;
+    const buf = this.buf;
+    const headEnd = buf.indexOf('\r\n\r\n');
+    if (headEnd < 0) return;
+    const head = buf.subarray(0, headEnd).toString('latin1');
+    const status = Number(head.slice(9, 12));
+    const lower = head.toLowerCase();
+    let bodyStart = headEnd + 4;
+    let body: string;
+    let end: number;
+    const cl = /\r\ncontent-length: *(\d+)/.exec(lower);
+    if (cl) {
+      end = bodyStart + Number(cl[1]);
+      if (buf.length < end) return;
+      body = buf.subarray(bodyStart, end).toString();
+    } else if (lower.includes('\r\ntransfer-encoding: chunked')) {
+      const parts: Buffer[] = [];
+      for (;;) {
+        const le = buf.indexOf('\r\n', bodyStart);
+        if (le < 0) return;
+        const n = parseInt(buf.subarray(bodyStart, le).toString('latin1'), 16);
+        if (buf.length < le + 2 + n + 2) return;
+        if (n === 0) {
+          end = le + 4;
+          break;
+        }
+        parts.push(buf.subarray(le + 2, le + 2 + n));
+        bodyStart = le + 2 + n + 2;
+      }
+      body = Buffer.concat(parts).toString();
+    } else {
+      end = bodyStart; // 204/304 or no body
+      body = '';
+    }
+    this.buf = end >= buf.length ? Buffer.alloc(0) : buf.subarray(end);
+    this.pending = undefined;
+    clearTimeout(p.timer);
+    if (/\r\nconnection: *close/.test(lower)) this.close();
+    p.resolve({ status, body });
+  }
+
+  request(method: string, p: string, body = '', timeoutMs = 10_000): Promise<HttpResult> {
+    if (this.pending) return Promise.reject(new Error('KvConnection: one request at a time'));
+    const s = this.connect();
+    return new Promise<HttpResult>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending = undefined;
+        this.close();
+        reject(new Error(`${method} ${p} timed out`));
+      }, timeoutMs);
+      this.pending = { resolve, reject, timer };
+      s.write(`${method} ${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    });
+  }
+
+  close(): void {
+    this.socket?.destroy();
+    this.socket = undefined;
+  }
+}

@@ -16,7 +16,7 @@
  * otherwise. Usage:
  *
  *   node dist/test/helpers/raft-kv.js --dir D --listen 127.0.0.1:P --http 127.0.0.1:H
- *        [--join ADDR] [--tick-ms 100] [--snapshot-every N] [--compact-keep N] [--force-new-cluster]
+ *        [--join ADDR] [--tick-ms 100] [--snapshot-every N (default 100,000)] [--compact-keep N] [--force-new-cluster]
  *
  * Prints one line "READY {json}" on stdout once serving. SIGTERM/SIGINT stop it cleanly.
  */
@@ -30,7 +30,7 @@ import { RaftNode, type StateMachine } from '../../manager/raft/node.js';
 export class KvStateMachine implements StateMachine {
   map = new Map<string, string>();
   apply(data: Uint8Array): void {
-    const op = JSON.parse(Buffer.from(data).toString()) as { k?: string; v?: string; puts?: [string, string][] };
+    const op = JSON.parse(Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString()) as { k?: string; v?: string; puts?: [string, string][] };
     if (op.puts) for (const [k, v] of op.puts) this.map.set(k, v);
     else if (op.k !== undefined) this.map.set(op.k, op.v ?? '');
   }
@@ -90,7 +90,9 @@ async function main(): Promise<void> {
     stateMachine: kv,
     signal: ac.signal,
     tickMs: values['tick-ms'] ? Number(values['tick-ms']) : 100,
-    snapshotEvery: values['snapshot-every'] ? Number(values['snapshot-every']) : undefined,
+    // etcd's default snapshot count (100,000); the driver's own default (10,000) suits the
+    // manager's store, whose entries are larger than this KV's
+    snapshotEvery: values['snapshot-every'] ? Number(values['snapshot-every']) : 100_000,
     compactKeep: values['compact-keep'] ? Number(values['compact-keep']) : undefined,
     forceNewCluster: values['force-new-cluster'],
     log,
@@ -106,8 +108,10 @@ async function main(): Promise<void> {
   server.keepAliveTimeout = 60_000;
 
   async function handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const url = new URL(req.url ?? '/', 'http://x');
-    const p = url.pathname;
+    const raw = req.url ?? '/';
+    const q = raw.indexOf('?');
+    const p = q < 0 ? raw : raw.slice(0, q);
+    const url = { searchParams: new URLSearchParams(q < 0 ? '' : raw.slice(q + 1)) };
     const stale = url.searchParams.get('stale') === '1';
     const json = (v: unknown): void => {
       res.writeHead(200, { 'content-type': 'application/json' });
