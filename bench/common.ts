@@ -18,15 +18,18 @@ export interface RunResult {
   ms: number;
 }
 
-/** Runs a command to completion, killed (SIGKILL) after timeoutMs; never rejects. */
-export function run(cmd: string, args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<RunResult> {
+/**
+ * Runs a command to completion, killed (SIGKILL) after timeoutMs; never rejects. quiet: no pipes at
+ * all (needed for `runc run -d`, whose container would inherit them and hold them open).
+ */
+export function run(cmd: string, args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv; input?: string; quiet?: boolean } = {}): Promise<RunResult> {
   return new Promise((resolve) => {
     const t = performance.now();
-    const child = spawn(cmd, args, { stdio: [opts.input !== undefined ? 'pipe' : 'ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    const child = spawn(cmd, args, { stdio: opts.quiet ? 'ignore' : [opts.input !== undefined ? 'pipe' : 'ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
     let stdout = '';
     let stderr = '';
-    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
     const timer = setTimeout(() => {
       stderr += `\n(killed after ${opts.timeoutMs} ms)`;
       child.kill('SIGKILL');

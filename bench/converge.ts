@@ -144,8 +144,8 @@ async function rawFloor(base: string, rootfs: string, n: number, seq: number): P
     Array.from({ length: CONCURRENCY }, async () => {
       while (next < ids.length) {
         const id = ids[next++]!;
-        const r = await run(runc, ['--root', root, 'run', '-d', '--bundle', path.join(base, 'bundles', id), id], { timeoutMs: 60_000 });
-        if (r.code !== 0) failed ||= `runc run -d ${id}: ${r.stderr.trim()}`;
+        const r = await run(runc, ['--root', root, 'run', '-d', '--bundle', path.join(base, 'bundles', id), id], { timeoutMs: 60_000, quiet: true });
+        if (r.code !== 0) failed ||= `runc run -d ${id} exited with ${r.code}`;
       }
     }),
   );
@@ -209,6 +209,7 @@ async function main(): Promise<number> {
     deadline = Date.now();
   };
   process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   const load0 = loadAvg();
   let exit = 0;
   try {
@@ -303,6 +304,7 @@ async function main(): Promise<number> {
   } finally {
     await cleanup(c, ctl, dataDir, { swarmInit, swarmImage });
     process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
   }
   return exit;
 }

@@ -101,7 +101,8 @@ async function main(): Promise<void> {
             try {
               const r = await request(s.httpPort, 'PUT', `/kv/fo${round}-${w}-${i}`, VALUE, 3000);
               if (r.status === 204) {
-                if (killedAt && !firstAfter) firstAfter = Date.now();
+                // only a survivor's answer counts (not a late answer of the killed leader)
+                if (killedAt && !firstAfter && s !== leader) firstAfter = Date.now();
                 break;
               }
             } catch {}

@@ -56,7 +56,10 @@ export abstract class ReconcileLoop {
     // consume events in the background, marking dirty
     const consumer = (async () => {
       for await (const evs of events) {
-        if (evs.some((e) => this.interested(e))) {
+        // every event is shown to interested() (no short cut): it may record what each one touched
+        let any = false;
+        for (const e of evs) if (this.interested(e)) any = true;
+        if (any) {
           this.dirty = true;
           this.kick?.();
         }

@@ -160,6 +160,35 @@ describe('replicated orchestrator', () => {
   });
 });
 
+describe('orchestrator watch loop', () => {
+  it('reacts to every service an event batch touched, not only the first', async () => {
+    const { store, repl } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svcs = [testService('one', 1), testService('two', 1)];
+    for (const s of svcs) {
+      s.spec!.task!.restart!.condition = RestartCondition.RESTART_CONDITION_NONE;
+      await put(store, 'service', s);
+    }
+    const ctl = new AbortController();
+    const running = repl.run(ctl.signal);
+    try {
+      const deadline = Date.now() + 2000;
+      while (store.listTasks().length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      await runAll(store, [n]);
+      // both tasks fail in one transaction: one batch of events for two services
+      await store.update((tx) => {
+        for (const t of store.listTasks()) tx.update('task', { ...t, status: { ...t.status!, state: TaskState.TASK_STATE_FAILED, timestamp: Date.now() } });
+      });
+      while (store.listTasks().some((t) => t.desiredState !== TaskState.TASK_STATE_COMPLETE) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      expect(store.listTasks().map((t) => t.desiredState)).toEqual([TaskState.TASK_STATE_COMPLETE, TaskState.TASK_STATE_COMPLETE]);
+    } finally {
+      ctl.abort();
+      await running;
+    }
+  });
+});
+
 describe('global orchestrator', () => {
   it('runs one task per eligible node, following nodes as they come, pause and drain', async () => {
     const { store, glob } = setup();

@@ -30,7 +30,7 @@ import { RawNode, decodeConfChange } from './core.js';
 import { snapIndex } from './memory-storage.js';
 import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftServiceHandlers } from './transport.js';
 import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
-import { Wal } from './wal.js';
+import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
 
 export interface StateMachine {
   /** apply a committed entry (deterministically, the same on every manager); a throw is logged and rejects the local proposer */
@@ -74,6 +74,8 @@ export interface RaftNodeOptions {
   /** proposals and reads not done within this are rejected (default 15 s) */
   requestTimeoutMs?: number;
   segmentBytes?: number;
+  /** WAL segments are extended with zeros this far ahead of the last record (default 4 MiB, at most segmentBytes; 0: off) */
+  preallocBytes?: number;
   queueSize?: number;
   chunkBytes?: number;
   credentials?: grpc.ChannelCredentials;
@@ -189,6 +191,10 @@ function parseContext(ctx: Buffer): CcContext {
   } catch {
     return { addr: ctx.toString() };
   }
+}
+
+function walPrealloc(opts: RaftNodeOptions): number {
+  return Math.min(opts.preallocBytes ?? 4 * 1024 * 1024, opts.segmentBytes ?? DEFAULT_SEGMENT_BYTES);
 }
 
 function writeJsonAtomic(file: string, value: unknown): void {
@@ -355,7 +361,7 @@ export class RaftNode {
       }
       members.set(id, addr);
 
-      let wal = Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, log });
+      let wal = Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log });
       if (existing && opts.forceNewCluster) {
         wal = forceNewCluster(wal, opts, id, addr, members);
       }
@@ -1122,5 +1128,5 @@ function forceNewCluster(wal: Wal, opts: RaftNodeOptions, id: number, addr: stri
   wal.close();
   writeJsonAtomic(path.join(opts.dataDir, 'members.json'), [{ id, addr }]);
   opts.log?.warn({ id, index: commit, term: hs.term }, 'raft: forced a new one-member cluster from the local state');
-  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, log: opts.log });
+  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log: opts.log });
 }

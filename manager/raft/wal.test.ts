@@ -216,4 +216,40 @@ describe('raft WAL', () => {
     }
     expect(lastIndexSeen).toBeLessThan(300);
   });
+  it('preallocates segments with zeros and replays over the zero tail (torn records in it too)', () => {
+    const dir = tmp();
+    const w = Wal.open({ dir, preallocBytes: 64 * 1024, segmentBytes: 16 * 1024 });
+    w.save({ term: 1, vote: 1, commit: 0 }, range(1, 50, 1));
+    const first = w.segmentFiles()[0]!;
+    expect(fs.statSync(first).size).toBeGreaterThanOrEqual(64 * 1024);
+    // enough to roll over a few segments, each with a zero tail
+    for (let i = 51; i <= 2000; i += 50) w.save({ term: 1, vote: 1, commit: i - 1 }, range(i, i + 49, 1));
+    expect(w.segmentFiles().length).toBeGreaterThan(2);
+    w.close();
+    // reopened without preallocation: appends go after the last record, not after the zeros
+    let r = Wal.open({ dir });
+    expect(r.storage.lastIndex()).toBe(2000);
+    expect(allEntries(r).map((e) => e.index)).toEqual(Array.from({ length: 2000 }, (_, i) => i + 1));
+    expect(r.storage.initialState().hardState).toEqual({ term: 1, vote: 1, commit: 1950 });
+    r.save({ term: 1, vote: 1, commit: 2001 }, [ent(2001, 1, 'after')]);
+    r.close();
+    r = Wal.open({ dir, preallocBytes: 64 * 1024, segmentBytes: 16 * 1024 });
+    expect(r.storage.lastIndex()).toBe(2001);
+    expect(r.storage.entries(2001, 2002, Infinity)[0]!.data.toString()).toBe('after');
+    r.save(undefined, [ent(2002, 1, 'y'.repeat(100))]);
+    const last = r.segmentFiles()[r.segmentFiles().length - 1]!;
+    r.close();
+    // a torn last record followed by preallocated zeros: the record is dropped, the prefix kept
+    const buf = fs.readFileSync(last);
+    const end = buf.lastIndexOf(Buffer.from('y'.repeat(100))) + 100;
+    fs.writeFileSync(last, Buffer.concat([buf.subarray(0, end - 40), Buffer.alloc(buf.length - end + 40)]));
+    r = Wal.open({ dir, preallocBytes: 64 * 1024, segmentBytes: 16 * 1024 });
+    expect(r.storage.lastIndex()).toBe(2001);
+    r.save(undefined, [ent(2002, 1, 'again')]);
+    r.close();
+    r = Wal.open({ dir });
+    expect(r.storage.lastIndex()).toBe(2002);
+    expect(r.storage.entries(2002, 2003, Infinity)[0]!.data.toString()).toBe('again');
+    r.close();
+  });
 });

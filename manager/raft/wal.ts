@@ -42,6 +42,13 @@ export interface WalOptions {
   segmentBytes?: number;
   /** snapshot files kept (default 2) */
   keepSnapshots?: number;
+  /**
+   * extend the current segment with zeros this many bytes ahead of the write offset (default 0:
+   * off). An fdatasync of records written over preallocated zeros has no file size to commit, so
+   * it costs about half of one that grows the file (no journal commit on ext4). Replay treats an
+   * all-zero tail of a segment as its end.
+   */
+  preallocBytes?: number;
   log?: Logger;
 }
 
@@ -100,6 +107,17 @@ function hasValidRecordAfter(buf: Buffer, off: number): boolean {
   const limit = Math.min(buf.length - HEADER, off + TAIL_SCAN);
   for (let i = off + 1; i <= limit; i++) if (parseRecord(buf, i)) return true;
   return false;
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+
+/** True when buf[off..] is all zero bytes (a preallocated, never written tail). */
+function zeroTail(buf: Buffer, off: number): boolean {
+  for (let i = off; i < buf.length; i += ZEROS.length) {
+    const end = Math.min(buf.length, i + ZEROS.length);
+    if (buf.compare(ZEROS, 0, end - i, i, end) !== 0) return false;
+  }
+  return true;
 }
 
 function fsyncDir(dir: string): void {
@@ -174,7 +192,11 @@ export class Wal {
   private readonly log: Logger | undefined;
   private segments: Segment[];
   private fd = -1;
+  /** write offset in the current segment: the end of its records */
   private size = 0;
+  /** file size of the current segment (>= size; zeros past size) */
+  private allocated = 0;
+  private readonly preallocBytes: number;
   /** index of the last entry written (the next segment starts after it) */
   private lastIndex: number;
   private hardState: HardState;
@@ -187,6 +209,7 @@ export class Wal {
     this.snapDir = path.join(opts.dir, 'snap');
     this.segmentBytes = opts.segmentBytes ?? DEFAULT_SEGMENT_BYTES;
     this.keepSnapshots = Math.max(1, opts.keepSnapshots ?? 2);
+    this.preallocBytes = Math.max(0, opts.preallocBytes ?? 0);
     this.log = opts.log;
     this.storage = storage;
     this.segments = segments;
@@ -231,6 +254,7 @@ export class Wal {
     let ents: Entry[] = [];
     let hs: HardState = { term: 0, vote: 0, commit: 0 };
     let markerMax = 0;
+    let tailEnd = 0;
     for (let si = 0; si < segments.length; si++) {
       const seg = segments[si]!;
       const buf = fs.readFileSync(seg.file);
@@ -238,6 +262,7 @@ export class Wal {
       while (off < buf.length) {
         const rec = parseRecord(buf, off);
         if (!rec) {
+          if (zeroTail(buf, off)) break; // preallocated, never written
           const isLast = si === segments.length - 1;
           if (isLast && !hasValidRecordAfter(buf, off)) {
             opts.log?.warn({ file: seg.file, offset: off, dropped: buf.length - off }, 'raft WAL: truncating a torn tail');
@@ -277,6 +302,7 @@ export class Wal {
         }
         off = rec.end;
       }
+      tailEnd = off;
     }
 
     // 3. assemble
@@ -301,15 +327,18 @@ export class Wal {
     if (hs.term !== 0 || hs.vote !== 0 || hs.commit !== 0) storage.setHardState(hs);
 
     const wal = new Wal(opts, storage, segments, hs);
-    wal.openTail();
+    wal.openTail(tailEnd);
     return wal;
   }
 
-  private openTail(): void {
+  /** Open the last segment for writing at `end` (the end of its valid records). */
+  private openTail(end: number): void {
     const last = this.segments[this.segments.length - 1];
     if (last) {
-      this.fd = fs.openSync(last.file, 'a', 0o600);
-      this.size = fs.fstatSync(this.fd).size;
+      // not O_APPEND: records are written at this.size, over a preallocated zero tail if any
+      this.fd = fs.openSync(last.file, 'r+', 0o600);
+      this.size = end;
+      this.allocated = Math.max(end, fs.fstatSync(this.fd).size);
     } else {
       this.createSegment(1);
     }
@@ -320,12 +349,28 @@ export class Wal {
     const fd = fs.openSync(seg.file, 'wx', 0o600);
     // every segment starts with the current hard state, so that older segments can be released
     const head = frameRecord(RECORD_HARD_STATE, HardStateCodec.encode(this.hardState).finish());
-    fs.writeSync(fd, head);
-    fs.fdatasyncSync(fd);
-    fsyncDir(this.walDir);
+    fs.writeSync(fd, head, 0, head.length, 0);
     this.segments.push(seg);
     this.fd = fd;
     this.size = head.length;
+    this.allocated = head.length;
+    this.preallocate(head.length);
+    fs.fdatasyncSync(fd);
+    fsyncDir(this.walDir);
+  }
+
+  /**
+   * Keep at least half of preallocBytes of zeros ahead of `end`: write preallocBytes of zeros at
+   * the allocated end (never over records: allocated >= size). The next fdatasync makes the new
+   * size durable; the ones after it no longer change the file's size.
+   */
+  private preallocate(end: number): void {
+    const chunk = this.preallocBytes;
+    if (chunk <= 0 || end + chunk / 2 <= this.allocated) return;
+    const target = Math.max(this.allocated, end) + chunk;
+    let pos = this.allocated;
+    while (pos < target) pos += fs.writeSync(this.fd, ZEROS, 0, Math.min(ZEROS.length, target - pos), pos);
+    this.allocated = target;
   }
 
   private roll(): void {
@@ -400,9 +445,11 @@ export class Wal {
   }
 
   private writeAll(buf: Buffer): void {
+    this.preallocate(this.size + buf.length);
     let off = 0;
-    while (off < buf.length) off += fs.writeSync(this.fd, buf, off, buf.length - off);
+    while (off < buf.length) off += fs.writeSync(this.fd, buf, off, buf.length - off, this.size + off);
     this.size += buf.length;
+    if (this.size > this.allocated) this.allocated = this.size;
     this.stats.writes++;
     this.stats.bytes += buf.length;
   }
