@@ -216,12 +216,12 @@ export interface Proc {
 }
 
 /** Starts a Node.js process (a flotilla command, or another script) with its output kept. */
-export function startNode(script: string, args: string[], env: NodeJS.ProcessEnv = {}, nodeArgs: string[] = []): Proc {
+export function startNode(script: string, args: string[], env: NodeJS.ProcessEnv = {}, nodeArgs: string[] = [], keepChunks = 200): Proc {
   const child = spawn(process.execPath, [...nodeArgs, script, ...args], { env: { ...process.env, FLOTILLA_LOG_LEVEL: 'warn', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   const p: Proc = { child, out: [], err: [], exited: new Promise((resolve) => child.on('exit', (code) => resolve(code))) };
   const keep = (arr: string[]) => (d: string) => {
     arr.push(d);
-    if (arr.length > 200) arr.splice(0, arr.length - 200);
+    if (arr.length > keepChunks) arr.splice(0, arr.length - keepChunks);
   };
   child.stdout!.setEncoding('utf8').on('data', keep(p.out));
   child.stderr!.setEncoding('utf8').on('data', keep(p.err));
@@ -250,12 +250,12 @@ export class BenchCluster {
     return p;
   }
 
-  async startManager(opts: { agent: boolean; runtime: 'runc' | 'sim'; heartbeat?: string; nodeArgs?: string[]; dataDir?: string }): Promise<Proc> {
+  async startManager(opts: { agent: boolean; runtime: 'runc' | 'sim'; heartbeat?: string; nodeArgs?: string[]; dataDir?: string; env?: NodeJS.ProcessEnv; keep?: number }): Promise<Proc> {
     const dir = opts.dataDir ?? path.join(this.root, 'm1');
     this.socket = path.join(this.root, 'm1.sock');
     const args = ['manager', '--data-dir', dir, '--hostname', 'm1', '--listen-addr', '127.0.0.1:0', '--control-socket', this.socket, '--heartbeat-period', opts.heartbeat ?? '5s', '--runtime', opts.runtime];
     if (!opts.agent) args.push('--no-agent');
-    const p = this.track(startNode(CLI, args, {}, opts.nodeArgs));
+    const p = this.track(startNode(CLI, args, opts.env ?? {}, opts.nodeArgs ?? [], opts.keep));
     this.manager = p;
     this.addr = await until(
       'the manager to listen',

@@ -60,6 +60,22 @@ const ANCHOR_S: Record<number, number> = { 50: 13.2, 10: 2.0 };
 const SWARM_IMAGE = 'flotilla-bb';
 const SWARM_PREFIX = 'flbench-conv-';
 const CONVERGE_TIMEOUT_MS = 120_000;
+const TRACE = process.env.BENCH_TRACE === '1';
+let traceOf: { err: string[] } | undefined;
+
+/** Sums FLOTILLA_TRACE lines ("[trace] create NAME STEP 12.3ms") per step: count, median, total. */
+function traceSummary(p: { err: string[] }): string[] {
+  const steps = new Map<string, number[]>();
+  for (const line of p.err.join('').split('\n')) {
+    const m = /^\[trace\] (\S+) \S+ (.+) ([\d.]+)ms$/.exec(line);
+    if (!m) continue;
+    const k = `${m[1]} ${m[2]}`;
+    let xs = steps.get(k);
+    if (!xs) steps.set(k, (xs = []));
+    xs.push(Number(m[3]));
+  }
+  return [...steps].map(([k, xs]) => `    ${k.padEnd(40)} n=${String(xs.length).padStart(4)}   median ${xs.length ? median(xs).toFixed(1) : 'n/a'} ms   total ${(xs.reduce((a, b) => a + b, 0) / 1000).toFixed(2)} s`);
+}
 
 let deadline = Date.now() + BUDGET_MS;
 const left = (): number => Math.max(1000, deadline - Date.now());
@@ -214,7 +230,18 @@ async function main(): Promise<number> {
   let exit = 0;
   try {
     await importBusybox(dataDir);
-    const mgr = await c.startManager({ agent: true, runtime: 'runc', heartbeat: '5s', dataDir });
+    // BENCH_TRACE=1: the runtime's per-step times (FLOTILLA_TRACE) summed up at the end;
+    // BENCH_CPU_PROF=DIR: a V8 CPU profile of the manager (written when it exits)
+    const mgr = await c.startManager({
+      agent: true,
+      runtime: 'runc',
+      heartbeat: '5s',
+      dataDir,
+      env: TRACE ? { FLOTILLA_TRACE: '1' } : {},
+      keep: TRACE ? 1e7 : 200,
+      nodeArgs: process.env.BENCH_CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(process.env.BENCH_CPU_PROF)] : [],
+    });
+    traceOf = mgr;
     ctl = control(c.socket);
     await waitNodesReady(ctl, 1, 30_000);
 
@@ -297,6 +324,10 @@ async function main(): Promise<number> {
       if (!mid?.detail) continue;
       console.log(`\nwhere the time goes, ${r.n} replicas (median API run, ${secs(mid.ms)}; times since CreateService was sent):`);
       for (const l of mid.detail) console.log(l);
+    }
+    if (TRACE && traceOf) {
+      console.log('\nruntime steps over all runs (FLOTILLA_TRACE in the manager):');
+      for (const l of traceSummary(traceOf)) console.log(l);
     }
   } catch (err) {
     console.error(`bench:converge failed: ${(err as Error).stack ?? String(err)}`);

@@ -131,6 +131,27 @@ async function main(): Promise<void> {
       `failover (kill -9 -> first write accepted): ${failovers.map((f) => `${f.toFixed(2)} s`).join(', ') || 'n/a'}   etcd 3.4 anchor: ${ANCHOR.etcdFailover} s   target <= 2 s`,
     );
     console.log(results[results.length - 1]);
+    // idle stability: no election storms while nothing happens (RAFT_IDLE_SECONDS, default 600 = 10 minutes)
+    const idleS = Number(process.env.RAFT_IDLE_SECONDS ?? 600);
+    if (idleS > 0) {
+      const terms0 = await Promise.all(nodes.map(async (n) => (await status(n))?.term ?? -1));
+      const leader0 = (await findLeader(nodes))?.name;
+      console.log(`idle: watching terms for ${idleS} s (RAFT_IDLE_SECONDS to change)...`);
+      let changes = 0;
+      let last = terms0;
+      const until = Date.now() + idleS * 1000;
+      while (Date.now() < until) {
+        await new Promise((r) => setTimeout(r, Math.min(5000, Math.max(0, until - Date.now()))));
+        const now = await Promise.all(nodes.map(async (n) => (await status(n))?.term ?? -1));
+        if (now.some((t, i) => t !== last[i])) changes++;
+        last = now;
+      }
+      const leader1 = (await findLeader(nodes))?.name;
+      results.push(
+        `idle ${idleS} s: terms ${terms0.join('/')} -> ${last.join('/')}, ${changes} term change(s), leader ${leader0} -> ${leader1}   target: no elections`,
+      );
+      console.log(results[results.length - 1]);
+    }
     for (const n of nodes) await killKv(n, 'SIGTERM');
 
     // catch-up: one member with 100,000 objects compacted into a snapshot; a new member joins

@@ -17,6 +17,7 @@ import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
 import { waitForService } from '../progress.js';
 import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
+import { isUp } from '../../manager/orchestrator/update.js';
 import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
 import { action, checkFormat, collect, printJson, table, timeAgo, ExitError } from '../util.js';
 
@@ -111,7 +112,8 @@ export function register(program: Command): void {
         const { services } = await c.call<unknown, ListServicesResponse>('listServices', {});
         const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: true });
         const running = new Map<string, number>();
-        for (const t of tasks) if (t.status?.state === TaskState.TASK_STATE_RUNNING) running.set(t.serviceId, (running.get(t.serviceId) ?? 0) + 1);
+        // a task with a health check counts as running once healthy
+        for (const t of tasks) if (isUp(t)) running.set(t.serviceId, (running.get(t.serviceId) ?? 0) + 1);
         const desiredGlobal = new Map<string, number>();
         for (const t of tasks) if (t.desiredState === TaskState.TASK_STATE_RUNNING) desiredGlobal.set(t.serviceId, (desiredGlobal.get(t.serviceId) ?? 0) + 1);
         services.sort((a, b) => (a.spec?.name ?? '').localeCompare(b.spec?.name ?? ''));
@@ -204,7 +206,7 @@ export function register(program: Command): void {
         for (const r of refs) {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: r });
           const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: s!.id, nodeId: '', desiredRunning: true });
-          out.push(serviceJson(s!, tasks.filter((t) => t.status?.state === TaskState.TASK_STATE_RUNNING).length));
+          out.push(serviceJson(s!, tasks.filter(isUp).length));
         }
         printJson(out);
       });

@@ -120,6 +120,7 @@ export function request(port: number, method: string, p: string, body?: string, 
 }
 
 export interface KvStatus {
+  term?: number;
   id: number;
   addr: string;
   leader: boolean;

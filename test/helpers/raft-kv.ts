@@ -141,7 +141,7 @@ async function main(): Promise<void> {
       if (!stale) await node.readIndex();
       json(Object.fromEntries(kv.map));
     } else if (p === '/status' && req.method === 'GET') {
-      json({ id: node.id, addr: node.addr, leader: node.isLeader(), leaderId: node.leaderId(), leaderAddr: node.leaderAddr(), applied: node.appliedIndex(), members: node.members(), size: kv.map.size, stats: node.stats, wal: node.walStats() });
+      json({ id: node.id, addr: node.addr, term: node.status().term, leader: node.isLeader(), leaderId: node.leaderId(), leaderAddr: node.leaderAddr(), applied: node.appliedIndex(), members: node.members(), size: kv.map.size, stats: node.stats, wal: node.walStats() });
     } else if (p === '/members' && req.method === 'POST') {
       json(await node.addMember((await readBody(req)).toString().trim()));
     } else if (p.startsWith('/members/') && req.method === 'DELETE') {
