@@ -407,4 +407,31 @@ describe('updater', () => {
     expect(live(store, svc.id).map((t) => t.nodeId)).toEqual([a.id]);
     expect(store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id)).toHaveLength(onB);
   });
+
+  it('--update-delay: a slot whose replacement came up keeps its place in the parallelism for the delay', async () => {
+    const { store, repl, upd } = setup();
+    const n = testNode('a');
+    await put(store, 'node', n);
+    const svc = testService('web', 4);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [n]);
+    await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 2, { delayMs: 10_000 });
+    const fresh = () => store.tasksOfService(svc.id).filter((t) => t.spec!.container!.env[0] === 'V=2');
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await stopShutdown(store);
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(fresh()).toHaveLength(2);
+    // slot 1's replacement comes up; slot 2's is still on its way
+    const first = fresh().find((t) => t.slot === 1)!;
+    await store.update((tx) => {
+      const t = tx.get<Task>('task', first.id)!;
+      tx.update('task', { ...t, nodeId: n.id, status: { ...t.status!, state: TaskState.TASK_STATE_RUNNING, timestamp: Date.now() } });
+    });
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    expect(fresh()).toHaveLength(2); // slot 1 waits out the delay: no third replacement yet
+    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 11_000));
+    expect(fresh()).toHaveLength(3);
+    expect(fresh().map((t) => t.slot).sort()).toEqual([1, 2, 3]);
+  });
 });

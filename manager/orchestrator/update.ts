@@ -7,8 +7,9 @@
  * - order: stop-first shuts the old task down and holds the new one (desired state PENDING: the
  *   scheduler leaves it alone) until the old one has stopped; start-first starts the new one and only
  *   stops the old one once the new one runs, so the number of running tasks never drops;
- * - delay between batches; monitor: the update completes only when every updated task runs, and the
- *   last one has run for the monitor period;
+ * - delay: a slot whose replacement came up keeps its place in the parallelism for the delay (so
+ *   with parallelism N, each of N "lanes" waits the delay between its slots); monitor: the update
+ *   completes only when every updated task runs, and the last one has run for the monitor period;
  * - failures: an updated task that fails (or is rejected) at any point before the update completes
  *   counts; when failures / slots exceeds the max failure ratio the failure action applies: pause,
  *   continue, or rollback (the service's previous spec becomes its spec, rolled out with the rollback
@@ -125,6 +126,9 @@ export class Updater extends ReconcileLoop {
     const dirty: Array<{ key: string; stale: Task[] }> = [];
     let busy = 0;
     let lastUp = 0;
+    // slots whose replacement came up less than --update-delay ago keep their place in the parallelism
+    let cooling = 0;
+    let coolUntil = Infinity;
     for (const [key, list] of slots) {
       const active = list.filter(isActive).sort((a, b) => (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
       if (active.length === 0) continue;
@@ -142,7 +146,12 @@ export class Updater extends ReconcileLoop {
       if (n && isUp(n)) {
         // start-first: the new one runs, so the old ones may stop now
         for (const t of stale) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
-        lastUp = Math.max(lastUp, n.status?.timestamp ?? 0);
+        const upAt = n.status?.timestamp ?? 0;
+        lastUp = Math.max(lastUp, upAt);
+        if (updating && cfg.delayMs > 0 && (n.meta?.createdAt ?? 0) >= startedAt && now < upAt + cfg.delayMs) {
+          cooling++;
+          coolUntil = Math.min(coolUntil, upAt + cfg.delayMs);
+        }
         continue;
       }
       // a replacement on its way counts against the parallelism
@@ -191,13 +200,10 @@ export class Updater extends ReconcileLoop {
 
     // start the next batch
     const parallelism = cfg.parallelism > 0 ? cfg.parallelism : Infinity;
-    if (dirty.length > 0 && busy < parallelism) {
-      if (cfg.delayMs > 0 && busy === 0 && lastUp > 0 && now < lastUp + cfg.delayMs) {
-        this.wakeAt(lastUp + cfg.delayMs);
-        return;
-      }
+    if (dirty.length > 0 && busy + cooling >= parallelism && cooling > 0) this.wakeAt(coolUntil);
+    if (dirty.length > 0 && busy + cooling < parallelism) {
       dirty.sort((a, b) => (global ? a.key.localeCompare(b.key) : Number(a.key) - Number(b.key)));
-      for (const d of dirty.slice(0, parallelism - busy)) {
+      for (const d of dirty.slice(0, parallelism - busy - cooling)) {
         const t = newTask(service, global ? 0 : Number(d.key), global ? d.key : '');
         if (cfg.order === UpdateOrder.UPDATE_ORDER_START_FIRST) {
           tx.create('task', t);

@@ -32,7 +32,7 @@ describe('MemoryStore', () => {
     const svc = testService('web', 1);
     await store.update((tx) => tx.create('service', svc));
     const stale = store.getService(svc.id)!;
-    await store.update((tx) => tx.update('service', { ...tx.get('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
+    await store.update((tx) => tx.update('service', { ...tx.get<typeof svc>('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
     // a batch carrying the old version is refused as a whole
     expect(() =>
       store.applyBatch({ proposalId: 'x', actions: [{ kind: 1, service: { ...stale, spec: { ...stale.spec!, replicas: 9 } }, node: undefined, task: undefined, cluster: undefined }] }, 99),
