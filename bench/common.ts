@@ -5,10 +5,11 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Control } from '../cli/client.js';
-import type { ListNodesResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
+import type { ListNodesResponse, ListServicesResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { NodeState, TaskState, type Task } from '../gen/flotilla/v1/objects.js';
 
 export interface RunResult {
@@ -296,4 +297,50 @@ export function cpuMs(pid: number | undefined): number {
   } catch {
     return NaN;
   }
+}
+
+// ------------------------------------------------------------------------------------------ cleanup
+
+export interface ContainerJson {
+  id: string;
+  state: string;
+  created: number;
+  started: number;
+  labels: Record<string, string>;
+}
+
+/** The containers of a node's data dir, read by the runtime itself (`flotilla container ls -a`). */
+export async function containersOf(dataDir: string): Promise<ContainerJson[]> {
+  const r = await flotilla(['container', 'ls', '-a', '--format', 'json', '--data-dir', dataDir]);
+  if (r.code !== 0) throw new Error(`container ls failed: ${r.stderr.trim()}`);
+  return JSON.parse(r.stdout) as ContainerJson[];
+}
+
+/**
+ * Removes every service (and, with a runc data dir, waits up to 30 s for their containers to go), stops
+ * every process, removes the containers the agent left with `flotilla container rm -f`, then the root.
+ */
+export async function teardown(c: BenchCluster, ctl: Control | undefined, runcDataDir?: string): Promise<void> {
+  if (ctl) {
+    try {
+      const { services } = await ctl.call<unknown, ListServicesResponse>('listServices', {}, 5000);
+      for (const sv of services) await ctl.call('removeService', { serviceId: sv.id }, 5000).catch(() => undefined);
+      if (runcDataDir) await until('containers gone', async () => (await containersOf(runcDataDir)).length === 0, 30_000, 250).catch(() => undefined);
+    } catch {
+      // the manager may be gone; the runtime removes what is left below
+    }
+    ctl.close();
+  }
+  await c.stop();
+  if (runcDataDir) {
+    for (const ct of await containersOf(runcDataDir).catch(() => [])) await flotilla(['container', 'rm', '-f', ct.id, '--data-dir', runcDataDir]);
+  }
+  await fs.rm(c.root, { recursive: true, force: true });
+}
+
+/** Removes our swarm services and image; leaves the swarm if we initialised it. */
+export async function swarmTeardown(prefix: string, s: { init: boolean; image: string }): Promise<void> {
+  await swarmRemoveAll(prefix);
+  if (s.image) await run('docker', ['image', 'rm', '-f', s.image], { timeoutMs: 30_000 });
+  if (s.init) await run('docker', ['swarm', 'leave', '--force'], { timeoutMs: 60_000 });
 }

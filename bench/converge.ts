@@ -24,7 +24,7 @@ import { buildServiceSpec } from '../cli/servicespec.js';
 import { findBinary } from '../agent/runtime/runc.js';
 import { buildSpec } from '../agent/runtime/oci.js';
 import { removeCgroups } from '../agent/runtime/cgroups.js';
-import type { CreateServiceResponse, ListServicesResponse } from '../gen/flotilla/v1/control.js';
+import type { CreateServiceResponse } from '../gen/flotilla/v1/control.js';
 import { TaskState } from '../gen/flotilla/v1/objects.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
 import {
@@ -46,7 +46,9 @@ import {
   secs,
   sleep,
   swarmRemove,
-  swarmRemoveAll,
+  swarmTeardown,
+  teardown,
+  containersOf,
   swarmRunning,
   until,
   waitNodesReady,
@@ -85,15 +87,9 @@ interface Sample {
   detail?: string[];
 }
 
-async function containers(dataDir: string): Promise<Array<{ id: string; created: number; started: number; labels: Record<string, string> }>> {
-  const r = await flotilla(['container', 'ls', '-a', '--format', 'json', '--data-dir', dataDir]);
-  if (r.code !== 0) throw new Error(`container ls failed: ${r.stderr.trim()}`);
-  return JSON.parse(r.stdout) as Array<{ id: string; created: number; started: number; labels: Record<string, string> }>;
-}
-
 async function removeService(ctl: Control, dataDir: string, name: string): Promise<void> {
   await ctl.call('removeService', { serviceId: name }).catch(() => undefined);
-  await until('all containers gone', async () => (await containers(dataDir)).length === 0, Math.min(90_000, left()), 200);
+  await until('all containers gone', async () => (await containersOf(dataDir)).length === 0, Math.min(90_000, left()), 200);
 }
 
 /** CreateService through the API, then ListTasks every ~15 ms until n run. */
@@ -120,7 +116,7 @@ async function convergeApi(ctl: Control, dataDir: string, name: string, n: numbe
   if (explain) {
     detail = tl.summary(t0);
     // the runtime's own times: container created and started (labels link containers to tasks)
-    const cs = (await containers(dataDir)).filter((c) => tl.seen.has(c.labels['flotilla.task.id'] ?? ''));
+    const cs = (await containersOf(dataDir)).filter((c) => tl.seen.has(c.labels['flotilla.task.id'] ?? ''));
     const rel = (xs: number[]): string => {
       const v = xs.filter((x) => x > 0).map((x) => x - t0);
       return v.length ? `first ${secs(Math.min(...v)).padStart(8)}   median ${secs(median(v)).padStart(8)}   last ${secs(Math.max(...v)).padStart(8)}` : 'n/a';
@@ -333,35 +329,13 @@ async function main(): Promise<number> {
     console.error(`bench:converge failed: ${(err as Error).stack ?? String(err)}`);
     exit = 1;
   } finally {
-    await cleanup(c, ctl, dataDir, { swarmInit, swarmImage });
+    await removeAllRaw(c.root).catch(() => undefined);
+    await teardown(c, ctl, dataDir);
+    if (swarmInit || swarmImage) await swarmTeardown(SWARM_PREFIX, { init: swarmInit, image: swarmImage ? SWARM_IMAGE : '' });
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
   return exit;
-}
-
-async function cleanup(c: BenchCluster, ctl: Control | undefined, dataDir: string, s: { swarmInit: boolean; swarmImage: boolean }): Promise<void> {
-  if (ctl) {
-    try {
-      const { services } = await ctl.call<unknown, ListServicesResponse>('listServices', {}, 5000);
-      for (const sv of services) await ctl.call('removeService', { serviceId: sv.id }, 5000).catch(() => undefined);
-      await until('containers gone', async () => (await containers(dataDir)).length === 0, 30_000, 250).catch(() => undefined);
-    } catch {
-      // the manager may be gone; the runtime removes what is left below
-    }
-    ctl.close();
-  }
-  await c.stop();
-  await removeAllRaw(c.root);
-  // whatever the agent left behind: removed by the runtime itself
-  const left = await containers(dataDir).catch(() => []);
-  for (const ct of left) await flotilla(['container', 'rm', '-f', ct.id, '--data-dir', dataDir]);
-  await fs.rm(c.root, { recursive: true, force: true });
-  if (s.swarmImage || s.swarmInit) {
-    await swarmRemoveAll(SWARM_PREFIX);
-    if (s.swarmImage) await run('docker', ['image', 'rm', '-f', SWARM_IMAGE], { timeoutMs: 30_000 });
-    if (s.swarmInit) await run('docker', ['swarm', 'leave', '--force'], { timeoutMs: 60_000 });
-  }
 }
 
 const code = await main();

@@ -69,6 +69,8 @@ interface Runner {
   life?: Promise<void>;
   stopping?: Promise<void>;
   removing?: Promise<void>;
+  /** resolves a prepared task held back (desired state below running) once it may start */
+  release?: () => void;
 }
 
 const TERMINAL = TaskState.TASK_STATE_COMPLETE;
@@ -259,9 +261,24 @@ export class Worker {
       void this.shutdown(r);
       return;
     }
-    if (r.task.desiredState === TaskState.TASK_STATE_RUNNING && !r.life) {
-      r.life = this.track(this.lifecycle(r), this.lives);
-    }
+    // A task held by a stop-first update (desired state below running) is prepared, not started,
+    // so that its container is ready the moment the old task has stopped.
+    if (!r.life) r.life = this.track(this.lifecycle(r), this.lives);
+    if (r.task.desiredState === TaskState.TASK_STATE_RUNNING) r.release?.();
+  }
+
+  /** Waits until the task may start (its desired state is running), or the signal aborts. */
+  private released(r: Runner, sig: AbortSignal): Promise<void> {
+    if (r.task.desiredState >= TaskState.TASK_STATE_RUNNING || sig.aborted) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        r.release = undefined;
+        sig.removeEventListener('abort', done);
+        resolve();
+      };
+      r.release = done;
+      sig.addEventListener('abort', done, { once: true });
+    });
   }
 
   // ---------------------------------------------------------------------------------------------- reports
@@ -313,10 +330,19 @@ export class Worker {
           return;
         }
         this.report(r, TaskState.TASK_STATE_ACCEPTED, { message: 'accepted' });
-        info = await this.op(async () => {
+        // prepare, then (for a held task) wait outside the concurrency limit, then start
+        const created = await this.op(async () => {
           if (sig.aborted) return undefined;
           this.report(r, TaskState.TASK_STATE_PREPARING, { message: 'preparing' });
-          const created = await r.ctl.prepare();
+          return r.ctl.prepare();
+        });
+        if (!created || sig.aborted) return;
+        if (r.task.desiredState < TaskState.TASK_STATE_RUNNING) {
+          r.status = { ...r.status, containerId: created.id };
+          await this.released(r, sig);
+          if (sig.aborted) return;
+        }
+        info = await this.op(async () => {
           if (sig.aborted) return created;
           this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: created.id });
           const after = await r.ctl.start();
@@ -326,6 +352,8 @@ export class Worker {
         if (!info || sig.aborted) return;
       } else if (info.status === 'created') {
         const adopted = info;
+        await this.released(r, sig);
+        if (sig.aborted) return;
         info = await this.op(async () => {
           if (sig.aborted) return adopted;
           this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: adopted.id });

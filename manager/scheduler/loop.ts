@@ -26,9 +26,10 @@ export class SchedulerLoop extends ReconcileLoop {
 
   protected async reconcile(signal: AbortSignal): Promise<void> {
     // snapshot (synchronous reads: one consistent state)
-    // tasks held back by a stop-first update (desired state below running) are not placed yet
-    const tasks = this.store.listTasks().filter((t) => !(t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState < TaskState.TASK_STATE_RUNNING));
-    if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState === TaskState.TASK_STATE_RUNNING)) return;
+    // Tasks held back by a stop-first update (desired state below running) are placed too: their
+    // agent prepares the container and starts it once the updater releases the task.
+    const tasks = this.store.listTasks();
+    if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState <= TaskState.TASK_STATE_RUNNING)) return;
     const nodes = this.store.listNodes();
     const plan = schedule({ nodes, tasks });
     const reasons = new Map(plan.unassigned.map((u) => [u.taskId, u.reason] as const));
@@ -41,7 +42,7 @@ export class SchedulerLoop extends ReconcileLoop {
       await this.store.update((tx) => {
         for (const w of chunk) {
           const t = tx.get<Task>('task', w.taskId);
-          if (!t || t.status?.state !== TaskState.TASK_STATE_PENDING || t.desiredState !== TaskState.TASK_STATE_RUNNING) continue;
+          if (!t || t.status?.state !== TaskState.TASK_STATE_PENDING || t.desiredState > TaskState.TASK_STATE_RUNNING) continue;
           if (w.nodeId) {
             tx.update('task', {
               ...t,
