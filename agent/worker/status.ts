@@ -12,7 +12,7 @@ import type { TaskStatus } from '../../gen/flotilla/v1/objects.js';
 export type StatusSender = (updates: TaskStatusUpdate[]) => Promise<void>;
 
 export interface StatusQueueOptions {
-  /** delay before a batch is sent; default 50 ms */
+  /** delay before a batch is sent; default 10 ms (more batch up while a call is in flight) */
   flushMs?: number;
   /** send at once when this many tasks have pending reports; also the most sent in one call; default 256 */
   maxBatch?: number;
@@ -35,7 +35,7 @@ export class StatusQueue {
   readonly stats = { pushed: 0, sent: 0, calls: 0, failures: 0 };
 
   constructor(private readonly opts: StatusQueueOptions = {}) {
-    this.flushMs = opts.flushMs ?? 50;
+    this.flushMs = opts.flushMs ?? 10;
     this.maxBatch = Math.max(1, opts.maxBatch ?? 256);
     this.retryMs = opts.retryMs ?? 500;
   }

@@ -31,7 +31,7 @@ import { sleep } from '../orchestrator/loop.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
-const STATUS_FLUSH_MS = 25;
+const STATUS_FLUSH_MS = 5;
 const STATUS_CHUNK = 1000;
 
 interface Session {
