@@ -61,21 +61,53 @@ function isFailure(t: Task): boolean {
 }
 
 export class Updater extends ReconcileLoop {
+  /** services events touched since the last pass; all of them after a node change or a wake-up */
+  private touched = new Set<string>();
+  private all = true;
+
   protected interested(ev: StoreEvent): boolean {
     if (ev.kind === 'commit') return false;
-    if (ev.table === 'service' || ev.table === 'node') return true;
+    if (ev.table === 'node') {
+      this.all = true;
+      return true;
+    }
+    if (ev.table === 'service') {
+      this.touched.add(ev.object.id);
+      return true;
+    }
     if (ev.table !== 'task') return false;
     const t = ev.object as Task;
     const old = ev.old as Task | undefined;
-    return ev.kind !== 'update' || t.status?.state !== old?.status?.state || t.status?.health !== old?.status?.health || t.desiredState !== old?.desiredState;
+    const matters = ev.kind !== 'update' || t.status?.state !== old?.status?.state || t.status?.health !== old?.status?.health || t.desiredState !== old?.desiredState;
+    if (matters) this.touched.add(t.serviceId);
+    return matters;
+  }
+
+  protected override onWake(): void {
+    this.all = true;
   }
 
   protected async reconcile(signal: AbortSignal): Promise<void> {
-    for (const s of this.store.listServices()) {
+    const ids = this.all ? this.store.listServices().map((s) => s.id) : [...this.touched];
+    this.all = false;
+    this.touched = new Set();
+    const anyDrained = this.store.listNodes().some((n) => n.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN);
+    for (const id of ids) {
       if (signal.aborted) return;
-      const pending = this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);
-      if (!isUpdating(s) && !pending) continue;
-      await this.store.update((tx) => this.reconcileService(tx, s.id, Date.now()), signal);
+      const s = this.store.getService(id);
+      if (!s) continue;
+      // a service not being updated needs a pass only for drained nodes, or held tasks of a paused update
+      if (!isUpdating(s)) {
+        if (!anyDrained && !isPaused(s)) continue;
+        const pending = this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);
+        if (!pending) continue;
+      }
+      try {
+        await this.store.update((tx) => this.reconcileService(tx, s.id, Date.now()), signal);
+      } catch (err) {
+        this.touched.add(id);
+        throw err;
+      }
     }
   }
 
