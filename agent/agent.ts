@@ -33,6 +33,8 @@ export interface AgentOptions {
   runtimeInstance?: ContainerRuntime;
   /** the address reported to the manager; default: the first non-internal IPv4 address */
   addr?: string;
+  /** set when the agent runs inside a manager process: that manager's address */
+  managerAddr?: string;
   /** resources reported; default: os.cpus() and os.totalmem() */
   resources?: { nanoCpus: number; memoryBytes: number };
   /** worker tuning (concurrency, status batching) */
@@ -62,7 +64,7 @@ export async function openRuntime(kind: 'runc' | 'sim', dataDir: string): Promis
   return RuncRuntime.open(dataDir);
 }
 
-export function nodeDescription(opts: Pick<AgentOptions, 'hostname' | 'labels' | 'resources'>, runtime: 'runc' | 'sim'): NodeDescription {
+export function nodeDescription(opts: Pick<AgentOptions, 'hostname' | 'labels' | 'resources' | 'managerAddr'>, runtime: 'runc' | 'sim'): NodeDescription {
   return {
     hostname: opts.hostname ?? os.hostname(),
     resources: {
@@ -75,6 +77,7 @@ export function nodeDescription(opts: Pick<AgentOptions, 'hostname' | 'labels' |
     arch: process.arch,
     // a sim node always shows itself as simulated
     runtime,
+    managerAddr: opts.managerAddr ?? '',
   };
 }
 

@@ -32,7 +32,7 @@ function makeNodes(): Node[] {
       id,
       meta: undefined,
       spec: { labels: { zone: ZONES[i % ZONES.length]! }, desiredRole: NodeRole.NODE_ROLE_WORKER, availability: NodeAvailability.NODE_AVAILABILITY_ACTIVE },
-      description: { hostname: `host-${i}`, resources: { nanoCpus: 32e9, memoryBytes: 128 * GiB, pids: 0 }, engineLabels: { disk: i % 2 ? 'ssd' : 'hdd' }, os: 'linux', arch: 'x64', runtime: 'sim' },
+      description: { hostname: `host-${i}`, resources: { nanoCpus: 32e9, memoryBytes: 128 * GiB, pids: 0 }, engineLabels: { disk: i % 2 ? 'ssd' : 'hdd' }, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' },
       status: { state: NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
       managerStatus: undefined,
       role: NodeRole.NODE_ROLE_WORKER,

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { ControlService } from '../gen/flotilla/v1/control.js';
+import { ControlClient, ControlService, type GetNodeResponse } from '../gen/flotilla/v1/control.js';
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
 import { Cluster, ManagerStatus, Node, NodeRole, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../common/errors.js';
@@ -55,6 +55,8 @@ export class Manager {
   readonly control: ControlApi;
   raft: RaftNode | undefined;
   private removed = false;
+  /** set while a promoted manager rejoins, until its node is marked a manager again */
+  private promoting = false;
   private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 64 * 1024 * 1024, 'grpc.max_send_message_length': 64 * 1024 * 1024 });
   private leaderCtl: AbortController | undefined;
   private leaderRuns: Promise<unknown> | undefined;
@@ -102,43 +104,7 @@ export class Manager {
     const port = await bind(this.server, this.opts.listenAddr, grpc.ServerCredentials.createInsecure());
     const host = this.opts.listenAddr.slice(0, this.opts.listenAddr.lastIndexOf(':'));
     this.boundAddr = `${host === '0.0.0.0' || host === '' ? '127.0.0.1' : host}:${port}`;
-    const store = this.store;
-    const log = this.opts.log.child({ component: 'raft' });
-    this.raft = await RaftNode.open({
-      dataDir: path.join(this.opts.dataDir, 'raft'),
-      server: this.server,
-      advertiseAddr: this.advertiseAddr(),
-      join: this.opts.join,
-      joinToken: this.opts.join ? this.opts.token : undefined,
-      validateJoin: (req) => {
-        const want = store.getCluster()?.tokens?.manager;
-        if (!want || !tokenMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
-      },
-      forceNewCluster: this.opts.forceNewCluster,
-      tickMs: this.opts.raftTickMs,
-      signal: this.opts.signal,
-      log,
-      stateMachine: {
-        // a rejected batch (version conflict) throws the same way on every manager; the proposer sees the error
-        apply: (data, index) => store.applyBatch(StoreBatch.decode(data), index),
-        snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
-        restore: (data) => store.restore(StoreSnapshot.decode(data), store.appliedIndex),
-      },
-    });
-    const raft = this.raft;
-    this.store.setProposer({ propose: (batch, signal) => raft.propose(StoreBatch.encode(batch).finish(), signal) });
-    raft.onLeadershipChange((leader) => this.onLeadershipChange(leader));
-    raft.onRemoved(() => {
-      this.removed = true;
-      this.opts.log.warn('this manager was removed from the cluster: stopping its raft member');
-      this.onLeadershipChange(false);
-      void raft.stop();
-    });
-    raft.onFatal((err) => {
-      this.opts.log.fatal({ err: (err as Error).message }, 'raft failed: stopping the manager');
-      process.exitCode = 1;
-      this.onLeadershipChange(false);
-    });
+    const raft = await this.openRaft(this.opts.join, this.opts.join ? this.opts.token : undefined, this.opts.forceNewCluster);
     if (this.opts.controlSocket) {
       fs.mkdirSync(path.dirname(this.opts.controlSocket), { recursive: true, mode: 0o755 });
       fs.rmSync(this.opts.controlSocket, { force: true });
@@ -156,6 +122,137 @@ export class Manager {
     while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await new Promise((r) => setTimeout(r, 50));
     if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
     if (raft.isLeader()) this.onLeadershipChange(true);
+    this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
+  }
+
+  /** Opens this manager's Raft member (new, restarted or joining) and wires it to the store. */
+  private async openRaft(join: string | undefined, joinToken: string | undefined, forceNewCluster?: boolean): Promise<RaftNode> {
+    const store = this.store;
+    const raft = await RaftNode.open({
+      dataDir: path.join(this.opts.dataDir, 'raft'),
+      server: this.server,
+      advertiseAddr: this.advertiseAddr(),
+      join,
+      joinToken,
+      validateJoin: (req) => {
+        const want = store.getCluster()?.tokens?.manager;
+        if (!want || !tokenMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
+      },
+      forceNewCluster,
+      tickMs: this.opts.raftTickMs,
+      signal: this.opts.signal,
+      log: this.opts.log.child({ component: 'raft' }),
+      stateMachine: {
+        // a rejected batch (version conflict) throws the same way on every manager; the proposer sees the error
+        apply: (data, index) => store.applyBatch(StoreBatch.decode(data), index),
+        snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
+        restore: (data) => store.restore(StoreSnapshot.decode(data), store.appliedIndex),
+      },
+    });
+    this.raft = raft;
+    this.removed = false;
+    this.store.setProposer({ propose: (batch, signal) => raft.propose(StoreBatch.encode(batch).finish(), signal) });
+    raft.onLeadershipChange((leader) => this.onLeadershipChange(leader));
+    raft.onRemoved(() => this.leaveRaft(raft));
+    raft.onFatal((err) => {
+      this.opts.log.fatal({ err: (err as Error).message }, 'raft failed: stopping the manager');
+      process.exitCode = 1;
+      this.onLeadershipChange(false);
+    });
+    return raft;
+  }
+
+  /** This manager is no longer a member (demoted): stop its Raft member and wait for a promotion. */
+  private leaveRaft(raft: RaftNode): void {
+    if (this.removed || this.raft !== raft) return;
+    this.removed = true;
+    this.opts.log.warn('this manager was removed from the cluster (demoted): stopping its raft member');
+    this.onLeadershipChange(false);
+    const peers = raft.members().filter((m) => m.raftId !== raft.id).map((m) => m.addr);
+    void raft.stop().then(() => this.watchForPromotion(peers));
+  }
+
+  /**
+   * A removed member usually never hears of its removal (the leader stops talking to it), so each
+   * follower asks another manager every second whether its node was demoted.
+   */
+  private async watchMembership(): Promise<void> {
+    const signal = this.opts.signal;
+    let i = 0;
+    while (!signal.aborted) {
+      await new Promise((r) => setTimeout(r, 1000));
+      const raft = this.raft;
+      if (!raft || this.removed || !this.opts.hostname) continue;
+      const peers = raft.members().filter((m) => m.raftId !== raft.id && !m.learner);
+      const peer = peers[i++ % Math.max(1, peers.length)];
+      if (!peer) continue;
+      const client = new ControlClient(peer.addr, grpc.credentials.createInsecure());
+      try {
+        const res = await new Promise<GetNodeResponse>((resolve, reject) =>
+          client.getNode({ nodeId: this.opts.hostname! }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (err, r) => (err ? reject(err) : resolve(r))),
+        );
+        const n = res.node;
+        // demoted (even if a promotion was asked for since: it rejoins afresh after leaving)
+        if (n && !this.promoting && n.description?.managerAddr === this.advertiseAddr() && n.role === NodeRole.NODE_ROLE_WORKER) {
+          this.leaveRaft(raft);
+        }
+      } catch {
+        // that manager is down or has no leader: ask another next time
+      } finally {
+        client.close();
+      }
+    }
+  }
+
+  /**
+   * A demoted manager keeps running (its agent goes on as a worker) and asks the other managers
+   * every second whether its node was promoted again; then it joins afresh with its old data moved
+   * aside, and marks its node a manager once it is a member.
+   */
+  private async watchForPromotion(peers: string[]): Promise<void> {
+    const signal = this.opts.signal;
+    const hostname = this.opts.hostname ?? '';
+    const token = this.store.getCluster()?.tokens?.manager ?? '';
+    while (!signal.aborted && this.removed) {
+      await new Promise((r) => setTimeout(r, 1000));
+      for (const addr of peers) {
+        if (signal.aborted || !this.removed) return;
+        const client = new ControlClient(addr, grpc.credentials.createInsecure());
+        try {
+          const res = await new Promise<GetNodeResponse>((resolve, reject) =>
+            client.getNode({ nodeId: hostname }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (err, r) => (err ? reject(err) : resolve(r))),
+          );
+          if (res.node?.spec?.desiredRole !== NodeRole.NODE_ROLE_MANAGER) break; // asked, not promoted
+          this.opts.log.info({ via: addr }, 'this node was promoted: joining the managers again');
+          this.promoting = true;
+          const dir = path.join(this.opts.dataDir, 'raft');
+          fs.renameSync(dir, `${dir}.demoted-${Date.now()}`);
+          // the state comes again from the leader (log or snapshot): start from nothing
+          this.store.restore({ nodes: [], services: [], tasks: [], clusters: [] }, 0);
+          const raft = await this.openRaft(addr, token);
+          await raft.waitForLeader(signal, 30_000);
+          const nodeId = res.node.id;
+          // wait until this manager's store has caught up with the cluster, then mark the node
+          for (let tries = 0; tries < 300 && !signal.aborted; tries++) {
+            await raft.readIndex(signal).catch(() => {});
+            if (this.store.getNode(nodeId)) break;
+            await new Promise((r) => setTimeout(r, 100));
+          }
+          await this.store.update((tx) => {
+            const n = tx.get<Node>('node', nodeId);
+            if (n) tx.update('node', { ...n, role: NodeRole.NODE_ROLE_MANAGER });
+          }, signal);
+          this.opts.log.info('promoted: this manager is a member again');
+          this.promoting = false;
+          return;
+        } catch (err) {
+          this.promoting = false;
+          this.opts.log.info({ via: addr, err: (err as Error).message }, 'promotion check failed');
+        } finally {
+          client.close();
+        }
+      }
+    }
   }
 
   private managerStatus(n: Node): ManagerStatus | undefined {

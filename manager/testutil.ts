@@ -31,7 +31,7 @@ export function testNode(hostname: string, over: { labels?: Record<string, strin
       engineLabels: {},
       os: 'linux',
       arch: 'x64',
-      runtime: 'sim',
+      runtime: 'sim', managerAddr: '',
     },
     status: { state: over.state ?? NodeState.NODE_STATE_READY, message: '', addr: '127.0.0.1', lastHeartbeat: 0 },
     managerStatus: undefined,

@@ -92,6 +92,7 @@ export function register(program: Command): void {
                 (a, i, all) => all.indexOf(a) === i,
               ),
               addr: manager.advertiseAddr(),
+              managerAddr: manager.advertiseAddr(),
               token: manager.managerToken(),
               hostname,
               labels,

@@ -110,6 +110,16 @@ export function register(program: Command): void {
               continue;
             }
             await c.call<unknown, UpdateNodeResponse>('updateNode', { nodeId: n!.id, version: 0, spec: { ...n!.spec!, desiredRole }, force: !!opts.force });
+            if (name === 'promote') {
+              // the node's manager process joins the managers by itself: wait for it
+              const t0 = Date.now();
+              for (;;) {
+                const { node: now } = await c.call<unknown, GetNodeResponse>('getNode', { nodeId: n!.id });
+                if (now?.role === NodeRole.NODE_ROLE_MANAGER) break;
+                if (Date.now() - t0 > 30_000) throw new ExitError(1, `node ${r} did not join the managers within 30 s`);
+                await new Promise((res) => setTimeout(res, 200));
+              }
+            }
             process.stdout.write(`node ${r} ${name}d\n`);
           }
         });

@@ -203,19 +203,24 @@ export class ControlApi {
     const wantRole = req.spec.desiredRole;
     let role = cur.role;
     if (wantRole !== cur.role) {
-      if (wantRole === NodeRole.NODE_ROLE_MANAGER)
-        throw new FlotillaError(
-          'FAILED_PRECONDITION',
-          `node ${cur.description?.hostname ?? cur.id} runs no manager: start \`flotilla manager --join <manager> --token <manager token>\` on that host instead of promoting it`,
-        );
-      // demote: leave the Raft membership first (refused when the rest would lose quorum, unless forced)
-      if (this.ctx.removeManager) await this.ctx.removeManager(cur, req.force);
-      role = NodeRole.NODE_ROLE_WORKER;
+      if (wantRole === NodeRole.NODE_ROLE_MANAGER) {
+        // promote: only a node whose agent runs inside a (demoted) manager process can become one;
+        // that process sees the desired role and joins the managers, then marks the node a manager
+        if (!cur.description?.managerAddr)
+          throw new FlotillaError(
+            'FAILED_PRECONDITION',
+            `node ${cur.description?.hostname ?? cur.id} runs no manager process: start \`flotilla manager --join <manager> --token <manager token>\` on that host instead`,
+          );
+      } else {
+        // demote: leave the Raft membership first (refused when the rest would lose quorum, unless forced)
+        if (this.ctx.removeManager) await this.ctx.removeManager(cur, req.force);
+        role = NodeRole.NODE_ROLE_WORKER;
+      }
     }
     await this.store.update((tx) => {
       const n = tx.get<Node>('node', cur.id);
       if (!n) throw notFound('node', req.nodeId);
-      tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: role } });
+      tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: wantRole === NodeRole.NODE_ROLE_MANAGER ? wantRole : role } });
     });
     return this.withManagerStatus(this.store.getNode(cur.id)!);
   }

@@ -309,10 +309,19 @@ export class RaftNode {
     // the server first: a joiner must be reachable as soon as the leader adds it
     let server: grpc.Server | undefined;
     let addr = opts.advertiseAddr ?? '';
-    const handlers: { node?: RaftNode } = {};
+    // A server carries the Raft service once; a later node on the same server (a demoted manager
+    // promoted again) takes over the same handlers.
+    let handlers: { node?: RaftNode } = {};
     const pendingHandlers = makeHandlers(handlers);
     if (opts.server) {
-      addRaftService(opts.server, pendingHandlers, log);
+      const known = SERVER_HANDLERS.get(opts.server);
+      if (known) {
+        handlers = known;
+        handlers.node = undefined;
+      } else {
+        addRaftService(opts.server, pendingHandlers, log);
+        SERVER_HANDLERS.set(opts.server, handlers);
+      }
       if (!addr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: advertiseAddr is required when the server is given');
     } else {
       if (!opts.listenAddr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: listenAddr or server is required');
@@ -1039,6 +1048,8 @@ export class RaftNode {
 }
 
 type RaftEnvelopeMessage = Parameters<RawNode['step']>[0];
+
+const SERVER_HANDLERS = new WeakMap<grpc.Server, { node?: RaftNode }>();
 
 function makeHandlers(ref: { node?: RaftNode }): RaftServiceHandlers {
   const node = (): RaftNode => {

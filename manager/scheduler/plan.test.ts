@@ -30,6 +30,7 @@ function node(id: string, o: NodeOpts = {}): Node {
       os: 'linux',
       arch: 'x64',
       runtime: 'sim',
+      managerAddr: '',
     },
     status: { state: o.state ?? NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
     managerStatus: undefined,

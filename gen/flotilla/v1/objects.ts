@@ -112,6 +112,8 @@ export interface NodeDescription {
   arch: string;
   /** "runc" or "sim"; a sim node always shows itself as simulated. */
   runtime: string;
+  /** the address of the manager process this node's agent runs in, if any (it can be promoted) */
+  managerAddr: string;
 }
 
 export interface NodeDescription_EngineLabelsEntry {
@@ -498,7 +500,7 @@ export const Resources: MessageFns<Resources> = {
 };
 
 function createBaseNodeDescription(): NodeDescription {
-  return { hostname: "", resources: undefined, engineLabels: {}, os: "", arch: "", runtime: "" };
+  return { hostname: "", resources: undefined, engineLabels: {}, os: "", arch: "", runtime: "", managerAddr: "" };
 }
 
 export const NodeDescription: MessageFns<NodeDescription> = {
@@ -520,6 +522,9 @@ export const NodeDescription: MessageFns<NodeDescription> = {
     }
     if (message.runtime !== "") {
       writer.uint32(50).string(message.runtime);
+    }
+    if (message.managerAddr !== "") {
+      writer.uint32(58).string(message.managerAddr);
     }
     return writer;
   },
@@ -588,6 +593,14 @@ export const NodeDescription: MessageFns<NodeDescription> = {
             message.runtime = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.managerAddr = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -621,6 +634,7 @@ export const NodeDescription: MessageFns<NodeDescription> = {
     message.os = object.os ?? "";
     message.arch = object.arch ?? "";
     message.runtime = object.runtime ?? "";
+    message.managerAddr = object.managerAddr ?? "";
     return message;
   },
 };
