@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 
 const ALPHABET = '0123456789abcdefghijklmnopqrstuvwxyz';
 
@@ -19,4 +19,11 @@ const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
 /** Names of containers, services and nodes: letters, digits, "_", "." and "-", at most 63. */
 export function isValidName(name: string): boolean {
   return NAME_RE.test(name);
+}
+
+/** Compares a secret (a join token) in constant time. */
+export function secretMatches(given: string, want: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(want);
+  return a.length === b.length && timingSafeEqual(a, b);
 }

@@ -11,17 +11,17 @@ import { ControlClient, ControlService, type GetNodeResponse } from '../gen/flot
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
 import { Cluster, ManagerStatus, Node, NodeRole, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../common/errors.js';
-import { newId } from '../common/ids.js';
+import { newId, secretMatches } from '../common/ids.js';
 import type { Logger } from '../common/log.js';
 import { MemoryStore } from './store/store.js';
 import { RaftNode } from './raft/node.js';
-import { timingSafeEqual } from 'node:crypto';
 import { Dispatcher, DEFAULT_HEARTBEAT_MS } from './dispatcher/dispatcher.js';
 import { ControlApi } from './controlapi/server.js';
 import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
 import { GlobalOrchestrator } from './orchestrator/global.js';
 import { TaskReaper } from './orchestrator/reaper.js';
 import { Updater } from './orchestrator/update.js';
+import { sleep } from './orchestrator/loop.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
@@ -136,7 +136,7 @@ export class Manager {
       joinToken,
       validateJoin: (req) => {
         const want = store.getCluster()?.tokens?.manager;
-        if (!want || !tokenMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
+        if (!want || !secretMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
       },
       forceNewCluster,
       tickMs: this.opts.raftTickMs,
@@ -180,7 +180,7 @@ export class Manager {
     const signal = this.opts.signal;
     let i = 0;
     while (!signal.aborted) {
-      await new Promise((r) => setTimeout(r, 1000));
+      await sleep(1000, signal);
       const raft = this.raft;
       if (!raft || this.removed || !this.opts.hostname) continue;
       const peers = raft.members().filter((m) => m.raftId !== raft.id && !m.learner);
@@ -214,7 +214,7 @@ export class Manager {
     const hostname = this.opts.hostname ?? '';
     const token = this.store.getCluster()?.tokens?.manager ?? '';
     while (!signal.aborted && this.removed) {
-      await new Promise((r) => setTimeout(r, 1000));
+      await sleep(1000, signal);
       for (const addr of peers) {
         if (signal.aborted || !this.removed) return;
         const client = new ControlClient(addr, grpc.credentials.createInsecure());
@@ -352,12 +352,6 @@ export class Manager {
     this.server.forceShutdown();
     if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
   }
-}
-
-function tokenMatches(given: string, want: string): boolean {
-  const a = Buffer.from(given);
-  const b = Buffer.from(want);
-  return a.length === b.length && timingSafeEqual(a, b);
 }
 
 export function bind(server: grpc.Server, addr: string, creds: grpc.ServerCredentials): Promise<number> {

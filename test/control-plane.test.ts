@@ -115,6 +115,8 @@ describe.skipIf(!builtCli())('control plane (manager + sim agents as processes)'
       [['service', 'scale', 'nosuch=3'], /not found/],
       [['node', 'update', '--availability', 'sleepy', 'n1'], /--availability.*sleepy/],
       [['node', 'inspect', 'nosuchnode'], /not found/],
+      [['node', 'promote', 'n1'], /runs no manager process/],
+      [['node', 'rm', 'n1'], /is not down/],
     ];
     const before = await cliJson<unknown[]>(['service', 'ls'], c.env);
     for (const [args, re] of cases) {

@@ -199,8 +199,7 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
       return nodes.filter((n) => n.role === 'manager' && n.managerStatus?.reachability === 'reachable').length === 3;
     }, 30_000);
     await allHaveAcked(mgrs);
-    // a node without a manager process cannot be promoted
-    // (all nodes here run managers; the refusal is covered by the control API's message)
+    // (a node without a manager process cannot be promoted: test/control-plane.test.ts checks the refusal)
     expect((await cli(['node', 'demote', 'm3'], env(mgrs[0]!))).code).toBe(0);
     await kill(mgrs[1]!);
   });

@@ -5,7 +5,6 @@
  * ever move a task forward. Leader-only: start() runs it, its signal ending stops it.
  */
 import * as grpc from '@grpc/grpc-js';
-import { timingSafeEqual } from 'node:crypto';
 import {
   AssignmentsMessage,
   AssignmentsRequest,
@@ -23,7 +22,7 @@ import {
 import { LogLine } from '../../gen/flotilla/v1/control.js';
 import { Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../../common/errors.js';
-import { newId } from '../../common/ids.js';
+import { newId, secretMatches } from '../../common/ids.js';
 import type { Logger } from '../../common/log.js';
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 import { grpcError } from '../grpc.js';
@@ -140,9 +139,9 @@ export class Dispatcher {
     this.requireRunning();
     const cluster = this.store.getCluster();
     if (!cluster?.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
-    const role = tokenMatches(req.token, cluster.tokens.manager)
+    const role = secretMatches(req.token, cluster.tokens.manager)
       ? NodeRole.NODE_ROLE_MANAGER
-      : tokenMatches(req.token, cluster.tokens.worker)
+      : secretMatches(req.token, cluster.tokens.worker)
         ? NodeRole.NODE_ROLE_WORKER
         : undefined;
     if (role === undefined) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
@@ -337,11 +336,6 @@ function assignable(t: Task): boolean {
   return !!t.nodeId && (t.status?.state ?? 0) >= TaskState.TASK_STATE_ASSIGNED;
 }
 
-function tokenMatches(given: string, want: string): boolean {
-  const a = Buffer.from(given);
-  const b = Buffer.from(want);
-  return a.length === b.length && timingSafeEqual(a, b);
-}
 
 export function unary<Req, Res>(fn: (req: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
