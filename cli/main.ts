@@ -2,6 +2,14 @@
 import { Command } from 'commander';
 import { registerCommands } from './commands/index.js';
 
+// `flotilla ... | head`: a closed pipe ends the command quietly
+for (const out of [process.stdout, process.stderr]) {
+  out.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw err;
+  });
+}
+
 const program = new Command();
 program
   .name('flotilla')

@@ -144,6 +144,12 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     const r = await cli(['service', 'create', '--name', 'after-failover', '--replicas', '4', '--timeout', '30s', 'busybox', 'sleep', '1000'], env(survivors[0]!));
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
+    // logs through any manager: a follower sends the CLI on to the leader
+    for (const m of survivors) {
+      const logs = await cli(['service', 'logs', 'after-failover'], env(m));
+      expect(logs.stderr, m.name).toBe('');
+      expect((logs.stdout.match(/after-failover\.\d\./g) ?? []).length, m.name).toBeGreaterThanOrEqual(4);
+    }
     await launch(victim);
     await allHaveAcked(mgrs);
   });

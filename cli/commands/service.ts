@@ -272,25 +272,34 @@ export function register(program: Command): void {
   ).action(
     action(async (ref: string, opts: { host?: string; follow?: boolean; tail?: string; timestamps?: boolean }) => {
       const tail = opts.tail !== undefined ? parseUint('--tail', opts.tail) : 0;
-      await withControl(opts.host, async (c) => {
-        const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
-        const nodes = await nodeMap(c);
-        await new Promise<void>((resolve, reject) => {
-          const stream = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail });
-          stream.on('data', (l: LogLine) => {
-            const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
-            const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
-            const ts = opts.timestamps ? `${new Date(l.timestamp).toISOString()} ` : '';
-            (l.stream === 'stderr' ? process.stderr : process.stdout).write(`${prefix}    | ${ts}${l.line}\n`);
-          });
-          stream.on('end', () => resolve());
-          stream.on('error', (err: Error & { details?: string }) => reject(new Error(err.details || err.message)));
-          process.once('SIGINT', () => {
-            stream.cancel();
-            resolve();
+      const stream = (host: string | undefined): Promise<void> =>
+        withControl(host, async (c) => {
+          const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+          const nodes = await nodeMap(c);
+          await new Promise<void>((resolve, reject) => {
+            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail });
+            call.on('data', (l: LogLine) => {
+              const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
+              const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
+              const ts = opts.timestamps ? `${new Date(l.timestamp).toISOString()} ` : '';
+              (l.stream === 'stderr' ? process.stderr : process.stdout).write(`${prefix}    | ${ts}${l.line}\n`);
+            });
+            call.on('end', () => resolve());
+            call.on('error', (err: Error & { details?: string }) => reject(new Error(err.details || err.message)));
+            process.once('SIGINT', () => {
+              call.cancel();
+              resolve();
+            });
           });
         });
-      });
+      try {
+        await stream(opts.host);
+      } catch (err) {
+        // logs come from the leader's dispatcher: a follower names the leader, so ask it there once
+        const leader = /retry with --host (\S+:\d+)/.exec((err as Error).message)?.[1];
+        if (!leader) throw err;
+        await stream(leader);
+      }
     }),
   );
   addSpecFlags(

@@ -247,7 +247,7 @@ export class ControlApi {
         throw new FlotillaError('UNAVAILABLE', `logs are served by the leader manager; retry with --host ${this.ctx.leaderAddr() || '<leader>'}`);
       service = resolveService(this.store, call.request.serviceId);
     } catch (err) {
-      call.destroy(grpcError(err));
+      call.emit('error', grpcError(err));
       return;
     }
     const tasks = this.store.tasksOfService(service.id).filter((t) => t.nodeId && t.status?.containerId);

@@ -82,7 +82,7 @@ export class Dispatcher {
       this.running = false;
       this.unsubscribe?.();
       for (const s of this.sessions.values()) {
-        for (const st of s.streams) st.destroy(grpcError(new FlotillaError('UNAVAILABLE', 'manager is no longer the leader')));
+        for (const st of s.streams) st.emit('error', grpcError(new FlotillaError('UNAVAILABLE', 'manager is no longer the leader')));
         s.logStream?.end();
       }
       this.sessions.clear();
@@ -120,7 +120,7 @@ export class Dispatcher {
 
   private endSession(s: Session, why: string): void {
     this.sessions.delete(s.nodeId);
-    for (const st of s.streams) st.destroy(grpcError(new FlotillaError('UNAVAILABLE', `session ended: ${why}`)));
+    for (const st of s.streams) st.emit('error', grpcError(new FlotillaError('UNAVAILABLE', `session ended: ${why}`)));
     s.logStream?.end();
   }
 
@@ -185,7 +185,7 @@ export class Dispatcher {
     try {
       s = this.session(call.request.nodeId, call.request.sessionId);
     } catch (err) {
-      call.destroy(grpcError(err));
+      call.emit('error', grpcError(err));
       return;
     }
     s.streams.add(call);
@@ -280,7 +280,7 @@ export class Dispatcher {
           s = this.session(chunk.nodeId, chunk.sessionId);
           s.logStream = call;
         } catch (err) {
-          call.destroy(grpcError(err));
+          call.emit('error', grpcError(err));
           return;
         }
         if (!chunk.requestId) return; // the hello
