@@ -35,7 +35,10 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     const args = ['manager', '--data-dir', m.dir, '--hostname', m.name, '--listen-addr', m.addr || '127.0.0.1:0', '--control-socket', m.sock, '--runtime', 'sim', '--heartbeat-period', '500ms', ...extra];
     const p = start(args, { FLOTILLA_LOG_LEVEL: process.env.HA_LOG_LEVEL ?? 'warn' });
     m.proc = p;
-    m.addr = await waitFor(`${m.name} ready`, () => p.out.join('').match(/listening on (\S+?)[,\s]/)?.[1] ?? (p.child.exitCode !== null ? Promise.reject(new Error(p.err.join(''))) : undefined), 40_000, 50);
+    m.addr = await waitFor(`${m.name} ready`, () => p.out.join('').match(/listening on (\S+?)[,\s]/)?.[1] ?? (p.child.exitCode !== null ? Promise.reject(new Error(p.err.join(''))) : undefined), 40_000, 50).catch((err: unknown) => {
+      if (process.env.HA_LOG_LEVEL) fs.writeFileSync(`/tmp/ha-fail-${m.name}.log`, p.err.join(''));
+      throw err;
+    });
   }
   async function kill(m: Mgr, sig: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     const p = m.proc;
