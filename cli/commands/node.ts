@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { GetClusterResponse, GetNodeResponse, ListNodesResponse, UpdateNodeResponse } from '../../gen/flotilla/v1/control.js';
-import { NodeAvailability, NodeRole, NodeState } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole } from '../../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
 import { parseKeyValue } from '../../common/units.js';
@@ -137,7 +137,6 @@ export function register(program: Command): void {
       });
     }),
   );
-  void NodeState;
 }
 
 function cap(s: string): string {

@@ -1,4 +1,4 @@
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import {
   CreateServiceResponse,
   GetServiceResponse,
@@ -403,7 +403,6 @@ export function register(program: Command): void {
       });
     }),
   );
-  void Option;
 }
 
 function printDryRun(res: UpdateServiceResponse): void {

@@ -19,7 +19,7 @@ import {
 } from '../../gen/flotilla/v1/control.js';
 import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
-import { isValidName, newId } from '../../common/ids.js';
+import { newId } from '../../common/ids.js';
 import type { MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { unary } from '../dispatcher/dispatcher.js';
@@ -310,8 +310,4 @@ export class ControlApi {
       serviceLogs: (call) => this.serviceLogs(call),
     };
   }
-}
-
-export function validateNodeName(name: string): void {
-  if (!isValidName(name)) throw invalidArgument('hostname', name, 'use letters, digits, "_", "." or "-"');
 }
