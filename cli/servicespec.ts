@@ -10,6 +10,7 @@ import {
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
+import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 
 export interface ServiceFlags {
   name?: string;
@@ -95,10 +96,6 @@ export function applyUpdateFlags(prefix: 'update' | 'rollback', flags: Record<st
   return u;
 }
 
-export function defaultUpdate(): UpdateConfig {
-  return { parallelism: 1, delayMs: 0, failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE, monitorMs: 5000, maxFailureRatio: 0, order: UpdateOrder.UPDATE_ORDER_STOP_FIRST };
-}
-
 export function parseHealthCmd(cmd: string): string[] {
   return ['CMD-SHELL', cmd];
 }
@@ -162,8 +159,8 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
       },
       forceUpdate: 0,
     },
-    update: applyUpdateFlags('update', flags, defaultUpdate()),
-    rollback: applyUpdateFlags('rollback', flags, defaultUpdate()),
+    update: applyUpdateFlags('update', flags, defaultUpdateConfig()),
+    rollback: applyUpdateFlags('rollback', flags, defaultUpdateConfig()),
   };
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {

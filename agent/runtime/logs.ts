@@ -10,6 +10,7 @@
  */
 import fs from 'node:fs/promises';
 import type { LogEntry } from './types.js';
+import { sleep } from '../../common/sleep.js';
 
 const TS_RE = /^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$/;
 
@@ -83,18 +84,6 @@ export interface ReadLogsOptions {
   done?: () => Promise<boolean>;
   pollMs?: number;
 }
-
-const sleep = (ms: number, signal?: AbortSignal): Promise<void> =>
-  new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  });
 
 /** Reads (and with follow, tails) a k8s-file log. A missing file reads as empty. */
 export async function* readLogs(file: string, opts: ReadLogsOptions = {}): AsyncGenerator<LogEntry> {

@@ -5,6 +5,9 @@
  * store. Ends when the signal aborts.
  */
 import type { Logger } from '../../common/log.js';
+import { sleep } from '../../common/sleep.js';
+
+export { sleep };
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 
 export abstract class ReconcileLoop {
@@ -89,17 +92,4 @@ export abstract class ReconcileLoop {
       await consumer;
     }
   }
-}
-
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  });
 }

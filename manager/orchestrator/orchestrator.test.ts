@@ -238,7 +238,7 @@ describe('updater', () => {
 
   async function drive(store: MemoryStore, repl: ReplicatedOrchestrator, upd: Updater, svcId: string, nodes: Node[], onStep: () => void, steps = 40) {
     for (let i = 0; i < steps; i++) {
-      await store.update((tx) => upd.reconcileService(tx, svcId, Date.now()));
+      await store.update((tx) => upd.reconcileAt(tx, svcId, Date.now()));
       await store.update((tx) => repl.reconcileService(tx, svcId));
       onStep();
       await stopShutdown(store);
@@ -313,12 +313,12 @@ describe('updater', () => {
       await store.update((tx) => repl.reconcileService(tx, svc.id));
       await runAll(store, [n]);
       await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { failureAction: action });
-      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
       await stopShutdown(store);
-      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
       const fresh = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2')!;
       await report(store, fresh.id, TaskState.TASK_STATE_FAILED, { err: 'task: non-zero exit (3)' });
-      await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+      await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
       const s = store.getService(svc.id)!;
       if (action === UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE) {
         expect(s.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_PAUSED);
@@ -343,14 +343,14 @@ describe('updater', () => {
     await runAll(store, [n]);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { monitorMs: 0 });
     // first slot updated and running; second not yet done
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     await stopShutdown(store);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     await runAll(store, [n]);
     const first = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2' && t.status!.state === TaskState.TASK_STATE_RUNNING)!;
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 60_000)); // long after its monitor window
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now() + 60_000)); // long after its monitor window
     await report(store, first.id, TaskState.TASK_STATE_FAILED, { err: 'late crash' });
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 60_000));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now() + 60_000));
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_PAUSED);
   });
 
@@ -363,17 +363,17 @@ describe('updater', () => {
     await store.update((tx) => repl.reconcileService(tx, svc.id));
     await runAll(store, [n]);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 1);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     const fresh = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2')!;
     await report(store, fresh.id, TaskState.TASK_STATE_RUNNING, { health: HealthState.HEALTH_STATE_STARTING });
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_UPDATING);
     // the old task still runs: start-first keeps it until the new one is healthy
     expect(live(store, svc.id)).toHaveLength(2);
     await report(store, fresh.id, TaskState.TASK_STATE_RUNNING, { health: HealthState.HEALTH_STATE_HEALTHY });
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(live(store, svc.id)).toHaveLength(1);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(store.getService(svc.id)!.updateStatus!.state).toBe(UpdateState.UPDATE_STATE_COMPLETED);
   });
 
@@ -388,12 +388,12 @@ describe('updater', () => {
     await store.update((tx) => glob.reconcileService(tx, svc.id));
     await runAll(store, [a, b]);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 0);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     await store.update((tx) => glob.reconcileService(tx, svc.id));
     // both nodes run old and new side by side until the new ones are up
     expect(live(store, svc.id)).toHaveLength(4);
     await runAll(store, [a, b]);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(live(store, svc.id).map((t) => t.spec!.container!.env[0])).toEqual(['V=2', 'V=2']);
     // drain b: its task stops; neither the orchestrator nor the updater puts a new one there
     const onB = store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id).length;
@@ -401,9 +401,9 @@ describe('updater', () => {
       const n = tx.get<Node>('node', b.id)!;
       tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
     });
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     await store.update((tx) => glob.reconcileService(tx, svc.id));
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(live(store, svc.id).map((t) => t.nodeId)).toEqual([a.id]);
     expect(store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id)).toHaveLength(onB);
   });
@@ -418,9 +418,9 @@ describe('updater', () => {
     await runAll(store, [n]);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 2, { delayMs: 10_000 });
     const fresh = () => store.tasksOfService(svc.id).filter((t) => t.spec!.container!.env[0] === 'V=2');
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     await stopShutdown(store);
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(fresh()).toHaveLength(2);
     // slot 1's replacement comes up; slot 2's is still on its way
     const first = fresh().find((t) => t.slot === 1)!;
@@ -428,9 +428,9 @@ describe('updater', () => {
       const t = tx.get<Task>('task', first.id)!;
       tx.update('task', { ...t, nodeId: n.id, status: { ...t.status!, state: TaskState.TASK_STATE_RUNNING, timestamp: Date.now() } });
     });
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now()));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     expect(fresh()).toHaveLength(2); // slot 1 waits out the delay: no third replacement yet
-    await store.update((tx) => upd.reconcileService(tx, svc.id, Date.now() + 11_000));
+    await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now() + 11_000));
     expect(fresh()).toHaveLength(3);
     expect(fresh().map((t) => t.slot).sort()).toEqual([1, 2, 3]);
   });

@@ -1,20 +1,25 @@
 /**
- * The shape both task orchestrators share: a watch loop that reconciles one service at a time, in
- * its own transaction, and only the services events touched (all of them at start, and when nodes
- * change).
+ * The shape the orchestrators and the updater share: a watch loop that reconciles one service at a
+ * time, in its own transaction, and only the services events touched (all of them at start, after a
+ * node change, and on a wake-up it asked for).
  */
 import { Service, ServiceMode, Task } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent, Tx } from '../store/store.js';
 import { ReconcileLoop } from './loop.js';
 import { isTerminal } from './tasks.js';
 
-export abstract class ServiceOrchestrator extends ReconcileLoop {
-  protected abstract readonly mode: ServiceMode;
+export abstract class ServiceLoop extends ReconcileLoop {
   private touched = new Set<string>();
   private all = true;
 
   /** One service's pass, inside a transaction. */
   abstract reconcileService(tx: Tx, serviceId: string): void;
+  /** Whether a change of this task is worth a pass over its service. */
+  protected abstract taskMatters(t: Task, old: Task | undefined, kind: 'create' | 'update' | 'delete'): boolean;
+  /** Whether this service needs a pass at all (read before its transaction). */
+  protected abstract wants(s: Service): boolean;
+  /** Called once before each pass over the services. */
+  protected beginPass(): void {}
 
   protected interested(ev: StoreEvent): boolean {
     if (ev.kind === 'commit') return false;
@@ -28,9 +33,7 @@ export abstract class ServiceOrchestrator extends ReconcileLoop {
     }
     if (ev.table !== 'task') return false;
     const t = ev.object as Task;
-    const old = ev.old as Task | undefined;
-    // what matters of a task: it appeared or went, ended, or its desired state changed
-    const matters = ev.kind !== 'update' || isTerminal(t.status?.state ?? 0) !== isTerminal(old?.status?.state ?? 0) || t.desiredState !== old?.desiredState;
+    const matters = this.taskMatters(t, ev.old as Task | undefined, ev.kind);
     if (matters) this.touched.add(t.serviceId);
     return matters;
   }
@@ -39,10 +42,11 @@ export abstract class ServiceOrchestrator extends ReconcileLoop {
     const ids = this.all ? this.store.listServices().map((s) => s.id) : [...this.touched];
     this.all = false;
     this.touched = new Set();
+    this.beginPass();
     for (const id of ids) {
       if (signal.aborted) return;
       const s: Service | undefined = this.store.getService(id);
-      if (s?.spec?.mode !== this.mode) continue;
+      if (!s || !this.wants(s)) continue;
       try {
         await this.store.update((tx) => this.reconcileService(tx, id), signal);
       } catch (err) {
@@ -52,8 +56,22 @@ export abstract class ServiceOrchestrator extends ReconcileLoop {
     }
   }
 
-  /** A wake-up (a restart delay ran out): reconcile everything on this pass. */
+  /** A wake-up (a delay ran out): look at every service on this pass. */
   protected override onWake(): void {
     this.all = true;
+  }
+}
+
+/** The replicated and global orchestrators: services of one mode. */
+export abstract class ServiceOrchestrator extends ServiceLoop {
+  protected abstract readonly mode: ServiceMode;
+
+  protected wants(s: Service): boolean {
+    return s.spec?.mode === this.mode;
+  }
+
+  /** What matters of a task: it appeared or went, ended, or its desired state changed. */
+  protected taskMatters(t: Task, old: Task | undefined, kind: 'create' | 'update' | 'delete'): boolean {
+    return kind !== 'update' || isTerminal(t.status?.state ?? 0) !== isTerminal(old?.status?.state ?? 0) || t.desiredState !== old?.desiredState;
   }
 }

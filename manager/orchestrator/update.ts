@@ -31,9 +31,10 @@ import {
   UpdateState,
   HealthState,
 } from '../../gen/flotilla/v1/objects.js';
-import type { StoreEvent, Tx } from '../store/store.js';
+import type { Tx } from '../store/store.js';
 import { taskSpecEqual } from '../controlapi/diff.js';
-import { ReconcileLoop } from './loop.js';
+import { defaultUpdateConfig } from '../controlapi/validate.js';
+import { ServiceLoop } from './service-loop.js';
 import { isActive, isTerminal, newTask, nodeIsReady, withDesired } from './tasks.js';
 
 const HELD = TaskState.TASK_STATE_PENDING;
@@ -60,55 +61,26 @@ function isFailure(t: Task): boolean {
   return s === TaskState.TASK_STATE_FAILED || s === TaskState.TASK_STATE_REJECTED;
 }
 
-export class Updater extends ReconcileLoop {
-  /** services events touched since the last pass; all of them after a node change or a wake-up */
-  private touched = new Set<string>();
-  private all = true;
+export class Updater extends ServiceLoop {
+  private anyDrained = false;
 
-  protected interested(ev: StoreEvent): boolean {
-    if (ev.kind === 'commit') return false;
-    if (ev.table === 'node') {
-      this.all = true;
-      return true;
-    }
-    if (ev.table === 'service') {
-      this.touched.add(ev.object.id);
-      return true;
-    }
-    if (ev.table !== 'task') return false;
-    const t = ev.object as Task;
-    const old = ev.old as Task | undefined;
-    const matters = ev.kind !== 'update' || t.status?.state !== old?.status?.state || t.status?.health !== old?.status?.health || t.desiredState !== old?.desiredState;
-    if (matters) this.touched.add(t.serviceId);
-    return matters;
+  protected taskMatters(t: Task, old: Task | undefined, kind: 'create' | 'update' | 'delete'): boolean {
+    return kind !== 'update' || t.status?.state !== old?.status?.state || t.status?.health !== old?.status?.health || t.desiredState !== old?.desiredState;
   }
 
-  protected override onWake(): void {
-    this.all = true;
+  protected override beginPass(): void {
+    this.anyDrained = this.store.listNodes().some((n) => n.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN);
   }
 
-  protected async reconcile(signal: AbortSignal): Promise<void> {
-    const ids = this.all ? this.store.listServices().map((s) => s.id) : [...this.touched];
-    this.all = false;
-    this.touched = new Set();
-    const anyDrained = this.store.listNodes().some((n) => n.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN);
-    for (const id of ids) {
-      if (signal.aborted) return;
-      const s = this.store.getService(id);
-      if (!s) continue;
-      // a service not being updated needs a pass only for drained nodes, or held tasks of a paused update
-      if (!isUpdating(s)) {
-        if (!anyDrained && !isPaused(s)) continue;
-        const pending = this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);
-        if (!pending) continue;
-      }
-      try {
-        await this.store.update((tx) => this.reconcileService(tx, s.id, Date.now()), signal);
-      } catch (err) {
-        this.touched.add(id);
-        throw err;
-      }
-    }
+  /** An update in progress; otherwise only drained nodes, or held tasks of a paused update. */
+  protected wants(s: Service): boolean {
+    if (isUpdating(s)) return true;
+    if (!this.anyDrained && !isPaused(s)) return false;
+    return this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);
+  }
+
+  reconcileService(tx: Tx, serviceId: string): void {
+    this.reconcileAt(tx, serviceId, Date.now());
   }
 
   private onDrainedNode(t: Task): boolean {
@@ -123,7 +95,8 @@ export class Updater extends ReconcileLoop {
     return !n || !nodeIsReady(n);
   }
 
-  reconcileService(tx: Tx, serviceId: string, now: number): void {
+  /** One service's pass at a given time (tests drive the clock). */
+  reconcileAt(tx: Tx, serviceId: string, now: number): void {
     const service = tx.get<Service>('service', serviceId);
     if (!service?.spec?.task) return;
     const spec = service.spec;
@@ -131,14 +104,7 @@ export class Updater extends ReconcileLoop {
     const updating = isUpdating(service);
     const rollingBack = service.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_STARTED;
     // a rollback follows the rollback policy of the spec it leaves (the one just given with --rollback-*)
-    const cfg: UpdateConfig = (rollingBack ? (service.previousSpec?.rollback ?? spec.rollback) : spec.update) ?? {
-      parallelism: 1,
-      delayMs: 0,
-      failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE,
-      monitorMs: 5000,
-      maxFailureRatio: 0,
-      order: UpdateOrder.UPDATE_ORDER_STOP_FIRST,
-    };
+    const cfg: UpdateConfig = (rollingBack ? (service.previousSpec?.rollback ?? spec.rollback) : spec.update) ?? defaultUpdateConfig();
     const startedAt = service.updateStatus?.startedAt ?? 0;
 
     const slots = new Map<string, Task[]>();

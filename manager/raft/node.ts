@@ -31,6 +31,7 @@ import { snapIndex } from './memory-storage.js';
 import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftServiceHandlers } from './transport.js';
 import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
+import { sleep } from '../../common/sleep.js';
 
 export interface StateMachine {
   /** apply a committed entry (deterministically, the same on every manager); a throw is logged and rejects the local proposer */
@@ -208,17 +209,6 @@ function writeJsonAtomic(file: string, value: unknown): void {
   }
   fs.renameSync(tmp, file);
 }
-
-const sleep = (ms: number, signal?: AbortSignal): Promise<void> =>
-  new Promise((resolve) => {
-    const t = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(t);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-    signal?.addEventListener('abort', done, { once: true });
-  });
 
 export class RaftNode {
   /** this node's raft id */

@@ -84,20 +84,14 @@ export class MemoryStore {
     return [...this.tasks.values()];
   }
   tasksOfService(serviceId: string): Task[] {
-    const ids = this.tasksByService.get(serviceId);
-    if (!ids) return [];
-    const out: Task[] = [];
-    for (const id of ids) {
-      const t = this.tasks.get(id);
-      if (t) out.push(t);
-    }
-    return out;
+    return this.tasksIn(this.tasksByService.get(serviceId));
   }
   tasksOfNode(nodeId: string): Task[] {
-    const ids = this.tasksByNode.get(nodeId);
-    if (!ids) return [];
+    return this.tasksIn(this.tasksByNode.get(nodeId));
+  }
+  private tasksIn(ids: Set<string> | undefined): Task[] {
     const out: Task[] = [];
-    for (const id of ids) {
+    for (const id of ids ?? []) {
       const t = this.tasks.get(id);
       if (t) out.push(t);
     }
