@@ -226,7 +226,7 @@ export class Manager {
           this.opts.log.info({ via: addr }, 'this node was promoted: joining the managers again');
           this.promoting = true;
           const dir = path.join(this.opts.dataDir, 'raft');
-          fs.renameSync(dir, `${dir}.demoted-${Date.now()}`);
+          if (fs.existsSync(dir)) fs.renameSync(dir, `${dir}.demoted-${Date.now()}`);
           // the state comes again from the leader (log or snapshot): start from nothing
           this.store.restore({ nodes: [], services: [], tasks: [], clusters: [] }, 0);
           const raft = await this.openRaft(addr, token);
