@@ -209,7 +209,8 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
   });
 
   it('stop-first: never more than the parallelism replaced (or down) at once, old stops before new starts; exit 0 on completion', async () => {
-    await create('sf', 8, ['--update-parallelism', '2', '--update-monitor', '300ms', '--health-cmd', 'true', '--health-interval', '150ms']);
+    // old tasks take 300 ms to stop, so the held replacements are seen by the sampler
+    await create('sf', 8, ['--update-parallelism', '2', '--update-monitor', '300ms', '--health-cmd', 'true', '--health-interval', '150ms', '-e', 'FLOTILLA_SIM_STOP_MS=300']);
     const { r, samples, before } = await during('sf', ['service', 'update', '--image', 'busybox:2', 'sf']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);

@@ -9,6 +9,7 @@
  *   FLOTILLA_SIM_EXIT_AFTER_MS=T   ... T ms after it started (default 0)
  *   FLOTILLA_SIM_OOM=1             ... and reports it was OOM-killed
  *   FLOTILLA_SIM_EXEC_EXIT_CODE=N  exec (so health checks) exits with N instead of 0
+ *   FLOTILLA_SIM_STOP_MS=T         a stop takes T ms (at most the grace period) before the exit
  * Every image exists unless the hasImage option says otherwise (or, for a whole process, the env var
  * FLOTILLA_SIM_MISSING_IMAGES, a comma-separated list of substrings of image names that are missing).
  */
@@ -331,9 +332,13 @@ export class SimRuntime implements ContainerRuntime {
   }
 
   /** The simulated process exits on TERM at once (143), whatever the grace period. */
-  async stop(idOrName: string, _graceMs: number): Promise<void> {
+  async stop(idOrName: string, graceMs: number): Promise<void> {
     const c = this.get(idOrName);
     if (c.status === 'stopped') return;
+    // a process that takes a while to exit on SIGTERM (at most the grace period)
+    const stopMs = Math.min(graceMs, Number(envValue(c.env, 'FLOTILLA_SIM_STOP_MS') ?? '0') || 0);
+    if (stopMs > 0 && c.status === 'running') await new Promise((r) => setTimeout(r, stopMs));
+    if (this.get(idOrName).status === 'stopped') return;
     this.exit(c.id, c.status === 'created' ? 137 : 143);
   }
 
