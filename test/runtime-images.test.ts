@@ -10,10 +10,12 @@ import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import * as tar from 'tar';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { RuncRuntime } from '../agent/runtime/containers.js';
 import { ImageStore } from '../agent/runtime/images.js';
 import { isMounted, mountAll, unmount } from '../agent/runtime/mount.js';
 import { buildBusyboxRootfs, importBusybox } from './helpers/busybox.js';
 import { rawTar } from './helpers/rawtar.js';
+import { mountsUnder } from './helpers/runtime-debris.js';
 
 const isRoot = process.getuid?.() === 0;
 const sha = (b: Buffer | string): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
@@ -410,5 +412,70 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     await unmount(target);
     await unmount(target);
     expect(await isMounted(target)).toBe(false);
+  });
+  it('runs containers from layered images: USER and the command are found across layers; runc mounts the root', async () => {
+    // top layer: a user of its own and a script; busybox (with /bin/sh) only in the bottom layer
+    const app = rawTar([
+      { path: 'etc/', type: 'Directory' },
+      { path: 'etc/passwd', body: 'root:x:0:0:root:/root:/bin/sh\napp:x:1234:4321:app:/home/app:/bin/sh\n' },
+      { path: 'etc/group', body: 'root:x:0:\napp:x:4321:\nextra:x:777:app\n' },
+      { path: 'app/', type: 'Directory' },
+      { path: 'app/hello', body: '#!/bin/sh\necho "hello $(id -u):$(id -g) $(id -G)"; cat /data/keep 2>&1; ls /opq\n', mode: 0o755 },
+    ]);
+    const layered = path.join(work, 'layered');
+    await fs.rm(layered, { recursive: true, force: true });
+    await writeOciLayout(layered, [busyboxLayer, upperLayer, { bytes: app, diffId: sha(app) }], 'latest');
+    await store.import('layered', layered);
+    // many layers: the overlay options do not fit in a page, so this one is mounted on the host
+    const many: Layer[] = [busyboxLayer];
+    for (let i = 0; i < 45; i++) {
+      const t = rawTar([{ path: `layer${i}`, body: String(i) }]);
+      many.push({ bytes: t, diffId: sha(t) });
+    }
+    const manyDir = path.join(work, 'many60');
+    await fs.rm(manyDir, { recursive: true, force: true });
+    await writeOciLayout(manyDir, many, 'latest');
+    await store.import('many60', manyDir);
+
+    const rt = await RuncRuntime.open(dataDir);
+    try {
+      const runIt = async (name: string, image: string, command: string[], user?: string) => {
+        const c = await rt.create({ name, image, entrypoint: command, user, workdir: '/work/dir' });
+        await rt.start(c.id);
+        const exit = await rt.wait(c.id);
+        const logs: string[] = [];
+        for await (const l of rt.logs(c.id)) logs.push(l.line);
+        return { c, exit, out: logs.join('\n') };
+      };
+      const a = await runIt('layered-a', 'layered', ['/app/hello'], 'app');
+      expect(a.exit.exitCode).toBe(0);
+      expect(a.out).toContain('hello 1234:4321 4321 777');
+      expect(a.out).toMatch(/No such file/); // data/keep whited out by the middle layer
+      expect(a.out).toContain('c');
+      // a second container of the same image and inputs takes the cached lookups; a wrong user still fails
+      expect((await runIt('layered-b', 'layered', ['/app/hello'], 'app')).exit.exitCode).toBe(0);
+      await expect(rt.create({ name: 'layered-c', image: 'layered', entrypoint: ['/app/hello'], user: 'nobody' })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+      await expect(rt.create({ name: 'layered-d', image: 'layered', entrypoint: ['nosuch'], user: 'root' })).rejects.toThrow(/executable file not found: nosuch/);
+      // runc made the root mount inside the container: nothing mounted on the host (the image view is gone too)
+      const sleeper = await rt.create({ name: 'layered-e', image: 'layered', entrypoint: ['sleep', '100'], user: '0' });
+      await rt.start(sleeper.id);
+      expect((await rt.inspect(sleeper.id)).rootfs).toBe(`/proc/${sleeper.pid}/root`);
+      expect(await fs.readFile(`/proc/${sleeper.pid}/root/app/hello`, 'utf8')).toContain('hello');
+      expect(mountsUnder(dataDir)).toEqual([]);
+
+      const m = await rt.create({ name: 'many', image: 'many60', entrypoint: ['sh', '-c', 'cat /layer0 /layer44'], user: 'nobody' });
+      expect(mountsUnder(dataDir)).toEqual([path.join(dataDir, 'containers', m.id, 'rootfs')]);
+      await rt.start(m.id);
+      expect((await rt.wait(m.id)).exitCode).toBe(0);
+      const out: string[] = [];
+      for await (const l of rt.logs(m.id)) out.push(l.line);
+      expect(out.join('')).toBe('044');
+      for (const c of await rt.list()) await rt.remove(c.id, true);
+      expect(mountsUnder(dataDir)).toEqual([]);
+      expect(await fs.readdir(store.snapshots.root)).toEqual([]);
+    } finally {
+      for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
+      rt.close();
+    }
   });
 });

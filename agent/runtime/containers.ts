@@ -3,7 +3,10 @@
  *
  *   <data>/containers/<id>/state.json   our record (written atomically: temp file + rename)
  *   <data>/containers/<id>/config.json  the OCI bundle's spec; the bundle dir is the container dir
- *   <data>/containers/<id>/rootfs       the overlay root file system (mounted from create to remove)
+ *   <data>/containers/<id>/rootfs       the root's mount point: runc mounts the snapshot's overlay there in the
+ *                                       container's mount namespace (config.json's "/" mount), so the host
+ *                                       has no mount to leave behind; only images with too many layers for
+ *                                       one page of overlay options are mounted here from create to remove
  *   <data>/containers/<id>/ctr.log      stdout/stderr, k8s-file format, written by conmon
  *   <data>/containers/<id>/exit, oom    written by conmon (persist dir): exit code, OOM marker
  *   <data>/containers/<id>/hosts ...    /etc/hosts, /etc/resolv.conf, /etc/hostname (bind-mounted)
@@ -24,9 +27,9 @@ import { FlotillaError, alreadyExists, errorMessage, invalidArgument, isCode, no
 import { isValidName, newId } from '../../common/ids.js';
 import { cgroupPaths, oomKills, removeCgroups } from './cgroups.js';
 import { readLogs } from './logs.js';
-import { mountAll, unmount } from './mount.js';
+import { mountAll, overlayFitsInSpec, unmount } from './mount.js';
 import { buildSpec, envValue, mergeEnv, processArgs, DEFAULT_PATH, type NetworkMode, type OciSpec } from './oci.js';
-import { findExecutable, resolveInRoot, resolveUser } from './rootfs.js';
+import { findExecutable, resolveUser } from './rootfs.js';
 import { Runc, RuncError, findBinary, startMonitor } from './runc.js';
 import type {
   ContainerCreateOptions,
@@ -48,6 +51,7 @@ export interface ImageSource {
 export interface SnapshotSource {
   prepare(key: string, image: ImageRecord): Promise<MountSpec[]>;
   remove(key: string): Promise<void>;
+  withImageView<T>(image: ImageRecord, fn: (root: string) => Promise<T>): Promise<T>;
 }
 
 export interface RuncRuntimeOptions {
@@ -104,6 +108,32 @@ function tracer(label: string): (step: string) => void {
     last = now;
   };
 }
+
+/** What create looks up in the image before runc runs: USER, and that the command exists. */
+interface Lookup {
+  user: string;
+  cmd: string;
+  /** $PATH of the container's environment */
+  path: string;
+  cwd: string;
+}
+
+interface ProcessUser {
+  uid: number;
+  gid: number;
+  additionalGids: number[];
+}
+
+async function lookupIn(root: string, l: Lookup): Promise<ProcessUser> {
+  const [user] = await Promise.all([
+    l.user === '' || l.user === 'root' || l.user === '0' ? { uid: 0, gid: 0, additionalGids: [] } : resolveUser(root, l.user),
+    findExecutable(root, l.cmd, l.path, l.cwd),
+  ]);
+  return { uid: user.uid, gid: user.gid, additionalGids: user.additionalGids };
+}
+
+/** Entries kept in the per-image lookup cache before it starts over. */
+const LOOKUP_CACHE_MAX = 512;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -185,6 +215,8 @@ export class RuncRuntime implements ContainerRuntime {
   readonly runcRoot: string;
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly waiters = new Map<string, Set<() => void>>();
+  /** lookupInImage's answers (or lookups under way) */
+  private readonly lookups = new Map<string, Promise<ProcessUser>>();
   private watcher: FSWatcher | undefined;
 
   private constructor(
@@ -232,6 +264,7 @@ export class RuncRuntime implements ContainerRuntime {
     let store: Promise<SnapshotSource> | undefined;
     const lazySnapshots: SnapshotSource = {
       prepare: () => Promise.reject(new Error('not available during reconcile')),
+      withImageView: () => Promise.reject(new Error('not available during reconcile')),
       remove: async (key) => {
         store ??= import('./images.js').then(async ({ ImageStore }) => (await ImageStore.open(abs)).snapshots);
         await (await store).remove(key);
@@ -362,7 +395,8 @@ export class RuncRuntime implements ContainerRuntime {
       pid: status === 'stopped' ? 0 : rec.pid,
       exitCode: rec.exitCode,
       oomKilled: rec.oomKilled,
-      rootfs: this.rootfs(rec.id),
+      // the overlay is mounted in the container's own mount namespace: seen from the host through its init
+      rootfs: status === 'stopped' || rec.pid <= 0 ? '' : `/proc/${rec.pid}/root`,
       cgroupPaths: cgroupPaths(rec.cgroupsPath),
       labels: rec.labels,
       created: rec.created,
@@ -464,22 +498,29 @@ export class RuncRuntime implements ContainerRuntime {
       const userSpec = opts.user ?? cfg.user ?? '';
       const cwd = opts.workdir || cfg.workingDir || '/';
       rec.args = args;
-      // the /etc files do not need the rootfs: write them while the snapshot is prepared and mounted
-      const [etc, user] = await Promise.all([
+      // the /etc files do not need the rootfs: write them while the snapshot is prepared
+      const [etc, prepared] = await Promise.all([
         this.writeEtcFiles(dir, hostname, network),
         (async () => {
           const mounts = await this.snapshots.prepare(id, image);
           tr('snapshot');
-          await mountAll(mounts, rootfs);
-          tr('mount');
-          const [u] = await Promise.all([
-            userSpec === '' || userSpec === 'root' || userSpec === '0' ? { uid: 0, gid: 0, additionalGids: [] as number[] } : resolveUser(rootfs, userSpec),
-            findExecutable(rootfs, args[0]!, envValue(env, 'PATH') ?? DEFAULT_PATH, cwd),
-          ]);
-          if (cwd !== '/') await fs.mkdir(await resolveInRoot(rootfs, cwd), { recursive: true, mode: 0o755 });
-          return u;
+          // Normally runc mounts the overlay itself, as the container's "/" mount, inside the container's
+          // mount namespace: no mount(8) here, nothing mounted on the host, nothing to unmount at rm.
+          // Only an image with so many layers that the options pass the kernel's page limit gets the old
+          // way: mounted here (with relative lowerdirs) onto the bundle's rootfs.
+          const rootMount = mounts.length === 1 && overlayFitsInSpec(mounts[0]!) ? mounts[0]! : undefined;
+          if (rootMount) await fs.mkdir(rootfs, { mode: 0o755 });
+          else {
+            await mountAll(mounts, rootfs);
+            tr('mount');
+          }
+          const lookup = { user: userSpec, cmd: args[0]!, path: envValue(env, 'PATH') ?? DEFAULT_PATH, cwd };
+          const user = rootMount ? await this.lookupInImage(image, lookup) : await lookupIn(rootfs, lookup);
+          return { user, rootMount };
         })(),
       ]);
+      const { user, rootMount } = prepared;
+      tr('lookups');
 
       const spec: OciSpec = buildSpec({
         args,
@@ -497,6 +538,7 @@ export class RuncRuntime implements ContainerRuntime {
         pidsLimit: opts.pidsLimit,
         etc,
         annotations: { 'io.flotilla.container.name': opts.name },
+        rootMount,
       });
       await fs.writeFile(path.join(dir, 'config.json'), JSON.stringify(spec));
       tr('spec');
@@ -525,6 +567,23 @@ export class RuncRuntime implements ContainerRuntime {
       await this.cleanup(rec, { monitor, snapshot, name: nameTaken }).catch(() => undefined);
       throw err;
     }
+  }
+
+  /**
+   * lookupIn over the image's file system. Images are immutable, so the answer is cached by image digest
+   * and inputs: a service's replicas look up once, not once per container (the first one reads a view of
+   * the image's layers; concurrent creates share that one lookup). Failures are not cached.
+   */
+  private lookupInImage(image: ImageRecord, l: Lookup): Promise<ProcessUser> {
+    const key = JSON.stringify([image.digest, l.user, l.cmd, l.path, l.cwd]);
+    let p = this.lookups.get(key);
+    if (!p) {
+      if (this.lookups.size >= LOOKUP_CACHE_MAX) this.lookups.clear();
+      p = this.snapshots.withImageView(image, (root) => lookupIn(root, l));
+      this.lookups.set(key, p);
+      p.catch(() => this.lookups.delete(key));
+    }
+    return p;
   }
 
   private async writeEtcFiles(dir: string, hostname: string, network: NetworkMode): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
@@ -763,7 +822,7 @@ export class RuncRuntime implements ContainerRuntime {
     if (cmd.length === 0 || cmd[0] === '') throw invalidArgument('command', cmd, 'a command is required');
     const dir = this.dir(rec.id);
     const spec = JSON.parse(await fs.readFile(path.join(dir, 'config.json'), 'utf8')) as OciSpec;
-    await findExecutable(this.rootfs(rec.id), cmd[0]!, envValue(spec.process.env, 'PATH') ?? DEFAULT_PATH, spec.process.cwd);
+    await findExecutable(`/proc/${rec.pid}/root`, cmd[0]!, envValue(spec.process.env, 'PATH') ?? DEFAULT_PATH, spec.process.cwd);
     const tag = `${process.pid}-${Math.random().toString(36).slice(2)}`;
     const procFile = path.join(dir, `exec-${tag}.json`);
     const pidFile = path.join(dir, `exec-${tag}.pid`);

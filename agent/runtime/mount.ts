@@ -58,6 +58,14 @@ export async function isMounted(target: string): Promise<boolean> {
   return (await mountPoints()).includes(t);
 }
 
+/**
+ * Whether runc can make this overlay mount itself (as the "/" mount of the container's config): its
+ * option string, with absolute paths, must fit in the kernel's one-page limit.
+ */
+export function overlayFitsInSpec(m: MountSpec): boolean {
+  return m.type === 'overlay' && m.options.every((o) => !o.includes(',')) && m.options.join(',').length < PAGE - 1;
+}
+
 /** Returns [options, cwd] for an overlay mount, relativising lowerdirs when the option string is too long. */
 export function overlayOptions(options: string[]): { data: string; cwd?: string } {
   const data = options.join(',');

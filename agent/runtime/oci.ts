@@ -100,6 +100,11 @@ export interface SpecOptions {
   memoryBytes?: number;
   nanoCpus?: number;
   pidsLimit?: number;
+  /**
+   * the root file system as a mount runc makes itself (an overlay onto the empty `rootfs` directory) in
+   * the container's mount namespace; absent when rootfs is already mounted
+   */
+  rootMount?: { type: string; source: string; options: string[] };
   /** host files bind-mounted read-only at /etc/hosts, /etc/resolv.conf, /etc/hostname */
   etc?: { hosts?: string; resolvConf?: string; hostname?: string };
   annotations?: Record<string, string>;
@@ -116,6 +121,7 @@ export function buildSpec(o: SpecOptions): OciSpec {
   if (o.network !== 'host') namespaces.push({ type: 'network' });
 
   const mounts: OciMount[] = [
+    ...(o.rootMount ? [{ destination: '/', type: o.rootMount.type, source: o.rootMount.source, options: [...o.rootMount.options] }] : []),
     { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
     { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
     { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },

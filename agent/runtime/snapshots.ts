@@ -13,7 +13,7 @@ import path from 'node:path';
 import { FlotillaError, alreadyExists, invalidArgument, notFound } from '../../common/errors.js';
 import { cleanStale, fsyncDir, tempName } from './content.js';
 import type { LayerStore } from './layers.js';
-import { unmount } from './mount.js';
+import { mountOne, unmount } from './mount.js';
 import type { ImageRecord, MountSpec } from './types.js';
 
 const KEY_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$/;
@@ -44,6 +44,8 @@ export class Snapshotter {
     if (/[,:]/.test(abs)) throw invalidArgument('data dir', abs, 'must not contain "," or ":" (they separate overlay mount options)');
     const s = new Snapshotter(abs, layers);
     await fs.mkdir(s.root, { recursive: true, mode: 0o700 });
+    // an image view left mounted by a crash must be unmounted before its directory can go
+    for (const name of await fs.readdir(s.root)) if (name.startsWith('.tmp-view-')) await unmount(path.join(s.root, name)).catch(() => undefined);
     await cleanStale(s.root, '.tmp-');
     return s;
   }
@@ -85,6 +87,31 @@ export class Snapshotter {
       await fs.rm(tmp, { recursive: true, force: true });
     }
     return this.mounts(key);
+  }
+
+  /**
+   * Runs fn with a read-only view of the image's file system (its layers merged, as a container would
+   * first see them): the layer directory itself for a one-layer image, otherwise a temporary read-only
+   * overlay of the layers, unmounted and removed when fn settles. Used to look up USER and the command
+   * before a container exists.
+   */
+  async withImageView<T>(image: ImageRecord, fn: (root: string) => Promise<T>): Promise<T> {
+    if (image.layers.length === 0) throw new FlotillaError('FAILED_PRECONDITION', `image ${image.name} has no layers`);
+    for (const l of image.layers) await this.layers.prepare(l);
+    if (image.layers.length === 1) return fn(this.layers.fsPath(image.layers[0]!));
+    const view = path.join(this.root, `.tmp-view-${tempName()}`);
+    await fs.mkdir(view, { mode: 0o700 });
+    try {
+      const lower = [...image.layers].reverse().map((l) => this.layers.fsPath(l));
+      await mountOne({ type: 'overlay', source: 'overlay', options: [`lowerdir=${lower.join(':')}`, 'ro'] }, view);
+      try {
+        return await fn(view);
+      } finally {
+        await unmount(view);
+      }
+    } finally {
+      await fs.rm(view, { recursive: true, force: true });
+    }
   }
 
   async info(key: string): Promise<SnapshotInfo> {

@@ -72,6 +72,7 @@ export interface ContainerInfo {
   pid: number;
   exitCode: number | null;
   oomKilled: boolean;
+  /** the container's root file system as the host sees it (/proc/<pid>/root); '' once stopped */
   rootfs: string;
   cgroupPaths: Record<string, string>;
   labels: Record<string, string>;

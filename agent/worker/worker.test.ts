@@ -163,6 +163,39 @@ describe('worker over the sim runtime', () => {
     }
   });
 
+  it('starts a created container before creating the next ones (tasks run as they are prepared)', async () => {
+    class SlowSim extends SimRuntime {
+      readonly order: string[] = [];
+      static make(): SlowSim {
+        return new SlowSim({});
+      }
+      override async create(o: ContainerCreateOptions): Promise<ContainerInfo> {
+        await new Promise((r) => setTimeout(r, 10));
+        this.order.push('create');
+        return super.create(o);
+      }
+      override async start(id: string): Promise<void> {
+        this.order.push('start');
+        return super.start(id);
+      }
+    }
+    const slow = SlowSim.make();
+    const w = newWorker(slow, rec, { concurrency: 2 });
+    try {
+      const tasks = Array.from({ length: 20 }, (_, i) => task({ slot: i + 1 }));
+      await w.assign(complete(tasks));
+      await waitFor('all running', () => tasks.every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+      // with a FIFO queue every start would wait behind all 20 creates
+      const firstStart = slow.order.indexOf('start');
+      expect(firstStart).toBeGreaterThan(0);
+      expect(firstStart).toBeLessThanOrEqual(3);
+      expect(slow.order.filter((o) => o === 'start')).toHaveLength(20);
+    } finally {
+      await w.close();
+      await slow.close();
+    }
+  });
+
   it('reports COMPLETE on exit 0 and FAILED with the exit code (and OOM) otherwise', async () => {
     worker = newWorker(rt, rec);
     const ok = task({ env: ['FLOTILLA_SIM_EXIT_CODE=0', 'FLOTILLA_SIM_EXIT_AFTER_MS=20'] });

@@ -36,14 +36,18 @@ export interface WorkerOptions {
   closeTimeoutMs?: number;
 }
 
-/** A counting semaphore whose waiters can give up through an AbortSignal. */
+/**
+ * A counting semaphore. Waiters queue in order, except urgent ones, which go to the front: a
+ * container that is already created starts before the next one is created, so tasks reach running
+ * as they are prepared rather than all at the end of a large batch.
+ */
 class Limiter {
   private active = 0;
   private readonly queue: Array<() => void> = [];
   constructor(private readonly max: number) {}
 
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.active >= this.max) await new Promise<void>((resolve) => this.queue.push(resolve));
+  async run<T>(fn: () => Promise<T>, urgent = false): Promise<T> {
+    if (this.active >= this.max) await new Promise<void>((resolve) => (urgent ? this.queue.unshift(resolve) : this.queue.push(resolve)));
     else this.active++;
     try {
       return await fn();
@@ -161,9 +165,9 @@ export class Worker {
     return q;
   }
 
-  /** Runs a container operation: at most `concurrency` at once, counted by idle(). */
-  private op<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.limit.run(fn);
+  /** Runs a container operation: at most `concurrency` at once (urgent ones first), counted by idle(). */
+  private op<T>(fn: () => Promise<T>, urgent = false): Promise<T> {
+    const p = this.limit.run(fn, urgent);
     const q = p.then(
       () => undefined,
       () => undefined,
@@ -348,7 +352,7 @@ export class Worker {
           const after = await r.ctl.start();
           started = true;
           return after;
-        });
+        }, true);
         if (!info || sig.aborted) return;
       } else if (info.status === 'created') {
         const adopted = info;
@@ -360,7 +364,7 @@ export class Worker {
           const after = await r.ctl.start();
           started = true;
           return after;
-        });
+        }, true);
         if (sig.aborted) return;
       }
       if (started || info.status === 'running') {
