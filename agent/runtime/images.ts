@@ -15,7 +15,6 @@ import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
-import * as tar from 'tar';
 import { FlotillaError, errorMessage, invalidArgument, notFound } from '../../common/errors.js';
 import { ContentStore, cleanStale, digestHex, fsyncDir, isDigest, sha256Digest, tempName } from './content.js';
 import { LayerStore } from './layers.js';
@@ -336,6 +335,8 @@ export class ImageStore {
         extracted = path.join(this.tmpDir, tempName());
         await fs.mkdir(extracted, { mode: 0o700 });
         try {
+          // node-tar loads on first use: opening the store (every CLI command, agent start) does not need it
+          const tar = await import('tar');
           await tar.x({ file: src, cwd: extracted, strict: true, preserveOwner: false });
         } catch (err) {
           throw bad(source, `not a readable tar archive: ${errorMessage(err).replace(/^TAR_\w+: /, '')}`);

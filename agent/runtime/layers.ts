@@ -23,7 +23,7 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import zlib from 'node:zlib';
-import { Parser, type ReadEntry } from 'tar';
+import type { ReadEntry } from 'tar';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { type ContentStore, cleanStale, digestHex, fsyncDir, tempName } from './content.js';
 
@@ -363,6 +363,7 @@ class Unpacker {
 export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncIterable<Buffer>, target: string, label = 'archive'): Promise<UnpackResult> {
   const root = path.resolve(target);
   const unpacker = new Unpacker(root, label);
+  const { Parser } = await import('tar'); // loaded on first unpack, not by every CLI start
   const parser = new Parser({ strict: true });
   const hash = createHash('sha256');
   let size = 0;

@@ -18,7 +18,10 @@ const GROUPS: Record<string, () => Promise<Group>> = {
 
 export async function registerCommands(program: Command, argv: string[]): Promise<void> {
   program.enablePositionalOptions();
-  const first = argv.slice(2).find((a) => !a.startsWith('-'));
+  const args = argv.slice(2);
+  const first = args.find((a) => !a.startsWith('-'));
+  // `flotilla --version` needs no group
+  if (first === undefined && (args.includes('--version') || args.includes('-V'))) return;
   const load = first && GROUPS[first] ? [GROUPS[first]] : Object.values(GROUPS);
   for (const g of await Promise.all(load.map((f) => f()))) g.register(program);
 }
