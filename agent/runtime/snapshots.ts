@@ -3,7 +3,6 @@
  *
  *   <data>/snapshots/containers/<key>/upper         the container's private writes (overlay upperdir)
  *   <data>/snapshots/containers/<key>/work          overlay workdir
- *   <data>/snapshots/containers/<key>/rootfs        where the container engineer mounts the rootfs
  *   <data>/snapshots/containers/<key>/snapshot.json the image digest and layers the snapshot uses
  *
  * prepare() returns MountSpec descriptions; it never mounts (mount.ts does).
@@ -11,7 +10,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { FlotillaError, alreadyExists, invalidArgument, notFound } from '../../common/errors.js';
-import { cleanStale, fsyncDir, tempName } from './content.js';
+import { cleanStale, tempName } from './content.js';
 import type { LayerStore } from './layers.js';
 import { mountOne, unmount } from './mount.js';
 import type { ImageRecord, MountSpec } from './types.js';
@@ -55,7 +54,7 @@ export class Snapshotter {
     return path.join(this.root, key);
   }
 
-  /** Where the container's root file system is to be mounted. */
+  /** Where the snapshot can be mounted on the host (mountAll creates it; containers do not use it). */
   mountpoint(key: string): string {
     return path.join(this.dir(key), 'rootfs');
   }
@@ -69,10 +68,12 @@ export class Snapshotter {
     const dir = this.dir(key);
     if (image.layers.length === 0) throw new FlotillaError('FAILED_PRECONDITION', `image ${image.name} has no layers`);
     for (const l of image.layers) await this.layers.prepare(l);
+    // Built in a temp dir and renamed into place, so a snapshot is either complete or absent. No fsync:
+    // a snapshot lost in a crash belongs to a container that reconcile removes anyway.
     const tmp = path.join(this.root, `.tmp-${tempName()}`);
     try {
       await fs.mkdir(tmp, { mode: 0o700 });
-      for (const d of ['upper', 'work', 'rootfs']) await fs.mkdir(path.join(tmp, d), { mode: 0o755 });
+      await Promise.all(['upper', 'work'].map((d) => fs.mkdir(path.join(tmp, d), { mode: 0o755 })));
       const info: SnapshotInfo = { key, image: image.digest, imageName: image.name, layers: [...image.layers], created: Date.now() };
       await fs.writeFile(path.join(tmp, 'snapshot.json'), JSON.stringify(info, null, 2) + '\n');
       try {
@@ -82,9 +83,9 @@ export class Snapshotter {
         if (code === 'ENOTEMPTY' || code === 'EEXIST') throw alreadyExists('snapshot', key);
         throw err;
       }
-      await fsyncDir(this.root);
-    } finally {
+    } catch (err) {
       await fs.rm(tmp, { recursive: true, force: true });
+      throw err;
     }
     return this.mounts(key);
   }
