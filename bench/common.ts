@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { Control } from '../cli/client.js';
 import type { ListNodesResponse, ListServicesResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { NodeState, TaskState, type Task } from '../gen/flotilla/v1/objects.js';
+import { removeRunRoots } from '../test/helpers/runtime-debris.js';
 
 export interface RunResult {
   code: number;
@@ -336,6 +337,7 @@ export async function teardown(c: BenchCluster, ctl: Control | undefined, runcDa
     for (const ct of await containersOf(runcDataDir).catch(() => [])) await flotilla(['container', 'rm', '-f', ct.id, '--data-dir', runcDataDir]);
   }
   await fs.rm(c.root, { recursive: true, force: true });
+  removeRunRoots(c.root);
 }
 
 /** Removes our swarm services and image; leaves the swarm if we initialised it. */

@@ -20,6 +20,7 @@ import { findBinary } from '../agent/runtime/runc.js';
 import { removeCgroups } from '../agent/runtime/cgroups.js';
 import { buildSpec } from '../agent/runtime/oci.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
+import { removeRunRoots } from '../test/helpers/runtime-debris.js';
 
 const N = Number(process.env.BENCH_N ?? 30);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -145,7 +146,7 @@ async function main(): Promise<void> {
     // RSS of each conmon while N containers run
     const conmonRss: number[] = [];
     for (const c of await runtime.list()) {
-      const pidFile = path.join(dataDir, 'containers', c.id, 'conmon.pid');
+      const pidFile = path.join(runtime.runRoot, 'containers', c.id, 'conmon.pid');
       const pid = Number((await fs.readFile(pidFile, 'utf8').catch(() => '0')).trim());
       if (pid) conmonRss.push(rssKb(pid));
     }
@@ -203,6 +204,7 @@ async function main(): Promise<void> {
       await removeCgroups(`/flotilla-bench/${id}`).catch(() => undefined);
     }
     await fs.rm(base, { recursive: true, force: true });
+    removeRunRoots(base);
   }
 }
 

@@ -9,7 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { importBusybox } from './helpers/busybox.js';
-import { flotillaCgroups, mountsUnder } from './helpers/runtime-debris.js';
+import { flotillaCgroups, mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
+import { runRootOf } from '../agent/runtime/containers.js';
 
 const isRoot = process.getuid?.() === 0;
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -53,6 +54,7 @@ describe.skipIf(!isRoot)('flotilla container CLI (needs root, runc, conmon; runs
     if (ids.length > 0) await cli('rm', '-f', ...ids);
     expect(mountsUnder(dataDir)).toEqual([]);
     await fs.rm(dataDir, { recursive: true, force: true });
+    removeRunRoots(dataDir);
   });
 
   it('runs in the foreground: streams output, exits with the exit code, passes the command its flags', async () => {
@@ -91,13 +93,16 @@ describe.skipIf(!isRoot)('flotilla container CLI (needs root, runc, conmon; runs
     expect(Date.now() - t).toBeLessThan(4000);
     expect(JSON.parse((await cli('inspect', 'bg')).stdout)).toMatchObject({ state: 'stopped', exitCode: 0 });
     expect((await cli('rm', 'bg')).code).toBe(0);
-    expect(mountsUnder(path.join(dataDir, 'containers', id))).toEqual([]);
-    expect(existsSync(path.join(dataDir, 'containers', id))).toBe(false);
+    const run = await runRootOf(dataDir);
+    expect(mountsUnder(run)).toEqual([]);
+    expect(existsSync(path.join(run, 'containers', id))).toBe(false);
+    expect(existsSync(path.join(dataDir, 'logs', id))).toBe(false);
     expect(flotillaCgroups([id])).toEqual([]);
   });
 
   it('rejects bad input with one clear line and creates nothing', async () => {
-    const before = await fs.readdir(path.join(dataDir, 'containers'));
+    const containersDir = path.join(await runRootOf(dataDir), 'containers');
+    const before = await fs.readdir(containersDir);
     const cases: [string[], RegExp][] = [
       [['run', '--memory', '12q', 'busybox', 'true'], /invalid --memory "12q"/],
       [['run', '--cpus', 'lots', 'busybox', 'true'], /invalid --cpus "lots"/],
@@ -113,6 +118,6 @@ describe.skipIf(!isRoot)('flotilla container CLI (needs root, runc, conmon; runs
       expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
       expect(r.stderr).toMatch(msg);
     }
-    expect(await fs.readdir(path.join(dataDir, 'containers'))).toEqual(before);
+    expect(await fs.readdir(containersDir)).toEqual(before);
   });
 });

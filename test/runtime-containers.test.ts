@@ -6,7 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { RuncRuntime } from '../agent/runtime/containers.js';
 import { FlotillaError } from '../common/errors.js';
 import { importBusybox } from './helpers/busybox.js';
-import { flotillaCgroups, mountsUnder } from './helpers/runtime-debris.js';
+import { flotillaCgroups, mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
 
 const isRoot = process.getuid?.() === 0;
 
@@ -30,8 +30,10 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
     rt.close();
     expect(mountsUnder(dataDir)).toEqual([]);
+    expect(mountsUnder(rt.runRoot)).toEqual([]);
     expect(flotillaCgroups(ids)).toEqual([]);
     await fs.rm(dataDir, { recursive: true, force: true });
+    removeRunRoots(dataDir);
   });
 
   async function run(name: string, command: string[], extra: Record<string, unknown> = {}) {
@@ -171,7 +173,7 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     ids.push(r.id);
     await rt.start(r.id);
     await rt.wait(r.id);
-    const logFile = path.join(dataDir, 'containers', r.id, 'ctr.log');
+    const logFile = path.join(dataDir, 'logs', r.id, 'ctr.log');
     expect(statSync(logFile).size).toBeLessThanOrEqual(8192);
     const lines: string[] = [];
     for await (const e of rt.logs('rotate', {})) lines.push(e.line);
@@ -201,19 +203,19 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
   it('cleans up a container left half-created by a crashed process', async () => {
     const c = await rt.create({ name: 'crashed', image: 'busybox', command: ['sleep', '100'] });
     ids.push(c.id);
-    const stateFile = path.join(dataDir, 'containers', c.id, 'state.json');
+    const stateFile = path.join(rt.runRoot, 'containers', c.id, 'state.json');
     const rec = JSON.parse(readFileSync(stateFile, 'utf8')) as Record<string, unknown>;
     await fs.writeFile(stateFile, JSON.stringify({ ...rec, state: 'creating', ownerPid: 2 ** 22 + 1 }));
-    expect(existsSync(path.join(dataDir, 'runc', c.id))).toBe(true);
+    expect(existsSync(path.join(rt.runRoot, 'runc', c.id))).toBe(true);
     expect(existsSync(`/proc/${c.pid}`)).toBe(true);
     const rt2 = await RuncRuntime.open(dataDir);
     rt2.close();
-    expect(existsSync(path.join(dataDir, 'containers', c.id))).toBe(false);
-    expect(existsSync(path.join(dataDir, 'runc', c.id))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'containers', c.id))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'runc', c.id))).toBe(false);
     expect(existsSync(path.join(dataDir, 'snapshots', 'containers', c.id))).toBe(false);
     expect(mountsUnder(dataDir)).toEqual([]);
     expect(flotillaCgroups([c.id])).toEqual([]);
-    expect(existsSync(path.join(dataDir, 'names', 'crashed'))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'names', 'crashed'))).toBe(false);
     await expect(rt.inspect('crashed')).rejects.toMatchObject({ code: 'NOT_FOUND' });
   });
 
@@ -224,9 +226,9 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     await rt.remove('gone', true);
     expect(mountsUnder(dataDir)).toEqual([]);
     expect(flotillaCgroups([c.id])).toEqual([]);
-    expect(existsSync(path.join(dataDir, 'containers', c.id))).toBe(false);
-    expect(existsSync(path.join(dataDir, 'runc', c.id))).toBe(false);
-    expect(existsSync(path.join(dataDir, 'exits', c.id))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'containers', c.id))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'runc', c.id))).toBe(false);
+    expect(existsSync(path.join(rt.runRoot, 'exits', c.id))).toBe(false);
     expect(existsSync(path.join(dataDir, 'snapshots', 'containers', c.id))).toBe(false);
     // the name is free again
     await run('gone', ['true']);
@@ -250,8 +252,8 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     }
     const first = await run('dup', ['sleep', '100']);
     await expect(rt.create({ name: 'dup', image: 'busybox', command: ['true'] })).rejects.toMatchObject({ code: 'ALREADY_EXISTS' });
-    const left = await fs.readdir(path.join(dataDir, 'containers'));
-    if (left.length > 1) console.log(left.map((id) => readFileSync(path.join(dataDir, 'containers', id, 'state.json'), 'utf8')));
+    const left = await fs.readdir(path.join(rt.runRoot, 'containers'));
+    if (left.length > 1) console.log(left.map((id) => readFileSync(path.join(rt.runRoot, 'containers', id, 'state.json'), 'utf8')));
     expect(left).toEqual([first.id]);
     expect(await fs.readdir(path.join(dataDir, 'snapshots', 'containers'))).toEqual([first.id]);
     // runc mounts the rootfs inside the container's mount namespace: nothing on the host

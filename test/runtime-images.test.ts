@@ -15,7 +15,7 @@ import { ImageStore } from '../agent/runtime/images.js';
 import { isMounted, mountAll, unmount } from '../agent/runtime/mount.js';
 import { buildBusyboxRootfs, importBusybox } from './helpers/busybox.js';
 import { rawTar } from './helpers/rawtar.js';
-import { mountsUnder } from './helpers/runtime-debris.js';
+import { mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
 
 const isRoot = process.getuid?.() === 0;
 const sha = (b: Buffer | string): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
@@ -141,6 +141,7 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
   afterEach(async () => {
     for (const m of mounted.splice(0)) await unmount(m);
     await fs.rm(dataDir, { recursive: true, force: true });
+    removeRunRoots(dataDir);
   });
 
   async function mountSnapshot(key: string, ref: string): Promise<string> {
@@ -464,7 +465,7 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
       expect(mountsUnder(dataDir)).toEqual([]);
 
       const m = await rt.create({ name: 'many', image: 'many60', entrypoint: ['sh', '-c', 'cat /layer0 /layer44'], user: 'nobody' });
-      expect(mountsUnder(dataDir)).toEqual([path.join(dataDir, 'containers', m.id, 'rootfs')]);
+      expect(mountsUnder(rt.runRoot)).toEqual([path.join(rt.runRoot, 'containers', m.id, 'rootfs')]);
       await rt.start(m.id);
       expect((await rt.wait(m.id)).exitCode).toBe(0);
       const out: string[] = [];
@@ -472,6 +473,7 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
       expect(out.join('')).toBe('044');
       for (const c of await rt.list()) await rt.remove(c.id, true);
       expect(mountsUnder(dataDir)).toEqual([]);
+      expect(mountsUnder(rt.runRoot)).toEqual([]);
       expect(await fs.readdir(store.snapshots.root)).toEqual([]);
     } finally {
       for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);

@@ -1,23 +1,28 @@
 /**
  * The runc runtime: containers as runc + conmon over overlay snapshots of local images.
  *
- *   <data>/containers/<id>/state.json   our record (written atomically: temp file + rename)
- *   <data>/containers/<id>/config.json  the OCI bundle's spec; the bundle dir is the container dir
- *   <data>/containers/<id>/rootfs       the root's mount point: runc mounts the snapshot's overlay there in the
- *                                       container's mount namespace (config.json's "/" mount), so the host
- *                                       has no mount to leave behind; only images with too many layers for
- *                                       one page of overlay options are mounted here from create to remove
- *   <data>/containers/<id>/ctr.log      stdout/stderr, k8s-file format, written by conmon
- *   <data>/containers/<id>/exit, oom    written by conmon (persist dir): exit code, OOM marker
- *   <data>/containers/<id>/hosts ...    /etc/hosts, /etc/resolv.conf, /etc/hostname (bind-mounted)
- *   <data>/exits/<id>                   conmon's exit file (one directory to watch for all containers)
- *   <data>/names/<name>                 name reservation (created O_EXCL: unique across processes)
- *   <data>/runc/                        runc's state root (runc --root)
+ * Per-container state is volatile and lives in the run root (tmpfs, see runRootOf), like runc's own
+ * /run/runc; only what must outlive a reboot or can grow is on the data dir's disk:
  *
- * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
+ *   <run>/containers/<id>/state.json   our record (written atomically: temp file + rename)
+ *   <run>/containers/<id>/config.json  the OCI bundle's spec; the bundle dir is the container dir
+ *   <run>/containers/<id>/rootfs       the root's mount point: runc mounts the snapshot's overlay there in the
+ *                                      container's mount namespace (config.json's "/" mount), so the host
+ *                                      has no mount to leave behind; only images with too many layers for
+ *                                      one page of overlay options are mounted here from create to remove
+ *   <run>/containers/<id>/exit, oom    written by conmon (persist dir): exit code, OOM marker
+ *   <run>/containers/<id>/hosts ...    /etc/hosts, /etc/resolv.conf, /etc/hostname (bind-mounted)
+ *   <run>/exits/<id>                   conmon's exit file (one directory to watch for all containers)
+ *   <run>/names/<name>                 name reservation (created O_EXCL: unique across processes)
+ *   <run>/runc/                        runc's state root (runc --root)
+ *   <data>/logs/<id>/ctr.log           stdout/stderr, k8s-file format, written by conmon
+ *   <data>/snapshots/containers/<id>   the container's overlay upper and work dirs (snapshots.ts)
+ *
+  * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
  * Containers outlive this process: conmon holds them. open() reconciles records with the exit files and
  * runc's state, and cleans up half-created or half-removed containers of crashed processes.
  */
+import { createHash } from 'node:crypto';
 import { existsSync, watch, type FSWatcher } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -207,11 +212,50 @@ export function checkRoot(): void {
   }
 }
 
+const TMPFS_MAGIC = 0x01021994;
+
+async function onTmpfs(dir: string): Promise<boolean> {
+  try {
+    return (await fs.statfs(dir)).type === TMPFS_MAGIC;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Where a data dir's volatile container state lives: <base>/<16 hex of sha256(data dir)>, so every process
+ * opening the same data dir (agent, CLI) finds the same place. The base is $FLOTILLA_RUN_ROOT, else
+ * /run/flotilla when /run is a tmpfs, else /dev/shm/flotilla when that is one, else <data dir>/run. The state
+ * is tiny, but a container writes a dozen files in it on create and again on rm: on ext4 right after many
+ * removals those inode allocations cost ~10 ms of kernel time per container; on tmpfs almost nothing.
+ */
+export async function runRootOf(dataDir: string): Promise<string> {
+  const abs = path.resolve(dataDir);
+  let base = process.env.FLOTILLA_RUN_ROOT;
+  if (!base) {
+    if (await onTmpfs('/run')) base = '/run/flotilla';
+    else if (await onTmpfs('/dev/shm')) base = '/dev/shm/flotilla';
+    else return path.join(abs, 'run');
+  }
+  return path.join(path.resolve(base), createHash('sha256').update(abs).digest('hex').slice(0, 16));
+}
+
+/** Creates dir (0700) and refuses one that is a symlink or not ours (the base may sit in world-writable /dev/shm). */
+async function ownDir(dir: string): Promise<void> {
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  const st = await fs.lstat(dir);
+  const uid = process.getuid?.() ?? 0;
+  if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0) {
+    throw new FlotillaError('FAILED_PRECONDITION', `run directory ${dir} must be a directory owned by uid ${uid} and not writable by others`);
+  }
+}
+
 export class RuncRuntime implements ContainerRuntime {
   readonly kind = 'runc' as const;
   readonly containersDir: string;
   readonly exitsDir: string;
   readonly namesDir: string;
+  readonly logsDir: string;
   readonly runcRoot: string;
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly waiters = new Map<string, Set<() => void>>();
@@ -221,15 +265,18 @@ export class RuncRuntime implements ContainerRuntime {
 
   private constructor(
     readonly dataDir: string,
+    /** volatile per-container state (runRootOf) */
+    readonly runRoot: string,
     readonly runc: Runc,
     readonly conmon: string,
     readonly images: ImageSource,
     readonly snapshots: SnapshotSource,
     readonly logSizeMax: number,
   ) {
-    this.containersDir = path.join(dataDir, 'containers');
-    this.exitsDir = path.join(dataDir, 'exits');
-    this.namesDir = path.join(dataDir, 'names');
+    this.containersDir = path.join(runRoot, 'containers');
+    this.exitsDir = path.join(runRoot, 'exits');
+    this.namesDir = path.join(runRoot, 'names');
+    this.logsDir = path.join(dataDir, 'logs');
     this.runcRoot = runc.root;
   }
 
@@ -244,23 +291,26 @@ export class RuncRuntime implements ContainerRuntime {
     const conmonBin = opts.conmon ?? findBinary('conmon');
     if (!conmonBin) throw new FlotillaError('FAILED_PRECONDITION', 'conmon not found in $PATH: install conmon (Debian: apt-get install conmon)');
     const abs = path.resolve(dataDir);
-    const runc = new Runc(runcBin, path.join(abs, 'runc'));
-    const dirs = ['containers', 'exits', 'names', 'runc'].map((d) => path.join(abs, d));
+    const runRoot = await runRootOf(abs);
+    const runc = new Runc(runcBin, path.join(runRoot, 'runc'));
+    const dirs = [...['containers', 'exits', 'names', 'runc'].map((d) => path.join(runRoot, d)), path.join(abs, 'logs')];
     // the image store opens while our directories are checked and reconciled
     const [store] = await Promise.all([
       opts.images && opts.snapshots ? undefined : import('./images.js').then(({ ImageStore }) => ImageStore.open(abs)),
       (async () => {
+        await ownDir(runRoot);
+        await fs.writeFile(path.join(runRoot, 'data-dir'), `${abs}\n`);
         for (const d of dirs) await fs.mkdir(d, { recursive: true, mode: 0o700 });
-        await RuncRuntime.reconcileDir(abs, runc, conmonBin);
+        await RuncRuntime.reconcileDir(abs, runRoot, runc, conmonBin);
       })(),
     ]);
     const images = opts.images ?? store!;
     const snapshots = opts.snapshots ?? store!.snapshots;
-    return new RuncRuntime(abs, runc, conmonBin, images, snapshots, opts.logSizeMax ?? DEFAULT_LOG_SIZE_MAX);
+    return new RuncRuntime(abs, runRoot, runc, conmonBin, images, snapshots, opts.logSizeMax ?? DEFAULT_LOG_SIZE_MAX);
   }
 
   /** Reconciles a data dir before the image store is open (cleanup of crashed creates needs the snapshotter lazily). */
-  private static async reconcileDir(abs: string, runc: Runc, conmonBin: string): Promise<void> {
+  private static async reconcileDir(abs: string, runRoot: string, runc: Runc, conmonBin: string): Promise<void> {
     let store: Promise<SnapshotSource> | undefined;
     const lazySnapshots: SnapshotSource = {
       prepare: () => Promise.reject(new Error('not available during reconcile')),
@@ -271,7 +321,7 @@ export class RuncRuntime implements ContainerRuntime {
       },
     };
     const lazyImages: ImageSource = { get: () => Promise.reject(new Error('not available during reconcile')) };
-    await new RuncRuntime(abs, runc, conmonBin, lazyImages, lazySnapshots, DEFAULT_LOG_SIZE_MAX).reconcile();
+    await new RuncRuntime(abs, runRoot, runc, conmonBin, lazyImages, lazySnapshots, DEFAULT_LOG_SIZE_MAX).reconcile();
   }
 
   /** Stops the exit watcher (pending wait() calls keep polling). Containers keep running. */
@@ -291,7 +341,7 @@ export class RuncRuntime implements ContainerRuntime {
     return path.join(this.dir(id), 'rootfs');
   }
   private logPath(id: string): string {
-    return path.join(this.dir(id), 'ctr.log');
+    return path.join(this.logsDir, id, 'ctr.log');
   }
 
   // ---------------------------------------------------------------------------------------------- records
@@ -499,8 +549,9 @@ export class RuncRuntime implements ContainerRuntime {
       const cwd = opts.workdir || cfg.workingDir || '/';
       rec.args = args;
       // the /etc files do not need the rootfs: write them while the snapshot is prepared
-      const [etc, prepared] = await Promise.all([
+      const [etc, , prepared] = await Promise.all([
         this.writeEtcFiles(dir, hostname, network),
+        fs.mkdir(path.dirname(this.logPath(id)), { recursive: true, mode: 0o700 }),
         (async () => {
           const mounts = await this.snapshots.prepare(id, image);
           tr('snapshot');
@@ -628,6 +679,7 @@ export class RuncRuntime implements ContainerRuntime {
     });
     await step('exit file', () => fs.rm(path.join(this.exitsDir, rec.id), { force: true }));
     await step('directory', () => fs.rm(this.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
+    await step('logs', () => fs.rm(path.join(this.logsDir, rec.id), { recursive: true, force: true, maxRetries: 3 }));
     if (what.name) {
       await step('name', async () => {
         const file = path.join(this.namesDir, rec.name);
@@ -947,6 +999,14 @@ export class RuncRuntime implements ContainerRuntime {
     }
     for (const f of await fs.readdir(this.exitsDir)) {
       if (/^[a-z0-9]{25}$/.test(f) && !existsSync(this.dir(f))) await fs.rm(path.join(this.exitsDir, f), { force: true });
+    }
+    // The disk parts of containers whose volatile state is gone (a reboot empties the run root). A create
+    // in another process makes its container dir before its snapshot and log dir, so it is not touched.
+    for (const id of await fs.readdir(this.logsDir).catch(() => [] as string[])) {
+      if (/^[a-z0-9]{25}$/.test(id) && !existsSync(this.dir(id))) await fs.rm(path.join(this.logsDir, id), { recursive: true, force: true });
+    }
+    for (const id of await fs.readdir(path.join(this.dataDir, 'snapshots', 'containers')).catch(() => [] as string[])) {
+      if (/^[a-z0-9]{25}$/.test(id) && !existsSync(this.dir(id))) await this.snapshots.remove(id).catch(() => undefined);
     }
   }
 

@@ -8,23 +8,20 @@
  * relative lowerdirs against the caller's cwd). That allows about 55 layers under a short data dir;
  * beyond that mountAll fails with RESOURCE_EXHAUSTED.
  */
-import { execFile } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { FlotillaError } from '../../common/errors.js';
+import { execInWorker } from './spawner.js';
 import type { MountSpec } from './types.js';
 
-const execFileP = promisify(execFile);
 const PAGE = 4096;
 
+/** Runs mount/umount (spawned off the main thread, see spawner.ts). */
 async function run(cmd: string, args: string[], cwd?: string): Promise<void> {
-  try {
-    await execFileP(cmd, args, { cwd, timeout: 60_000 });
-  } catch (err) {
-    const e = err as { stderr?: string; message: string };
-    const msg = (e.stderr ?? '').trim() || e.message;
-    throw new FlotillaError('INTERNAL', `${cmd} ${args.join(' ')}: ${msg}`, { cause: err });
+  const r = await execInWorker(cmd, args, { cwd, timeoutMs: 60_000 });
+  if (r.error !== undefined) {
+    const msg = r.stderr.trim() || r.error;
+    throw new FlotillaError('INTERNAL', `${cmd} ${args.join(' ')}: ${msg}`, { cause: new Error(r.error) });
   }
 }
 

@@ -8,11 +8,11 @@
  * empty <persist-dir>/oom file on an OOM kill in the container's memory cgroup. It daemonises (double fork,
  * setsid), so containers outlive the process that created them.
  */
-import { execFile, spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import { lstat, open, readFile, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { FlotillaError } from '../../common/errors.js';
+import { execInWorker, spawnMonitor } from './spawner.js';
 
 export interface RuncState {
   id: string;
@@ -70,17 +70,12 @@ export class Runc {
     readonly root: string,
   ) {}
 
-  /** Runs `runc --root R ...args`; resolves stdout, rejects with RuncError. */
-  run(args: string[], timeoutMs = 30_000): Promise<string> {
+  /** Runs `runc --root R ...args` (spawned off the main thread); resolves stdout, rejects with RuncError. */
+  async run(args: string[], timeoutMs = 30_000): Promise<string> {
     const full = ['--root', this.root, ...args];
-    return new Promise((resolve, reject) => {
-      execFile(this.bin, full, { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024, env: CHILD_ENV }, (err, stdout, stderr) => {
-        if (err) {
-          const code = typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null;
-          reject(new RuncError(args, String(stderr) || err.message, code));
-        } else resolve(String(stdout));
-      });
-    });
+    const r = await execInWorker(this.bin, full, { timeoutMs, maxBuffer: 16 * 1024 * 1024, env: CHILD_ENV });
+    if (r.error !== undefined) throw new RuncError(args, r.stderr || r.error, r.code);
+    return r.stdout;
   }
 
   /**
@@ -171,7 +166,7 @@ export interface MonitorStarted {
  * container is created (its init waits for `runc start`), with the pids. The sync pipe (_OCI_SYNCPIPE,
  * conmon API version 1) carries {"data": pid} or {"data": -1, "message": runc's stderr}.
  */
-export function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
+export async function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
   const args = [
     '--api-version',
     '1',
@@ -206,58 +201,23 @@ export function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
     o.bundle,
     '--no-sync-log',
   ];
-  return new Promise((resolve, reject) => {
-    const child = spawn(o.conmon, args, {
-      cwd: o.bundle,
-      detached: true,
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
-      env: { ...CHILD_ENV, _OCI_SYNCPIPE: '3' },
-    });
-    let settled = false;
-    let sync = '';
-    let errOut = '';
-    const sp = child.stdio[3] as NodeJS.ReadableStream & { destroy(): void };
-    const finish = (err: Error | undefined, value?: MonitorStarted): void => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      sp.destroy();
-      child.stdout?.destroy();
-      child.stderr?.destroy();
-      child.unref();
-      if (err) reject(err);
-      else resolve(value!);
-    };
-    const timer = setTimeout(() => {
-      finish(new FlotillaError('DEADLINE_EXCEEDED', `conmon did not report the creation of container ${o.id} in time`));
-    }, o.timeoutMs ?? 60_000);
-    child.stdout?.on('data', (d: Buffer) => (errOut += d.toString()));
-    child.stderr?.on('data', (d: Buffer) => (errOut += d.toString()));
-    child.on('error', (err) => finish(new FlotillaError('INTERNAL', `cannot run conmon: ${err.message}`, { cause: err })));
-    sp.on('error', () => undefined);
-    sp.on('data', (d: Buffer) => {
-      sync += d.toString();
-      const nl = sync.indexOf('\n');
-      if (nl < 0) return;
-      let msg: { data?: number; message?: string };
-      try {
-        msg = JSON.parse(sync.slice(0, nl)) as { data?: number; message?: string };
-      } catch {
-        finish(new FlotillaError('INTERNAL', `conmon sent an unreadable message: ${sync.slice(0, nl)}`));
-        return;
-      }
-      if (typeof msg.data === 'number' && msg.data > 0) {
-        void readConmonPid(o.conmonPidFile).then((conmonPid) => finish(undefined, { pid: msg.data!, conmonPid }));
-      } else {
-        const text = errText(msg.message ?? '') || 'unknown error';
-        finish(new FlotillaError('INTERNAL', text.startsWith('runc create failed') ? text : `runc create failed: ${text}`));
-      }
-    });
-    sp.on('end', () => {
-      // conmon exited (or closed the pipe) without reporting a pid
-      setTimeout(() => finish(new FlotillaError('INTERNAL', `conmon failed to create the container${errOut.trim() ? `: ${errOut.trim()}` : ''}`)), 20);
-    });
-  });
+  // spawned off the main thread (spawner.ts); the worker reads the first line of the sync pipe
+  const r = await spawnMonitor(o.conmon, args, { cwd: o.bundle, env: { ...CHILD_ENV, _OCI_SYNCPIPE: '3' }, timeoutMs: o.timeoutMs ?? 60_000 });
+  if (r.error !== undefined) throw new FlotillaError('INTERNAL', `cannot run conmon: ${r.error}`);
+  if (r.timedOut) throw new FlotillaError('DEADLINE_EXCEEDED', `conmon did not report the creation of container ${o.id} in time`);
+  if (r.syncLine === undefined) {
+    // conmon exited (or closed the pipe) without reporting a pid
+    throw new FlotillaError('INTERNAL', `conmon failed to create the container${r.output.trim() ? `: ${r.output.trim()}` : ''}`);
+  }
+  let msg: { data?: number; message?: string };
+  try {
+    msg = JSON.parse(r.syncLine) as { data?: number; message?: string };
+  } catch {
+    throw new FlotillaError('INTERNAL', `conmon sent an unreadable message: ${r.syncLine}`);
+  }
+  if (typeof msg.data === 'number' && msg.data > 0) return { pid: msg.data, conmonPid: await readConmonPid(o.conmonPidFile) };
+  const text = errText(msg.message ?? '') || 'unknown error';
+  throw new FlotillaError('INTERNAL', text.startsWith('runc create failed') ? text : `runc create failed: ${text}`);
 }
 
 /** conmon's parent writes this file right after forking the monitor; allow it a moment. */

@@ -13,6 +13,7 @@ import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotill
 import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
 import { Worker } from './worker.js';
+import { removeRunRoots } from '../../test/helpers/runtime-debris.js';
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -67,7 +68,10 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
       for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
       rt.close();
     }
-    if (dir) await fs.rm(dir, { recursive: true, force: true });
+    if (dir) {
+      await fs.rm(dir, { recursive: true, force: true });
+      removeRunRoots(dir);
+    }
   });
 
   it('runs, reports exits, shuts down, removes and adopts after a restart', async () => {

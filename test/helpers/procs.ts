@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { removeRunRoots } from './runtime-debris.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const CLI = path.join(ROOT, 'dist/cli/main.js');
@@ -130,5 +131,6 @@ export class TestCluster {
   async cleanup(): Promise<void> {
     await this.stopAll();
     fs.rmSync(this.root, { recursive: true, force: true });
+    removeRunRoots(this.root);
   }
 }
