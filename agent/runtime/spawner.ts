@@ -234,7 +234,11 @@ export async function closeSpawner(): Promise<void> {
   if (t) await t.w.terminate();
 }
 
-/** For tests and measurements: spawn on the main thread (true) or on the worker (false). */
+/**
+ * Spawn on the main thread (true) or on the worker (false). A short-lived process that does one thing
+ * at a time (the CLI's container commands) has no event loop to protect and would only pay the thread's
+ * start-up (~25 ms); tests and measurements use it too.
+ */
 export function setSpawnOnMainThread(on: boolean): void {
   forceMain = on;
 }

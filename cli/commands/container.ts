@@ -9,6 +9,7 @@ import { isValidName } from '../../common/ids.js';
 import { resolveDataDir } from '../../common/paths.js';
 import { parseBytes, parseCpus, parseUint } from '../../common/units.js';
 import { ExitError, action, checkFormat, collect, printJson, table, timeAgo } from '../util.js';
+import { setSpawnOnMainThread } from '../../agent/runtime/spawner.js';
 
 interface DataDirOpts {
   dataDir?: string;
@@ -34,6 +35,8 @@ interface RunOpts extends DataDirOpts {
 const DATA_DIR_HELP = 'node data directory (default: $FLOTILLA_DATA_DIR or /var/lib/flotilla)';
 
 function openRuntime(opts: DataDirOpts): Promise<RuncRuntime> {
+  // one command at a time: spawning from this thread is quicker than starting the spawner's thread
+  setSpawnOnMainThread(true);
   return RuncRuntime.open(resolveDataDir(opts.dataDir));
 }
 
