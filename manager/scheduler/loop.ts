@@ -1,7 +1,8 @@
 /**
  * The scheduler's watch loop: on changes to pending tasks or nodes it takes a snapshot, asks the
  * pure schedule() function for a plan, and is the one applier that writes plans (assignments, and
- * the reasons a task fits nowhere) back through the store in chunks.
+ * the reasons a task fits nowhere) back through the store in chunks. It remembers where each service's
+ * tasks failed of late, and has the plan rank those nodes last for that service (docs/scheduler.md).
  */
 import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent } from '../store/store.js';
@@ -10,12 +11,52 @@ import { schedule } from './plan.js';
 
 const CHUNK = 1000;
 
+/** Like swarmkit: this many failures of a service's tasks on a node within the window... */
+export const FAILURES_TO_AVOID = 5;
+/** ...make the scheduler place that service elsewhere while it can. */
+export const FAILURE_WINDOW_MS = 5 * 60_000;
+
 export class SchedulerLoop extends ReconcileLoop {
+  /** serviceId -> nodeId -> times its tasks failed or were rejected there (this leader's memory) */
+  private readonly failures = new Map<string, Map<string, number[]>>();
+
+  private noteFailure(t: Task, now: number): void {
+    let byNode = this.failures.get(t.serviceId);
+    if (!byNode) this.failures.set(t.serviceId, (byNode = new Map()));
+    const times = byNode.get(t.nodeId) ?? [];
+    times.push(now);
+    if (times.length > FAILURES_TO_AVOID) times.shift();
+    byNode.set(t.nodeId, times);
+  }
+
+  /** The nodes each service is to avoid now; forgets failures older than the window. */
+  private avoid(now: number): Map<string, Set<string>> {
+    const out = new Map<string, Set<string>>();
+    for (const [sid, byNode] of this.failures) {
+      for (const [nid, times] of byNode) {
+        while (times.length > 0 && times[0]! < now - FAILURE_WINDOW_MS) times.shift();
+        if (times.length === 0) byNode.delete(nid);
+        else if (times.length >= FAILURES_TO_AVOID) {
+          let set = out.get(sid);
+          if (!set) out.set(sid, (set = new Set()));
+          set.add(nid);
+        }
+      }
+      if (byNode.size === 0) this.failures.delete(sid);
+    }
+    return out;
+  }
+
   protected interested(ev: StoreEvent): boolean {
     if (ev.kind === 'commit') return false;
     if (ev.table === 'node') return true;
+    if (ev.table === 'service' && ev.kind === 'delete') this.failures.delete((ev.object as { id: string }).id);
     if (ev.table !== 'task') return false;
     const t = ev.object as Task;
+    const st = t.status?.state ?? 0;
+    if ((st === TaskState.TASK_STATE_FAILED || st === TaskState.TASK_STATE_REJECTED) && t.nodeId && t.serviceId && (ev.old as Task | undefined)?.status?.state !== st) {
+      this.noteFailure(t, Date.now());
+    }
     if (ev.kind === 'create') return t.status?.state === TaskState.TASK_STATE_PENDING;
     const old = ev.old as Task | undefined;
     // a held task released by the updater
@@ -31,7 +72,7 @@ export class SchedulerLoop extends ReconcileLoop {
     const tasks = this.store.listTasks();
     if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState <= TaskState.TASK_STATE_RUNNING)) return;
     const nodes = this.store.listNodes();
-    const plan = schedule({ nodes, tasks });
+    const plan = schedule({ nodes, tasks, avoid: this.avoid(Date.now()) });
     const reasons = new Map(plan.unassigned.map((u) => [u.taskId, u.reason] as const));
     const writes: Array<{ taskId: string; nodeId?: string; reason?: string }> = [
       ...plan.assignments.map((a) => ({ taskId: a.taskId, nodeId: a.nodeId })),

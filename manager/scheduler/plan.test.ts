@@ -159,6 +159,21 @@ describe('schedule', () => {
     expect(where(plan)).toEqual({ 'web.1': 'a', 'web.2': 'b', 'web.3': 'c', 'web.4': 'a', 'web.5': 'b', 'web.6': 'c' });
   });
 
+  it('ranks nodes where the service failed of late after all others, for that service only', () => {
+    const nodes = [node('a'), node('b'), node('c')];
+    const avoid = new Map([['web', new Set(['a'])]]);
+    // small group (scan otherwise) and large group (heap): 'a' only once b and c cannot take more
+    expect(perNode(schedule({ nodes, tasks: replicas('web', 4), avoid }))).toEqual({ b: 2, c: 2 });
+    expect(perNode(schedule({ nodes, tasks: replicas('web', 40), avoid }))).toEqual({ b: 20, c: 20 });
+    expect(perNode(schedule({ nodes, tasks: replicas('web', 4, { maxPerNode: 1 }), avoid })).a).toBe(1);
+    // still used when it is the only node that fits
+    expect(perNode(schedule({ nodes, tasks: replicas('web', 2, { constraints: ['node.id==a'] }), avoid }))).toEqual({ a: 2 });
+    // other services spread over all three
+    expect(perNode(schedule({ nodes, tasks: replicas('api', 3), avoid }))).toEqual({ a: 1, b: 1, c: 1 });
+    // an unknown node id is ignored
+    expect(perNode(schedule({ nodes, tasks: replicas('web', 3), avoid: new Map([['web', new Set(['zz'])]]) }))).toEqual({ a: 1, b: 1, c: 1 });
+  });
+
   it('counts tasks of this service first, tasks of other services second', () => {
     const nodes = [node('a'), node('b'), node('c')];
     const existing = [

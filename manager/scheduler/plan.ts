@@ -35,6 +35,11 @@ export interface ScheduleInput {
   tasks: Task[];
   /** Used for a task's spec only when the task carries none. */
   services?: Map<string, Service>;
+  /**
+   * Per service, nodes where its tasks failed repeatedly of late (the loop decides what "repeatedly"
+   * is): they rank after every other node, so a service's tasks go there only when nothing else fits.
+   */
+  avoid?: ReadonlyMap<string, ReadonlySet<string>>;
 }
 
 // Why a node cannot take a task, in the order the filters run and the reasons list them.
@@ -285,6 +290,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   const ordered = [...groups.values()].sort((a, b) => cmp(a.placement.key, b.placement.key));
   const heap = new Int32Array(N);
   const why = new Int32Array(N);
+  const bad = new Uint8Array(N);
   // scan strategy: ready+active nodes in buckets by tasks overall, each bucket in id order
   let buckets: number[][] = [];
   let bucketsStale = true;
@@ -300,7 +306,16 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
       continue;
     }
     const load = enter(p.serviceId);
+    const avoided: number[] = [];
+    for (const id of input.avoid?.get(p.serviceId) ?? []) {
+      const i = index.get(id);
+      if (i !== undefined) {
+        bad[i] = 1;
+        avoided.push(i);
+      }
+    }
     const less = (a: number, b: number): boolean => {
+      if (bad[a] !== bad[b]) return bad[a]! < bad[b]!;
       const sa = svc[a]!;
       const sb = svc[b]!;
       if (sa !== sb) return sa < sb;
@@ -311,7 +326,8 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     };
     let next = 0;
 
-    if (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS)) {
+    // nodes to avoid change the order the scan relies on: such a group takes the heap
+    if (avoided.length === 0 && (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS))) {
       // Few tasks: no O(nodes) pass. The best node is the first in (tasks overall, id) order
       // holding no task of this service that passes the filters; only when there is none, the
       // best of the nodes that hold some.
@@ -394,6 +410,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
       const reason = explain(why, N, p);
       for (; next < tasks.length; next++) plan.unassigned.push({ taskId: tasks[next]!.id, reason });
     }
+    for (const i of avoided) bad[i] = 0;
   }
   return plan;
 }
