@@ -4,6 +4,7 @@
  * or until the managers refuse its token (then it rejects). It never exits the process, so the manager
  * can run an agent in its own process.
  */
+import { setMaxListeners } from 'node:events';
 import os from 'node:os';
 import path from 'node:path';
 import { FlotillaError, errorMessage } from '../common/errors.js';
@@ -108,6 +109,8 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
 
   // The session lives a little longer than the caller's signal: the worker's last reports go out first.
   const sessionCtl = new AbortController();
+  // one signal ends every loop of the daemon: many listeners on it are expected
+  setMaxListeners(0, sessionCtl.signal);
   const stopped = new Promise<void>((resolve) => {
     if (opts.signal.aborted) return resolve();
     opts.signal.addEventListener('abort', () => resolve(), { once: true });

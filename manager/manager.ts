@@ -2,6 +2,7 @@
  * The manager daemon: the store and its proposer, the gRPC server (control, dispatcher, raft), and
  * the leadership handler, the one place where leader-only components start and stop.
  */
+import { setMaxListeners } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -111,7 +112,24 @@ export class Manager {
       await bind(this.server, `unix://${this.opts.controlSocket}`, grpc.ServerCredentials.createInsecure());
       fs.chmodSync(this.opts.controlSocket, 0o600);
     }
-    await raft.waitForLeader(this.opts.signal, 30_000);
+    try {
+      await raft.waitForLeader(this.opts.signal, 30_000);
+    } catch (err) {
+      if (this.opts.signal.aborted) throw err;
+      // most often quorum loss: say who is missing and the way back
+      const voters = raft.members().filter((m) => !m.learner);
+      const up = voters.filter((m) => m.reachable);
+      const quorum = Math.floor(voters.length / 2) + 1;
+      const missing = voters.filter((m) => !m.reachable).map((m) => m.addr || String(m.raftId));
+      throw new FlotillaError(
+        'UNAVAILABLE',
+        voters.length > 1 && up.length < quorum
+          ? `no raft leader after 30 s: ${up.length} of ${voters.length} managers reachable, a quorum needs ${quorum} (unreachable: ${missing.join(', ')}); ` +
+              'start the missing managers, or if they are gone for good restart this one with --force-new-cluster (it keeps the state and becomes a one-manager cluster)'
+          : `no raft leader after 30 s (${voters.length} voting manager${voters.length === 1 ? '' : 's'}, ${up.length} reachable)`,
+        { cause: err },
+      );
+    }
     // a brand-new cluster: its first leader creates the cluster object
     if (!this.opts.join) {
       await raft.readIndex(this.opts.signal);
@@ -291,6 +309,8 @@ export class Manager {
     if (isLeader && !this.leaderCtl) {
       if (!this.store.getCluster()) return; // start() calls again once the cluster exists
       const ctl = new AbortController();
+      // one signal ends every loop of the daemon: many listeners on it are expected
+      setMaxListeners(0, ctl.signal);
       this.leaderCtl = ctl;
       const log = this.opts.log;
       const raft = this.raft;

@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import type { Command } from 'commander';
 import { resolveDataDir } from '../../common/paths.js';
 import { createLogger } from '../../common/log.js';
@@ -62,6 +63,8 @@ export function register(program: Command): void {
           const dataDir = resolveDataDir(opts.dataDir);
           const log = createLogger('manager');
           const ctl = new AbortController();
+          // one signal ends every loop of the daemon: many listeners on it are expected
+          setMaxListeners(0, ctl.signal);
           const stop = (): void => ctl.abort();
           process.once('SIGINT', stop);
           process.once('SIGTERM', stop);
