@@ -23,6 +23,7 @@ import type { Control } from '../cli/client.js';
 import { buildServiceSpec } from '../cli/servicespec.js';
 import { findBinary } from '../agent/runtime/runc.js';
 import { buildSpec } from '../agent/runtime/oci.js';
+import { defaultSeccomp } from '../agent/runtime/seccomp.js';
 import { removeCgroups } from '../agent/runtime/cgroups.js';
 import type { CreateServiceResponse } from '../gen/flotilla/v1/control.js';
 import { TaskState } from '../gen/flotilla/v1/objects.js';
@@ -146,7 +147,7 @@ async function rawFloor(base: string, rootfs: string, n: number, seq: number): P
   for (const id of ids) {
     const bundle = path.join(base, 'bundles', id);
     await fs.mkdir(bundle, { recursive: true });
-    const spec = buildSpec({ args: ['sleep', '100000'], env: ['PATH=/bin'], cwd: '/', uid: 0, gid: 0, hostname: id, rootfs, cgroupsPath: `/flotilla-bench/${id}`, network: 'private' });
+    const spec = buildSpec({ args: ['sleep', '100000'], env: ['PATH=/bin'], cwd: '/', uid: 0, gid: 0, hostname: id, rootfs, cgroupsPath: `/flotilla-bench/${id}`, network: 'private', seccomp: defaultSeccomp() });
     await fs.writeFile(path.join(bundle, 'config.json'), JSON.stringify(spec));
   }
   const t = performance.now();

@@ -19,6 +19,7 @@ import { RuncRuntime } from '../agent/runtime/containers.js';
 import { findBinary } from '../agent/runtime/runc.js';
 import { removeCgroups } from '../agent/runtime/cgroups.js';
 import { buildSpec } from '../agent/runtime/oci.js';
+import { defaultSeccomp } from '../agent/runtime/seccomp.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
 import { removeRunRoots } from '../test/helpers/runtime-debris.js';
 
@@ -93,8 +94,8 @@ async function main(): Promise<void> {
       const id = `bench-raw-${process.pid}-${rawSeq++}`;
       const bundle = path.join(base, 'bundles', id);
       await fs.mkdir(bundle, { recursive: true });
-      // the same secure default spec flotilla uses, over the same busybox files, for `sleep 1000`
-      const spec = buildSpec({ args: ['sleep', '1000'], env: ['PATH=/bin'], cwd: '/', uid: 0, gid: 0, hostname: id, rootfs: rawRootfs, cgroupsPath: `/flotilla-bench/${id}`, network: 'private' });
+      // the same secure default spec flotilla uses (seccomp filter included), over the same busybox files
+      const spec = buildSpec({ args: ['sleep', '1000'], env: ['PATH=/bin'], cwd: '/', uid: 0, gid: 0, hostname: id, rootfs: rawRootfs, cgroupsPath: `/flotilla-bench/${id}`, network: 'private', seccomp: defaultSeccomp() });
       await fs.writeFile(path.join(bundle, 'config.json'), JSON.stringify(spec));
       const t = performance.now();
       const code = await runQuiet(runcBin, ['--root', rawRoot, 'run', '-d', '--bundle', bundle, id]);

@@ -111,6 +111,7 @@ describe.skipIf(!isRoot)('flotilla container CLI (needs root, runc, conmon; runs
       [['run', 'busybox', 'nosuchcommand'], /executable file not found: nosuchcommand/],
       [['inspect', 'nosuch'], /container "nosuch" not found/],
       [['kill', '-s', 'NOPE', 'x'], /invalid signal "NOPE"/],
+      [['run', '--security-opt', 'apparmor=x', 'busybox', 'true'], /invalid --security-opt "apparmor=x"/],
     ];
     for (const [args, msg] of cases) {
       const r = await cli(args[0]!, ...args.slice(1));

@@ -107,6 +107,29 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     expect((await rt.exec('w2', ['sh', '-c', 'test -e /bin/ls'])).exitCode).toBe(0);
   });
 
+  it('applies the default seccomp filter: no new namespaces, no setns; seccomp=unconfined lifts it', async () => {
+    const logsOf = async (id: string): Promise<string> => {
+      const out: string[] = [];
+      for await (const l of rt.logs(id)) out.push(l.line);
+      return out.join('\n');
+    };
+    const script = 'unshare -U true; echo unshare=$?; nsenter -t 1 -m true; echo setns=$?; grep Seccomp: /proc/self/status; echo ok > /tmp/f; cat /tmp/f';
+    const confined = await run('sc-default', ['sh', '-c', script]);
+    expect(await rt.wait(confined.id)).toEqual({ exitCode: 0, oomKilled: false });
+    const a = await logsOf(confined.id);
+    expect(a).toMatch(/unshare=1/);
+    expect(a).toMatch(/Operation not permitted/);
+    expect(a).toMatch(/setns=1/);
+    expect(a).toMatch(/Seccomp:\s+2/); // filter mode
+    expect(a).toMatch(/^ok$/m); // ordinary work is unaffected
+    const free = await run('sc-unconfined', ['sh', '-c', script], { seccomp: 'unconfined' });
+    expect(await rt.wait(free.id)).toEqual({ exitCode: 0, oomKilled: false });
+    const b = await logsOf(free.id);
+    expect(b).toMatch(/unshare=0/);
+    expect(b).toMatch(/Seccomp:\s+0/);
+    await expect(rt.create({ name: 'sc-bad', image: 'busybox', command: ['true'], seccomp: 'strict' })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+  });
+
   it('reports exit codes, env, workdir and user', async () => {
     const c = await rt.create({
       name: 'codes',

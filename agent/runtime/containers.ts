@@ -48,6 +48,7 @@ import type {
   LogEntry,
   MountSpec,
 } from './types.js';
+import { defaultSeccomp } from './seccomp.js';
 
 /** What the runtime needs of the image half (ImageStore and Snapshotter satisfy it). */
 export interface ImageSource {
@@ -480,6 +481,7 @@ export class RuncRuntime implements ContainerRuntime {
     }
     for (const a of [...(o.command ?? []), ...(o.entrypoint ?? [])]) if (typeof a !== 'string' || a.includes('\0')) throw invalidArgument('command', a, 'arguments must be strings without NUL');
     if (o.workdir !== undefined && o.workdir !== '' && !o.workdir.startsWith('/')) throw invalidArgument('workdir', o.workdir, 'must be an absolute path');
+    if (o.seccomp !== undefined && o.seccomp !== '' && o.seccomp !== 'default' && o.seccomp !== 'unconfined') throw invalidArgument('seccomp', o.seccomp, 'use default or unconfined');
     const net = o.network ?? '';
     if (net === '' || net === 'private' || net === 'bridge' || net === 'default') return 'private';
     if (net === 'host' || net === 'none') return net;
@@ -590,6 +592,7 @@ export class RuncRuntime implements ContainerRuntime {
         etc,
         annotations: { 'io.flotilla.container.name': opts.name },
         rootMount,
+        seccomp: opts.seccomp === 'unconfined' ? undefined : defaultSeccomp(),
       });
       await fs.writeFile(path.join(dir, 'config.json'), JSON.stringify(spec));
       tr('spec');

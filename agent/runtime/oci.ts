@@ -4,6 +4,7 @@
  * namespaces) plus the options of one container. Pure: no I/O here.
  */
 import type { ImageConfig } from './types.js';
+import type { OciSeccomp } from './seccomp.js';
 
 export const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
@@ -81,6 +82,7 @@ export interface OciSpec {
     };
     maskedPaths: string[];
     readonlyPaths: string[];
+    seccomp?: OciSeccomp;
   };
   annotations?: Record<string, string>;
 }
@@ -105,6 +107,8 @@ export interface SpecOptions {
    * the container's mount namespace; absent when rootfs is already mounted
    */
   rootMount?: { type: string; source: string; options: string[] };
+  /** the seccomp filter; none when undefined (`--security-opt seccomp=unconfined`) */
+  seccomp?: OciSeccomp;
   /** host files bind-mounted read-only at /etc/hosts, /etc/resolv.conf, /etc/hostname */
   etc?: { hosts?: string; resolvConf?: string; hostname?: string };
   annotations?: Record<string, string>;
@@ -164,6 +168,7 @@ export function buildSpec(o: SpecOptions): OciSpec {
       resources,
       maskedPaths: [...MASKED_PATHS],
       readonlyPaths: [...READONLY_PATHS],
+      ...(o.seccomp ? { seccomp: o.seccomp } : {}),
     },
   };
   if (o.annotations && Object.keys(o.annotations).length > 0) spec.annotations = { ...o.annotations };

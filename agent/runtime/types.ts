@@ -59,6 +59,8 @@ export interface ContainerCreateOptions {
   /** "" or undefined: own network namespace with loopback up; "host"; "none" */
   network?: string;
   labels?: Record<string, string>;
+  /** "default" or undefined: the default seccomp filter (seccomp.ts); "unconfined": none */
+  seccomp?: string;
 }
 
 export type ContainerStatus = 'created' | 'running' | 'stopped';

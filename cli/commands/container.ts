@@ -30,6 +30,7 @@ interface RunOpts extends DataDirOpts {
   logMaxSize?: string;
   label?: string[];
   rm?: boolean;
+  securityOpt?: string[];
 }
 
 const DATA_DIR_HELP = 'node data directory (default: $FLOTILLA_DATA_DIR or /var/lib/flotilla)';
@@ -71,6 +72,12 @@ export function runOptions(image: string, command: string[], o: RunOpts): RuncCr
   if (o.network !== undefined) opts.network = o.network;
   if (o.hostname !== undefined) opts.hostname = o.hostname;
   if (o.logMaxSize !== undefined) opts.logSizeMax = parseBytes('--log-max-size', o.logMaxSize);
+  for (const so of o.securityOpt ?? []) {
+    // Docker's spelling; only the seccomp choice exists here (a profile file is not supported)
+    const m = /^seccomp[=:](default|unconfined)$/.exec(so);
+    if (!m) throw invalidArgument('--security-opt', so, 'supported: seccomp=unconfined, seccomp=default');
+    opts.seccomp = m[1]!;
+  }
   return opts;
 }
 
@@ -153,6 +160,7 @@ export function register(program: Command): void {
     .option('-l, --label <KEY=VALUE>', 'label (repeatable)', collect)
     .option('--log-max-size <size>', 'rotate the container log at this size (default 10m)')
     .option('--rm', 'remove the container when it exits (without -d)')
+    .option('--security-opt <opt>', 'seccomp=unconfined to run without the default seccomp filter', collect)
     .option('--data-dir <dir>', DATA_DIR_HELP)
     .passThroughOptions()
     .action(
