@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { RuncRuntime } from '../agent/runtime/containers.js';
+import { RuncRuntime, runRootOf } from '../agent/runtime/containers.js';
 import { FlotillaError } from '../common/errors.js';
 import { importBusybox } from './helpers/busybox.js';
 import { flotillaCgroups, mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
@@ -221,6 +221,23 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     expect(listed.find((c) => c.name === 'long')).toMatchObject({ status: 'running' });
     expect(await rt2.wait('long')).toEqual({ exitCode: 42, oomKilled: false });
     rt2.close();
+  });
+
+  it('keeps one run root per data dir, recorded in it, whatever the environment of a later process says', async () => {
+    expect(rt.runRoot.startsWith(os.tmpdir()) || rt.runRoot.startsWith('/run/') || rt.runRoot.startsWith('/dev/shm/')).toBe(true);
+    expect(readFileSync(path.join(dataDir, 'run-root'), 'utf8').trim()).toBe(rt.runRoot);
+    expect(readFileSync(path.join(rt.runRoot, 'data-dir'), 'utf8').trim()).toBe(path.resolve(dataDir));
+    const before = process.env.FLOTILLA_RUN_ROOT;
+    process.env.FLOTILLA_RUN_ROOT = path.join(os.tmpdir(), 'flotilla-elsewhere');
+    try {
+      expect(await runRootOf(dataDir)).toBe(rt.runRoot);
+      const rt2 = await RuncRuntime.open(dataDir);
+      rt2.close();
+      expect(rt2.runRoot).toBe(rt.runRoot);
+    } finally {
+      if (before === undefined) delete process.env.FLOTILLA_RUN_ROOT;
+      else process.env.FLOTILLA_RUN_ROOT = before;
+    }
   });
 
   it('cleans up a container left half-created by a crashed process', async () => {

@@ -18,7 +18,7 @@
  *   <data>/logs/<id>/ctr.log           stdout/stderr, k8s-file format, written by conmon
  *   <data>/snapshots/containers/<id>   the container's overlay upper and work dirs (snapshots.ts)
  *
-  * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
+ * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
  * Containers outlive this process: conmon holds them. open() reconciles records with the exit files and
  * runc's state, and cleans up half-created or half-removed containers of crashed processes.
  */
@@ -223,15 +223,21 @@ async function onTmpfs(dir: string): Promise<boolean> {
   }
 }
 
+const RUN_ROOT_FILE = 'run-root';
+
 /**
- * Where a data dir's volatile container state lives: <base>/<16 hex of sha256(data dir)>, so every process
- * opening the same data dir (agent, CLI) finds the same place. The base is $FLOTILLA_RUN_ROOT, else
- * /run/flotilla when /run is a tmpfs, else /dev/shm/flotilla when that is one, else <data dir>/run. The state
- * is tiny, but a container writes a dozen files in it on create and again on rm: on ext4 right after many
- * removals those inode allocations cost ~10 ms of kernel time per container; on tmpfs almost nothing.
+ * Where a data dir's volatile container state lives. The first open chooses it and records it in
+ * <data>/run-root, so every process opening the data dir (agent, CLI) uses the same one whatever its
+ * environment says (a CLI that chose another would take the agent's snapshots for orphans). The choice:
+ * <base>/<16 hex of sha256(data dir)>, where the base is $FLOTILLA_RUN_ROOT, else /run/flotilla when /run
+ * is a tmpfs, else /dev/shm/flotilla when that is one, else <data dir>/run. The state is tiny, but a
+ * container writes a dozen files in it on create and again on rm: on ext4 right after many removals those
+ * inode allocations cost ~10 ms of kernel time per container; on tmpfs almost nothing.
  */
 export async function runRootOf(dataDir: string): Promise<string> {
   const abs = path.resolve(dataDir);
+  const recorded = (await fs.readFile(path.join(abs, RUN_ROOT_FILE), 'utf8').catch(() => '')).trim();
+  if (path.isAbsolute(recorded)) return recorded;
   let base = process.env.FLOTILLA_RUN_ROOT;
   if (!base) {
     if (await onTmpfs('/run')) base = '/run/flotilla';
@@ -292,7 +298,10 @@ export class RuncRuntime implements ContainerRuntime {
     const conmonBin = opts.conmon ?? findBinary('conmon');
     if (!conmonBin) throw new FlotillaError('FAILED_PRECONDITION', 'conmon not found in $PATH: install conmon (Debian: apt-get install conmon)');
     const abs = path.resolve(dataDir);
+    await fs.mkdir(abs, { recursive: true, mode: 0o700 });
     const runRoot = await runRootOf(abs);
+    const recordFile = path.join(abs, RUN_ROOT_FILE);
+    if (!existsSync(recordFile)) await fs.writeFile(recordFile, `${runRoot}\n`);
     const runc = new Runc(runcBin, path.join(runRoot, 'runc'));
     const dirs = [...['containers', 'exits', 'names', 'runc'].map((d) => path.join(runRoot, d)), path.join(abs, 'logs')];
     // the image store opens while our directories are checked and reconciled
@@ -300,7 +309,8 @@ export class RuncRuntime implements ContainerRuntime {
       opts.images && opts.snapshots ? undefined : import('./images.js').then(({ ImageStore }) => ImageStore.open(abs)),
       (async () => {
         await ownDir(runRoot);
-        await fs.writeFile(path.join(runRoot, 'data-dir'), `${abs}\n`);
+        const owner = path.join(runRoot, 'data-dir');
+        if (!existsSync(owner)) await fs.writeFile(owner, `${abs}\n`);
         for (const d of dirs) await fs.mkdir(d, { recursive: true, mode: 0o700 });
         await RuncRuntime.reconcileDir(abs, runRoot, runc, conmonBin);
       })(),
