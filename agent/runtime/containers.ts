@@ -138,6 +138,10 @@ async function lookupIn(root: string, l: Lookup): Promise<ProcessUser> {
   return { uid: user.uid, gid: user.gid, additionalGids: user.additionalGids };
 }
 
+/** How often wait() reloads a record when no exit event came: with the exit-dir watch, and without. */
+const EXIT_POLL_WATCHED_MS = 10_000;
+const EXIT_POLL_MS = 1000;
+
 /** Entries kept in the per-image lookup cache before it starts over. */
 const LOOKUP_CACHE_MAX = 512;
 
@@ -739,12 +743,17 @@ export class RuncRuntime implements ContainerRuntime {
         throw err;
       });
       if (rec.state === 'stopped') return { exitCode: rec.exitCode ?? -1, oomKilled: rec.oomKilled };
-      await this.exitEvent(id, 1000, signal);
+      await this.exitEvent(id, signal);
     }
   }
 
-  /** Resolves when an exit file for id appears (or after timeoutMs, or on abort). */
-  private exitEvent(id: string, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+  /**
+   * Resolves when an exit file for id appears, or on abort, or after a while: the caller then reloads
+   * the record, which also notices a monitor that died without writing one. With the directory watch
+   * running that is every 10 s (a second per container would cost an idle agent with 50 containers
+   * ~6 % of a core in file reads); if the watch cannot run, every second.
+   */
+  private exitEvent(id: string, signal?: AbortSignal): Promise<void> {
     return new Promise((resolve) => {
       let set = this.waiters.get(id);
       if (!set) this.waiters.set(id, (set = new Set()));
@@ -757,10 +766,12 @@ export class RuncRuntime implements ContainerRuntime {
         if (this.waiters.size === 0) this.stopWatcher();
         resolve();
       };
-      const timer = setTimeout(done, timeoutMs);
-      signal?.addEventListener('abort', done, { once: true });
       set.add(done);
       this.startWatcher();
+      const timer = setTimeout(done, this.watcher ? EXIT_POLL_WATCHED_MS : EXIT_POLL_MS);
+      signal?.addEventListener('abort', done, { once: true });
+      // the exit may have come between the caller's read of the record and the watch
+      fs.access(path.join(this.exitsDir, id)).then(done, () => undefined);
     });
   }
 
