@@ -189,11 +189,17 @@ async function main(): Promise<void> {
     if (cliError) console.log(`\nCLI not measured: ${cliError}`);
     const finiteRss = conmonRss.filter(Number.isFinite);
     console.log(`\nRSS: CLI process (run -d, peak) ${cliRss}; conmon per container median ${(quantile(finiteRss, 0.5) / 1024).toFixed(2)} MiB, max ${(Math.max(...finiteRss) / 1024).toFixed(2)} MiB (${finiteRss.length} monitors)`);
+    // The issue sets the target on `container run -d`, i.e. the CLI process; the runtime's own part is
+    // the in-process figure. Both are printed against it, with Node.js's own start-up for scale.
     const apiRatio = quantile(seq.api, 0.5) / rawMed;
-    console.log(`target: in-process median at most 1.5x raw runc: ${apiRatio <= 1.5 ? 'met' : 'missed'} (${apiRatio.toFixed(2)}x)`);
+    console.log(`target: median at most 1.5x raw runc`);
+    console.log(`        in-process create+start: ${apiRatio <= 1.5 ? 'met' : 'missed'} (${apiRatio.toFixed(2)}x)`);
     if (seq.cli.length > 0) {
       const cliRatio = quantile(seq.cli, 0.5) / rawMed;
-      console.log(`        CLI process median: ${cliRatio.toFixed(2)}x raw runc (includes starting Node.js, ~${fmt(await nodeStartup())} for an empty script)`);
+      const node = await nodeStartup();
+      console.log(
+        `        CLI container run -d: ${cliRatio <= 1.5 ? 'met' : 'missed'} (${cliRatio.toFixed(2)}x); Node.js alone takes ${fmt(node)} for an empty script, ${(node / rawMed).toFixed(2)}x raw runc`,
+      );
     }
   } finally {
     if (rt) {
