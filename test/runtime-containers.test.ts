@@ -240,6 +240,28 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     }
   });
 
+  it('after its volatile state is lost (a reboot), open removes the logs and snapshot of that container, and nothing else', async () => {
+    const keep = await run('keep', ['sleep', '100']);
+    const lost = await run('lost', ['sleep', '100']);
+    // what a reboot does to "lost": its processes and everything in the run root are gone
+    await rt.runc.delete(lost.id, true);
+    for (let i = 0; i < 100 && existsSync(`/proc/${lost.pid}`); i++) await new Promise((r) => setTimeout(r, 20));
+    await fs.rm(path.join(rt.runRoot, 'containers', lost.id), { recursive: true, force: true });
+    await fs.rm(path.join(rt.runRoot, 'exits', lost.id), { force: true });
+    await fs.rm(path.join(rt.runRoot, 'names', 'lost'), { force: true });
+    expect(existsSync(path.join(dataDir, 'logs', lost.id))).toBe(true);
+    expect(existsSync(path.join(dataDir, 'snapshots', 'containers', lost.id))).toBe(true);
+    const rt2 = await RuncRuntime.open(dataDir);
+    rt2.close();
+    expect(existsSync(path.join(dataDir, 'logs', lost.id))).toBe(false);
+    expect(existsSync(path.join(dataDir, 'snapshots', 'containers', lost.id))).toBe(false);
+    expect(flotillaCgroups([lost.id])).toEqual([]);
+    // the other container is untouched and still runs
+    expect(existsSync(path.join(dataDir, 'logs', keep.id))).toBe(true);
+    expect(existsSync(path.join(dataDir, 'snapshots', 'containers', keep.id))).toBe(true);
+    expect((await rt.inspect('keep')).status).toBe('running');
+  });
+
   it('cleans up a container left half-created by a crashed process', async () => {
     const c = await rt.create({ name: 'crashed', image: 'busybox', command: ['sleep', '100'] });
     ids.push(c.id);
