@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { RuncRuntime, runRootOf } from '../agent/runtime/containers.js';
+import { inCgroup } from '../agent/runtime/cgroups.js';
 import { FlotillaError } from '../common/errors.js';
 import { importBusybox } from './helpers/busybox.js';
 import { flotillaCgroups, mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
@@ -47,6 +48,10 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     const c = await run('ns', ['sleep', '100']);
     expect(c.status).toBe('running');
     expect(c.pid).toBeGreaterThan(0);
+    // stop signals the init directly only when it is verifiably in the container's cgroup
+    expect(await inCgroup(c.pid, `/flotilla/${c.id}`)).toBe(true);
+    expect(await inCgroup(c.pid, '/flotilla/someone-else')).toBe(false);
+    expect(await inCgroup(process.pid, `/flotilla/${c.id}`)).toBe(false);
     for (const ns of ['pid', 'mnt', 'uts', 'ipc', 'net']) {
       expect(readlinkSync(`/proc/${c.pid}/ns/${ns}`), ns).not.toBe(readlinkSync(`/proc/self/ns/${ns}`));
     }

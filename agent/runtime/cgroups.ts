@@ -120,3 +120,13 @@ export async function cgroupsExist(cgroupsPath: string): Promise<boolean> {
   }
   return false;
 }
+
+/** Whether pid is a member of the cgroup at path (in any hierarchy), from /proc/<pid>/cgroup. */
+export async function inCgroup(pid: number, cgroupPath: string): Promise<boolean> {
+  try {
+    const text = await fs.readFile(`/proc/${pid}/cgroup`, 'utf8');
+    return text.split('\n').some((l) => l.slice(l.indexOf(':', l.indexOf(':') + 1) + 1) === cgroupPath);
+  } catch {
+    return false;
+  }
+}
