@@ -4,13 +4,15 @@
  * polling ListTasks, and Docker Swarm as the anchor when a local dockerd answers.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Control } from '../cli/client.js';
 import type { ListNodesResponse, ListServicesResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { NodeState, TaskState, type Task } from '../gen/flotilla/v1/objects.js';
+import { findBinary } from '../agent/runtime/runc.js';
+import { waitFor } from '../test/helpers/procs.js';
 import { removeRunRoots } from '../test/helpers/runtime-debris.js';
 
 export interface RunResult {
@@ -84,21 +86,8 @@ export function loadAvg(): string {
   }
 }
 
-/** Polls until fn returns a value other than undefined/false, or throws after timeoutMs. */
-export async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs: number, everyMs = 100): Promise<T> {
-  const start = Date.now();
-  let lastErr: unknown;
-  while (Date.now() - start < timeoutMs) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      lastErr = err;
-    }
-    await sleep(everyMs);
-  }
-  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastErr ? `: ${(lastErr as Error).message}` : ''}`);
-}
+/** Polls until fn returns a value other than undefined/false, or throws after timeoutMs (the tests' waitFor). */
+export const until: <T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs: number, everyMs?: number) => Promise<T> = waitFor;
 
 export function control(socket: string): Control {
   return new Control(`unix:${socket}`);
@@ -345,4 +334,24 @@ export async function swarmTeardown(prefix: string, s: { init: boolean; image: s
   await swarmRemoveAll(prefix);
   if (s.image) await run('docker', ['image', 'rm', '-f', s.image], { timeoutMs: 30_000 });
   if (s.init) await run('docker', ['swarm', 'leave', '--force'], { timeoutMs: 60_000 });
+}
+
+/**
+ * What a benchmark on real runc needs: root, runc and conmon (else it is skipped: exit 0) and the built
+ * CLI (else exit 1). Returns the exit code to end with, or undefined to go on.
+ */
+export function runcBenchBlocked(name: string): number | undefined {
+  if (process.getuid?.() !== 0) {
+    console.log(`${name} needs root (runc, mounts, cgroups); skipped`);
+    return 0;
+  }
+  if (!findBinary('runc') || !findBinary('conmon')) {
+    console.log(`${name} needs runc and conmon in $PATH; skipped`);
+    return 0;
+  }
+  if (!existsSync(CLI)) {
+    console.log(`${name} needs ${CLI} (npm run build)`);
+    return 1;
+  }
+  return undefined;
 }

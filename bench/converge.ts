@@ -30,7 +30,7 @@ import { TaskState } from '../gen/flotilla/v1/objects.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
 import {
   BenchCluster,
-  CLI,
+  runcBenchBlocked,
   Timeline,
   flotilla,
   cpuMs,
@@ -197,18 +197,8 @@ async function convergeSwarm(name: string, n: number): Promise<Sample> {
 }
 
 async function main(): Promise<number> {
-  if (process.getuid?.() !== 0) {
-    console.log('bench:converge needs root (runc, mounts, cgroups); skipped');
-    return 0;
-  }
-  if (!findBinary('runc') || !findBinary('conmon')) {
-    console.log('bench:converge needs runc and conmon in $PATH; skipped');
-    return 0;
-  }
-  if (!existsSync(CLI)) {
-    console.log(`bench:converge needs ${CLI} (npm run build)`);
-    return 1;
-  }
+  const blocked = runcBenchBlocked('bench:converge');
+  if (blocked !== undefined) return blocked;
   const c = new BenchCluster(await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-bench-conv-')));
   const dataDir = path.join(c.root, 'm1');
   let ctl: Control | undefined;

@@ -15,20 +15,18 @@
  * everything even on failure, bounded by BENCH_BUDGET_S (default 900). Exits 0 unless something is
  * functionally wrong (an update that does not complete).
  */
-import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { Control } from '../cli/client.js';
 import { buildServiceSpec } from '../cli/servicespec.js';
 import { applyUpdate } from '../cli/update.js';
-import { findBinary } from '../agent/runtime/runc.js';
 import type { CreateServiceResponse, GetServiceResponse } from '../gen/flotilla/v1/control.js';
 import { TaskState, UpdateState, type Task } from '../gen/flotilla/v1/objects.js';
 import { buildBusyboxRootfs, importBusybox } from '../test/helpers/busybox.js';
 import {
   BenchCluster,
-  CLI,
+  runcBenchBlocked,
   control,
   dockerAvailable,
   dockerImportRootfs,
@@ -161,18 +159,8 @@ async function swarmUpdate(name: string, run_: number, detach: boolean): Promise
 }
 
 async function main(): Promise<number> {
-  if (process.getuid?.() !== 0) {
-    console.log('bench:update needs root (runc, mounts, cgroups); skipped');
-    return 0;
-  }
-  if (!findBinary('runc') || !findBinary('conmon')) {
-    console.log('bench:update needs runc and conmon in $PATH; skipped');
-    return 0;
-  }
-  if (!existsSync(CLI)) {
-    console.log(`bench:update needs ${CLI} (npm run build)`);
-    return 1;
-  }
+  const blocked = runcBenchBlocked('bench:update');
+  if (blocked !== undefined) return blocked;
   const c = new BenchCluster(await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-bench-upd-')));
   const dataDir = path.join(c.root, 'm1');
   let ctl: Control | undefined;

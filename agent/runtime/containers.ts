@@ -49,6 +49,7 @@ import type {
   MountSpec,
 } from './types.js';
 import { defaultSeccomp } from './seccomp.js';
+import { sleep } from '../../common/sleep.js';
 
 /** What the runtime needs of the image half (ImageStore and Snapshotter satisfy it). */
 export interface ImageSource {
@@ -145,7 +146,6 @@ const EXIT_POLL_MS = 1000;
 /** Entries kept in the per-image lookup cache before it starts over. */
 const LOOKUP_CACHE_MAX = 512;
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 function isAlive(pid: number): boolean {
   if (!pid || pid <= 0) return false;

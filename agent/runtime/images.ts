@@ -523,6 +523,11 @@ export class ImageStore {
       const gz = head[0] === 0x1f && head[1] === 0x8b;
       layers.push({ mediaType: gz ? MEDIA_OCI_LAYER_GZIP : MEDIA_OCI_LAYER, digest: blob.digest, size: blob.size });
     }
+    return this.writeManifest(cfg, layers, config, pin);
+  }
+
+  /** Writes the OCI manifest of a staged config and its layers (pinned against GC) and returns the result. */
+  private async writeManifest(cfg: { digest: string; size: number }, layers: Descriptor[], config: OciConfig, pin: (d: string) => void): Promise<Staged> {
     const manifest: Manifest = {
       schemaVersion: 2,
       mediaType: MEDIA_OCI_MANIFEST,
@@ -577,16 +582,7 @@ export class ImageStore {
     pin(sha256Digest(configBytes));
     const cfg = await this.content.writeBytes(configBytes);
     const layers: Descriptor[] = [{ mediaType: MEDIA_OCI_LAYER_GZIP, digest: layer.digest, size: layer.size }];
-    const manifest: Manifest = {
-      schemaVersion: 2,
-      mediaType: MEDIA_OCI_MANIFEST,
-      config: { mediaType: MEDIA_OCI_CONFIG, digest: cfg.digest, size: cfg.size },
-      layers,
-    };
-    const manifestBytes = JSON.stringify(manifest);
-    pin(sha256Digest(manifestBytes));
-    const m = await this.content.writeBytes(manifestBytes);
-    return { manifestDigest: m.digest, configDigest: cfg.digest, layers, config };
+    return this.writeManifest(cfg, layers, config, pin);
   }
 
   // ------------------------------------------------------------------------------------------------ remove

@@ -7,6 +7,7 @@
 import { isCode } from '../../common/errors.js';
 import { HealthState, type ContainerSpec } from '../../gen/flotilla/v1/objects.js';
 import type { ContainerRuntime, ImageConfig } from '../runtime/types.js';
+import { sleep } from '../../common/sleep.js';
 
 export const DEFAULT_HEALTH_INTERVAL_MS = 30_000;
 export const DEFAULT_HEALTH_TIMEOUT_MS = 30_000;
@@ -45,18 +46,6 @@ export function healthCommand(test: string[]): string[] | undefined {
   return undefined;
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const done = (): void => {
-      clearTimeout(t);
-      signal.removeEventListener('abort', done);
-      resolve();
-    };
-    const t = setTimeout(done, ms);
-    signal.addEventListener('abort', done, { once: true });
-  });
-}
 
 /**
  * Runs the checks until signal aborts, the container stops, or it turns unhealthy. onChange gets

@@ -29,6 +29,7 @@ import {
 import type { NodeDescription } from '../../gen/flotilla/v1/objects.js';
 import { LABEL_SLOT, LABEL_TASK_ID } from './controller.js';
 import type { Worker } from './worker.js';
+import { sleep } from '../../common/sleep.js';
 
 export interface SessionOptions {
   /** HOST:PORT of the managers to try, in order */
@@ -65,18 +66,6 @@ function grpcMessage(err: unknown): string {
   return e?.details || errorMessage(err);
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const done = (): void => {
-      clearTimeout(t);
-      signal.removeEventListener('abort', done);
-      resolve();
-    };
-    const t = setTimeout(done, ms);
-    signal.addEventListener('abort', done, { once: true });
-  });
-}
 
 /** Runs a unary call with a deadline, cancelled when signal aborts. */
 function unary<Req, Res>(
