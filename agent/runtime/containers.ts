@@ -50,6 +50,7 @@ import type {
 } from './types.js';
 import { defaultSeccomp } from './seccomp.js';
 import { sleep } from '../../common/sleep.js';
+import { writeFileAtomic } from '../../common/fsutil.js';
 
 /** What the runtime needs of the image half (ImageStore and Snapshotter satisfy it). */
 export interface ImageSource {
@@ -166,12 +167,6 @@ async function isMonitor(pid: number, id: string): Promise<boolean> {
   } catch {
     return false;
   }
-}
-
-async function writeAtomic(file: string, data: string): Promise<void> {
-  const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
-  await fs.writeFile(tmp, data);
-  await fs.rename(tmp, file);
 }
 
 async function readExitCode(file: string): Promise<number | undefined> {
@@ -370,7 +365,7 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   private async writeRecord(rec: ContainerRecord): Promise<void> {
-    await writeAtomic(this.statePath(rec.id), JSON.stringify(rec));
+    await writeFileAtomic(this.statePath(rec.id), JSON.stringify(rec), { durable: false, mode: 0o644 });
   }
 
   /** Serialises mutations of one container within this process. */

@@ -8,7 +8,8 @@
  * (when given), fsynced, then renamed into place and the directory fsynced. A crash mid-write leaves only
  * an ingest file, never a visible blob; ingest files whose writer process is gone are removed on open.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
+import { fsyncDir, tempName } from '../../common/fsutil.js';
 import { createReadStream, type ReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -52,15 +53,7 @@ function isPidAlive(pid: number): boolean {
   }
 }
 
-/** fsyncs a directory so a rename inside it is durable. */
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fs.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
+export { fsyncDir, tempName };
 
 /** Removes "<pid>-..." entries in dir whose process no longer runs (stale writes of a crashed process). */
 export async function cleanStale(dir: string, prefix = ''): Promise<void> {
@@ -78,10 +71,6 @@ export async function cleanStale(dir: string, prefix = ''): Promise<void> {
   }
 }
 
-/** A unique temp name "<pid>-<random>" that cleanStale recognises. */
-export function tempName(): string {
-  return `${process.pid}-${randomBytes(8).toString('hex')}`;
-}
 
 export class ContentStore {
   readonly root: string;

@@ -20,6 +20,7 @@ import { ContentStore, cleanStale, digestHex, fsyncDir, isDigest, sha256Digest, 
 import { LayerStore } from './layers.js';
 import { Snapshotter } from './snapshots.js';
 import type { ImageConfig, ImageRecord } from './types.js';
+import { writeFileAtomic } from '../../common/fsutil.js';
 
 export const MEDIA_OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 export const MEDIA_OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
@@ -400,21 +401,7 @@ export class ImageStore {
   }
 
   private async writeRecord(record: ImageRecord): Promise<void> {
-    const tmp = path.join(this.imagesDir, `.tmp-${tempName()}`);
-    const fh = await fs.open(tmp, 'wx', 0o600);
-    try {
-      await fh.writeFile(JSON.stringify(record, null, 2) + '\n');
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    try {
-      await fs.rename(tmp, this.recordPath(record.name));
-    } catch (err) {
-      await fs.rm(tmp, { force: true });
-      throw err;
-    }
-    await fsyncDir(this.imagesDir);
+    await writeFileAtomic(this.recordPath(record.name), JSON.stringify(record, null, 2) + '\n');
   }
 
   /** Copies a blob of a layout/archive into the content store, verified against its descriptor. */

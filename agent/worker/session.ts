@@ -30,6 +30,7 @@ import type { NodeDescription } from '../../gen/flotilla/v1/objects.js';
 import { LABEL_SLOT, LABEL_TASK_ID } from './controller.js';
 import type { Worker } from './worker.js';
 import { sleep } from '../../common/sleep.js';
+import { writeFileAtomic } from '../../common/fsutil.js';
 
 export interface SessionOptions {
   /** HOST:PORT of the managers to try, in order */
@@ -122,9 +123,7 @@ export class Session {
   private async saveNodeId(): Promise<void> {
     const file = this.nodeFile();
     await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-    const tmp = `${file}.${process.pid}.tmp`;
-    await fs.writeFile(tmp, JSON.stringify({ nodeId: this.nodeId } satisfies NodeFile) + '\n');
-    await fs.rename(tmp, file);
+    await writeFileAtomic(file, JSON.stringify({ nodeId: this.nodeId } satisfies NodeFile) + '\n');
   }
 
   private backoff(attempt: number): number {

@@ -29,6 +29,7 @@ import type {
   ImageConfig,
   LogEntry,
 } from '../runtime/types.js';
+import { writeFileAtomic } from '../../common/fsutil.js';
 
 export interface SimRuntimeOptions {
   /** keep the containers in <dataDir>/sim/containers.json (adoption after a restart); default: memory only */
@@ -168,10 +169,9 @@ export class SimRuntime implements ContainerRuntime {
       while (this.dirty) {
         this.dirty = false;
         const data: SimFile = { version: 1, nextPid: this.nextPid, containers: [...this.containers.values()] };
-        const tmp = `${file}.${process.pid}.tmp`;
         try {
-          await fsp.writeFile(tmp, JSON.stringify(data));
-          await fsp.rename(tmp, file);
+          // simulated containers: atomic is enough, a crash may lose the last state like a real one would
+          await writeFileAtomic(file, JSON.stringify(data), { durable: false });
           this.lastPersistError = undefined;
         } catch (err) {
           this.lastPersistError = err as Error;

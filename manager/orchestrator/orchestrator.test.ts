@@ -15,7 +15,7 @@ import {
 } from '../../gen/flotilla/v1/objects.js';
 import { MemoryStore } from '../store/store.js';
 import { MemoryProposer } from '../store/memory-proposer.js';
-import { testNode, testService } from '../testutil.js';
+import { testNode, testService } from '../../testing/testutil.js';
 import { ReplicatedOrchestrator } from './replicated.js';
 import { GlobalOrchestrator } from './global.js';
 import { Updater } from './update.js';

@@ -7,8 +7,8 @@ import { describe, expect, it } from 'vitest';
 import { ConfChangeType, EntryType, MessageType as T } from '../../gen/flotilla/v1/raft.js';
 import { ProposalDroppedError, RawNode, decodeConfChange, newMessage } from './core.js';
 import { MemoryStorage } from './memory-storage.js';
-import { mulberry32 } from './prng.js';
-import { TestNet } from './testnet.js';
+import { mulberry32 } from '../../testing/raft/prng.js';
+import { TestNet } from '../../testing/raft/testnet.js';
 import type { Entry, HardState, Message, ReadState } from './types.js';
 
 const E = Buffer.alloc(0);

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { checkOperations, kvModel, type KvInput, type KvOutput, type Model, type Operation } from './linearizability.js';
+import { checkOperations, kvModel, type KvInput, type KvOutput, type Model, type Operation } from '../../testing/raft/linearizability.js';
 
 type Op = Operation<KvInput, KvOutput>;
 const put = (c: number, key: string, value: string, call: number, ret: number): Op => ({ clientId: c, input: { op: 'put', key, value }, output: {}, call, ret });

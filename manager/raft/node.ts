@@ -32,6 +32,7 @@ import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftSer
 import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
 import { sleep } from '../../common/sleep.js';
+import { writeFileAtomicSync } from '../../common/fsutil.js';
 
 export interface StateMachine {
   /** apply a committed entry (deterministically, the same on every manager); a throw is logged and rejects the local proposer */
@@ -199,15 +200,7 @@ function walPrealloc(opts: RaftNodeOptions): number {
 }
 
 function writeJsonAtomic(file: string, value: unknown): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    fs.writeSync(fd, JSON.stringify(value, null, 1));
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
+  writeFileAtomicSync(file, JSON.stringify(value, null, 1));
 }
 
 export class RaftNode {

@@ -9,7 +9,7 @@
  *   SOAK=1             long run (npm run soak:raft)
  */
 import { describe, expect, it } from 'vitest';
-import { runSimulation, type SimStats } from './sim.js';
+import { runSimulation, type SimStats } from '../../testing/raft/sim.js';
 
 const soak = process.env.SOAK === '1';
 const one = process.env.RAFT_SEED !== undefined ? Number(process.env.RAFT_SEED) : undefined;

@@ -4,7 +4,7 @@ import { createLogger } from '../../common/log.js';
 import { sleep } from '../../common/sleep.js';
 import { MemoryStore } from '../store/store.js';
 import { MemoryProposer } from '../store/memory-proposer.js';
-import { testNode, testService } from '../testutil.js';
+import { testNode, testService } from '../../testing/testutil.js';
 import { ReplicatedOrchestrator } from '../orchestrator/replicated.js';
 import { FAILURES_TO_AVOID, SchedulerLoop } from './loop.js';
 

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { MemoryStore, StoreEvent } from './store.js';
 import { MemoryProposer } from './memory-proposer.js';
 import { newTask } from '../orchestrator/tasks.js';
-import { testService } from '../testutil.js';
+import { testService } from '../../testing/testutil.js';
 
 
 describe('MemoryStore', () => {

@@ -1,7 +1,7 @@
 /** Builders for tests of the manager's components. */
 import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceMode, ServiceSpec } from '../gen/flotilla/v1/objects.js';
 import { newId } from '../common/ids.js';
-import { validateServiceSpec } from './controlapi/validate.js';
+import { validateServiceSpec } from '../manager/controlapi/validate.js';
 
 export function testSpec(name: string, replicas: number, over: Partial<ServiceSpec> = {}): ServiceSpec {
   return validateServiceSpec(

@@ -3,10 +3,10 @@
  * each node has a MemoryStorage as its disk; messages are delivered until the network is quiet.
  */
 import { EntryType } from '../../gen/flotilla/v1/raft.js';
-import { RawNode, decodeConfChange } from './core.js';
-import { MemoryStorage } from './memory-storage.js';
+import { RawNode, decodeConfChange } from '../../manager/raft/core.js';
+import { MemoryStorage } from '../../manager/raft/memory-storage.js';
 import { mulberry32 } from './prng.js';
-import type { Entry, Message, RaftConfig, ReadState, Ready } from './types.js';
+import type { Entry, Message, RaftConfig, ReadState, Ready } from '../../manager/raft/types.js';
 
 export interface TestNode {
   id: number;

@@ -11,11 +11,11 @@
  */
 import { createHash } from 'node:crypto';
 import { ConfChangeType, EntryType, MessageType } from '../../gen/flotilla/v1/raft.js';
-import { ProposalDroppedError, RawNode, decodeConfChange } from './core.js';
+import { ProposalDroppedError, RawNode, decodeConfChange } from '../../manager/raft/core.js';
 import { checkOperations, kvModel, type KvInput, type KvOutput, type Operation } from './linearizability.js';
-import { MemoryStorage, snapIndex } from './memory-storage.js';
+import { MemoryStorage, snapIndex } from '../../manager/raft/memory-storage.js';
 import { Rng, mulberry32 } from './prng.js';
-import type { Entry, Message } from './types.js';
+import type { Entry, Message } from '../../manager/raft/types.js';
 
 export interface SimOptions {
   seed: number;
