@@ -1,10 +1,10 @@
 /**
  * The runc runtime: containers as runc + conmon over overlay snapshots of local images.
  *
- * Per-container state is volatile and lives in the run root (tmpfs, see runRootOf), like runc's own
+ * Per-container state is volatile and lives in the run root (tmpfs, see run-root.ts), like runc's own
  * /run/runc; only what must outlive a reboot or can grow is on the data dir's disk:
  *
- *   <run>/containers/<id>/state.json   our record (written atomically: temp file + rename)
+ *   <run>/containers/<id>/state.json   our record (records.ts)
  *   <run>/containers/<id>/config.json  the OCI bundle's spec; the bundle dir is the container dir
  *   <run>/containers/<id>/rootfs       the root's mount point: runc mounts the snapshot's overlay there in the
  *                                      container's mount namespace (config.json's "/" mount), so the host
@@ -21,21 +21,28 @@
  * Every operation reads the record from disk, so several processes (agent, CLI) can share a data dir.
  * Containers outlive this process: conmon holds them. open() reconciles records with the exit files and
  * runc's state, and cleans up half-created or half-removed containers of crashed processes.
+ *
+ * The parts: run-root.ts (where the volatile state lives), records.ts (records and names),
+ * exit-watcher.ts (exit files, the exits-dir watch, monitor liveness), exec.ts (runc exec); this file
+ * holds the container lifecycle over them.
  */
-import { createHash } from 'node:crypto';
-import { existsSync, watch, type FSWatcher } from 'node:fs';
+import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
-import { FlotillaError, alreadyExists, errorMessage, invalidArgument, isCode, notFound } from '../../common/errors.js';
+import { FlotillaError, errorMessage, invalidArgument, isCode, notFound } from '../../common/errors.js';
 import { isValidName, newId } from '../../common/ids.js';
+import { sleep } from '../../common/sleep.js';
 import { cgroupPaths, inCgroup, oomKills, removeCgroups } from './cgroups.js';
+import { runcExec, type ExecOptions } from './exec.js';
+import { ExitWatcher, isAlive, isMonitor } from './exit-watcher.js';
 import { readLogs } from './logs.js';
 import { mountAll, overlayFitsInSpec, unmount } from './mount.js';
 import { buildSpec, envValue, mergeEnv, processArgs, DEFAULT_PATH, type NetworkMode, type OciSpec } from './oci.js';
+import { CONTAINER_ID, Records, newRecord, type ContainerRecord } from './records.js';
 import { findExecutable, resolveUser } from './rootfs.js';
 import { Runc, RuncError, findBinary, startMonitor } from './runc.js';
+import { RUN_ROOT_FILE, ownDir, runRootOf } from './run-root.js';
 import type {
   ContainerCreateOptions,
   ContainerInfo,
@@ -49,8 +56,8 @@ import type {
   MountSpec,
 } from './types.js';
 import { defaultSeccomp } from './seccomp.js';
-import { sleep } from '../../common/sleep.js';
-import { writeFileAtomic } from '../../common/fsutil.js';
+
+export { runRootOf } from './run-root.js';
 
 /** What the runtime needs of the image half (ImageStore and Snapshotter satisfy it). */
 export interface ImageSource {
@@ -76,30 +83,6 @@ export interface RuncRuntimeOptions {
 export interface RuncCreateOptions extends ContainerCreateOptions {
   /** rotate the log at this size (bytes) */
   logSizeMax?: number;
-}
-
-type RecordState = 'creating' | 'created' | 'running' | 'stopped' | 'removing';
-
-interface ContainerRecord {
-  version: 1;
-  id: string;
-  name: string;
-  image: string;
-  imageDigest: string;
-  state: RecordState;
-  /** pid of the process that last took the record into creating/removing */
-  ownerPid: number;
-  pid: number;
-  conmonPid: number;
-  exitCode: number | null;
-  oomKilled: boolean;
-  created: number;
-  started: number;
-  finished: number;
-  cgroupsPath: string;
-  labels: Record<string, string>;
-  logSizeMax: number;
-  args: string[];
 }
 
 export const DEFAULT_LOG_SIZE_MAX = 10 * 1024 * 1024;
@@ -140,45 +123,8 @@ async function lookupIn(root: string, l: Lookup): Promise<ProcessUser> {
   return { uid: user.uid, gid: user.gid, additionalGids: user.additionalGids };
 }
 
-/** How often wait() reloads a record when no exit event came: with the exit-dir watch, and without. */
-const EXIT_POLL_WATCHED_MS = 10_000;
-const EXIT_POLL_MS = 1000;
-
 /** Entries kept in the per-image lookup cache before it starts over. */
 const LOOKUP_CACHE_MAX = 512;
-
-
-function isAlive(pid: number): boolean {
-  if (!pid || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** Whether pid is the conmon monitoring container id (guards against pid reuse). */
-async function isMonitor(pid: number, id: string): Promise<boolean> {
-  if (!isAlive(pid)) return false;
-  try {
-    const cmd = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8');
-    return cmd.includes('conmon') && cmd.includes(id);
-  } catch {
-    return false;
-  }
-}
-
-async function readExitCode(file: string): Promise<number | undefined> {
-  try {
-    const t = (await fs.readFile(file, 'utf8')).trim();
-    if (t === '') return undefined;
-    const n = Number(t);
-    return Number.isInteger(n) ? n : undefined;
-  } catch {
-    return undefined;
-  }
-}
 
 const hostFiles = new Map<string, { at: number; text: Promise<string> }>();
 /** A host file (/etc/hosts, /etc/resolv.conf), re-read at most once a second. */
@@ -212,62 +158,13 @@ export function checkRoot(): void {
   }
 }
 
-const TMPFS_MAGIC = 0x01021994;
-
-async function onTmpfs(dir: string): Promise<boolean> {
-  try {
-    return (await fs.statfs(dir)).type === TMPFS_MAGIC;
-  } catch {
-    return false;
-  }
-}
-
-const RUN_ROOT_FILE = 'run-root';
-
-/**
- * Where a data dir's volatile container state lives. The first open chooses it and records it in
- * <data>/run-root, so every process opening the data dir (agent, CLI) uses the same one whatever its
- * environment says (a CLI that chose another would take the agent's snapshots for orphans). The choice:
- * <base>/<16 hex of sha256(data dir)>, where the base is $FLOTILLA_RUN_ROOT, else /run/flotilla when /run
- * is a tmpfs, else /dev/shm/flotilla when that is one, else <data dir>/run. The state is tiny, but a
- * container writes a dozen files in it on create and again on rm: on ext4 right after many removals those
- * inode allocations cost ~10 ms of kernel time per container; on tmpfs almost nothing.
- */
-export async function runRootOf(dataDir: string): Promise<string> {
-  const abs = path.resolve(dataDir);
-  const recorded = (await fs.readFile(path.join(abs, RUN_ROOT_FILE), 'utf8').catch(() => '')).trim();
-  if (path.isAbsolute(recorded)) return recorded;
-  let base = process.env.FLOTILLA_RUN_ROOT;
-  if (!base) {
-    if (await onTmpfs('/run')) base = '/run/flotilla';
-    else if (await onTmpfs('/dev/shm')) base = '/dev/shm/flotilla';
-    else return path.join(abs, 'run');
-  }
-  return path.join(path.resolve(base), createHash('sha256').update(abs).digest('hex').slice(0, 16));
-}
-
-/** Creates dir (0700) and refuses one that is a symlink or not ours (the base may sit in world-writable /dev/shm). */
-async function ownDir(dir: string): Promise<void> {
-  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  const st = await fs.lstat(dir);
-  const uid = process.getuid?.() ?? 0;
-  if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0) {
-    throw new FlotillaError('FAILED_PRECONDITION', `run directory ${dir} must be a directory owned by uid ${uid} and not writable by others`);
-  }
-}
-
 export class RuncRuntime implements ContainerRuntime {
   readonly kind = 'runc' as const;
-  readonly containersDir: string;
-  readonly exitsDir: string;
-  readonly namesDir: string;
-  readonly logsDir: string;
-  readonly runcRoot: string;
+  readonly records: Records;
+  private readonly exits: ExitWatcher;
   private readonly locks = new Map<string, Promise<unknown>>();
-  private readonly waiters = new Map<string, Set<() => void>>();
   /** lookupInImage's answers (or lookups under way) */
   private readonly lookups = new Map<string, Promise<ProcessUser>>();
-  private watcher: FSWatcher | undefined;
 
   private constructor(
     readonly dataDir: string,
@@ -279,11 +176,8 @@ export class RuncRuntime implements ContainerRuntime {
     readonly snapshots: SnapshotSource,
     readonly logSizeMax: number,
   ) {
-    this.containersDir = path.join(runRoot, 'containers');
-    this.exitsDir = path.join(runRoot, 'exits');
-    this.namesDir = path.join(runRoot, 'names');
-    this.logsDir = path.join(dataDir, 'logs');
-    this.runcRoot = runc.root;
+    this.records = new Records(runRoot, dataDir);
+    this.exits = new ExitWatcher(this.records.exitsDir);
   }
 
   /**
@@ -336,37 +230,10 @@ export class RuncRuntime implements ContainerRuntime {
 
   /** Stops the exit watcher (pending wait() calls keep polling). Containers keep running. */
   close(): void {
-    this.stopWatcher();
-  }
-
-  // ---------------------------------------------------------------------------------------------- paths
-
-  private dir(id: string): string {
-    return path.join(this.containersDir, id);
-  }
-  private statePath(id: string): string {
-    return path.join(this.dir(id), 'state.json');
-  }
-  private rootfs(id: string): string {
-    return path.join(this.dir(id), 'rootfs');
-  }
-  private logPath(id: string): string {
-    return path.join(this.logsDir, id, 'ctr.log');
+    this.exits.close();
   }
 
   // ---------------------------------------------------------------------------------------------- records
-
-  private async readRecord(id: string): Promise<ContainerRecord | undefined> {
-    try {
-      return JSON.parse(await fs.readFile(this.statePath(id), 'utf8')) as ContainerRecord;
-    } catch {
-      return undefined;
-    }
-  }
-
-  private async writeRecord(rec: ContainerRecord): Promise<void> {
-    await writeFileAtomic(this.statePath(rec.id), JSON.stringify(rec), { durable: false, mode: 0o644 });
-  }
 
   /** Serialises mutations of one container within this process. */
   private locked<T>(id: string, fn: () => Promise<T>): Promise<T> {
@@ -381,29 +248,13 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   /** Resolves a container id, name or unique id prefix to its id. */
-  async resolve(idOrName: string): Promise<string> {
-    const ref = idOrName.trim();
-    if (ref === '' || ref.includes('/') || ref.startsWith('.')) throw notFound('container', idOrName);
-    if (isValidName(ref)) {
-      try {
-        const id = (await fs.readFile(path.join(this.namesDir, ref), 'utf8')).trim();
-        if (id && existsSync(this.statePath(id))) return id;
-      } catch {
-        // not a name
-      }
-    }
-    if (existsSync(this.statePath(ref))) return ref;
-    if (/^[a-z0-9]{3,}$/.test(ref)) {
-      const hits = (await fs.readdir(this.containersDir)).filter((d) => d.startsWith(ref));
-      if (hits.length === 1 && existsSync(this.statePath(hits[0]!))) return hits[0]!;
-      if (hits.length > 1) throw new FlotillaError('INVALID_ARGUMENT', `container id prefix ${JSON.stringify(ref)} is ambiguous: it matches ${hits.length} containers`);
-    }
-    throw notFound('container', idOrName);
+  resolve(idOrName: string): Promise<string> {
+    return this.records.resolve(idOrName);
   }
 
   private async load(idOrName: string): Promise<ContainerRecord> {
     const id = await this.resolve(idOrName);
-    const rec = await this.readRecord(id);
+    const rec = await this.records.read(id);
     if (!rec || rec.state === 'removing' || rec.state === 'creating') throw notFound('container', idOrName);
     return this.refresh(rec);
   }
@@ -414,11 +265,11 @@ export class RuncRuntime implements ContainerRuntime {
    */
   private async refresh(rec: ContainerRecord): Promise<ContainerRecord> {
     if (rec.state !== 'created' && rec.state !== 'running') return rec;
-    const code = await this.exitCodeOf(rec.id);
+    const code = await this.records.exitCodeOf(rec.id);
     if (code !== undefined) return this.markStopped(rec, code);
     if (rec.conmonPid && !(await isMonitor(rec.conmonPid, rec.id))) {
       // re-check: the monitor writes the exit file just before it exits
-      const again = await this.exitCodeOf(rec.id);
+      const again = await this.records.exitCodeOf(rec.id);
       if (again !== undefined) return this.markStopped(rec, again);
       const st = await this.runc.state(rec.id).catch(() => undefined);
       if (!st || st.status === 'stopped') return this.markStopped(rec, -1);
@@ -426,21 +277,17 @@ export class RuncRuntime implements ContainerRuntime {
     return rec;
   }
 
-  private async exitCodeOf(id: string): Promise<number | undefined> {
-    return (await readExitCode(path.join(this.exitsDir, id))) ?? (await readExitCode(path.join(this.dir(id), 'exit')));
-  }
-
   private async markStopped(rec: ContainerRecord, code: number): Promise<ContainerRecord> {
     let finished = Date.now();
     try {
-      finished = (await fs.stat(path.join(this.exitsDir, rec.id))).mtimeMs;
+      finished = (await fs.stat(path.join(this.records.exitsDir, rec.id))).mtimeMs;
     } catch {
       // no exit file
     }
-    const oom = existsSync(path.join(this.dir(rec.id), 'oom')) || (await oomKills(rec.cgroupsPath)) > 0;
+    const oom = existsSync(path.join(this.records.dir(rec.id), 'oom')) || (await oomKills(rec.cgroupsPath)) > 0;
     const next: ContainerRecord = { ...rec, state: 'stopped', exitCode: code, oomKilled: oom, finished: Math.max(Math.round(finished), rec.started) };
     // another process may be removing it meanwhile: only write over a record that is still there
-    if (existsSync(this.statePath(rec.id))) await this.writeRecord(next).catch(() => undefined);
+    if (existsSync(this.records.statePath(rec.id))) await this.records.write(next).catch(() => undefined);
     return next;
   }
 
@@ -514,44 +361,27 @@ export class RuncRuntime implements ContainerRuntime {
     const image = await this.getImage(opts.image.trim());
     tr('image');
     const id = newId();
-    const dir = this.dir(id);
+    const dir = this.records.dir(id);
     const hostname = opts.hostname || opts.name;
-    const rec: ContainerRecord = {
-      version: 1,
-      id,
+    const rec = newRecord(id, 'creating', {
       name: opts.name,
       image: image.name,
       imageDigest: image.digest,
-      state: 'creating',
-      ownerPid: process.pid,
-      pid: 0,
-      conmonPid: 0,
-      exitCode: null,
-      oomKilled: false,
       created: Date.now(),
-      started: 0,
-      finished: 0,
-      cgroupsPath: `/flotilla/${id}`,
       labels: { ...(opts.labels ?? {}) },
       logSizeMax: opts.logSizeMax ?? this.logSizeMax,
-      args: [],
-    };
+    });
     let nameTaken = false;
     let snapshot = false;
     let monitor = false;
     await fs.mkdir(dir, { mode: 0o700 });
     try {
-      await this.writeRecord(rec);
-      try {
-        await fs.writeFile(path.join(this.namesDir, opts.name), id, { flag: 'wx' });
-        nameTaken = true;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('container', opts.name);
-        throw err;
-      }
+      await this.records.write(rec);
+      await this.records.reserveName(opts.name, id);
+      nameTaken = true;
       tr('record+name');
       snapshot = true;
-      const rootfs = this.rootfs(id);
+      const rootfs = this.records.rootfs(id);
       const cfg: ImageConfig = image.config;
       const env = mergeEnv(hostname, cfg.env ?? [], opts.env ?? []);
       const args = processArgs(cfg, opts.command, opts.entrypoint);
@@ -562,7 +392,7 @@ export class RuncRuntime implements ContainerRuntime {
       // the /etc files do not need the rootfs: write them while the snapshot is prepared
       const [etc, , prepared] = await Promise.all([
         this.writeEtcFiles(dir, hostname, network),
-        fs.mkdir(path.dirname(this.logPath(id)), { recursive: true, mode: 0o700 }),
+        fs.mkdir(path.dirname(this.records.logPath(id)), { recursive: true, mode: 0o700 }),
         (async () => {
           const mounts = await this.snapshots.prepare(id, image);
           tr('snapshot');
@@ -615,15 +445,15 @@ export class RuncRuntime implements ContainerRuntime {
         bundle: dir,
         pidFile: path.join(dir, 'pidfile'),
         conmonPidFile: path.join(dir, 'conmon.pid'),
-        logPath: this.logPath(id),
+        logPath: this.records.logPath(id),
         logSizeMax: rec.logSizeMax,
-        exitDir: this.exitsDir,
+        exitDir: this.records.exitsDir,
       });
       tr('conmon+runc create');
       rec.pid = started.pid;
       rec.conmonPid = started.conmonPid;
       rec.state = 'created';
-      await this.writeRecord(rec);
+      await this.records.write(rec);
       tr('record');
       return this.info(rec);
     } catch (err) {
@@ -683,21 +513,17 @@ export class RuncRuntime implements ContainerRuntime {
       });
       await step('monitor', () => this.waitMonitorGone(rec));
     }
-    await step('unmount', () => unmount(this.rootfs(rec.id)));
+    await step('unmount', () => unmount(this.records.rootfs(rec.id)));
     if (what.snapshot) await step('snapshot', () => this.snapshots.remove(rec.id));
     await step('cgroups', async () => {
       const left = await removeCgroups(rec.cgroupsPath);
       if (left.length > 0) throw new Error(`could not remove ${left.join(', ')}`);
     });
-    await step('exit file', () => fs.rm(path.join(this.exitsDir, rec.id), { force: true }));
-    await step('directory', () => fs.rm(this.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
-    await step('logs', () => fs.rm(path.join(this.logsDir, rec.id), { recursive: true, force: true, maxRetries: 3 }));
+    await step('exit file', () => fs.rm(this.records.exitFile(rec.id), { force: true }));
+    await step('directory', () => fs.rm(this.records.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
+    await step('logs', () => fs.rm(path.join(this.records.logsDir, rec.id), { recursive: true, force: true, maxRetries: 3 }));
     if (what.name) {
-      await step('name', async () => {
-        const file = path.join(this.namesDir, rec.name);
-        const owner = await fs.readFile(file, 'utf8').catch(() => '');
-        if (owner.trim() === rec.id) await fs.rm(file, { force: true });
-      });
+      await step('name', () => this.records.releaseName(rec.name, rec.id));
     }
     if (errors.length > 0) throw new FlotillaError('INTERNAL', `removing container ${rec.name} (${rec.id}) left debris: ${errors.join('; ')}`);
   }
@@ -705,7 +531,7 @@ export class RuncRuntime implements ContainerRuntime {
   /** Waits (briefly) for the container's conmon to exit, killing it if it lingers. */
   private async waitMonitorGone(rec: ContainerRecord): Promise<void> {
     let pid = rec.conmonPid;
-    if (!pid) pid = Number((await fs.readFile(path.join(this.dir(rec.id), 'conmon.pid'), 'utf8').catch(() => '0')).trim()) || 0;
+    if (!pid) pid = Number((await fs.readFile(path.join(this.records.dir(rec.id), 'conmon.pid'), 'utf8').catch(() => '0')).trim()) || 0;
     if (!pid) return;
     for (let i = 0; i < 200 && (await isMonitor(pid, rec.id)); i++) {
       if (i === 100) process.kill(pid, 'SIGKILL');
@@ -725,7 +551,7 @@ export class RuncRuntime implements ContainerRuntime {
       await this.runc.start(id);
       rec.state = 'running';
       rec.started = t;
-      await this.writeRecord(rec);
+      await this.records.write(rec);
     });
   }
 
@@ -738,56 +564,8 @@ export class RuncRuntime implements ContainerRuntime {
         throw err;
       });
       if (rec.state === 'stopped') return { exitCode: rec.exitCode ?? -1, oomKilled: rec.oomKilled };
-      await this.exitEvent(id, signal);
+      await this.exits.next(id, signal);
     }
-  }
-
-  /**
-   * Resolves when an exit file for id appears, or on abort, or after a while: the caller then reloads
-   * the record, which also notices a monitor that died without writing one. With the directory watch
-   * running that is every 10 s (a second per container would cost an idle agent with 50 containers
-   * ~6 % of a core in file reads); if the watch cannot run, every second.
-   */
-  private exitEvent(id: string, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      let set = this.waiters.get(id);
-      if (!set) this.waiters.set(id, (set = new Set()));
-      const done = (): void => {
-        clearTimeout(timer);
-        signal?.removeEventListener('abort', done);
-        const s = this.waiters.get(id);
-        s?.delete(done);
-        if (s && s.size === 0) this.waiters.delete(id);
-        if (this.waiters.size === 0) this.stopWatcher();
-        resolve();
-      };
-      set.add(done);
-      this.startWatcher();
-      const timer = setTimeout(done, this.watcher ? EXIT_POLL_WATCHED_MS : EXIT_POLL_MS);
-      signal?.addEventListener('abort', done, { once: true });
-      // the exit may have come between the caller's read of the record and the watch
-      fs.access(path.join(this.exitsDir, id)).then(done, () => undefined);
-    });
-  }
-
-  private startWatcher(): void {
-    if (this.watcher) return;
-    try {
-      this.watcher = watch(this.exitsDir, { persistent: true }, (_event, file) => {
-        const name = file?.toString();
-        if (!name) return;
-        const id = name.split('.')[0] ?? name;
-        for (const fn of [...(this.waiters.get(id) ?? [])]) fn();
-      });
-      this.watcher.on('error', () => this.stopWatcher());
-    } catch {
-      this.watcher = undefined; // polling (the waits' timeouts) still works
-    }
-  }
-
-  private stopWatcher(): void {
-    this.watcher?.close();
-    this.watcher = undefined;
   }
 
   async stop(idOrName: string, graceMs: number): Promise<void> {
@@ -868,11 +646,11 @@ export class RuncRuntime implements ContainerRuntime {
           await this.runc.delete(id, true).catch(() => undefined);
         }
         await this.waitExited(id, 10_000);
-        rec = (await this.readRecord(id)) ?? rec;
+        rec = (await this.records.read(id)) ?? rec;
       }
       rec.state = 'removing';
       rec.ownerPid = process.pid;
-      await this.writeRecord(rec);
+      await this.records.write(rec);
       await this.cleanup(rec, { monitor: true, snapshot: true, name: true });
     });
   }
@@ -882,10 +660,10 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async list(): Promise<ContainerInfo[]> {
-    const ids = await fs.readdir(this.containersDir);
+    const ids = await fs.readdir(this.records.containersDir);
     const recs = await Promise.all(
       ids.map(async (id) => {
-        const rec = await this.readRecord(id);
+        const rec = await this.records.read(id);
         if (!rec || rec.state === 'creating' || rec.state === 'removing') return undefined;
         return this.refresh(rec).catch(() => rec);
       }),
@@ -898,73 +676,22 @@ export class RuncRuntime implements ContainerRuntime {
 
   // ---------------------------------------------------------------------------------------------- exec, logs
 
-  async exec(
-    idOrName: string,
-    cmd: string[],
-    opts: { timeoutMs?: number; signal?: AbortSignal; stdout?: NodeJS.WritableStream; stderr?: NodeJS.WritableStream } = {},
-  ): Promise<ExecResult> {
+  /** Runs cmd in the running container (exec.ts); opts.stdout/stderr get its output as it comes. */
+  async exec(idOrName: string, cmd: string[], opts: ExecOptions = {}): Promise<ExecResult> {
     const rec = await this.load(idOrName);
     if (rec.state !== 'running') throw new FlotillaError('FAILED_PRECONDITION', `container ${rec.name} is not running`);
     if (cmd.length === 0 || cmd[0] === '') throw invalidArgument('command', cmd, 'a command is required');
-    const dir = this.dir(rec.id);
-    const spec = JSON.parse(await fs.readFile(path.join(dir, 'config.json'), 'utf8')) as OciSpec;
-    await findExecutable(`/proc/${rec.pid}/root`, cmd[0]!, envValue(spec.process.env, 'PATH') ?? DEFAULT_PATH, spec.process.cwd);
-    const tag = `${process.pid}-${Math.random().toString(36).slice(2)}`;
-    const procFile = path.join(dir, `exec-${tag}.json`);
-    const pidFile = path.join(dir, `exec-${tag}.pid`);
-    await fs.writeFile(procFile, JSON.stringify({ ...spec.process, args: cmd, terminal: false }));
-    try {
-      return await new Promise<ExecResult>((resolve, reject) => {
-        const child = spawn(this.runc.bin, ['--root', this.runc.root, 'exec', '--process', procFile, '--pid-file', pidFile, rec.id], {
-          stdio: ['ignore', 'pipe', 'pipe'],
-        });
-        const chunks: Buffer[] = [];
-        let size = 0;
-        const LIMIT = 16 * 1024 * 1024;
-        const onData = (out?: NodeJS.WritableStream) => (d: Buffer) => {
-          if (out) out.write(d);
-          if (size < LIMIT) chunks.push(d);
-          size += d.length;
-        };
-        child.stdout.on('data', onData(opts.stdout));
-        child.stderr.on('data', onData(opts.stderr));
-        let killedWhy: string | undefined;
-        const killProcess = (why: string): void => {
-          killedWhy ??= why;
-          void fs
-            .readFile(pidFile, 'utf8')
-            .then((p) => {
-              const pid = Number(p.trim());
-              if (pid > 0) process.kill(pid, 'SIGKILL');
-            })
-            .catch(() => child.kill('SIGKILL'));
-        };
-        const timer = opts.timeoutMs ? setTimeout(() => killProcess('timeout'), opts.timeoutMs) : undefined;
-        const onAbort = (): void => killProcess('aborted');
-        opts.signal?.addEventListener('abort', onAbort, { once: true });
-        child.on('error', (err) => reject(new FlotillaError('INTERNAL', `cannot run runc exec: ${err.message}`)));
-        child.on('close', (code, sig) => {
-          if (timer) clearTimeout(timer);
-          opts.signal?.removeEventListener('abort', onAbort);
-          const output = Buffer.concat(chunks).toString('utf8');
-          if (killedWhy === 'timeout') return reject(new FlotillaError('DEADLINE_EXCEEDED', `exec in container ${rec.name} timed out after ${opts.timeoutMs}ms`));
-          if (killedWhy === 'aborted') return reject(new FlotillaError('ABORTED', `exec in container ${rec.name} aborted`));
-          resolve({ exitCode: code ?? 128 + (sig ? (SIGNALS[sig] ?? 0) : 0), output });
-        });
-      });
-    } finally {
-      await Promise.all([fs.rm(procFile, { force: true }), fs.rm(pidFile, { force: true })]);
-    }
+    return runcExec(this.runc, { id: rec.id, name: rec.name, pid: rec.pid, bundle: this.records.dir(rec.id) }, cmd, opts);
   }
 
   async *logs(idOrName: string, opts: { follow?: boolean; tail?: number; signal?: AbortSignal } = {}): AsyncIterable<LogEntry> {
     const rec = await this.load(idOrName);
     const id = rec.id;
-    yield* readLogs(this.logPath(id), {
+    yield* readLogs(this.records.logPath(id), {
       follow: opts.follow,
       tail: opts.tail,
       signal: opts.signal,
-      done: async () => (await this.exitCodeOf(id)) !== undefined || !existsSync(this.statePath(id)),
+      done: async () => (await this.records.exitCodeOf(id)) !== undefined || !existsSync(this.records.statePath(id)),
     });
   }
 
@@ -993,17 +720,17 @@ export class RuncRuntime implements ContainerRuntime {
    *  - runc containers, name reservations and exit files without a record are removed.
    */
   async reconcile(): Promise<void> {
-    const ids = await fs.readdir(this.containersDir);
+    const ids = await fs.readdir(this.records.containersDir);
     const known = new Set<string>();
     await Promise.all(
       ids.map(async (id) => {
-        const rec = await this.readRecord(id);
+        const rec = await this.records.read(id);
         if (!rec) {
           // a directory without a record: a create that crashed before writing it (or not ours)
-          if (/^[a-z0-9]{25}$/.test(id)) {
-            const st = await fs.stat(this.dir(id)).catch(() => undefined);
+          if (CONTAINER_ID.test(id)) {
+            const st = await fs.stat(this.records.dir(id)).catch(() => undefined);
             if (st && Date.now() - st.mtimeMs > 60_000) {
-              await this.cleanup(this.stubRecord(id), { monitor: true, snapshot: true, name: false }).catch(() => undefined);
+              await this.cleanup(newRecord(id, 'removing'), { monitor: true, snapshot: true, name: false }).catch(() => undefined);
               return;
             }
           }
@@ -1020,50 +747,23 @@ export class RuncRuntime implements ContainerRuntime {
       }),
     );
     // runc containers without a record (crash between runc create and our cleanup)
-    const runcIds = await fs.readdir(this.runcRoot).catch(() => [] as string[]);
+    const runcIds = await fs.readdir(this.runc.root).catch(() => [] as string[]);
     for (const rid of runcIds) {
-      if (known.has(rid) || !/^[a-z0-9]{25}$/.test(rid)) continue;
+      if (known.has(rid) || !CONTAINER_ID.test(rid)) continue;
       await this.runc.delete(rid, true).catch(() => undefined);
       await removeCgroups(`/flotilla/${rid}`).catch(() => undefined);
     }
-    for (const name of await fs.readdir(this.namesDir)) {
-      const file = path.join(this.namesDir, name);
-      const owner = (await fs.readFile(file, 'utf8').catch(() => '')).trim();
-      if (owner && !existsSync(this.dir(owner))) await fs.rm(file, { force: true });
-    }
-    for (const f of await fs.readdir(this.exitsDir)) {
-      if (/^[a-z0-9]{25}$/.test(f) && !existsSync(this.dir(f))) await fs.rm(path.join(this.exitsDir, f), { force: true });
+    await this.records.dropStaleNames();
+    for (const f of await fs.readdir(this.records.exitsDir)) {
+      if (CONTAINER_ID.test(f) && !existsSync(this.records.dir(f))) await fs.rm(path.join(this.records.exitsDir, f), { force: true });
     }
     // The disk parts of containers whose volatile state is gone (a reboot empties the run root). A create
     // in another process makes its container dir before its snapshot and log dir, so it is not touched.
-    for (const id of await fs.readdir(this.logsDir).catch(() => [] as string[])) {
-      if (/^[a-z0-9]{25}$/.test(id) && !existsSync(this.dir(id))) await fs.rm(path.join(this.logsDir, id), { recursive: true, force: true });
+    for (const id of await fs.readdir(this.records.logsDir).catch(() => [] as string[])) {
+      if (CONTAINER_ID.test(id) && !existsSync(this.records.dir(id))) await fs.rm(path.join(this.records.logsDir, id), { recursive: true, force: true });
     }
     for (const id of await fs.readdir(path.join(this.dataDir, 'snapshots', 'containers')).catch(() => [] as string[])) {
-      if (/^[a-z0-9]{25}$/.test(id) && !existsSync(this.dir(id))) await this.snapshots.remove(id).catch(() => undefined);
+      if (CONTAINER_ID.test(id) && !existsSync(this.records.dir(id))) await this.snapshots.remove(id).catch(() => undefined);
     }
-  }
-
-  private stubRecord(id: string): ContainerRecord {
-    return {
-      version: 1,
-      id,
-      name: '',
-      image: '',
-      imageDigest: '',
-      state: 'removing',
-      ownerPid: process.pid,
-      pid: 0,
-      conmonPid: 0,
-      exitCode: null,
-      oomKilled: false,
-      created: 0,
-      started: 0,
-      finished: 0,
-      cgroupsPath: `/flotilla/${id}`,
-      labels: {},
-      logSizeMax: 0,
-      args: [],
-    };
   }
 }
