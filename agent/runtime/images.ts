@@ -539,6 +539,9 @@ export class ImageStore {
     // GNU tar packs every file type (devices, FIFOs, hardlinks) with numeric owners; sockets are skipped.
     // POSIX (pax) format: node-tar reads device numbers only from POSIX headers.
     // (node-tar's Pack stalls or throws on device files, so it is not used here.)
+    // The one spawn of the runtime not on the spawner thread, on purpose: its stdout streams into gzip
+    // with backpressure, and only `flotilla image import` (a one-shot CLI process) imports a directory;
+    // no daemon calls ImageStore.import.
     const child = spawn('tar', ['-C', dir, '--format=posix', '--numeric-owner', '--sort=name', '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));

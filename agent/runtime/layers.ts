@@ -14,20 +14,24 @@
  * A layer is unpacked into a temporary directory and renamed into place only when complete, so a failure
  * or crash leaves nothing half-unpacked behind.
  */
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { constants as fsc } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import type { ReadEntry } from 'tar';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { type ContentStore, cleanStale, digestHex, fsyncDir, tempName } from './content.js';
+import { execInWorker, type ExecResult } from './spawner.js';
 
-const execFileP = promisify(execFile);
+/** Runs a helper (python3, setfattr, mknod, sync) on the spawner thread; throws with its stderr when it fails. */
+async function helper(file: string, args: string[]): Promise<string> {
+  const r: ExecResult = await execInWorker(file, args);
+  if (r.error === undefined) return r.stdout;
+  throw Object.assign(new Error((r.stderr || r.error).trim()), { code: r.errno ?? r.code });
+}
 
 export interface UnpackResult {
   /** sha256 of the uncompressed tar stream ("diff id") */
@@ -130,15 +134,13 @@ export async function setXattr(paths: string[], name: string, value: string): Pr
   if (paths.length === 0) return;
   const py = 'import os,sys\nn=sys.argv[1].encode();v=sys.argv[2].encode()\nfor p in sys.argv[3:]: os.setxattr(p,n,v,follow_symlinks=False)';
   try {
-    await execFileP('python3', ['-c', py, name, value, ...paths]);
+    await helper('python3', ['-c', py, name, value, ...paths]);
     return;
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
-      throw new FlotillaError('INTERNAL', `setting xattr ${name}: ${((err as { stderr?: string }).stderr ?? errorMessage(err)).trim()}`);
-    }
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new FlotillaError('INTERNAL', `setting xattr ${name}: ${errorMessage(err)}`);
   }
   try {
-    for (const p of paths) await execFileP('setfattr', ['-h', '-n', name, '-v', value, p]);
+    for (const p of paths) await helper('setfattr', ['-h', '-n', name, '-v', value, p]);
   } catch (err) {
     throw new FlotillaError('INTERNAL', `setting xattr ${name} needs python3 or setfattr (package attr): ${errorMessage(err)}`);
   }
@@ -148,8 +150,7 @@ export async function setXattr(paths: string[], name: string, value: string): Pr
 export async function getXattr(p: string, name: string): Promise<string | undefined> {
   const py = 'import os,sys\ntry: sys.stdout.write(os.getxattr(sys.argv[1],sys.argv[2],follow_symlinks=False).decode())\nexcept OSError: sys.exit(3)';
   try {
-    const { stdout } = await execFileP('python3', ['-c', py, p, name]);
-    return stdout;
+    return await helper('python3', ['-c', py, p, name]);
   } catch {
     return undefined;
   }
@@ -159,9 +160,9 @@ async function mknod(p: string, kind: 'c' | 'b' | 'p', mode: number, major = 0, 
   const args = ['-m', (mode & 0o7777).toString(8), p, kind];
   if (kind !== 'p') args.push(String(major), String(minor));
   try {
-    await execFileP('mknod', args);
+    await helper('mknod', args);
   } catch (err) {
-    throw new FlotillaError('INTERNAL', `mknod ${args.join(' ')}: ${((err as { stderr?: string }).stderr ?? errorMessage(err)).trim()}`);
+    throw new FlotillaError('INTERNAL', `mknod ${args.join(' ')}: ${errorMessage(err)}`);
   }
 }
 
@@ -490,7 +491,7 @@ export class LayerStore {
       await fs.chmod(path.join(tmp, 'fs'), 0o755);
       const result = await unpackTar(await this.content.openRead(digest), path.join(tmp, 'fs'), digest);
       await fs.writeFile(path.join(tmp, 'layer.json'), JSON.stringify({ digest, ...result }) + '\n');
-      await execFileP('sync', ['-f', tmp]).catch(() => undefined);
+      await helper('sync', ['-f', tmp]).catch(() => undefined);
       try {
         await fs.rename(tmp, this.dir(digest));
       } catch (err) {

@@ -3,7 +3,8 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { closeSpawner, execInWorker, setSpawnOnMainThread, spawnerState, spawnMonitor } from './spawner.js';
+import { mainThreadSpawned } from '../../testing/spawns.js';
+import { closeSpawner, execInWorker, runInWorker, setSpawnOnMainThread, spawnerState, spawnerStats, spawnMonitor } from './spawner.js';
 
 const SH = '/bin/sh';
 let dir: string;
@@ -151,6 +152,54 @@ describe.each([
     setSpawnOnMainThread(onMain);
     const r = await spawnMonitor(path.join(dir, 'nope'), []);
     expect(r.error).toBe(`spawn ${path.join(dir, 'nope')} ENOENT`);
+  });
+});
+
+describe.each([
+  ['worker thread', false],
+  ['main thread fallback', true],
+])('runInWorker (%s)', (_name, onMain) => {
+  it('streams stdout and stderr as they come and returns both in order, with the exit code', async () => {
+    setSpawnOnMainThread(onMain);
+    const out: string[] = [];
+    const err: string[] = [];
+    const before = spawnerStats();
+    const { value: r, sawChild } = await mainThreadSpawned(
+      () =>
+        runInWorker(SH, ['-c', 'echo one; sleep 0.2; echo two >&2; sleep 0.2; echo three; exit 4'], {
+          onStdout: (d) => out.push(d.toString()),
+          onStderr: (d) => err.push(d.toString()),
+        }).result,
+    );
+    expect(r).toEqual({ code: 4, signal: null, output: 'one\ntwo\nthree\n' });
+    expect(out.join('')).toBe('one\nthree\n');
+    expect(err.join('')).toBe('two\n');
+    // where it ran: counted there, and a child handle on the main thread only in the fallback
+    const after = spawnerStats();
+    expect(after.thread - before.thread).toBe(onMain ? 0 : 1);
+    expect(after.main - before.main).toBe(onMain ? 1 : 0);
+    expect(sawChild).toBe(onMain);
+  });
+
+  it('kills the child on request and reports the signal; keeps only maxOutput bytes', async () => {
+    setSpawnOnMainThread(onMain);
+    const t0 = Date.now();
+    const run = runInWorker(SH, ['-c', 'echo started; exec sleep 10']);
+    await new Promise((res) => setTimeout(res, 200));
+    run.kill('SIGKILL');
+    expect(await run.result).toEqual({ code: null, signal: 'SIGKILL', output: 'started\n' });
+    expect(Date.now() - t0).toBeLessThan(3000);
+    run.kill('SIGKILL'); // after the exit: nothing happens
+    const big = await runInWorker(SH, ['-c', 'head -c 100000 /dev/zero | tr "\\0" x'], { maxOutput: 10 }).result;
+    expect(big.code).toBe(0);
+    expect(big.output.length).toBeGreaterThanOrEqual(10);
+    expect(big.output.length).toBeLessThan(100000);
+  });
+
+  it('reports a binary that cannot run', async () => {
+    setSpawnOnMainThread(onMain);
+    const r = await runInWorker(path.join(dir, 'nope'), []).result;
+    expect(r).toEqual({ code: null, signal: null, output: '', error: `spawn ${path.join(dir, 'nope')} ENOENT` });
   });
 });
 
