@@ -341,31 +341,13 @@ export class Worker {
           return r.ctl.prepare();
         });
         if (!created || sig.aborted) return;
-        if (r.task.desiredState < TaskState.TASK_STATE_RUNNING) {
-          r.status = { ...r.status, containerId: created.id };
-          await this.released(r, sig);
-          if (sig.aborted) return;
-        }
-        info = await this.op(async () => {
-          if (sig.aborted) return created;
-          this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: created.id });
-          const after = await r.ctl.start();
-          started = true;
-          return after;
-        }, true);
+        info = await this.startContainer(r, created, sig);
         if (!info || sig.aborted) return;
+        started = true;
       } else if (info.status === 'created') {
-        const adopted = info;
-        await this.released(r, sig);
-        if (sig.aborted) return;
-        info = await this.op(async () => {
-          if (sig.aborted) return adopted;
-          this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: adopted.id });
-          const after = await r.ctl.start();
-          started = true;
-          return after;
-        }, true);
-        if (sig.aborted) return;
+        info = await this.startContainer(r, info, sig);
+        if (!info || sig.aborted) return;
+        started = true;
       }
       if (started || info.status === 'running') {
         this.report(r, TaskState.TASK_STATE_RUNNING, { message: 'started', containerId: info.id, pid: info.pid });
@@ -387,6 +369,24 @@ export class Worker {
       this.log?.warn({ taskId: id, err: errorMessage(err) }, state === TaskState.TASK_STATE_REJECTED ? 'task rejected' : 'task failed');
       this.report(r, state, { err: errorMessage(err) });
     }
+  }
+
+  /**
+   * The start step of a created container (just prepared, or adopted in state created): waits until the
+   * task may start (outside the concurrency limit), then reports STARTING and starts it under the limit.
+   * Resolves the started container's info, or undefined when aborted before it started.
+   */
+  private async startContainer(r: Runner, created: ContainerInfo, sig: AbortSignal): Promise<ContainerInfo | undefined> {
+    if (r.task.desiredState < TaskState.TASK_STATE_RUNNING) {
+      r.status = { ...r.status, containerId: created.id };
+      await this.released(r, sig);
+    }
+    if (sig.aborted) return undefined;
+    return this.op(async () => {
+      if (sig.aborted) return undefined;
+      this.report(r, TaskState.TASK_STATE_STARTING, { message: 'starting', containerId: created.id });
+      return r.ctl.start();
+    }, true);
   }
 
   /**

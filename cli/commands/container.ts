@@ -122,18 +122,35 @@ async function streamLogs(rt: RuncRuntime, id: string, opts: { follow: boolean; 
   }
 }
 
-/** Runs fn for each name; prints failures per name and exits non-zero if any failed. */
-async function eachName(names: string[], fn: (name: string) => Promise<void>): Promise<void> {
-  let failed = 0;
-  for (const n of names) {
-    try {
-      await fn(n);
-    } catch (err) {
-      failed++;
-      process.stderr.write(`flotilla: ${errorMessage(err)}\n`);
-    }
-  }
-  if (failed > 0) throw new ExitError(1);
+/**
+ * A verb over several containers (`<names...>`, --data-dir): flags checked by `prepare` before the runtime
+ * opens, then `act` on each name in turn, printing the name (or what act returns); each failure is printed
+ * and the command exits non-zero if any failed.
+ */
+function eachContainer<O extends object, P>(
+  cmd: Command,
+  act: (rt: RuncRuntime, name: string, p: P) => Promise<string | void>,
+  prepare: (o: O) => P = () => undefined as P,
+): void {
+  cmd
+    .argument('<names...>', 'container names or ids')
+    .option('--data-dir <dir>', DATA_DIR_HELP)
+    .action(
+      action(async (names: string[], o: O & DataDirOpts) => {
+        const p = prepare(o);
+        const rt = await openRuntime(o);
+        let failed = 0;
+        for (const n of names) {
+          try {
+            process.stdout.write(`${(await act(rt, n, p)) ?? n}\n`);
+          } catch (err) {
+            failed++;
+            process.stderr.write(`flotilla: ${errorMessage(err)}\n`);
+          }
+        }
+        if (failed > 0) throw new ExitError(1);
+      }),
+    );
 }
 
 export function register(program: Command): void {
@@ -272,54 +289,26 @@ export function register(program: Command): void {
       }),
     );
 
-  container
-    .command('start')
-    .description('Start created containers')
-    .argument('<names...>', 'container names or ids')
-    .option('--data-dir <dir>', DATA_DIR_HELP)
-    .action(
-      action(async (names: string[], o: DataDirOpts) => {
-        const rt = await openRuntime(o);
-        await eachName(names, async (n) => {
-          await rt.start(n);
-          process.stdout.write(`${n}\n`);
-        });
-      }),
-    );
+  eachContainer(container.command('start').description('Start created containers'), (rt, n) => rt.start(n));
 
-  container
-    .command('stop')
-    .description('Stop containers: SIGTERM, then SIGKILL after the grace period')
-    .argument('<names...>', 'container names or ids')
-    .option('-t, --time <secs>', 'seconds to wait before SIGKILL', '10')
-    .option('--data-dir <dir>', DATA_DIR_HELP)
-    .action(
-      action(async (names: string[], o: DataDirOpts & { time: string }) => {
-        const secs = parseUint('--time', o.time);
-        const rt = await openRuntime(o);
-        await eachName(names, async (n) => {
-          await rt.stop(n, secs * 1000);
-          process.stdout.write(`${n}\n`);
-        });
-      }),
-    );
+  eachContainer(
+    container
+      .command('stop')
+      .description('Stop containers: SIGTERM, then SIGKILL after the grace period')
+      .option('-t, --time <secs>', 'seconds to wait before SIGKILL', '10'),
+    (rt, n, graceMs) => rt.stop(n, graceMs),
+    (o: { time: string }) => parseUint('--time', o.time) * 1000,
+  );
 
-  container
-    .command('rm')
-    .alias('remove')
-    .description('Remove containers and everything they had (mounts, cgroups, files)')
-    .argument('<names...>', 'container names or ids')
-    .option('-f, --force', 'kill running containers first')
-    .option('--data-dir <dir>', DATA_DIR_HELP)
-    .action(
-      action(async (names: string[], o: DataDirOpts & { force?: boolean }) => {
-        const rt = await openRuntime(o);
-        await eachName(names, async (n) => {
-          await rt.remove(n, !!o.force);
-          process.stdout.write(`${n}\n`);
-        });
-      }),
-    );
+  eachContainer(
+    container
+      .command('rm')
+      .alias('remove')
+      .description('Remove containers and everything they had (mounts, cgroups, files)')
+      .option('-f, --force', 'kill running containers first'),
+    (rt, n, force) => rt.remove(n, force),
+    (o: { force?: boolean }) => !!o.force,
+  );
 
   container
     .command('exec')
@@ -338,35 +327,18 @@ export function register(program: Command): void {
       }),
     );
 
-  container
-    .command('kill')
-    .description('Send a signal to a container (default KILL)')
-    .argument('<names...>', 'container names or ids')
-    .option('-s, --signal <sig>', 'signal name or number', 'KILL')
-    .option('--data-dir <dir>', DATA_DIR_HELP)
-    .action(
-      action(async (names: string[], o: DataDirOpts & { signal: string }) => {
-        const sig = parseSignal(o.signal);
-        const rt = await openRuntime(o);
-        await eachName(names, async (n) => {
-          await rt.kill(n, sig);
-          process.stdout.write(`${n}\n`);
-        });
-      }),
-    );
+  eachContainer(
+    container
+      .command('kill')
+      .description('Send a signal to a container (default KILL)')
+      .option('-s, --signal <sig>', 'signal name or number', 'KILL'),
+    (rt, n, sig) => rt.kill(n, sig),
+    (o: { signal: string }) => parseSignal(o.signal),
+  );
 
-  container
-    .command('wait')
-    .description('Wait for containers to exit and print their exit codes')
-    .argument('<names...>', 'container names or ids')
-    .option('--data-dir <dir>', DATA_DIR_HELP)
-    .action(
-      action(async (names: string[], o: DataDirOpts) => {
-        const rt = await openRuntime(o);
-        await eachName(names, async (n) => {
-          const exit = await rt.wait(n);
-          process.stdout.write(`${exit.exitCode}${exit.oomKilled ? ' (OOM killed)' : ''}\n`);
-        });
-      }),
-    );
+  eachContainer(container.command('wait').description('Wait for containers to exit and print their exit codes'), async (rt, n) => {
+    const exit = await rt.wait(n);
+    return `${exit.exitCode}${exit.oomKilled ? ' (OOM killed)' : ''}`;
+  });
+
 }
