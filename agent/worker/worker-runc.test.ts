@@ -14,6 +14,7 @@ import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
 import { Worker } from './worker.js';
 import { removeRunRoots } from '../../test/helpers/runtime-debris.js';
+import { waitFor as waitUntilTrue } from '../../test/helpers/procs.js';
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -40,14 +41,7 @@ function task(slot: number, args: string[], over: { grace?: number; image?: stri
 
 const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
 
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>): Promise<true> => waitUntilTrue(what, async () => (await fn()) || undefined, 20_000, 25);
 
 describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, mounts, cgroups)', () => {
   let dir: string;

@@ -11,6 +11,7 @@ import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, contai
 import { SimRuntime, type SimRuntimeOptions } from './sim.js';
 import { StatusQueue } from './status.js';
 import { Worker } from './worker.js';
+import { waitFor as waitUntilTrue } from '../../test/helpers/procs.js';
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -57,14 +58,7 @@ class Recorder {
   }
 }
 
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>): Promise<true> => waitUntilTrue(what, async () => (await fn()) || undefined, 5000, 10);
 
 function newWorker(rt: SimRuntime, rec: Recorder, over: Partial<ConstructorParameters<typeof Worker>[0]> = {}): Worker {
   const w = new Worker({ runtime: rt, hostname: 'host1', log, status: { flushMs: 20 }, ...over });
