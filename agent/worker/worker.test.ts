@@ -107,6 +107,22 @@ describe('worker over the sim runtime', () => {
     await rt.close();
   });
 
+  it('holds a task whose desired state is below running created but not started, prepared or adopted, until it is raised', async () => {
+    worker = newWorker(rt, rec);
+    const fresh = task({ slot: 1, desired: S.TASK_STATE_PREPARING });
+    const adopted = task({ slot: 2, desired: S.TASK_STATE_PREPARING });
+    const pre = await rt.create(createOptions(adopted));
+    await worker.assign(complete([fresh, adopted]));
+    await waitFor('fresh prepared', async () => rec.last(fresh.id)?.state === S.TASK_STATE_PREPARING && (await rt.list()).length === 2);
+    await new Promise((res) => setTimeout(res, 200));
+    for (const c of await rt.list()) expect(c.status).toBe('created');
+    for (const t of [fresh, adopted]) expect(rec.states(t.id)).not.toContain(S.TASK_STATE_STARTING);
+    await worker.assign(incremental([fresh, adopted].map((t) => ({ ...t, desiredState: S.TASK_STATE_RUNNING }))));
+    await waitFor('both running', () => [fresh, adopted].every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+    expect(rec.last(adopted.id)?.containerId).toBe(pre.id);
+    for (const c of await rt.list()) expect(c.status).toBe('running');
+  });
+
   it('starts 50 tasks concurrently; statuses only move forward, batched into few calls', async () => {
     worker = newWorker(rt, rec);
     const tasks = Array.from({ length: 50 }, (_, i) => task({ slot: i + 1 }));
