@@ -280,7 +280,7 @@ export class RuncRuntime implements ContainerRuntime {
   private async markStopped(rec: ContainerRecord, code: number): Promise<ContainerRecord> {
     let finished = Date.now();
     try {
-      finished = (await fs.stat(path.join(this.records.exitsDir, rec.id))).mtimeMs;
+      finished = (await fs.stat(this.records.exitFile(rec.id))).mtimeMs;
     } catch {
       // no exit file
     }
