@@ -46,6 +46,11 @@ export interface AuthzOptions {
   /** the cluster id callers must belong to */
   clusterId: string | (() => string);
   revocations?: Revocations;
+  /**
+   * Subject CNs of the roots trusted now (issuerNames(trustPem)); when set, a certificate from a
+   * root that was dropped by a CA rotation is refused even on a connection opened before.
+   */
+  trustedIssuers?: () => readonly string[];
   now?: () => number;
 }
 
@@ -100,6 +105,9 @@ export function check(call: { getAuthContext(): AuthContextLike | null }, method
   // TLS checks dates at the handshake only; a long-lived connection outlives its certificate
   if (identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
     return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} expired at ${identity.notAfter.toISOString()}`);
+  }
+  if (opts.trustedIssuers && !opts.trustedIssuers().includes(identity.issuer)) {
+    return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} is from a root CA that is no longer trusted (CA rotated); renew it`);
   }
   if (opts.revocations?.isRevoked(identity)) {
     return denied(grpc.status.PERMISSION_DENIED, `${method}: node ${identity.nodeId} has been removed from the cluster (certificate revoked)`);

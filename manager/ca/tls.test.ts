@@ -2,6 +2,9 @@
  * Real TLS, real grpc-js servers and clients on loopback: mutual TLS, the authorizer, joins,
  * revocation and certificate hot-swap.
  */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,7 +16,8 @@ import { type AuthzOptions, type Policy, RevocationList, authorize, callerOf } f
 import { TLS_CHANNEL_OPTIONS, TlsSource, clientCredentials, serverCredentials, staticClientCredentials, untrustedClientCredentials } from './credentials.js';
 import { type CaBackend, joinCluster, nodeCaHandlers, renewCertificate } from './service.js';
 import { formatToken, newTokenSecret } from './token.js';
-import { type KeyPair, type Role, RootCA, createRootCA, parseCertificate } from './x509.js';
+import { type KeyPair, type Role, RootCA, createRootCA, issuerNames, parseCertificate } from './x509.js';
+import { NODE_TLS_FILE, loadNodeTls, readClientTls, saveNodeTls, writeClientTlsDir } from './certstore.js';
 
 const RAFT_POLICY: Policy<RaftServer> = { stream: ['manager'], join: ['manager'], propose: ['manager'], readIndex: ['manager'], leave: ['manager'] };
 const LOGS_POLICY: Policy<Pick<ControlServer, 'serviceLogs'>> = { serviceLogs: ['admin', 'manager'] };
@@ -346,6 +350,73 @@ describe('hot swap', () => {
       expect(f.handled.propose.at(-1)).toBe(manager.identity.serial);
     } finally {
       c.close();
+    }
+  });
+});
+
+describe('CA rotation', () => {
+  it('moves a server and its clients to a new root without refusing anyone mid-way; the old root is refused afterwards', async () => {
+    const oldCa = await RootCA.load(await createRootCA({ clusterId: 'rot' }));
+    const newCa = await RootCA.load(await createRootCA({ clusterId: 'rot' }));
+    const server = new TlsSource(await material(oldCa, 'm1', 'manager'));
+    const node = new TlsSource(await material(oldCa, 'm2', 'manager'));
+    const authz: AuthzOptions = { clusterId: 'rot', trustedIssuers: () => issuerNames(server.current.trustPem) };
+    const srv = new grpc.Server();
+    srv.addService(RaftService, authorize(RaftService, raftHandlers({ propose: [], envelopes: 0 }), RAFT_POLICY, authz));
+    try {
+      const addr = await listen(srv, serverCredentials(server, 'require'));
+      // a long-lived channel opened under the old root
+      const live = new RaftClient(addr, clientCredentials(node), TLS_CHANNEL_OPTIONS);
+      const liveCall = (): Promise<void> => new Promise((resolve, reject) => live.propose({ data: Buffer.alloc(0) }, (err) => (err ? reject(err) : resolve())));
+      try {
+        await liveCall();
+        // 1. everyone trusts both roots
+        const both = oldCa.certPem + newCa.certPem;
+        server.update({ trustPem: both });
+        node.update({ trustPem: both });
+        await propose(addr, clientCredentials(node));
+        // 2. certificates move to the new root one by one; old and new interoperate
+        server.update(await newCa.issueWithNewKey({ nodeId: 'm1', role: 'manager' }));
+        await propose(addr, clientCredentials(node)); // old cert -> new server cert
+        const fresh = new TlsSource({ trustPem: both, ...(await newCa.issueWithNewKey({ nodeId: 'm3', role: 'manager' })) });
+        await propose(addr, clientCredentials(fresh));
+        await liveCall();
+        // 3. the old root is dropped: its certificates are refused, on new handshakes and on live connections
+        server.update({ trustPem: newCa.certPem });
+        const r = await codeOf(propose(addr, clientCredentials(node)));
+        expect(r.code).toBe(grpc.status.UNAVAILABLE);
+        const r2 = await codeOf(liveCall());
+        expect(r2.code).toBe(grpc.status.UNAUTHENTICATED);
+        expect(r2.details).toMatch(/no longer trusted \(CA rotated\)/);
+        node.update({ trustPem: newCa.certPem, ...(await newCa.issueWithNewKey({ nodeId: 'm2', role: 'manager' })) });
+        await propose(addr, clientCredentials(node));
+      } finally {
+        live.close();
+      }
+    } finally {
+      srv.forceShutdown();
+    }
+  });
+});
+
+describe('certificate files', () => {
+  it('node material round-trips through one 0600 file; client dirs are read by flag with clear errors', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-pki-'));
+    try {
+      expect(loadNodeTls(dir)).toBeUndefined();
+      await saveNodeTls(dir, f.mgr.current);
+      expect(loadNodeTls(dir)).toEqual(f.mgr.current);
+      expect(fs.statSync(path.join(dir, NODE_TLS_FILE)).mode & 0o777).toBe(0o600);
+      fs.writeFileSync(path.join(dir, NODE_TLS_FILE), '{');
+      expect(() => loadNodeTls(dir)).toThrow(/unreadable node certificate/);
+      const admin = await material(f.ca, 'admin', 'admin');
+      await writeClientTlsDir(path.join(dir, 'cli'), admin);
+      expect(fs.statSync(path.join(dir, 'cli', 'key.pem')).mode & 0o777).toBe(0o600);
+      expect(readClientTls({ dir: path.join(dir, 'cli') })).toEqual(admin);
+      expect(() => readClientTls({ ca: '/nonexistent/ca.pem', dir: path.join(dir, 'cli') })).toThrow(/invalid --tlscacert "\/nonexistent\/ca.pem"/);
+      expect(() => readClientTls({})).toThrow(/--tlscacert is required/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
     }
   });
 });

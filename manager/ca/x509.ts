@@ -51,6 +51,8 @@ export interface CertIdentity {
   serial: string;
   notBefore: Date;
   notAfter: Date;
+  /** the issuing root's CN (unique per root: see createRootCA) */
+  issuer: string;
 }
 
 // ---------- PEM and keys ----------
@@ -267,12 +269,12 @@ export async function verifyCsr(csrPem: string): Promise<x509.Pkcs10CertificateR
 
 // ---------- parsing identities ----------
 
-function identityFrom(fields: { CN?: string; OU?: string; O?: string }, serial: string, notBefore: Date, notAfter: Date): CertIdentity {
+function identityFrom(fields: { CN?: string; OU?: string; O?: string }, issuer: string, serial: string, notBefore: Date, notAfter: Date): CertIdentity {
   const role = fields.OU as Role | undefined;
   if (!fields.CN || !role || !ROLES.includes(role) || !fields.O) {
     throw new FlotillaError('PERMISSION_DENIED', 'certificate is not a flotilla node certificate (CN, OU=role, O=cluster)');
   }
-  return { nodeId: fields.CN, role, clusterId: fields.O, serial: normSerial(serial), notBefore, notAfter };
+  return { nodeId: fields.CN, role, clusterId: fields.O, serial: normSerial(serial), notBefore, notAfter, issuer };
 }
 
 function normSerial(s: string): string {
@@ -293,7 +295,7 @@ export function parseCertificate(cert: string | Buffer): CertIdentity {
   } catch (err) {
     throw new FlotillaError('INVALID_ARGUMENT', 'not a certificate', { cause: err });
   }
-  return identityFrom({ CN: dnField(c.subject, 'CN'), OU: dnField(c.subject, 'OU'), O: dnField(c.subject, 'O') }, c.serialNumber, new Date(c.validFrom), new Date(c.validTo));
+  return identityFrom({ CN: dnField(c.subject, 'CN'), OU: dnField(c.subject, 'OU'), O: dnField(c.subject, 'O') }, dnField(c.issuer, 'CN') ?? '', c.serialNumber, new Date(c.validFrom), new Date(c.validTo));
 }
 
 /** The identity in a TLS peer certificate (tls getPeerCertificate, grpc-js getAuthContext().sslPeerCertificate). */
@@ -301,10 +303,16 @@ export function identityFromPeer(peer: PeerCertificate): CertIdentity {
   const one = (v: string | string[] | undefined): string | undefined => (Array.isArray(v) ? v[0] : v);
   return identityFrom(
     { CN: one(peer.subject?.CN), OU: one(peer.subject?.OU), O: one(peer.subject?.O) },
+    one(peer.issuer?.CN) ?? '',
     peer.serialNumber ?? '',
     new Date(peer.valid_from),
     new Date(peer.valid_to),
   );
+}
+
+/** The subject CNs of the roots in a trust bundle (for AuthzOptions.trustedIssuers). */
+export function issuerNames(trustPem: string): string[] {
+  return splitPemBundle(trustPem).map((pem) => dnField(new NodeX509(pem).subject, 'CN') ?? '');
 }
 
 /**

@@ -53,6 +53,22 @@ export interface RenewNodeCertificateRequest {
   addresses: string[];
 }
 
+/**
+ * The cluster's CA as kept in the replicated store (to become Cluster.ca; see docs/security.md).
+ * The key is a secret: encrypted at rest once the Raft log is.
+ */
+export interface ClusterCA {
+  rootCertPem: string;
+  rootKeyPem: string;
+  /**
+   * during a CA rotation: the previous root, still trusted until every node holds a certificate
+   * from the new one
+   */
+  previousRootCertPem: string;
+  /** --cert-expiry, in milliseconds (0: the default, 90 days) */
+  nodeCertExpiryMs: number;
+}
+
 function createBaseGetRootCARequest(): GetRootCARequest {
   return {};
 }
@@ -400,6 +416,97 @@ export const RenewNodeCertificateRequest: MessageFns<RenewNodeCertificateRequest
   },
 };
 
+function createBaseClusterCA(): ClusterCA {
+  return { rootCertPem: "", rootKeyPem: "", previousRootCertPem: "", nodeCertExpiryMs: 0 };
+}
+
+export const ClusterCA: MessageFns<ClusterCA> = {
+  encode(message: ClusterCA, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.rootCertPem !== "") {
+      writer.uint32(10).string(message.rootCertPem);
+    }
+    if (message.rootKeyPem !== "") {
+      writer.uint32(18).string(message.rootKeyPem);
+    }
+    if (message.previousRootCertPem !== "") {
+      writer.uint32(26).string(message.previousRootCertPem);
+    }
+    if (message.nodeCertExpiryMs !== 0) {
+      writer.uint32(32).uint64(message.nodeCertExpiryMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ClusterCA {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseClusterCA();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.rootCertPem = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.rootKeyPem = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.previousRootCertPem = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.nodeCertExpiryMs = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ClusterCA>, I>>(base?: I): ClusterCA {
+    return ClusterCA.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ClusterCA>, I>>(object: I): ClusterCA {
+    const message = createBaseClusterCA();
+    message.rootCertPem = object.rootCertPem ?? "";
+    message.rootKeyPem = object.rootKeyPem ?? "";
+    message.previousRootCertPem = object.previousRootCertPem ?? "";
+    message.nodeCertExpiryMs = object.nodeCertExpiryMs ?? 0;
+    return message;
+  },
+};
+
 /**
  * The cluster CA, served by every manager on its TCP port (a listener whose TLS accepts clients
  * without a certificate; see docs/security.md). Non-leaders forward issuing to the leader.
@@ -549,6 +656,17 @@ export type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function longToNumber(int64: { toString(): string }): number {
+  const num = globalThis.Number(int64.toString());
+  if (num > globalThis.Number.MAX_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is larger than Number.MAX_SAFE_INTEGER");
+  }
+  if (num < globalThis.Number.MIN_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
+  }
+  return num;
+}
 
 export interface MessageFns<T> {
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
