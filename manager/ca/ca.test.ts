@@ -1,6 +1,7 @@
 import { X509Certificate } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { FlotillaError } from '../../common/errors.js';
+import { bootstrapCluster, certExpiryMs, finishCaRotation, rotateToken, signingCA, startCaRotation, trustBundle } from './cluster.js';
 import { TlsSource } from './credentials.js';
 import { runRenewal } from './service.js';
 import { formatToken, newTokenSecret, parseToken, redactToken, tokenMatches, verifyCaAgainstToken } from './token.js';
@@ -176,5 +177,37 @@ describe('renewal timing', () => {
       ac.abort();
       await loop;
     }
+  });
+});
+
+describe('cluster PKI state', () => {
+  it('bootstraps a CA, tokens pinning it, and the first manager\'s certificate', async () => {
+    const b = await bootstrapCluster({ clusterId: 'cid', nodeId: 'm1', addresses: ['10.1.2.3:4242'] });
+    const id = parseCertificate(b.node.certPem);
+    expect(id).toMatchObject({ nodeId: 'm1', role: 'manager', clusterId: 'cid' });
+    expect(await (await signingCA(b.ca)).signed(b.node.certPem)).toBe(true);
+    expect(() => verifyCaAgainstToken(b.tokens.worker, b.ca.rootCertPem)).not.toThrow();
+    expect(b.tokens.worker).not.toBe(b.tokens.manager);
+    expect(trustBundle(b.ca)).toBe(b.ca.rootCertPem);
+    expect(certExpiryMs(b.ca)).toBe(90 * DAY_MS);
+    const r = rotateToken(b.ca, b.tokens, 'worker');
+    expect(r.manager).toBe(b.tokens.manager);
+    expect(r.worker).not.toBe(b.tokens.worker);
+  });
+
+  it('a CA rotation trusts both roots until finished, and re-pins the tokens to the new root', async () => {
+    const b = await bootstrapCluster({ clusterId: 'cid', nodeId: 'm1', addresses: [] });
+    const { ca, tokens } = await startCaRotation(b.ca, b.tokens, 'cid');
+    expect(ca.previousRootCertPem).toBe(b.ca.rootCertPem);
+    expect(trustBundle(ca)).toBe(ca.rootCertPem + b.ca.rootCertPem);
+    expect(parseToken(tokens.worker).secret).toBe(parseToken(b.tokens.worker).secret);
+    expect(() => verifyCaAgainstToken(tokens.worker, ca.rootCertPem)).not.toThrow();
+    expect(() => verifyCaAgainstToken(b.tokens.worker, ca.rootCertPem)).toThrow(/does not match/);
+    await expect(startCaRotation(ca, tokens, 'cid')).rejects.toThrow(/already in progress/);
+    expect(trustBundle(finishCaRotation(ca))).toBe(ca.rootCertPem);
+    const signer = await signingCA(ca);
+    const { csrPem } = await createCsr();
+    expect(await signer.signed(await signer.issue({ csrPem, nodeId: 'x', role: 'worker' }))).toBe(true);
+    expect(signer.certPem).toBe(ca.rootCertPem);
   });
 });
