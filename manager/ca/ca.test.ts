@@ -211,3 +211,20 @@ describe('cluster PKI state', () => {
     expect(signer.certPem).toBe(ca.rootCertPem);
   });
 });
+
+describe('TlsSource', () => {
+  it('refuses material grpc-js would choke on, and keeps the old material', async () => {
+    const ca = await RootCA.load(await createRootCA({ clusterId: 'c' }));
+    const other = await RootCA.load(await createRootCA({ clusterId: 'c' }));
+    const a = await ca.issueWithNewKey({ nodeId: 'n1', role: 'worker' });
+    const b = await ca.issueWithNewKey({ nodeId: 'n1', role: 'worker' });
+    const alien = await other.issueWithNewKey({ nodeId: 'n1', role: 'worker' });
+    const source = new TlsSource({ trustPem: ca.certPem, ...a });
+    expect(() => source.update({ keyPem: b.keyPem })).toThrow(/private key is not the key of node n1's certificate/);
+    expect(() => source.update(alien)).toThrow(/not signed by a root in the trust bundle/);
+    expect(() => source.update({ trustPem: other.certPem })).toThrow(/not signed by a root in the trust bundle/);
+    expect(source.current.certPem).toBe(a.certPem);
+    source.update({ trustPem: other.certPem + ca.certPem, ...b });
+    expect(source.current.keyPem).toBe(b.keyPem);
+  });
+});

@@ -12,6 +12,7 @@
  * Peers are checked by what their certificate says (role, cluster id), never by host name: nodes
  * are addressed by IP and the certificate's SANs are informational.
  */
+import { X509Certificate, createPrivateKey } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import type { PeerCertificate } from 'node:tls';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
@@ -43,10 +44,28 @@ export class TlsSource implements grpc.experimental.CertificateProvider {
     this.material = material;
   }
 
+  /**
+   * Refuses material grpc-js would fail on later (a server then drops every new connection): the
+   * key must be the certificate's, and the certificate must come from a root in the bundle.
+   */
   private static check(m: TlsMaterial): CertIdentity {
-    if (splitPemBundle(m.trustPem).length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'tls: the trust bundle holds no certificate');
-    if (!m.keyPem.includes('PRIVATE KEY')) throw new FlotillaError('INVALID_ARGUMENT', 'tls: not a PEM private key');
-    return parseCertificate(m.certPem);
+    const roots = splitPemBundle(m.trustPem);
+    if (roots.length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'tls: the trust bundle holds no certificate');
+    const id = parseCertificate(m.certPem);
+    let key;
+    try {
+      key = createPrivateKey(m.keyPem);
+    } catch (err) {
+      throw new FlotillaError('INVALID_ARGUMENT', `tls: not a PEM private key (${errorMessage(err)})`);
+    }
+    const cert = new X509Certificate(m.certPem);
+    if (!cert.checkPrivateKey(key)) throw new FlotillaError('INVALID_ARGUMENT', `tls: the private key is not the key of node ${id.nodeId}'s certificate`);
+    const issued = roots.some((pem) => {
+      const root = new X509Certificate(pem);
+      return cert.checkIssued(root) && cert.verify(root.publicKey);
+    });
+    if (!issued) throw new FlotillaError('INVALID_ARGUMENT', `tls: node ${id.nodeId}'s certificate is not signed by a root in the trust bundle`);
+    return id;
   }
 
   /** Replaces some or all of the material; every server and client built from this source follows. */
