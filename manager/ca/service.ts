@@ -1,0 +1,192 @@
+/**
+ * NodeCA: the manager side (handlers over a CaBackend the manager implements on its store) and the
+ * node side (join: fetch the root, check it against the token, send a CSR; renewal loop).
+ */
+import { X509Certificate as NodeX509 } from 'node:crypto';
+import * as grpc from '@grpc/grpc-js';
+import {
+  type GetRootCAResponse,
+  type IssueNodeCertificateRequest,
+  type IssueNodeCertificateResponse,
+  type RenewNodeCertificateRequest,
+  NodeCAClient,
+  type NodeCAServer,
+  NodeCAService,
+} from '../../gen/flotilla/v1/ca.js';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
+import { sleep } from '../../common/sleep.js';
+import { grpcError } from '../grpc.js';
+import { type AuthzOptions, type Policy, authorize, callerOf } from './authz.js';
+import { TLS_CHANNEL_OPTIONS, type TlsMaterial, type TlsSource, anonymousClientCredentials, clientCredentials, untrustedClientCredentials } from './credentials.js';
+import { parseToken, tokenMatches, verifyCaAgainstToken } from './token.js';
+import { type Role, type RootCA, createCsr, parseCertificate, renewalTime, splitPemBundle } from './x509.js';
+
+/** What the manager provides to the CA service (backed by the replicated store). */
+export interface CaBackend {
+  /** the root that signs now (its key from the store) */
+  signingCA(): Promise<RootCA>;
+  /** PEM roots nodes must trust: the signing root, plus the previous one during a rotation */
+  trustBundle(): string;
+  /** current join tokens; a token not listed here is refused (rotation = replace) */
+  joinTokens(): { worker: string; manager: string };
+  /** --cert-expiry */
+  certExpiryMs(): number;
+  /**
+   * Records a newly joined node (a store write through Raft; may refuse, e.g. not the leader) and
+   * returns its id. Called before the certificate is signed.
+   */
+  admitNode(role: 'manager' | 'worker', addresses: string[]): Promise<string>;
+  /** the role the store gives a node now (promote/demote), or undefined when the node is gone */
+  nodeRole(nodeId: string): 'manager' | 'worker' | undefined;
+}
+
+/** Who may call what on NodeCA. */
+export const NODE_CA_POLICY: Policy<NodeCAServer> = {
+  getRootCa: ['anonymous'],
+  issueNodeCertificate: ['anonymous'],
+  renewNodeCertificate: ['manager', 'worker'],
+};
+
+function unary<Req, Res>(fn: (req: Req, call: grpc.ServerUnaryCall<Req, Res>) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+  return (call, cb) => {
+    fn(call.request, call).then(
+      (res) => cb(null, res),
+      (err: unknown) => cb(grpcError(err), null),
+    );
+  };
+}
+
+/** NodeCA handlers, already wrapped with NODE_CA_POLICY: pass straight to server.addService(NodeCAService, ...). */
+export function nodeCaHandlers(backend: CaBackend, authz: AuthzOptions): NodeCAServer {
+  const handlers: NodeCAServer = {
+    getRootCa: unary(async (): Promise<GetRootCAResponse> => {
+      const ca = await backend.signingCA();
+      return { rootCaPem: ca.certPem, trustBundlePem: backend.trustBundle() };
+    }),
+    issueNodeCertificate: unary(async (req: IssueNodeCertificateRequest): Promise<IssueNodeCertificateResponse> => {
+      parseToken(req.token); // shape first, for a clear INVALID_ARGUMENT
+      const tokens = backend.joinTokens();
+      // compare against both, always, so timing does not tell which role a token nearly matched
+      const isWorker = tokenMatches(req.token, tokens.worker);
+      const isManager = tokenMatches(req.token, tokens.manager);
+      const role: 'manager' | 'worker' | undefined = isManager ? 'manager' : isWorker ? 'worker' : undefined;
+      if (!role) throw new FlotillaError('PERMISSION_DENIED', 'join token refused: it is not a current join token of this cluster (rotated?)');
+      const ca = await backend.signingCA();
+      const nodeId = await backend.admitNode(role, req.addresses);
+      const certPem = await ca.issue({ csrPem: req.csrPem, nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
+      return { nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
+    }),
+    renewNodeCertificate: unary(async (req: RenewNodeCertificateRequest, call): Promise<IssueNodeCertificateResponse> => {
+      const id = callerOf(call)?.identity;
+      if (!id) throw new FlotillaError('PERMISSION_DENIED', 'renewal needs the node certificate');
+      const role = backend.nodeRole(id.nodeId);
+      if (!role) throw new FlotillaError('PERMISSION_DENIED', `node ${id.nodeId} is not a member of the cluster`);
+      const ca = await backend.signingCA();
+      const certPem = await ca.issue({ csrPem: req.csrPem, nodeId: id.nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
+      return { nodeId: id.nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
+    }),
+  };
+  return authorize(NodeCAService, handlers, NODE_CA_POLICY, authz);
+}
+
+// ---------- node side ----------
+
+function call<Req, Res>(fn: (req: Req, md: grpc.Metadata, opts: grpc.CallOptions, cb: (err: grpc.ServiceError | null, res: Res) => void) => unknown, req: Req, timeoutMs: number): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    fn(req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(err) : resolve(res)));
+  });
+}
+
+export interface JoinResult extends TlsMaterial {
+  nodeId: string;
+  role: Role;
+}
+
+/**
+ * Joins a cluster through a manager: fetches the root CA over unverified TLS, refuses it unless it
+ * matches the token's digest, then sends a fresh CSR with the token over a channel that verifies
+ * the manager against that root. The token never goes over an unverified channel.
+ */
+export async function joinCluster(addr: string, token: string, opts: { addresses?: string[]; timeoutMs?: number } = {}): Promise<JoinResult> {
+  parseToken(token);
+  const timeoutMs = opts.timeoutMs ?? 10_000;
+  const untrusted = new NodeCAClient(addr, untrustedClientCredentials(), TLS_CHANNEL_OPTIONS);
+  let root: GetRootCAResponse;
+  try {
+    root = await call(untrusted.getRootCa.bind(untrusted), {}, timeoutMs);
+  } catch (err) {
+    throw new FlotillaError('UNAVAILABLE', `join: cannot fetch the root CA from ${addr}: ${errorMessage(err)}`, { cause: err });
+  } finally {
+    untrusted.close();
+  }
+  verifyCaAgainstToken(token, root.rootCaPem);
+  // trust only the root the token pins (the bundle may carry a second root we cannot check yet)
+  const clusterId = parseCaCluster(root.rootCaPem);
+  const { keyPem, csrPem } = await createCsr();
+  const client = new NodeCAClient(addr, anonymousClientCredentials(root.rootCaPem, clusterId), TLS_CHANNEL_OPTIONS);
+  try {
+    const res = await call(client.issueNodeCertificate.bind(client), { token, csrPem, addresses: opts.addresses ?? [] }, timeoutMs);
+    return checkIssued(res, keyPem, res.trustBundlePem || root.rootCaPem);
+  } finally {
+    client.close();
+  }
+}
+
+function parseCaCluster(caPem: string): string {
+  const first = splitPemBundle(caPem)[0];
+  if (!first) throw new FlotillaError('INVALID_ARGUMENT', 'join: the manager sent no root CA certificate');
+  const subject = new NodeX509(first).subject;
+  for (const line of subject.split('\n')) if (line.startsWith('O=')) return line.slice(2);
+  throw new FlotillaError('INVALID_ARGUMENT', 'join: the root CA names no cluster (O=)');
+}
+
+function checkIssued(res: IssueNodeCertificateResponse, keyPem: string, trustPem: string): JoinResult {
+  const id = parseCertificate(res.certPem);
+  if (id.nodeId !== res.nodeId || id.role !== res.role) throw new FlotillaError('INTERNAL', 'the CA answered a certificate that does not match its own answer');
+  return { nodeId: id.nodeId, role: id.role, certPem: res.certPem, keyPem, trustPem };
+}
+
+/** Renews this node's certificate through a manager, and swaps it into the source (no session drops). */
+export async function renewCertificate(addr: string, source: TlsSource, opts: { addresses?: string[]; timeoutMs?: number } = {}): Promise<JoinResult> {
+  const { keyPem, csrPem } = await createCsr(source.identity.nodeId);
+  const client = new NodeCAClient(addr, clientCredentials(source), TLS_CHANNEL_OPTIONS);
+  try {
+    const res = await call(client.renewNodeCertificate.bind(client), { csrPem, addresses: opts.addresses ?? [] }, opts.timeoutMs ?? 10_000);
+    const out = checkIssued(res, keyPem, res.trustBundlePem || source.current.trustPem);
+    if (out.nodeId !== source.identity.nodeId) throw new FlotillaError('INTERNAL', `renewal returned a certificate for ${out.nodeId}`);
+    source.update({ certPem: out.certPem, keyPem: out.keyPem, trustPem: out.trustPem });
+    return out;
+  } finally {
+    client.close();
+  }
+}
+
+/**
+ * Keeps a node's certificate fresh until the signal aborts: sleeps until a random point between
+ * 50% and 80% of the certificate's life, renews, repeats; on failure retries every retryMs (and at
+ * once after any external update of the source, e.g. a CA rotation pushed by the manager).
+ */
+export async function runRenewal(source: TlsSource, renew: () => Promise<unknown>, signal: AbortSignal, opts: { retryMs?: number; onError?: (err: unknown) => void; rand?: () => number } = {}): Promise<void> {
+  const retryMs = opts.retryMs ?? 10_000;
+  while (!signal.aborted) {
+    const at = renewalTime(source.identity, opts.rand?.() ?? Math.random()).getTime();
+    const wake = new AbortController();
+    const onAbort = (): void => wake.abort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    const off = source.onChange(() => wake.abort());
+    try {
+      await sleep(Math.max(0, at - Date.now()), wake.signal);
+    } finally {
+      off();
+      signal.removeEventListener('abort', onAbort);
+    }
+    if (signal.aborted) return;
+    if (wake.signal.aborted) continue; // the certificate changed under us: re-arm
+    try {
+      await renew();
+    } catch (err) {
+      opts.onError?.(err);
+      await sleep(retryMs, signal);
+    }
+  }
+}
