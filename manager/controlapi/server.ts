@@ -121,7 +121,7 @@ export class ControlApi {
     if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
     const limit = Number(this.store.getCluster()?.spec?.serviceHistoryLimit || DEFAULT_SERVICE_HISTORY);
     await this.store.update((tx) => {
-      const s = tx.get<Service>('service', cur.id);
+      const s = tx.get('service', cur.id);
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
       const version = s.specVersion + 1;
@@ -173,7 +173,7 @@ export class ControlApi {
     await this.store.update((tx) => {
       tx.delete('service', s.id);
       for (const t of this.store.tasksOfService(s.id)) {
-        const cur = tx.get<Task>('task', t.id);
+        const cur = tx.get('task', t.id);
         if (cur && cur.desiredState <= TaskState.TASK_STATE_RUNNING) tx.update('task', { ...cur, desiredState: TaskState.TASK_STATE_SHUTDOWN });
       }
     });
@@ -218,7 +218,7 @@ export class ControlApi {
       }
     }
     await this.store.update((tx) => {
-      const n = tx.get<Node>('node', cur.id);
+      const n = tx.get('node', cur.id);
       if (!n) throw notFound('node', req.nodeId);
       tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: wantRole === NodeRole.NODE_ROLE_MANAGER ? wantRole : role } });
     });

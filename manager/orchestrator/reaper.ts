@@ -52,9 +52,9 @@ export class TaskReaper extends ReconcileLoop {
     }
     for (let i = 0; i < toEnd.length && !signal.aborted; i += CHUNK) {
       const chunk = toEnd.slice(i, i + CHUNK);
-      await this.store.update((tx) => {
+      await this.store.updateBatched((tx) => {
         for (const t0 of chunk) {
-          const t = tx.get<Task>('task', t0.id);
+          const t = tx.get('task', t0.id);
           if (t && !isActive(t) && (t.status?.state ?? 0) <= TaskState.TASK_STATE_PENDING)
             tx.update('task', withStatus(t, TaskState.TASK_STATE_SHUTDOWN, 'shut down before it was assigned'));
         }
@@ -62,7 +62,7 @@ export class TaskReaper extends ReconcileLoop {
     }
     for (let i = 0; i < toDelete.length && !signal.aborted; i += CHUNK) {
       const chunk = toDelete.slice(i, i + CHUNK);
-      await this.store.update((tx) => {
+      await this.store.updateBatched((tx) => {
         for (const id of chunk) tx.delete('task', id);
       }, signal);
     }

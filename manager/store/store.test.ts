@@ -32,7 +32,7 @@ describe('MemoryStore', () => {
     const svc = testService('web', 1);
     await store.update((tx) => tx.create('service', svc));
     const stale = store.getService(svc.id)!;
-    await store.update((tx) => tx.update('service', { ...tx.get<typeof svc>('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
+    await store.update((tx) => tx.update('service', { ...tx.get('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
     // a batch carrying the old version is refused as a whole
     expect(() =>
       store.applyBatch({ proposalId: 'x', actions: [{ kind: 1, service: { ...stale, spec: { ...stale.spec!, replicas: 9 } }, node: undefined, task: undefined, cluster: undefined }] }, 99),
@@ -41,7 +41,7 @@ describe('MemoryStore', () => {
     // update() re-runs fn on conflict: two concurrent increments both land
     const inc = () =>
       store.update((tx) => {
-        const s = tx.get<typeof svc>('service', svc.id)!;
+        const s = tx.get('service', svc.id)!;
         tx.update('service', { ...s, spec: { ...s.spec!, replicas: s.spec!.replicas + 1 } });
       });
     await Promise.all([inc(), inc()]);
