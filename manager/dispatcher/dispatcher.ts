@@ -20,7 +20,7 @@ import {
   UpdateTaskStatusResponse,
 } from '../../gen/flotilla/v1/dispatcher.js';
 import { LogLine } from '../../gen/flotilla/v1/control.js';
-import { Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../../common/errors.js';
 import { newId, secretMatches } from '../../common/ids.js';
 import type { Logger } from '../../common/log.js';

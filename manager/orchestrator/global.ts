@@ -2,7 +2,7 @@
  * The global orchestrator: one task per eligible node for every global service, following nodes as
  * they come, go, pause and drain; restart policy as for replicated tasks.
  */
-import { Node, NodeAvailability, Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, NodeAvailability, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { matchConstraint, parseConstraint } from '../scheduler/constraints.js';
 import type { Tx } from '../store/store.js';
 import { ServiceOrchestrator } from './service-loop.js';
