@@ -24,7 +24,7 @@ import type { MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
-import { validateServiceSpec } from './validate.js';
+import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 
@@ -170,12 +170,14 @@ export class ControlApi {
 
   async removeService(ref: string): Promise<void> {
     const s = resolveService(this.store, ref);
-    await this.store.update((tx) => {
-      tx.delete('service', s.id);
+    // in batches that fit the store's limit (a service may have many tasks): the tasks first, the
+    // service last, so a removal cut short leaves the service in place to remove again
+    await this.store.updateBatched((tx) => {
       for (const t of this.store.tasksOfService(s.id)) {
         const cur = tx.get('task', t.id);
         if (cur && cur.desiredState <= TaskState.TASK_STATE_RUNNING) tx.update('task', { ...cur, desiredState: TaskState.TASK_STATE_SHUTDOWN });
       }
+      tx.delete('service', s.id);
     });
   }
 
@@ -200,6 +202,7 @@ export class ControlApi {
     if (![NodeAvailability.NODE_AVAILABILITY_ACTIVE, NodeAvailability.NODE_AVAILABILITY_PAUSE, NodeAvailability.NODE_AVAILABILITY_DRAIN].includes(req.spec.availability))
       throw invalidArgument('availability', req.spec.availability, 'must be active, pause or drain');
     for (const k of Object.keys(req.spec.labels)) if (!k || /\s/.test(k)) throw invalidArgument('label', k, 'invalid key');
+    if (labelBytes(req.spec.labels) > MAX_NODE_LABEL_BYTES) throw tooLarge('label', labelBytes(req.spec.labels), MAX_NODE_LABEL_BYTES);
     const wantRole = req.spec.desiredRole;
     let role = cur.role;
     if (wantRole !== cur.role) {
