@@ -170,14 +170,15 @@ export class ControlApi {
 
   async removeService(ref: string): Promise<void> {
     const s = resolveService(this.store, ref);
-    // in batches that fit the store's limit (a service may have many tasks): the tasks first, the
-    // service last, so a removal cut short leaves the service in place to remove again
+    // in batches that fit the store's limit (a service may have many tasks): the service goes in the
+    // first, so no orchestrator replaces the tasks stopped meanwhile; the reaper stops any task of a
+    // removed service that a removal cut short left running
     await this.store.updateBatched((tx) => {
+      tx.delete('service', s.id);
       for (const t of this.store.tasksOfService(s.id)) {
         const cur = tx.get('task', t.id);
         if (cur && cur.desiredState <= TaskState.TASK_STATE_RUNNING) tx.update('task', { ...cur, desiredState: TaskState.TASK_STATE_SHUTDOWN });
       }
-      tx.delete('service', s.id);
     });
   }
 
