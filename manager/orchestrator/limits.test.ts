@@ -117,6 +117,17 @@ describe('size limits', () => {
   });
 });
 
+describe('node labels', () => {
+  it('refuses node labels over 16 KiB with INVALID_ARGUMENT naming the field', async () => {
+    const { api, store } = setup();
+    const n = testNode('n1');
+    await store.update((tx) => tx.create('node', n));
+    const err = await refused(api.updateNode({ nodeId: n.id, version: 0, force: false, spec: { ...n.spec!, labels: { big: 'x'.repeat(20_000) } } }));
+    expect(err.code).toBe('INVALID_ARGUMENT');
+    expect(err.message).toMatch(/^invalid label: \d+ bytes, over the limit of 16384 bytes/);
+  });
+});
+
 describe('batched orchestrator writes', () => {
   it('a large-but-valid service converges in batches under the limit while another service scales', async () => {
     const { store, proposer, api } = setup();
@@ -171,5 +182,26 @@ describe('batched orchestrator writes', () => {
     const sizes = proposer.sizes.slice(before);
     expect(sizes.length).toBeGreaterThanOrEqual(2);
     expect(Math.max(...sizes)).toBeLessThanOrEqual(MAX_BATCH_BYTES);
+  });
+
+  it('the reaper stops the tasks of a removed service that a removal cut short left running', async () => {
+    const { store } = setup();
+    const svc = testService('web', 3);
+    const { newTask } = await import('./tasks.js');
+    await store.update((tx) => {
+      tx.create('service', svc);
+      for (let slot = 1; slot <= 3; slot++) tx.create('task', newTask(svc, slot));
+    });
+    // only the first batch of a removal applied: the service is gone, its tasks still desired running
+    await store.update((tx) => tx.delete('service', svc.id));
+    expect(live(store, svc.id)).toHaveLength(3);
+    const ac = new AbortController();
+    const run = new TaskReaper(store, log).run(ac.signal);
+    try {
+      await waitFor('tasks stopped', () => live(store, svc.id).length === 0, 5_000);
+    } finally {
+      ac.abort();
+      await run;
+    }
   });
 });
