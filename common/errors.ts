@@ -1,6 +1,6 @@
 /**
  * Errors that carry a code the CLI and the gRPC layer understand. The code names map one to one
- * onto gRPC status codes (see toGrpcStatus in common/grpc.ts).
+ * onto gRPC status codes (see grpcError in manager/grpc.ts).
  */
 export type ErrorCode =
   | 'INVALID_ARGUMENT'

@@ -1,10 +1,15 @@
-/** Resolves after ms, or at once when the signal aborts (never rejects). */
+import { setLongTimeout } from './timers.js';
+
+/**
+ * Resolves after ms, or at once when the signal aborts (never rejects). Any length is safe: delays
+ * over Node's timer limit (about 24.8 days) are chained (common/timers.ts), not cut to 1 ms.
+ */
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
+    const t = setLongTimeout(done, ms);
     function done(): void {
-      clearTimeout(t);
+      t.clear();
       signal?.removeEventListener('abort', done);
       resolve();
     }

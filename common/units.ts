@@ -1,3 +1,4 @@
+import { checkDuration } from './durations.js';
 import { invalidArgument } from './errors.js';
 
 const BYTE_UNITS: Record<string, number> = {
@@ -38,10 +39,13 @@ export function parseCpus(field: string, value: string): number {
 
 const DURATION_UNITS: Record<string, number> = { ns: 1e-6, us: 1e-3, 'µs': 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
 
-/** Parses Go-style durations ("1m30s", "500ms", "10s", "0") into milliseconds. */
+/**
+ * Parses Go-style durations ("1m30s", "500ms", "10s", "0") into milliseconds, and checks them against
+ * the field's range (common/durations.ts: the flag name, such as --restart-delay, picks it).
+ */
 export function parseDuration(field: string, value: string): number {
   const v = value.trim();
-  if (v === '0') return 0;
+  if (v === '0') return checkDuration(field, 0, value);
   const re = /(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/gy;
   let total = 0;
   let pos = 0;
@@ -51,7 +55,7 @@ export function parseDuration(field: string, value: string): number {
     pos = re.lastIndex;
   }
   if (pos === 0 || pos !== v.length) throw invalidArgument(field, value, 'expected a duration such as 10s, 500ms or 1m30s');
-  return Math.round(total);
+  return checkDuration(field, Math.round(total), value);
 }
 
 export function formatBytes(n: number): string {

@@ -22,7 +22,7 @@ import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
 import { GlobalOrchestrator } from './orchestrator/global.js';
 import { TaskReaper } from './orchestrator/reaper.js';
 import { Updater } from './orchestrator/update.js';
-import { sleep } from './orchestrator/loop.js';
+import { sleep } from '../common/sleep.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
@@ -137,7 +137,7 @@ export class Manager {
     }
     // joining: wait until the cluster object has arrived through the log
     const t0 = Date.now();
-    while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await new Promise((r) => setTimeout(r, 50));
+    while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await sleep(50, this.opts.signal);
     if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
     if (raft.isLeader()) this.onLeadershipChange(true);
     this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
@@ -254,10 +254,10 @@ export class Manager {
           for (let tries = 0; tries < 300 && !signal.aborted; tries++) {
             await raft.readIndex(signal).catch(() => {});
             if (this.store.getNode(nodeId)) break;
-            await new Promise((r) => setTimeout(r, 100));
+            await sleep(100, signal);
           }
           await this.store.update((tx) => {
-            const n = tx.get<Node>('node', nodeId);
+            const n = tx.get('node', nodeId);
             if (n) tx.update('node', { ...n, role: NodeRole.NODE_ROLE_MANAGER });
           }, signal);
           this.opts.log.info('promoted: this manager is a member again');
@@ -321,7 +321,7 @@ export class Manager {
             await raft.readIndex(ctl.signal);
             break;
           } catch {
-            await new Promise((r) => setTimeout(r, 50));
+            await sleep(50, ctl.signal);
           }
         }
         if (ctl.signal.aborted) return;

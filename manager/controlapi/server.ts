@@ -24,7 +24,7 @@ import type { MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
-import { validateServiceSpec } from './validate.js';
+import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 
@@ -121,7 +121,7 @@ export class ControlApi {
     if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
     const limit = Number(this.store.getCluster()?.spec?.serviceHistoryLimit || DEFAULT_SERVICE_HISTORY);
     await this.store.update((tx) => {
-      const s = tx.get<Service>('service', cur.id);
+      const s = tx.get('service', cur.id);
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
       const version = s.specVersion + 1;
@@ -170,10 +170,13 @@ export class ControlApi {
 
   async removeService(ref: string): Promise<void> {
     const s = resolveService(this.store, ref);
-    await this.store.update((tx) => {
+    // in batches that fit the store's limit (a service may have many tasks): the service goes in the
+    // first, so no orchestrator replaces the tasks stopped meanwhile; the reaper stops any task of a
+    // removed service that a removal cut short left running
+    await this.store.updateBatched((tx) => {
       tx.delete('service', s.id);
       for (const t of this.store.tasksOfService(s.id)) {
-        const cur = tx.get<Task>('task', t.id);
+        const cur = tx.get('task', t.id);
         if (cur && cur.desiredState <= TaskState.TASK_STATE_RUNNING) tx.update('task', { ...cur, desiredState: TaskState.TASK_STATE_SHUTDOWN });
       }
     });
@@ -200,6 +203,7 @@ export class ControlApi {
     if (![NodeAvailability.NODE_AVAILABILITY_ACTIVE, NodeAvailability.NODE_AVAILABILITY_PAUSE, NodeAvailability.NODE_AVAILABILITY_DRAIN].includes(req.spec.availability))
       throw invalidArgument('availability', req.spec.availability, 'must be active, pause or drain');
     for (const k of Object.keys(req.spec.labels)) if (!k || /\s/.test(k)) throw invalidArgument('label', k, 'invalid key');
+    if (labelBytes(req.spec.labels) > MAX_NODE_LABEL_BYTES) throw tooLarge('label', labelBytes(req.spec.labels), MAX_NODE_LABEL_BYTES);
     const wantRole = req.spec.desiredRole;
     let role = cur.role;
     if (wantRole !== cur.role) {
@@ -218,7 +222,7 @@ export class ControlApi {
       }
     }
     await this.store.update((tx) => {
-      const n = tx.get<Node>('node', cur.id);
+      const n = tx.get('node', cur.id);
       if (!n) throw notFound('node', req.nodeId);
       tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: wantRole === NodeRole.NODE_ROLE_MANAGER ? wantRole : role } });
     });

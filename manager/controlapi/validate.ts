@@ -1,6 +1,8 @@
 /**
  * Spec validation and defaults: every spec is checked here before it reaches the store. Errors are
- * INVALID_ARGUMENT naming the field and the value.
+ * INVALID_ARGUMENT naming the field and the value. Sizes are bounded (SPEC_LIMITS) so that a task,
+ * and a service with its kept history, stay far below the store's batch limit (MAX_BATCH_BYTES,
+ * 2 MiB) and Raft's proposal cap (8 MiB); durations are bounded by common/durations.ts.
  */
 import {
   HealthConfig,
@@ -12,12 +14,56 @@ import {
   UpdateFailureAction,
   UpdateOrder,
 } from '../../gen/flotilla/v1/objects.js';
-import { invalidArgument } from '../../common/errors.js';
+import { checkDuration } from '../../common/durations.js';
+import { FlotillaError, invalidArgument } from '../../common/errors.js';
 import { isValidName } from '../../common/ids.js';
 import { parseConstraint } from '../scheduler/constraints.js';
 
 export const DEFAULT_STOP_GRACE_MS = 10_000;
 export const MAX_REPLICAS = 100_000;
+
+const KiB = 1024;
+/**
+ * Size limits, in bytes (UTF-8). A service object holds its spec, the previous spec and up to 10
+ * (serviceHistoryLimit) kept versions: 12 x 128 KiB = 1.5 MiB at most, under the 2 MiB store batch;
+ * a task holds one task spec (under 128 KiB), so every batch holds at least 15 tasks.
+ */
+export const SPEC_LIMITS = {
+  /** the whole encoded ServiceSpec */
+  spec: 128 * KiB,
+  /** --env: all KEY=VALUE entries together */
+  env: 64 * KiB,
+  /** the command and its arguments together */
+  args: 64 * KiB,
+  /** --label: the service's labels, keys and values together (the container's labels likewise) */
+  labels: 16 * KiB,
+  /** --constraint: all placement constraints together */
+  constraints: 16 * KiB,
+  /** the health check command */
+  healthCmd: 16 * KiB,
+} as const;
+
+/** The labels of a node (node update --label-add), keys and values together. */
+export const MAX_NODE_LABEL_BYTES = 16 * KiB;
+
+function bytes(strings: Iterable<string>): number {
+  let n = 0;
+  for (const s of strings) n += Buffer.byteLength(s) + 1;
+  return n;
+}
+
+export function labelBytes(labels: Record<string, string>): number {
+  return bytes(Object.entries(labels).flat());
+}
+
+/** INVALID_ARGUMENT for a field over its size limit, naming the field, its size and the limit. */
+export function tooLarge(field: string, size: number, limit: number): FlotillaError {
+  return new FlotillaError('INVALID_ARGUMENT', `invalid ${field}: ${size} bytes, over the limit of ${limit} bytes (${limit / KiB} KiB)`);
+}
+
+function checkSize(field: string, size: number, limit: number): void {
+  if (size > limit) throw tooLarge(field, size, limit);
+}
 
 export function defaultUpdateConfig(): UpdateConfig {
   return {
@@ -55,12 +101,19 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   if (!task?.container) throw invalidArgument('spec.task.container', null, 'required');
   const c = task.container;
   if (!c.image || !IMAGE_RE.test(c.image)) throw invalidArgument('image', c.image, 'expected NAME[:TAG] or sha256:DIGEST');
+  // sizes first: a huge field is named as such (and not echoed back whole in an error)
+  checkSize('env', bytes(c.env), SPEC_LIMITS.env);
+  checkSize('args', bytes([...c.command, ...c.args]), SPEC_LIMITS.args);
+  checkSize('labels', labelBytes(spec.labels), SPEC_LIMITS.labels);
+  checkSize('container-label', labelBytes(c.labels), SPEC_LIMITS.labels);
+  checkSize('constraint', bytes(task.placement?.constraints ?? []), SPEC_LIMITS.constraints);
+  if (c.healthcheck) checkSize('health-cmd', bytes(c.healthcheck.test), SPEC_LIMITS.healthCmd);
   for (const e of c.env) if (!ENV_RE.test(e)) throw invalidArgument('env', e, 'expected KEY=VALUE');
   if (c.networkMode !== '' && c.networkMode !== 'host' && c.networkMode !== 'none')
     throw invalidArgument('network', c.networkMode, 'must be host or none (or empty for a private network namespace)');
   if (c.user && !/^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$/.test(c.user)) throw invalidArgument('user', c.user, 'expected USER[:GROUP] or UID[:GID]');
   if (c.workdir && !c.workdir.startsWith('/')) throw invalidArgument('workdir', c.workdir, 'must be an absolute path');
-  nonNegative('stop-grace-period', c.stopGracePeriodMs);
+  checkDuration('stop-grace-period', c.stopGracePeriodMs);
   if (c.stopGracePeriodMs === 0) c.stopGracePeriodMs = DEFAULT_STOP_GRACE_MS;
   if (c.healthcheck) validateHealth(c.healthcheck);
   const lim = task.resources?.limits;
@@ -80,8 +133,8 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   const r = task.restart;
   if (![RestartCondition.RESTART_CONDITION_ANY, RestartCondition.RESTART_CONDITION_ON_FAILURE, RestartCondition.RESTART_CONDITION_NONE].includes(r.condition))
     throw invalidArgument('restart-condition', r.condition, 'must be any, on-failure or none');
-  nonNegative('restart-delay', r.delayMs);
-  nonNegative('restart-window', r.windowMs);
+  checkDuration('restart-delay', r.delayMs);
+  checkDuration('restart-window', r.windowMs);
   nonNegative('restart-max-attempts', r.maxAttempts);
   if (!task.placement) task.placement = { constraints: [], maxReplicasPerNode: 0 };
   for (const expr of task.placement.constraints) parseConstraint(expr);
@@ -89,14 +142,16 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   spec.update = validateUpdateConfig('update', spec.update);
   spec.rollback = validateUpdateConfig('rollback', spec.rollback);
   for (const k of Object.keys(spec.labels)) if (!k) throw invalidArgument('label', k, 'empty key');
+  // everything else (mounts, image, ...) counts against the whole spec's limit
+  checkSize('spec', ServiceSpec.encode(spec).finish().length, SPEC_LIMITS.spec);
   return spec;
 }
 
 function validateUpdateConfig(prefix: string, u: UpdateConfig | undefined): UpdateConfig {
   if (!u) return defaultUpdateConfig();
   nonNegative(`${prefix}-parallelism`, u.parallelism);
-  nonNegative(`${prefix}-delay`, u.delayMs);
-  nonNegative(`${prefix}-monitor`, u.monitorMs);
+  checkDuration(`${prefix}-delay`, u.delayMs);
+  checkDuration(`${prefix}-monitor`, u.monitorMs);
   if (!(u.maxFailureRatio >= 0 && u.maxFailureRatio <= 1)) throw invalidArgument(`${prefix}-max-failure-ratio`, u.maxFailureRatio, 'must be between 0 and 1');
   if (![0, 1, 2].includes(u.failureAction)) throw invalidArgument(`${prefix}-failure-action`, u.failureAction, 'must be pause, continue or rollback');
   if (![0, 1].includes(u.order)) throw invalidArgument(`${prefix}-order`, u.order, 'must be stop-first or start-first');
@@ -107,8 +162,8 @@ function validateHealth(h: HealthConfig): void {
   const kind = h.test[0];
   if (h.test.length > 0 && kind !== 'CMD' && kind !== 'CMD-SHELL' && kind !== 'NONE')
     throw invalidArgument('health-cmd', h.test.join(' '), 'test must start with CMD, CMD-SHELL or NONE');
-  nonNegative('health-interval', h.intervalMs);
-  nonNegative('health-timeout', h.timeoutMs);
-  nonNegative('health-start-period', h.startPeriodMs);
+  checkDuration('health-interval', h.intervalMs);
+  checkDuration('health-timeout', h.timeoutMs);
+  checkDuration('health-start-period', h.startPeriodMs);
   nonNegative('health-retries', h.retries);
 }

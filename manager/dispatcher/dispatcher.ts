@@ -20,13 +20,13 @@ import {
   UpdateTaskStatusResponse,
 } from '../../gen/flotilla/v1/dispatcher.js';
 import { LogLine } from '../../gen/flotilla/v1/control.js';
-import { Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../../common/errors.js';
 import { newId, secretMatches } from '../../common/ids.js';
 import type { Logger } from '../../common/log.js';
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 import { grpcError } from '../grpc.js';
-import { sleep } from '../orchestrator/loop.js';
+import { sleep } from '../../common/sleep.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
@@ -110,7 +110,7 @@ export class Dispatcher {
     }
     await this.store.update((tx) => {
       for (const id of down) {
-        const n = tx.get<Node>('node', id);
+        const n = tx.get('node', id);
         if (!n || n.status?.state !== NodeState.NODE_STATE_READY) continue;
         tx.update('node', { ...n, status: { ...n.status, state: NodeState.NODE_STATE_DOWN, message: 'heartbeat failure' } });
       }
@@ -152,7 +152,7 @@ export class Dispatcher {
     const old = this.sessions.get(nodeId);
     if (old) this.endSession(old, 'replaced by a new session');
     await this.store.update((tx) => {
-      const n = tx.get<Node>('node', nodeId);
+      const n = tx.get('node', nodeId);
       const status = { state: NodeState.NODE_STATE_READY, message: '', addr: req.addr, lastHeartbeat: Date.now() };
       if (n) {
         tx.update('node', { ...n, description: desc, status });
@@ -244,9 +244,9 @@ export class Dispatcher {
       for (let i = 0; i < batch.length; i += STATUS_CHUNK) {
         const chunk = batch.slice(i, i + STATUS_CHUNK);
         try {
-          await this.store.update((tx) => {
+          await this.store.updateBatched((tx) => {
             for (const [taskId, u] of chunk) {
-              const t = tx.get<Task>('task', taskId);
+              const t = tx.get('task', taskId);
               if (!t || t.nodeId !== u.nodeId) continue;
               const cur = t.status?.state ?? TaskState.TASK_STATE_NEW;
               if (u.status.state < cur) continue; // task state only moves forward

@@ -2,7 +2,7 @@
  * The global orchestrator: one task per eligible node for every global service, following nodes as
  * they come, go, pause and drain; restart policy as for replicated tasks.
  */
-import { Node, NodeAvailability, Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, NodeAvailability, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { matchConstraint, parseConstraint } from '../scheduler/constraints.js';
 import type { Tx } from '../store/store.js';
 import { ServiceOrchestrator } from './service-loop.js';
@@ -12,13 +12,13 @@ export class GlobalOrchestrator extends ServiceOrchestrator {
   protected readonly mode = ServiceMode.SERVICE_MODE_GLOBAL;
 
   reconcileService(tx: Tx, serviceId: string): void {
-    const service = tx.get<Service>('service', serviceId);
+    const service = tx.get('service', serviceId);
     if (!service || service.spec?.mode !== ServiceMode.SERVICE_MODE_GLOBAL) return;
     const now = Date.now();
     const constraints = (service.spec.task?.placement?.constraints ?? []).map(parseConstraint);
     const byNode = new Map<string, Task[]>();
     for (const t0 of this.store.tasksOfService(serviceId)) {
-      const t = tx.get<Task>('task', t0.id) ?? t0;
+      const t = tx.get('task', t0.id) ?? t0;
       let list = byNode.get(t.nodeId);
       if (!list) byNode.set(t.nodeId, (list = []));
       list.push(t);
@@ -57,8 +57,10 @@ export class GlobalOrchestrator extends ServiceOrchestrator {
       } else if (at > now) {
         this.wakeAt(at);
       } else {
-        tx.update('task', withDesired(cur, TaskState.TASK_STATE_SHUTDOWN));
-        tx.create('task', newTask(service, 0, node.id));
+        tx.together(() => {
+          tx.update('task', withDesired(cur, TaskState.TASK_STATE_SHUTDOWN));
+          tx.create('task', newTask(service, 0, node.id));
+        });
       }
     }
   }

@@ -6,12 +6,11 @@
  */
 import type { Logger } from '../../common/log.js';
 import { sleep } from '../../common/sleep.js';
-
-export { sleep };
+import { setLongTimeout, type LongTimeout } from '../../common/timers.js';
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 
 export abstract class ReconcileLoop {
-  private timer: NodeJS.Timeout | undefined;
+  private timer: LongTimeout | undefined;
   private timerAt = Infinity;
   private kick: (() => void) | undefined;
   private dirty = true;
@@ -26,12 +25,15 @@ export abstract class ReconcileLoop {
   /** One reconciliation pass over the current state. */
   protected abstract reconcile(signal: AbortSignal): Promise<void>;
 
-  /** Ask for a pass at (or soon after) the given time. */
+  /**
+   * Ask for a pass at (or soon after) the given time. Any distance is safe: the timer is chained
+   * past Node's limit (common/timers.ts), so a far-off wake-up never fires early.
+   */
   protected wakeAt(at: number): void {
     if (at >= this.timerAt) return;
-    if (this.timer) clearTimeout(this.timer);
+    this.timer?.clear();
     this.timerAt = at;
-    this.timer = setTimeout(
+    this.timer = setLongTimeout(
       () => {
         this.timer = undefined;
         this.timerAt = Infinity;
@@ -87,7 +89,7 @@ export abstract class ReconcileLoop {
       }
     } finally {
       signal.removeEventListener('abort', onAbort);
-      if (this.timer) clearTimeout(this.timer);
+      this.timer?.clear();
       this.kick?.();
       await consumer;
     }

@@ -40,7 +40,7 @@ async function put(store: MemoryStore, table: 'service' | 'node', obj: Service |
 /** What an agent would report: move a task to a state. */
 async function report(store: MemoryStore, id: string, state: TaskState, extra: Partial<Task['status']> = {}): Promise<void> {
   await store.update((tx) => {
-    const t = tx.get<Task>('task', id)!;
+    const t = tx.get('task', id)!;
     tx.update('task', { ...t, status: { ...t.status!, state, timestamp: Date.now(), ...extra } });
   });
 }
@@ -50,7 +50,7 @@ async function runAll(store: MemoryStore, nodes: Node[]): Promise<void> {
   let i = 0;
   await store.update((tx) => {
     for (const t0 of store.listTasks()) {
-      const t = tx.get<Task>('task', t0.id)!;
+      const t = tx.get('task', t0.id)!;
       if (t.desiredState !== TaskState.TASK_STATE_RUNNING) continue;
       if (t.status!.state === TaskState.TASK_STATE_PENDING) {
         const nodeId = t.nodeId || nodes[i++ % nodes.length]!.id;
@@ -63,7 +63,7 @@ async function runAll(store: MemoryStore, nodes: Node[]): Promise<void> {
 async function stopShutdown(store: MemoryStore): Promise<void> {
   await store.update((tx) => {
     for (const t0 of store.listTasks()) {
-      const t = tx.get<Task>('task', t0.id)!;
+      const t = tx.get('task', t0.id)!;
       if (t.desiredState > TaskState.TASK_STATE_RUNNING && t.status!.state < TaskState.TASK_STATE_COMPLETE && t.desiredState !== TaskState.TASK_STATE_COMPLETE)
         tx.update('task', { ...t, status: { ...t.status!, state: TaskState.TASK_STATE_SHUTDOWN, timestamp: Date.now() } });
     }
@@ -83,7 +83,7 @@ describe('replicated orchestrator', () => {
     await store.update((tx) => repl.reconcileService(tx, svc.id));
     expect(store.tasksOfService(svc.id)).toHaveLength(3);
     await store.update((tx) => {
-      const s = tx.get<Service>('service', svc.id)!;
+      const s = tx.get('service', svc.id)!;
       tx.update('service', { ...s, spec: { ...s.spec!, replicas: 1 } });
     });
     await store.update((tx) => repl.reconcileService(tx, svc.id));
@@ -147,7 +147,7 @@ describe('replicated orchestrator', () => {
     await store.update((tx) => repl.reconcileService(tx, svc.id));
     await runAll(store, [a, b]);
     await store.update((tx) => {
-      const n = tx.get<Node>('node', a.id)!;
+      const n = tx.get('node', a.id)!;
       tx.update('node', { ...n, status: { ...n.status!, state: NodeState.NODE_STATE_DOWN } });
     });
     await store.update((tx) => repl.reconcileService(tx, svc.id));
@@ -205,7 +205,7 @@ describe('global orchestrator', () => {
     await store.update((tx) => glob.reconcileService(tx, svc.id));
     expect(live(store, svc.id)).toHaveLength(2); // paused node takes no new task
     await store.update((tx) => {
-      const n = tx.get<Node>('node', b.id)!;
+      const n = tx.get('node', b.id)!;
       tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
     });
     await store.update((tx) => glob.reconcileService(tx, svc.id));
@@ -222,7 +222,7 @@ describe('global orchestrator', () => {
 describe('updater', () => {
   async function updatedService(store: MemoryStore, svc: Service, order: UpdateOrder, parallelism: number, extra: Partial<NonNullable<Service['spec']>['update']> = {}) {
     await store.update((tx) => {
-      const s = tx.get<Service>('service', svc.id)!;
+      const s = tx.get('service', svc.id)!;
       const spec = structuredClone(s.spec!);
       spec.task!.container!.env = ['V=2'];
       spec.update = { ...spec.update!, order, parallelism, monitorMs: 0, ...extra };
@@ -398,7 +398,7 @@ describe('updater', () => {
     // drain b: its task stops; neither the orchestrator nor the updater puts a new one there
     const onB = store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id).length;
     await store.update((tx) => {
-      const n = tx.get<Node>('node', b.id)!;
+      const n = tx.get('node', b.id)!;
       tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
     });
     await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
@@ -425,7 +425,7 @@ describe('updater', () => {
     // slot 1's replacement comes up; slot 2's is still on its way
     const first = fresh().find((t) => t.slot === 1)!;
     await store.update((tx) => {
-      const t = tx.get<Task>('task', first.id)!;
+      const t = tx.get('task', first.id)!;
       tx.update('task', { ...t, nodeId: n.id, status: { ...t.status!, state: TaskState.TASK_STATE_RUNNING, timestamp: Date.now() } });
     });
     await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));

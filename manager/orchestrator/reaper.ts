@@ -1,12 +1,12 @@
 /**
- * The task reaper: keeps each slot's history to the cluster's task history limit, deletes the tasks
- * of removed services once they have stopped, and ends tasks that were shut down before any node
- * took them.
+ * The task reaper: keeps each slot's history to the cluster's task history limit, stops the tasks
+ * of removed services (a removal is written in several batches and may be cut short) and deletes
+ * them once they have stopped, and ends tasks that were shut down before any node took them.
  */
 import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent } from '../store/store.js';
 import { ReconcileLoop } from './loop.js';
-import { DEFAULT_TASK_HISTORY, isActive, isTerminal, nodeIsReady, withStatus } from './tasks.js';
+import { DEFAULT_TASK_HISTORY, isActive, isTerminal, nodeIsReady, withDesired, withStatus } from './tasks.js';
 
 const CHUNK = 500;
 
@@ -24,6 +24,7 @@ export class TaskReaper extends ReconcileLoop {
     const limit = Number(this.store.getCluster()?.spec?.taskHistoryLimit || DEFAULT_TASK_HISTORY);
     const toDelete: string[] = [];
     const toEnd: Task[] = [];
+    const toStop: Task[] = [];
     const slots = new Map<string, Task[]>();
     for (const t of this.store.listTasks()) {
       const service = this.store.getService(t.serviceId);
@@ -33,6 +34,10 @@ export class TaskReaper extends ReconcileLoop {
         continue;
       }
       if (!service) {
+        if (isActive(t)) {
+          toStop.push(t);
+          continue;
+        }
         // a removed service's tasks go once stopped, or at once when their node is gone or down
         const node = t.nodeId ? this.store.getNode(t.nodeId) : undefined;
         if (isTerminal(state) || !t.nodeId || !nodeIsReady(node)) toDelete.push(t.id);
@@ -52,17 +57,25 @@ export class TaskReaper extends ReconcileLoop {
     }
     for (let i = 0; i < toEnd.length && !signal.aborted; i += CHUNK) {
       const chunk = toEnd.slice(i, i + CHUNK);
-      await this.store.update((tx) => {
+      await this.store.updateBatched((tx) => {
         for (const t0 of chunk) {
-          const t = tx.get<Task>('task', t0.id);
+          const t = tx.get('task', t0.id);
           if (t && !isActive(t) && (t.status?.state ?? 0) <= TaskState.TASK_STATE_PENDING)
             tx.update('task', withStatus(t, TaskState.TASK_STATE_SHUTDOWN, 'shut down before it was assigned'));
         }
       }, signal);
     }
+    if (toStop.length > 0 && !signal.aborted) {
+      await this.store.updateBatched((tx) => {
+        for (const t0 of toStop) {
+          const t = tx.get('task', t0.id);
+          if (t && isActive(t) && !this.store.getService(t.serviceId)) tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+        }
+      }, signal);
+    }
     for (let i = 0; i < toDelete.length && !signal.aborted; i += CHUNK) {
       const chunk = toDelete.slice(i, i + CHUNK);
-      await this.store.update((tx) => {
+      await this.store.updateBatched((tx) => {
         for (const id of chunk) tx.delete('task', id);
       }, signal);
     }

@@ -15,13 +15,13 @@ export class ReplicatedOrchestrator extends ServiceOrchestrator {
   protected readonly mode = ServiceMode.SERVICE_MODE_REPLICATED;
 
   reconcileService(tx: Tx, serviceId: string): void {
-    const service = tx.get<Service>('service', serviceId);
+    const service = tx.get('service', serviceId);
     if (!service || service.spec?.mode !== ServiceMode.SERVICE_MODE_REPLICATED) return;
     const now = Date.now();
     const want = service.spec.replicas;
     const slots = new Map<number, Task[]>();
     for (const t0 of this.store.tasksOfService(serviceId)) {
-      const t = tx.get<Task>('task', t0.id) ?? t0;
+      const t = tx.get('task', t0.id) ?? t0;
       let list = slots.get(t.slot);
       if (!list) slots.set(t.slot, (list = []));
       list.push(t);
@@ -81,7 +81,9 @@ export class ReplicatedOrchestrator extends ServiceOrchestrator {
       this.wakeAt(at);
       return;
     }
-    tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
-    tx.create('task', newTask(service, t.slot));
+    tx.together(() => {
+      tx.update('task', withDesired(t, TaskState.TASK_STATE_SHUTDOWN));
+      tx.create('task', newTask(service, t.slot));
+    });
   }
 }

@@ -5,6 +5,7 @@
  */
 import { Service, ServiceMode, Task } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent, Tx } from '../store/store.js';
+import { errorMessage } from '../../common/errors.js';
 import { ReconcileLoop } from './loop.js';
 import { isTerminal } from './tasks.js';
 
@@ -38,22 +39,31 @@ export abstract class ServiceLoop extends ReconcileLoop {
     return matters;
   }
 
+  /**
+   * One pass over the services touched. A service's writes are split into batches that fit under
+   * the store's batch limit (updateBatched), and a service whose pass fails does not hold up the
+   * others: it is retried on the next pass, after the rest have had theirs.
+   */
   protected async reconcile(signal: AbortSignal): Promise<void> {
     const ids = this.all ? this.store.listServices().map((s) => s.id) : [...this.touched];
     this.all = false;
     this.touched = new Set();
     this.beginPass();
+    let failed: unknown;
     for (const id of ids) {
       if (signal.aborted) return;
       const s: Service | undefined = this.store.getService(id);
       if (!s || !this.wants(s)) continue;
       try {
-        await this.store.update((tx) => this.reconcileService(tx, id), signal);
+        await this.store.updateBatched((tx) => this.reconcileService(tx, id), signal);
       } catch (err) {
+        if (signal.aborted) return;
         this.touched.add(id); // try again on the next pass
-        throw err;
+        this.log.warn({ service: s.spec?.name ?? id, err: errorMessage(err) }, `${this.constructor.name}: service pass failed`);
+        failed ??= err;
       }
     }
+    if (failed !== undefined) throw failed;
   }
 
   /** A wake-up (a delay ran out): look at every service on this pass. */

@@ -97,7 +97,7 @@ export class Updater extends ServiceLoop {
 
   /** One service's pass at a given time (tests drive the clock). */
   reconcileAt(tx: Tx, serviceId: string, now: number): void {
-    const service = tx.get<Service>('service', serviceId);
+    const service = tx.get('service', serviceId);
     if (!service?.spec?.task) return;
     const spec = service.spec;
     const global = spec.mode === ServiceMode.SERVICE_MODE_GLOBAL;
@@ -110,7 +110,7 @@ export class Updater extends ServiceLoop {
     const slots = new Map<string, Task[]>();
     const all: Task[] = [];
     for (const t0 of this.store.tasksOfService(serviceId)) {
-      const t = tx.get<Task>('task', t0.id) ?? t0;
+      const t = tx.get('task', t0.id) ?? t0;
       all.push(t);
       if (!global && t.slot > spec.replicas) continue;
       const key = global ? t.nodeId : String(t.slot);
@@ -206,9 +206,12 @@ export class Updater extends ServiceLoop {
         if (cfg.order === UpdateOrder.UPDATE_ORDER_START_FIRST) {
           tx.create('task', t);
         } else {
+          // the old tasks' shutdown and the held replacement land in one batch
           const stopped = d.stale.every((s) => isTerminal(s.status?.state ?? 0) || this.lost(s));
-          for (const s of d.stale) tx.update('task', withDesired(s, TaskState.TASK_STATE_SHUTDOWN));
-          tx.create('task', stopped ? t : { ...t, desiredState: HELD });
+          tx.together(() => {
+            for (const s of d.stale) tx.update('task', withDesired(s, TaskState.TASK_STATE_SHUTDOWN));
+            tx.create('task', stopped ? t : { ...t, desiredState: HELD });
+          });
         }
       }
       return;

@@ -80,9 +80,9 @@ export class SchedulerLoop extends ReconcileLoop {
     ];
     for (let i = 0; i < writes.length && !signal.aborted; i += CHUNK) {
       const chunk = writes.slice(i, i + CHUNK);
-      await this.store.update((tx) => {
+      await this.store.updateBatched((tx) => {
         for (const w of chunk) {
-          const t = tx.get<Task>('task', w.taskId);
+          const t = tx.get('task', w.taskId);
           if (!t || t.status?.state !== TaskState.TASK_STATE_PENDING || t.desiredState > TaskState.TASK_STATE_RUNNING) continue;
           if (w.nodeId) {
             tx.update('task', {

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { MemoryStore, StoreEvent } from './store.js';
+import { MAX_BATCH_BYTES, MemoryStore, StoreEvent } from './store.js';
+import { StoreBatch, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { MemoryProposer } from './memory-proposer.js';
 import { newTask } from '../orchestrator/tasks.js';
 import { testService } from '../../testing/testutil.js';
@@ -32,7 +33,7 @@ describe('MemoryStore', () => {
     const svc = testService('web', 1);
     await store.update((tx) => tx.create('service', svc));
     const stale = store.getService(svc.id)!;
-    await store.update((tx) => tx.update('service', { ...tx.get<typeof svc>('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
+    await store.update((tx) => tx.update('service', { ...tx.get('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
     // a batch carrying the old version is refused as a whole
     expect(() =>
       store.applyBatch({ proposalId: 'x', actions: [{ kind: 1, service: { ...stale, spec: { ...stale.spec!, replicas: 9 } }, node: undefined, task: undefined, cluster: undefined }] }, 99),
@@ -41,7 +42,7 @@ describe('MemoryStore', () => {
     // update() re-runs fn on conflict: two concurrent increments both land
     const inc = () =>
       store.update((tx) => {
-        const s = tx.get<typeof svc>('service', svc.id)!;
+        const s = tx.get('service', svc.id)!;
         tx.update('service', { ...s, spec: { ...s.spec!, replicas: s.spec!.replicas + 1 } });
       });
     await Promise.all([inc(), inc()]);
@@ -57,3 +58,33 @@ describe('MemoryStore', () => {
   });
 });
 
+
+describe('MemoryStore.updateBatched', () => {
+  it('splits a transaction into batches under the limit, keeping together() groups in one batch', async () => {
+    const store = new MemoryStore();
+    const batches: StoreBatch[] = [];
+    const inner = new MemoryProposer(store);
+    store.setProposer({ propose: (b) => (batches.push(b), inner.propose(b)) });
+    // tasks of about 300 KiB each (a store test may exceed the API's spec limits): 6 per 2 MiB batch
+    const svc = testService('web', 1);
+    const fat = { ...svc.spec!.task!, container: { ...svc.spec!.task!.container!, env: [`X=${'x'.repeat(300 * 1024)}`] } };
+    const big = { ...svc, spec: { ...svc.spec!, task: fat } };
+    await store.update((tx) => tx.create('service', svc));
+    const first = newTask(big, 1);
+    await store.update((tx) => tx.create('task', first));
+    batches.length = 0;
+    await store.updateBatched((tx) => {
+      for (let slot = 2; slot <= 12; slot++) tx.create('task', newTask(big, slot));
+      // the old task's shutdown and its replacement: one group
+      tx.together(() => {
+        tx.update('task', { ...tx.get('task', first.id)!, desiredState: TaskState.TASK_STATE_SHUTDOWN });
+        tx.create('task', newTask(big, 1));
+      });
+    });
+    expect(store.tasks.size).toBe(13);
+    expect(batches.length).toBeGreaterThanOrEqual(3);
+    for (const b of batches) expect(StoreBatch.encode(b).finish().length).toBeLessThanOrEqual(MAX_BATCH_BYTES);
+    const withShutdown = batches.find((b) => b.actions.some((a) => a.task?.id === first.id))!;
+    expect(withShutdown.actions.filter((a) => a.task?.slot === 1)).toHaveLength(2);
+  });
+});

@@ -2,29 +2,52 @@
  * The manager's store: typed objects (nodes, services, tasks, clusters) with transactional updates.
  *
  * Every write goes through the proposer seam: update() runs a transaction function against the
- * current state, turns what it changed into a StoreBatch, and hands that to the proposer (a local
- * durable log on a single manager, Raft on several). State changes only when the proposer applies
+ * current state, turns what it changed into a StoreBatch, and hands that to the proposer (Raft in a
+ * manager, even a lone one; MemoryProposer in tests). State changes only when the proposer applies
  * the batch (applyBatch), the same way on every manager. Optimistic concurrency: an update carries
  * the version it read; applying a batch whose object versions moved on rejects the whole batch on
  * every manager alike, and update() re-runs the transaction on fresh state.
  *
+ * One batch is one Raft proposal, so it must stay under the proposal cap: update() refuses a batch
+ * over MAX_BATCH_BYTES (RESOURCE_EXHAUSTED), and updateBatched() splits what one transaction changed
+ * into batches that fit, for writers (orchestrators, scheduler, reaper) that change many objects.
+ *
  * Each applied batch publishes one event per changed object, then a commit marker.
  */
 import { Cluster, Node, Service, StoreAction, StoreActionKind, StoreBatch, StoreSnapshot, Task } from '../../gen/flotilla/v1/objects.js';
-import { FlotillaError } from '../../common/errors.js';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
+import { createLogger, type Logger } from '../../common/log.js';
 
-export type Table = 'node' | 'service' | 'task' | 'cluster';
-export type StoreObject = Node | Service | Task | Cluster;
-
-export interface ObjectEvent {
-  kind: 'create' | 'update' | 'delete';
-  table: Table;
-  /** the object after the change (for delete: as it was) */
-  object: StoreObject;
-  /** the object before the change, for updates */
-  old?: StoreObject;
+/** What each table holds. */
+export interface Tables {
+  node: Node;
+  service: Service;
+  task: Task;
+  cluster: Cluster;
 }
+export type Table = keyof Tables;
+export type StoreObject = Tables[Table];
+
+/**
+ * The largest batch (encoded StoreBatch) the store proposes: a quarter of Raft's proposal cap
+ * (MAX_PROPOSAL, 8 MiB, in manager/raft/node.ts), leaving room for the entry envelope and for the
+ * message and snapshot limits. The control API's spec limits (manager/controlapi/validate.ts) keep
+ * a single task or service far below it.
+ */
+export const MAX_BATCH_BYTES = 2 * 1024 * 1024;
+
+/** One object's change; `table` narrows `object` to the table's type. */
+export type ObjectEvent = {
+  [K in Table]: {
+    kind: 'create' | 'update' | 'delete';
+    table: K;
+    /** the object after the change (for delete: as it was) */
+    object: Tables[K];
+    /** the object before the change, for updates */
+    old?: Tables[K];
+  };
+}[Table];
 export interface CommitEvent {
   kind: 'commit';
   /** the proposer's index for this batch */
@@ -41,12 +64,20 @@ export interface Proposer {
 type Listener = (events: StoreEvent[]) => void;
 
 const MAX_TX_RETRIES = 20;
+/** StoreBatch framing besides its actions: the proposal id (field tag, length, 32 hex characters) */
+const BATCH_OVERHEAD = 64;
 
 export class MemoryStore {
-  readonly nodes = new Map<string, Node>();
-  readonly services = new Map<string, Service>();
-  readonly tasks = new Map<string, Task>();
-  readonly clusters = new Map<string, Cluster>();
+  private readonly tables: { readonly [K in Table]: Map<string, Tables[K]> } = {
+    node: new Map(),
+    service: new Map(),
+    task: new Map(),
+    cluster: new Map(),
+  };
+  readonly nodes = this.tables.node;
+  readonly services = this.tables.service;
+  readonly tasks = this.tables.task;
+  readonly clusters = this.tables.cluster;
   /** index of the last applied batch */
   appliedIndex = 0;
   private proposer: Proposer | undefined;
@@ -55,8 +86,15 @@ export class MemoryStore {
   private readonly tasksByService = new Map<string, Set<string>>();
   private readonly tasksByNode = new Map<string, Set<string>>();
 
+  constructor(private readonly log: Logger = createLogger('store')) {}
+
   setProposer(p: Proposer): void {
     this.proposer = p;
+  }
+
+  /** The map behind a table (the one table-to-map lookup). */
+  table<K extends Table>(table: K): Map<string, Tables[K]> {
+    return this.tables[table];
   }
 
   // ---- reads (synchronous: a run of reads without an await in between sees one consistent state)
@@ -105,24 +143,58 @@ export class MemoryStore {
   // ---- writes
 
   /**
-   * Runs fn in a transaction and proposes what it changed. Retries on version conflicts (fn must
-   * only read the store through tx). Returns fn's result.
+   * Runs fn in a transaction and proposes what it changed, as one batch: all of it or none of it.
+   * Retries on version conflicts (fn must only read the store through tx). Returns fn's result.
+   * A batch over MAX_BATCH_BYTES is refused with RESOURCE_EXHAUSTED (see updateBatched).
    */
   async update<T>(fn: (tx: Tx) => T, signal?: AbortSignal): Promise<T> {
-    if (!this.proposer) throw new FlotillaError('UNAVAILABLE', 'store has no proposer');
+    const proposer = this.requireProposer();
     for (let attempt = 0; ; attempt++) {
       const tx = new Tx(this);
       const result = fn(tx);
       const actions = tx.actions();
       if (actions.length === 0) return result;
+      const size = actions.reduce((n, a) => n + actionSize(a), BATCH_OVERHEAD);
+      if (size > MAX_BATCH_BYTES)
+        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${MAX_BATCH_BYTES} bytes`);
       try {
-        await this.proposer.propose({ actions, proposalId: newId() }, signal);
+        await proposer.propose({ actions, proposalId: newId() }, signal);
         return result;
       } catch (err) {
-        if (err instanceof FlotillaError && err.code === 'ABORTED' && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
+        if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
         throw err;
       }
     }
+  }
+
+  /**
+   * Like update(), but what fn changed is proposed in as many batches as it takes to keep each under
+   * MAX_BATCH_BYTES, in order; changes made inside one tx.together() call stay in one batch. Not
+   * atomic as a whole: for reconcilers, which carry on from whatever was applied. On a version
+   * conflict, fn runs again on fresh state (and sees the batches already applied). Returns fn's
+   * result (of its last run).
+   */
+  async updateBatched<T>(fn: (tx: Tx) => T, signal?: AbortSignal): Promise<T> {
+    const proposer = this.requireProposer();
+    for (let attempt = 0; ; attempt++) {
+      const tx = new Tx(this);
+      const result = fn(tx);
+      try {
+        for (const actions of splitBatches(tx.groups(), MAX_BATCH_BYTES - BATCH_OVERHEAD)) {
+          if (signal?.aborted) return result;
+          await proposer.propose({ actions, proposalId: newId() }, signal);
+        }
+        return result;
+      } catch (err) {
+        if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
+        throw err;
+      }
+    }
+  }
+
+  private requireProposer(): Proposer {
+    if (!this.proposer) throw new FlotillaError('UNAVAILABLE', 'store has no proposer');
+    return this.proposer;
   }
 
   /**
@@ -134,8 +206,7 @@ export class MemoryStore {
     const names = new Map<string, string>();
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
-      const map = this.mapOf(table);
-      const cur = map.get(obj.id);
+      const cur = this.table(table).get(obj.id);
       if (a.kind === StoreActionKind.STORE_ACTION_KIND_CREATE) {
         if (cur) throw new FlotillaError('ALREADY_EXISTS', `${table} ${obj.id} already exists`);
         if (table === 'service') {
@@ -159,13 +230,13 @@ export class MemoryStore {
     const events: StoreEvent[] = [];
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
-      const map = this.mapOf(table) as Map<string, StoreObject>;
+      const map = this.table(table) as Map<string, StoreObject>;
       const cur = map.get(obj.id);
       if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
         if (!cur) continue;
         map.delete(obj.id);
         if (table === 'task') this.unindexTask(cur as Task);
-        events.push({ kind: 'delete', table, object: cur });
+        events.push({ kind: 'delete', table, object: cur } as ObjectEvent);
         continue;
       }
       const meta = { ...(obj.meta ?? { version: 0, createdAt: 0, updatedAt: 0 }) };
@@ -176,15 +247,20 @@ export class MemoryStore {
         if (cur) this.unindexTask(cur as Task);
         this.indexTask(next as Task);
       }
-      events.push(cur ? { kind: 'update', table, object: next, old: cur } : { kind: 'create', table, object: next });
+      events.push((cur ? { kind: 'update', table, object: next, old: cur } : { kind: 'create', table, object: next }) as ObjectEvent);
     }
     this.appliedIndex = index;
     events.push({ kind: 'commit', index });
+    this.publish(events);
+  }
+
+  /** Hands events to every listener; a listener that throws is logged and does not break apply. */
+  private publish(events: StoreEvent[]): void {
     for (const l of this.listeners) {
       try {
         l(events);
-      } catch {
-        // listeners must not break apply
+      } catch (err) {
+        this.log.error({ err: errorMessage(err), index: this.appliedIndex }, 'store listener failed');
       }
     }
   }
@@ -253,21 +329,7 @@ export class MemoryStore {
     }
     for (const c of snap.clusters) this.clusters.set(c.id, c);
     this.appliedIndex = index;
-    const events: StoreEvent[] = [{ kind: 'commit', index }];
-    for (const l of this.listeners) l(events);
-  }
-
-  private mapOf(table: Table): Map<string, StoreObject> {
-    switch (table) {
-      case 'node':
-        return this.nodes;
-      case 'service':
-        return this.services;
-      case 'task':
-        return this.tasks;
-      case 'cluster':
-        return this.clusters;
-    }
+    this.publish([{ kind: 'commit', index }]);
   }
 
   private indexTask(t: Task): void {
@@ -294,6 +356,48 @@ function unpack(a: StoreAction): { table: Table; obj: StoreObject } {
   throw new FlotillaError('INTERNAL', 'store action without an object');
 }
 
+function isConflict(err: unknown): boolean {
+  return err instanceof FlotillaError && err.code === 'ABORTED';
+}
+
+/** An action's size inside an encoded StoreBatch (its bytes, field tag and length prefix). */
+function actionSize(a: StoreAction): number {
+  const n = StoreAction.encode(a).finish().length;
+  return n + 1 + varintSize(n);
+}
+
+function varintSize(n: number): number {
+  let size = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    size++;
+  }
+  return size;
+}
+
+/**
+ * Packs groups of actions, in order, into batches of at most maxBytes each (a group never spans two
+ * batches; a group larger than maxBytes gets a batch of its own, which the proposer then refuses).
+ */
+export function splitBatches(groups: StoreAction[][], maxBytes: number): StoreAction[][] {
+  const out: StoreAction[][] = [];
+  let cur: StoreAction[] = [];
+  let size = 0;
+  for (const g of groups) {
+    if (g.length === 0) continue;
+    const gs = g.reduce((n, a) => n + actionSize(a), 0);
+    if (cur.length > 0 && size + gs > maxBytes) {
+      out.push(cur);
+      cur = [];
+      size = 0;
+    }
+    cur.push(...g);
+    size += gs;
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
+}
+
 function pack(kind: StoreActionKind, table: Table, obj: StoreObject): StoreAction {
   const a: StoreAction = { kind, node: undefined, service: undefined, task: undefined, cluster: undefined };
   a[table] = obj as never;
@@ -305,38 +409,40 @@ function pack(kind: StoreActionKind, table: Table, obj: StoreObject): StoreActio
  * the store's own; never mutate them: pass a modified copy to update().
  */
 export class Tx {
-  private readonly changes = new Map<string, { kind: StoreActionKind; table: Table; obj: StoreObject }>();
+  private readonly changes = new Map<string, Change>();
+  /** the together() group being built, if any */
+  private group = 0;
+  private nextGroup = 1;
   constructor(readonly store: MemoryStore) {}
 
   private key(table: Table, id: string): string {
     return `${table}/${id}`;
   }
 
-  get<T extends StoreObject>(table: Table, id: string): T | undefined {
+  get<K extends Table>(table: K, id: string): Tables[K] | undefined {
     const c = this.changes.get(this.key(table, id));
-    if (c) return c.kind === StoreActionKind.STORE_ACTION_KIND_DELETE ? undefined : (c.obj as T);
-    const m = table === 'node' ? this.store.nodes : table === 'service' ? this.store.services : table === 'task' ? this.store.tasks : this.store.clusters;
-    return m.get(id) as T | undefined;
+    if (c) return c.kind === StoreActionKind.STORE_ACTION_KIND_DELETE ? undefined : (c.obj as Tables[K]);
+    return this.store.table(table).get(id);
   }
 
-  create(table: Table, obj: StoreObject): void {
+  create<K extends Table>(table: K, obj: Tables[K]): void {
     if (this.get(table, obj.id)) throw new FlotillaError('ALREADY_EXISTS', `${table} ${obj.id} already exists`);
     const now = Date.now();
     const o = { ...obj, meta: { version: 0, createdAt: now, updatedAt: now } };
-    this.changes.set(this.key(table, obj.id), { kind: StoreActionKind.STORE_ACTION_KIND_CREATE, table, obj: o });
+    this.record(this.key(table, obj.id), { kind: StoreActionKind.STORE_ACTION_KIND_CREATE, table, obj: o, group: 0 });
   }
 
   /** obj must carry the meta.version it was read with. */
-  update(table: Table, obj: StoreObject): void {
+  update<K extends Table>(table: K, obj: Tables[K]): void {
     const k = this.key(table, obj.id);
     const prior = this.changes.get(k);
     const o = { ...obj, meta: { ...(obj.meta ?? { version: 0, createdAt: 0 }), updatedAt: Date.now() } } as StoreObject;
     if (prior && prior.kind === StoreActionKind.STORE_ACTION_KIND_CREATE) {
-      this.changes.set(k, { ...prior, obj: o });
+      this.record(k, { ...prior, obj: o });
       return;
     }
     if (!prior && !this.get(table, obj.id)) throw new FlotillaError('NOT_FOUND', `${table} ${obj.id} not found`);
-    this.changes.set(k, { kind: StoreActionKind.STORE_ACTION_KIND_UPDATE, table, obj: o });
+    this.record(k, { kind: StoreActionKind.STORE_ACTION_KIND_UPDATE, table, obj: o, group: 0 });
   }
 
   delete(table: Table, id: string): void {
@@ -348,14 +454,60 @@ export class Tx {
     }
     const cur = this.get(table, id);
     if (!cur) return;
-    this.changes.set(k, { kind: StoreActionKind.STORE_ACTION_KIND_DELETE, table, obj: cur });
+    this.record(k, { kind: StoreActionKind.STORE_ACTION_KIND_DELETE, table, obj: cur, group: 0 });
+  }
+
+  /**
+   * Runs fn; the changes it makes (and earlier changes of the same objects) go into one batch when
+   * the store splits this transaction (updateBatched). update() keeps a whole transaction in one batch.
+   */
+  together<T>(fn: () => T): T {
+    if (this.group) return fn();
+    this.group = this.nextGroup++;
+    try {
+      return fn();
+    } finally {
+      this.group = 0;
+    }
+  }
+
+  /** Records a change: in the current together() group (merging groups it touches), else alone. */
+  private record(k: string, c: Change): void {
+    const prior = this.changes.get(k);
+    let group = this.group || prior?.group || this.nextGroup++;
+    if (this.group && prior && prior.group !== this.group) {
+      // this object was changed in another group before: that group joins this one
+      const from = prior.group;
+      for (const other of this.changes.values()) if (other.group === from) other.group = this.group;
+      group = this.group;
+    }
+    this.changes.set(k, { ...c, group });
   }
 
   actions(): StoreAction[] {
     return [...this.changes.values()].map((c) => pack(c.kind, c.table, c.obj));
   }
 
+  /** The actions in groups that must land in one batch, in the order each group began. */
+  groups(): StoreAction[][] {
+    const out = new Map<number, StoreAction[]>();
+    for (const c of this.changes.values()) {
+      let g = out.get(c.group);
+      if (!g) out.set(c.group, (g = []));
+      g.push(pack(c.kind, c.table, c.obj));
+    }
+    return [...out.values()];
+  }
+
   get size(): number {
     return this.changes.size;
   }
+}
+
+interface Change {
+  kind: StoreActionKind;
+  table: Table;
+  obj: StoreObject;
+  /** changes of one group go into one batch when the transaction is split */
+  group: number;
 }
