@@ -177,7 +177,7 @@ export class Dispatcher {
   heartbeat(req: HeartbeatRequest): HeartbeatResponse {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
-    return { periodMs: this.heartbeatMs() };
+    return { periodMs: this.heartbeatMs(), managers: this.opts.managers() };
   }
 
   assignments(call: grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>): void {
