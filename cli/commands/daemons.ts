@@ -7,7 +7,7 @@ import { isValidName } from '../../common/ids.js';
 import { invalidArgument } from '../../common/errors.js';
 import { Manager, defaultHostname } from '../../manager/manager.js';
 import { DEFAULT_CONTROL_SOCKET } from '../client.js';
-import { action, collect } from '../util.js';
+import { action, collect, ExitError } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
 
 function checkAddr(flag: string, v: string): string {
@@ -78,6 +78,7 @@ export function register(program: Command): void {
             join: opts.join,
             token,
             forceNewCluster: opts.forceNewCluster,
+            registerNode: !opts.agent,
             log,
             signal: ctl.signal,
           });
@@ -108,7 +109,21 @@ export function register(program: Command): void {
               ctl.abort();
             });
           }
-          await new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+          const stopped = new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+          const fatal = await Promise.race([stopped.then(() => undefined), manager.failed]);
+          if (fatal) {
+            // a fatal Raft or storage error (e.g. the disk is full): stop the agent and the manager,
+            // then exit non-zero with one line, so that a supervisor restarts the manager; a stuck
+            // shutdown does not keep the process alive
+            setTimeout(() => {
+              process.stderr.write(`flotilla: ${fatal.message}: exiting\n`);
+              process.exit(1);
+            }, 5000).unref();
+            ctl.abort();
+            await agentRun;
+            await manager.stop().catch(() => {});
+            throw new ExitError(1, `${fatal.message}: exiting`);
+          }
           await agentRun;
           await manager.stop();
         },

@@ -98,7 +98,7 @@ export class Dispatcher {
     const deadline = this.heartbeatMs() * MISSED_HEARTBEATS;
     const down: string[] = [];
     for (const n of this.store.listNodes()) {
-      if (n.status?.state !== NodeState.NODE_STATE_READY) continue;
+      if (n.status?.state !== NodeState.NODE_STATE_READY || isAgentless(n)) continue;
       const s = this.sessions.get(n.id);
       const last = s ? s.lastSeen : started;
       if (now - last > deadline) down.push(n.id);
@@ -330,6 +330,11 @@ export class Dispatcher {
       logs: (call) => this.logs(call),
     };
   }
+}
+
+/** A manager's node registered by the manager itself (no agent, no runtime): it has no session. */
+export function isAgentless(n: Node): boolean {
+  return !n.description?.runtime && !!n.description?.managerAddr;
 }
 
 function assignable(t: Task): boolean {
