@@ -71,8 +71,14 @@ export function register(program: Command): void {
         const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
         const token = role === 'worker' ? r.cluster?.tokens?.worker : r.cluster?.tokens?.manager;
         if (opts.quiet) return void process.stdout.write(`${token}\n`);
-        const join = role === 'worker' ? `flotilla agent --manager ${r.leaderAddr} --token ${token}` : `flotilla manager --join ${r.leaderAddr} --token ${token} --listen-addr HOST:PORT`;
-        process.stdout.write(`To add a ${role} to this cluster, run the following command:\n\n    ${join}\n\n`);
+        const join =
+          role === 'worker'
+            ? `flotilla agent --manager ${r.leaderAddr} --token-file /etc/flotilla/token`
+            : `flotilla manager --join ${r.leaderAddr} --token-file /etc/flotilla/token --listen-addr HOST:PORT`;
+        process.stdout.write(
+          `To add a ${role} to this cluster, put this token in /etc/flotilla/token (mode 0600) on the new host:\n\n    ${token}\n\n` +
+            `then run the following command:\n\n    ${join}\n\n`,
+        );
       });
     }),
   );
