@@ -186,9 +186,16 @@ export class Manager {
       // no agent: no runtime
       runtime: '',
     };
+    // the id is saved first and used for every attempt: a proposal that timed out (or a crash) may
+    // still have committed the node, and a second one must not appear
+    if (!nodeId) {
+      nodeId = newId();
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      writeFileAtomicSync(file, JSON.stringify({ nodeId }) + '\n');
+    }
+    const id = nodeId;
     for (let attempt = 0; !signal.aborted && !this.failure; attempt++) {
       try {
-        const id = nodeId || newId();
         await this.store.update((tx) => {
           const status = { state: NodeState.NODE_STATE_READY, message: '', addr, lastHeartbeat: Date.now() };
           const n = tx.get<Node>('node', id);
@@ -208,12 +215,7 @@ export class Manager {
             role: NodeRole.NODE_ROLE_MANAGER,
           });
         }, signal);
-        if (id !== nodeId) {
-          fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-          writeFileAtomicSync(file, JSON.stringify({ nodeId: id }) + '\n');
-          nodeId = id;
-        }
-        this.opts.log.info({ nodeId, hostname: description.hostname }, 'this manager is registered as a node (no agent: it runs no tasks)');
+        this.opts.log.info({ nodeId: id, hostname: description.hostname }, 'this manager is registered as a node (no agent: it runs no tasks)');
         return;
       } catch (err) {
         if (signal.aborted) return;
