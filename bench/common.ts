@@ -96,7 +96,8 @@ export function control(socket: string): Control {
 export async function waitNodesReady(c: Control, n: number, timeoutMs: number): Promise<void> {
   await until(
     `${n} ready nodes`,
-    async () => (await c.call<unknown, ListNodesResponse>('listNodes', {})).nodes.filter((x) => x.status?.state === NodeState.NODE_STATE_READY).length >= n,
+    // nodes with an agent (a --no-agent manager is a node too, without a runtime)
+    async () => (await c.call<unknown, ListNodesResponse>('listNodes', {})).nodes.filter((x) => !!x.description?.runtime && x.status?.state === NodeState.NODE_STATE_READY).length >= n,
     timeoutMs,
     200,
   );

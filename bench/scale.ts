@@ -23,7 +23,7 @@ import { fileURLToPath } from 'node:url';
 import type { Control } from '../cli/client.js';
 import { buildServiceSpec } from '../cli/servicespec.js';
 import type { CreateServiceResponse, GetClusterResponse, ListNodesResponse } from '../gen/flotilla/v1/control.js';
-import { NodeState, TaskState } from '../gen/flotilla/v1/objects.js';
+import { NodeRole, NodeState, TaskState } from '../gen/flotilla/v1/objects.js';
 import { BenchCluster, CLI, control, cpuMs, listTasks, loadAvg, mib, rssKb, secs, sleep, startNode, teardown, type Proc } from './common.js';
 
 const AGENTS = Number(process.env.BENCH_AGENTS ?? 500);
@@ -105,7 +105,7 @@ async function main(): Promise<number> {
       alive();
       if (performance.now() - tJoin > 120_000) throw new Error(`only ${ready} of ${AGENTS} agents ready after 120 s`);
       const { nodes } = await ctl.call<unknown, ListNodesResponse>('listNodes', {}, 30_000);
-      ready = nodes.filter((x) => x.status?.state === NodeState.NODE_STATE_READY).length;
+      ready = nodes.filter((x) => x.role === NodeRole.NODE_ROLE_WORKER && x.status?.state === NodeState.NODE_STATE_READY).length;
       if (ready < AGENTS) await sleep(250);
     }
     const joinMs = performance.now() - tJoin;

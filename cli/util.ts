@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import { errorMessage } from '../common/errors.js';
 
 /** Thrown by commands to exit with a given code after printing a message (if any). */
@@ -67,4 +68,25 @@ export function checkFormat(format: string | undefined): 'table' | 'json' {
   if (format === undefined || format === 'table') return 'table';
   if (format === 'json') return 'json';
   throw new ExitError(2, `invalid --format "${format}": use table or json`);
+}
+
+/**
+ * The join token of `flotilla agent` and `flotilla manager --join`: --token-file PATH (read once,
+ * surrounding whitespace trimmed), else --token (visible to every user in `ps`: avoid it), else the
+ * environment variable FLOTILLA_TOKEN. Returns '' when none is given.
+ */
+export function resolveToken(opts: { token?: string; tokenFile?: string }): string {
+  if (opts.token !== undefined && opts.tokenFile !== undefined) throw new ExitError(2, 'use either --token or --token-file, not both');
+  if (opts.tokenFile !== undefined) {
+    let text: string;
+    try {
+      text = fs.readFileSync(opts.tokenFile, 'utf8');
+    } catch (err) {
+      throw new ExitError(2, `invalid --token-file ${JSON.stringify(opts.tokenFile)}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : errorMessage(err)}`);
+    }
+    const token = text.trim();
+    if (!token || /\s/.test(token)) throw new ExitError(2, `invalid --token-file ${JSON.stringify(opts.tokenFile)}: expected one join token in the file`);
+    return token;
+  }
+  return opts.token ?? process.env.FLOTILLA_TOKEN ?? '';
 }

@@ -6,11 +6,10 @@ cd "$(dirname "$0")/.."
 bash deploy/install.sh
 DATA=${FLOTILLA_DATA_DIR:-/var/lib/flotilla}
 SOCK=/run/flotilla/control.sock
-flotilla() { node "$PWD/dist/cli/main.js" "$@"; }
 bash deploy/images/busybox.sh --data-dir "$DATA"
 if ! flotilla cluster info >/dev/null 2>&1; then
   mkdir -p /var/log
-  nohup node dist/cli/main.js manager --data-dir "$DATA" --listen-addr 127.0.0.1:4242 --control-socket "$SOCK" \
+  nohup flotilla manager --data-dir "$DATA" --listen-addr 127.0.0.1:4242 --control-socket "$SOCK" \
     >>/var/log/flotilla-manager.log 2>&1 &
   echo "started flotilla manager (pid $!, log /var/log/flotilla-manager.log)"
   for _ in $(seq 1 100); do [ -S "$SOCK" ] && flotilla cluster info >/dev/null 2>&1 && break; sleep 0.1; done
@@ -21,4 +20,4 @@ sleep 0.5
 flotilla service create --name web --replicas 3 busybox:latest sleep 100000
 flotilla service ps web
 echo
-echo "Try: node dist/cli/main.js service scale web=5 && node dist/cli/main.js service ps web"
+echo "Try: flotilla service scale web=5 && flotilla service ps web"

@@ -10,19 +10,21 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { ControlClient, ControlService, type GetNodeResponse } from '../gen/flotilla/v1/control.js';
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
-import { Cluster, ManagerStatus, Node, NodeRole, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
-import { FlotillaError } from '../common/errors.js';
+import { Cluster, ManagerStatus, Node, NodeAvailability, type NodeDescription, NodeRole, NodeState, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
+import { FlotillaError, errorMessage } from '../common/errors.js';
 import { newId, secretMatches } from '../common/ids.js';
 import type { Logger } from '../common/log.js';
 import { MemoryStore } from './store/store.js';
 import { RaftNode } from './raft/node.js';
-import { Dispatcher, DEFAULT_HEARTBEAT_MS } from './dispatcher/dispatcher.js';
+import { Dispatcher, DEFAULT_HEARTBEAT_MS, isAgentless } from './dispatcher/dispatcher.js';
 import { ControlApi } from './controlapi/server.js';
 import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
 import { GlobalOrchestrator } from './orchestrator/global.js';
 import { TaskReaper } from './orchestrator/reaper.js';
 import { Updater } from './orchestrator/update.js';
 import { sleep } from '../common/sleep.js';
+import { writeFileAtomicSync } from '../common/fsutil.js';
+import { nodeDescription } from '../agent/agent.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
@@ -40,6 +42,11 @@ export interface ManagerOptions {
   token?: string;
   /** restart a lone survivor as a new one-manager cluster with all its state */
   forceNewCluster?: boolean;
+  /**
+   * register this manager's node itself (set when no agent runs in this process): every manager is
+   * a node, shown by `node ls` with its manager status; such a node runs no tasks (drained, no runtime)
+   */
+  registerNode?: boolean;
   /** raft tick (default 100 ms: elections after 1-2 s) */
   raftTickMs?: number;
   log: Logger;
@@ -61,6 +68,14 @@ export class Manager {
   private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 64 * 1024 * 1024, 'grpc.max_send_message_length': 64 * 1024 * 1024 });
   private leaderCtl: AbortController | undefined;
   private leaderRuns: Promise<unknown> | undefined;
+  private failure: Error | undefined;
+  private onFailure: ((err: Error) => void) | undefined;
+  /**
+   * Resolves with the error once the manager cannot go on (a fatal Raft or storage error, e.g. the
+   * WAL hit ENOSPC): its Raft member has stopped; the owner must stop the manager and exit non-zero
+   * so that a supervisor restarts it and its agents fail over to another manager.
+   */
+  readonly failed: Promise<Error> = new Promise((resolve) => (this.onFailure = resolve));
   boundAddr = '';
 
   constructor(readonly opts: ManagerOptions) {
@@ -78,6 +93,10 @@ export class Manager {
         await this.raft.readIndex();
       },
       managerStatus: (n) => this.managerStatus(n),
+      managers: () =>
+        (this.raft?.members() ?? [])
+          .filter((m) => !m.learner)
+          .map((m) => ({ raftId: m.raftId, addr: m.addr, leader: m.leader, reachability: m.reachable || m.leader ? 'reachable' : 'unreachable' })),
       removeManager: (n, force) => this.removeManager(n, force),
     });
   }
@@ -140,7 +159,101 @@ export class Manager {
     while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await sleep(50, this.opts.signal);
     if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
     if (raft.isLeader()) this.onLeadershipChange(true);
+    if (this.opts.registerNode) {
+      this.registerOwnNode().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'registering this manager as a node failed'));
+    }
     this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
+  }
+
+  /**
+   * A manager without an agent registers its own node (as an agent would, with the same node id file
+   * <dataDir>/agent/node.json, so an agent started here later takes the node over). A new node is
+   * drained: it has no runtime and runs no tasks. Retries until it is written or the manager stops.
+   */
+  private async registerOwnNode(): Promise<void> {
+    const signal = this.opts.signal;
+    const file = path.join(this.opts.dataDir, 'agent', 'node.json');
+    let nodeId = '';
+    try {
+      const f = JSON.parse(fs.readFileSync(file, 'utf8')) as { nodeId?: unknown };
+      if (typeof f.nodeId === 'string') nodeId = f.nodeId;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.opts.log.warn({ err: errorMessage(err) }, `ignoring unreadable ${file}`);
+    }
+    const addr = this.advertiseAddr();
+    const description: NodeDescription = {
+      ...nodeDescription({ hostname: this.opts.hostname ?? defaultHostname(), managerAddr: addr }, 'runc'),
+      // no agent: no runtime
+      runtime: '',
+    };
+    // the id is saved first and used for every attempt: a proposal that timed out (or a crash) may
+    // still have committed the node, and a second one must not appear
+    if (!nodeId) {
+      nodeId = newId();
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      writeFileAtomicSync(file, JSON.stringify({ nodeId }) + '\n');
+    }
+    const id = nodeId;
+    for (let attempt = 0; !signal.aborted && !this.failure; attempt++) {
+      try {
+        await this.store.update((tx) => {
+          const status = { state: NodeState.NODE_STATE_READY, message: '', addr, lastHeartbeat: Date.now() };
+          const n = tx.get('node', id);
+          if (n) {
+            // it may have run an agent before: without one it can run no tasks, so they move away
+            const spec = n.spec ? { ...n.spec, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } : n.spec;
+            tx.update('node', { ...n, spec, description, status });
+            return;
+          }
+          tx.create('node', {
+            id,
+            meta: undefined,
+            spec: { labels: {}, desiredRole: NodeRole.NODE_ROLE_MANAGER, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN },
+            description,
+            status,
+            managerStatus: undefined,
+            role: NodeRole.NODE_ROLE_MANAGER,
+          });
+        }, signal);
+        this.opts.log.info({ nodeId: id, hostname: description.hostname }, 'this manager is registered as a node (no agent: it runs no tasks)');
+        return;
+      } catch (err) {
+        if (signal.aborted) return;
+        if (attempt % 10 === 0) this.opts.log.info({ err: errorMessage(err) }, 'registering this manager as a node: retrying');
+        await sleep(500, signal);
+      }
+    }
+  }
+
+  /**
+   * Leader only: the status of agentless manager nodes follows their Raft reachability (they have
+   * no agent session, so the dispatcher's heartbeat check leaves them alone).
+   */
+  private async watchManagerNodes(signal: AbortSignal): Promise<void> {
+    while (!signal.aborted) {
+      await sleep(1000, signal);
+      const raft = this.raft;
+      if (signal.aborted || !raft) break;
+      const members = raft.members();
+      const changes: Array<[string, NodeState]> = [];
+      for (const n of this.store.listNodes()) {
+        if (!isAgentless(n)) continue;
+        const m = members.find((x) => x.addr === n.status?.addr);
+        if (!m) continue;
+        const want = m.reachable || m.leader ? NodeState.NODE_STATE_READY : NodeState.NODE_STATE_DOWN;
+        if (n.status?.state !== want) changes.push([n.id, want]);
+      }
+      if (changes.length === 0) continue;
+      await this.store
+        .update((tx) => {
+          for (const [id, state] of changes) {
+            const n = tx.get('node', id);
+            if (!n?.status) continue;
+            tx.update('node', { ...n, status: { ...n.status, state, message: state === NodeState.NODE_STATE_DOWN ? 'manager unreachable' : '' } });
+          }
+        }, signal)
+        .catch((err: unknown) => this.opts.log.warn({ err: errorMessage(err) }, 'updating manager node status failed'));
+    }
   }
 
   /** Opens this manager's Raft member (new, restarted or joining) and wires it to the store. */
@@ -173,9 +286,12 @@ export class Manager {
     raft.onLeadershipChange((leader) => this.onLeadershipChange(leader));
     raft.onRemoved(() => this.leaveRaft(raft));
     raft.onFatal((err) => {
-      this.opts.log.fatal({ err: (err as Error).message }, 'raft failed: stopping the manager');
-      process.exitCode = 1;
+      if (this.failure) return;
+      this.failure = new FlotillaError('INTERNAL', `fatal raft/storage error in ${path.join(this.opts.dataDir, 'raft')}: ${errorMessage(err)}`, { cause: err });
       this.onLeadershipChange(false);
+      // stop answering at once: agents and clients move on to another manager
+      this.server.forceShutdown();
+      this.onFailure?.(this.failure);
     });
     return raft;
   }
@@ -345,6 +461,7 @@ export class Manager {
         new SchedulerLoop(this.store, log.child({ component: 'scheduler' })).run(ctl.signal),
         new TaskReaper(this.store, log.child({ component: 'reaper' })).run(ctl.signal),
         new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),
+        this.watchManagerNodes(ctl.signal),
       ];
       log.info('became leader: orchestrators, scheduler and dispatcher started');
       const results = await Promise.allSettled(loops);
@@ -367,7 +484,7 @@ export class Manager {
   async stop(): Promise<void> {
     this.onLeadershipChange(false);
     await this.leaderRuns;
-    await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    if (!this.failure) await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     await this.raft?.stop();
     this.server.forceShutdown();
     if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });

@@ -33,14 +33,17 @@ describe.skipIf(!builtCli())('control plane (manager + sim agents as processes)'
   beforeAll(async () => {
     await c.startManager();
     for (const h of ['n1', 'n2', 'n3']) await c.startAgent(h, { labels: [`zone=${h === 'n3' ? 'b' : 'a'}`] });
-    await waitFor('3 ready nodes', async () => (await nodes()).filter((n) => n.status === 'ready').length === 3);
+    await waitFor('3 ready workers', async () => (await nodes()).filter((n) => n.role === 'worker' && n.status === 'ready').length === 3);
   });
   afterAll(async () => {
     await c.cleanup();
   });
 
   it('lists nodes with stable fields', async () => {
-    const ns = await nodes();
+    const all = await nodes();
+    // the manager (--no-agent) is a node too: drained, it runs no tasks
+    expect(all.find((n) => n.hostname === 'm1')).toMatchObject({ role: 'manager', availability: 'drain', status: 'ready' });
+    const ns = all.filter((n) => n.role === 'worker');
     expect(ns.map((n) => n.hostname).sort()).toEqual(['n1', 'n2', 'n3']);
     for (const n of ns) {
       expect(n).toMatchObject({ role: 'worker', availability: 'active', status: 'ready' });

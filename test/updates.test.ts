@@ -147,7 +147,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     for (const h of ['n1', 'n2', 'n3', 'n4'])
       await c.startAgent(h, { env: { FLOTILLA_SIM_MISSING_IMAGES: h === 'n4' ? 'missing,flaky' : 'missing' } });
     control = new Control(hostTarget(c.env.FLOTILLA_HOST));
-    await waitFor('4 ready nodes', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env)).filter((n) => n.status === 'ready').length === 4);
+    await waitFor('4 ready workers', async () => (await cliJson<Array<{ status: string; role: string }>>(['node', 'ls'], c.env)).filter((n) => n.role === 'worker' && n.status === 'ready').length === 4);
   });
   afterAll(async () => {
     const m = c.procs[0];
@@ -449,7 +449,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
   it('global services: the parallelism holds per node, and a drained node just loses its task', async () => {
     const r0 = await flotilla('service', 'create', '--name', 'g', '--mode', 'global', '--update-monitor', '200ms', '--health-cmd', 'true', '--health-interval', '150ms', 'busybox:1', 'sleep', '1000');
     expect(r0.code, r0.stderr).toBe(0);
-    const nodes = await cliJson<Array<{ id: string; hostname: string }>>(['node', 'ls'], c.env);
+    const nodes = (await cliJson<Array<{ id: string; hostname: string; role: string }>>(['node', 'ls'], c.env)).filter((n) => n.role === 'worker');
     await waitFor('g up on 4 nodes', async () => (await tasksOf('g')).tasks.filter((t) => active(t) && up(t)).length === 4);
     const { r, samples, before } = await during('g', ['service', 'update', '--env-add', 'V=2', 'g']);
     expect(r.stderr).toBe('');

@@ -95,7 +95,7 @@ class TestDispatcher {
       heartbeat: (call, cb) => {
         if (!this.check(call.request.nodeId, call.request.sessionId)) return cb(notFound());
         this.heartbeats.push({ at: Date.now(), nodeId: call.request.nodeId });
-        cb(null, { periodMs: this.periodMs });
+        cb(null, { periodMs: this.periodMs, managers: this.managers });
       },
       assignments: (call) => {
         if (!this.check(call.request.nodeId, call.request.sessionId)) {
@@ -320,5 +320,26 @@ describe('dispatcher session', () => {
     // the agent's list: the managers' own list first, then the flag list
     expect(session!.managers).toEqual([addr, '127.0.0.1:1', deadAddr]);
     expect(disp.registers.length).toBe(1);
+  });
+
+  it('learns managers that joined later from heartbeats and fails over to them when its manager goes', async () => {
+    const addr = await disp.start();
+    disp.managers = [addr];
+    let session: Session | undefined;
+    void start([addr], { onStarted: (a) => (session = a.session) });
+    await waitFor('registered', () => disp.sessions.size === 1);
+    const nodeId = [...disp.sessions.keys()][0]!;
+    // a second manager joins after the agent registered; the first one's heartbeats now name both
+    const other = new TestDispatcher();
+    try {
+      const otherAddr = await other.start();
+      disp.managers = [addr, otherAddr];
+      await waitFor('the new manager known', () => session!.managers.includes(otherAddr));
+      disp.stop();
+      await waitFor('registered with the other manager', () => other.sessions.size === 1);
+      expect(other.registers[0]!.nodeId).toBe(nodeId);
+    } finally {
+      other.stop();
+    }
   });
 });

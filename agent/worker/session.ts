@@ -152,8 +152,7 @@ export class Session {
         const reg = await this.register(client, addr, signal);
         upSince = Date.now();
         periodMs = reg.heartbeatPeriodMs;
-        idx = Math.max(0, this.managers.indexOf(addr));
-        await this.connected(client, reg, signal);
+        await this.connected(client, addr, reg, signal);
       } catch (err) {
         if (err instanceof FlotillaError && (err.code === 'PERMISSION_DENIED' || err.code === 'INVALID_ARGUMENT')) throw err;
         if (!signal.aborted) this.log.warn({ manager: addr, err: grpcMessage(err) }, 'dispatcher session failed; reconnecting');
@@ -164,7 +163,9 @@ export class Session {
       if (signal.aborted) break;
       // a session that lived at least a heartbeat period resets the backoff
       if (upSince && Date.now() - upSince >= Math.max(1000, periodMs)) attempt = 0;
-      idx = (idx + 1) % this.managers.length;
+      // the next manager after the one that failed (the list may have changed meanwhile)
+      const at = this.managers.indexOf(addr);
+      idx = ((at >= 0 ? at : idx) + 1) % this.managers.length;
       await sleep(this.backoff(attempt++), signal);
     }
   }
@@ -197,16 +198,26 @@ export class Session {
     }
     this.sessionId = reg.sessionId;
     this.registrations++;
-    const seen = new Set<string>();
-    this.managers = [...reg.managers, ...this.initial].filter((m) => m && !seen.has(m) && (seen.add(m), true));
-    if (!this.managers.includes(addr)) this.managers.unshift(addr);
+    this.learnManagers(reg.managers, addr);
     this.log.info({ manager: addr, nodeId: reg.nodeId, heartbeatMs: reg.heartbeatPeriodMs }, 'registered with the dispatcher');
     this.opts.onRegistered?.({ ...reg, manager: addr });
     return reg;
   }
 
+  /**
+   * The managers to fail over to: the list the dispatcher sent (at registration and with every
+   * heartbeat, so managers that joined later are known too), then the flag list; the current one is kept.
+   */
+  private learnManagers(fromManager: string[], current: string): void {
+    const seen = new Set<string>();
+    const next = [...fromManager, ...this.initial].filter((m) => m && !seen.has(m) && (seen.add(m), true));
+    if (!next.includes(current)) next.unshift(current);
+    if (next.join() !== this.managers.join()) this.log.info({ managers: next }, 'managers known for failover');
+    this.managers = next;
+  }
+
   /** One live session: resolves when signal aborts, rejects when any part of the session fails. */
-  private async connected(client: DispatcherClient, reg: RegisterResponse, signal: AbortSignal): Promise<void> {
+  private async connected(client: DispatcherClient, addr: string, reg: RegisterResponse, signal: AbortSignal): Promise<void> {
     const ctl = new AbortController();
     const { nodeId, sessionId } = reg;
     let failure: unknown;
@@ -272,6 +283,7 @@ export class Session {
           const res = await unary(client.heartbeat.bind(client), { nodeId, sessionId }, Math.max(1000, Math.min(timeout, period * 2)), ctl.signal);
           this.heartbeats++;
           if (res.periodMs > 0) period = res.periodMs;
+          if (res.managers.length > 0) this.learnManagers(res.managers, addr);
         } catch (err) {
           fail(err);
         }

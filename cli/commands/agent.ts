@@ -5,7 +5,7 @@ import { isValidName } from '../../common/ids.js';
 import { createLogger } from '../../common/log.js';
 import { resolveDataDir } from '../../common/paths.js';
 import { parseKeyValue } from '../../common/units.js';
-import { action, collect, ExitError } from '../util.js';
+import { action, collect, ExitError, resolveToken } from '../util.js';
 
 function checkManager(v: string): string {
   if (!/^[^\s:/]+:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument('--manager', v, 'expected HOST:PORT');
@@ -20,20 +20,21 @@ export function register(program: Command): void {
     .description('Run an agent: join the managers and run the tasks they assign to this node')
     .option('--data-dir <dir>', 'data directory (env FLOTILLA_DATA_DIR, default /var/lib/flotilla)')
     .option('--manager <addrs>', 'manager address(es), HOST:PORT[,HOST:PORT] (repeatable)', collect)
-    .option('--token <token>', 'join token (env FLOTILLA_TOKEN)')
+    .option('--token-file <path>', 'read the join token from this file (keeps it out of `ps`)')
+    .option('--token <token>', 'join token; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
     .option('--hostname <name>', 'node hostname (default: the host name)')
     .option('--label <K=V>', 'engine label (repeatable)', collect)
     .option('--runtime <runtime>', 'container runtime: runc or sim (simulated containers, for scale tests)', 'runc')
     .action(
-      action(async (opts: { dataDir?: string; manager?: string[]; token?: string; hostname?: string; label?: string[]; runtime: string }) => {
+      action(async (opts: { dataDir?: string; manager?: string[]; token?: string; tokenFile?: string; hostname?: string; label?: string[]; runtime: string }) => {
         const managers = (opts.manager ?? [])
           .flatMap((m) => m.split(','))
           .map((m) => m.trim())
           .filter(Boolean)
           .map(checkManager);
         if (managers.length === 0) throw new ExitError(2, 'missing --manager HOST:PORT');
-        const token = opts.token ?? process.env.FLOTILLA_TOKEN ?? '';
-        if (!token) throw new ExitError(2, 'missing --token (or FLOTILLA_TOKEN): use the join token printed by `flotilla cluster join-token worker`');
+        const token = resolveToken(opts);
+        if (!token) throw new ExitError(2, 'missing --token-file (or FLOTILLA_TOKEN): use the join token printed by `flotilla cluster join-token worker -q`');
         if (opts.runtime !== 'runc' && opts.runtime !== 'sim') throw invalidArgument('--runtime', opts.runtime, 'must be runc or sim');
         if (opts.hostname !== undefined && !isValidName(opts.hostname)) {
           throw invalidArgument('--hostname', opts.hostname, 'use letters, digits, "_", "." or "-"');

@@ -1,7 +1,8 @@
 import type { Command } from 'commander';
-import { GetClusterResponse } from '../../gen/flotilla/v1/control.js';
+import { GetClusterResponse, ListNodesResponse } from '../../gen/flotilla/v1/control.js';
+import { NodeRole } from '../../gen/flotilla/v1/objects.js';
 import { withControl } from '../client.js';
-import { action, checkFormat, printJson, ExitError } from '../util.js';
+import { action, checkFormat, printJson, table, ExitError } from '../util.js';
 import { hostOption } from './service.js';
 
 export function register(program: Command): void {
@@ -12,6 +13,16 @@ export function register(program: Command): void {
       const format = checkFormat(opts.format);
       await withControl(opts.host, async (c) => {
         const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
+        const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
+        const hostOf = (addr: string): string =>
+          nodes.find((n) => n.role === NodeRole.NODE_ROLE_MANAGER && (n.status?.addr === addr || n.description?.managerAddr === addr))?.description?.hostname ?? '';
+        const managers = r.managers.map((m) => ({
+          raftId: m.raftId.toString(16),
+          addr: m.addr,
+          hostname: hostOf(m.addr),
+          leader: m.leader,
+          reachability: m.reachability,
+        }));
         const info = {
           id: r.cluster?.id,
           name: r.cluster?.spec?.name,
@@ -21,6 +32,7 @@ export function register(program: Command): void {
           tasks: r.tasks,
           heartbeatPeriodMs: r.cluster?.spec?.heartbeatPeriodMs,
           taskHistoryLimit: r.cluster?.spec?.taskHistoryLimit,
+          managers,
         };
         if (format === 'json') return printJson(info);
         process.stdout.write(
@@ -33,7 +45,14 @@ export function register(program: Command): void {
             `Tasks:               ${info.tasks}`,
             `Heartbeat period:    ${(info.heartbeatPeriodMs ?? 0) / 1000}s`,
             `Task history limit:  ${info.taskHistoryLimit}`,
+            `Managers:            ${managers.length}`,
           ].join('\n') + '\n',
+        );
+        process.stdout.write(
+          table(
+            ['RAFT ID', 'ADDRESS', 'HOSTNAME', 'STATUS'],
+            managers.map((m) => [m.raftId, m.addr, m.hostname, m.leader ? 'Leader' : m.reachability === 'reachable' ? 'Reachable' : 'Unreachable']),
+          ),
         );
       });
     }),
@@ -52,8 +71,14 @@ export function register(program: Command): void {
         const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
         const token = role === 'worker' ? r.cluster?.tokens?.worker : r.cluster?.tokens?.manager;
         if (opts.quiet) return void process.stdout.write(`${token}\n`);
-        const join = role === 'worker' ? `flotilla agent --manager ${r.leaderAddr} --token ${token}` : `flotilla manager --join ${r.leaderAddr} --token ${token} --listen-addr HOST:PORT`;
-        process.stdout.write(`To add a ${role} to this cluster, run the following command:\n\n    ${join}\n\n`);
+        const join =
+          role === 'worker'
+            ? `flotilla agent --manager ${r.leaderAddr} --token-file /etc/flotilla/token`
+            : `flotilla manager --join ${r.leaderAddr} --token-file /etc/flotilla/token --listen-addr HOST:PORT`;
+        process.stdout.write(
+          `To add a ${role} to this cluster, put this token in /etc/flotilla/token (mode 0600) on the new host:\n\n    ${token}\n\n` +
+            `then run the following command:\n\n    ${join}\n\n`,
+        );
       });
     }),
   );

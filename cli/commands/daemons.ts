@@ -7,7 +7,7 @@ import { isValidName } from '../../common/ids.js';
 import { invalidArgument } from '../../common/errors.js';
 import { Manager, defaultHostname } from '../../manager/manager.js';
 import { DEFAULT_CONTROL_SOCKET } from '../client.js';
-import { action, collect } from '../util.js';
+import { action, collect, ExitError, resolveToken } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
 
 function checkAddr(flag: string, v: string): string {
@@ -28,8 +28,9 @@ export function register(program: Command): void {
     .option('--runtime <runtime>', 'runtime of the in-process agent: runc or sim', 'runc')
     .option('--label <K=V>', 'engine label of the in-process agent (repeatable)', collect)
     .option('--heartbeat-period <duration>', 'agent heartbeat period for a new cluster', '5s')
-    .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs --token with the manager join token)')
-    .option('--token <token>', 'the manager join token, with --join (env FLOTILLA_TOKEN)')
+    .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs the manager join token: --token-file or FLOTILLA_TOKEN)')
+    .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
+    .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .action(
       action(
@@ -45,12 +46,13 @@ export function register(program: Command): void {
           heartbeatPeriod: string;
           join?: string;
           token?: string;
+          tokenFile?: string;
           forceNewCluster?: boolean;
         }) => {
-          const token = opts.token ?? process.env.FLOTILLA_TOKEN;
+          const token = opts.join ? resolveToken(opts) : '';
           if (opts.join) {
             checkAddr('--join', opts.join);
-            if (!token) throw invalidArgument('--token', '', 'required with --join (the manager join token: flotilla cluster join-token manager -q)');
+            if (!token) throw invalidArgument('--token-file', '', 'required with --join (the manager join token: flotilla cluster join-token manager -q), or FLOTILLA_TOKEN');
           }
           if (opts.join && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'cannot be combined with --join');
           checkAddr('--listen-addr', opts.listenAddr);
@@ -78,6 +80,7 @@ export function register(program: Command): void {
             join: opts.join,
             token,
             forceNewCluster: opts.forceNewCluster,
+            registerNode: !opts.agent,
             log,
             signal: ctl.signal,
           });
@@ -108,7 +111,21 @@ export function register(program: Command): void {
               ctl.abort();
             });
           }
-          await new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+          const stopped = new Promise<void>((resolve) => ctl.signal.addEventListener('abort', () => resolve(), { once: true }));
+          const fatal = await Promise.race([stopped.then(() => undefined), manager.failed]);
+          if (fatal) {
+            // a fatal Raft or storage error (e.g. the disk is full): stop the agent and the manager,
+            // then exit non-zero with one line, so that a supervisor restarts the manager; a stuck
+            // shutdown does not keep the process alive
+            setTimeout(() => {
+              process.stderr.write(`flotilla: ${fatal.message}: exiting\n`);
+              process.exit(1);
+            }, 5000).unref();
+            ctl.abort();
+            await agentRun;
+            await manager.stop().catch(() => {});
+            throw new ExitError(1, `${fatal.message}: exiting`);
+          }
           await agentRun;
           await manager.stop();
         },

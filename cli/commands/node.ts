@@ -45,7 +45,7 @@ export function register(program: Command): void {
                 cap(nodeStateName(n.status?.state)),
                 cap(availabilityName(n.spec?.availability)),
                 ms ? (ms.leader ? 'Leader' : cap(ms.reachability)) : '',
-                n.description?.runtime === 'sim' ? 'sim (simulated)' : (n.description?.runtime ?? ''),
+                n.description?.runtime === 'sim' ? 'sim (simulated)' : n.description?.runtime || 'none (no agent)',
               ];
             }),
           ),

@@ -22,7 +22,7 @@ import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js
 import { newId } from '../../common/ids.js';
 import type { MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
-import { unary } from '../dispatcher/dispatcher.js';
+import { isAgentless, unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
@@ -39,6 +39,8 @@ export interface ControlContext {
   /** Raft membership of manager nodes */
   removeManager?(node: Node, force: boolean): Promise<void>;
   managerStatus?(node: Node): import('../../gen/flotilla/v1/objects.js').ManagerStatus | undefined;
+  /** the Raft members with their ids, addresses and reachability */
+  managers?(): import('../../gen/flotilla/v1/objects.js').ManagerStatus[];
 }
 
 export function resolveService(store: MemoryStore, ref: string): Service {
@@ -82,6 +84,7 @@ export class ControlApi {
       nodes: this.store.nodes.size,
       services: this.store.services.size,
       tasks: this.store.tasks.size,
+      managers: this.ctx.managers?.() ?? [],
     };
   }
 
@@ -204,6 +207,11 @@ export class ControlApi {
       throw invalidArgument('availability', req.spec.availability, 'must be active, pause or drain');
     for (const k of Object.keys(req.spec.labels)) if (!k || /\s/.test(k)) throw invalidArgument('label', k, 'invalid key');
     if (labelBytes(req.spec.labels) > MAX_NODE_LABEL_BYTES) throw tooLarge('label', labelBytes(req.spec.labels), MAX_NODE_LABEL_BYTES);
+    if (isAgentless(cur) && req.spec.availability !== NodeAvailability.NODE_AVAILABILITY_DRAIN)
+      throw new FlotillaError(
+        'FAILED_PRECONDITION',
+        `node ${cur.description?.hostname ?? cur.id} is a manager without an agent (--no-agent): it cannot run tasks and stays drained; restart its manager without --no-agent first`,
+      );
     const wantRole = req.spec.desiredRole;
     let role = cur.role;
     if (wantRole !== cur.role) {

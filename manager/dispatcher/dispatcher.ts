@@ -20,7 +20,7 @@ import {
   UpdateTaskStatusResponse,
 } from '../../gen/flotilla/v1/dispatcher.js';
 import { LogLine } from '../../gen/flotilla/v1/control.js';
-import { NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { type Node, NodeAvailability, NodeRole, NodeState, Task, TaskState, TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError } from '../../common/errors.js';
 import { newId, secretMatches } from '../../common/ids.js';
 import type { Logger } from '../../common/log.js';
@@ -98,7 +98,7 @@ export class Dispatcher {
     const deadline = this.heartbeatMs() * MISSED_HEARTBEATS;
     const down: string[] = [];
     for (const n of this.store.listNodes()) {
-      if (n.status?.state !== NodeState.NODE_STATE_READY) continue;
+      if (n.status?.state !== NodeState.NODE_STATE_READY || isAgentless(n)) continue;
       const s = this.sessions.get(n.id);
       const last = s ? s.lastSeen : started;
       if (now - last > deadline) down.push(n.id);
@@ -177,7 +177,7 @@ export class Dispatcher {
   heartbeat(req: HeartbeatRequest): HeartbeatResponse {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
-    return { periodMs: this.heartbeatMs() };
+    return { periodMs: this.heartbeatMs(), managers: this.opts.managers() };
   }
 
   assignments(call: grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>): void {
@@ -330,6 +330,11 @@ export class Dispatcher {
       logs: (call) => this.logs(call),
     };
   }
+}
+
+/** A manager's node registered by the manager itself (no agent, no runtime): it has no session. */
+export function isAgentless(n: Node): boolean {
+  return !n.description?.runtime && !!n.description?.managerAddr;
 }
 
 function assignable(t: Task): boolean {

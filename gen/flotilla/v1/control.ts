@@ -20,7 +20,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { Cluster, Node, NodeSpec, Service, ServiceSpec, Task } from "./objects.js";
+import { Cluster, ManagerStatus, Node, NodeSpec, Service, ServiceSpec, Task } from "./objects.js";
 
 export const protobufPackage = "flotilla.v1";
 
@@ -38,6 +38,8 @@ export interface GetClusterResponse {
   nodes: number;
   services: number;
   tasks: number;
+  /** the Raft members (managers) with their ids, addresses and reachability as this manager sees them */
+  managers: ManagerStatus[];
 }
 
 export interface ListNodesRequest {
@@ -202,7 +204,7 @@ export const GetClusterRequest: MessageFns<GetClusterRequest> = {
 };
 
 function createBaseGetClusterResponse(): GetClusterResponse {
-  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0 };
+  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [] };
 }
 
 export const GetClusterResponse: MessageFns<GetClusterResponse> = {
@@ -221,6 +223,9 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     }
     if (message.tasks !== 0) {
       writer.uint32(40).uint64(message.tasks);
+    }
+    for (const v of message.managers) {
+      ManagerStatus.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -278,6 +283,14 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
             message.tasks = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.managers.push(ManagerStatus.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -302,6 +315,7 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     message.nodes = object.nodes ?? 0;
     message.services = object.services ?? 0;
     message.tasks = object.tasks ?? 0;
+    message.managers = object.managers?.map((e) => ManagerStatus.fromPartial(e)) || [];
     return message;
   },
 };

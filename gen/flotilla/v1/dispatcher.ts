@@ -57,6 +57,11 @@ export interface HeartbeatRequest {
 
 export interface HeartbeatResponse {
   periodMs: number;
+  /**
+   * all managers' addresses (as in RegisterResponse), so an agent learns of managers that joined
+   * after it registered and can fail over to them
+   */
+  managers: string[];
 }
 
 export interface AssignmentsRequest {
@@ -354,13 +359,16 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
 };
 
 function createBaseHeartbeatResponse(): HeartbeatResponse {
-  return { periodMs: 0 };
+  return { periodMs: 0, managers: [] };
 }
 
 export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
   encode(message: HeartbeatResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.periodMs !== 0) {
       writer.uint32(8).int64(message.periodMs);
+    }
+    for (const v of message.managers) {
+      writer.uint32(18).string(v!);
     }
     return writer;
   },
@@ -386,6 +394,14 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
             message.periodMs = longToNumber(reader.int64());
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.managers.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -404,6 +420,7 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
   fromPartial<I extends Exact<DeepPartial<HeartbeatResponse>, I>>(object: I): HeartbeatResponse {
     const message = createBaseHeartbeatResponse();
     message.periodMs = object.periodMs ?? 0;
+    message.managers = object.managers?.map((e) => e) || [];
     return message;
   },
 };
