@@ -123,6 +123,8 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     task: {
       container: {
         image,
+        secrets: [],
+        configs: [],
         command: flags.entrypoint ? [flags.entrypoint] : [],
         args,
         env,
@@ -153,6 +155,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         maxAttempts: flags.restartMaxAttempts !== undefined ? parseUint('--restart-max-attempts', flags.restartMaxAttempts) : 0,
         windowMs: flags.restartWindow !== undefined ? parseDuration('--restart-window', flags.restartWindow) : 0,
       },
+      networks: [],
       placement: {
         constraints: flags.constraint ?? [],
         maxReplicasPerNode: flags.replicasMaxPerNode !== undefined ? parseUint('--replicas-max-per-node', flags.replicasMaxPerNode) : 0,
@@ -161,6 +164,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     },
     update: applyUpdateFlags('update', flags, defaultUpdateConfig()),
     rollback: applyUpdateFlags('rollback', flags, defaultUpdateConfig()),
+    endpoint: undefined,
   };
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {

@@ -362,7 +362,7 @@ export class Manager {
           const dir = path.join(this.opts.dataDir, 'raft');
           if (fs.existsSync(dir)) fs.renameSync(dir, `${dir}.demoted-${Date.now()}`);
           // the state comes again from the leader (log or snapshot): start from nothing
-          this.store.restore({ nodes: [], services: [], tasks: [], clusters: [] }, 0);
+          this.store.restore({ nodes: [], services: [], tasks: [], clusters: [], networks: [], secrets: [], configs: [] }, 0);
           const raft = await this.openRaft(addr, token);
           await raft.waitForLeader(signal, 30_000);
           const nodeId = res.node.id;

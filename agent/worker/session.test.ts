@@ -21,6 +21,7 @@ import {
   RegisterRequest,
   type TaskStatusUpdate,
 } from '../../gen/flotilla/v1/dispatcher.js';
+import { NO_DEPS } from '../../testing/assignments.js';
 import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { runAgent, type AgentOptions } from '../agent.js';
 import type { Session } from './session.js';
@@ -104,7 +105,7 @@ class TestDispatcher {
         }
         this.streams.push(call);
         call.on('cancelled', () => (this.streams = this.streams.filter((s) => s !== call)));
-        call.write({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: this.tasks, remove: [] });
+        call.write({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: this.tasks, remove: [], ...NO_DEPS });
       },
       updateTaskStatus: (call, cb) => {
         if (!this.check(call.request.nodeId, call.request.sessionId)) return cb(notFound());
@@ -240,7 +241,7 @@ describe('dispatcher session', () => {
     expect(n2).toBeLessThanOrEqual(5);
 
     // an increment: shut one task down
-    disp.push({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...tasks[0]!, desiredState: TaskState.TASK_STATE_SHUTDOWN }], remove: [] });
+    disp.push({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...tasks[0]!, desiredState: TaskState.TASK_STATE_SHUTDOWN }], remove: [], ...NO_DEPS });
     await waitFor('shutdown', () => disp.last(tasks[0]!.id) === TaskState.TASK_STATE_SHUTDOWN);
 
     // logs of the other task, through the logs stream

@@ -9,6 +9,7 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../../common/ids.js';
 import { AssignmentsType, type AssignmentsMessage, type TaskStatusUpdate } from '../../gen/flotilla/v1/dispatcher.js';
+import { NO_DEPS } from '../../testing/assignments.js';
 import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
@@ -39,7 +40,7 @@ function task(slot: number, args: string[], over: { grace?: number; image?: stri
   });
 }
 
-const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
+const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [], ...NO_DEPS });
 
 const waitFor = (what: string, fn: () => boolean | Promise<boolean>): Promise<true> => waitUntilTrue(what, async () => (await fn()) || undefined, 20_000, 25);
 
@@ -89,7 +90,7 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
 
     // shutdown: sleep (pid 1) ignores TERM, so it is killed after the 2 s grace period
     const t0 = Date.now();
-    await w1.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...stopper, desiredState: S.TASK_STATE_SHUTDOWN }], remove: [] });
+    await w1.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...stopper, desiredState: S.TASK_STATE_SHUTDOWN }], remove: [], ...NO_DEPS });
     await waitFor('shut down', () => last.get(stopper.id)?.state === S.TASK_STATE_SHUTDOWN);
     expect(Date.now() - t0).toBeLessThan(8000);
 
@@ -114,9 +115,9 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     const names = (await rt.list()).map((c) => c.name);
     expect(names).toEqual([`rt.1.${sleeper.id}`]);
     // and the adopted task can be stopped and removed
-    await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...sleeper, desiredState: S.TASK_STATE_SHUTDOWN, status: last.get(sleeper.id) }], remove: [] });
+    await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...sleeper, desiredState: S.TASK_STATE_SHUTDOWN, status: last.get(sleeper.id) }], remove: [], ...NO_DEPS });
     await waitFor('adopted shut down', () => after.get(sleeper.id)?.state === S.TASK_STATE_SHUTDOWN);
-    await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [], remove: [sleeper.id] });
+    await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [], remove: [sleeper.id], ...NO_DEPS });
     await w2.idle();
     expect(await rt.list()).toEqual([]);
     await w2.close();

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { AssignmentsType, type AssignmentsMessage, type TaskStatusUpdate } from '../../gen/flotilla/v1/dispatcher.js';
+import { NO_DEPS } from '../../testing/assignments.js';
 import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { newId } from '../../common/ids.js';
 import type { ContainerCreateOptions, ContainerInfo } from '../runtime/types.js';
@@ -33,8 +34,8 @@ function task(over: { slot?: number; image?: string; env?: string[]; desired?: T
   });
 }
 
-const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
-const incremental = (update: Task[], remove: string[] = []): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update, remove });
+const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [], ...NO_DEPS });
+const incremental = (update: Task[], remove: string[] = []): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update, remove, ...NO_DEPS });
 
 /** A fake dispatcher end: records every batch and every status per task, in order. */
 class Recorder {

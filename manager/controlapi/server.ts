@@ -102,6 +102,7 @@ export class ControlApi {
         previousSpec: undefined,
         updateStatus: undefined,
         history: [{ version: 1, spec, createdAt: now }],
+        endpoint: undefined,
       });
     });
     return { service: this.store.getService(id) };

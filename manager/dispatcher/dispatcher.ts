@@ -192,7 +192,7 @@ export class Dispatcher {
     call.on('cancelled', () => s.streams.delete(call));
     call.on('close', () => s.streams.delete(call));
     const tasks = this.store.tasksOfNode(s.nodeId).filter(assignable);
-    call.write({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
+    call.write(AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks }));
   }
 
   /** Routes committed task changes to the sessions of their nodes. */
@@ -201,7 +201,7 @@ export class Dispatcher {
     const perNode = new Map<string, AssignmentsMessage>();
     const msgFor = (nodeId: string): AssignmentsMessage => {
       let m = perNode.get(nodeId);
-      if (!m) perNode.set(nodeId, (m = { type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [], remove: [] }));
+      if (!m) perNode.set(nodeId, (m = AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL })));
       return m;
     };
     for (const ev of evs) {

@@ -1,5 +1,6 @@
 /**
- * The manager's store: typed objects (nodes, services, tasks, clusters) with transactional updates.
+ * The manager's store: typed objects (nodes, services, tasks, clusters, networks, secrets, configs)
+ * with transactional updates.
  *
  * Every write goes through the proposer seam: update() runs a transaction function against the
  * current state, turns what it changed into a StoreBatch, and hands that to the proposer (Raft in a
@@ -14,7 +15,7 @@
  *
  * Each applied batch publishes one event per changed object, then a commit marker.
  */
-import { Cluster, Node, Service, StoreAction, StoreActionKind, StoreBatch, StoreSnapshot, Task } from '../../gen/flotilla/v1/objects.js';
+import { Cluster, Config, Network, Node, Secret, Service, StoreAction, StoreActionKind, StoreBatch, StoreSnapshot, Task } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
 import { createLogger, type Logger } from '../../common/log.js';
@@ -25,6 +26,9 @@ export interface Tables {
   service: Service;
   task: Task;
   cluster: Cluster;
+  network: Network;
+  secret: Secret;
+  config: Config;
 }
 export type Table = keyof Tables;
 export type StoreObject = Tables[Table];
@@ -73,11 +77,17 @@ export class MemoryStore {
     service: new Map(),
     task: new Map(),
     cluster: new Map(),
+    network: new Map(),
+    secret: new Map(),
+    config: new Map(),
   };
   readonly nodes = this.tables.node;
   readonly services = this.tables.service;
   readonly tasks = this.tables.task;
   readonly clusters = this.tables.cluster;
+  readonly networks = this.tables.network;
+  readonly secrets = this.tables.secret;
+  readonly configs = this.tables.config;
   /** index of the last applied batch */
   appliedIndex = 0;
   private proposer: Proposer | undefined;
@@ -311,6 +321,9 @@ export class MemoryStore {
       services: this.listServices(),
       tasks: this.listTasks(),
       clusters: [...this.clusters.values()],
+      networks: [...this.networks.values()],
+      secrets: [...this.secrets.values()],
+      configs: [...this.configs.values()],
     };
   }
 
@@ -319,6 +332,9 @@ export class MemoryStore {
     this.services.clear();
     this.tasks.clear();
     this.clusters.clear();
+    this.networks.clear();
+    this.secrets.clear();
+    this.configs.clear();
     this.tasksByNode.clear();
     this.tasksByService.clear();
     for (const n of snap.nodes) this.nodes.set(n.id, n);
@@ -328,6 +344,9 @@ export class MemoryStore {
       this.indexTask(t);
     }
     for (const c of snap.clusters) this.clusters.set(c.id, c);
+    for (const n of snap.networks) this.networks.set(n.id, n);
+    for (const x of snap.secrets) this.secrets.set(x.id, x);
+    for (const x of snap.configs) this.configs.set(x.id, x);
     this.appliedIndex = index;
     this.publish([{ kind: 'commit', index }]);
   }
@@ -353,6 +372,9 @@ function unpack(a: StoreAction): { table: Table; obj: StoreObject } {
   if (a.service) return { table: 'service', obj: a.service };
   if (a.task) return { table: 'task', obj: a.task };
   if (a.cluster) return { table: 'cluster', obj: a.cluster };
+  if (a.network) return { table: 'network', obj: a.network };
+  if (a.secret) return { table: 'secret', obj: a.secret };
+  if (a.config) return { table: 'config', obj: a.config };
   throw new FlotillaError('INTERNAL', 'store action without an object');
 }
 
@@ -399,7 +421,7 @@ export function splitBatches(groups: StoreAction[][], maxBytes: number): StoreAc
 }
 
 function pack(kind: StoreActionKind, table: Table, obj: StoreObject): StoreAction {
-  const a: StoreAction = { kind, node: undefined, service: undefined, task: undefined, cluster: undefined };
+  const a: StoreAction = { kind, node: undefined, service: undefined, task: undefined, cluster: undefined, network: undefined, secret: undefined, config: undefined };
   a[table] = obj as never;
   return a;
 }

@@ -23,7 +23,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { LogLine } from "./control.js";
-import { NodeDescription, Task, TaskStatus } from "./objects.js";
+import { Config, Network, NodeDescription, Secret, Task, TaskStatus } from "./objects.js";
 
 export const protobufPackage = "flotilla.v1";
 
@@ -73,6 +73,17 @@ export interface AssignmentsMessage {
   type: AssignmentsType;
   update: Task[];
   remove: string[];
+  /**
+   * dependencies of the node's tasks, sent only to nodes whose tasks reference them
+   * (COMPLETE: the whole set; INCREMENTAL: changes, and ids no longer needed in remove_*)
+   */
+  secrets: Secret[];
+  removeSecrets: string[];
+  configs: Config[];
+  removeConfigs: string[];
+  networks: Network[];
+  /** fields 10-19 are kept for the network data plane (peers, service endpoints) */
+  removeNetworks: string[];
 }
 
 export interface TaskStatusUpdate {
@@ -493,7 +504,17 @@ export const AssignmentsRequest: MessageFns<AssignmentsRequest> = {
 };
 
 function createBaseAssignmentsMessage(): AssignmentsMessage {
-  return { type: 0, update: [], remove: [] };
+  return {
+    type: 0,
+    update: [],
+    remove: [],
+    secrets: [],
+    removeSecrets: [],
+    configs: [],
+    removeConfigs: [],
+    networks: [],
+    removeNetworks: [],
+  };
 }
 
 export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
@@ -506,6 +527,24 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
     }
     for (const v of message.remove) {
       writer.uint32(26).string(v!);
+    }
+    for (const v of message.secrets) {
+      Secret.encode(v!, writer.uint32(34).fork()).join();
+    }
+    for (const v of message.removeSecrets) {
+      writer.uint32(42).string(v!);
+    }
+    for (const v of message.configs) {
+      Config.encode(v!, writer.uint32(50).fork()).join();
+    }
+    for (const v of message.removeConfigs) {
+      writer.uint32(58).string(v!);
+    }
+    for (const v of message.networks) {
+      Network.encode(v!, writer.uint32(66).fork()).join();
+    }
+    for (const v of message.removeNetworks) {
+      writer.uint32(74).string(v!);
     }
     return writer;
   },
@@ -547,6 +586,54 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
             message.remove.push(reader.string());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.secrets.push(Secret.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.removeSecrets.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.configs.push(Config.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.removeConfigs.push(reader.string());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.networks.push(Network.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.removeNetworks.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -567,6 +654,12 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
     message.type = object.type ?? 0;
     message.update = object.update?.map((e) => Task.fromPartial(e)) || [];
     message.remove = object.remove?.map((e) => e) || [];
+    message.secrets = object.secrets?.map((e) => Secret.fromPartial(e)) || [];
+    message.removeSecrets = object.removeSecrets?.map((e) => e) || [];
+    message.configs = object.configs?.map((e) => Config.fromPartial(e)) || [];
+    message.removeConfigs = object.removeConfigs?.map((e) => e) || [];
+    message.networks = object.networks?.map((e) => Network.fromPartial(e)) || [];
+    message.removeNetworks = object.removeNetworks?.map((e) => e) || [];
     return message;
   },
 };

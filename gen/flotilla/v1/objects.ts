@@ -84,6 +84,21 @@ export enum HealthState {
   HEALTH_STATE_UNHEALTHY = 3,
 }
 
+export enum EndpointMode {
+  ENDPOINT_MODE_VIP = 0,
+  ENDPOINT_MODE_DNSRR = 1,
+}
+
+export enum PortProtocol {
+  PORT_PROTOCOL_TCP = 0,
+  PORT_PROTOCOL_UDP = 1,
+}
+
+export enum PublishMode {
+  PUBLISH_MODE_INGRESS = 0,
+  PUBLISH_MODE_HOST = 1,
+}
+
 export enum StoreActionKind {
   STORE_ACTION_KIND_CREATE = 0,
   STORE_ACTION_KIND_UPDATE = 1,
@@ -180,6 +195,9 @@ export interface ContainerSpec {
   labels: { [key: string]: string };
   /** "" (own network namespace), "host" or "none" */
   networkMode: string;
+  /** secrets and configs mounted into the container (issue: secrets and configs) */
+  secrets: SecretReference[];
+  configs: ConfigReference[];
 }
 
 export interface ContainerSpec_LabelsEntry {
@@ -225,6 +243,8 @@ export interface TaskSpec {
     | undefined;
   /** bumped by `service update --force` */
   forceUpdate: number;
+  /** overlay networks the task is attached to (a change replaces the task) */
+  networks: NetworkAttachmentConfig[];
 }
 
 export interface ServiceSpec {
@@ -234,7 +254,11 @@ export interface ServiceSpec {
   mode: ServiceMode;
   replicas: number;
   update: UpdateConfig | undefined;
-  rollback: UpdateConfig | undefined;
+  rollback:
+    | UpdateConfig
+    | undefined;
+  /** how the service is reached: VIP or DNS round robin, published ports */
+  endpoint: EndpointSpec | undefined;
 }
 
 export interface ServiceSpec_LabelsEntry {
@@ -269,6 +293,8 @@ export interface Service {
     | undefined;
   /** kept versions, oldest first, current last */
   history: ServiceVersion[];
+  /** what the allocator gave the service: a virtual IP per network, published ports */
+  endpoint: Endpoint | undefined;
 }
 
 export interface TaskStatus {
@@ -297,6 +323,8 @@ export interface Task {
   desiredState: TaskState;
   /** restart bookkeeping */
   restartAt: number;
+  /** what the allocator gave the task: an address on each of its networks */
+  networks: NetworkAttachment[];
 }
 
 export interface ClusterSpec {
@@ -318,6 +346,148 @@ export interface Cluster {
   tokens: JoinTokens | undefined;
 }
 
+export interface IPAMConfig {
+  /** CIDR, e.g. 10.0.1.0/24; empty: taken from the cluster's default address pool */
+  subnet: string;
+  gateway: string;
+}
+
+export interface NetworkSpec {
+  name: string;
+  labels: { [key: string]: string };
+  /** "overlay" (the default) */
+  driver: string;
+  ipam:
+    | IPAMConfig
+    | undefined;
+  /** driver options, e.g. mtu=1400 */
+  driverOpts: { [key: string]: string };
+  /** the routing mesh's network (published ports in ingress mode) */
+  ingress: boolean;
+  internal: boolean;
+  attachable: boolean;
+}
+
+export interface NetworkSpec_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface NetworkSpec_DriverOptsEntry {
+  key: string;
+  value: string;
+}
+
+export interface NetworkAllocation {
+  subnet: string;
+  gateway: string;
+  /** VXLAN network identifier */
+  vni: number;
+  mtu: number;
+}
+
+export interface Network {
+  id: string;
+  meta: Meta | undefined;
+  spec: NetworkSpec | undefined;
+  allocation: NetworkAllocation | undefined;
+}
+
+export interface NetworkAttachmentConfig {
+  /** network name or id */
+  target: string;
+  aliases: string[];
+}
+
+/** A task's (or a service VIP's) place on a network. */
+export interface NetworkAttachment {
+  networkId: string;
+  /** CIDR addresses, e.g. 10.0.1.5/24 */
+  addresses: string[];
+  aliases: string[];
+}
+
+export interface PortConfig {
+  name: string;
+  protocol: PortProtocol;
+  targetPort: number;
+  /** 0 in a spec: allocated from the published-port range */
+  publishedPort: number;
+  publishMode: PublishMode;
+  /** ingress only: use only tasks on the receiving node, keeping the client's address */
+  localOnly: boolean;
+}
+
+export interface EndpointSpec {
+  mode: EndpointMode;
+  ports: PortConfig[];
+}
+
+export interface Endpoint {
+  spec:
+    | EndpointSpec
+    | undefined;
+  /** ports with published ports allocated */
+  ports: PortConfig[];
+  /** one virtual IP per network (ENDPOINT_MODE_VIP) */
+  virtualIps: NetworkAttachment[];
+}
+
+export interface SecretSpec {
+  name: string;
+  labels: { [key: string]: string };
+  data: Buffer;
+}
+
+export interface SecretSpec_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface Secret {
+  id: string;
+  meta: Meta | undefined;
+  spec: SecretSpec | undefined;
+}
+
+export interface ConfigSpec {
+  name: string;
+  labels: { [key: string]: string };
+  data: Buffer;
+}
+
+export interface ConfigSpec_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface Config {
+  id: string;
+  meta: Meta | undefined;
+  spec: ConfigSpec | undefined;
+}
+
+/** A file made from a secret or config inside a container. */
+export interface FileTarget {
+  /** secrets: a name under /run/secrets/ (or an absolute path); configs: an absolute path */
+  name: string;
+  uid: number;
+  gid: number;
+  mode: number;
+}
+
+export interface SecretReference {
+  secretId: string;
+  secretName: string;
+  file: FileTarget | undefined;
+}
+
+export interface ConfigReference {
+  configId: string;
+  configName: string;
+  file: FileTarget | undefined;
+}
+
 /** One change to one object; a transaction is a StoreBatch, the unit proposed to the log. */
 export interface StoreAction {
   kind: StoreActionKind;
@@ -325,6 +495,9 @@ export interface StoreAction {
   service: Service | undefined;
   task: Task | undefined;
   cluster: Cluster | undefined;
+  network: Network | undefined;
+  secret: Secret | undefined;
+  config: Config | undefined;
 }
 
 export interface StoreBatch {
@@ -339,6 +512,9 @@ export interface StoreSnapshot {
   services: Service[];
   tasks: Task[];
   clusters: Cluster[];
+  networks: Network[];
+  secrets: Secret[];
+  configs: Config[];
 }
 
 function createBaseMeta(): Meta {
@@ -1307,6 +1483,8 @@ function createBaseContainerSpec(): ContainerSpec {
     noHealthcheck: false,
     labels: {},
     networkMode: "",
+    secrets: [],
+    configs: [],
   };
 }
 
@@ -1347,6 +1525,12 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
     });
     if (message.networkMode !== "") {
       writer.uint32(98).string(message.networkMode);
+    }
+    for (const v of message.secrets) {
+      SecretReference.encode(v!, writer.uint32(106).fork()).join();
+    }
+    for (const v of message.configs) {
+      ConfigReference.encode(v!, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -1463,6 +1647,22 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
             message.networkMode = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.secrets.push(SecretReference.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.configs.push(ConfigReference.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1502,6 +1702,8 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
       {},
     );
     message.networkMode = object.networkMode ?? "";
+    message.secrets = object.secrets?.map((e) => SecretReference.fromPartial(e)) || [];
+    message.configs = object.configs?.map((e) => ConfigReference.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1918,7 +2120,14 @@ export const UpdateConfig: MessageFns<UpdateConfig> = {
 };
 
 function createBaseTaskSpec(): TaskSpec {
-  return { container: undefined, resources: undefined, restart: undefined, placement: undefined, forceUpdate: 0 };
+  return {
+    container: undefined,
+    resources: undefined,
+    restart: undefined,
+    placement: undefined,
+    forceUpdate: 0,
+    networks: [],
+  };
 }
 
 export const TaskSpec: MessageFns<TaskSpec> = {
@@ -1937,6 +2146,9 @@ export const TaskSpec: MessageFns<TaskSpec> = {
     }
     if (message.forceUpdate !== 0) {
       writer.uint32(40).uint64(message.forceUpdate);
+    }
+    for (const v of message.networks) {
+      NetworkAttachmentConfig.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1994,6 +2206,14 @@ export const TaskSpec: MessageFns<TaskSpec> = {
             message.forceUpdate = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.networks.push(NetworkAttachmentConfig.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2024,12 +2244,22 @@ export const TaskSpec: MessageFns<TaskSpec> = {
       ? Placement.fromPartial(object.placement)
       : undefined;
     message.forceUpdate = object.forceUpdate ?? 0;
+    message.networks = object.networks?.map((e) => NetworkAttachmentConfig.fromPartial(e)) || [];
     return message;
   },
 };
 
 function createBaseServiceSpec(): ServiceSpec {
-  return { name: "", labels: {}, task: undefined, mode: 0, replicas: 0, update: undefined, rollback: undefined };
+  return {
+    name: "",
+    labels: {},
+    task: undefined,
+    mode: 0,
+    replicas: 0,
+    update: undefined,
+    rollback: undefined,
+    endpoint: undefined,
+  };
 }
 
 export const ServiceSpec: MessageFns<ServiceSpec> = {
@@ -2054,6 +2284,9 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
     }
     if (message.rollback !== undefined) {
       UpdateConfig.encode(message.rollback, writer.uint32(58).fork()).join();
+    }
+    if (message.endpoint !== undefined) {
+      EndpointSpec.encode(message.endpoint, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -2130,6 +2363,14 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
             message.rollback = UpdateConfig.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.endpoint = EndpointSpec.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2165,6 +2406,9 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
       : undefined;
     message.rollback = (object.rollback !== undefined && object.rollback !== null)
       ? UpdateConfig.fromPartial(object.rollback)
+      : undefined;
+    message.endpoint = (object.endpoint !== undefined && object.endpoint !== null)
+      ? EndpointSpec.fromPartial(object.endpoint)
       : undefined;
     return message;
   },
@@ -2418,6 +2662,7 @@ function createBaseService(): Service {
     previousSpec: undefined,
     updateStatus: undefined,
     history: [],
+    endpoint: undefined,
   };
 }
 
@@ -2443,6 +2688,9 @@ export const Service: MessageFns<Service> = {
     }
     for (const v of message.history) {
       ServiceVersion.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.endpoint !== undefined) {
+      Endpoint.encode(message.endpoint, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -2516,6 +2764,14 @@ export const Service: MessageFns<Service> = {
             message.history.push(ServiceVersion.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.endpoint = Endpoint.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2546,6 +2802,9 @@ export const Service: MessageFns<Service> = {
       ? UpdateStatus.fromPartial(object.updateStatus)
       : undefined;
     message.history = object.history?.map((e) => ServiceVersion.fromPartial(e)) || [];
+    message.endpoint = (object.endpoint !== undefined && object.endpoint !== null)
+      ? Endpoint.fromPartial(object.endpoint)
+      : undefined;
     return message;
   },
 };
@@ -2724,6 +2983,7 @@ function createBaseTask(): Task {
     status: undefined,
     desiredState: 0,
     restartAt: 0,
+    networks: [],
   };
 }
 
@@ -2761,6 +3021,9 @@ export const Task: MessageFns<Task> = {
     }
     if (message.restartAt !== 0) {
       writer.uint32(88).int64(message.restartAt);
+    }
+    for (const v of message.networks) {
+      NetworkAttachment.encode(v!, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -2866,6 +3129,14 @@ export const Task: MessageFns<Task> = {
             message.restartAt = longToNumber(reader.int64());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.networks.push(NetworkAttachment.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2896,6 +3167,7 @@ export const Task: MessageFns<Task> = {
       : undefined;
     message.desiredState = object.desiredState ?? 0;
     message.restartAt = object.restartAt ?? 0;
+    message.networks = object.networks?.map((e) => NetworkAttachment.fromPartial(e)) || [];
     return message;
   },
 };
@@ -3153,8 +3425,1714 @@ export const Cluster: MessageFns<Cluster> = {
   },
 };
 
+function createBaseIPAMConfig(): IPAMConfig {
+  return { subnet: "", gateway: "" };
+}
+
+export const IPAMConfig: MessageFns<IPAMConfig> = {
+  encode(message: IPAMConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.subnet !== "") {
+      writer.uint32(10).string(message.subnet);
+    }
+    if (message.gateway !== "") {
+      writer.uint32(18).string(message.gateway);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IPAMConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIPAMConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.subnet = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.gateway = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<IPAMConfig>, I>>(base?: I): IPAMConfig {
+    return IPAMConfig.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<IPAMConfig>, I>>(object: I): IPAMConfig {
+    const message = createBaseIPAMConfig();
+    message.subnet = object.subnet ?? "";
+    message.gateway = object.gateway ?? "";
+    return message;
+  },
+};
+
+function createBaseNetworkSpec(): NetworkSpec {
+  return {
+    name: "",
+    labels: {},
+    driver: "",
+    ipam: undefined,
+    driverOpts: {},
+    ingress: false,
+    internal: false,
+    attachable: false,
+  };
+}
+
+export const NetworkSpec: MessageFns<NetworkSpec> = {
+  encode(message: NetworkSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
+      NetworkSpec_LabelsEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    if (message.driver !== "") {
+      writer.uint32(26).string(message.driver);
+    }
+    if (message.ipam !== undefined) {
+      IPAMConfig.encode(message.ipam, writer.uint32(34).fork()).join();
+    }
+    globalThis.Object.entries(message.driverOpts).forEach(([key, value]: [string, string]) => {
+      NetworkSpec_DriverOptsEntry.encode({ key: key as any, value }, writer.uint32(42).fork()).join();
+    });
+    if (message.ingress !== false) {
+      writer.uint32(48).bool(message.ingress);
+    }
+    if (message.internal !== false) {
+      writer.uint32(56).bool(message.internal);
+    }
+    if (message.attachable !== false) {
+      writer.uint32(64).bool(message.attachable);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = NetworkSpec_LabelsEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.labels[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.driver = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.ipam = IPAMConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            const entry5 = NetworkSpec_DriverOptsEntry.decode(reader, reader.uint32());
+            if (entry5.value !== undefined) {
+              message.driverOpts[entry5.key] = entry5.value;
+            }
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.ingress = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.internal = reader.bool();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.attachable = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkSpec>, I>>(base?: I): NetworkSpec {
+    return NetworkSpec.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkSpec>, I>>(object: I): NetworkSpec {
+    const message = createBaseNetworkSpec();
+    message.name = object.name ?? "";
+    message.labels = (globalThis.Object.entries(object.labels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.driver = object.driver ?? "";
+    message.ipam = (object.ipam !== undefined && object.ipam !== null)
+      ? IPAMConfig.fromPartial(object.ipam)
+      : undefined;
+    message.driverOpts = (globalThis.Object.entries(object.driverOpts ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.ingress = object.ingress ?? false;
+    message.internal = object.internal ?? false;
+    message.attachable = object.attachable ?? false;
+    return message;
+  },
+};
+
+function createBaseNetworkSpec_LabelsEntry(): NetworkSpec_LabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const NetworkSpec_LabelsEntry: MessageFns<NetworkSpec_LabelsEntry> = {
+  encode(message: NetworkSpec_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkSpec_LabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkSpec_LabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkSpec_LabelsEntry>, I>>(base?: I): NetworkSpec_LabelsEntry {
+    return NetworkSpec_LabelsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkSpec_LabelsEntry>, I>>(object: I): NetworkSpec_LabelsEntry {
+    const message = createBaseNetworkSpec_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseNetworkSpec_DriverOptsEntry(): NetworkSpec_DriverOptsEntry {
+  return { key: "", value: "" };
+}
+
+export const NetworkSpec_DriverOptsEntry: MessageFns<NetworkSpec_DriverOptsEntry> = {
+  encode(message: NetworkSpec_DriverOptsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkSpec_DriverOptsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkSpec_DriverOptsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkSpec_DriverOptsEntry>, I>>(base?: I): NetworkSpec_DriverOptsEntry {
+    return NetworkSpec_DriverOptsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkSpec_DriverOptsEntry>, I>>(object: I): NetworkSpec_DriverOptsEntry {
+    const message = createBaseNetworkSpec_DriverOptsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseNetworkAllocation(): NetworkAllocation {
+  return { subnet: "", gateway: "", vni: 0, mtu: 0 };
+}
+
+export const NetworkAllocation: MessageFns<NetworkAllocation> = {
+  encode(message: NetworkAllocation, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.subnet !== "") {
+      writer.uint32(10).string(message.subnet);
+    }
+    if (message.gateway !== "") {
+      writer.uint32(18).string(message.gateway);
+    }
+    if (message.vni !== 0) {
+      writer.uint32(24).uint32(message.vni);
+    }
+    if (message.mtu !== 0) {
+      writer.uint32(32).uint32(message.mtu);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkAllocation {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkAllocation();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.subnet = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.gateway = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vni = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mtu = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkAllocation>, I>>(base?: I): NetworkAllocation {
+    return NetworkAllocation.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkAllocation>, I>>(object: I): NetworkAllocation {
+    const message = createBaseNetworkAllocation();
+    message.subnet = object.subnet ?? "";
+    message.gateway = object.gateway ?? "";
+    message.vni = object.vni ?? 0;
+    message.mtu = object.mtu ?? 0;
+    return message;
+  },
+};
+
+function createBaseNetwork(): Network {
+  return { id: "", meta: undefined, spec: undefined, allocation: undefined };
+}
+
+export const Network: MessageFns<Network> = {
+  encode(message: Network, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.meta !== undefined) {
+      Meta.encode(message.meta, writer.uint32(18).fork()).join();
+    }
+    if (message.spec !== undefined) {
+      NetworkSpec.encode(message.spec, writer.uint32(26).fork()).join();
+    }
+    if (message.allocation !== undefined) {
+      NetworkAllocation.encode(message.allocation, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Network {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetwork();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.meta = Meta.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.spec = NetworkSpec.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.allocation = NetworkAllocation.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Network>, I>>(base?: I): Network {
+    return Network.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Network>, I>>(object: I): Network {
+    const message = createBaseNetwork();
+    message.id = object.id ?? "";
+    message.meta = (object.meta !== undefined && object.meta !== null) ? Meta.fromPartial(object.meta) : undefined;
+    message.spec = (object.spec !== undefined && object.spec !== null)
+      ? NetworkSpec.fromPartial(object.spec)
+      : undefined;
+    message.allocation = (object.allocation !== undefined && object.allocation !== null)
+      ? NetworkAllocation.fromPartial(object.allocation)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseNetworkAttachmentConfig(): NetworkAttachmentConfig {
+  return { target: "", aliases: [] };
+}
+
+export const NetworkAttachmentConfig: MessageFns<NetworkAttachmentConfig> = {
+  encode(message: NetworkAttachmentConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.target !== "") {
+      writer.uint32(10).string(message.target);
+    }
+    for (const v of message.aliases) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkAttachmentConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkAttachmentConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.aliases.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkAttachmentConfig>, I>>(base?: I): NetworkAttachmentConfig {
+    return NetworkAttachmentConfig.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkAttachmentConfig>, I>>(object: I): NetworkAttachmentConfig {
+    const message = createBaseNetworkAttachmentConfig();
+    message.target = object.target ?? "";
+    message.aliases = object.aliases?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseNetworkAttachment(): NetworkAttachment {
+  return { networkId: "", addresses: [], aliases: [] };
+}
+
+export const NetworkAttachment: MessageFns<NetworkAttachment> = {
+  encode(message: NetworkAttachment, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.networkId !== "") {
+      writer.uint32(10).string(message.networkId);
+    }
+    for (const v of message.addresses) {
+      writer.uint32(18).string(v!);
+    }
+    for (const v of message.aliases) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkAttachment {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkAttachment();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.networkId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.addresses.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.aliases.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkAttachment>, I>>(base?: I): NetworkAttachment {
+    return NetworkAttachment.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkAttachment>, I>>(object: I): NetworkAttachment {
+    const message = createBaseNetworkAttachment();
+    message.networkId = object.networkId ?? "";
+    message.addresses = object.addresses?.map((e) => e) || [];
+    message.aliases = object.aliases?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBasePortConfig(): PortConfig {
+  return { name: "", protocol: 0, targetPort: 0, publishedPort: 0, publishMode: 0, localOnly: false };
+}
+
+export const PortConfig: MessageFns<PortConfig> = {
+  encode(message: PortConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.protocol !== 0) {
+      writer.uint32(16).int32(message.protocol);
+    }
+    if (message.targetPort !== 0) {
+      writer.uint32(24).uint32(message.targetPort);
+    }
+    if (message.publishedPort !== 0) {
+      writer.uint32(32).uint32(message.publishedPort);
+    }
+    if (message.publishMode !== 0) {
+      writer.uint32(40).int32(message.publishMode);
+    }
+    if (message.localOnly !== false) {
+      writer.uint32(48).bool(message.localOnly);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PortConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePortConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.protocol = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.targetPort = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.publishedPort = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.publishMode = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.localOnly = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<PortConfig>, I>>(base?: I): PortConfig {
+    return PortConfig.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PortConfig>, I>>(object: I): PortConfig {
+    const message = createBasePortConfig();
+    message.name = object.name ?? "";
+    message.protocol = object.protocol ?? 0;
+    message.targetPort = object.targetPort ?? 0;
+    message.publishedPort = object.publishedPort ?? 0;
+    message.publishMode = object.publishMode ?? 0;
+    message.localOnly = object.localOnly ?? false;
+    return message;
+  },
+};
+
+function createBaseEndpointSpec(): EndpointSpec {
+  return { mode: 0, ports: [] };
+}
+
+export const EndpointSpec: MessageFns<EndpointSpec> = {
+  encode(message: EndpointSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.mode !== 0) {
+      writer.uint32(8).int32(message.mode);
+    }
+    for (const v of message.ports) {
+      PortConfig.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EndpointSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEndpointSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ports.push(PortConfig.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<EndpointSpec>, I>>(base?: I): EndpointSpec {
+    return EndpointSpec.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EndpointSpec>, I>>(object: I): EndpointSpec {
+    const message = createBaseEndpointSpec();
+    message.mode = object.mode ?? 0;
+    message.ports = object.ports?.map((e) => PortConfig.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseEndpoint(): Endpoint {
+  return { spec: undefined, ports: [], virtualIps: [] };
+}
+
+export const Endpoint: MessageFns<Endpoint> = {
+  encode(message: Endpoint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.spec !== undefined) {
+      EndpointSpec.encode(message.spec, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.ports) {
+      PortConfig.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.virtualIps) {
+      NetworkAttachment.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Endpoint {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEndpoint();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.spec = EndpointSpec.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ports.push(PortConfig.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.virtualIps.push(NetworkAttachment.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Endpoint>, I>>(base?: I): Endpoint {
+    return Endpoint.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Endpoint>, I>>(object: I): Endpoint {
+    const message = createBaseEndpoint();
+    message.spec = (object.spec !== undefined && object.spec !== null)
+      ? EndpointSpec.fromPartial(object.spec)
+      : undefined;
+    message.ports = object.ports?.map((e) => PortConfig.fromPartial(e)) || [];
+    message.virtualIps = object.virtualIps?.map((e) => NetworkAttachment.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseSecretSpec(): SecretSpec {
+  return { name: "", labels: {}, data: Buffer.alloc(0) };
+}
+
+export const SecretSpec: MessageFns<SecretSpec> = {
+  encode(message: SecretSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
+      SecretSpec_LabelsEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    if (message.data.length !== 0) {
+      writer.uint32(26).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecretSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecretSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = SecretSpec_LabelsEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.labels[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SecretSpec>, I>>(base?: I): SecretSpec {
+    return SecretSpec.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SecretSpec>, I>>(object: I): SecretSpec {
+    const message = createBaseSecretSpec();
+    message.name = object.name ?? "";
+    message.labels = (globalThis.Object.entries(object.labels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSecretSpec_LabelsEntry(): SecretSpec_LabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const SecretSpec_LabelsEntry: MessageFns<SecretSpec_LabelsEntry> = {
+  encode(message: SecretSpec_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecretSpec_LabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecretSpec_LabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SecretSpec_LabelsEntry>, I>>(base?: I): SecretSpec_LabelsEntry {
+    return SecretSpec_LabelsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SecretSpec_LabelsEntry>, I>>(object: I): SecretSpec_LabelsEntry {
+    const message = createBaseSecretSpec_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseSecret(): Secret {
+  return { id: "", meta: undefined, spec: undefined };
+}
+
+export const Secret: MessageFns<Secret> = {
+  encode(message: Secret, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.meta !== undefined) {
+      Meta.encode(message.meta, writer.uint32(18).fork()).join();
+    }
+    if (message.spec !== undefined) {
+      SecretSpec.encode(message.spec, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Secret {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecret();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.meta = Meta.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.spec = SecretSpec.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Secret>, I>>(base?: I): Secret {
+    return Secret.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Secret>, I>>(object: I): Secret {
+    const message = createBaseSecret();
+    message.id = object.id ?? "";
+    message.meta = (object.meta !== undefined && object.meta !== null) ? Meta.fromPartial(object.meta) : undefined;
+    message.spec = (object.spec !== undefined && object.spec !== null)
+      ? SecretSpec.fromPartial(object.spec)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseConfigSpec(): ConfigSpec {
+  return { name: "", labels: {}, data: Buffer.alloc(0) };
+}
+
+export const ConfigSpec: MessageFns<ConfigSpec> = {
+  encode(message: ConfigSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
+      ConfigSpec_LabelsEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    if (message.data.length !== 0) {
+      writer.uint32(26).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = ConfigSpec_LabelsEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.labels[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ConfigSpec>, I>>(base?: I): ConfigSpec {
+    return ConfigSpec.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ConfigSpec>, I>>(object: I): ConfigSpec {
+    const message = createBaseConfigSpec();
+    message.name = object.name ?? "";
+    message.labels = (globalThis.Object.entries(object.labels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseConfigSpec_LabelsEntry(): ConfigSpec_LabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const ConfigSpec_LabelsEntry: MessageFns<ConfigSpec_LabelsEntry> = {
+  encode(message: ConfigSpec_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigSpec_LabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigSpec_LabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ConfigSpec_LabelsEntry>, I>>(base?: I): ConfigSpec_LabelsEntry {
+    return ConfigSpec_LabelsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ConfigSpec_LabelsEntry>, I>>(object: I): ConfigSpec_LabelsEntry {
+    const message = createBaseConfigSpec_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseConfig(): Config {
+  return { id: "", meta: undefined, spec: undefined };
+}
+
+export const Config: MessageFns<Config> = {
+  encode(message: Config, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.meta !== undefined) {
+      Meta.encode(message.meta, writer.uint32(18).fork()).join();
+    }
+    if (message.spec !== undefined) {
+      ConfigSpec.encode(message.spec, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Config {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.meta = Meta.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.spec = ConfigSpec.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Config>, I>>(base?: I): Config {
+    return Config.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Config>, I>>(object: I): Config {
+    const message = createBaseConfig();
+    message.id = object.id ?? "";
+    message.meta = (object.meta !== undefined && object.meta !== null) ? Meta.fromPartial(object.meta) : undefined;
+    message.spec = (object.spec !== undefined && object.spec !== null)
+      ? ConfigSpec.fromPartial(object.spec)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseFileTarget(): FileTarget {
+  return { name: "", uid: 0, gid: 0, mode: 0 };
+}
+
+export const FileTarget: MessageFns<FileTarget> = {
+  encode(message: FileTarget, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.uid !== 0) {
+      writer.uint32(16).uint32(message.uid);
+    }
+    if (message.gid !== 0) {
+      writer.uint32(24).uint32(message.gid);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).uint32(message.mode);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FileTarget {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFileTarget();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.uid = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.gid = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<FileTarget>, I>>(base?: I): FileTarget {
+    return FileTarget.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FileTarget>, I>>(object: I): FileTarget {
+    const message = createBaseFileTarget();
+    message.name = object.name ?? "";
+    message.uid = object.uid ?? 0;
+    message.gid = object.gid ?? 0;
+    message.mode = object.mode ?? 0;
+    return message;
+  },
+};
+
+function createBaseSecretReference(): SecretReference {
+  return { secretId: "", secretName: "", file: undefined };
+}
+
+export const SecretReference: MessageFns<SecretReference> = {
+  encode(message: SecretReference, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.secretId !== "") {
+      writer.uint32(10).string(message.secretId);
+    }
+    if (message.secretName !== "") {
+      writer.uint32(18).string(message.secretName);
+    }
+    if (message.file !== undefined) {
+      FileTarget.encode(message.file, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecretReference {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecretReference();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.secretId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.secretName = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.file = FileTarget.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<SecretReference>, I>>(base?: I): SecretReference {
+    return SecretReference.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SecretReference>, I>>(object: I): SecretReference {
+    const message = createBaseSecretReference();
+    message.secretId = object.secretId ?? "";
+    message.secretName = object.secretName ?? "";
+    message.file = (object.file !== undefined && object.file !== null)
+      ? FileTarget.fromPartial(object.file)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseConfigReference(): ConfigReference {
+  return { configId: "", configName: "", file: undefined };
+}
+
+export const ConfigReference: MessageFns<ConfigReference> = {
+  encode(message: ConfigReference, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.configId !== "") {
+      writer.uint32(10).string(message.configId);
+    }
+    if (message.configName !== "") {
+      writer.uint32(18).string(message.configName);
+    }
+    if (message.file !== undefined) {
+      FileTarget.encode(message.file, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigReference {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigReference();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.configId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.configName = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.file = FileTarget.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ConfigReference>, I>>(base?: I): ConfigReference {
+    return ConfigReference.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ConfigReference>, I>>(object: I): ConfigReference {
+    const message = createBaseConfigReference();
+    message.configId = object.configId ?? "";
+    message.configName = object.configName ?? "";
+    message.file = (object.file !== undefined && object.file !== null)
+      ? FileTarget.fromPartial(object.file)
+      : undefined;
+    return message;
+  },
+};
+
 function createBaseStoreAction(): StoreAction {
-  return { kind: 0, node: undefined, service: undefined, task: undefined, cluster: undefined };
+  return {
+    kind: 0,
+    node: undefined,
+    service: undefined,
+    task: undefined,
+    cluster: undefined,
+    network: undefined,
+    secret: undefined,
+    config: undefined,
+  };
 }
 
 export const StoreAction: MessageFns<StoreAction> = {
@@ -3173,6 +5151,15 @@ export const StoreAction: MessageFns<StoreAction> = {
     }
     if (message.cluster !== undefined) {
       Cluster.encode(message.cluster, writer.uint32(42).fork()).join();
+    }
+    if (message.network !== undefined) {
+      Network.encode(message.network, writer.uint32(50).fork()).join();
+    }
+    if (message.secret !== undefined) {
+      Secret.encode(message.secret, writer.uint32(58).fork()).join();
+    }
+    if (message.config !== undefined) {
+      Config.encode(message.config, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -3230,6 +5217,30 @@ export const StoreAction: MessageFns<StoreAction> = {
             message.cluster = Cluster.decode(reader, reader.uint32());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.network = Network.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.secret = Secret.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.config = Config.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3255,6 +5266,15 @@ export const StoreAction: MessageFns<StoreAction> = {
     message.task = (object.task !== undefined && object.task !== null) ? Task.fromPartial(object.task) : undefined;
     message.cluster = (object.cluster !== undefined && object.cluster !== null)
       ? Cluster.fromPartial(object.cluster)
+      : undefined;
+    message.network = (object.network !== undefined && object.network !== null)
+      ? Network.fromPartial(object.network)
+      : undefined;
+    message.secret = (object.secret !== undefined && object.secret !== null)
+      ? Secret.fromPartial(object.secret)
+      : undefined;
+    message.config = (object.config !== undefined && object.config !== null)
+      ? Config.fromPartial(object.config)
       : undefined;
     return message;
   },
@@ -3328,7 +5348,7 @@ export const StoreBatch: MessageFns<StoreBatch> = {
 };
 
 function createBaseStoreSnapshot(): StoreSnapshot {
-  return { nodes: [], services: [], tasks: [], clusters: [] };
+  return { nodes: [], services: [], tasks: [], clusters: [], networks: [], secrets: [], configs: [] };
 }
 
 export const StoreSnapshot: MessageFns<StoreSnapshot> = {
@@ -3344,6 +5364,15 @@ export const StoreSnapshot: MessageFns<StoreSnapshot> = {
     }
     for (const v of message.clusters) {
       Cluster.encode(v!, writer.uint32(34).fork()).join();
+    }
+    for (const v of message.networks) {
+      Network.encode(v!, writer.uint32(42).fork()).join();
+    }
+    for (const v of message.secrets) {
+      Secret.encode(v!, writer.uint32(50).fork()).join();
+    }
+    for (const v of message.configs) {
+      Config.encode(v!, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -3393,6 +5422,30 @@ export const StoreSnapshot: MessageFns<StoreSnapshot> = {
             message.clusters.push(Cluster.decode(reader, reader.uint32()));
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.networks.push(Network.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.secrets.push(Secret.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.configs.push(Config.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3414,6 +5467,9 @@ export const StoreSnapshot: MessageFns<StoreSnapshot> = {
     message.services = object.services?.map((e) => Service.fromPartial(e)) || [];
     message.tasks = object.tasks?.map((e) => Task.fromPartial(e)) || [];
     message.clusters = object.clusters?.map((e) => Cluster.fromPartial(e)) || [];
+    message.networks = object.networks?.map((e) => Network.fromPartial(e)) || [];
+    message.secrets = object.secrets?.map((e) => Secret.fromPartial(e)) || [];
+    message.configs = object.configs?.map((e) => Config.fromPartial(e)) || [];
     return message;
   },
 };
