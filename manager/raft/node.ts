@@ -31,6 +31,8 @@ import { snapIndex } from './memory-storage.js';
 import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftServiceHandlers } from './transport.js';
 import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
+import { ReadyRunner } from './ready.js';
+export { coalesceAcks } from './ready.js';
 import { sleep } from '../../common/sleep.js';
 import { writeFileAtomicSync } from '../../common/fsutil.js';
 
@@ -125,29 +127,6 @@ function unwrapProposal(data: Buffer): { rid: string | undefined; payload: Buffe
   return { rid: undefined, payload: data };
 }
 
-/**
- * A follower that took several appends in one Ready answers each of them; an accepting answer
- * implies every earlier accepting answer of the same term to the same leader (the leader keeps the
- * highest index it heard), so only the last one is sent. Rejections and other messages pass.
- */
-export function coalesceAcks(msgs: Message[]): Message[] {
-  if (msgs.length < 2) return msgs;
-  let last: Map<number, Message> | undefined;
-  for (const m of msgs) {
-    if (m.type === MessageType.MESSAGE_TYPE_APP_RESP && !m.reject) (last ??= new Map()).set(m.to, m);
-  }
-  if (!last) return msgs;
-  const out: Message[] = [];
-  for (const m of msgs) {
-    if (m.type === MessageType.MESSAGE_TYPE_APP_RESP && !m.reject) {
-      const l = last.get(m.to)!;
-      if (l !== m && l.term === m.term && l.index >= m.index) continue;
-    }
-    out.push(m);
-  }
-  return out;
-}
-
 /** Request ids come from a pool of random bytes refilled 512 at a time (one randomBytes call each). */
 const RID_POOL = 4096;
 let ridPool = Buffer.alloc(0);
@@ -225,6 +204,8 @@ export class RaftNode {
   private loop: Promise<void> | undefined;
   private applied = 0;
   private lastSnapshotIndex = 0;
+  private runner!: ReadyRunner<Promise<void>>;
+  private syncStart = 0;
   private lead = 0;
   private leader = false;
   private stopped = false;
@@ -383,6 +364,37 @@ export class RaftNode {
       maxSizePerMsg: 1024 * 1024,
       maxInflightMsgs: 256,
     });
+    const wal = this.wal;
+    this.runner = new ReadyRunner<Promise<void>>(
+      {
+        storage,
+        saveSnapshot: (snap) => {
+          wal.saveSnapshot(snap);
+          this.lastSnapshotIndex = snapIndex(snap);
+        },
+        write: (hs, entries) => wal.write(hs, entries),
+        startSync: () => {
+          this.syncStart = performance.now();
+          return wal.syncAsync();
+        },
+      },
+      {
+        onSoftState: (lead, isLeader) => this.onSoftState(lead, isLeader),
+        send: (msgs) => this.transport.send(msgs),
+        restoreSnapshot: (snap) => this.restoreSnapshot(snap),
+        applyEntry: (e) => this.applyEntry(e),
+        afterApply: () => this.wakeApplied(),
+        readState: (rs) => {
+          const key = Buffer.from(rs.context).toString('hex');
+          const w = this.readWaiters.get(key);
+          if (w) {
+            this.readWaiters.delete(key);
+            w.resolve(rs.index);
+          }
+        },
+        advance: (rd) => this.raw.advance(rd),
+      },
+    );
     for (const [id, addr] of this.book) this.transport.setPeer(id, addr);
     this.ticker = setInterval(() => this.tick(), this.tickMs);
     this.opts.signal.addEventListener('abort', this.onAbort, { once: true });
@@ -448,62 +460,17 @@ export class RaftNode {
     stats.committed += rd.committedEntries.length;
     stats.messagesOut += rd.messages.length;
     if (rd.mustSync) stats.syncs++;
-    if (rd.softState) this.onSoftState(rd.softState.lead, rd.softState.role === 'leader');
-    const storage = this.wal.storage;
-    // A leader may send its appends and heartbeats before its own write is durable (Raft thesis
-    // 10.2.1): it counts itself towards a commit only in a later Ready, after this fsync. Not when
-    // the term or vote changed: those must be durable before anyone hears of them.
-    const prev = storage.initialState().hardState;
-    const termOrVote = rd.hardState !== undefined && (rd.hardState.term !== prev.term || rd.hardState.vote !== prev.vote);
-    const early = this.leader && !termOrVote && !rd.snapshot;
-    if (early && rd.messages.length > 0) this.transport.send(rd.messages);
-    // 1. persist: the snapshot file, then entries + hard state with one fsync
-    if (rd.snapshot) {
-      this.wal.saveSnapshot(rd.snapshot);
-      storage.applySnapshot(rd.snapshot);
-      this.lastSnapshotIndex = snapIndex(rd.snapshot);
+    const step = this.runner.begin(rd);
+    if (step.error !== undefined) {
+      await step.sync?.catch(() => {});
+      throw step.error;
     }
-    this.wal.write(rd.hardState, rd.entries);
-    const t0 = performance.now();
-    const sync = rd.mustSync ? this.wal.syncAsync() : undefined;
-    // 3a. committed entries that are already durable here (written and fsynced by an earlier
-    // Ready) are applied while this Ready's fsync runs: a write is acknowledged one fsync sooner.
-    // Committed entries of this very Ready (a lone voter commits on append) wait for the fsync.
-    const committed = rd.committedEntries;
-    let ci = 0;
-    if (!rd.snapshot && committed.length > 0) {
-      const durable = storage.lastIndex();
-      try {
-        while (ci < committed.length && committed[ci]!.index <= durable) this.applyEntry(committed[ci++]!);
-      } catch (err) {
-        await sync?.catch(() => {});
-        throw err;
-      }
-      if (ci > 0) this.wakeApplied();
-    }
-    if (sync) {
-      await sync;
-      stats.syncMs += performance.now() - t0;
+    if (step.sync) {
+      await step.sync;
+      stats.syncMs += performance.now() - this.syncStart;
     }
     if (this.stopped) return;
-    if (rd.hardState) storage.setHardState(rd.hardState);
-    storage.append(rd.entries);
-    // 2. send
-    if (!early && rd.messages.length > 0) this.transport.send(coalesceAcks(rd.messages));
-    // 3. apply
-    if (rd.snapshot) this.restoreSnapshot(rd.snapshot);
-    for (; ci < committed.length; ci++) this.applyEntry(committed[ci]!);
-    for (const rs of rd.readStates) {
-      const key = Buffer.from(rs.context).toString('hex');
-      const w = this.readWaiters.get(key);
-      if (w) {
-        this.readWaiters.delete(key);
-        w.resolve(rs.index);
-      }
-    }
-    // 4. advance
-    this.raw.advance(rd);
-    this.wakeApplied();
+    this.runner.finish(step);
   }
 
   private onSoftState(lead: number, isLeader: boolean): void {
