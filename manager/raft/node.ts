@@ -1,38 +1,45 @@
 /**
  * RaftNode: the driver around the pure Raft core (core.ts). It owns a RawNode, the durable storage
- * (wal.ts), the gRPC transport (transport.ts) and a ticker, and runs the Ready loop:
+ * (wal.ts), the gRPC transport (transport.ts) and a ticker, and runs the Ready loop, one Ready at
+ * a time through the Ready handler (ready.ts, shared with the simulator):
  *
- *   persist (snapshot file, WAL append + one fsync) -> send messages -> apply the snapshot and the
- *   committed entries through the state machine -> advance
+ *   persist (snapshot file, WAL write; a leader sends first) -> fsync (committed entries already
+ *   durable are applied meanwhile) -> send -> apply the snapshot and the rest -> advance
  *
- * Everything in the loop is synchronous, so all proposals and messages that arrive while one Ready
- * is being handled land in the next one and share its fsync (group commit).
+ * Whatever arrives while a Ready's fsync runs lands in the next Ready and shares its fsync (group
+ * commit).
  *
  * Proposals carry a random request id; propose() resolves when the entry carrying it is applied
  * locally. A proposal on a follower is forwarded to the leader by the core. When the known leader
  * changes, pending proposals and reads are rejected with a retryable UNAVAILABLE error (the entry
- * may or may not have been committed).
+ * may or may not have been committed). Waiting requests live in one registry (waiters.ts).
  *
- * Membership: new members join as learners (Join RPC to any manager, forwarded to the leader) and
- * the leader promotes a learner to voter once it has caught up. Peer addresses travel in the
- * ConfChange context and in snapshots, and are kept in <dataDir>/members.json.
+ * The other seams: the log and snapshot encodings (encoding.ts), membership and joining
+ * (membership.ts), the gRPC service (service.ts), force-new-cluster (force-new-cluster.ts).
  */
 import * as grpc from '@grpc/grpc-js';
 import { randomBytes, randomInt } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import type { Logger } from '../../common/log.js';
-import { ConfChangeType, EntryType, MessageType, RaftClient, type Message, type JoinRaftRequest, type JoinRaftResponse, type LeaveRaftRequest } from '../../gen/flotilla/v1/raft.js';
+import { ConfChangeType, EntryType, type JoinRaftRequest, type JoinRaftResponse, type LeaveRaftRequest, type RaftClient } from '../../gen/flotilla/v1/raft.js';
 import { RawNode, decodeConfChange } from './core.js';
+import { MAX_PROPOSAL, encodeContext, newRid, parseContext, unwrapProposal, unwrapSnapshot, wrapProposal, wrapSnapshot } from './encoding.js';
+import { forceNewCluster } from './force-new-cluster.js';
+import { MemberBook, checkRemovalQuorum, joinCluster, learnerToPromote, transferTarget, writeMembersFile } from './membership.js';
 import { snapIndex } from './memory-storage.js';
-import { CHANNEL_OPTIONS, RaftTransport, addRaftService, callUnary, type RaftServiceHandlers } from './transport.js';
-import type { ConfChange, ConfState, Entry, Ready, Snapshot } from './types.js';
+import { ReadyRunner } from './ready.js';
+import { attachRaftService, type ServiceRef } from './service.js';
+import { CHANNEL_OPTIONS, RaftTransport, callUnary } from './transport.js';
+import type { Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
+import { Waiters } from './waiters.js';
 import { sleep } from '../../common/sleep.js';
 import { writeFileAtomicSync } from '../../common/fsutil.js';
+
+export { coalesceAcks } from './ready.js';
 
 export interface StateMachine {
   /** apply a committed entry (deterministically, the same on every manager); a throw is logged and rejects the local proposer */
@@ -93,114 +100,16 @@ export interface RaftMemberInfo {
   learner: boolean;
 }
 
-interface Waiter {
-  resolve: () => void;
-  reject: (err: unknown) => void;
-}
-
-interface ReadWaiter {
-  resolve: (index: number) => void;
-  reject: (err: unknown) => void;
-}
-
-const ENVELOPE = 0xf1;
-const SNAP_MAGIC = Buffer.from('FLRS');
-const MAX_PROPOSAL = 8 * 1024 * 1024;
-
 function retryable(why: string): FlotillaError {
   return new FlotillaError('UNAVAILABLE', why);
-}
-
-/** A normal entry's data: 0xF1, 8-byte request id, payload. */
-function wrapProposal(rid: Buffer, data: Uint8Array): Buffer {
-  const out = Buffer.allocUnsafe(9 + data.length);
-  out[0] = ENVELOPE;
-  rid.copy(out, 1);
-  out.set(data, 9);
-  return out;
-}
-
-function unwrapProposal(data: Buffer): { rid: string | undefined; payload: Buffer } {
-  if (data.length >= 9 && data[0] === ENVELOPE) return { rid: data.subarray(1, 9).toString('hex'), payload: data.subarray(9) };
-  return { rid: undefined, payload: data };
-}
-
-/**
- * A follower that took several appends in one Ready answers each of them; an accepting answer
- * implies every earlier accepting answer of the same term to the same leader (the leader keeps the
- * highest index it heard), so only the last one is sent. Rejections and other messages pass.
- */
-export function coalesceAcks(msgs: Message[]): Message[] {
-  if (msgs.length < 2) return msgs;
-  let last: Map<number, Message> | undefined;
-  for (const m of msgs) {
-    if (m.type === MessageType.MESSAGE_TYPE_APP_RESP && !m.reject) (last ??= new Map()).set(m.to, m);
-  }
-  if (!last) return msgs;
-  const out: Message[] = [];
-  for (const m of msgs) {
-    if (m.type === MessageType.MESSAGE_TYPE_APP_RESP && !m.reject) {
-      const l = last.get(m.to)!;
-      if (l !== m && l.term === m.term && l.index >= m.index) continue;
-    }
-    out.push(m);
-  }
-  return out;
-}
-
-/** Request ids come from a pool of random bytes refilled 512 at a time (one randomBytes call each). */
-const RID_POOL = 4096;
-let ridPool = Buffer.alloc(0);
-let ridOff = RID_POOL;
-function newRid(): Buffer {
-  if (ridOff >= ridPool.length) {
-    ridPool = randomBytes(RID_POOL);
-    ridOff = 0;
-  }
-  const rid = ridPool.subarray(ridOff, ridOff + 8);
-  ridOff += 8;
-  return rid;
-}
-
-/** Snapshot data: "FLRS", u32 length of the members JSON, the JSON, the state machine's bytes. */
-function wrapSnapshot(members: Map<number, string>, state: Uint8Array): Buffer {
-  const json = Buffer.from(JSON.stringify([...members].map(([id, addr]) => ({ id, addr }))));
-  const out = Buffer.allocUnsafe(8 + json.length + state.length);
-  SNAP_MAGIC.copy(out, 0);
-  out.writeUInt32LE(json.length, 4);
-  json.copy(out, 8);
-  out.set(state, 8 + json.length);
-  return out;
-}
-
-function unwrapSnapshot(data: Buffer): { members: { id: number; addr: string }[]; state: Buffer } {
-  if (data.length < 8 || !data.subarray(0, 4).equals(SNAP_MAGIC)) throw new FlotillaError('INTERNAL', 'raft snapshot data has no flotilla header');
-  const len = data.readUInt32LE(4);
-  const members = JSON.parse(data.subarray(8, 8 + len).toString()) as { id: number; addr: string }[];
-  return { members, state: data.subarray(8 + len) };
-}
-
-interface CcContext {
-  addr?: string;
-  rid?: string;
-}
-
-function parseContext(ctx: Buffer): CcContext {
-  if (ctx.length === 0) return {};
-  try {
-    const v = JSON.parse(ctx.toString()) as CcContext;
-    return typeof v === 'object' && v ? v : {};
-  } catch {
-    return { addr: ctx.toString() };
-  }
 }
 
 function walPrealloc(opts: RaftNodeOptions): number {
   return Math.min(opts.preallocBytes ?? 4 * 1024 * 1024, opts.segmentBytes ?? DEFAULT_SEGMENT_BYTES);
 }
 
-function writeJsonAtomic(file: string, value: unknown): void {
-  writeFileAtomicSync(file, JSON.stringify(value, null, 1));
+function openWal(opts: RaftNodeOptions): Wal {
+  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log: opts.log });
 }
 
 export class RaftNode {
@@ -214,17 +123,17 @@ export class RaftNode {
   private readonly sm: StateMachine;
   private readonly log: Logger | undefined;
   private readonly events = new EventEmitter();
-  private readonly book = new Map<number, string>();
-  private readonly waiters = new Map<string, Waiter>();
-  private readonly readWaiters = new Map<string, ReadWaiter>();
-  /** reads whose index is known, waiting for applied to reach it */
-  private appliedWaiters: { index: number; resolve: () => void }[] = [];
+  private readonly book: MemberBook;
+  /** proposals, conf changes, reads, waits for the applied index */
+  private readonly waiters: Waiters;
   private ticker: NodeJS.Timeout | undefined;
   private readyScheduled = false;
   private readyAgain = false;
   private loop: Promise<void> | undefined;
   private applied = 0;
   private lastSnapshotIndex = 0;
+  private runner!: ReadyRunner<Promise<void>>;
+  private syncStart = 0;
   private lead = 0;
   private leader = false;
   private stopped = false;
@@ -237,7 +146,6 @@ export class RaftNode {
   private readonly snapshotEvery: number;
   private readonly compactKeep: number;
   private readonly requestTimeoutMs: number;
-  private readonly membersFile: string;
   private readonly ac = new AbortController();
   /** counters for benchmarks and tests */
   readonly stats = { readies: 0, syncs: 0, entries: 0, committed: 0, messagesOut: 0, messagesIn: 0, proposals: 0, syncMs: 0 };
@@ -257,8 +165,8 @@ export class RaftNode {
     this.snapshotEvery = opts.snapshotEvery ?? 10_000;
     this.compactKeep = opts.compactKeep ?? 1000;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 15_000;
-    this.membersFile = path.join(opts.dataDir, 'members.json');
-    for (const [id, addr] of init.members) this.book.set(id, addr);
+    this.book = new MemberBook(this.id, path.join(opts.dataDir, 'members.json'), init.members);
+    this.waiters = new Waiters(this.requestTimeoutMs);
     this.events.setMaxListeners(0);
     this.transport = new RaftTransport({
       id: this.id,
@@ -292,24 +200,14 @@ export class RaftNode {
     // the server first: a joiner must be reachable as soon as the leader adds it
     let server: grpc.Server | undefined;
     let addr = opts.advertiseAddr ?? '';
-    // A server carries the Raft service once; a later node on the same server (a demoted manager
-    // promoted again) takes over the same handlers.
-    let handlers: { node?: RaftNode } = {};
-    const pendingHandlers = makeHandlers(handlers);
+    let handlers: ServiceRef;
     if (opts.server) {
-      const known = SERVER_HANDLERS.get(opts.server);
-      if (known) {
-        handlers = known;
-        handlers.node = undefined;
-      } else {
-        addRaftService(opts.server, pendingHandlers, log);
-        SERVER_HANDLERS.set(opts.server, handlers);
-      }
+      handlers = attachRaftService(opts.server, log);
       if (!addr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: advertiseAddr is required when the server is given');
     } else {
       if (!opts.listenAddr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: listenAddr or server is required');
       server = new grpc.Server(CHANNEL_OPTIONS);
-      addRaftService(server, pendingHandlers, log);
+      handlers = attachRaftService(server, log);
       const srv = server;
       const port = await new Promise<number>((resolve, reject) =>
         srv.bindAsync(opts.listenAddr!, opts.serverCredentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(new FlotillaError('UNAVAILABLE', `raft: cannot listen on ${opts.listenAddr}: ${err.message}`)) : resolve(p))),
@@ -330,11 +228,11 @@ export class RaftNode {
           for (const m of JSON.parse(fs.readFileSync(membersFile, 'utf8')) as { id: number; addr: string }[]) members.set(m.id, m.addr);
         }
       } else if (opts.join) {
-        const res = await joinCluster(opts, addr);
+        const res = await joinCluster({ ...opts, join: opts.join }, addr);
         id = res.raftId;
         for (const m of res.members) members.set(m.raftId, m.addr);
-        writeJsonAtomic(membersFile, [...members].map(([i, a]) => ({ id: i, addr: a })));
-        writeJsonAtomic(idFile, { id });
+        writeMembersFile(membersFile, members);
+        writeFileAtomicSync(idFile, JSON.stringify({ id }, null, 1));
       } else {
         if (opts.peers && opts.peers.length > 0) {
           if (opts.id === undefined || !opts.peers.some((p) => p.id === opts.id)) {
@@ -348,14 +246,14 @@ export class RaftNode {
           peers = [id];
           members.set(id, addr);
         }
-        writeJsonAtomic(membersFile, [...members].map(([i, a]) => ({ id: i, addr: a })));
-        writeJsonAtomic(idFile, { id });
+        writeMembersFile(membersFile, members);
+        writeFileAtomicSync(idFile, JSON.stringify({ id }, null, 1));
       }
       members.set(id, addr);
 
-      let wal = Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log });
+      let wal = openWal(opts);
       if (existing && opts.forceNewCluster) {
-        wal = forceNewCluster(wal, opts, id, addr, members);
+        wal = forceNewCluster(wal, opts, id, addr, members, () => openWal(opts));
       }
       const node = new RaftNode(opts, { id, addr, wal, server, members });
       node.start(peers);
@@ -383,7 +281,31 @@ export class RaftNode {
       maxSizePerMsg: 1024 * 1024,
       maxInflightMsgs: 256,
     });
-    for (const [id, addr] of this.book) this.transport.setPeer(id, addr);
+    const wal = this.wal;
+    this.runner = new ReadyRunner<Promise<void>>(
+      {
+        storage,
+        saveSnapshot: (snap) => {
+          wal.saveSnapshot(snap);
+          this.lastSnapshotIndex = snapIndex(snap);
+        },
+        write: (hs, entries) => wal.write(hs, entries),
+        startSync: () => {
+          this.syncStart = performance.now();
+          return wal.syncAsync();
+        },
+      },
+      {
+        onSoftState: (lead, isLeader) => this.onSoftState(lead, isLeader),
+        send: (msgs) => this.transport.send(msgs),
+        restoreSnapshot: (snap) => this.restoreSnapshot(snap),
+        applyEntry: (e) => this.applyEntry(e),
+        afterApply: () => this.wakeApplied(),
+        readState: (rs) => this.waiters.settle(readKey(rs.context), rs.index),
+        advance: (rd) => this.raw.advance(rd),
+      },
+    );
+    this.book.connect(this.transport);
     this.ticker = setInterval(() => this.tick(), this.tickMs);
     this.opts.signal.addEventListener('abort', this.onAbort, { once: true });
     // a lone voter need not wait for an election timeout
@@ -448,62 +370,17 @@ export class RaftNode {
     stats.committed += rd.committedEntries.length;
     stats.messagesOut += rd.messages.length;
     if (rd.mustSync) stats.syncs++;
-    if (rd.softState) this.onSoftState(rd.softState.lead, rd.softState.role === 'leader');
-    const storage = this.wal.storage;
-    // A leader may send its appends and heartbeats before its own write is durable (Raft thesis
-    // 10.2.1): it counts itself towards a commit only in a later Ready, after this fsync. Not when
-    // the term or vote changed: those must be durable before anyone hears of them.
-    const prev = storage.initialState().hardState;
-    const termOrVote = rd.hardState !== undefined && (rd.hardState.term !== prev.term || rd.hardState.vote !== prev.vote);
-    const early = this.leader && !termOrVote && !rd.snapshot;
-    if (early && rd.messages.length > 0) this.transport.send(rd.messages);
-    // 1. persist: the snapshot file, then entries + hard state with one fsync
-    if (rd.snapshot) {
-      this.wal.saveSnapshot(rd.snapshot);
-      storage.applySnapshot(rd.snapshot);
-      this.lastSnapshotIndex = snapIndex(rd.snapshot);
+    const step = this.runner.begin(rd);
+    if (step.error !== undefined) {
+      await step.sync?.catch(() => {});
+      throw step.error;
     }
-    this.wal.write(rd.hardState, rd.entries);
-    const t0 = performance.now();
-    const sync = rd.mustSync ? this.wal.syncAsync() : undefined;
-    // 3a. committed entries that are already durable here (written and fsynced by an earlier
-    // Ready) are applied while this Ready's fsync runs: a write is acknowledged one fsync sooner.
-    // Committed entries of this very Ready (a lone voter commits on append) wait for the fsync.
-    const committed = rd.committedEntries;
-    let ci = 0;
-    if (!rd.snapshot && committed.length > 0) {
-      const durable = storage.lastIndex();
-      try {
-        while (ci < committed.length && committed[ci]!.index <= durable) this.applyEntry(committed[ci++]!);
-      } catch (err) {
-        await sync?.catch(() => {});
-        throw err;
-      }
-      if (ci > 0) this.wakeApplied();
-    }
-    if (sync) {
-      await sync;
-      stats.syncMs += performance.now() - t0;
+    if (step.sync) {
+      await step.sync;
+      stats.syncMs += performance.now() - this.syncStart;
     }
     if (this.stopped) return;
-    if (rd.hardState) storage.setHardState(rd.hardState);
-    storage.append(rd.entries);
-    // 2. send
-    if (!early && rd.messages.length > 0) this.transport.send(coalesceAcks(rd.messages));
-    // 3. apply
-    if (rd.snapshot) this.restoreSnapshot(rd.snapshot);
-    for (; ci < committed.length; ci++) this.applyEntry(committed[ci]!);
-    for (const rs of rd.readStates) {
-      const key = Buffer.from(rs.context).toString('hex');
-      const w = this.readWaiters.get(key);
-      if (w) {
-        this.readWaiters.delete(key);
-        w.resolve(rs.index);
-      }
-    }
-    // 4. advance
-    this.raw.advance(rd);
-    this.wakeApplied();
+    this.runner.finish(step);
   }
 
   private onSoftState(lead: number, isLeader: boolean): void {
@@ -524,12 +401,7 @@ export class RaftNode {
   }
 
   private rejectAll(err: unknown): void {
-    const ws = [...this.waiters.values()];
-    const rs = [...this.readWaiters.values()];
-    this.waiters.clear();
-    this.readWaiters.clear();
-    for (const w of ws) w.reject(err);
-    for (const r of rs) r.reject(err);
+    this.waiters.rejectAll(err);
   }
 
   private restoreSnapshot(snap: Snapshot): void {
@@ -537,24 +409,7 @@ export class RaftNode {
     this.sm.restore(state);
     this.applied = snapIndex(snap);
     this.lastSnapshotIndex = Math.max(this.lastSnapshotIndex, this.applied);
-    const cs = snap.metadata?.confState;
-    const inConf = new Set([...(cs?.voters ?? []), ...(cs?.learners ?? [])]);
-    let changed = false;
-    for (const m of members) {
-      if (this.book.get(m.id) !== m.addr && m.id !== this.id) {
-        this.book.set(m.id, m.addr);
-        this.transport?.setPeer(m.id, m.addr);
-        changed = true;
-      }
-    }
-    for (const id of [...this.book.keys()]) {
-      if (inConf.size > 0 && !inConf.has(id) && id !== this.id) {
-        this.book.delete(id);
-        this.transport?.removePeer(id);
-        changed = true;
-      }
-    }
-    if (changed) this.saveMembers();
+    this.book.restore(members, snap.metadata?.confState);
   }
 
   private applyEntry(e: Entry): void {
@@ -563,9 +418,13 @@ export class RaftNode {
       const cc = decodeConfChange(e.data);
       this.raw.applyConfChange(cc);
       const ctx = parseContext(cc.context);
-      this.applyMembership(cc, ctx);
+      if (this.book.apply(cc, ctx)) {
+        this.removed = true;
+        this.log?.warn({ id: this.id }, 'raft: this node was removed from the cluster');
+        this.events.emit('removed');
+      }
       this.applied = e.index;
-      if (ctx.rid) this.settle(ctx.rid, undefined);
+      if (ctx.rid) this.waiters.settle(ctx.rid, undefined);
       return;
     }
     this.applied = e.index;
@@ -578,45 +437,11 @@ export class RaftNode {
       failure = err;
       if (!rid || !this.waiters.has(rid)) this.log?.warn({ index: e.index, err: errorMessage(err) }, 'raft: applying an entry failed');
     }
-    if (rid) this.settle(rid, failure);
-  }
-
-  private settle(rid: string, failure: unknown): void {
-    const w = this.waiters.get(rid);
-    if (!w) return;
-    this.waiters.delete(rid);
-    if (failure !== undefined) w.reject(failure);
-    else w.resolve();
-  }
-
-  private applyMembership(cc: ConfChange, ctx: CcContext): void {
-    if (cc.type === ConfChangeType.CONF_CHANGE_TYPE_REMOVE_NODE) {
-      if (cc.nodeId === this.id) {
-        this.removed = true;
-        this.log?.warn({ id: this.id }, 'raft: this node was removed from the cluster');
-        this.events.emit('removed');
-      }
-      if (this.book.delete(cc.nodeId)) this.saveMembers();
-      this.transport.removePeer(cc.nodeId);
-      return;
-    }
-    if (ctx.addr && cc.nodeId !== this.id && this.book.get(cc.nodeId) !== ctx.addr) {
-      this.book.set(cc.nodeId, ctx.addr);
-      this.transport.setPeer(cc.nodeId, ctx.addr);
-      this.saveMembers();
-    }
-  }
-
-  private saveMembers(): void {
-    writeJsonAtomic(this.membersFile, [...this.book].map(([id, addr]) => ({ id, addr })));
+    if (rid) this.waiters.settle(rid, undefined, failure);
   }
 
   private wakeApplied(): void {
-    if (this.appliedWaiters.length === 0) return;
-    const ready = this.appliedWaiters.filter((w) => w.index <= this.applied);
-    if (ready.length === 0) return;
-    this.appliedWaiters = this.appliedWaiters.filter((w) => w.index > this.applied);
-    for (const w of ready) w.resolve();
+    this.waiters.wakeApplied(this.applied);
   }
 
   private maybeSnapshot(): void {
@@ -624,7 +449,7 @@ export class RaftNode {
     const storage = this.wal.storage;
     const index = this.applied;
     const t0 = Date.now();
-    const data = wrapSnapshot(this.book, this.sm.snapshot());
+    const data = wrapSnapshot(this.book.addrs, this.sm.snapshot());
     const snap = storage.createSnapshot(index, this.raw.confState(), data);
     this.wal.saveSnapshot(snap);
     this.lastSnapshotIndex = index;
@@ -634,19 +459,16 @@ export class RaftNode {
     this.log?.info({ index, bytes: data.length, ms: Date.now() - t0, released }, 'raft: snapshot saved');
   }
 
-  /** Leader only: promote learners that have caught up (one conf change at a time). */
+  /** Leader only: promote a learner that has caught up (one conf change at a time). */
   private promoteLearners(): void {
     const st = this.raw.status();
     if (st.confState.learners.length === 0) return;
-    for (const l of st.confState.learners) {
-      const pr = st.progress[l];
-      if (!pr || !pr.recentActive || pr.state !== 'replicate' || pr.match + 100 < st.commit) continue;
-      try {
-        this.raw.proposeConfChange({ type: ConfChangeType.CONF_CHANGE_TYPE_ADD_NODE, nodeId: l, context: Buffer.from(JSON.stringify({ addr: this.book.get(l) })) });
-        this.log?.info({ id: l }, 'raft: promoting a caught-up learner to voter');
-      } catch {}
-      return;
-    }
+    const l = learnerToPromote(st);
+    if (l === undefined) return;
+    try {
+      this.raw.proposeConfChange({ type: ConfChangeType.CONF_CHANGE_TYPE_ADD_NODE, nodeId: l, context: encodeContext({ addr: this.book.addr(l) }) });
+      this.log?.info({ id: l }, 'raft: promoting a caught-up learner to voter');
+    } catch {}
   }
 
   private fail(err: unknown): void {
@@ -684,7 +506,7 @@ export class RaftNode {
   }
 
   leaderAddr(): string | undefined {
-    return this.lead ? this.book.get(this.lead) : undefined;
+    return this.lead ? this.book.addr(this.lead) : undefined;
   }
 
   /** index of the last entry applied to the state machine */
@@ -705,7 +527,7 @@ export class RaftNode {
       if (id === this.id) reachable = !this.stopped;
       else if (this.leader) reachable = st.progress[id]?.recentActive === true && this.transport.isReachable(id);
       else reachable = this.transport.isReachable(id);
-      out.push({ raftId: id, addr: this.book.get(id) ?? '', reachable, leader: id === this.lead, learner });
+      out.push({ raftId: id, addr: this.book.addr(id) ?? '', reachable, leader: id === this.lead, learner });
     };
     for (const v of st.confState.voters) add(v, false);
     for (const l of st.confState.learners) add(l, true);
@@ -778,38 +600,6 @@ export class RaftNode {
     });
   }
 
-  /** Runs fn with a request deadline: rejects with DEADLINE_EXCEEDED or the signal's reason. */
-  private withDeadline<T>(signal: AbortSignal | undefined, register: (resolve: (v: T) => void, reject: (e: unknown) => void) => () => void): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      let unregister: () => void = () => {};
-      const done = (): void => {
-        clearTimeout(t);
-        signal?.removeEventListener('abort', onAbortSig);
-      };
-      const onAbortSig = (): void => {
-        done();
-        unregister();
-        reject(signal!.reason);
-      };
-      const t = setTimeout(() => {
-        done();
-        unregister();
-        reject(new FlotillaError('DEADLINE_EXCEEDED', `raft request not done within ${this.requestTimeoutMs} ms; it may or may not have been committed: retry`));
-      }, this.requestTimeoutMs);
-      signal?.addEventListener('abort', onAbortSig, { once: true });
-      unregister = register(
-        (v) => {
-          done();
-          resolve(v);
-        },
-        (e) => {
-          done();
-          reject(e);
-        },
-      );
-    });
-  }
-
   /**
    * Propose data; resolves once it is committed and applied locally (rejects with the state
    * machine's error if its apply threw). Rejects with UNAVAILABLE (retryable) when there is no
@@ -824,17 +614,9 @@ export class RaftNode {
     const ridBuf = newRid();
     const rid = ridBuf.toString('hex');
     const entry = wrapProposal(ridBuf, data);
-    return this.withDeadline<void>(signal, (resolve, reject) => {
-      this.waiters.set(rid, { resolve, reject });
-      try {
-        this.raw.propose(entry);
-      } catch (err) {
-        this.waiters.delete(rid);
-        reject(err);
-        return () => {};
-      }
+    return this.waiters.wait<void>(rid, signal, () => {
+      this.raw.propose(entry);
       this.scheduleReady();
-      return () => this.waiters.delete(rid);
     });
   }
 
@@ -844,18 +626,9 @@ export class RaftNode {
     await this.waitForLeader(signal);
     this.check(signal);
     const ctx = randomBytes(8);
-    const key = ctx.toString('hex');
-    return this.withDeadline<number>(signal, (resolve, reject) => {
-      this.readWaiters.set(key, { resolve, reject });
-      try {
-        this.raw.readIndex(ctx);
-      } catch (err) {
-        this.readWaiters.delete(key);
-        reject(err);
-        return () => {};
-      }
+    return this.waiters.wait<number>(readKey(ctx), signal, () => {
+      this.raw.readIndex(ctx);
       this.scheduleReady();
-      return () => this.readWaiters.delete(key);
     });
   }
 
@@ -869,13 +642,7 @@ export class RaftNode {
   async waitApplied(index: number, signal?: AbortSignal): Promise<void> {
     this.check(signal);
     if (this.applied >= index) return;
-    return this.withDeadline<void>(signal, (resolve) => {
-      const w = { index, resolve };
-      this.appliedWaiters.push(w);
-      return () => {
-        this.appliedWaiters = this.appliedWaiters.filter((x) => x !== w);
-      };
-    });
+    return this.waiters.waitApplied(index, signal);
   }
 
   private leaderClient(): RaftClient {
@@ -887,19 +654,16 @@ export class RaftNode {
   /** Propose a conf change on the leader and wait until it is applied here. */
   private async confChange(type: ConfChangeType, nodeId: number, addr: string | undefined, signal?: AbortSignal): Promise<void> {
     const rid = randomBytes(8).toString('hex');
-    const cc: ConfChange = { type, nodeId, context: Buffer.from(JSON.stringify({ addr, rid })) };
-    return this.withDeadline<void>(signal, (resolve, reject) => {
-      this.waiters.set(rid, { resolve, reject });
-      try {
+    const cc = { type, nodeId, context: encodeContext({ addr, rid }) };
+    return this.waiters.wait<void>(
+      rid,
+      signal,
+      () => {
         this.raw.proposeConfChange(cc);
-      } catch (err) {
-        this.waiters.delete(rid);
-        reject(err instanceof FlotillaError && err.code === 'UNAVAILABLE' ? new FlotillaError('FAILED_PRECONDITION', `${err.message}: one membership change at a time`) : err);
-        return () => {};
-      }
-      this.scheduleReady();
-      return () => this.waiters.delete(rid);
-    });
+        this.scheduleReady();
+      },
+      (err) => (err instanceof FlotillaError && err.code === 'UNAVAILABLE' ? new FlotillaError('FAILED_PRECONDITION', `${err.message}: one membership change at a time`) : err),
+    );
   }
 
   /**
@@ -915,18 +679,21 @@ export class RaftNode {
     }
     const st = this.raw.status();
     const inConf = new Set([...st.confState.voters, ...st.confState.learners]);
-    for (const [id, a] of this.book) {
-      // a joiner retrying after its first Join was committed gets the same id back
-      if (a === addr && inConf.has(id)) return this.joinResponse(id);
-    }
+    // a joiner retrying after its first Join was committed gets the same id back
+    const known = this.book.idOf(addr, inConf);
+    if (known !== undefined) return this.book.joinResponse(known);
     let id = randomInt(1, 2 ** 47);
     while (inConf.has(id)) id = randomInt(1, 2 ** 47);
     await this.confChange(ConfChangeType.CONF_CHANGE_TYPE_ADD_LEARNER, id, addr, signal);
-    return this.joinResponse(id);
+    return this.book.joinResponse(id);
   }
 
-  private joinResponse(raftId: number): JoinRaftResponse {
-    return { raftId, members: [...this.book].map(([id, addr]) => ({ raftId: id, addr, nodeId: '' })) };
+  /** @internal the service's Join: checks the token and the caller's validation, then adds the member */
+  async handleJoin(req: JoinRaftRequest, signal: AbortSignal): Promise<JoinRaftResponse> {
+    const token = this.opts.joinToken;
+    if (token && req.token !== token) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
+    await this.opts.validateJoin?.(req);
+    return this.addMember(req.addr, signal);
   }
 
   /**
@@ -944,17 +711,7 @@ export class RaftNode {
     const st = this.raw.status();
     const isVoter = st.confState.voters.includes(id);
     if (!isVoter && !st.confState.learners.includes(id)) throw new FlotillaError('NOT_FOUND', `raft member ${id} not found`);
-    if (isVoter && !opts.force) {
-      const remaining = st.confState.voters.filter((v) => v !== id);
-      const up = remaining.filter((v) => v === this.id || (st.progress[v]?.recentActive === true && this.transport.isReachable(v))).length;
-      const quorum = Math.floor(remaining.length / 2) + 1;
-      if (remaining.length === 0 || up < quorum) {
-        throw new FlotillaError(
-          'FAILED_PRECONDITION',
-          `removing raft member ${id} would leave ${up} reachable of ${remaining.length} voters, short of a quorum of ${quorum} (use force to remove anyway)`,
-        );
-      }
-    }
+    if (isVoter && !opts.force) checkRemovalQuorum(st, this.id, id, (v) => this.transport.isReachable(v));
     await this.confChange(ConfChangeType.CONF_CHANGE_TYPE_REMOVE_NODE, id, undefined, signal);
   }
 
@@ -963,16 +720,7 @@ export class RaftNode {
     this.check(signal);
     if (!this.leader) throw new FlotillaError('FAILED_PRECONDITION', 'this node is not the raft leader');
     const st = this.raw.status();
-    let best = 0;
-    let bestMatch = -1;
-    for (const v of st.confState.voters) {
-      if (v === this.id) continue;
-      const pr = st.progress[v];
-      if (pr && pr.recentActive && pr.match > bestMatch) {
-        best = v;
-        bestMatch = pr.match;
-      }
-    }
+    const best = transferTarget(st, this.id);
     if (!best) throw new FlotillaError('FAILED_PRECONDITION', 'no reachable voter to transfer raft leadership to');
     this.raw.transferLeader(best);
     this.scheduleReady();
@@ -1002,8 +750,7 @@ export class RaftNode {
     if (this.ticker) clearInterval(this.ticker);
     this.ticker = undefined;
     this.rejectAll(retryable('raft node stopped'));
-    for (const w of this.appliedWaiters) w.resolve();
-    this.appliedWaiters = [];
+    this.waiters.releaseApplied();
     this.events.emit('stopped');
     if (this.leader) {
       this.leader = false;
@@ -1032,95 +779,7 @@ export class RaftNode {
 
 type RaftEnvelopeMessage = Parameters<RawNode['step']>[0];
 
-const SERVER_HANDLERS = new WeakMap<grpc.Server, { node?: RaftNode }>();
-
-function makeHandlers(ref: { node?: RaftNode }): RaftServiceHandlers {
-  const node = (): RaftNode => {
-    if (!ref.node) throw retryable('raft node is starting');
-    return ref.node;
-  };
-  return {
-    onMessage(m) {
-      ref.node?.handleMessage(m);
-    },
-    async join(req, signal) {
-      const n = node();
-      const token = n['opts'].joinToken;
-      if (token && req.token !== token) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
-      await n['opts'].validateJoin?.(req);
-      return n.addMember(req.addr, signal);
-    },
-    async propose(data, signal) {
-      await node().propose(data, signal);
-    },
-    async readIndex(signal) {
-      return node().readIndexRaw(signal);
-    },
-    async leave(req, signal) {
-      await node().removeMember(req.raftId, { force: req.force, signal });
-    },
-  };
-}
-
-async function joinCluster(opts: RaftNodeOptions, addr: string): Promise<JoinRaftResponse> {
-  const client = new RaftClient(opts.join!, opts.credentials ?? grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
-  try {
-    const deadline = Date.now() + (opts.requestTimeoutMs ?? 15_000) * 2;
-    for (;;) {
-      opts.signal.throwIfAborted();
-      try {
-        const res = await callUnary<JoinRaftRequest, JoinRaftResponse>(client, 'join', { token: opts.joinToken ?? '', addr, hostname: os.hostname(), nodeId: '' }, opts.signal, opts.requestTimeoutMs ?? 15_000);
-        if (!res.raftId) throw new FlotillaError('INTERNAL', `raft: join via ${opts.join} returned no raft id`);
-        return res;
-      } catch (err) {
-        const code = err instanceof FlotillaError ? err.code : 'UNAVAILABLE';
-        if ((code !== 'UNAVAILABLE' && code !== 'DEADLINE_EXCEEDED' && code !== 'FAILED_PRECONDITION') || Date.now() > deadline) {
-          throw new FlotillaError(code, `raft: joining via ${opts.join} failed: ${errorMessage(err)}`, { cause: err });
-        }
-        opts.log?.info({ join: opts.join, err: errorMessage(err) }, 'raft: join not accepted yet; retrying');
-        await sleep(300, opts.signal);
-      }
-    }
-  } finally {
-    client.close();
-  }
-}
-
-/**
- * Force-new-cluster: apply everything committed, take a snapshot at the commit index whose
- * configuration is this node alone, and replace the log with it. Uncommitted entries are dropped.
- */
-function forceNewCluster(wal: Wal, opts: RaftNodeOptions, id: number, addr: string, members: Map<number, string>): Wal {
-  const storage = wal.storage;
-  const hs = storage.initialState().hardState;
-  const commit = hs.commit;
-  const sm = opts.stateMachine;
-  const snap = storage.snapshot();
-  const si = snapIndex(snap);
-  if (si > 0) sm.restore(unwrapSnapshot(snap.data).state);
-  for (let i = si + 1; i <= commit; ) {
-    const ents = storage.entries(i, commit + 1, 16 * 1024 * 1024);
-    for (const e of ents) {
-      if (e.type === EntryType.ENTRY_TYPE_NORMAL && e.data.length > 0) {
-        try {
-          sm.apply(unwrapProposal(e.data).payload, e.index);
-        } catch {}
-      }
-    }
-    i += ents.length;
-  }
-  members.clear();
-  members.set(id, addr);
-  const conf: ConfState = { voters: [id], learners: [] };
-  const term = commit > 0 ? storage.term(commit) : 0;
-  const data = wrapSnapshot(members, sm.snapshot());
-  const newSnap: Snapshot = { data, metadata: { index: Math.max(commit, 0), term, confState: conf } };
-  if (commit === 0) {
-    throw new FlotillaError('FAILED_PRECONDITION', 'raft: nothing was ever committed here; start a new cluster instead of --force-new-cluster');
-  }
-  wal.resetTo(newSnap, { term: hs.term, vote: 0, commit });
-  wal.close();
-  writeJsonAtomic(path.join(opts.dataDir, 'members.json'), [{ id, addr }]);
-  opts.log?.warn({ id, index: commit, term: hs.term }, 'raft: forced a new one-member cluster from the local state');
-  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log: opts.log });
+/** The key of a read-index request in the waiter registry (apart from the proposals' request ids). */
+function readKey(ctx: Uint8Array): string {
+  return 'r' + Buffer.from(ctx.buffer, ctx.byteOffset, ctx.byteLength).toString('hex');
 }

@@ -1,9 +1,20 @@
 /**
- * Deterministic simulation of a Raft cluster built from RawNode: a seeded PRNG drives a simulated
- * clock and network (loss, delay, duplication, reordering, partitions), crashes and restarts (a
- * crash loses everything but the "disk": a MemoryStorage that receives exactly what each Ready
- * asked to persist, at the point a driver would fsync), log compaction with snapshot transfer,
- * membership changes, and a key-value workload whose history is checked for linearizability.
+ * Deterministic simulation of a Raft cluster built from RawNode and driven by the production Ready
+ * handler (manager/raft/ready.ts, the one node.ts uses): a seeded PRNG drives a simulated clock and
+ * network (loss, delay, duplication, reordering, partitions), crashes and restarts, log compaction
+ * with snapshot transfer, leader transfers, membership changes, and a key-value workload whose
+ * history is checked for linearizability.
+ *
+ * The fault model of the disk: every node has a SimDisk with separate write and sync steps, as a
+ * WAL in the page cache and its fsync. A Ready's snapshot, entries and hard state are written in
+ * begin(); the fsync takes 0-3 time units, during which the node keeps stepping messages and ticks
+ * into its core (group commit), a leader's early send is already on the wire and committed entries
+ * that were durable before are applied. A crash drops whatever was written and not synced (except
+ * that, half of the time, a prefix of it had already reached the platter, as a kernel may have
+ * written back some pages), and the node restarts from what was synced, like a driver re-reading
+ * its WAL. Crash points: any time unit (in or out of an fsync), right after begin() of a Ready
+ * that wrote something (after the early send, before the fsync), and right after the fsync
+ * (persisted, nothing else sent or applied).
  *
  * Invariants checked as the run goes: at most one leader per term; a new leader holds every
  * committed entry; every node applies the same entry at each index, contiguously; the durable
@@ -14,8 +25,9 @@ import { ConfChangeType, EntryType, MessageType } from '../../gen/flotilla/v1/ra
 import { ProposalDroppedError, RawNode, decodeConfChange } from '../../manager/raft/core.js';
 import { checkOperations, kvModel, type KvInput, type KvOutput, type Operation } from './linearizability.js';
 import { MemoryStorage, snapIndex } from '../../manager/raft/memory-storage.js';
+import { ReadyRunner, type ReadyStep } from '../../manager/raft/ready.js';
 import { Rng, mulberry32 } from './prng.js';
-import type { Entry, Message } from '../../manager/raft/types.js';
+import type { Entry, HardState, Message, Snapshot } from '../../manager/raft/types.js';
 
 export interface SimOptions {
   seed: number;
@@ -37,15 +49,29 @@ export interface SimStats {
   committed: number;
   elections: number;
   crashes: number;
+  /** crashes that dropped data written but not yet synced */
+  crashesLostUnsynced: number;
+  /** crashes between a leader's early send and the fsync of the same Ready */
+  crashesAfterEarlySend: number;
   partitions: number;
+  snapshotsSent: number;
   snapshotsInstalled: number;
+  /** membership changes proposed, and committed */
   confChanges: number;
+  confChangesCommitted: number;
+  /** leader transfers asked for, and done (the target became leader) */
   transfers: number;
+  transfersDone: number;
   ops: number;
   reads: number;
   writes: number;
+  /** writes whose client gave up; resolved from the committed log at the end (see resolveAbandoned) */
   unknownWrites: number;
+  /** of those, the ones that took effect */
+  unknownWritesCommitted: number;
   linearizable: 'ok' | 'unknown';
+  /** 1 when the linearizability check decided (ok), 0 when it gave up at its step limit */
+  linearizabilityDecided: number;
   features: string;
   /** a hash of the committed history and the client history: equal runs have equal fingerprints */
   fingerprint: string;
@@ -98,13 +124,69 @@ function decodeState(data: Buffer): KvState {
   return { kv: new Map(o.kv), sessions: new Map(o.s) };
 }
 
+type DiskWrite = { snap: Snapshot } | { entries: Entry[] } | { hardState: HardState };
+
+/** A node's disk: writes land in a volatile buffer; sync() moves them to the platter, which survives crashes. */
+class SimDisk {
+  readonly platter = new MemoryStorage();
+  pending: DiskWrite[] = [];
+
+  saveSnapshot(snap: Snapshot): void {
+    this.pending.push({ snap });
+  }
+
+  write(hardState: HardState | undefined, entries: Entry[]): void {
+    // the WAL's record order: entries, then the hard state
+    if (entries.length > 0) this.pending.push({ entries });
+    if (hardState) this.pending.push({ hardState });
+  }
+
+  sync(): void {
+    for (const w of this.pending) this.commit(w);
+    this.pending = [];
+  }
+
+  /** Power loss: the first `keep` writes had reached the platter, the rest are gone. Returns whether anything was lost. */
+  crash(keep: number): boolean {
+    const lost = this.pending.length > keep;
+    for (const w of this.pending.slice(0, keep)) this.commit(w);
+    this.pending = [];
+    return lost;
+  }
+
+  private commit(w: DiskWrite): void {
+    if ('snap' in w) this.platter.applySnapshot(w.snap);
+    else if ('entries' in w) this.platter.append(w.entries);
+    else this.platter.setHardState(w.hardState);
+  }
+
+  /** The storage a restarted node reads: what the platter holds (a driver re-reading its WAL). */
+  load(): MemoryStorage {
+    const p = this.platter;
+    const s = new MemoryStorage();
+    const snap = p.snapshot();
+    if (snapIndex(snap) > 0) s.applySnapshot(snap);
+    if (p.lastIndex() >= p.firstIndex()) s.append(p.entries(p.firstIndex(), p.lastIndex() + 1, Number.MAX_SAFE_INTEGER));
+    s.setHardState(p.initialState().hardState);
+    return s;
+  }
+}
+
+type CrashPoint = 'none' | 'beforeSync' | 'afterSync';
+
 class SimNode {
   raw: RawNode | null = null;
-  readonly disk = new MemoryStorage();
+  readonly disk = new SimDisk();
+  /** the log the core reads (rebuilt from the disk at each start) */
+  storage = new MemoryStorage();
+  runner: ReadyRunner<true> | null = null;
+  /** the Ready whose fsync is running, and when it completes */
+  inflight: ReadyStep<true> | null = null;
+  syncAt = 0;
   state: KvState = { kv: new Map(), sessions: new Map() };
   applied = 0;
   removed = false;
-  crashMidReady = false;
+  crashPoint: CrashPoint = 'none';
   restartAt = 0;
   readonly pendingWrites = new Map<string, PendingOp>();
   readonly pendingReads = new Map<string, PendingOp>();
@@ -154,7 +236,15 @@ class Simulation {
   private nextId: number;
   private time = 0;
   private evClock = 0;
+  /** the target of the last leader transfer asked for */
+  private transferTo = 0;
+  /** writes whose client gave up waiting */
+  private readonly abandoned: PendingOp[] = [];
+  /** "client:seq" -> when the write first took effect (on the first node to apply it) and its output */
+  private readonly effects = new Map<string, { at: number; output: KvOutput }>();
   private readonly flights = new Map<number, Flight[]>();
+  /** nodes to process at the end of this time unit */
+  private readonly dirty = new Set<SimNode>();
   /** partition group per node id; nodes in different groups cannot talk */
   private group = new Map<number, number>();
   private healAt = 0;
@@ -171,7 +261,9 @@ class Simulation {
     this.rng = new Rng(opts.seed);
     const r = this.rng;
     this.duration = opts.duration ?? 3000;
-    const n = opts.nodes ?? (r.chance(0.7) ? 3 : 5);
+    // a lone voter commits on its own append: the case where applying before the fsync loses writes
+    const shape = r.float();
+    const n = opts.nodes ?? (shape < 0.1 ? 1 : shape < 0.7 ? 3 : 5);
     this.keys = Array.from({ length: opts.keys ?? 1 + r.int(4) }, (_, i) => `k${i}`);
     this.faults = opts.faults ?? true;
     this.lossRate = this.faults ? r.float() * 0.1 : 0;
@@ -196,15 +288,22 @@ class Simulation {
       committed: 0,
       elections: 0,
       crashes: 0,
+      crashesLostUnsynced: 0,
+      crashesAfterEarlySend: 0,
       partitions: 0,
+      snapshotsSent: 0,
       snapshotsInstalled: 0,
       confChanges: 0,
+      confChangesCommitted: 0,
       transfers: 0,
+      transfersDone: 0,
       ops: 0,
       reads: 0,
       writes: 0,
       unknownWrites: 0,
+      unknownWritesCommitted: 0,
       linearizable: 'ok',
+      linearizabilityDecided: 0,
       fingerprint: '',
       features: [
         `loss=${this.lossRate.toFixed(3)}`,
@@ -235,16 +334,20 @@ class Simulation {
       this.deliverDue();
       for (const node of this.nodes.values()) {
         if (!node.raw && !node.removed && node.restartAt > 0 && this.time >= node.restartAt) this.start(node);
+        if (node.raw && node.inflight && this.time >= node.syncAt) this.syncDone(node);
         if (node.raw && (this.time + node.phase) % TICK === 0) {
           node.raw.tick();
           this.process(node);
         }
       }
       if (!this.quiet) this.runClients();
+      for (const node of this.dirty) this.process(node);
+      this.dirty.clear();
       this.expireClients();
     }
     // abandon whatever is still outstanding
     for (const c of this.clients) if (c.busy) this.abandon(c);
+    this.resolveAbandoned();
     this.stats.committed = this.globalMax;
     this.stats.ops = this.history.length;
     const report = checkOperations(kvModel, this.history, 2_000_000);
@@ -253,6 +356,7 @@ class Simulation {
       this.fail(`history is not linearizable; partition ops:\n  ${ops}`);
     }
     this.stats.linearizable = report.result === 'ok' ? 'ok' : 'unknown';
+    this.stats.linearizabilityDecided = report.result === 'ok' ? 1 : 0;
     const h = createHash('sha256');
     for (let i = 1; i <= this.globalMax; i++) {
       const e = this.global[i]!;
@@ -266,11 +370,12 @@ class Simulation {
   // ---------------------------------------------------------------- nodes
 
   private start(node: SimNode): void {
-    const snap = node.disk.snapshot();
-    node.raw = new RawNode({
+    node.storage = node.disk.load();
+    const snap = node.storage.snapshot();
+    const raw = new RawNode({
       id: node.id,
       peers: node.peers,
-      storage: node.disk,
+      storage: node.storage,
       applied: snapIndex(snap),
       electionTick: ELECTION_TICK,
       heartbeatTick: HEARTBEAT_TICK,
@@ -280,56 +385,102 @@ class Simulation {
       maxInflightMsgs: this.maxInflight,
       random: mulberry32(this.rng.int(2 ** 31)),
     });
+    node.raw = raw;
+    const disk = node.disk;
+    node.runner = new ReadyRunner<true>(
+      {
+        storage: node.storage,
+        saveSnapshot: (sn) => disk.saveSnapshot(sn),
+        write: (hs, ents) => disk.write(hs, ents),
+        startSync: () => true,
+      },
+      {
+        onSoftState: (_lead, isLeader) => {
+          if (isLeader) this.checkNewLeader(node, raw);
+        },
+        send: (msgs) => {
+          for (const m of msgs) this.send(m);
+        },
+        restoreSnapshot: (sn) => {
+          node.state = decodeState(sn.data);
+          node.applied = snapIndex(sn);
+          this.stats.snapshotsInstalled++;
+        },
+        applyEntry: (e) => this.apply(node, raw, e),
+        afterApply: () => this.serveReads(node),
+        readState: (rs) => {
+          const op = node.pendingReads.get(rs.context.toString());
+          if (op) op.readIndex = rs.index;
+        },
+        advance: (rd) => raw.advance(rd),
+      },
+    );
+    node.inflight = null;
     node.state = decodeState(snap.data);
     node.applied = snapIndex(snap);
-    node.crashMidReady = false;
+    node.crashPoint = 'none';
     node.restartAt = 0;
     this.process(node);
   }
 
-  private crash(node: SimNode): void {
+  private crash(node: SimNode, afterEarlySend = node.inflight !== null && node.inflight.early && node.inflight.rd.messages.length > 0): void {
     node.raw = null;
+    node.runner = null;
+    node.inflight = null;
     node.pendingReads.clear();
     node.pendingWrites.clear();
     node.state = { kv: new Map(), sessions: new Map() };
     node.restartAt = this.time + 50 + this.rng.int(500);
+    const pending = node.disk.pending.length;
+    const keep = pending > 0 && this.rng.chance(0.5) ? this.rng.int(pending + 1) : 0;
+    if (node.disk.crash(keep)) this.stats.crashesLostUnsynced++;
+    if (afterEarlySend) this.stats.crashesAfterEarlySend++;
     this.stats.crashes++;
   }
 
+  /** Handle Readies until one waits for its fsync (or none is left). */
   private process(node: SimNode): void {
     const raw = node.raw;
     if (!raw) return;
-    while (raw.hasReady()) {
-      const rd = raw.ready();
-      if (rd.softState?.role === 'leader') this.checkNewLeader(node, raw);
-      // ---- persist (the fsync point)
-      if (rd.snapshot) node.disk.applySnapshot(rd.snapshot);
-      node.disk.append(rd.entries);
-      if (rd.hardState) node.disk.setHardState(rd.hardState);
-      const hs = node.disk.initialState().hardState;
-      if (hs.commit > node.disk.lastIndex()) this.fail(`node ${node.id} durable commit ${hs.commit} > durable last index ${node.disk.lastIndex()}`);
-      if (node.crashMidReady) {
-        this.crash(node); // persisted, nothing sent or applied
+    while (!node.inflight && node.raw === raw && raw.hasReady()) {
+      const step = node.runner!.begin(raw.ready());
+      if (step.error !== undefined) throw step.error;
+      if (node.crashPoint === 'beforeSync' && node.disk.pending.length > 0) {
+        // written, maybe sent early and partly applied, not synced
+        this.crash(node, step.early && step.rd.messages.length > 0);
         return;
       }
-      // ---- send
-      for (const m of rd.messages) this.send(m);
-      // ---- apply
-      if (rd.snapshot) {
-        node.state = decodeState(rd.snapshot.data);
-        node.applied = snapIndex(rd.snapshot);
-        this.stats.snapshotsInstalled++;
+      if (step.sync === undefined) {
+        this.finish(node, raw, step);
+        continue;
       }
-      for (const e of rd.committedEntries) this.apply(node, raw, e);
-      for (const rs of rd.readStates) {
-        const op = node.pendingReads.get(rs.context.toString());
-        if (op) op.readIndex = rs.index;
-      }
-      raw.advance(rd);
-      if (node.raw !== raw) return; // removed
-      this.serveReads(node);
-      this.maybeCompact(node, raw);
+      node.inflight = step;
+      const d = this.rng.int(4);
+      node.syncAt = this.time + d;
+      if (d === 0) this.syncDone(node);
     }
+  }
+
+  /** The running fsync completes. */
+  private syncDone(node: SimNode): void {
+    const step = node.inflight!;
+    const raw = node.raw!;
+    node.disk.sync();
+    const hs = node.disk.platter.initialState().hardState;
+    if (hs.commit > node.disk.platter.lastIndex()) this.fail(`node ${node.id} durable commit ${hs.commit} > durable last index ${node.disk.platter.lastIndex()}`);
+    if (node.crashPoint === 'afterSync') {
+      this.crash(node); // persisted; nothing more sent or applied
+      return;
+    }
+    node.inflight = null;
+    this.finish(node, raw, step);
+    this.process(node);
+  }
+
+  private finish(node: SimNode, raw: RawNode, step: ReadyStep<true>): void {
+    node.runner!.finish(step);
+    if (node.raw !== raw) return;
+    this.maybeCompact(node, raw);
   }
 
   private checkNewLeader(node: SimNode, raw: RawNode): void {
@@ -338,6 +489,10 @@ class Simulation {
     if (prev !== undefined && prev !== node.id) this.fail(`two leaders in term ${term}: ${prev} and ${node.id}`);
     this.leaders.set(term, node.id);
     this.stats.elections++;
+    if (this.transferTo === node.id) {
+      this.stats.transfersDone++;
+      this.transferTo = 0;
+    }
     // Leader completeness: the new leader's log holds every entry known committed.
     const last = raw.log.lastIndex();
     if (last < this.globalMax) this.fail(`leader ${node.id} (term ${term}) lacks committed entries: last ${last} < ${this.globalMax}`);
@@ -359,6 +514,11 @@ class Simulation {
       if (e.index !== this.globalMax + 1) this.fail(`committed history has a gap: ${e.index} after ${this.globalMax}`);
       this.global[e.index] = e;
       this.globalMax = e.index;
+      if (e.type === EntryType.ENTRY_TYPE_CONF_CHANGE) {
+        // not the founding members' entries of the bootstrap
+        const cc = decodeConfChange(e.data);
+        if (cc.type === ConfChangeType.CONF_CHANGE_TYPE_REMOVE_NODE || !this.initialPeers.includes(cc.nodeId)) this.stats.confChangesCommitted++;
+      }
     }
     node.applied = e.index;
     if (e.type === EntryType.ENTRY_TYPE_CONF_CHANGE) {
@@ -387,6 +547,7 @@ class Simulation {
       out = { ok };
     }
     const key = `${cmd.c}:${cmd.s}`;
+    if (!g) this.effects.set(key, { at: ++this.evClock, output: out });
     const op = node.pendingWrites.get(key);
     if (op) {
       node.pendingWrites.delete(key);
@@ -403,15 +564,21 @@ class Simulation {
     }
   }
 
+  /** A state machine snapshot and log compaction; durable at once (the WAL fsyncs the snapshot file). */
   private maybeCompact(node: SimNode, raw: RawNode): void {
     if (!this.compaction) return;
-    const first = node.disk.firstIndex();
+    const storage = node.storage;
+    const platter = node.disk.platter;
+    const first = storage.firstIndex();
     if (node.applied - first + 1 < this.compactEvery) return;
-    if (node.applied <= snapIndex(node.disk.snapshot())) return;
-    node.disk.createSnapshot(node.applied, raw.confState(), encodeState(node.state));
+    if (node.applied <= snapIndex(storage.snapshot())) return;
+    const data = encodeState(node.state);
+    storage.createSnapshot(node.applied, raw.confState(), data);
+    platter.createSnapshot(node.applied, raw.confState(), data);
     const keep = this.rng.int(5);
     const to = node.applied - keep;
-    if (to >= first) node.disk.compact(to);
+    if (to >= first) storage.compact(to);
+    if (to >= platter.firstIndex()) platter.compact(to);
   }
 
   // ---------------------------------------------------------------- network
@@ -421,6 +588,7 @@ class Simulation {
   }
 
   private send(m: Message): void {
+    if (m.type === MessageType.MESSAGE_TYPE_SNAP) this.stats.snapshotsSent++;
     if (this.partitioned(m.from, m.to) || this.rng.chance(this.lossRate)) {
       if (m.type === MessageType.MESSAGE_TYPE_SNAP) this.afterSnapshot(m, false);
       else if (this.rng.chance(0.2)) this.nodes.get(m.from)?.raw?.reportUnreachable(m.to);
@@ -442,8 +610,9 @@ class Simulation {
   private afterSnapshot(m: Message, ok: boolean): void {
     const sender = this.nodes.get(m.from);
     if (sender?.raw) {
+      // reported asynchronously, as the transport does: the sender may be in the middle of a Ready
       sender.raw.reportSnapshot(m.to, ok);
-      this.process(sender);
+      this.dirty.add(sender);
     }
   }
 
@@ -491,7 +660,9 @@ class Simulation {
         // favour the leader: leader changes with half-replicated entries are the interesting cases
         const leader = live.find((n) => n.raw!.basicStatus().role === 'leader');
         const victim = leader && r.chance(0.6) ? leader : r.pick(live);
-        if (r.chance(0.3)) victim.crashMidReady = true;
+        const k = r.float();
+        if (k < 0.35) victim.crashPoint = 'beforeSync';
+        else if (k < 0.55) victim.crashPoint = 'afterSync';
         else this.crash(victim);
       }
     }
@@ -499,8 +670,12 @@ class Simulation {
     if (r.chance(0.001)) {
       const leader = this.liveNodes().find((n) => n.raw!.basicStatus().role === 'leader');
       if (leader) {
-        leader.raw!.transferLeader(r.pick(leader.raw!.confState().voters));
-        this.stats.transfers++;
+        const target = r.pick(leader.raw!.confState().voters);
+        leader.raw!.transferLeader(target);
+        if (target !== leader.id) {
+          this.transferTo = target;
+          this.stats.transfers++;
+        }
         this.process(leader);
       }
     }
@@ -537,7 +712,7 @@ class Simulation {
     this.group = new Map();
     this.healAt = 0;
     for (const n of this.nodes.values()) {
-      n.crashMidReady = false;
+      n.crashPoint = 'none';
       if (!n.raw && !n.removed) this.start(n);
     }
   }
@@ -606,8 +781,25 @@ class Simulation {
     c.busy = null;
     c.nextAt = this.time + 1 + this.rng.int(30);
     if (op.input.op === 'get') return; // a read that never returned has no effect
-    this.history.push({ clientId: op.client, input: op.input, output: { unknown: true }, call: op.call, ret: Infinity });
+    this.abandoned.push(op);
     this.stats.unknownWrites++;
+  }
+
+  /**
+   * A write whose client gave up has an unknown outcome to the client; left open (returning at
+   * infinity) such writes make the search exponential. The simulator knows better: a write that
+   * never reached the committed log had no effect (it is dropped from the history, like a read
+   * that never returned); one that did took effect no later than when the first node applied it,
+   * with the output every node computed (the committed log is checked to be the same on every
+   * node). Both are facts of the run, and the second is a stronger claim for the checker to test.
+   */
+  private resolveAbandoned(): void {
+    for (const op of this.abandoned) {
+      const eff = this.effects.get(`${op.client}:${op.seq}`);
+      if (!eff) continue;
+      this.history.push({ clientId: op.client, input: op.input, output: eff.output, call: op.call, ret: eff.at });
+      this.stats.unknownWritesCommitted++;
+    }
   }
 
   private expireClients(): void {
