@@ -695,6 +695,31 @@ export class Testbed {
     return out;
   }
 
+  /**
+   * What exists of run runId, from its names alone (for a bed whose create() failed, so no instance was
+   * returned): namespaces, root-namespace links, processes naming its directory, mounts, run roots, the
+   * directory, and cgroups of containers this process saw in it.
+   */
+  static leftovers(runId: string): string[] {
+    const root = path.join(os.tmpdir(), `${ROOT_PREFIX}${runId}`);
+    let state: BedState | undefined;
+    try {
+      state = JSON.parse(fs.readFileSync(path.join(root, 'testbed.json'), 'utf8')) as BedState;
+    } catch {
+      state = undefined;
+    }
+    let ns: string[] = [];
+    try {
+      ns = fs.readdirSync(NETNS_DIR).filter((n) => n.startsWith(`fl-${runId}-`));
+    } catch {
+      /* none */
+    }
+    const base: BedState = state ?? { runId, ownerPid: 0, manual: false, root, subnet: '', underlay: `fl-${runId}-ul`, bridge: '', port: PORT, hosts: [], netnsInodes: [], runRoots: [] };
+    const out = new Testbed(base, {}).leftovers();
+    for (const n of ns) if (!out.includes(`netns ${n}`)) out.push(`netns ${n}`);
+    return out;
+  }
+
   /** What of this bed exists on the machine: one line per thing (empty after a clean destroy()). */
   leftovers(): string[] {
     const s = this.state;
