@@ -165,8 +165,8 @@ function netInode(pid: number | 'self'): number {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** Sends SIGTERM, waits up to deadlineMs, then SIGKILL; true when the process is gone. */
-async function stopPid(pid: number, deadlineMs = STOP_DEADLINE_MS): Promise<boolean> {
+/** Sends SIGTERM, waits up to deadlineMs, then SIGKILL (told to onKill); true when the process is gone. */
+async function stopPid(pid: number, deadlineMs = STOP_DEADLINE_MS, onKill?: () => void): Promise<boolean> {
   if (!alive(pid)) return true;
   try {
     process.kill(pid, 'SIGTERM');
@@ -176,6 +176,7 @@ async function stopPid(pid: number, deadlineMs = STOP_DEADLINE_MS): Promise<bool
   const until = Date.now() + deadlineMs;
   while (alive(pid) && Date.now() < until) await sleep(50);
   if (!alive(pid)) return true;
+  onKill?.();
   try {
     process.kill(pid, 'SIGKILL');
   } catch {
@@ -551,7 +552,8 @@ export class Testbed {
     const h = this.hosts[i]?.state;
     if (!h) throw new Error(`no host ${i}`);
     if (signal === 'SIGKILL' && alive(h.pid)) process.kill(h.pid, 'SIGKILL');
-    if (!(await stopPid(h.pid))) throw new Error(`${h.name}: daemon ${h.pid} does not die`);
+    const slow = (): void => this.log(`${h.name}: daemon pid ${h.pid} still running ${STOP_DEADLINE_MS} ms after SIGTERM: SIGKILL`);
+    if (!(await stopPid(h.pid, STOP_DEADLINE_MS, slow))) throw new Error(`${h.name}: daemon ${h.pid} does not die`);
     h.pid = 0;
     this.save();
   }
@@ -601,48 +603,28 @@ export class Testbed {
       problems.push(m);
       this.log(`cleanup: ${m}`);
     };
-    // 1. daemons (agents first, so they do not chase a stopped manager)
-    for (const h of [...s.hosts].reverse()) {
-      if (h.pid && !(await stopPid(h.pid))) note(`${h.name}: daemon pid ${h.pid} survived SIGKILL`);
-      h.pid = 0;
+    const t0 = Date.now();
+    const step = (what: string): void => {
+      if (process.env.FLOTILLA_TESTBED_DEBUG) this.log(`destroy: ${what} after ${Date.now() - t0} ms`);
+    };
+    // 1. daemons: agents first, so they do not chase a stopped manager; in parallel within each role
+    for (const role of ['agent', 'manager'] as const) {
+      await Promise.all(
+        s.hosts
+          .filter((h) => h.role === role)
+          .map(async (h) => {
+            const slow = (): void => this.log(`${h.name}: daemon pid ${h.pid} still running ${STOP_DEADLINE_MS} ms after SIGTERM: SIGKILL`);
+            if (h.pid && !(await stopPid(h.pid, STOP_DEADLINE_MS, slow))) note(`${h.name}: daemon pid ${h.pid} survived SIGKILL`);
+            h.pid = 0;
+          }),
+      );
     }
-    // 2. containers, by the runtime's own removal, then runc for what is left
+    step('daemons stopped');
+    // 2. containers, by the runtime's own removal, then runc for what is left (hosts in parallel)
     const ids = containerIds.get(s.runId) ?? new Set<string>();
     containerIds.set(s.runId, ids);
-    for (const host of this.hosts) {
-      const h = host.state;
-      if (!fs.existsSync(path.join(h.dataDir, 'run-root'))) continue;
-      const ls = await host.cli(['container', 'ls', '-a', '--format', 'json']);
-      let list: Array<{ id: string }> = [];
-      try {
-        list = ls.code === 0 ? (JSON.parse(ls.stdout) as Array<{ id: string }>) : [];
-      } catch {
-        list = [];
-      }
-      if (ls.code !== 0) note(`${h.name}: container ls failed: ${ls.stderr.trim()}`);
-      for (const c of list) ids.add(c.id);
-      if (list.length) {
-        const rm = await host.cli(['container', 'rm', '-f', ...list.map((c) => c.id)]);
-        if (rm.code !== 0) note(`${h.name}: container rm -f failed: ${rm.stderr.trim()}`);
-      }
-      let runRoot = '';
-      try {
-        runRoot = fs.readFileSync(path.join(h.dataDir, 'run-root'), 'utf8').trim();
-      } catch {
-        /* none */
-      }
-      if (runRoot && !s.runRoots.includes(runRoot)) s.runRoots.push(runRoot);
-      const runcRoot = path.join(runRoot, 'runc');
-      if (runRoot && fs.existsSync(runcRoot)) {
-        const r = await run('runc', ['--root', runcRoot, 'list', '-q']);
-        for (const id of r.stdout.split('\n').filter(Boolean)) {
-          ids.add(id);
-          note(`${h.name}: container ${id} survived container rm: runc delete --force`);
-          const d = await run('runc', ['--root', runcRoot, 'delete', '--force', id]);
-          if (d.code !== 0) note(`${h.name}: runc delete --force ${id} failed: ${d.stderr.trim()}`);
-        }
-      }
-    }
+    await Promise.all(this.hosts.map((host) => this.removeContainers(host, ids, note)));
+    step('containers removed');
     // 3. any process still inside a host namespace or naming the run's directory (conmon, a stray exec)
     for (let round = 0; round < 2; round++) {
       const stray = this.processes();
@@ -676,8 +658,45 @@ export class Testbed {
     } catch (err) {
       note(`removing ${s.root} failed: ${(err as Error).message}`);
     }
+    step('namespaces and directories removed');
     for (const l of this.leftovers()) note(`left behind: ${l}`);
     return problems;
+  }
+
+  private async removeContainers(host: TestbedHost, ids: Set<string>, note: (m: string) => void): Promise<void> {
+    const s = this.state;
+    const h = host.state;
+    if (!fs.existsSync(path.join(h.dataDir, 'run-root'))) return;
+    const ls = await host.cli(['container', 'ls', '-a', '--format', 'json']);
+    let list: Array<{ id: string }> = [];
+    try {
+      list = ls.code === 0 ? (JSON.parse(ls.stdout) as Array<{ id: string }>) : [];
+    } catch {
+      list = [];
+    }
+    if (ls.code !== 0) note(`${h.name}: container ls failed: ${ls.stderr.trim()}`);
+    for (const c of list) ids.add(c.id);
+    if (list.length) {
+      const rm = await host.cli(['container', 'rm', '-f', ...list.map((c) => c.id)]);
+      if (rm.code !== 0) note(`${h.name}: container rm -f failed: ${rm.stderr.trim()}`);
+    }
+    let runRoot = '';
+    try {
+      runRoot = fs.readFileSync(path.join(h.dataDir, 'run-root'), 'utf8').trim();
+    } catch {
+      /* none */
+    }
+    if (runRoot && !s.runRoots.includes(runRoot)) s.runRoots.push(runRoot);
+    const runcRoot = path.join(runRoot, 'runc');
+    if (runRoot && fs.existsSync(runcRoot)) {
+      const r = await run('runc', ['--root', runcRoot, 'list', '-q']);
+      for (const id of r.stdout.split('\n').filter(Boolean)) {
+        ids.add(id);
+        note(`${h.name}: container ${id} survived container rm: runc delete --force`);
+        const d = await run('runc', ['--root', runcRoot, 'delete', '--force', id]);
+        if (d.code !== 0) note(`${h.name}: runc delete --force ${id} failed: ${d.stderr.trim()}`);
+      }
+    }
   }
 
   /** Processes inside one of the run's network namespaces or naming its directory. */
