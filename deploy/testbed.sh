@@ -3,7 +3,7 @@
 #
 #   bash deploy/testbed.sh up [HOSTS] [--managers N] [--no-busybox]   # default 3 hosts, 1 manager
 #   bash deploy/testbed.sh ls                                         # run ids of the beds here
-#   bash deploy/testbed.sh down [RUNID...]                            # default: every bed here
+#   bash deploy/testbed.sh down [RUNID...]       # default: manual beds and those of dead tests
 #
 # Each host is a network namespace (fl-<runid>-hN) on an underlay bridge that lives in its own
 # namespace (fl-<runid>-ul), running its own `flotilla manager` or `flotilla agent` (real runc).

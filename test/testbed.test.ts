@@ -21,6 +21,7 @@ interface TaskJ {
   state: string;
   desiredState: string;
   containerId: string;
+  error: string;
 }
 interface NodeJ {
   id: string;
@@ -102,13 +103,17 @@ describe.skipIf(skip)('multi-host test bed on runc (needs root)', () => {
   });
 
   it('spreads a replicated service over the hosts, each container running inside its host', async () => {
-    const r = await bed.cli(['service', 'create', '--name', 'web', '--replicas', '3', '--network', 'host', 'busybox:latest', 'sleep', '1000']);
+    const r = await bed.cli(['service', 'create', '-d', '--name', 'web', '--replicas', '3', '--network', 'host', 'busybox:latest', 'sleep', '1000']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const nodes = new Map((await bed.cliJson<NodeJ[]>(['node', 'ls'])).map((n) => [n.id, n.hostname]));
+    let last: TaskJ[] = [];
     const tasks = await waitFor('3 running tasks', async () => {
-      const ts = (await bed.cliJson<TaskJ[]>(['service', 'ps', 'web'])).filter((t) => t.desiredState === 'running' && t.state === 'running');
+      last = await bed.cliJson<TaskJ[]>(['service', 'ps', 'web']);
+      const ts = last.filter((t) => t.desiredState === 'running' && t.state === 'running');
       return ts.length === 3 ? ts : undefined;
+    }, 20_000).catch((err: Error) => {
+      throw new Error(`${err.message}; tasks: ${JSON.stringify(last.map((t) => [t.state, t.error]))}`);
     });
     expect(new Set(tasks.map((t) => nodes.get(t.nodeId))).size).toBe(3);
     for (const t of tasks) {
@@ -224,7 +229,10 @@ describe.skipIf(skip)('test bed creation that fails half-way (needs root)', () =
       extraArgs: (h) => (h.name === 'h3' ? ['--label', 'no-equals-sign'] : []),
       log: (m) => logged.push(m),
     }).then(
-      () => undefined,
+      async (bed) => {
+        await bed.destroy();
+        return undefined;
+      },
       (e: Error) => e,
     );
     expect(err?.message).toMatch(/^h3 \(agent\) exited: .*--label/);
@@ -248,7 +256,10 @@ describe.skipIf(skip)('test bed creation that fails half-way (needs root)', () =
         return [];
       },
     }).then(
-      () => undefined,
+      async (bed) => {
+        await bed.destroy();
+        return undefined;
+      },
       (e: Error) => e,
     );
     expect(err?.message).toBe('stop here');

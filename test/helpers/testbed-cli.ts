@@ -2,7 +2,7 @@
  * The test bed from the shell (deploy/testbed.sh runs the compiled dist/test/helpers/testbed-cli.js):
  *
  *   up [HOSTS] [--managers N] [--no-busybox]   make a bed of HOSTS hosts (default 3, 1 manager), print its run id
- *   down [RUNID...]                            destroy the given beds (default: every bed on this machine)
+ *   down [RUNID...]                            destroy the given beds (default: the manual ones and those of dead tests)
  *   ls                                         list the beds on this machine
  */
 import { CLI, Testbed } from './testbed.js';
@@ -58,7 +58,14 @@ async function up(args: string[]): Promise<void> {
 }
 
 async function down(ids: string[]): Promise<number> {
-  const runs = ids.length ? ids : Testbed.runs();
+  if (ids.length === 0) {
+    // every manual bed, and beds whose test process died; not the bed of a test that is running
+    await Testbed.sweep((m) => process.stderr.write(`${m}\n`), { manual: true });
+    const left = Testbed.runs();
+    if (left.length) process.stdout.write(`still here (a running test's, or see above): ${left.join(', ')}\n`);
+    return 0;
+  }
+  const runs = ids;
   let bad = 0;
   for (const id of runs) {
     let bed: Testbed;

@@ -415,8 +415,11 @@ export class Testbed {
     return [...ids].sort();
   }
 
-  /** Destroys beds left by a test process that died (not manual ones, not ones whose owner still runs). */
-  static async sweep(log?: (msg: string) => void): Promise<void> {
+  /**
+   * Destroys beds left by a test process that died (not manual ones, not ones whose owner still runs;
+   * with all, manual ones too).
+   */
+  static async sweep(log?: (msg: string) => void, opts: { manual?: boolean } = {}): Promise<void> {
     for (const id of Testbed.runs()) {
       let state: BedState | undefined;
       try {
@@ -424,14 +427,29 @@ export class Testbed {
       } catch {
         state = undefined;
       }
-      if (state && (state.manual || alive(state.ownerPid))) continue;
+      if (state && ((state.manual && !opts.manual) || (!state.manual && alive(state.ownerPid)))) continue;
       if (!state) {
-        // namespaces without a state file: from a crash during create, or not ours; only remove them when
-        // no process is inside (a bed under construction has none yet for a moment, so wait a little)
+        // namespaces without a state file (which create() writes before making any): a destroy that
+        // failed half-way; remove them unless a process is still inside
+        const names = fs.readdirSync(NETNS_DIR).filter((n) => n.startsWith(`fl-${id}-`));
+        const inodes = new Set(names.map((n) => fs.statSync(path.join(NETNS_DIR, n)).ino));
+        const self = netInode('self');
+        const busy = pids().filter((p) => {
+          const ino = netInode(p);
+          return ino !== self && inodes.has(ino);
+        });
+        if (busy.length) {
+          log?.(`test bed ${id}: namespaces ${names.join(', ')} have no state file and processes ${busy.join(', ')} inside: left alone`);
+          continue;
+        }
+        for (const n of names) {
+          const r = await run('ip', ['netns', 'delete', n]);
+          log?.(`test bed ${id}: removed namespace ${n} left without a state file${r.code ? ` (failed: ${r.stderr.trim()})` : ''}`);
+        }
         continue;
       }
-      const bed = new Testbed(state, { log });
-      bed.log(`sweeping a test bed left by process ${state.ownerPid}`);
+      const bed = new Testbed(state, { log: log && ((m) => log(`test bed ${id}: ${m}`)) });
+      bed.log(state.manual ? 'destroying a manual test bed' : `sweeping a test bed left by process ${state.ownerPid}`);
       await bed.destroy();
     }
   }
@@ -488,6 +506,7 @@ export class Testbed {
       }
     }
     await this.waitReady();
+    this.checkAbort();
   }
 
   private async must(args: string[]): Promise<string> {
@@ -575,6 +594,7 @@ export class Testbed {
     const until = Date.now() + timeoutMs;
     let last = '';
     for (;;) {
+      this.checkAbort();
       const r = await this.cli(['node', 'ls', '--format', 'json']);
       if (r.code === 0) {
         const nodes = JSON.parse(r.stdout) as Array<{ hostname: string; status: string }>;
