@@ -36,7 +36,7 @@ async function up(args: string[]): Promise<void> {
     manual: true,
     signal: ctl.signal,
     heartbeat: '1s',
-    prepareHost: busybox ? async (h) => void (await importBusybox(h.dataDir)) : undefined,
+    prepareHost: busybox ? (h) => importBusybox(h.dataDir) : undefined,
     log: (m) => process.stderr.write(`${m}\n`),
   });
   const m = bed.hosts[0]!;

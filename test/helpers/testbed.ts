@@ -61,7 +61,7 @@ export interface TestbedOptions {
   /** aborts create() (which then cleans up what it made) */
   signal?: AbortSignal;
   /** runs for each host after its namespace and data dir exist, before its daemon starts (e.g. import images) */
-  prepareHost?: (h: TestbedHost) => Promise<void>;
+  prepareHost?: (h: TestbedHost) => Promise<unknown>;
   /** extra arguments of a host's daemon */
   extraArgs?: (h: TestbedHost) => string[];
   /** how long a daemon may take to be ready (default 20 s) */
