@@ -266,4 +266,22 @@ describe.skipIf(skip)('test bed creation that fails half-way (needs root)', () =
     expect(Testbed.leftovers(runId)).toEqual([]);
     expect(netns().filter((n) => n.startsWith(`fl-${runId}-`))).toEqual([]);
   });
+
+  it('Testbed.sweep() (run by every create()) removes the bed of a test process that died', async () => {
+    const compiled = new URL('../dist/test/helpers/testbed.js', import.meta.url).pathname;
+    if (!fs.existsSync(compiled)) throw new Error(`${compiled} missing: npx tsc -p tsconfig.json`);
+    const runId = Math.floor(Math.random() * 0xffffff).toString(16);
+    // a process makes a bed (a manager with a sim agent) and is SIGKILLed: nothing of its own cleans up
+    const script = `const { Testbed } = await import(${JSON.stringify(compiled)}); await Testbed.create({ runId: '${runId}', runtime: 'sim' }); process.kill(process.pid, 'SIGKILL');`;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: 'ignore' });
+    const status = await new Promise<NodeJS.Signals | null>((r) => child.once('exit', (_code, sig) => r(sig)));
+    expect(status).toBe('SIGKILL');
+    const before = Testbed.leftovers(runId);
+    expect(before).toContain(`netns fl-${runId}-h1`);
+    expect(before.some((l) => l.startsWith('process '))).toBe(true); // its manager outlives it
+    const logged: string[] = [];
+    await Testbed.sweep((m) => logged.push(m));
+    expect(logged.join('\n')).toContain(`test bed ${runId}: sweeping a test bed left by process ${child.pid}`);
+    expect(Testbed.leftovers(runId)).toEqual([]);
+  });
 });
