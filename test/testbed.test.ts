@@ -103,7 +103,7 @@ describe.skipIf(skip)('multi-host test bed on runc (needs root)', () => {
   });
 
   it('spreads a replicated service over the hosts, each container running inside its host', async () => {
-    const r = await bed.cli(['service', 'create', '-d', '--name', 'web', '--replicas', '3', '--network', 'host', 'busybox:latest', 'sleep', '1000']);
+    const r = await bed.cli(['service', 'create', '-d', '--name', 'web', '--replicas', '3', '--network', 'host', '--stop-grace-period', '1s', 'busybox:latest', 'sleep', '1000']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const nodes = new Map((await bed.cliJson<NodeJ[]>(['node', 'ls'])).map((n) => [n.id, n.hostname]));
