@@ -431,7 +431,12 @@ export class Testbed {
       if (!state) {
         // namespaces without a state file (which create() writes before making any): a destroy that
         // failed half-way; remove them unless a process is still inside
-        const names = fs.readdirSync(NETNS_DIR).filter((n) => n.startsWith(`fl-${id}-`));
+        let names: string[] = [];
+        try {
+          names = fs.readdirSync(NETNS_DIR).filter((n) => n.startsWith(`fl-${id}-`));
+        } catch {
+          continue;
+        }
         const inodes = new Set(names.map((n) => fs.statSync(path.join(NETNS_DIR, n)).ino));
         const self = netInode('self');
         const busy = pids().filter((p) => {
@@ -719,17 +724,20 @@ export class Testbed {
     }
   }
 
-  /** Processes inside one of the run's network namespaces or naming its directory. */
+  /**
+   * Processes inside one of the run's network namespaces, or programs of the bed (node, conmon, runc,
+   * nsenter) naming its directory or run roots; not, say, a shell that reads a log of the bed.
+   */
   private processes(): Array<{ pid: number; cmd: string }> {
     const inodes = new Set(this.state.netnsInodes);
     const self = netInode('self');
+    const dirs = [this.state.root, ...this.state.runRoots];
     const out: Array<{ pid: number; cmd: string }> = [];
     for (const pid of pids()) {
       const cmd = cmdline(pid);
       const ino = netInode(pid);
-      if ((ino && ino !== self && inodes.has(ino)) || cmd.includes(this.state.root + '/') || cmd.includes(`${this.state.root} `)) {
-        if (alive(pid)) out.push({ pid, cmd });
-      }
+      const ours = /^(node|conmon|runc|nsenter)$/.test(path.basename(cmd.split(' ')[0] ?? '')) && dirs.some((d) => cmd.includes(d + '/') || cmd.includes(d + ' '));
+      if (((ino && ino !== self && inodes.has(ino)) || ours) && alive(pid)) out.push({ pid, cmd });
     }
     return out;
   }
