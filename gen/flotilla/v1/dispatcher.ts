@@ -23,7 +23,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { LogLine } from "./control.js";
-import { Config, Network, NodeDescription, Secret, Task, TaskStatus } from "./objects.js";
+import { Config, EndpointMode, Network, NodeDescription, PortConfig, Secret, Task, TaskStatus } from "./objects.js";
 
 export const protobufPackage = "flotilla.v1";
 
@@ -82,8 +82,47 @@ export interface AssignmentsMessage {
   configs: Config[];
   removeConfigs: string[];
   networks: Network[];
-  /** fields 10-19 are kept for the network data plane (peers, service endpoints) */
   removeNetworks: string[];
+  /**
+   * the full current view of each network this node's tasks are attached to, sent whenever it
+   * changes (remove_networks drops one); what the node's data plane, resolver and VIPs follow
+   */
+  networkViews: NetworkView[];
+}
+
+/** One network as a node needs it: the network, where every task on it lives, and its services. */
+export interface NetworkView {
+  network: Network | undefined;
+  peers: NetworkPeer[];
+  endpoints: ServiceEndpoint[];
+}
+
+/** A task's address on a network, and the node that runs it. */
+export interface NetworkPeer {
+  taskId: string;
+  nodeId: string;
+  /** the node's underlay address (VXLAN tunnel endpoint) */
+  nodeAddr: string;
+  /** CIDR, e.g. 10.0.1.5/24 */
+  address: string;
+  serviceId: string;
+  serviceName: string;
+  /** running and, with a health check, healthy: only ready peers are in DNS answers and VIP backends */
+  ready: boolean;
+  aliases: string[];
+  /** the task's name in DNS (SERVICE.SLOT.TASKID) and its slot */
+  taskName: string;
+}
+
+/** A service on a network: its name, its virtual IP (empty with ENDPOINT_MODE_DNSRR), its ports. */
+export interface ServiceEndpoint {
+  serviceId: string;
+  serviceName: string;
+  /** CIDR, e.g. 10.0.1.2/24 */
+  vip: string;
+  mode: EndpointMode;
+  ports: PortConfig[];
+  aliases: string[];
 }
 
 export interface TaskStatusUpdate {
@@ -514,6 +553,7 @@ function createBaseAssignmentsMessage(): AssignmentsMessage {
     removeConfigs: [],
     networks: [],
     removeNetworks: [],
+    networkViews: [],
   };
 }
 
@@ -545,6 +585,9 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
     }
     for (const v of message.removeNetworks) {
       writer.uint32(74).string(v!);
+    }
+    for (const v of message.networkViews) {
+      NetworkView.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -634,6 +677,14 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
             message.removeNetworks.push(reader.string());
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.networkViews.push(NetworkView.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -660,6 +711,364 @@ export const AssignmentsMessage: MessageFns<AssignmentsMessage> = {
     message.removeConfigs = object.removeConfigs?.map((e) => e) || [];
     message.networks = object.networks?.map((e) => Network.fromPartial(e)) || [];
     message.removeNetworks = object.removeNetworks?.map((e) => e) || [];
+    message.networkViews = object.networkViews?.map((e) => NetworkView.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseNetworkView(): NetworkView {
+  return { network: undefined, peers: [], endpoints: [] };
+}
+
+export const NetworkView: MessageFns<NetworkView> = {
+  encode(message: NetworkView, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.network !== undefined) {
+      Network.encode(message.network, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.peers) {
+      NetworkPeer.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.endpoints) {
+      ServiceEndpoint.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkView {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkView();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.network = Network.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.peers.push(NetworkPeer.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.endpoints.push(ServiceEndpoint.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkView>, I>>(base?: I): NetworkView {
+    return NetworkView.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkView>, I>>(object: I): NetworkView {
+    const message = createBaseNetworkView();
+    message.network = (object.network !== undefined && object.network !== null)
+      ? Network.fromPartial(object.network)
+      : undefined;
+    message.peers = object.peers?.map((e) => NetworkPeer.fromPartial(e)) || [];
+    message.endpoints = object.endpoints?.map((e) => ServiceEndpoint.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseNetworkPeer(): NetworkPeer {
+  return {
+    taskId: "",
+    nodeId: "",
+    nodeAddr: "",
+    address: "",
+    serviceId: "",
+    serviceName: "",
+    ready: false,
+    aliases: [],
+    taskName: "",
+  };
+}
+
+export const NetworkPeer: MessageFns<NetworkPeer> = {
+  encode(message: NetworkPeer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.taskId !== "") {
+      writer.uint32(10).string(message.taskId);
+    }
+    if (message.nodeId !== "") {
+      writer.uint32(18).string(message.nodeId);
+    }
+    if (message.nodeAddr !== "") {
+      writer.uint32(26).string(message.nodeAddr);
+    }
+    if (message.address !== "") {
+      writer.uint32(34).string(message.address);
+    }
+    if (message.serviceId !== "") {
+      writer.uint32(42).string(message.serviceId);
+    }
+    if (message.serviceName !== "") {
+      writer.uint32(50).string(message.serviceName);
+    }
+    if (message.ready !== false) {
+      writer.uint32(56).bool(message.ready);
+    }
+    for (const v of message.aliases) {
+      writer.uint32(66).string(v!);
+    }
+    if (message.taskName !== "") {
+      writer.uint32(74).string(message.taskName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkPeer {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkPeer();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.taskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.nodeAddr = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.serviceId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.serviceName = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.ready = reader.bool();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.aliases.push(reader.string());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.taskName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkPeer>, I>>(base?: I): NetworkPeer {
+    return NetworkPeer.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkPeer>, I>>(object: I): NetworkPeer {
+    const message = createBaseNetworkPeer();
+    message.taskId = object.taskId ?? "";
+    message.nodeId = object.nodeId ?? "";
+    message.nodeAddr = object.nodeAddr ?? "";
+    message.address = object.address ?? "";
+    message.serviceId = object.serviceId ?? "";
+    message.serviceName = object.serviceName ?? "";
+    message.ready = object.ready ?? false;
+    message.aliases = object.aliases?.map((e) => e) || [];
+    message.taskName = object.taskName ?? "";
+    return message;
+  },
+};
+
+function createBaseServiceEndpoint(): ServiceEndpoint {
+  return { serviceId: "", serviceName: "", vip: "", mode: 0, ports: [], aliases: [] };
+}
+
+export const ServiceEndpoint: MessageFns<ServiceEndpoint> = {
+  encode(message: ServiceEndpoint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.serviceId !== "") {
+      writer.uint32(10).string(message.serviceId);
+    }
+    if (message.serviceName !== "") {
+      writer.uint32(18).string(message.serviceName);
+    }
+    if (message.vip !== "") {
+      writer.uint32(26).string(message.vip);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    for (const v of message.ports) {
+      PortConfig.encode(v!, writer.uint32(42).fork()).join();
+    }
+    for (const v of message.aliases) {
+      writer.uint32(50).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ServiceEndpoint {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseServiceEndpoint();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.serviceId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.serviceName = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.vip = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.ports.push(PortConfig.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.aliases.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ServiceEndpoint>, I>>(base?: I): ServiceEndpoint {
+    return ServiceEndpoint.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ServiceEndpoint>, I>>(object: I): ServiceEndpoint {
+    const message = createBaseServiceEndpoint();
+    message.serviceId = object.serviceId ?? "";
+    message.serviceName = object.serviceName ?? "";
+    message.vip = object.vip ?? "";
+    message.mode = object.mode ?? 0;
+    message.ports = object.ports?.map((e) => PortConfig.fromPartial(e)) || [];
+    message.aliases = object.aliases?.map((e) => e) || [];
     return message;
   },
 };
