@@ -21,7 +21,8 @@ describe.skipIf(!builtCli())('size limits and durations (manager + sim agents as
   beforeAll(async () => {
     await c.startManager();
     for (const h of ['n1', 'n2', 'n3']) await c.startAgent(h);
-    await waitFor('3 ready nodes', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env)).filter((n) => n.status === 'ready').length === 3);
+    // the manager is a node too (managers are nodes): count the three workers
+    await waitFor('3 ready workers', async () => (await cliJson<Array<{ role: string; status: string }>>(['node', 'ls'], c.env)).filter((n) => n.role === 'worker' && n.status === 'ready').length === 3);
   });
   afterAll(async () => {
     await c.cleanup();
