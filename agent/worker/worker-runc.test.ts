@@ -14,6 +14,9 @@ import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
 import { Worker } from './worker.js';
 import { removeRunRoots } from '../../test/helpers/runtime-debris.js';
+import { waitFor as poll } from '../../test/helpers/wait.js';
+
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 20_000): Promise<boolean> => poll(what, fn, ms, 25);
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -39,15 +42,6 @@ function task(slot: number, args: string[], over: { grace?: number; image?: stri
 }
 
 const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [] });
-
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, mounts, cgroups)', () => {
   let dir: string;

@@ -11,6 +11,9 @@ import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, contai
 import { SimRuntime, type SimRuntimeOptions } from './sim.js';
 import { StatusQueue } from './status.js';
 import { Worker } from './worker.js';
+import { waitFor as poll } from '../../test/helpers/wait.js';
+
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<boolean> => poll(what, fn, ms, 10);
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -55,15 +58,6 @@ class Recorder {
   states(id: string): TaskState[] {
     return (this.byTask.get(id) ?? []).map((s) => s.state);
   }
-}
-
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 function newWorker(rt: SimRuntime, rec: Recorder, over: Partial<ConstructorParameters<typeof Worker>[0]> = {}): Worker {
