@@ -13,6 +13,7 @@ import * as tar from 'tar';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
 import { buildBusyboxRootfs, importBusybox } from './helpers/busybox.js';
+import { processAlive } from './helpers/runtime-debris.js';
 
 interface TaskJ {
   id: string;
@@ -94,11 +95,13 @@ describe.skipIf(skip)('health checks on runc (needs root)', () => {
     await waitFor('the node is ready', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env))[0]?.status === 'ready');
   });
   afterAll(async () => {
-    if (services.length) await flotilla('service', 'rm', ...services);
-    await waitFor('containers removed', async () => (await cliJson<unknown[]>(['container', 'ls', '-a', '--data-dir', dataDir])).length === 0, 30_000).catch(() => {});
-    await c.stopAll();
-    for (const ct of await cliJson<Array<{ id: string }>>(['container', 'ls', '-a', '--data-dir', dataDir]).catch(() => [])) await cli(['container', 'rm', '-f', ct.id, '--data-dir', dataDir]);
-    await c.cleanup();
+    try {
+      if (services.length) expect((await flotilla('service', 'rm', ...services)).code).toBe(0);
+      await waitFor('containers removed', async () => (await cliJson<unknown[]>(['container', 'ls', '-a', '--data-dir', dataDir])).length === 0, 30_000);
+    } finally {
+      // stops the daemon (SIGKILL after a deadline) and removes what is left before the data dir
+      await c.cleanup();
+    }
   });
 
   it('a passing --health-cmd: RUNNING with health starting, then healthy, shown by service ps', async () => {
@@ -131,6 +134,8 @@ describe.skipIf(skip)('health checks on runc (needs root)', () => {
     );
     expect(r.code).toBe(0);
     const first = await waitFor('sick healthy', async () => (await current('sick')).find((t) => t.health === 'healthy'));
+    const firstPid = (JSON.parse((await cli(['container', 'inspect', first.containerId, '--data-dir', dataDir])).stdout) as { pid: number }).pid;
+    expect(processAlive(firstPid)).toBe(true);
     const failed = await waitFor('sick unhealthy', async () => (await ps('sick')).find((t) => t.id === first.id && t.state === 'failed'), 15_000);
     expect(failed.health).toBe('unhealthy');
     expect(failed.error).toMatch(/unhealthy/);
@@ -138,9 +143,11 @@ describe.skipIf(skip)('health checks on runc (needs root)', () => {
     const next = await waitFor('a replacement', async () => (await current('sick')).find((t) => t.id !== first.id && t.slot === first.slot && t.state === 'running'), 15_000);
     expect(next.containerId).not.toBe(first.containerId);
     expect((await ps('sick')).find((t) => t.id === first.id)!.desiredState).toBe('shutdown');
-    // the unhealthy container was stopped
+    // the unhealthy container was stopped: its process is gone (the kernel's word, not flotilla's)
+    expect(processAlive(firstPid), `pid ${firstPid}`).toBe(false);
     const insp = await cli(['container', 'inspect', failed.containerId, '--data-dir', dataDir]);
     if (insp.code === 0) expect((JSON.parse(insp.stdout) as { state: string }).state).not.toBe('running');
+    else expect(insp.stderr).toMatch(/not found/i);
     expect((await flotilla('service', 'rm', 'sick')).code).toBe(0);
     services.splice(services.indexOf('sick'), 1);
   });
