@@ -1,7 +1,8 @@
 /**
  * Raft across real processes (dist/test/helpers/raft-kv.js): writes keep flowing while the leader
- * is killed with SIGKILL, a follower is frozen with SIGSTOP, members are added and removed and
- * everyone restarts; at the end every acknowledged write is on every node.
+ * is killed with SIGKILL, a follower is frozen with SIGSTOP, members are added and removed, keys are
+ * overwritten and everyone is killed with SIGKILL and restarts; at the end every acknowledged write is on
+ * every node with its last acknowledged value.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -14,8 +15,11 @@ const root = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-raftproc-'));
 const procs = new Set<KvProc>();
 
 afterAll(async () => {
-  for (const p of procs) await killKv(p, 'SIGKILL');
-  fs.rmSync(root, { recursive: true, force: true });
+  try {
+    await Promise.all([...procs].map((p) => killKv(p, 'SIGKILL')));
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
 });
 
 async function start(name: string, opts: Parameters<typeof spawnKv>[2] = {}): Promise<KvProc> {
@@ -41,18 +45,20 @@ describe.skipIf(!builtRaftKv())('raft across processes (needs npm run build)', (
     await waitFor('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3);
 
     // writers: each sends sequential puts to the node it thinks leads, re-finding it on failure
-    const acked = new Set<string>();
+    /** every acknowledged key with the value it must have */
+    const acked = new Map<string, string>();
     let stopWriters = false;
     let lastAck = Date.now();
     let target: KvProc | undefined = a;
     const writer = async (w: number): Promise<void> => {
       for (let i = 0; !stopWriters; i++) {
         const key = `w${w}-${i}`;
+        const value = `v${w}.${i}.${'x'.repeat(i % 40)}`;
         for (;;) {
           if (stopWriters) return;
           const t = target;
-          if (t && alive(t) && (await put(t, key, `v${i}`))) {
-            acked.add(key);
+          if (t && alive(t) && (await put(t, key, value))) {
+            acked.set(key, value);
             lastAck = Date.now();
             break;
           }
@@ -99,7 +105,7 @@ describe.skipIf(!builtRaftKv())('raft across processes (needs npm run build)', (
         const r = await fetch(`http://127.0.0.1:${l.httpPort}/members/${victim.id}`, { method: 'DELETE' });
         return r.status === 204 || r.status === 404;
       });
-      await killKv(victim, 'SIGTERM');
+      await killKv(victim, 'SIGKILL');
       procs.delete(victim);
       nodes = nodes.filter((n) => n !== victim);
       const n3 = acked.size;
@@ -109,17 +115,31 @@ describe.skipIf(!builtRaftKv())('raft across processes (needs npm run build)', (
       await Promise.all(writers);
     }
 
-    // 4. restart everyone from disk
-    for (const n of nodes) await killKv(n, 'SIGTERM');
+    // 4. overwrite some keys (one acknowledged write at a time): the last value must win everywhere
+    let l = await findLeader(nodes.filter(alive));
+    for (const key of [...acked.keys()].filter((_, i) => i % 10 === 0).slice(0, 100)) {
+      const value = `over-${key}`;
+      await waitFor(`overwrite ${key}`, async () => {
+        if (l && (await put(l, key, value))) return true;
+        l = await findLeader(nodes.filter(alive));
+        return false;
+      }, 20_000, 20);
+      acked.set(key, value);
+    }
+
+    // 5. kill -9 everyone at once and restart from disk: what was acknowledged was synced
+    await Promise.all(nodes.map((n) => killKv(n, 'SIGKILL')));
     const again: KvProc[] = [];
     for (const n of nodes) again.push(await restart(n));
     await waitFor('a leader after the full restart', () => findLeader(again), 20_000);
     expect(acked.size).toBeGreaterThan(500);
-    console.log(`raft processes: ${acked.size} acknowledged writes checked on ${again.length} nodes`);
+    console.log(`raft processes: ${acked.size} acknowledged writes (values) checked on ${again.length} nodes`);
     for (const n of again) {
       const st = await waitFor(`${n.name} dump`, async () => dump(n), 20_000);
-      const missing = [...acked].filter((k) => st[k] === undefined);
+      const missing = [...acked.keys()].filter((k) => st[k] === undefined);
       expect(missing.slice(0, 10), `${n.name} misses ${missing.length} acknowledged writes`).toEqual([]);
+      const wrong = [...acked].filter(([k, v]) => st[k] !== v).map(([k, v]) => `${k}: ${st[k]} != ${v}`);
+      expect(wrong.slice(0, 10), `${n.name} has ${wrong.length} wrong values`).toEqual([]);
       const members = (await status(n))!.members.map((m) => m.raftId).sort();
       expect(members).toEqual(again.map((x) => x.id).sort());
     }

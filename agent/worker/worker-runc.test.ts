@@ -58,13 +58,15 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     rt = await RuncRuntime.open(dir);
   });
   afterAll(async () => {
-    if (rt) {
-      for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
-      rt.close();
-    }
-    if (dir) {
-      await fs.rm(dir, { recursive: true, force: true });
-      removeRunRoots(dir);
+    try {
+      // every container removed (errors fail the suite) before its data dir goes
+      if (rt) for (const c of await rt.list()) await rt.remove(c.id, true);
+    } finally {
+      rt?.close();
+      if (dir) {
+        await fs.rm(dir, { recursive: true, force: true });
+        removeRunRoots(dir);
+      }
     }
   });
 
