@@ -140,6 +140,7 @@ describe.skipIf(skip)('rolling update and drain on runc (needs root)', () => {
         await new Promise((res) => setTimeout(res, 30));
       }
     })();
+    const t0 = Date.now();
     try {
       expect((await flotilla('node', 'update', '--availability', 'drain', 'n2')).code).toBe(0);
       await waitFor('every task off n2 and two healthy on m1', async () => {
@@ -151,7 +152,7 @@ describe.skipIf(skip)('rolling update and drain on runc (needs root)', () => {
       stop = true;
       await sampler;
     }
-    console.log(`drain on runc: ${samples} samples of /proc, fewest live containers ${minLive}`);
+    console.log(`drain on runc: done in ${Date.now() - t0} ms; ${samples} samples of /proc, fewest live containers ${minLive}`);
     expect(samples).toBeGreaterThan(5);
     expect(minLive).toBeGreaterThanOrEqual(2);
     for (const pid of n2Pids) expect(processAlive(pid)).toBe(false);
