@@ -50,7 +50,7 @@ export const STOP_GRACE_MS = 10_000;
  * Stops p with signal (after a SIGCONT, so a frozen process can act on it) and waits for it to exit;
  * SIGKILL when it has not exited after graceMs. Never waits forever: a test's cleanup must end.
  */
-export async function stopProc(p: Proc, signal: NodeJS.Signals = 'SIGTERM', graceMs = STOP_GRACE_MS): Promise<void> {
+export async function stopProc(p: Pick<Proc, 'child' | 'exited'>, signal: NodeJS.Signals = 'SIGTERM', graceMs = STOP_GRACE_MS): Promise<void> {
   if (p.child.exitCode !== null || p.child.signalCode !== null) return;
   if (signal !== 'SIGKILL') p.child.kill('SIGCONT');
   p.child.kill(signal);

@@ -8,6 +8,7 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { stopProc } from './procs.js';
 import { freePort } from './wait.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -78,13 +79,9 @@ export async function spawnKv(name: string, dir: string, opts: SpawnOptions = {}
   return { name, dir, raftPort, httpPort, child, id: ready.id, addr: ready.addr, exited, err };
 }
 
+/** Stops a raft-kv process (SIGKILL after 5 s when another signal does not end it). */
 export async function killKv(p: KvProc, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
-  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
-  if (signal !== 'SIGKILL') p.child.kill('SIGCONT');
-  p.child.kill(signal);
-  const t = setTimeout(() => p.child.kill('SIGKILL'), 5000);
-  await p.exited;
-  clearTimeout(t);
+  await stopProc(p, signal, 5000);
 }
 
 export const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
