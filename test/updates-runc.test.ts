@@ -33,7 +33,7 @@ if (skip) console.warn('updates-runc tests skipped: they need root (runc) and a 
 /** A marker unique to this run, put in every container's environment to find its processes in /proc. */
 const MARK = `FLOTILLA_TEST_RUN=${process.pid}-${Date.now()}`;
 
-/** The container ids (their /flotilla/<id> memory cgroup) of the live processes whose environment holds MARK and svc. */
+/** The container ids (their /flotilla/<id> cgroup, v1 or v2) of the live processes whose environment holds MARK and svc. */
 function liveContainers(svc: string): Set<string> {
   const out = new Set<string>();
   for (const e of readdirSync('/proc')) {
@@ -42,7 +42,7 @@ function liveContainers(svc: string): Set<string> {
       const env = readFileSync(`/proc/${e}/environ`, 'utf8').split('\0');
       if (!env.includes(MARK) || !env.includes(`SVC=${svc}`)) continue;
       if (!processAlive(Number(e))) continue;
-      const cg = /^\d+:[^:]*memory[^:]*:.*\/flotilla\/([^/\n]+)$/m.exec(readFileSync(`/proc/${e}/cgroup`, 'utf8'));
+      const cg = /^\d+:[^:]*:.*\/flotilla\/([^/\n]+)$/m.exec(readFileSync(`/proc/${e}/cgroup`, 'utf8'));
       if (cg) out.add(cg[1]!);
     } catch {
       // the process is gone
