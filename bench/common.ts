@@ -12,7 +12,7 @@ import { Control } from '../cli/client.js';
 import type { ListNodesResponse, ListServicesResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { NodeState, TaskState, type Task } from '../gen/flotilla/v1/objects.js';
 import { findBinary } from '../agent/runtime/runc.js';
-import { waitFor } from '../test/helpers/procs.js';
+import { waitFor } from '../test/helpers/wait.js';
 import { removeRunRoots } from '../test/helpers/runtime-debris.js';
 
 export interface RunResult {

@@ -13,7 +13,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, waitUntil, type KvProc } from '../test/helpers/raft-kv-procs.js';
+import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, type KvProc } from '../test/helpers/raft-kv-procs.js';
+import { waitFor } from '../test/helpers/wait.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
 const VALUE = 'v'.repeat(256);
@@ -71,10 +72,10 @@ async function main(): Promise<void> {
   try {
     console.log(`flotilla raft benchmark: 3 processes on loopback, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
     const a = await spawn('a');
-    await waitUntil('a leads', async () => (await status(a))?.leader, 20_000);
+    await waitFor('a leads', async () => (await status(a))?.leader, 20_000);
     const b = await spawn('b', { join: a.addr });
     const c = await spawn('c', { join: a.addr });
-    await waitUntil('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3, 30_000);
+    await waitFor('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3, 30_000);
     let nodes = [a, b, c];
 
     // warm-up
@@ -113,7 +114,7 @@ async function main(): Promise<void> {
       await new Promise((r) => setTimeout(r, 500));
       killedAt = Date.now();
       await killKv(leader, 'SIGKILL');
-      await waitUntil('a write after the kill', () => firstAfter > 0, 15_000, 5).catch(() => {});
+      await waitFor('a write after the kill', () => firstAfter > 0, 15_000, 5).catch(() => {});
       stop = true;
       await Promise.all(writers);
       if (firstAfter) failovers.push((firstAfter - killedAt) / 1000);
@@ -121,7 +122,7 @@ async function main(): Promise<void> {
       const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort });
       procs.push(back);
       nodes = nodes.map((n) => (n === leader ? back : n));
-      await waitUntil('3 reachable', async () => {
+      await waitFor('3 reachable', async () => {
         const l = await findLeader(nodes);
         const s = l && (await status(l));
         return s && s.members.filter((m) => m.reachable).length === 3;
@@ -156,7 +157,7 @@ async function main(): Promise<void> {
 
     // catch-up: one member with 100,000 objects compacted into a snapshot; a new member joins
     const s1 = await spawn('s1', { snapshotEvery: 50, compactKeep: 10 });
-    await waitUntil('s1 leads', async () => (await status(s1))?.leader, 20_000);
+    await waitFor('s1 leads', async () => (await status(s1))?.leader, 20_000);
     const tl = Date.now();
     const r = await request(s1.httpPort, 'POST', '/bulk?n=100000&size=100&prefix=obj', undefined, 120_000);
     if (r.status !== 204) throw new Error(`bulk load: ${r.status} ${r.body}`);
@@ -164,7 +165,7 @@ async function main(): Promise<void> {
     const snapBytes = fs.readdirSync(path.join(s1.dir, 'snap')).map((f) => fs.statSync(path.join(s1.dir, 'snap', f)).size).sort((x, y) => y - x)[0] ?? 0;
     const tc = Date.now();
     const s2 = await spawn('s2', { join: s1.addr, snapshotEvery: 50, compactKeep: 10 });
-    await waitUntil('s2 has 100,000 objects', async () => ((await status(s2))?.size ?? 0) >= 100_000, 120_000, 20);
+    await waitFor('s2 has 100,000 objects', async () => ((await status(s2))?.size ?? 0) >= 100_000, 120_000, 20);
     const catchup = (Date.now() - tc) / 1000;
     results.push(`catch-up of a new member from a snapshot of 100,000 objects (${(snapBytes / 1e6).toFixed(1)} MB): ${catchup.toFixed(2)} s (spawn + join + snapshot transfer + restore; bulk load took ${(loadMs / 1000).toFixed(2)} s)`);
     console.log(results[results.length - 1]);

@@ -8,6 +8,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
 import { importBusybox } from './helpers/busybox.js';
+import { cgroupMismatches, flotillaCgroups, mountsUnder, processAlive } from './helpers/runtime-debris.js';
+import { runRootOf } from '../agent/runtime/containers.js';
 
 interface TaskJ {
   id: string;
@@ -32,17 +34,13 @@ describe.skipIf(skip)('e2e on runc (needs root)', () => {
     await waitFor('the node is ready', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env))[0]?.status === 'ready');
   });
   afterAll(async () => {
-    await cli(['service', 'rm', 'limited'], c.env);
-    await waitFor('containers removed', async () => (await cliJson<unknown[]>(['container', 'ls', '-a', '--data-dir', dataDir])).length === 0, 30_000).catch(() => {});
-    await c.stopAll();
-    // anything the test left is removed by the runtime itself
-    for (const ct of await cliJson<Array<{ id: string }>>(['container', 'ls', '-a', '--data-dir', dataDir]).catch(() => [])) await ctr(['rm', '-f', ct.id]);
-    await c.cleanup();
+    // stops the daemon (SIGKILL after a deadline), removes any container the tests left before the data dir
+    await c.cleanup({ expectEmpty: true });
   });
 
   it('runs a service whose containers carry the asked limits', async () => {
     const r = await cli(
-      ['service', 'create', '--name', 'limited', '--replicas', '3', '--limit-memory', '64m', '--limit-pids', '50', '--limit-cpu', '0.5', '-e', 'GREETING=hi', 'busybox:latest', 'sh', '-c', 'echo $GREETING from $(hostname); exec sleep 1000'],
+      ['service', 'create', '--name', 'limited', '--replicas', '3', '--stop-grace-period', '500ms', '--limit-memory', '64m', '--limit-pids', '50', '--limit-cpu', '0.5', '-e', 'GREETING=hi', 'busybox:latest', 'sh', '-c', 'echo $GREETING from $(hostname); exec sleep 1000'],
       c.env,
     );
     expect(r.stderr).toBe('');
@@ -58,6 +56,8 @@ describe.skipIf(skip)('e2e on runc (needs root)', () => {
       expect(fs.readFileSync(path.join(mem, 'memory.limit_in_bytes'), 'utf8').trim()).toBe(String(64 * 1024 * 1024));
       expect(fs.readFileSync(path.join(pids, 'pids.max'), 'utf8').trim()).toBe('50');
       expect(Number(fs.readFileSync(path.join(cpu, 'cpu.cfs_quota_us'), 'utf8')) / Number(fs.readFileSync(path.join(cpu, 'cpu.cfs_period_us'), 'utf8'))).toBeCloseTo(0.5);
+      // the kernel puts the process in the cgroups inspect names
+      expect(cgroupMismatches(insp.pid, insp.cgroupPaths)).toEqual([]);
       // its own pid namespace
       expect(fs.readlinkSync(`/proc/${insp.pid}/ns/pid`)).not.toBe(fs.readlinkSync('/proc/self/ns/pid'));
     }
@@ -83,5 +83,30 @@ describe.skipIf(skip)('e2e on runc (needs root)', () => {
     expect(after).toEqual(before);
     const all = await cliJson<unknown[]>(['container', 'ls', '-a', '--data-dir', dataDir]);
     expect(all).toHaveLength(3); // no copies started
+  });
+
+  it('service rm leaves no process, mount, cgroup, run-root entry or snapshot behind', async () => {
+    const tasks = await running('limited');
+    expect(tasks).toHaveLength(3);
+    const ids = tasks.map((t) => t.containerId);
+    const pids: number[] = [];
+    for (const id of ids) pids.push((JSON.parse((await ctr(['inspect', id])).stdout) as { pid: number }).pid);
+    const runRoot = await runRootOf(dataDir);
+    expect(flotillaCgroups(ids).length).toBeGreaterThan(0);
+    for (const id of ids) expect(fs.existsSync(path.join(runRoot, 'containers', id)), id).toBe(true);
+    const r = await cli(['service', 'rm', 'limited'], c.env);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    await waitFor('containers removed', async () => (await cliJson<unknown[]>(['container', 'ls', '-a', '--data-dir', dataDir])).length === 0, 30_000);
+    // a container being removed is no longer listed: give its removal a bounded time to finish
+    const debris = (): string[] => [
+      ...pids.filter(processAlive).map((p) => `process ${p}`),
+      ...mountsUnder(dataDir),
+      ...mountsUnder(runRoot),
+      ...flotillaCgroups(ids),
+      ...ids.flatMap((id) => [...['containers', 'runc', 'exits'].map((sub) => path.join(runRoot, sub, id)), path.join(dataDir, 'snapshots', 'containers', id)].filter((f) => fs.existsSync(f))),
+    ];
+    await waitFor('nothing left of the removed containers', () => debris().length === 0, 15_000).catch(() => undefined);
+    expect(debris()).toEqual([]);
   });
 });

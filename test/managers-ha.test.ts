@@ -1,6 +1,7 @@
 /**
  * Manager high availability with real processes on loopback: three managers (each with a sim agent),
- * kill -9 of the leader under a stream of writes, everyone restarted at once, one manager frozen,
+ * kill -9 of the leader under a stream of writes, everyone restarted at once, a follower and then the
+ * leader frozen (SIGSTOP) under writes that must keep being acknowledged,
  * demotion with the quorum guard, and --force-new-cluster after quorum loss. At every check, every
  * write the API acknowledged is present on every manager.
  */
@@ -11,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Control } from '../cli/client.js';
 import { ServiceSpec } from '../gen/flotilla/v1/objects.js';
 import type { ListServicesResponse, ListNodesResponse } from '../gen/flotilla/v1/control.js';
-import { builtCli, cli, start, waitFor, type Proc } from './helpers/procs.js';
+import { builtCli, cli, start, stopProc, waitFor, type Proc } from './helpers/procs.js';
 
 interface Mgr {
   name: string;
@@ -43,8 +44,7 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
   async function kill(m: Mgr, sig: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     const p = m.proc;
     if (!p) return;
-    if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill(sig);
-    await p.exited;
+    await stopProc(p, sig); // SIGKILL after a deadline
     m.proc = undefined;
   }
   const env = (m: Mgr) => ({ FLOTILLA_HOST: `unix://${m.sock}` });
@@ -106,8 +106,11 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     await launch(mgrs[2]!, ['--join', mgrs[0]!.addr, '--token', token]);
   });
   afterAll(async () => {
-    await Promise.all(mgrs.map((m) => kill(m, 'SIGTERM')));
-    fs.rmSync(root, { recursive: true, force: true });
+    try {
+      await Promise.all(mgrs.map((m) => kill(m, 'SIGTERM')));
+    } finally {
+      fs.rmSync(root, { recursive: true, force: true });
+    }
   });
 
   it('lists three managers, one of them the leader', async () => {
@@ -164,19 +167,70 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     await waitFor('a leader', async () => (await leader(mgrs[0]!)) !== '');
   });
 
-  it('keeps working with one manager frozen, which catches up when it thaws', async () => {
-    const frozen = mgrs[2]!;
-    frozen.proc!.child.kill('SIGSTOP');
+  /** Writes through targets while one manager is frozen; returns what was acknowledged meanwhile and the errors. */
+  async function writesWhileFrozen(targets: Mgr[], enough: number, timeoutMs: number, alsoWaitFor?: () => Promise<boolean>): Promise<{ acked: string[]; errors: number }> {
+    const before = new Set(acked);
+    let stop = false;
+    const w = writer(() => targets, () => stop);
     try {
-      let stop = false;
-      const w = writer(() => mgrs.slice(0, 2), () => stop);
-      await waitFor('writes with one manager cut off', () => acked.size >= seq - 5 && seq > 0 && acked.size > 0, 5000).catch(() => {});
-      await new Promise((r) => setTimeout(r, 2000));
+      await waitFor(`${enough} acknowledged writes while frozen`, async () => [...acked].filter((n) => !before.has(n)).length >= enough && (!alsoWaitFor || (await alsoWaitFor())), timeoutMs, 50);
+    } finally {
       stop = true;
-      await w;
+    }
+    const errors = await w;
+    return { acked: [...acked].filter((n) => !before.has(n)), errors };
+  }
+
+  it('keeps working with one follower frozen, which catches up when it thaws', async () => {
+    const lead = await waitFor('a leader', async () => (await leader(mgrs[0]!)) || undefined);
+    const frozen = mgrs.find((m) => m.name !== lead)!;
+    frozen.proc!.child.kill('SIGSTOP');
+    let during: { acked: string[]; errors: number };
+    try {
+      during = await writesWhileFrozen(mgrs.filter((m) => m !== frozen), 30, 20_000);
     } finally {
       frozen.proc!.child.kill('SIGCONT');
     }
+    console.log(`HA: follower ${frozen.name} frozen: ${during.acked.length} writes acknowledged, ${during.errors} errors`);
+    expect(during.acked.length).toBeGreaterThanOrEqual(30);
+    // the leader kept its quorum: no write failed
+    expect(during.errors).toBe(0);
+    await allHaveAcked(mgrs);
+    const have = await services(frozen);
+    expect(during.acked.filter((n) => !have.has(n))).toEqual([]);
+  });
+
+  it('keeps working with the leader frozen: a new leader takes over; thawed, the old one follows and catches up', async () => {
+    const lead = await waitFor('a leader', async () => (await leader(mgrs[0]!)) || undefined);
+    const frozen = mgrs.find((m) => m.name === lead)!;
+    const others = mgrs.filter((m) => m !== frozen);
+    frozen.proc!.child.kill('SIGSTOP');
+    let during: { acked: string[]; errors: number };
+    let newLeader = '';
+    try {
+      during = await writesWhileFrozen(others, 30, 30_000, async () => {
+        newLeader = await leader(others[0]!).catch(() => '');
+        return newLeader !== '' && newLeader !== frozen.name;
+      });
+    } finally {
+      frozen.proc!.child.kill('SIGCONT');
+    }
+    console.log(`HA: leader ${frozen.name} frozen: ${newLeader} took over, ${during.acked.length} writes acknowledged, ${during.errors} errors`);
+    expect(others.map((m) => m.name)).toContain(newLeader);
+    expect(during.acked.length).toBeGreaterThanOrEqual(30);
+    // the thawed manager follows the new leader and has every write
+    await waitFor(`${frozen.name} follows ${newLeader}`, async () => (await leader(frozen)) === newLeader, 20_000);
+    await allHaveAcked(mgrs);
+    const have = await services(frozen);
+    expect(during.acked.filter((n) => !have.has(n))).toEqual([]);
+    // and writes through it reach the new leader
+    const c = new Control(`unix:${frozen.sock}`);
+    try {
+      await c.call('createService', { spec: spec('via-thawed') }, 10_000);
+    } finally {
+      c.close();
+    }
+    acked.add('via-thawed');
     await allHaveAcked(mgrs);
   });
 

@@ -49,12 +49,15 @@ describe.skipIf(!isRoot)('flotilla container CLI (needs root, runc, conmon; runs
 
   afterAll(async () => {
     if (!dataDir) return;
-    const ls = await cli('ls', '-a', '-q');
-    const ids = ls.stdout.split('\n').filter(Boolean);
-    if (ids.length > 0) await cli('rm', '-f', ...ids);
-    expect(mountsUnder(dataDir)).toEqual([]);
-    await fs.rm(dataDir, { recursive: true, force: true });
-    removeRunRoots(dataDir);
+    try {
+      const ls = await cli('ls', '-a', '-q');
+      const ids = ls.stdout.split('\n').filter(Boolean);
+      if (ids.length > 0) expect((await cli('rm', '-f', ...ids)).code).toBe(0);
+      expect(mountsUnder(dataDir)).toEqual([]);
+    } finally {
+      await fs.rm(dataDir, { recursive: true, force: true });
+      removeRunRoots(dataDir);
+    }
   });
 
   it('runs in the foreground: streams output, exits with the exit code, passes the command its flags', async () => {

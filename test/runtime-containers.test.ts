@@ -8,6 +8,20 @@ import { inCgroup } from '../agent/runtime/cgroups.js';
 import { FlotillaError } from '../common/errors.js';
 import { importBusybox } from './helpers/busybox.js';
 import { flotillaCgroups, mountsUnder, removeRunRoots } from './helpers/runtime-debris.js';
+import { waitFor } from './helpers/wait.js';
+
+/** The container ids in every run root on the host but ours. */
+async function otherRunRootIds(ours: string): Promise<Set<string>> {
+  const out = new Set<string>();
+  for (const base of [process.env.FLOTILLA_RUN_ROOT, '/run/flotilla', '/dev/shm/flotilla'].filter((b): b is string => !!b)) {
+    for (const e of await fs.readdir(base).catch(() => [] as string[])) {
+      const root = path.join(base, e);
+      if (root === path.resolve(ours)) continue;
+      for (const id of await fs.readdir(path.join(root, 'containers')).catch(() => [] as string[])) out.add(id);
+    }
+  }
+  return out;
+}
 
 const isRoot = process.getuid?.() === 0;
 
@@ -28,13 +42,17 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
 
   afterAll(async () => {
     if (!rt) return;
-    for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
-    rt.close();
-    expect(mountsUnder(dataDir)).toEqual([]);
-    expect(mountsUnder(rt.runRoot)).toEqual([]);
-    expect(flotillaCgroups(ids)).toEqual([]);
-    await fs.rm(dataDir, { recursive: true, force: true });
-    removeRunRoots(dataDir);
+    try {
+      // every container removed (errors fail the suite) before its data dir goes; then nothing is left
+      for (const c of await rt.list()) await rt.remove(c.id, true);
+      expect(mountsUnder(dataDir)).toEqual([]);
+      expect(mountsUnder(rt.runRoot)).toEqual([]);
+      expect(flotillaCgroups(ids)).toEqual([]);
+    } finally {
+      rt.close();
+      await fs.rm(dataDir, { recursive: true, force: true });
+      removeRunRoots(dataDir);
+    }
   });
 
   async function run(name: string, command: string[], extra: Record<string, unknown> = {}) {
@@ -311,6 +329,8 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
       [{ name: 'x5', image: 'busybox', command: ['true'], user: 'nosuchuser' }, 'INVALID_ARGUMENT', /nosuchuser/],
       [{ name: 'x6', image: 'busybox', nanoCpus: 1000 }, 'INVALID_ARGUMENT', /cpus/],
     ];
+    // every flotilla cgroup on the host before the bad inputs (other test runs may come and go meanwhile)
+    const cgroupsBefore = new Set(flotillaCgroups());
     for (const [opts, code, msg] of cases) {
       const err = await rt.create(opts as never).catch((e: unknown) => e);
       expect(err, JSON.stringify(opts)).toBeInstanceOf(FlotillaError);
@@ -323,7 +343,14 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     expect(await fs.readdir(path.join(dataDir, 'snapshots', 'containers'))).toEqual([first.id]);
     // runc mounts the rootfs inside the container's mount namespace: nothing on the host
     expect(mountsUnder(dataDir)).toEqual([]);
-    expect(flotillaCgroups().filter((p) => !p.endsWith(first.id))).toEqual(flotillaCgroups().filter((p) => !ids.some((id) => p.endsWith(id))));
+    // no cgroup left by the rejected creates: a new one is ours unless another run root owns it (a
+    // concurrent test run); one of someone else's that is being removed may linger a moment
+    const leaked = async (): Promise<string[]> => {
+      const others = await otherRunRootIds(rt.runRoot);
+      return flotillaCgroups().filter((p) => !cgroupsBefore.has(p) && path.basename(p) !== first.id && !others.has(path.basename(p)));
+    };
+    await waitFor('no leaked cgroup', async () => (await leaked()).length === 0, 3000).catch(() => undefined);
+    expect(await leaked()).toEqual([]);
     await expect(rt.inspect('nosuch')).rejects.toMatchObject({ code: 'NOT_FOUND' });
   });
 

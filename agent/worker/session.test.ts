@@ -26,6 +26,9 @@ import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { runAgent, type AgentOptions } from '../agent.js';
 import type { Session } from './session.js';
 import { SimRuntime } from './sim.js';
+import { waitFor as poll } from '../../test/helpers/wait.js';
+
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 8000): Promise<boolean> => poll(what, fn, ms, 10);
 
 const log = pino({ level: 'silent' });
 const TOKEN = 'FLTTKN-1-test-token';
@@ -129,15 +132,6 @@ class TestDispatcher {
       },
     };
   }
-}
-
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await fn()) return;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 function task(slot: number): Task {

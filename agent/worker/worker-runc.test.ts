@@ -14,8 +14,10 @@ import { HealthState, Task, TaskState, type TaskStatus } from '../../gen/flotill
 import { importBusybox } from '../../test/helpers/busybox.js';
 import type { RuncRuntime } from '../runtime/containers.js';
 import { Worker } from './worker.js';
-import { removeRunRoots } from '../../test/helpers/runtime-debris.js';
-import { waitFor as waitUntilTrue } from '../../test/helpers/procs.js';
+import { cgroupMismatches, processAlive, removeRunRoots } from '../../test/helpers/runtime-debris.js';
+import { waitFor as poll } from '../../test/helpers/wait.js';
+
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 20_000): Promise<boolean> => poll(what, fn, ms, 25);
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -42,8 +44,6 @@ function task(slot: number, args: string[], over: { grace?: number; image?: stri
 
 const complete = (tasks: Task[]): AssignmentsMessage => ({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks, remove: [], ...NO_DEPS });
 
-const waitFor = (what: string, fn: () => boolean | Promise<boolean>): Promise<true> => waitUntilTrue(what, async () => (await fn()) || undefined, 20_000, 25);
-
 describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, mounts, cgroups)', () => {
   let dir: string;
   let rt: RuncRuntime;
@@ -59,13 +59,15 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     rt = await RuncRuntime.open(dir);
   });
   afterAll(async () => {
-    if (rt) {
-      for (const c of await rt.list()) await rt.remove(c.id, true).catch(() => undefined);
-      rt.close();
-    }
-    if (dir) {
-      await fs.rm(dir, { recursive: true, force: true });
-      removeRunRoots(dir);
+    try {
+      // every container removed (errors fail the suite) before its data dir goes
+      if (rt) for (const c of await rt.list()) await rt.remove(c.id, true);
+    } finally {
+      rt?.close();
+      if (dir) {
+        await fs.rm(dir, { recursive: true, force: true });
+        removeRunRoots(dir);
+      }
     }
   });
 
@@ -85,6 +87,11 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     const info = await rt.inspect(last.get(sleeper.id)!.containerId);
     expect(info.name).toBe(`rt.1.${sleeper.id}`);
     expect(info.pid).toBe(last.get(sleeper.id)!.pid);
+    // the kernel agrees: the reported process runs in the cgroups inspect names
+    expect(processAlive(info.pid)).toBe(true);
+    expect(cgroupMismatches(info.pid, info.cgroupPaths)).toEqual([]);
+    const stopperPid = last.get(stopper.id)!.pid;
+    expect(processAlive(stopperPid)).toBe(true);
     // the health check runs in the container
     await waitFor('healthy', () => last.get(sleeper.id)?.health === HealthState.HEALTH_STATE_HEALTHY);
 
@@ -93,6 +100,7 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     await w1.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...stopper, desiredState: S.TASK_STATE_SHUTDOWN }], remove: [], ...NO_DEPS });
     await waitFor('shut down', () => last.get(stopper.id)?.state === S.TASK_STATE_SHUTDOWN);
     expect(Date.now() - t0).toBeLessThan(8000);
+    expect(processAlive(stopperPid), `stopper pid ${stopperPid}`).toBe(false);
 
     // the agent restarts: a new worker over a reopened runtime adopts the running container
     await w1.close();
@@ -117,6 +125,7 @@ describe.skipIf(process.getuid?.() !== 0)('worker over runc (needs root: runc, m
     // and the adopted task can be stopped and removed
     await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [{ ...sleeper, desiredState: S.TASK_STATE_SHUTDOWN, status: last.get(sleeper.id) }], remove: [], ...NO_DEPS });
     await waitFor('adopted shut down', () => after.get(sleeper.id)?.state === S.TASK_STATE_SHUTDOWN);
+    expect(processAlive(info.pid), `adopted sleeper pid ${info.pid}`).toBe(false);
     await w2.assign({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL, update: [], remove: [sleeper.id], ...NO_DEPS });
     await w2.idle();
     expect(await rt.list()).toEqual([]);

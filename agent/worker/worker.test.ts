@@ -12,7 +12,9 @@ import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, contai
 import { SimRuntime, type SimRuntimeOptions } from './sim.js';
 import { StatusQueue } from './status.js';
 import { Worker } from './worker.js';
-import { waitFor as waitUntilTrue } from '../../test/helpers/procs.js';
+import { waitFor as poll } from '../../test/helpers/wait.js';
+
+const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<boolean> => poll(what, fn, ms, 10);
 
 const log = pino({ level: 'silent' });
 const S = TaskState;
@@ -58,8 +60,6 @@ class Recorder {
     return (this.byTask.get(id) ?? []).map((s) => s.state);
   }
 }
-
-const waitFor = (what: string, fn: () => boolean | Promise<boolean>): Promise<true> => waitUntilTrue(what, async () => (await fn()) || undefined, 5000, 10);
 
 function newWorker(rt: SimRuntime, rec: Recorder, over: Partial<ConstructorParameters<typeof Worker>[0]> = {}): Worker {
   const w = new Worker({ runtime: rt, hostname: 'host1', log, status: { flushMs: 20 }, ...over });

@@ -60,6 +60,19 @@ async function runAll(store: MemoryStore, nodes: Node[]): Promise<void> {
   });
 }
 
+/** A replicated service of `replicas` tasks (tweak changes its spec first), all running on one node 'a'. */
+async function runningOnOneNode(name: string, replicas: number, tweak: (s: Service) => void = () => undefined) {
+  const env = setup();
+  const n = testNode('a');
+  await put(env.store, 'node', n);
+  const svc = testService(name, replicas);
+  tweak(svc);
+  await put(env.store, 'service', svc);
+  await env.store.update((tx) => env.repl.reconcileService(tx, svc.id));
+  await runAll(env.store, [n]);
+  return { ...env, n, svc };
+}
+
 async function stopShutdown(store: MemoryStore): Promise<void> {
   await store.update((tx) => {
     for (const t0 of store.listTasks()) {
@@ -91,14 +104,9 @@ describe('replicated orchestrator', () => {
   });
 
   it('restarts a failed task in the same slot after the delay, and honours on-failure and max attempts', async () => {
-    const { store, repl } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('job', 1);
-    svc.spec!.task!.restart = { condition: RestartCondition.RESTART_CONDITION_ON_FAILURE, delayMs: 0, maxAttempts: 2, windowMs: 0 };
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, repl, n, svc } = await runningOnOneNode('job', 1, (s) => {
+      s.spec!.task!.restart = { condition: RestartCondition.RESTART_CONDITION_ON_FAILURE, delayMs: 0, maxAttempts: 2, windowMs: 0 };
+    });
     for (let attempt = 0; attempt < 3; attempt++) {
       const [t] = live(store, svc.id);
       await report(store, t!.id, TaskState.TASK_STATE_FAILED, { exitCode: 1 });
@@ -123,14 +131,9 @@ describe('replicated orchestrator', () => {
   });
 
   it('waits for the restart delay', async () => {
-    const { store, repl } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 1);
-    svc.spec!.task!.restart!.delayMs = 60_000;
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, repl, svc } = await runningOnOneNode('web', 1, (s) => {
+      s.spec!.task!.restart!.delayMs = 60_000;
+    });
     await report(store, live(store, svc.id)[0]!.id, TaskState.TASK_STATE_FAILED);
     await store.update((tx) => repl.reconcileService(tx, svc.id));
     expect(store.tasksOfService(svc.id)).toHaveLength(1); // not yet
@@ -251,13 +254,7 @@ describe('updater', () => {
   }
 
   it('stop-first never takes down more than the parallelism at once, and completes', async () => {
-    const { store, repl, upd } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 6);
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, repl, upd, n, svc } = await runningOnOneNode('web', 6);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 2);
     let minRunning = Infinity;
     let maxNewAtOnce = 0;
@@ -281,13 +278,7 @@ describe('updater', () => {
   });
 
   it('start-first never lets the running count drop below the desired count', async () => {
-    const { store, repl, upd } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 4);
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, repl, upd, n, svc } = await runningOnOneNode('web', 4);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 2);
     let minRunning = Infinity;
     let overlap = 0;
@@ -304,14 +295,9 @@ describe('updater', () => {
 
   it('pauses on a failed task, or rolls back when so configured', async () => {
     for (const action of [UpdateFailureAction.UPDATE_FAILURE_ACTION_PAUSE, UpdateFailureAction.UPDATE_FAILURE_ACTION_ROLLBACK]) {
-      const { store, repl, upd } = setup();
-      const n = testNode('a');
-      await put(store, 'node', n);
-      const svc = testService('web', 3);
-      svc.spec!.rollback!.monitorMs = 0;
-      await put(store, 'service', svc);
-      await store.update((tx) => repl.reconcileService(tx, svc.id));
-      await runAll(store, [n]);
+      const { store, repl, upd, n, svc } = await runningOnOneNode('web', 3, (s) => {
+        s.spec!.rollback!.monitorMs = 0;
+      });
       await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { failureAction: action });
       await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
       await stopShutdown(store);
@@ -334,13 +320,7 @@ describe('updater', () => {
   });
 
   it('counts a task that fails after the monitor window but before completion', async () => {
-    const { store, repl, upd } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 2);
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, upd, n, svc } = await runningOnOneNode('web', 2);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 1, { monitorMs: 0 });
     // first slot updated and running; second not yet done
     await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
@@ -355,13 +335,7 @@ describe('updater', () => {
   });
 
   it('does not complete while an updated task is running but unhealthy', async () => {
-    const { store, repl, upd } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 1);
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, upd, svc } = await runningOnOneNode('web', 1);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_START_FIRST, 1);
     await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));
     const fresh = live(store, svc.id).find((t) => t.spec!.container!.env[0] === 'V=2')!;
@@ -409,13 +383,7 @@ describe('updater', () => {
   });
 
   it('--update-delay: a slot whose replacement came up keeps its place in the parallelism for the delay', async () => {
-    const { store, repl, upd } = setup();
-    const n = testNode('a');
-    await put(store, 'node', n);
-    const svc = testService('web', 4);
-    await put(store, 'service', svc);
-    await store.update((tx) => repl.reconcileService(tx, svc.id));
-    await runAll(store, [n]);
+    const { store, upd, n, svc } = await runningOnOneNode('web', 4);
     await updatedService(store, svc, UpdateOrder.UPDATE_ORDER_STOP_FIRST, 2, { delayMs: 10_000 });
     const fresh = () => store.tasksOfService(svc.id).filter((t) => t.spec!.container!.env[0] === 'V=2');
     await store.update((tx) => upd.reconcileAt(tx, svc.id, Date.now()));

@@ -1,9 +1,9 @@
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RaftNode, type StateMachine } from './node.js';
+import { freePort, waitFor as poll } from '../../test/helpers/wait.js';
 
 class Kv implements StateMachine {
   map = new Map<string, string>();
@@ -22,26 +22,7 @@ class Kv implements StateMachine {
 
 const put = (k: string, v: string): Buffer => Buffer.from(JSON.stringify({ k, v }));
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
-
-async function waitFor<T>(what: string, fn: () => T | undefined | false, timeoutMs = 10_000): Promise<T> {
-  const start = Date.now();
-  while (Date.now() - start < timeoutMs) {
-    const v = fn();
-    if (v !== undefined && v !== false) return v;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+const waitFor = <T>(what: string, fn: () => T | undefined | false, timeoutMs = 10_000): Promise<T> => poll(what, fn, timeoutMs, 20);
 
 interface Member {
   node: RaftNode;

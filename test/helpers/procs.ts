@@ -2,12 +2,15 @@
  * Test helpers that run flotilla as real processes: managers, agents and CLI commands, each with
  * its own data dir under one temp root, all cleaned up by stopAll().
  */
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { removeRunRoots } from './runtime-debris.js';
+import { mountsUnder, removeRunRoots } from './runtime-debris.js';
+import { waitFor } from './wait.js';
+
+export { waitFor };
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const CLI = path.join(ROOT, 'dist/cli/main.js');
@@ -40,19 +43,23 @@ export function start(args: string[], env: NodeJS.ProcessEnv = {}): Proc {
   return p;
 }
 
-export async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20_000, everyMs = 100): Promise<T> {
-  const start = Date.now();
-  let lastErr: unknown;
-  while (Date.now() - start < timeoutMs) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      lastErr = err;
-    }
-    await new Promise((r) => setTimeout(r, everyMs));
+/** How long a stop waits after SIGTERM before it sends SIGKILL. */
+export const STOP_GRACE_MS = 10_000;
+
+/**
+ * Stops p with signal (after a SIGCONT, so a frozen process can act on it) and waits for it to exit;
+ * SIGKILL when it has not exited after graceMs. Never waits forever: a test's cleanup must end.
+ */
+export async function stopProc(p: Pick<Proc, 'child' | 'exited'>, signal: NodeJS.Signals = 'SIGTERM', graceMs = STOP_GRACE_MS): Promise<void> {
+  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
+  if (signal !== 'SIGKILL') p.child.kill('SIGCONT');
+  p.child.kill(signal);
+  const t = setTimeout(() => p.child.kill('SIGKILL'), graceMs);
+  try {
+    await p.exited;
+  } finally {
+    clearTimeout(t);
   }
-  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastErr ? `: ${(lastErr as Error).message}` : ''}`);
 }
 
 export interface CliResult {
@@ -76,9 +83,28 @@ export async function cliJson<T = unknown>(args: string[], env: NodeJS.ProcessEn
   return JSON.parse(r.stdout) as T;
 }
 
+/**
+ * Removes (force) every container of a runc node's data dir, with the daemon stopped; returns the ids it
+ * found. Throws when a container is still there afterwards.
+ */
+export async function removeContainers(dataDir: string): Promise<string[]> {
+  if (!fs.existsSync(dataDir)) return [];
+  const ls = () => cliJson<Array<{ id: string }>>(['container', 'ls', '-a', '--data-dir', dataDir]);
+  const found = (await ls()).map((c) => c.id);
+  for (const id of found) {
+    const r = await cli(['container', 'rm', '-f', id, '--data-dir', dataDir]);
+    if (r.code !== 0) throw new Error(`container rm -f ${id}: ${r.stderr.trim()}`);
+  }
+  const still = (await ls()).map((c) => c.id);
+  if (still.length) throw new Error(`containers still there after rm -f: ${still.join(', ')}`);
+  return found;
+}
+
 export class TestCluster {
   readonly root: string;
   readonly procs: Proc[] = [];
+  /** data dirs of the nodes that run the runc runtime: their containers are removed before the dirs */
+  readonly runcDirs = new Set<string>();
   managerAddr = '';
   socket = '';
   constructor(prefix = 'flotilla-it-') {
@@ -97,6 +123,7 @@ export class TestCluster {
     const args = ['manager', '--data-dir', dir, '--hostname', name, '--listen-addr', this.managerAddr || '127.0.0.1:0', '--control-socket', this.socket, '--heartbeat-period', opts.heartbeat ?? '500ms'];
     if (!opts.agent) args.push('--no-agent');
     if (opts.runtime) args.push('--runtime', opts.runtime);
+    if (opts.agent && opts.runtime === 'runc') this.runcDirs.add(dir);
     const p = start([...args, ...(opts.extra ?? [])]);
     this.procs.push(p);
     const line = await waitFor('manager ready', () => p.out.join('').match(/listening on (\S+?)[,\s]/)?.[1] ?? (p.child.exitCode !== null ? Promise.reject(new Error(p.err.join(''))) : undefined), 20_000, 50);
@@ -114,23 +141,44 @@ export class TestCluster {
     const token = opts.token ?? (await this.token());
     const args = ['agent', '--data-dir', path.join(this.root, hostname), '--manager', this.managerAddr, '--token', token, '--hostname', hostname, '--runtime', opts.runtime ?? 'sim'];
     for (const l of opts.labels ?? []) args.push('--label', l);
+    if (opts.runtime === 'runc') this.runcDirs.add(path.join(this.root, hostname));
     const p = start(args, opts.env);
     this.procs.push(p);
     return p;
   }
 
-  async kill(p: Proc, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
-    if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill(signal);
-    await p.exited;
+  /** Sends signal (SIGCONT first, so a frozen process can act on it) and waits for the exit: SIGKILL after graceMs. */
+  async kill(p: Proc, signal: NodeJS.Signals = 'SIGKILL', graceMs = STOP_GRACE_MS): Promise<void> {
+    await stopProc(p, signal, graceMs);
   }
 
-  async stopAll(): Promise<void> {
-    await Promise.all(this.procs.map((p) => this.kill(p, 'SIGTERM')));
+  /** SIGTERM to every process, SIGKILL to any still running after graceMs. */
+  async stopAll(graceMs = STOP_GRACE_MS): Promise<void> {
+    await Promise.all(this.procs.map((p) => stopProc(p, 'SIGTERM', graceMs)));
   }
 
-  async cleanup(): Promise<void> {
-    await this.stopAll();
+  /**
+   * Leaves nothing: stops every process (SIGKILL after a deadline), removes the containers of every
+   * runc node (they outlive their daemon) before their data dir, unmounts anything still mounted under
+   * the root, removes the root and the run roots. Throws at the end, after cleaning, when a container
+   * or a mount had to be removed here that the test should have removed itself (reported as leaks),
+   * or when any step failed.
+   */
+  async cleanup(opts: { expectEmpty?: boolean } = {}): Promise<void> {
+    const problems: string[] = [];
+    await this.stopAll().catch((err: unknown) => problems.push(`stop: ${(err as Error).message}`));
+    for (const dir of this.runcDirs) {
+      const left = await removeContainers(dir).catch((err: unknown) => {
+        problems.push(`removing the containers of ${dir}: ${(err as Error).message}`);
+        return [];
+      });
+      if (left.length && opts.expectEmpty) problems.push(`${dir}: containers left behind: ${left.join(', ')}`);
+    }
+    const mounts = mountsUnder(this.root);
+    for (const mp of mounts.reverse()) spawnSync('umount', ['-l', mp]);
+    if (mounts.length) problems.push(`mounts left under ${this.root}: ${mounts.join(', ')}`);
     fs.rmSync(this.root, { recursive: true, force: true });
     removeRunRoots(this.root);
+    if (problems.length) throw new Error(`cleanup: ${problems.join('; ')}`);
   }
 }

@@ -8,6 +8,8 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { stopProc } from './procs.js';
+import { freePort } from './wait.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 /** the repository root, from test/helpers/ (vitest) or dist/test/helpers/ (compiled) */
@@ -16,17 +18,6 @@ export const RAFT_KV = path.join(ROOT, 'dist/test/helpers/raft-kv.js');
 
 export function builtRaftKv(): boolean {
   return fs.existsSync(RAFT_KV);
-}
-
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
 }
 
 export interface KvProc {
@@ -88,13 +79,9 @@ export async function spawnKv(name: string, dir: string, opts: SpawnOptions = {}
   return { name, dir, raftPort, httpPort, child, id: ready.id, addr: ready.addr, exited, err };
 }
 
+/** Stops a raft-kv process (SIGKILL after 5 s when another signal does not end it). */
 export async function killKv(p: KvProc, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
-  if (p.child.exitCode !== null || p.child.signalCode !== null) return;
-  if (signal !== 'SIGKILL') p.child.kill('SIGCONT');
-  p.child.kill(signal);
-  const t = setTimeout(() => p.child.kill('SIGKILL'), 5000);
-  await p.exited;
-  clearTimeout(t);
+  await stopProc(p, signal, 5000);
 }
 
 export const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
@@ -148,21 +135,6 @@ export async function findLeader(ps: KvProc[]): Promise<KvProc | undefined> {
     if (s?.leader) return p;
   }
   return undefined;
-}
-
-export async function waitUntil<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20_000, everyMs = 50): Promise<T> {
-  const start = Date.now();
-  let last: unknown;
-  while (Date.now() - start < timeoutMs) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
 }
 
 export async function put(p: KvProc, key: string, value: string): Promise<boolean> {

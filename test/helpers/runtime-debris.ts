@@ -63,3 +63,55 @@ export function removeRunRoots(under: string): void {
     }
   }
 }
+
+/**
+ * Where the kernel says process pid is, against the cgroup directories a runtime reports for it (by
+ * hierarchy key, as `inspect` gives them): for each reported directory, the line of /proc/<pid>/cgroup
+ * of that hierarchy must name the same directory and cgroup.procs in it must list pid. Returns the
+ * differences (empty when they agree).
+ */
+export function cgroupMismatches(pid: number, reported: Record<string, string>): string[] {
+  const out: string[] = [];
+  const byKey = new Map<string, string>();
+  for (const line of readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n')) {
+    const m = /^\d+:([^:]*):(.*)$/.exec(line);
+    if (!m) continue;
+    const ctrls = m[1]!.split(',').map((c) => c.replace(/^name=/, ''));
+    byKey.set(ctrls.length === 1 && ctrls[0] === '' ? 'unified' : ctrls.join(','), m[2]!);
+  }
+  if (Object.keys(reported).length === 0) out.push('no cgroup directories reported');
+  for (const [key, dir] of Object.entries(reported)) {
+    const mountpoint = path.join('/sys/fs/cgroup', key);
+    const inProc = byKey.get(key) ?? [...byKey.entries()].find(([k]) => k.split(',').sort().join(',') === key.split(',').sort().join(','))?.[1];
+    if (inProc === undefined) {
+      out.push(`${key}: no line in /proc/${pid}/cgroup`);
+      continue;
+    }
+    const actual = path.join(mountpoint, inProc);
+    if (actual !== path.resolve(dir)) out.push(`${key}: reported ${dir}, /proc/${pid}/cgroup says ${actual}`);
+    let procs: string[] = [];
+    try {
+      procs = readFileSync(path.join(dir, 'cgroup.procs'), 'utf8').split('\n');
+    } catch (err) {
+      out.push(`${key}: ${(err as Error).message}`);
+      continue;
+    }
+    if (!procs.includes(String(pid))) out.push(`${key}: ${dir}/cgroup.procs does not list ${pid}`);
+  }
+  return out;
+}
+
+/** Whether a process with this pid exists and is not a zombie. */
+export function processAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^\d+ \(.*\) [ZX] /s.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+/** The environment of process pid (from /proc/<pid>/environ), as NAME=value strings. */
+export function processEnv(pid: number): string[] {
+  return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').filter(Boolean);
+}
