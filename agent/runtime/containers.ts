@@ -56,6 +56,7 @@ import type {
   MountSpec,
 } from './types.js';
 import { defaultSeccomp } from './seccomp.js';
+import { setLongTimeout } from '../../common/timers.js';
 
 export { runRootOf } from './run-root.js';
 
@@ -611,7 +612,8 @@ export class RuncRuntime implements ContainerRuntime {
   /** true when the container stopped within ms. */
   private async waitExited(id: string, ms: number): Promise<boolean> {
     const ac = new AbortController();
-    const timer = setTimeout(() => ac.abort(), ms);
+    // ms is a stop grace period from a spec: chained past Node's timer limit
+    const timer = setLongTimeout(() => ac.abort(), ms);
     try {
       await this.wait(id, ac.signal);
       return true;
@@ -619,7 +621,7 @@ export class RuncRuntime implements ContainerRuntime {
       if (isCode(err, 'ABORTED')) return false;
       throw err;
     } finally {
-      clearTimeout(timer);
+      timer.clear();
     }
   }
 

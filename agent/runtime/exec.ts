@@ -14,6 +14,7 @@ import { findExecutable } from './rootfs.js';
 import type { Runc } from './runc.js';
 import { runInWorker } from './spawner.js';
 import type { ExecResult } from './types.js';
+import { setLongTimeout } from '../../common/timers.js';
 
 export interface ExecOptions {
   /** the command is SIGKILLed after this long (DEADLINE_EXCEEDED) */
@@ -62,14 +63,14 @@ export async function runcExec(runc: Runc, c: ExecTarget, cmd: string[], opts: E
         })
         .catch(() => child.kill('SIGKILL'));
     };
-    const timer = opts.timeoutMs ? setTimeout(() => killProcess('timeout'), opts.timeoutMs) : undefined;
+    const timer = opts.timeoutMs ? setLongTimeout(() => killProcess('timeout'), opts.timeoutMs) : undefined;
     const onAbort = (): void => killProcess('aborted');
     opts.signal?.addEventListener('abort', onAbort, { once: true });
     let r;
     try {
       r = await child.result;
     } finally {
-      if (timer) clearTimeout(timer);
+      timer?.clear();
       opts.signal?.removeEventListener('abort', onAbort);
     }
     if (killedWhy === 'timeout') throw new FlotillaError('DEADLINE_EXCEEDED', `exec in container ${c.name} timed out after ${opts.timeoutMs}ms`);
