@@ -39,7 +39,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { CliResult } from './procs.js';
-import { flotillaCgroups } from './runtime-debris.js';
+import { flotillaCgroups, processAlive } from './runtime-debris.js';
 
 export type HostRole = 'manager' | 'agent';
 
@@ -128,15 +128,9 @@ async function must(cmd: string, args: string[]): Promise<string> {
   return r.stdout;
 }
 
+/** A live process (a zombie is dead). */
 function alive(pid: number): boolean {
-  if (pid <= 0) return false;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // state is the field after the parenthesised command name; a zombie is dead
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
+  return pid > 0 && processAlive(pid);
 }
 
 function cmdline(pid: number): string {
