@@ -27,6 +27,8 @@ import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
+import { createNetwork, removeNetwork, resolveNetwork, resolveServiceNetworks } from './networks.js';
+import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
 
@@ -89,7 +91,7 @@ export class ControlApi {
   }
 
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
-    const spec = validateServiceSpec(req.spec);
+    const spec = resolveServiceNetworks(this.store, validateServiceSpec(req.spec));
     const id = newId();
     const now = Date.now();
     await this.store.update((tx) => {
@@ -118,6 +120,8 @@ export class ControlApi {
     } else {
       next = validateServiceSpec(req.spec);
     }
+    // network names to ids (a rolled-back spec's networks must still exist)
+    next = resolveServiceNetworks(this.store, next);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     const diff = diffSpecs(cur.spec!, next);
@@ -321,6 +325,19 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      createNetwork: unary(async (req: CreateNetworkRequest) => ({ network: await createNetwork(this.store, req.spec) })),
+      getNetwork: unary(async (req: { networkId: string }) => {
+        await this.ctx.readBarrier();
+        return { network: resolveNetwork(this.store, req.networkId) };
+      }),
+      listNetworks: unary(async () => {
+        await this.ctx.readBarrier();
+        return { networks: [...this.store.networks.values()] };
+      }),
+      removeNetwork: unary(async (req: { networkId: string }) => {
+        await removeNetwork(this.store, req.networkId);
+        return {};
+      }),
     };
   }
 }
