@@ -7,7 +7,8 @@
  * stops, fails its health check or is removed leaves every view in the commit that says so.
  *
  * A peer is a task with an address on the network, placed on a node (assigned or later), not
- * terminal, whose node is known and not down; ready = running and, with a health check, healthy.
+ * terminal, whose node is known and not down; ready = running, still wanted (desired state running)
+ * and, with a health check, healthy.
  * A node that is removed or goes down drops its peers from every view.
  */
 import { HealthState, type Network, NodeState, type Service, type Task, TaskState } from '../../gen/flotilla/v1/objects.js';
@@ -28,9 +29,12 @@ function placed(t: Task): boolean {
 
 export function peerReady(t: Task): boolean {
   if (t.status?.state !== TaskState.TASK_STATE_RUNNING) return false;
-  const hc = t.spec?.container?.healthcheck;
-  const hasCheck = !!hc && hc.test.length > 0 && hc.test[0] !== 'NONE' && !t.spec?.container?.noHealthcheck;
-  return !hasCheck || t.status.health === HealthState.HEALTH_STATE_HEALTHY;
+  // the manager decided to stop it (scale down, update, removal): out of DNS and the VIP at once,
+  // while it still drains (it stays a peer, reachable, until it is terminal)
+  if (t.desiredState > TaskState.TASK_STATE_RUNNING) return false;
+  // a health check (the spec's or the image's): healthy; STARTING and UNHEALTHY are not ready
+  const h = t.status.health;
+  return h === HealthState.HEALTH_STATE_NONE || h === HealthState.HEALTH_STATE_HEALTHY;
 }
 
 export class NetworkViews {
