@@ -97,8 +97,11 @@ describe('network views', () => {
     expect((await s.setTask(s.d1.id, s.state(TaskState.TASK_STATE_RUNNING, HealthState.HEALTH_STATE_STARTING))).has(s.n3.id)).toBe(false);
     expect(peerOf(await s.setTask(s.d1.id, s.state(TaskState.TASK_STATE_RUNNING, HealthState.HEALTH_STATE_HEALTHY)), s.n3.id, s.d1.id)?.ready).toBe(true);
     expect(peerOf(await s.setTask(s.d1.id, s.state(TaskState.TASK_STATE_RUNNING, HealthState.HEALTH_STATE_UNHEALTHY)), s.n3.id, s.d1.id)?.ready).toBe(false);
-    // scale down: t2 (on n1) shuts down; n1 still has t1 on a, n2 sees t2 go
+    // scale down: t2 (on n1) is told to stop: not ready at once (it drains), though still a peer
     await s.setTask(s.t2.id, s.state(TaskState.TASK_STATE_RUNNING));
+    const told = await s.setTask(s.t2.id, (t) => ({ ...t, desiredState: TaskState.TASK_STATE_SHUTDOWN }));
+    for (const n of [s.n1.id, s.n2.id]) expect(peerOf(told, n, s.t2.id)?.ready).toBe(false);
+    // then it stops: n1 still has t1 on a, n2 sees t2 go
     const down = await s.setTask(s.t2.id, s.state(TaskState.TASK_STATE_SHUTDOWN));
     expect([...down.keys()].sort()).toEqual([s.n1.id, s.n2.id].sort());
     for (const n of [s.n1.id, s.n2.id]) expect(peerOf(down, n, s.t2.id)).toBeUndefined();
