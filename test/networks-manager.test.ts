@@ -158,6 +158,10 @@ describe.skipIf(!builtCli())('networks: manager, allocator and dispatcher views 
     expect(unknown).toMatchObject({ code: 1, stderr: 'flotilla: invalid network "nope": no such network\n' });
     const mixed = await cli(['service', 'create', '-d', '--name', 'u', '--network', 'host', '--network', 'app', 'busybox:latest'], c.env);
     expect(mixed).toMatchObject({ code: 1, stderr: 'flotilla: invalid --network "host": host and none cannot be combined with other networks\n' });
+    const adv = await cli(['agent', '--manager', c.managerAddr, '--token', 'x', '--data-dir', `${c.root}/adv`, '--advertise-addr', '10.0.0.1:4789'], c.env);
+    expect(adv).toMatchObject({ code: 1, stderr: 'flotilla: invalid --advertise-addr "10.0.0.1:4789": expected an IPv4 address (no port)\n' });
+    const pool = await cli(['manager', '--data-dir', `${c.root}/pool`, '--default-addr-pool', '10.0.0.0/33'], c.env);
+    expect(pool).toMatchObject({ code: 1, stderr: 'flotilla: invalid --default-addr-pool "10.0.0.0/33": not an IPv4 CIDR (e.g. 10.0.0.0/8)\n' });
     expect((await cli(['network', 'rm', 'other'], c.env)).code).toBe(0);
   });
 
