@@ -241,6 +241,32 @@ describe.skipIf(!builtCli())('networks: manager, allocator and dispatcher views 
     await waitFor('network tiny removable', async () => (await cli(['network', 'rm', 'tiny'], c.env)).code === 0, 10_000, 200);
   });
 
+  it('service update --network-add/--network-rm/--endpoint-mode: VIPs follow, names resolve to ids', async () => {
+    expect((await cli(['network', 'create', 'side'], c.env)).code).toBe(0);
+    const inspect = async () => (await cliJson<Array<{ spec: { task: { networks: Array<{ target: string }> }; endpoint?: { mode: number } }; endpoint: { virtualIps: Array<{ networkId: string }> } | null }>>(['service', 'inspect', 'a'], c.env))[0]!;
+    const nets = await cliJson<Array<{ id: string; name: string }>>(['network', 'ls'], c.env);
+    const id = (name: string) => nets.find((n) => n.name === name)!.id;
+    const add = await cli(['service', 'update', '-d', '--network-add', 'side', 'a'], c.env);
+    expect(add.stderr).toBe('');
+    await waitFor('2 VIPs', async () => (await inspect()).endpoint?.virtualIps.length === 2, 10_000, 100);
+    expect((await inspect()).spec.task.networks.map((n) => n.target).sort()).toEqual([id('app'), id('side')].sort());
+    const rm = await cli(['service', 'update', '-d', '--network-rm', 'app', 'a'], c.env);
+    expect(rm.stderr).toBe('');
+    await waitFor('VIP on app freed', async () => {
+      const v = (await inspect()).endpoint?.virtualIps ?? [];
+      return v.length === 1 && v[0]!.networkId === id('side');
+    }, 10_000, 100);
+    const notOn = await cli(['service', 'update', '-d', '--network-rm', 'app', 'a'], c.env);
+    expect(notOn).toMatchObject({ code: 1, stderr: 'flotilla: invalid --network-rm "app": the service is not on this network\n' });
+    const badMode = await cli(['service', 'update', '-d', '--endpoint-mode', 'rr', 'a'], c.env);
+    expect(badMode).toMatchObject({ code: 1, stderr: 'flotilla: invalid --endpoint-mode "rr": must be vip or dnsrr\n' });
+    expect((await cli(['service', 'update', '-d', '--endpoint-mode', 'dnsrr', 'a'], c.env)).stderr).toBe('');
+    await waitFor('no VIP in dnsrr', async () => (await inspect()).endpoint?.virtualIps.length === 0, 10_000, 100);
+    // back on app for the next test
+    expect((await cli(['service', 'update', '-d', '--network-add', 'app', '--endpoint-mode', 'vip', 'a'], c.env)).stderr).toBe('');
+    await waitFor('2 VIPs again', async () => (await inspect()).endpoint?.virtualIps.length === 2, 10_000, 100);
+  });
+
   it('a node that dies leaves every other node\'s views', async () => {
     const [h1, h2, h3] = nodes as [FakeNode, FakeNode, FakeNode];
     // a service on all three nodes
