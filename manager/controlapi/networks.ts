@@ -90,5 +90,15 @@ export async function removeNetwork(store: MemoryStore, ref: string): Promise<vo
   const holders = store.listTasks().filter((t) => (t.status?.state ?? 0) < TaskState.TASK_STATE_COMPLETE && t.networks.some((a) => a.networkId === n.id));
   if (holders.length > 0)
     throw new FlotillaError('FAILED_PRECONDITION', `network ${n.spec?.name} still has ${holders.length} task(s) attached that are stopping: retry shortly`);
-  await store.update((tx) => tx.delete('network', n.id));
+  await store.update((tx) => {
+    // checked again against the state this write applies to (a service created meanwhile)
+    const late = store.listServices().find((s) => serviceNetworkIds(s).includes(n.id));
+    if (late) throw new FlotillaError('FAILED_PRECONDITION', `network ${n.spec?.name} is in use by service ${late.spec?.name}`);
+    tx.delete('network', n.id);
+  });
+}
+
+/** Inside a service write: every network the spec names still exists (a removal raced the call). */
+export function requireNetworks(get: (id: string) => Network | undefined, spec: ServiceSpec): void {
+  for (const a of spec.task?.networks ?? []) if (!get(a.target)) throw invalidArgument('network', a.target, 'no such network (removed meanwhile)');
 }

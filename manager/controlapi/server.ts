@@ -27,7 +27,7 @@ import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
-import { createNetwork, removeNetwork, resolveNetwork, resolveServiceNetworks } from './networks.js';
+import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
@@ -96,6 +96,7 @@ export class ControlApi {
     const now = Date.now();
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+      requireNetworks((id) => tx.get('network', id), spec);
       tx.create('service', {
         id,
         meta: undefined,
@@ -132,6 +133,7 @@ export class ControlApi {
       const s = tx.get('service', cur.id);
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
+      requireNetworks((id) => tx.get('network', id), next);
       const version = s.specVersion + 1;
       const now = Date.now();
       const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
