@@ -144,6 +144,8 @@ export class NetworkViews {
         else this.unindex(t);
         for (const a of t.networks) touched.add(a.networkId);
         for (const a of old?.networks ?? []) touched.add(a.networkId);
+        // a task on no network changes no node's set of networks (the common case: no cost)
+        if (t.networks.length === 0 && (old?.networks.length ?? 0) === 0) continue;
         if (t.nodeId) nodesTouched.add(t.nodeId);
         if (old?.nodeId) nodesTouched.add(old.nodeId);
       } else if (ev.table === 'service') {
