@@ -66,6 +66,8 @@ export function taskJson(t: Task, nodes: Map<string, Node>): Record<string, unkn
     health: healthName(t.status?.health),
     containerId: t.status?.containerId ?? '',
     specVersion: t.specVersion,
+    // the task's address on each of its networks (the allocator's)
+    networks: t.networks.map((a) => ({ networkId: a.networkId, addresses: a.addresses, aliases: a.aliases })),
     stateSince: iso(t.status?.timestamp),
     createdAt: iso(t.meta?.createdAt),
   };
@@ -90,6 +92,8 @@ export function serviceJson(s: Service, running?: number): Record<string, unknow
       : null,
     spec,
     previousSpec: s.previousSpec ?? null,
+    // what the allocator gave the service: a virtual IP per network (VIP endpoint mode)
+    endpoint: s.endpoint ?? null,
     createdAt: iso(s.meta?.createdAt),
     updatedAt: iso(s.meta?.updatedAt),
   };

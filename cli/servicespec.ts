@@ -11,6 +11,7 @@ import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
+import { applyCreateNetworkFlags } from './networkflags.js';
 
 export interface ServiceFlags {
   name?: string;
@@ -27,7 +28,10 @@ export interface ServiceFlags {
   label?: string[];
   workdir?: string;
   user?: string;
-  network?: string;
+  network?: string[];
+  networkAdd?: string[];
+  networkRm?: string[];
+  endpointMode?: string;
   entrypoint?: string;
   restartCondition?: string;
   restartDelay?: string;
@@ -135,7 +139,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         healthcheck: undefined,
         noHealthcheck: flags.healthcheck === false,
         labels: {},
-        networkMode: flags.network ?? '',
+        networkMode: '',
       },
       resources: {
         limits: {
@@ -166,6 +170,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     rollback: applyUpdateFlags('rollback', flags, defaultUpdateConfig()),
     endpoint: undefined,
   };
+  applyCreateNetworkFlags(spec, flags);
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {
       test: flags.healthCmd !== undefined ? parseHealthCmd(flags.healthCmd) : [],

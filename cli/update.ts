@@ -1,6 +1,7 @@
 /** `service update` flags applied onto the current spec, and waiting for an update to settle. */
 import { GetServiceResponse } from '../gen/flotilla/v1/control.js';
-import { ServiceMode, ServiceSpec, TaskState, UpdateState } from '../gen/flotilla/v1/objects.js';
+import { type Network, ServiceMode, ServiceSpec, TaskState, UpdateState } from '../gen/flotilla/v1/objects.js';
+import { applyUpdateNetworkFlags } from './networkflags.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
@@ -38,7 +39,7 @@ export function splitArgs(s: string): string[] {
   return out;
 }
 
-export function applyUpdate(cur: ServiceSpec, f: UpdateFlags): ServiceSpec {
+export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = []): ServiceSpec {
   const spec: ServiceSpec = structuredClone(cur);
   const task = spec.task!;
   const c = task.container!;
@@ -83,7 +84,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags): ServiceSpec {
   if (f.reserveMemory !== undefined) res.memoryBytes = f.reserveMemory === '0' ? 0 : parseBytes('--reserve-memory', f.reserveMemory);
   if (f.workdir !== undefined) c.workdir = f.workdir;
   if (f.user !== undefined) c.user = f.user;
-  if (f.network !== undefined) c.networkMode = f.network;
+  applyUpdateNetworkFlags(spec, f, known);
   if (f.stopGracePeriod !== undefined) c.stopGracePeriodMs = parseDuration('--stop-grace-period', f.stopGracePeriod);
   task.restart ??= { condition: 0, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
   if (f.restartCondition !== undefined) task.restart.condition = restartCondition(f.restartCondition);

@@ -25,6 +25,7 @@ import { Updater } from './orchestrator/update.js';
 import { sleep } from '../common/sleep.js';
 import { writeFileAtomicSync } from '../common/fsutil.js';
 import { nodeDescription } from '../agent/agent.js';
+import { Allocator } from './allocator/allocator.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
@@ -37,6 +38,9 @@ export interface ManagerOptions {
   /** unix socket path for the control API ("" to disable) */
   controlSocket: string;
   heartbeatMs?: number;
+  /** a new cluster's default address pool for overlay subnets (CIDR) and their prefix length */
+  defaultAddrPool?: string;
+  defaultAddrPoolMaskLength?: number;
   /** join an existing cluster through this manager (HOST:PORT), with the manager join token */
   join?: string;
   token?: string;
@@ -413,6 +417,8 @@ export class Manager {
         heartbeatPeriodMs: this.opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS,
         taskHistoryLimit: DEFAULT_TASK_HISTORY,
         serviceHistoryLimit: DEFAULT_SERVICE_HISTORY,
+        defaultAddrPool: this.opts.defaultAddrPool ?? '',
+        defaultAddrPoolMaskLength: this.opts.defaultAddrPoolMaskLength ?? 0,
       },
       tokens: { worker: makeToken('worker', secret), manager: makeToken('manager', secret) },
     };
@@ -461,6 +467,7 @@ export class Manager {
         new SchedulerLoop(this.store, log.child({ component: 'scheduler' })).run(ctl.signal),
         new TaskReaper(this.store, log.child({ component: 'reaper' })).run(ctl.signal),
         new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),
+        new Allocator(this.store, log.child({ component: 'allocator' })).run(ctl.signal),
         this.watchManagerNodes(ctl.signal),
       ];
       log.info('became leader: orchestrators, scheduler and dispatcher started');

@@ -5,6 +5,7 @@ import { isValidName } from '../../common/ids.js';
 import { createLogger } from '../../common/log.js';
 import { resolveDataDir } from '../../common/paths.js';
 import { parseKeyValue } from '../../common/units.js';
+import { ipToNum } from '../../manager/allocator/ipam.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
 
 function checkManager(v: string): string {
@@ -25,8 +26,9 @@ export function register(program: Command): void {
     .option('--hostname <name>', 'node hostname (default: the host name)')
     .option('--label <K=V>', 'engine label (repeatable)', collect)
     .option('--runtime <runtime>', 'container runtime: runc or sim (simulated containers, for scale tests)', 'runc')
+    .option('--advertise-addr <ip>', 'this node\'s underlay IPv4 address, the overlay tunnel endpoint other nodes reach (default: the first non-loopback IPv4 address)')
     .action(
-      action(async (opts: { dataDir?: string; manager?: string[]; token?: string; tokenFile?: string; hostname?: string; label?: string[]; runtime: string }) => {
+      action(async (opts: { dataDir?: string; manager?: string[]; token?: string; tokenFile?: string; hostname?: string; label?: string[]; runtime: string; advertiseAddr?: string }) => {
         const managers = (opts.manager ?? [])
           .flatMap((m) => m.split(','))
           .map((m) => m.trim())
@@ -39,6 +41,8 @@ export function register(program: Command): void {
         if (opts.hostname !== undefined && !isValidName(opts.hostname)) {
           throw invalidArgument('--hostname', opts.hostname, 'use letters, digits, "_", "." or "-"');
         }
+        if (opts.advertiseAddr !== undefined && ipToNum(opts.advertiseAddr) === undefined)
+          throw invalidArgument('--advertise-addr', opts.advertiseAddr, 'expected an IPv4 address (no port)');
         const labels = Object.fromEntries((opts.label ?? []).map((l) => parseKeyValue('--label', l)));
         const dataDir = resolveDataDir(opts.dataDir);
         const log = createLogger('agent');
@@ -55,6 +59,7 @@ export function register(program: Command): void {
             managers,
             token,
             hostname: opts.hostname,
+            addr: opts.advertiseAddr,
             labels,
             runtime: opts.runtime,
             signal: ctl.signal,

@@ -10,6 +10,8 @@ import { DEFAULT_CONTROL_SOCKET } from '../client.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
 
+import { checkPool, DEFAULT_ADDR_POOL, DEFAULT_POOL_MASK_LENGTH } from '../../manager/allocator/ipam.js';
+
 function checkAddr(flag: string, v: string): string {
   if (!/^[^\s:]*:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument(flag, v, 'expected HOST:PORT');
   return v;
@@ -32,6 +34,8 @@ export function register(program: Command): void {
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
+    .option('--default-addr-pool <cidr>', 'a new cluster\'s address pool for overlay network subnets (default 10.0.0.0/8)')
+    .option('--default-addr-pool-mask-length <n>', 'prefix length of the subnets taken from the pool (default 24)')
     .action(
       action(
         async (opts: {
@@ -48,7 +52,18 @@ export function register(program: Command): void {
           token?: string;
           tokenFile?: string;
           forceNewCluster?: boolean;
+          defaultAddrPool?: string;
+          defaultAddrPoolMaskLength?: string;
         }) => {
+          let pool: { pool: string; mask: number } | undefined;
+          if (opts.defaultAddrPool !== undefined || opts.defaultAddrPoolMaskLength !== undefined) {
+            if (opts.join) throw invalidArgument('--default-addr-pool', opts.defaultAddrPool ?? '', 'only for the first manager (a joining manager gets the cluster\'s)');
+            const p = opts.defaultAddrPool ?? DEFAULT_ADDR_POOL;
+            const m = opts.defaultAddrPoolMaskLength;
+            if (m !== undefined && !/^\d{1,2}$/.test(m)) throw invalidArgument('--default-addr-pool-mask-length', m, 'not a number');
+            const checked = checkPool(p, m !== undefined ? Number(m) : DEFAULT_POOL_MASK_LENGTH);
+            pool = { pool: p, mask: checked.maskLength };
+          }
           const token = opts.join ? resolveToken(opts) : '';
           if (opts.join) {
             checkAddr('--join', opts.join);
@@ -80,6 +95,8 @@ export function register(program: Command): void {
             join: opts.join,
             token,
             forceNewCluster: opts.forceNewCluster,
+            defaultAddrPool: pool?.pool,
+            defaultAddrPoolMaskLength: pool?.mask,
             registerNode: !opts.agent,
             log,
             signal: ctl.signal,

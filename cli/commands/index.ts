@@ -12,6 +12,7 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   cluster: () => import('./cluster.js'),
   node: () => import('./node.js'),
   service: () => import('./service.js'),
+  network: () => import('./network.js'),
   image: () => import('./image.js'),
   container: () => import('./container.js'),
 };

@@ -4,6 +4,7 @@ import {
   GetServiceResponse,
   ListNodesResponse,
   ListServicesResponse,
+  ListNetworksResponse,
   ListTasksResponse,
   LogLine,
   UpdateServiceResponse,
@@ -38,7 +39,8 @@ export function addSpecFlags(cmd: Command): Command {
     .option('--workdir <dir>', 'working directory inside the container')
     .option('--user <user>', 'username or UID[:GID]')
     .option('--entrypoint <cmd>', 'override the image entrypoint')
-    .option('--network <mode>', 'host or none (default: a private network namespace)')
+    .option('--network <net>', 'overlay network (name or id; name=NET,alias=A for aliases; repeatable), or host or none (the container\'s network mode)', collect)
+    .option('--endpoint-mode <mode>', 'vip (a virtual IP balanced over the tasks) or dnsrr (DNS round robin over the task addresses)')
     .option('--restart-condition <cond>', 'any, on-failure or none')
     .option('--restart-delay <duration>', 'delay between restart attempts (default 5s)')
     .option('--restart-max-attempts <n>', 'maximum restarts before giving up (0 = unlimited)')
@@ -319,6 +321,8 @@ export function register(program: Command): void {
         .option('--label-rm <K>', 'remove a service label (repeatable)', collect)
         .option('--container-label-add <K=V>', 'add or update a container label (repeatable)', collect)
         .option('--container-label-rm <K>', 'remove a container label (repeatable)', collect)
+        .option('--network-add <net>', 'attach the service to a network (repeatable)', collect)
+        .option('--network-rm <net>', 'detach the service from a network (repeatable)', collect)
         .option('--force', 'replace tasks even if no changes require it')
         .option('--rollback', 'roll back to the previous specification')
         .option('--dry-run', 'show what would change and which tasks would be replaced; change nothing')
@@ -331,7 +335,8 @@ export function register(program: Command): void {
       const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
       await withControl(opts.host, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
-        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts);
+        const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
+        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known);
         const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
           serviceId: s!.id,
           version: s!.specVersion,

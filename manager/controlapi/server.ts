@@ -27,6 +27,8 @@ import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
+import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
+import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
 
@@ -89,11 +91,12 @@ export class ControlApi {
   }
 
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
-    const spec = validateServiceSpec(req.spec);
+    const spec = resolveServiceNetworks(this.store, validateServiceSpec(req.spec));
     const id = newId();
     const now = Date.now();
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+      requireNetworks((id) => tx.get('network', id), spec);
       tx.create('service', {
         id,
         meta: undefined,
@@ -118,6 +121,8 @@ export class ControlApi {
     } else {
       next = validateServiceSpec(req.spec);
     }
+    // network names to ids (a rolled-back spec's networks must still exist)
+    next = resolveServiceNetworks(this.store, next);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     const diff = diffSpecs(cur.spec!, next);
@@ -128,6 +133,7 @@ export class ControlApi {
       const s = tx.get('service', cur.id);
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
+      requireNetworks((id) => tx.get('network', id), next);
       const version = s.specVersion + 1;
       const now = Date.now();
       const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
@@ -321,6 +327,19 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      createNetwork: unary(async (req: CreateNetworkRequest) => ({ network: await createNetwork(this.store, req.spec) })),
+      getNetwork: unary(async (req: { networkId: string }) => {
+        await this.ctx.readBarrier();
+        return { network: resolveNetwork(this.store, req.networkId) };
+      }),
+      listNetworks: unary(async () => {
+        await this.ctx.readBarrier();
+        return { networks: [...this.store.networks.values()] };
+      }),
+      removeNetwork: unary(async (req: { networkId: string }) => {
+        await removeNetwork(this.store, req.networkId);
+        return {};
+      }),
     };
   }
 }

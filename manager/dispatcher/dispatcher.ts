@@ -27,6 +27,7 @@ import type { Logger } from '../../common/log.js';
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 import { grpcError } from '../grpc.js';
 import { sleep } from '../../common/sleep.js';
+import { NetworkViews } from './netviews.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
@@ -54,6 +55,8 @@ export class Dispatcher {
   private flushing: Promise<void> = Promise.resolve();
   private readonly logSinks = new Map<string, LogSink>();
   private unsubscribe: (() => void) | undefined;
+  /** the network views each node is sent (docs/networking.md); built when the dispatcher starts */
+  private netViews: NetworkViews | undefined;
 
   constructor(
     private readonly store: MemoryStore,
@@ -69,6 +72,7 @@ export class Dispatcher {
   async run(signal: AbortSignal): Promise<void> {
     this.running = true;
     const started = Date.now();
+    this.netViews = new NetworkViews(this.store);
     this.unsubscribe = this.store.subscribe((evs) => this.route(evs));
     try {
       while (!signal.aborted) {
@@ -86,6 +90,7 @@ export class Dispatcher {
         s.logStream?.end();
       }
       this.sessions.clear();
+      this.netViews = undefined;
       if (this.flushTimer) clearTimeout(this.flushTimer);
       this.flushTimer = undefined;
       await this.flushing;
@@ -120,6 +125,7 @@ export class Dispatcher {
 
   private endSession(s: Session, why: string): void {
     this.sessions.delete(s.nodeId);
+    this.netViews?.forget(s.nodeId);
     for (const st of s.streams) st.emit('error', grpcError(new FlotillaError('UNAVAILABLE', `session ended: ${why}`)));
     s.logStream?.end();
   }
@@ -192,11 +198,21 @@ export class Dispatcher {
     call.on('cancelled', () => s.streams.delete(call));
     call.on('close', () => s.streams.delete(call));
     const tasks = this.store.tasksOfNode(s.nodeId).filter(assignable);
-    call.write(AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks }));
+    const views = this.netViews?.complete(s.nodeId) ?? [];
+    call.write(
+      AssignmentsMessage.fromPartial({
+        type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE,
+        update: tasks,
+        networks: views.map((v) => v.network!),
+        networkViews: views,
+      }),
+    );
   }
 
   /** Routes committed task changes to the sessions of their nodes. */
   private route(evs: StoreEvent[]): void {
+    // network views first: the index follows every batch, connected or not
+    const netUpdates = this.netViews?.apply(evs, this.sessions.keys());
     if (this.sessions.size === 0) return;
     const perNode = new Map<string, AssignmentsMessage>();
     const msgFor = (nodeId: string): AssignmentsMessage => {
@@ -217,6 +233,12 @@ export class Dispatcher {
       const changed =
         !old || !assignable(old) || old.nodeId !== t.nodeId || old.desiredState !== t.desiredState || old.specVersion !== t.specVersion;
       if (changed) msgFor(t.nodeId).update.push(t);
+    }
+    for (const [nodeId, u] of netUpdates ?? []) {
+      const m = msgFor(nodeId);
+      m.networkViews.push(...u.views);
+      m.networks.push(...u.views.map((v) => v.network!));
+      m.removeNetworks.push(...u.remove);
     }
     for (const [nodeId, m] of perNode) {
       const s = this.sessions.get(nodeId);

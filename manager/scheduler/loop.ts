@@ -8,6 +8,7 @@ import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import type { StoreEvent } from '../store/store.js';
 import { ReconcileLoop } from '../orchestrator/loop.js';
 import { schedule } from './plan.js';
+import { networksAllocated, WAITING_FOR_NETWORK } from '../allocator/networks.js';
 
 const CHUNK = 1000;
 
@@ -61,6 +62,8 @@ export class SchedulerLoop extends ReconcileLoop {
     const old = ev.old as Task | undefined;
     // a held task released by the updater
     if (t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState !== old?.desiredState) return true;
+    // a task the allocator just gave its network addresses
+    if (t.status?.state === TaskState.TASK_STATE_PENDING && old && networksAllocated(t) !== networksAllocated(old)) return true;
     // a task that ended or stopped frees room
     return (t.status?.state ?? 0) !== (old?.status?.state ?? 0) && (t.status?.state ?? 0) >= TaskState.TASK_STATE_COMPLETE;
   }
@@ -90,6 +93,9 @@ export class SchedulerLoop extends ReconcileLoop {
               nodeId: w.nodeId,
               status: { ...t.status, state: TaskState.TASK_STATE_ASSIGNED, message: 'scheduler assigned task to node', err: '', timestamp: Date.now() },
             });
+          } else if (w.reason === WAITING_FOR_NETWORK && (networksAllocated(t) || t.status.err.startsWith('network '))) {
+            // the allocator got there meanwhile (addresses, or the reason a network is full): keep its word
+            continue;
           } else if (w.reason && t.status.err !== w.reason) {
             tx.update('task', { ...t, status: { ...t.status, message: 'pending task scheduling', err: w.reason, timestamp: Date.now() } });
           }

@@ -13,6 +13,7 @@ import { Node, NodeAvailability, NodeState, Service, Task, TaskSpec, TaskState }
 import { errorMessage } from '../../common/errors.js';
 import { formatBytes } from '../../common/units.js';
 import { type Constraint, matchConstraint, parseConstraint } from './constraints.js';
+import { networksAllocated, WAITING_FOR_NETWORK } from '../allocator/networks.js';
 
 export interface Assignment {
   taskId: string;
@@ -212,6 +213,13 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     const s = t.status?.state ?? TaskState.TASK_STATE_NEW;
     if (s >= COMPLETE || t.desiredState > RUNNING) continue;
     if (s === PENDING) {
+      // a task waits for its network addresses (the allocator's) before it is placed; the reason
+      // the allocator wrote (a full network) is kept
+      if (!networksAllocated(t)) {
+        const err = t.status?.err ?? '';
+        plan.unassigned.push({ taskId: t.id, reason: err.startsWith('network ') ? err : WAITING_FOR_NETWORK });
+        continue;
+      }
       if (t.nodeId) {
         pinned.push(t);
       } else {

@@ -332,6 +332,12 @@ export interface ClusterSpec {
   heartbeatPeriodMs: number;
   taskHistoryLimit: number;
   serviceHistoryLimit: number;
+  /**
+   * the pool overlay subnets are taken from (CIDR; empty: 10.0.0.0/8), in subnets of this prefix
+   * length (0: 24); set when the cluster is created (flotilla manager --default-addr-pool)
+   */
+  defaultAddrPool: string;
+  defaultAddrPoolMaskLength: number;
 }
 
 export interface JoinTokens {
@@ -3173,7 +3179,14 @@ export const Task: MessageFns<Task> = {
 };
 
 function createBaseClusterSpec(): ClusterSpec {
-  return { name: "", heartbeatPeriodMs: 0, taskHistoryLimit: 0, serviceHistoryLimit: 0 };
+  return {
+    name: "",
+    heartbeatPeriodMs: 0,
+    taskHistoryLimit: 0,
+    serviceHistoryLimit: 0,
+    defaultAddrPool: "",
+    defaultAddrPoolMaskLength: 0,
+  };
 }
 
 export const ClusterSpec: MessageFns<ClusterSpec> = {
@@ -3189,6 +3202,12 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     }
     if (message.serviceHistoryLimit !== 0) {
       writer.uint32(32).uint64(message.serviceHistoryLimit);
+    }
+    if (message.defaultAddrPool !== "") {
+      writer.uint32(42).string(message.defaultAddrPool);
+    }
+    if (message.defaultAddrPoolMaskLength !== 0) {
+      writer.uint32(48).uint32(message.defaultAddrPoolMaskLength);
     }
     return writer;
   },
@@ -3238,6 +3257,22 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
             message.serviceHistoryLimit = longToNumber(reader.uint64());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.defaultAddrPool = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.defaultAddrPoolMaskLength = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3259,6 +3294,8 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     message.heartbeatPeriodMs = object.heartbeatPeriodMs ?? 0;
     message.taskHistoryLimit = object.taskHistoryLimit ?? 0;
     message.serviceHistoryLimit = object.serviceHistoryLimit ?? 0;
+    message.defaultAddrPool = object.defaultAddrPool ?? "";
+    message.defaultAddrPoolMaskLength = object.defaultAddrPoolMaskLength ?? 0;
     return message;
   },
 };
