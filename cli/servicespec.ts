@@ -11,6 +11,7 @@ import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
+import { configRef, parseFileRef, secretRef } from './secrets.js';
 
 export interface ServiceFlags {
   name?: string;
@@ -40,6 +41,8 @@ export interface ServiceFlags {
   healthRetries?: string;
   healthStartPeriod?: string;
   healthcheck?: boolean; // commander: --no-healthcheck sets false
+  secret?: string[];
+  config?: string[];
   [k: string]: unknown;
 }
 
@@ -123,8 +126,8 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     task: {
       container: {
         image,
-        secrets: [],
-        configs: [],
+        secrets: (flags.secret ?? []).map((v) => secretRef(parseFileRef('secret', '--secret', v))),
+        configs: (flags.config ?? []).map((v) => configRef(parseFileRef('config', '--config', v))),
         command: flags.entrypoint ? [flags.entrypoint] : [],
         args,
         env,

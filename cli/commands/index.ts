@@ -12,6 +12,8 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   cluster: () => import('./cluster.js'),
   node: () => import('./node.js'),
   service: () => import('./service.js'),
+  secret: () => import('./secret.js'),
+  config: () => import('./config.js'),
   image: () => import('./image.js'),
   container: () => import('./container.js'),
 };

@@ -6,7 +6,13 @@
 import * as grpc from '@grpc/grpc-js';
 import {
   ControlServer,
+  CreateConfigRequest,
+  CreateSecretRequest,
   CreateServiceRequest,
+  GetConfigRequest,
+  GetSecretRequest,
+  RemoveConfigRequest,
+  RemoveSecretRequest,
   CreateServiceResponse,
   GetClusterResponse,
   ListTasksRequest,
@@ -20,13 +26,14 @@ import {
 import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
-import type { MemoryStore } from '../store/store.js';
+import { Tx, type MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { isAgentless, unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
+import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
 
@@ -94,6 +101,7 @@ export class ControlApi {
     const now = Date.now();
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+      resolveReferences(tx, spec);
       tx.create('service', {
         id,
         meta: undefined,
@@ -120,6 +128,8 @@ export class ControlApi {
     }
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
+    // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
+    resolveReferences(new Tx(this.store), next);
     const diff = diffSpecs(cur.spec!, next);
     const replaced = tasksToReplace(this.store.tasksOfService(cur.id), next);
     if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
@@ -128,6 +138,7 @@ export class ControlApi {
       const s = tx.get('service', cur.id);
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
+      resolveReferences(tx, next);
       const version = s.specVersion + 1;
       const now = Date.now();
       const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
@@ -321,6 +332,32 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      createSecret: unary(async (req: CreateSecretRequest) => ({ secret: await createObject(this.store, 'secret', req.spec) })),
+      getSecret: unary(async (req: GetSecretRequest) => {
+        await this.ctx.readBarrier();
+        return { secret: redact(resolveObject(this.store, 'secret', req.secretId)) };
+      }),
+      listSecrets: unary(async () => {
+        await this.ctx.readBarrier();
+        return { secrets: [...this.store.secrets.values()].map((x) => redact(x)) };
+      }),
+      removeSecret: unary(async (req: RemoveSecretRequest) => {
+        await removeObject(this.store, 'secret', req.secretId);
+        return {};
+      }),
+      createConfig: unary(async (req: CreateConfigRequest) => ({ config: await createObject(this.store, 'config', req.spec) })),
+      getConfig: unary(async (req: GetConfigRequest) => {
+        await this.ctx.readBarrier();
+        return { config: resolveObject(this.store, 'config', req.configId) };
+      }),
+      listConfigs: unary(async () => {
+        await this.ctx.readBarrier();
+        return { configs: [...this.store.configs.values()].map((x) => redact(x)) };
+      }),
+      removeConfig: unary(async (req: RemoveConfigRequest) => {
+        await removeObject(this.store, 'config', req.configId);
+        return {};
+      }),
     };
   }
 }

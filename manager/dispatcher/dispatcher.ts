@@ -27,6 +27,7 @@ import type { Logger } from '../../common/log.js';
 import type { MemoryStore, StoreEvent } from '../store/store.js';
 import { grpcError } from '../grpc.js';
 import { sleep } from '../../common/sleep.js';
+import { hasReferences, needsDependencies, noDependencies, syncDependencies, type SentDependencies } from './dependencies.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
@@ -39,6 +40,8 @@ interface Session {
   lastSeen: number;
   streams: Set<grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>>;
   logStream?: grpc.ServerDuplexStream<LogChunk, LogRequest>;
+  /** the secrets and configs sent to the node (dependencies.ts) */
+  deps: SentDependencies;
 }
 
 export interface LogSink {
@@ -168,7 +171,7 @@ export class Dispatcher {
         });
       }
     });
-    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set() };
+    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies() };
     this.sessions.set(nodeId, s);
     this.log.info({ nodeId, hostname: desc.hostname }, 'node registered');
     return { nodeId, sessionId: s.id, heartbeatPeriodMs: this.heartbeatMs(), managers: this.opts.managers() };
@@ -192,7 +195,11 @@ export class Dispatcher {
     call.on('cancelled', () => s.streams.delete(call));
     call.on('close', () => s.streams.delete(call));
     const tasks = this.store.tasksOfNode(s.nodeId).filter(assignable);
-    call.write(AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks }));
+    const msg = AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE, update: tasks });
+    // the whole set of secrets and configs the node's tasks need, and nothing else
+    s.deps = noDependencies();
+    syncDependencies(this.store, tasks, s.deps, msg);
+    call.write(msg);
   }
 
   /** Routes committed task changes to the sessions of their nodes. */
@@ -204,9 +211,15 @@ export class Dispatcher {
       if (!m) perNode.set(nodeId, (m = AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL })));
       return m;
     };
+    // nodes whose tasks' need of secrets and configs may have changed
+    const depNodes = new Set<string>();
     for (const ev of evs) {
       if (ev.kind === 'commit' || ev.table !== 'task') continue;
       const t = ev.object as Task;
+      for (const n of [t.nodeId, (ev.old as Task | undefined)?.nodeId]) {
+        const s = n ? this.sessions.get(n) : undefined;
+        if (s && (s.deps.secrets.size > 0 || s.deps.configs.size > 0 || (hasReferences(t) && needsDependencies(t)))) depNodes.add(n!);
+      }
       if (!t.nodeId || !this.sessions.has(t.nodeId)) continue;
       if (ev.kind === 'delete') {
         if (assignable(t)) msgFor(t.nodeId).remove.push(t.id);
@@ -217,6 +230,10 @@ export class Dispatcher {
       const changed =
         !old || !assignable(old) || old.nodeId !== t.nodeId || old.desiredState !== t.desiredState || old.specVersion !== t.specVersion;
       if (changed) msgFor(t.nodeId).update.push(t);
+    }
+    for (const nodeId of depNodes) {
+      const m = perNode.get(nodeId) ?? AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL });
+      if (syncDependencies(this.store, this.store.tasksOfNode(nodeId).filter(assignable), this.sessions.get(nodeId)!.deps, m)) perNode.set(nodeId, m);
     }
     for (const [nodeId, m] of perNode) {
       const s = this.sessions.get(nodeId);

@@ -226,6 +226,15 @@ export class MemoryStore {
             throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(name)} already exists`);
           names.set(name, obj.id);
         }
+        if (table === 'secret' || table === 'config') {
+          // names are unique per table (two creates racing on the leader both passed their own check)
+          const name = (obj as Secret | Config).spec?.name ?? '';
+          const key = `${table}/${name}`;
+          for (const o of this.table(table).values())
+            if (o.spec?.name === name) throw new FlotillaError('ALREADY_EXISTS', `${table} ${JSON.stringify(name)} already exists`);
+          if (names.has(key)) throw new FlotillaError('ALREADY_EXISTS', `${table} ${JSON.stringify(name)} already exists`);
+          names.set(key, obj.id);
+        }
       } else {
         if (!cur) throw new FlotillaError('ABORTED', `${table} ${obj.id} no longer exists`);
         if ((cur.meta?.version ?? 0) !== (obj.meta?.version ?? 0))
