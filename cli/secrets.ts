@@ -82,8 +82,8 @@ export function configRef(r: FileRef): ConfigReference {
 
 /** Reads a value from a file or stdin ("-"), refusing one over the limit before sending it. */
 export function readValue(kind: FileKind, source: string): Buffer {
-  const tooBig = (n: number | string): ExitError =>
-    new ExitError(1, `invalid ${kind} data: ${n} bytes, over the limit of ${MAX_SECRET_BYTES} bytes (${MAX_SECRET_BYTES / 1024} KiB)`);
+  const tooBig = (n?: number): ExitError =>
+    new ExitError(1, `invalid ${kind} data: ${n !== undefined ? `${n} bytes, ` : ''}over the limit of ${MAX_SECRET_BYTES} bytes (${MAX_SECRET_BYTES / 1024} KiB)`);
   let fd: number;
   try {
     fd = source === '-' ? 0 : fs.openSync(source, 'r');
@@ -112,7 +112,7 @@ export function readValue(kind: FileKind, source: string): Buffer {
       if (got === 0) break;
       n += got;
     }
-    if (n > MAX_SECRET_BYTES) throw tooBig(`more than ${MAX_SECRET_BYTES}`);
+    if (n > MAX_SECRET_BYTES) throw tooBig();
     if (n === 0) throw new ExitError(1, `invalid ${kind} data: empty (a ${kind} needs 1 to ${MAX_SECRET_BYTES} bytes)`);
     return Buffer.from(buf.subarray(0, n));
   } finally {
