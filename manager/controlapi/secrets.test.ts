@@ -13,7 +13,7 @@ import { MAX_SECRET_BYTES } from '../../common/secrets.js';
 import { MemoryStore } from '../store/store.js';
 import { MemoryProposer } from '../store/memory-proposer.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
-import { testSpec } from '../../testing/testutil.js';
+import { testService, testSpec } from '../../testing/testutil.js';
 import { ControlApi } from './server.js';
 
 const log = createLogger('test');
@@ -183,5 +183,38 @@ describe('secrets and configs in the control API', () => {
     const back = await call('updateService', { serviceId: 'web', version: 0, rollback: 'previous', toVersion: 0, dryRun: false });
     expect(back.err?.code).toBe(grpc.status.INVALID_ARGUMENT);
     expect(back.err?.details).toBe('invalid secret "db-password": secret not found (it was removed)');
+  });
+});
+
+describe('the store closes the race between removing a secret and a service starting to use it', () => {
+  function setup(): { store: MemoryStore; sid: string; svc: Service } {
+    const store = new MemoryStore(log);
+    store.setProposer(new MemoryProposer(store));
+    const sid = 'secretsecretsecretsecret1';
+    store.applyBatch({ proposalId: 'p', actions: [{ kind: 0, secret: { id: sid, meta: undefined, spec: { name: 'r', labels: {}, data: Buffer.from('v') } } } as never] }, 1);
+    const svc = testService('user', 1);
+    svc.spec!.task!.container!.secrets = [{ secretId: sid, secretName: 'r', file: { name: 'r', uid: 0, gid: 0, mode: 0o444 } }];
+    return { store, sid, svc };
+  }
+
+  it('a removal applied first: the service naming it is refused', async () => {
+    const { store, sid, svc } = setup();
+    // both transactions run on the same state before either is applied
+    const rm = store.update((tx) => tx.delete('secret', sid));
+    const create = store.update((tx) => tx.create('service', svc));
+    await rm;
+    await expect(create).rejects.toThrow('invalid secret "r": secret not found (it was removed)');
+    expect(store.services.size).toBe(0);
+  });
+
+  it('a service applied first: the removal is refused', async () => {
+    const { store, sid, svc } = setup();
+    const create = store.update((tx) => tx.create('service', svc));
+    const rm = store.update((tx) => tx.delete('secret', sid));
+    await create;
+    await expect(rm).rejects.toThrow('secret "r" is in use by service user');
+    expect(store.secrets.size).toBe(1);
+    // writers that leave the references alone (orchestrators) are not refused
+    await store.update((tx) => tx.update('service', { ...tx.get('service', svc.id)!, updateStatus: undefined }));
   });
 });
