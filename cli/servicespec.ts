@@ -12,6 +12,7 @@ import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 import { applyCreateNetworkFlags } from './networkflags.js';
+import { configRef, parseFileRef, secretRef } from './secrets.js';
 
 export interface ServiceFlags {
   name?: string;
@@ -44,6 +45,8 @@ export interface ServiceFlags {
   healthRetries?: string;
   healthStartPeriod?: string;
   healthcheck?: boolean; // commander: --no-healthcheck sets false
+  secret?: string[];
+  config?: string[];
   [k: string]: unknown;
 }
 
@@ -127,8 +130,8 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     task: {
       container: {
         image,
-        secrets: [],
-        configs: [],
+        secrets: (flags.secret ?? []).map((v) => secretRef(parseFileRef('secret', '--secret', v))),
+        configs: (flags.config ?? []).map((v) => configRef(parseFileRef('config', '--config', v))),
         command: flags.entrypoint ? [flags.entrypoint] : [],
         args,
         env,

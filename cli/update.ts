@@ -7,6 +7,7 @@ import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import type { Control } from './client.js';
 import { applyUpdateFlags, parseHealthCmd, restartCondition, type ServiceFlags } from './servicespec.js';
+import { configRef, parseFileRef, secretRef } from './secrets.js';
 import { updateStateName } from './format.js';
 import { ExitError } from './util.js';
 import { convergence } from './progress.js';
@@ -23,6 +24,10 @@ export interface UpdateFlags extends ServiceFlags {
   labelRm?: string[];
   containerLabelAdd?: string[];
   containerLabelRm?: string[];
+  secretAdd?: string[];
+  secretRm?: string[];
+  configAdd?: string[];
+  configRm?: string[];
 }
 
 function envKey(e: string): string {
@@ -74,6 +79,17 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
     const [k, v] = l.includes('=') ? parseKeyValue('--container-label-add', l) : [l, ''];
     c.labels[k] = v;
   }
+  // secrets and configs: removals first, so `--secret-rm old --secret-add new,target=same` swaps one file
+  for (const n of f.secretRm ?? []) {
+    if (!c.secrets.some((r) => r.secretName === n || r.secretId === n)) throw invalidArgument('--secret-rm', n, 'the service does not use this secret');
+    c.secrets = c.secrets.filter((r) => r.secretName !== n && r.secretId !== n);
+  }
+  for (const v of f.secretAdd ?? []) c.secrets.push(secretRef(parseFileRef('secret', '--secret-add', v)));
+  for (const n of f.configRm ?? []) {
+    if (!c.configs.some((r) => r.configName === n || r.configId === n)) throw invalidArgument('--config-rm', n, 'the service does not use this config');
+    c.configs = c.configs.filter((r) => r.configName !== n && r.configId !== n);
+  }
+  for (const v of f.configAdd ?? []) c.configs.push(configRef(parseFileRef('config', '--config-add', v)));
   task.resources ??= { limits: undefined, reservations: undefined };
   const lim = (task.resources.limits ??= { nanoCpus: 0, memoryBytes: 0, pids: 0 });
   const res = (task.resources.reservations ??= { nanoCpus: 0, memoryBytes: 0, pids: 0 });

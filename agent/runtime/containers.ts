@@ -12,6 +12,7 @@
  *                                      one page of overlay options are mounted here from create to remove
  *   <run>/containers/<id>/exit, oom    written by conmon (persist dir): exit code, OOM marker
  *   <run>/containers/<id>/hosts ...    /etc/hosts, /etc/resolv.conf, /etc/hostname (bind-mounted)
+ *   <run>/containers/<id>/files/<n>    secrets and configs (files.ts; bind-mounted; deleted when it stops)
  *   <run>/exits/<id>                   conmon's exit file (one directory to watch for all containers)
  *   <run>/names/<name>                 name reservation (created O_EXCL: unique across processes)
  *   <run>/runc/                        runc's state root (runc --root)
@@ -34,6 +35,7 @@ import { FlotillaError, errorMessage, invalidArgument, isCode, notFound } from '
 import { isValidName, newId } from '../../common/ids.js';
 import { sleep } from '../../common/sleep.js';
 import { cgroupPaths, inCgroup, oomKills, removeCgroups } from './cgroups.js';
+import { removeFiles, validateFiles, writeFiles } from './files.js';
 import { runcExec, type ExecOptions } from './exec.js';
 import { ExitWatcher, isAlive, isMonitor } from './exit-watcher.js';
 import { readLogs } from './logs.js';
@@ -287,6 +289,8 @@ export class RuncRuntime implements ContainerRuntime {
     }
     const oom = existsSync(path.join(this.records.dir(rec.id), 'oom')) || (await oomKills(rec.cgroupsPath)) > 0;
     const next: ContainerRecord = { ...rec, state: 'stopped', exitCode: code, oomKilled: oom, finished: Math.max(Math.round(finished), rec.started) };
+    // a stopped container never runs again: its secrets and configs go at once
+    await removeFiles(this.records.dir(rec.id)).catch(() => undefined);
     // another process may be removing it meanwhile: only write over a record that is still there
     if (existsSync(this.records.statePath(rec.id))) await this.records.write(next).catch(() => undefined);
     return next;
@@ -339,6 +343,7 @@ export class RuncRuntime implements ContainerRuntime {
     for (const a of [...(o.command ?? []), ...(o.entrypoint ?? [])]) if (typeof a !== 'string' || a.includes('\0')) throw invalidArgument('command', a, 'arguments must be strings without NUL');
     if (o.workdir !== undefined && o.workdir !== '' && !o.workdir.startsWith('/')) throw invalidArgument('workdir', o.workdir, 'must be an absolute path');
     if (o.seccomp !== undefined && o.seccomp !== '' && o.seccomp !== 'default' && o.seccomp !== 'unconfined') throw invalidArgument('seccomp', o.seccomp, 'use default or unconfined');
+    validateFiles(o.files);
     const net = o.network ?? '';
     if (net === '' || net === 'private' || net === 'bridge' || net === 'default') return 'private';
     if (net === 'host' || net === 'none') return net;
@@ -391,8 +396,9 @@ export class RuncRuntime implements ContainerRuntime {
       const cwd = opts.workdir || cfg.workingDir || '/';
       rec.args = args;
       // the /etc files do not need the rootfs: write them while the snapshot is prepared
-      const [etc, , prepared] = await Promise.all([
+      const [etc, files, , prepared] = await Promise.all([
         this.writeEtcFiles(dir, hostname, network),
+        writeFiles(dir, opts.files),
         fs.mkdir(path.dirname(this.records.logPath(id)), { recursive: true, mode: 0o700 }),
         (async () => {
           const mounts = await this.snapshots.prepare(id, image);
@@ -430,6 +436,7 @@ export class RuncRuntime implements ContainerRuntime {
         nanoCpus: opts.nanoCpus,
         pidsLimit: opts.pidsLimit,
         etc,
+        files,
         annotations: { 'io.flotilla.container.name': opts.name },
         rootMount,
         seccomp: opts.seccomp === 'unconfined' ? undefined : defaultSeccomp(),
@@ -520,6 +527,7 @@ export class RuncRuntime implements ContainerRuntime {
       const left = await removeCgroups(rec.cgroupsPath);
       if (left.length > 0) throw new Error(`could not remove ${left.join(', ')}`);
     });
+    await step('files', () => removeFiles(this.records.dir(rec.id)));
     await step('exit file', () => fs.rm(this.records.exitFile(rec.id), { force: true }));
     await step('directory', () => fs.rm(this.records.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
     await step('logs', () => fs.rm(path.join(this.records.logsDir, rec.id), { recursive: true, force: true, maxRetries: 3 }));

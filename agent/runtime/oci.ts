@@ -111,6 +111,8 @@ export interface SpecOptions {
   seccomp?: OciSeccomp;
   /** host files bind-mounted read-only at /etc/hosts, /etc/resolv.conf, /etc/hostname */
   etc?: { hosts?: string; resolvConf?: string; hostname?: string };
+  /** host files (secrets, configs) bind-mounted read-only at their destination, after the /etc files */
+  files?: { destination: string; source: string }[];
   annotations?: Record<string, string>;
 }
 
@@ -139,6 +141,7 @@ export function buildSpec(o: SpecOptions): OciSpec {
   bind('/etc/hosts', o.etc?.hosts);
   bind('/etc/resolv.conf', o.etc?.resolvConf);
   bind('/etc/hostname', o.etc?.hostname);
+  for (const f of o.files ?? []) bind(f.destination, f.source);
 
   const resources: OciSpec['linux']['resources'] = { devices: [{ allow: false, access: 'rwm' }] };
   if (o.memoryBytes && o.memoryBytes > 0) resources.memory = { limit: o.memoryBytes };

@@ -12,7 +12,7 @@ export const RUN_ROOT_FILE = 'run-root';
 
 const TMPFS_MAGIC = 0x01021994;
 
-async function onTmpfs(dir: string): Promise<boolean> {
+export async function onTmpfs(dir: string): Promise<boolean> {
   try {
     return (await fs.statfs(dir)).type === TMPFS_MAGIC;
   } catch {

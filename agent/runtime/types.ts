@@ -61,6 +61,22 @@ export interface ContainerCreateOptions {
   labels?: Record<string, string>;
   /** "default" or undefined: the default seccomp filter (seccomp.ts); "unconfined": none */
   seccomp?: string;
+  /**
+   * files made from secrets and configs: written on a tmpfs (never the data dir's disk) and
+   * bind-mounted read-only into the container; deleted once the container stops
+   */
+  files?: ContainerFile[];
+}
+
+/** A file put into a container (secrets, configs). */
+export interface ContainerFile {
+  /** absolute, normalised path inside the container */
+  target: string;
+  data: Uint8Array;
+  uid: number;
+  gid: number;
+  /** permission bits, at most 0o777 */
+  mode: number;
 }
 
 export type ContainerStatus = 'created' | 'running' | 'stopped';

@@ -6,7 +6,7 @@
 import { errorMessage, isCode } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
 import { TaskState, type Task } from '../../gen/flotilla/v1/objects.js';
-import type { ContainerCreateOptions, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
+import type { ContainerCreateOptions, ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
 
 export const LABEL_TASK_ID = 'flotilla.task.id';
 export const LABEL_SERVICE_ID = 'flotilla.service.id';
@@ -39,8 +39,8 @@ export function containerName(task: Task): string {
   return `${svc}${tail}`;
 }
 
-/** The runtime's create options for a task. */
-export function createOptions(task: Task): ContainerCreateOptions {
+/** The runtime's create options for a task (files: its secrets and configs, see Worker.filesOf). */
+export function createOptions(task: Task, files?: ContainerFile[]): ContainerCreateOptions {
   const c = task.spec?.container;
   const limits = task.spec?.resources?.limits;
   const labels: Record<string, string> = {
@@ -66,6 +66,7 @@ export function createOptions(task: Task): ContainerCreateOptions {
     pidsLimit: limits?.pids || undefined,
     network: c?.networkMode || undefined,
     labels,
+    ...(files && files.length > 0 ? { files } : {}),
   };
 }
 
@@ -77,6 +78,8 @@ export class TaskController {
     readonly runtime: ContainerRuntime,
     public task: Task,
     readonly hostname: string,
+    /** the task's secret and config files (throws TaskError REJECTED when one is missing) */
+    private readonly files: (task: Task) => ContainerFile[] = () => [],
   ) {}
 
   /** Takes over a container that already exists for this task (after an agent restart). */
@@ -100,8 +103,9 @@ export class TaskController {
         `image ${JSON.stringify(image)} not found on node ${this.hostname} (import it with flotilla image import)`,
       );
     }
+    const files = this.files(this.task);
     try {
-      const info = await this.runtime.create(createOptions(this.task));
+      const info = await this.runtime.create(createOptions(this.task, files));
       this.containerId = info.id;
       return info;
     } catch (err) {

@@ -473,3 +473,66 @@ describe('status queue', () => {
     await q.close();
   });
 });
+
+describe('secrets and configs in the worker', () => {
+  /** The sim runtime, keeping the files each create was given (it ignores them otherwise). */
+  class FilesSim extends SimRuntime {
+    constructor() {
+      super({});
+    }
+    files = new Map<string, ContainerCreateOptions['files']>();
+    override async create(opts: ContainerCreateOptions): Promise<ContainerInfo> {
+      this.files.set(opts.labels?.[LABEL_TASK_ID] ?? '', opts.files);
+      return super.create(opts);
+    }
+  }
+  const secret = (id: string, name: string, data: string) => ({ id, meta: undefined, spec: { name, labels: {}, data: Buffer.from(data) } });
+  const withRefs = (t: Task, secrets: Array<{ id: string; name: string; file?: { name: string; uid: number; gid: number; mode: number } }>, configs: Array<{ id: string; name: string }> = []): Task => {
+    const c = t.spec!.container!;
+    c.secrets = secrets.map((s) => ({ secretId: s.id, secretName: s.name, file: s.file }));
+    c.configs = configs.map((x) => ({ configId: x.id, configName: x.name, file: undefined }));
+    return t;
+  };
+
+  it('hands a task its files from what the manager sent, keeps them in memory, forgets them on remove_*', async () => {
+    const rt = new FilesSim();
+    const rec = new Recorder();
+    const w = newWorker(rt, rec);
+    try {
+      const t = withRefs(task({ slot: 1 }), [{ id: 'sec1', name: 'db', file: { name: 'db.key', uid: 33, gid: 34, mode: 0o400 } }, { id: 'sec1', name: 'db' }], [{ id: 'cfg1', name: 'app.conf' }]);
+      await w.assign({ ...complete([t]), secrets: [secret('sec1', 'db', 'pw')], configs: [secret('cfg1', 'app.conf', 'port=1')] });
+      await waitFor('running', () => rec.last(t.id)?.state === S.TASK_STATE_RUNNING);
+      const files = rt.files.get(t.id)!;
+      expect(files.map((f) => [f.target, Buffer.from(f.data).toString(), f.uid, f.gid, f.mode])).toEqual([
+        ['/run/secrets/db.key', 'pw', 33, 34, 0o400],
+        ['/run/secrets/db', 'pw', 0, 0, 0o444],
+        ['/app.conf', 'port=1', 0, 0, 0o444],
+      ]);
+      expect(w.dependencyIds()).toEqual({ secrets: ['sec1'], configs: ['cfg1'] });
+      await w.assign({ ...incremental([]), removeSecrets: ['sec1'], removeConfigs: ['cfg1'] });
+      expect(w.dependencyIds()).toEqual({ secrets: [], configs: [] });
+      // a COMPLETE set replaces what the worker held
+      await w.assign({ ...complete([t]), secrets: [secret('sec2', 'other', 'x')] });
+      expect(w.dependencyIds()).toEqual({ secrets: ['sec2'], configs: [] });
+    } finally {
+      await w.close();
+      await rt.close();
+    }
+  });
+
+  it('rejects a task whose secret did not arrive, naming it', async () => {
+    const rt = new FilesSim();
+    const rec = new Recorder();
+    const w = newWorker(rt, rec);
+    try {
+      const t = withRefs(task({ slot: 1 }), [{ id: 'sec9', name: 'missing' }]);
+      await w.assign(complete([t]));
+      await waitFor('rejected', () => rec.last(t.id)?.state === S.TASK_STATE_REJECTED);
+      expect(rec.last(t.id)?.err).toBe('secret "missing" (sec9) is not available on node host1');
+      expect(await rt.list()).toEqual([]);
+    } finally {
+      await w.close();
+      await rt.close();
+    }
+  });
+});

@@ -10,6 +10,11 @@
  *  - containers found at start (label flotilla.task.id) are adopted, not started again; those whose
  *    task is no longer assigned are removed; one that exited meanwhile is reported with its exit code.
  *
+ * Secrets and configs arrive with the assignments (only those this node's tasks need): the worker
+ * keeps them in memory, never on disk, hands a task's files to the runtime when it creates the
+ * task's container (the runtime puts them on a tmpfs and mounts them read-only), and forgets them
+ * when the manager says no task here needs them any more (remove_secrets, remove_configs).
+ *
  * Reported states only move forward. Reports go through a StatusQueue (coalesced, batched). Work on
  * containers runs concurrently, at most `concurrency` create/start/stop/remove operations at once.
  * close() detaches from the containers (they keep running) and does not stop them.
@@ -17,8 +22,9 @@
 import type { Logger } from '../../common/log.js';
 import { errorMessage } from '../../common/errors.js';
 import { AssignmentsType, type AssignmentsMessage } from '../../gen/flotilla/v1/dispatcher.js';
-import { HealthState, TaskState, type Task, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
-import type { ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../runtime/types.js';
+import { HealthState, TaskState, type Config, type FileTarget, type Secret, type Task, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
+import { DEFAULT_FILE_MODE, defaultTarget, targetPath } from '../../common/secrets.js';
+import type { ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../runtime/types.js';
 import { healthSettings, monitorHealth } from './health.js';
 import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
@@ -95,6 +101,9 @@ export class Worker {
   private readonly stopLimit: Limiter;
   private applying: Promise<void> = Promise.resolve();
   private closed = false;
+  /** the secrets and configs the manager sent for this node's tasks, by id (memory only) */
+  private readonly secrets = new Map<string, Secret>();
+  private readonly configs = new Map<string, Config>();
 
   constructor(private readonly opts: WorkerOptions) {
     this.runtime = opts.runtime;
@@ -180,6 +189,13 @@ export class Worker {
   private async apply(msg: AssignmentsMessage): Promise<void> {
     if (this.closed) return;
     const complete = msg.type === AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE;
+    // dependencies first: the tasks of this message may need them
+    if (complete) {
+      this.secrets.clear();
+      this.configs.clear();
+    }
+    for (const x of msg.secrets) this.secrets.set(x.id, x);
+    for (const x of msg.configs) this.configs.set(x.id, x);
     // the runtime's containers of tasks, for adoption (a COMPLETE set reconciles with them)
     const found = new Map<string, ContainerInfo[]>();
     if (complete || !this.listedOnce) {
@@ -201,6 +217,8 @@ export class Worker {
       const r = this.runners.get(id);
       if (r) this.remove(r);
     }
+    for (const id of msg.removeSecrets) this.secrets.delete(id);
+    for (const id of msg.removeConfigs) this.configs.delete(id);
     // containers of tasks that are not (or no longer) assigned, and duplicates of adopted ones
     for (const [taskId, list] of found) {
       const r = this.runners.get(taskId);
@@ -214,6 +232,31 @@ export class Worker {
   }
 
   private listedOnce = false;
+
+  /** The ids of the secrets and configs the worker holds (for tests; never their data). */
+  dependencyIds(): { secrets: string[]; configs: string[] } {
+    return { secrets: [...this.secrets.keys()], configs: [...this.configs.keys()] };
+  }
+
+  /** A task's secret and config files, from what the manager sent; REJECTED when one is missing. */
+  private filesOf(t: Task): ContainerFile[] {
+    const c = t.spec?.container;
+    if (!c) return [];
+    const out: ContainerFile[] = [];
+    const add = (kind: 'secret' | 'config', id: string, name: string, obj: Secret | Config | undefined, file: FileTarget | undefined): void => {
+      if (!obj?.spec) throw new TaskError(TaskState.TASK_STATE_REJECTED, `${kind} ${JSON.stringify(name)} (${id}) is not available on node ${this.opts.hostname}`);
+      out.push({
+        target: targetPath(kind, file?.name || defaultTarget(kind, name)),
+        data: obj.spec.data,
+        uid: file?.uid ?? 0,
+        gid: file?.gid ?? 0,
+        mode: file ? file.mode : DEFAULT_FILE_MODE,
+      });
+    };
+    for (const r of c.secrets) add('secret', r.secretId, r.secretName, this.secrets.get(r.secretId), r.file);
+    for (const r of c.configs) add('config', r.configId, r.configName, this.configs.get(r.configId), r.file);
+    return out;
+  }
 
   private async removeContainer(id: string): Promise<void> {
     try {
@@ -231,7 +274,7 @@ export class Worker {
         this.log?.warn({ taskId: t.id }, 'task assigned again while its container is being removed: ignored');
         return;
       }
-      const ctl = new TaskController(this.runtime, t, this.opts.hostname);
+      const ctl = new TaskController(this.runtime, t, this.opts.hostname, (task) => this.filesOf(task));
       r = {
         task: t,
         state: managerState,

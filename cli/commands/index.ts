@@ -13,6 +13,8 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   node: () => import('./node.js'),
   service: () => import('./service.js'),
   network: () => import('./network.js'),
+  secret: () => import('./secret.js'),
+  config: () => import('./config.js'),
   image: () => import('./image.js'),
   container: () => import('./container.js'),
 };

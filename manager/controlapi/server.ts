@@ -6,7 +6,13 @@
 import * as grpc from '@grpc/grpc-js';
 import {
   ControlServer,
+  CreateConfigRequest,
+  CreateSecretRequest,
   CreateServiceRequest,
+  GetConfigRequest,
+  GetSecretRequest,
+  RemoveConfigRequest,
+  RemoveSecretRequest,
   CreateServiceResponse,
   GetClusterResponse,
   ListTasksRequest,
@@ -20,7 +26,7 @@ import {
 import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
-import type { MemoryStore } from '../store/store.js';
+import { Tx, type MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { isAgentless, unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
@@ -29,6 +35,7 @@ import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
+import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
 
@@ -97,6 +104,7 @@ export class ControlApi {
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
       requireNetworks((id) => tx.get('network', id), spec);
+      resolveReferences(tx, spec);
       tx.create('service', {
         id,
         meta: undefined,
@@ -125,6 +133,8 @@ export class ControlApi {
     next = resolveServiceNetworks(this.store, next);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
+    // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
+    resolveReferences(new Tx(this.store), next);
     const diff = diffSpecs(cur.spec!, next);
     const replaced = tasksToReplace(this.store.tasksOfService(cur.id), next);
     if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
@@ -134,6 +144,7 @@ export class ControlApi {
       if (!s) throw notFound('service', req.serviceId);
       if (s.specVersion !== cur.specVersion) throw new FlotillaError('ABORTED', `update out of sequence: service ${cur.spec?.name} changed meanwhile`);
       requireNetworks((id) => tx.get('network', id), next);
+      resolveReferences(tx, next);
       const version = s.specVersion + 1;
       const now = Date.now();
       const history = [...s.history, { version, spec: next, createdAt: now }].slice(-limit);
@@ -338,6 +349,32 @@ export class ControlApi {
       }),
       removeNetwork: unary(async (req: { networkId: string }) => {
         await removeNetwork(this.store, req.networkId);
+        return {};
+      }),
+      createSecret: unary(async (req: CreateSecretRequest) => ({ secret: await createObject(this.store, 'secret', req.spec) })),
+      getSecret: unary(async (req: GetSecretRequest) => {
+        await this.ctx.readBarrier();
+        return { secret: redact(resolveObject(this.store, 'secret', req.secretId)) };
+      }),
+      listSecrets: unary(async () => {
+        await this.ctx.readBarrier();
+        return { secrets: [...this.store.secrets.values()].map((x) => redact(x)) };
+      }),
+      removeSecret: unary(async (req: RemoveSecretRequest) => {
+        await removeObject(this.store, 'secret', req.secretId);
+        return {};
+      }),
+      createConfig: unary(async (req: CreateConfigRequest) => ({ config: await createObject(this.store, 'config', req.spec) })),
+      getConfig: unary(async (req: GetConfigRequest) => {
+        await this.ctx.readBarrier();
+        return { config: resolveObject(this.store, 'config', req.configId) };
+      }),
+      listConfigs: unary(async () => {
+        await this.ctx.readBarrier();
+        return { configs: [...this.store.configs.values()].map((x) => redact(x)) };
+      }),
+      removeConfig: unary(async (req: RemoveConfigRequest) => {
+        await removeObject(this.store, 'config', req.configId);
         return {};
       }),
     };

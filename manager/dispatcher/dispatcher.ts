@@ -28,6 +28,7 @@ import type { MemoryStore, StoreEvent } from '../store/store.js';
 import { grpcError } from '../grpc.js';
 import { sleep } from '../../common/sleep.js';
 import { NetworkViews } from './netviews.js';
+import { hasReferences, needsDependencies, noDependencies, syncDependencies, type SentDependencies } from './dependencies.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
@@ -40,6 +41,8 @@ interface Session {
   lastSeen: number;
   streams: Set<grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>>;
   logStream?: grpc.ServerDuplexStream<LogChunk, LogRequest>;
+  /** the secrets and configs sent to the node (dependencies.ts) */
+  deps: SentDependencies;
 }
 
 export interface LogSink {
@@ -174,7 +177,7 @@ export class Dispatcher {
         });
       }
     });
-    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set() };
+    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies() };
     this.sessions.set(nodeId, s);
     this.log.info({ nodeId, hostname: desc.hostname }, 'node registered');
     return { nodeId, sessionId: s.id, heartbeatPeriodMs: this.heartbeatMs(), managers: this.opts.managers() };
@@ -199,14 +202,16 @@ export class Dispatcher {
     call.on('close', () => s.streams.delete(call));
     const tasks = this.store.tasksOfNode(s.nodeId).filter(assignable);
     const views = this.netViews?.complete(s.nodeId) ?? [];
-    call.write(
-      AssignmentsMessage.fromPartial({
-        type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE,
-        update: tasks,
-        networks: views.map((v) => v.network!),
-        networkViews: views,
-      }),
-    );
+    const msg = AssignmentsMessage.fromPartial({
+      type: AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE,
+      update: tasks,
+      networks: views.map((v) => v.network!),
+      networkViews: views,
+    });
+    // the whole set of secrets and configs the node's tasks need, and nothing else
+    s.deps = noDependencies();
+    syncDependencies(this.store, tasks, s.deps, msg);
+    call.write(msg);
   }
 
   /** Routes committed task changes to the sessions of their nodes. */
@@ -220,9 +225,15 @@ export class Dispatcher {
       if (!m) perNode.set(nodeId, (m = AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL })));
       return m;
     };
+    // nodes whose tasks' need of secrets and configs may have changed
+    const depNodes = new Set<string>();
     for (const ev of evs) {
       if (ev.kind === 'commit' || ev.table !== 'task') continue;
       const t = ev.object as Task;
+      for (const n of [t.nodeId, (ev.old as Task | undefined)?.nodeId]) {
+        const s = n ? this.sessions.get(n) : undefined;
+        if (s && (s.deps.secrets.size > 0 || s.deps.configs.size > 0 || (hasReferences(t) && needsDependencies(t)))) depNodes.add(n!);
+      }
       if (!t.nodeId || !this.sessions.has(t.nodeId)) continue;
       if (ev.kind === 'delete') {
         if (assignable(t)) msgFor(t.nodeId).remove.push(t.id);
@@ -239,6 +250,10 @@ export class Dispatcher {
       m.networkViews.push(...u.views);
       m.networks.push(...u.views.map((v) => v.network!));
       m.removeNetworks.push(...u.remove);
+    }
+    for (const nodeId of depNodes) {
+      const m = perNode.get(nodeId) ?? AssignmentsMessage.fromPartial({ type: AssignmentsType.ASSIGNMENTS_TYPE_INCREMENTAL });
+      if (syncDependencies(this.store, this.store.tasksOfNode(nodeId).filter(assignable), this.sessions.get(nodeId)!.deps, m)) perNode.set(nodeId, m);
     }
     for (const [nodeId, m] of perNode) {
       const s = this.sessions.get(nodeId);

@@ -226,10 +226,22 @@ export class MemoryStore {
             throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(name)} already exists`);
           names.set(name, obj.id);
         }
+        if (table === 'secret' || table === 'config') {
+          // names are unique per table (two creates racing on the leader both passed their own check)
+          const name = (obj as Secret | Config).spec?.name ?? '';
+          const key = `${table}/${name}`;
+          for (const o of this.table(table).values())
+            if (o.spec?.name === name) throw new FlotillaError('ALREADY_EXISTS', `${table} ${JSON.stringify(name)} already exists`);
+          if (names.has(key)) throw new FlotillaError('ALREADY_EXISTS', `${table} ${JSON.stringify(name)} already exists`);
+          names.set(key, obj.id);
+        }
+        if (table === 'service') this.checkReferences(obj as Service, undefined, batch);
       } else {
         if (!cur) throw new FlotillaError('ABORTED', `${table} ${obj.id} no longer exists`);
         if ((cur.meta?.version ?? 0) !== (obj.meta?.version ?? 0))
           throw new FlotillaError('ABORTED', `update out of sequence for ${table} ${obj.id}`);
+        if (table === 'service' && a.kind === StoreActionKind.STORE_ACTION_KIND_UPDATE) this.checkReferences(obj as Service, cur as Service, batch);
+        if ((table === 'secret' || table === 'config') && a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) this.checkUnused(table, cur as Secret | Config, batch);
         if (table === 'service' && a.kind === StoreActionKind.STORE_ACTION_KIND_UPDATE) {
           const name = (obj as Service).spec?.name ?? '';
           const other = this.serviceByName(name);
@@ -262,6 +274,37 @@ export class MemoryStore {
     this.appliedIndex = index;
     events.push({ kind: 'commit', index });
     this.publish(events);
+  }
+
+  /**
+   * A service may only name secrets and configs that exist, and one that is in use may not be
+   * deleted: the control API checks both in its transactions, and this check at apply time (the same
+   * on every manager) closes the race between two concurrent calls. Only references a batch adds are
+   * checked, so writers that do not change a spec (orchestrators) are never refused.
+   */
+  private checkReferences(s: Service, before: Service | undefined, batch: StoreBatch): void {
+    const c = s.spec?.task?.container;
+    if (!c) return;
+    const had = new Set([...(before?.spec?.task?.container?.secrets ?? []).map((r) => r.secretId), ...(before?.spec?.task?.container?.configs ?? []).map((r) => r.configId)]);
+    const created = (table: 'secret' | 'config', id: string): boolean =>
+      batch.actions.some((a) => a.kind === StoreActionKind.STORE_ACTION_KIND_CREATE && a[table]?.id === id);
+    for (const r of c.secrets)
+      if (!had.has(r.secretId) && !this.secrets.has(r.secretId) && !created('secret', r.secretId))
+        throw new FlotillaError('INVALID_ARGUMENT', `invalid secret ${JSON.stringify(r.secretName)}: secret not found (it was removed)`);
+    for (const r of c.configs)
+      if (!had.has(r.configId) && !this.configs.has(r.configId) && !created('config', r.configId))
+        throw new FlotillaError('INVALID_ARGUMENT', `invalid config ${JSON.stringify(r.configName)}: config not found (it was removed)`);
+  }
+
+  private checkUnused(table: 'secret' | 'config', o: Secret | Config, batch: StoreBatch): void {
+    const inBatch = new Map(batch.actions.filter((a) => a.service).map((a) => [a.service!.id, a]));
+    for (const s of this.services.values()) {
+      const a = inBatch.get(s.id);
+      if (a?.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) continue;
+      const c = (a?.service ?? s).spec?.task?.container;
+      const uses = table === 'secret' ? c?.secrets.some((r) => r.secretId === o.id) : c?.configs.some((r) => r.configId === o.id);
+      if (uses) throw new FlotillaError('FAILED_PRECONDITION', `${table} ${JSON.stringify(o.spec?.name)} is in use by service ${s.spec?.name ?? s.id}`);
+    }
   }
 
   /** Hands events to every listener; a listener that throws is logged and does not break apply. */
