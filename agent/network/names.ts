@@ -60,6 +60,15 @@ export function macOf(ip: string): string {
   return ['02', '42', ...c.bytes.map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
+/**
+ * The MAC of a network's bridge on a node: 0a (locally administered, unicast; never 02:42 as tasks'),
+ * the VXLAN id's low byte, the node's underlay IPv4 bytes. Fixed, so adding ports never changes it.
+ */
+export function bridgeMac(nodeIp: string, vni: number): string {
+  const c = parseCidr(`${nodeIp}/32`, 'node address');
+  return ['0a', vni & 0xff, ...c.bytes].map((b) => (typeof b === 'number' ? b.toString(16).padStart(2, '0') : b)).join(':');
+}
+
 /** The MTU of a network's VXLAN device and container interfaces: the network's own, else underlay − 50. */
 export function overlayMtu(networkMtu: number | undefined, underlayMtu: number): number {
   if (networkMtu && networkMtu > 0) return networkMtu;

@@ -35,7 +35,7 @@ import type { NetworkAttachment } from '../../gen/flotilla/v1/objects.js';
 import { unmount } from '../runtime/mount.js';
 import { execInWorker } from '../runtime/spawner.js';
 import { CNI_VERSION, DEFAULT_CNI_PATH, cniAdd, cniCheck, cniDel, type CniNetworkList, type CniOptions, type CniResult } from './cni.js';
-import { VXLAN_PORT, bridgeName, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
+import { VXLAN_PORT, bridgeMac, bridgeName, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
 
 export interface NodeNetworkOptions {
   /** where netns files and attachment records live (volatile: under the run root) */
@@ -326,7 +326,9 @@ export class NodeNetwork implements TaskNetwork {
     const brLink = links.find((l) => l.ifname === br);
     const vxLink = links.find((l) => l.ifname === vx);
     if (!brLink) {
-      await this.cmd('ip', ['link', 'add', br, 'mtu', String(mtu), 'type', 'bridge']);
+      // a fixed MAC: a bridge otherwise takes its lowest port's, and each change of it flushes the
+      // neighbour table (our permanent entries included)
+      await this.cmd('ip', ['link', 'add', br, 'address', bridgeMac(this.opts.localAddr, vni), 'mtu', String(mtu), 'type', 'bridge']);
       this.log?.info({ network: net.spec?.name, bridge: br, mtu }, 'overlay bridge created');
     }
     if (!brLink?.addr_info?.some((a) => a.family === 'inet' && a.local === gw)) {
@@ -335,6 +337,8 @@ export class NodeNetwork implements TaskNetwork {
     if (!vxLink) {
       await this.cmd('ip', ['link', 'add', vx, 'mtu', String(mtu), 'type', 'vxlan', 'id', String(vni), 'dstport', String(VXLAN_PORT), 'local', this.opts.localAddr, 'nolearning']);
     }
+    // IPv4 only: no IPv6 link-local chatter (router solicitations, MLD) flooded to every node
+    await this.cmd('sysctl', ['-qw', `net.ipv6.conf.${br}.disable_ipv6=1`, `net.ipv6.conf.${vx}.disable_ipv6=1`], true);
     if (vxLink?.master !== br) await this.cmd('ip', ['link', 'set', vx, 'master', br]);
     // ARP for remote tasks answered from the bridge's neighbour table; none for local addresses over the overlay
     await this.cmd('bridge', ['link', 'set', 'dev', vx, 'neigh_suppress', 'on']);
@@ -413,6 +417,9 @@ export class NodeNetwork implements TaskNetwork {
         await fs.writeFile(netns, '', { flag: 'a' });
         const r = await execInWorker('unshare', [`--net=${netns}`, 'true'], { timeoutMs: 10_000 });
         if (r.code !== 0) throw new FlotillaError('INTERNAL', `creating the network namespace ${netns}: ${r.stderr.trim() || r.error}`);
+        // interfaces made in it from now on (eth0...) get no IPv6: the overlay is IPv4 (lo keeps ::1)
+        const v6 = await execInWorker('nsenter', [`--net=${netns}`, '--', 'sysctl', '-qw', 'net.ipv6.conf.default.disable_ipv6=1'], { timeoutMs: 10_000 });
+        if (v6.code !== 0) this.log?.debug({ taskId, err: v6.stderr.trim() }, 'could not turn IPv6 off in the task namespace');
         await cniAdd(this.loopbackList(), { containerId: taskId, netns, ifname: 'lo' }, this.cniOpts());
         for (const a of plan) {
           const view = this.views.get(a.networkId)!;
