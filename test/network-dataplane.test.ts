@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AssignmentsType, type NetworkView } from '../gen/flotilla/v1/dispatcher.js';
 import { NodeNetwork } from '../agent/network/node-network.js';
 import { Testbed, type TestbedHost } from './helpers/testbed.js';
-import { counters, handView, inNs, linkNames, mtuOf, ping, tcpSend, tcpServer, type HandNetwork, type HandTask } from './helpers/overlay.js';
+import { counters, handView, icmpInEchos, inNs, linkNames, mtuOf, ping, tcpSend, tcpServer, type HandNetwork, type HandTask } from './helpers/overlay.js';
 
 const root = process.getuid?.() === 0;
 const cni = fs.existsSync('/usr/lib/cni/bridge') && fs.existsSync('/usr/lib/cni/static') && fs.existsSync('/usr/lib/cni/loopback');
@@ -123,7 +123,10 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
     expect((await inNs(nsOf('t3'), ['ip', 'route', 'add', '10.77.2.0/24', 'via', '10.77.1.1'])).code).toBe(0);
     try {
       await inNs(hostNs(2), ['sysctl', '-w', 'net.ipv4.ip_forward=1']);
-      expect(await ping(nsOf('t3'), '10.77.2.14', 1)).toBe(false);
+      const before = await icmpInEchos(nsOf('t4'));
+      expect(await ping(nsOf('t3'), '10.77.2.14', 2)).toBe(false);
+      // not even one way: no echo request arrived at t4
+      expect((await icmpInEchos(nsOf('t4'))) - before).toBe(0);
     } finally {
       await inNs(nsOf('t3'), ['ip', 'route', 'del', '10.77.2.0/24']);
       await inNs(hostNs(2), ['sysctl', '-w', 'net.ipv4.ip_forward=0']);
@@ -165,6 +168,7 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
       expect(fs.readdirSync(path.join(dir, hosts[i]!.name, 'netns'))).toEqual([]);
       expect(fs.readdirSync(path.join(dir, hosts[i]!.name, 'tasks'))).toEqual([]);
       expect((await inNs(hostNs(i), ['bridge', 'fdb', 'show'])).stdout).not.toContain('dst');
+      expect((await inNs(hostNs(i), ['nft', 'list', 'tables'])).stdout).not.toContain('flotilla');
     }
     const mounts = fs.readFileSync('/proc/self/mountinfo', 'utf8');
     expect(mounts).not.toContain(dir);

@@ -342,12 +342,40 @@ export class NodeNetwork implements TaskNetwork {
     if (vxLink?.master !== br) await this.cmd('ip', ['link', 'set', vx, 'master', br]);
     // ARP for remote tasks answered from the bridge's neighbour table; none for local addresses over the overlay
     await this.cmd('bridge', ['link', 'set', 'dev', vx, 'neigh_suppress', 'on']);
+    await this.isolate(vni);
     if (vxLink?.operstate !== 'UNKNOWN' && vxLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', vx, 'up']);
     if (brLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', br, 'up']);
     return mtu;
   }
 
+  /**
+   * The host never routes into or out of an overlay network (one nftables table per network, replaced
+   * whole): a task reaches only the tasks of its own networks, even where the host forwards IPv4 and a
+   * task has a route through its gateway. Traffic within the bridge (seen here as bridge to the same
+   * bridge when br_netfilter is loaded) is not touched.
+   */
+  private async isolate(vni: number): Promise<void> {
+    const br = bridgeName(vni);
+    const table = `flotilla-${vni}`;
+    const rules = [
+      `table inet ${table}`,
+      `delete table inet ${table}`,
+      `table inet ${table} {`,
+      '  chain forward {',
+      '    type filter hook forward priority filter - 10; policy accept;',
+      `    iifname "${br}" oifname != "${br}" drop`,
+      `    oifname "${br}" iifname != "${br}" drop`,
+      '  }',
+      '}',
+    ].join('\n');
+    const f = this.opts.hostNetns ? 'nsenter' : 'nft';
+    const a = this.opts.hostNetns ? [`--net=${this.opts.hostNetns}`, '--', 'nft', '-f', '-'] : ['-f', '-'];
+    const r = await execInWorker(f, a, { input: rules + '\n', timeoutMs: 30_000 });
+    if (r.code !== 0) throw new FlotillaError('INTERNAL', `nft: isolating network ${br}: ${r.stderr.trim() || r.error}`);
+  }
+
   private async removeDevices(vni: number): Promise<void> {
+    await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
     await this.cmd('ip', ['link', 'del', vxlanName(vni)], true);
     await this.cmd('ip', ['link', 'del', bridgeName(vni)], true);
     this.log?.info({ vni }, 'overlay devices removed (no task of the network left on this node)');

@@ -70,6 +70,14 @@ export async function mtuOf(netns: string, dev: string): Promise<number> {
   return (JSON.parse(r.stdout) as { mtu: number }[])[0]!.mtu;
 }
 
+/** ICMP echo requests a namespace has received (/proc/net/snmp read from inside it). */
+export async function icmpInEchos(netns: string): Promise<number> {
+  const lines = (await inNs(netns, ['cat', '/proc/net/snmp'])).stdout.split('\n').filter((l) => l.startsWith('Icmp:'));
+  const names = lines[0]!.split(/\s+/);
+  const values = lines[1]!.split(/\s+/);
+  return Number(values[names.indexOf('InEchos')]);
+}
+
 /** busybox ping: true when every one of `count` echo requests was answered. */
 export async function ping(netns: string, ip: string, count = 2): Promise<boolean> {
   const r = await inNs(netns, ['busybox', 'ping', '-c', String(count), '-W', '1', ip]);
