@@ -12,6 +12,8 @@ import { createLogger, type Logger } from '../common/log.js';
 import type { RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
 import type { NodeDescription } from '../gen/flotilla/v1/objects.js';
 import type { ContainerRuntime } from './runtime/types.js';
+import { runRootOf } from './runtime/run-root.js';
+import { NodeNetwork } from './network/node-network.js';
 import { Session } from './worker/session.js';
 import { SimRuntime } from './worker/sim.js';
 import { Worker, type WorkerOptions } from './worker/worker.js';
@@ -40,6 +42,8 @@ export interface AgentOptions {
   resources?: { nanoCpus: number; memoryBytes: number };
   /** worker tuning (concurrency, status batching) */
   worker?: Omit<WorkerOptions, 'runtime' | 'hostname' | 'log'>;
+  /** no overlay data plane even with the runc runtime (tests); the sim runtime never has one */
+  noNetwork?: boolean;
   /** reconnect backoff (default 100 ms → 5 s) */
   backoffInitialMs?: number;
   backoffMaxMs?: number;
@@ -91,13 +95,29 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   const owned = opts.runtimeInstance === undefined;
   const runtime: ContainerRuntime & { close?: () => unknown } = opts.runtimeInstance ?? (await openRuntime(opts.runtime, dataDir));
   const description = nodeDescription(opts, runtime.kind);
-  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }) });
-  const session = new Session({
+  const addr = opts.addr ?? defaultAddr();
+  // the overlay data plane (agent/network): real containers only; it adopts what a previous run left
+  let session: Session | undefined;
+  let network: NodeNetwork | undefined;
+  if (runtime.kind === 'runc' && !opts.noNetwork) {
+    try {
+      network = await NodeNetwork.open({
+        stateDir: path.join(await runRootOf(dataDir), 'network'),
+        localAddr: addr,
+        nodeId: () => session?.nodeId ?? '',
+        log: log.child({ component: 'network' }),
+      });
+    } catch (err) {
+      log.warn({ err: errorMessage(err), addr }, 'overlay networks unavailable on this node');
+    }
+  }
+  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
+  session = new Session({
     managers: opts.managers,
     token: opts.token,
     dataDir,
     description,
-    addr: opts.addr ?? defaultAddr(),
+    addr,
     worker,
     log: log.child({ component: 'session' }),
     backoffInitialMs: opts.backoffInitialMs,

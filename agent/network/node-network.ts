@@ -278,15 +278,25 @@ export class NodeNetwork implements TaskNetwork {
       nodes.add(dst);
       const mac = macOf(ip);
       wantFdb.set(`${mac} ${dst}`, `fdb replace ${mac} dev ${vx} dst ${dst} self permanent`);
+      // and in the bridge's own table: known behind the VXLAN port from the start (no unknown-unicast
+      // flood; neigh_suppress answers ARP only for MACs the bridge knows)
+      wantFdb.set(`${mac} master`, `fdb replace ${mac} dev ${vx} master static`);
       wantNeigh.set(ip, mac);
     }
     for (const dst of nodes) wantFdb.set(`00:00:00:00:00:00 ${dst}`, `fdb append 00:00:00:00:00:00 dev ${vx} dst ${dst} self permanent`);
 
-    const fdb = JSON.parse((await this.cmd('bridge', ['-j', 'fdb', 'show', 'dev', vx], true)) || '[]') as { mac: string; dst?: string; master?: string }[];
+    const fdb = JSON.parse((await this.cmd('bridge', ['-j', 'fdb', 'show', 'dev', vx], true)) || '[]') as { mac: string; dst?: string; master?: string; state?: string }[];
     const have = new Set<string>();
     const bridgeCmds: string[] = [];
     for (const e of fdb) {
-      if (!e.dst || e.master) continue;
+      if (e.master) {
+        // the bridge's entries on the VXLAN port: ours (static) and learned ones of tasks no longer there
+        const key = `${e.mac} master`;
+        if ((e.state === 'static' || e.mac.startsWith('02:42:')) && !wantFdb.has(key)) bridgeCmds.push(`fdb del ${e.mac} dev ${vx} master`);
+        else if (e.state === 'static') have.add(key);
+        continue;
+      }
+      if (!e.dst) continue;
       const key = `${e.mac} ${e.dst}`;
       have.add(key);
       if (!wantFdb.has(key)) bridgeCmds.push(`fdb del ${e.mac} dev ${vx} dst ${e.dst} self`);
@@ -298,10 +308,6 @@ export class NodeNetwork implements TaskNetwork {
     const haveNeigh = new Map(neigh.map((n) => [n.dst, n.lladdr ?? '']));
     for (const [ip] of haveNeigh) if (!wantNeigh.has(ip)) ipCmds.push(`neigh del ${ip} dev ${br}`);
     for (const [ip, mac] of wantNeigh) if (haveNeigh.get(ip) !== mac) ipCmds.push(`neigh replace ${ip} lladdr ${mac} dev ${br} nud permanent`);
-    // a removed task's bridge-learned entry (master) ages out; drop it now so nothing goes to the old node
-    for (const e of fdb) {
-      if (e.master && e.mac.startsWith('02:42:') && ![...wantNeigh.values()].includes(e.mac)) bridgeCmds.push(`fdb del ${e.mac} dev ${vx} master`);
-    }
     await this.batch('bridge', bridgeCmds);
     await this.batch('ip', ipCmds);
     if (bridgeCmds.length + ipCmds.length > 0) this.log?.debug({ vni, fdb: bridgeCmds.length, neigh: ipCmds.length }, 'overlay entries programmed');

@@ -22,6 +22,7 @@ import type { ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../
 import { healthSettings, monitorHealth } from './health.js';
 import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
+import type { TaskNetwork } from '../network/node-network.js';
 
 export interface WorkerOptions {
   runtime: ContainerRuntime;
@@ -34,6 +35,8 @@ export interface WorkerOptions {
   status?: StatusQueueOptions;
   /** how long close() waits for operations in flight; default 2000 ms */
   closeTimeoutMs?: number;
+  /** the node's overlay data plane: follows the messages' network views, attaches task containers */
+  network?: TaskNetwork;
 }
 
 /**
@@ -180,6 +183,15 @@ export class Worker {
   private async apply(msg: AssignmentsMessage): Promise<void> {
     if (this.closed) return;
     const complete = msg.type === AssignmentsType.ASSIGNMENTS_TYPE_COMPLETE;
+    // networks first: a task's container is attached from the views of this very message
+    const network = this.opts.network;
+    if (network && (complete || msg.networkViews.length > 0 || msg.removeNetworks.length > 0 || msg.networks.length > 0)) {
+      try {
+        await network.applyAssignments(msg);
+      } catch (err) {
+        this.log?.error({ err: errorMessage(err) }, 'programming the overlay networks failed');
+      }
+    }
     // the runtime's containers of tasks, for adoption (a COMPLETE set reconciles with them)
     const found = new Map<string, ContainerInfo[]>();
     if (complete || !this.listedOnce) {
@@ -208,19 +220,29 @@ export class Worker {
         if (r && (r.ctl.containerId === c.id || r.ctl.containerId === undefined)) continue;
         if (!r && (!complete || this.removing.has(taskId))) continue;
         this.log?.info({ taskId, container: c.name }, 'removing the container of a task no longer assigned');
-        void this.track(this.op(() => this.removeContainer(c.id)));
+        void this.track(this.op(() => this.removeContainer(c.id, r ? undefined : taskId)));
+      }
+    }
+    // network attachments left by tasks that are gone (no runner, no container): detach them
+    if (complete && network) {
+      for (const taskId of network.attachedTasks()) {
+        if (this.runners.has(taskId) || this.removing.has(taskId) || found.has(taskId)) continue;
+        this.log?.info({ taskId }, 'detaching the network namespace of a task no longer assigned');
+        void this.track(this.op(() => network.detach(taskId)));
       }
     }
   }
 
   private listedOnce = false;
 
-  private async removeContainer(id: string): Promise<void> {
+  /** Removes a container; with taskId (a task no longer assigned), that task's network attachments too. */
+  private async removeContainer(id: string, taskId?: string): Promise<void> {
     try {
       await this.runtime.remove(id, true);
     } catch (err) {
       if ((err as { code?: string }).code !== 'NOT_FOUND') throw err;
     }
+    if (taskId) await this.opts.network?.detach(taskId);
   }
 
   private upsert(t: Task, containers: ContainerInfo[] | undefined): void {
@@ -231,7 +253,7 @@ export class Worker {
         this.log?.warn({ taskId: t.id }, 'task assigned again while its container is being removed: ignored');
         return;
       }
-      const ctl = new TaskController(this.runtime, t, this.opts.hostname);
+      const ctl = new TaskController(this.runtime, t, this.opts.hostname, this.opts.network);
       r = {
         task: t,
         state: managerState,
