@@ -97,14 +97,14 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   const description = nodeDescription(opts, runtime.kind);
   const addr = opts.addr ?? defaultAddr();
   // the overlay data plane (agent/network): real containers only; it adopts what a previous run left
-  let session: Session | undefined;
+  const current: { session?: Session } = {};
   let network: NodeNetwork | undefined;
   if (runtime.kind === 'runc' && !opts.noNetwork) {
     try {
       network = await NodeNetwork.open({
         stateDir: path.join(await runRootOf(dataDir), 'network'),
         localAddr: addr,
-        nodeId: () => session?.nodeId ?? '',
+        nodeId: () => current.session?.nodeId ?? '',
         log: log.child({ component: 'network' }),
       });
     } catch (err) {
@@ -112,7 +112,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     }
   }
   const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
-  session = new Session({
+  const session = new Session({
     managers: opts.managers,
     token: opts.token,
     dataDir,
@@ -124,6 +124,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     backoffMaxMs: opts.backoffMaxMs,
     onRegistered: opts.onRegistered,
   });
+  current.session = session;
   opts.onStarted?.({ worker, session, runtime });
   log.info({ hostname: description.hostname, runtime: runtime.kind, managers: opts.managers }, 'agent starting');
 
