@@ -83,6 +83,14 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
     const eth = JSON.parse((await inNs(nsOf('t1'), ['ip', '-j', 'addr', 'show', 'eth0'])).stdout)[0];
     expect(eth.address).toBe('02:42:0a:4d:01:0b');
     expect(eth.addr_info.map((a: { local: string }) => a.local)).toContain('10.77.1.11');
+    // CNI CHECK (with the ADD's result) passes, and fails once the interface lost its address
+    await nets[0]!.check('t1');
+    await inNs(nsOf('t1'), ['ip', 'addr', 'del', '10.77.1.11/24', 'dev', 'eth0']);
+    try {
+      await expect(nets[0]!.check('t1')).rejects.toThrow(/CNI bridge CHECK/);
+    } finally {
+      await inNs(nsOf('t1'), ['ip', 'addr', 'add', '10.77.1.11/24', 'dev', 'eth0']);
+    }
   });
 
   it('carries ping and TCP between tasks on different hosts over VXLAN only', async () => {
