@@ -120,6 +120,10 @@ export class NodeNetwork implements TaskNetwork {
   private readonly lock = new KeyedLock();
   private readonly log: Logger | undefined;
   private underlayMtu: number | undefined;
+  /** networks whose devices this process made or checked completely (by VXLAN id, with their MTU) */
+  private readonly ensured = new Map<number, number>();
+  /** the view each network's entries were last made from */
+  private readonly synced = new Map<number, NetworkView | undefined>();
   private batchSeq = 0;
 
   private constructor(readonly opts: NodeNetworkOptions) {
@@ -259,6 +263,7 @@ export class NodeNetwork implements TaskNetwork {
 
   /** Makes fl-vx-<vni>'s forwarding entries and fl-br-<vni>'s neighbour entries exactly the view's. */
   private async sync(vni: number, view: NetworkView | undefined): Promise<void> {
+    this.synced.set(vni, view);
     const vx = vxlanName(vni);
     const br = bridgeName(vni);
     const wantFdb = new Map<string, string>(); // "mac dst" -> command
@@ -331,6 +336,10 @@ export class NodeNetwork implements TaskNetwork {
     const links = await this.links();
     const brLink = links.find((l) => l.ifname === br);
     const vxLink = links.find((l) => l.ifname === vx);
+    // done already by this process and still there: nothing to check again
+    if (this.ensured.get(vni) === mtu && brLink && vxLink?.master === br) return mtu;
+    this.ensured.delete(vni);
+    this.synced.delete(vni); // devices (re)made or checked: their entries are made again too
     if (!brLink) {
       // a fixed MAC: a bridge otherwise takes its lowest port's, and each change of it flushes the
       // neighbour table (our permanent entries included)
@@ -351,6 +360,7 @@ export class NodeNetwork implements TaskNetwork {
     await this.isolate(vni);
     if (vxLink?.operstate !== 'UNKNOWN' && vxLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', vx, 'up']);
     if (brLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', br, 'up']);
+    this.ensured.set(vni, mtu);
     return mtu;
   }
 
@@ -381,6 +391,8 @@ export class NodeNetwork implements TaskNetwork {
   }
 
   private async removeDevices(vni: number): Promise<void> {
+    this.ensured.delete(vni);
+    this.synced.delete(vni);
     await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
     await this.cmd('ip', ['link', 'del', vxlanName(vni)], true);
     await this.cmd('ip', ['link', 'del', bridgeName(vni)], true);
@@ -461,7 +473,8 @@ export class NodeNetwork implements TaskNetwork {
             a.mtu = await this.ensureDevices(view);
             rec.networks.push(a);
             await this.writeRecord(rec);
-            await this.sync(a.vni, view);
+            // the entries follow the views as they come; a network attached first here needs them now
+            if (this.synced.get(a.vni) !== view || !this.synced.has(a.vni)) await this.sync(a.vni, view);
           });
           a.result = await cniAdd(this.cniList(a), { containerId: taskId, netns, ifname: a.ifname, capabilityArgs: { mac: a.mac } }, this.cniOpts());
           await this.writeRecord(rec);
