@@ -14,6 +14,7 @@ import type { NodeDescription } from '../gen/flotilla/v1/objects.js';
 import type { ContainerRuntime } from './runtime/types.js';
 import { runRootOf } from './runtime/run-root.js';
 import { NodeNetwork } from './network/node-network.js';
+import { DEVICE_PREFIX, hostOfAddr } from './network/names.js';
 import { Session } from './worker/session.js';
 import { SimRuntime } from './worker/sim.js';
 import { Worker, type WorkerOptions } from './worker/worker.js';
@@ -53,9 +54,10 @@ export interface AgentOptions {
   onStarted?: (agent: { worker: Worker; session: Session; runtime: ContainerRuntime }) => void;
 }
 
-/** The first non-internal IPv4 address, else 127.0.0.1. */
+/** The first non-internal IPv4 address (not on an overlay bridge of ours, fl-*), else 127.0.0.1. */
 export function defaultAddr(): string {
-  for (const list of Object.values(os.networkInterfaces())) {
+  for (const [name, list] of Object.entries(os.networkInterfaces())) {
+    if (name.startsWith(DEVICE_PREFIX)) continue; // a gateway address every node holds
     for (const a of list ?? []) if (a.family === 'IPv4' && !a.internal) return a.address;
   }
   return '127.0.0.1';
@@ -103,7 +105,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     try {
       network = await NodeNetwork.open({
         stateDir: path.join(await runRootOf(dataDir), 'network'),
-        localAddr: addr,
+        localAddr: hostOfAddr(addr),
         nodeId: () => current.session?.nodeId ?? '',
         log: log.child({ component: 'network' }),
       });

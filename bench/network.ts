@@ -9,7 +9,7 @@
  *   - TCP round-trip latency (4-byte request/answer on one connection), p50 and p99.
  * Target: overlay throughput >= 80% of the underlay's.
  *
- * Options (environment): BENCH_MB (default 256) bytes per throughput round, BENCH_ROUNDS (3),
+ * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
  * BENCH_RTT (2000) round trips.
  */
 import { existsSync } from 'node:fs';
@@ -21,8 +21,8 @@ import { AssignmentsType } from '../gen/flotilla/v1/dispatcher.js';
 import { handView, inNs, mtuOf, tcpRtt, tcpSend, tcpServer, type HandNetwork } from '../test/helpers/overlay.js';
 import { Testbed, run } from '../test/helpers/testbed.js';
 
-const MB = Number(process.env.BENCH_MB ?? 256);
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const MB = Number(process.env.BENCH_MB ?? 128);
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
 const RTT = Number(process.env.BENCH_RTT ?? 2000);
 
 function quantile(xs: number[], q: number): number {

@@ -45,6 +45,11 @@ export function parseCidr(s: string, field = 'address'): Cidr {
   return { ip: bytes.join('.'), prefix, bytes: bytes as Cidr['bytes'] };
 }
 
+/** The IPv4 host of an address that may carry a port ("198.18.0.11:4242" -> "198.18.0.11"). */
+export function hostOfAddr(addr: string): string {
+  return addr.trim().replace(/:\d+$/, '');
+}
+
 /** Parses a plain IPv4 address. */
 export function parseIp(s: string, field = 'address'): string {
   return parseCidr(`${s.trim()}/32`, field).ip;

@@ -35,7 +35,7 @@ import type { NetworkAttachment } from '../../gen/flotilla/v1/objects.js';
 import { unmount } from '../runtime/mount.js';
 import { execInWorker } from '../runtime/spawner.js';
 import { CNI_VERSION, DEFAULT_CNI_PATH, cniAdd, cniCheck, cniDel, type CniNetworkList, type CniOptions, type CniResult } from './cni.js';
-import { VXLAN_PORT, bridgeMac, bridgeName, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
+import { VXLAN_PORT, bridgeMac, bridgeName, hostOfAddr, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
 
 export interface NodeNetworkOptions {
   /** where netns files and attachment records live (volatile: under the run root) */
@@ -258,7 +258,7 @@ export class NodeNetwork implements TaskNetwork {
 
   private isLocal(p: { nodeId: string; nodeAddr: string }): boolean {
     const self = this.opts.nodeId?.() ?? '';
-    return (self !== '' && p.nodeId === self) || p.nodeAddr === this.opts.localAddr;
+    return (self !== '' && p.nodeId === self) || hostOfAddr(p.nodeAddr) === this.opts.localAddr;
   }
 
   /** Makes fl-vx-<vni>'s forwarding entries and fl-br-<vni>'s neighbour entries exactly the view's. */
@@ -275,7 +275,7 @@ export class NodeNetwork implements TaskNetwork {
       let dst: string;
       try {
         ip = parseCidr(p.address, 'peer address').ip;
-        dst = parseIp(p.nodeAddr, 'peer node address');
+        dst = parseIp(hostOfAddr(p.nodeAddr), 'peer node address');
       } catch (err) {
         this.log?.warn({ task: p.taskId, err: errorMessage(err) }, 'ignoring a peer with a bad address');
         continue;
