@@ -117,7 +117,15 @@ describe.skipIf(why !== '')('overlay networks through the worker, real runc on t
     expect(nodes[0].worker.containerOf('task1')).toBe(c1);
     expect((await ping(nodes[0], c1, '10.78.1.22')).exitCode).toBe(0);
 
-    // task2 goes: its container, namespace and (last task of the network on h3) devices go with it
+    // task2 is shut down: its container stays (task history) but it leaves the network at once (the
+    // manager may reuse its address): namespace gone and, as the network's last task on h3, the devices
+    await nodes[1]!.worker.assign(msg([{ ...tasks[1]!, desiredState: S.TASK_STATE_SHUTDOWN, status: { ...tasks[1]!.status!, state: S.TASK_STATE_RUNNING } }], [view]));
+    await waitFor('task2 shut down', async () => (nodes[1]!.last.get('task2')?.state === S.TASK_STATE_SHUTDOWN ? true : undefined), 20_000, 50);
+    await nodes[1]!.worker.idle();
+    expect((await nodes[1]!.rt.list()).map((c) => c.status)).toEqual(['stopped']);
+    expect(fs.readdirSync(path.join(nodes[1]!.dir, 'net-state', 'netns'))).toEqual([]);
+    expect((await linkNames(`/run/netns/${bed.hosts[2]!.netns}`)).filter((l) => l.startsWith('fl-') || l.startsWith('veth'))).toEqual([]);
+    // then it goes: its container too
     await nodes[1]!.worker.assign(msg([], []));
     await nodes[1]!.worker.idle();
     expect(await nodes[1]!.rt.list()).toEqual([]);

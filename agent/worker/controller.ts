@@ -182,6 +182,15 @@ export class TaskController {
     }
   }
 
+  /**
+   * Detaches the task from its overlay networks (CNI DEL, its namespace; the network's devices when it
+   * was the last task here). Done as soon as the container has stopped for good: the manager may give
+   * its addresses to new tasks. Idempotent.
+   */
+  async releaseNetwork(): Promise<void> {
+    if (this.network && overlayAttachments(this.task).length > 0) await this.network.detach(this.task.id);
+  }
+
   /** Removes the container (forcibly: a running one is killed), then its network attachments. */
   async remove(): Promise<void> {
     if (this.containerId) {
@@ -193,6 +202,6 @@ export class TaskController {
       this.containerId = undefined;
     }
     // CNI DEL, the namespace, and the network's devices when this was its last task here (idempotent)
-    if (this.network && overlayAttachments(this.task).length > 0) await this.network.detach(this.task.id);
+    await this.releaseNetwork();
   }
 }

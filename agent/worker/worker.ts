@@ -385,6 +385,7 @@ export class Worker {
       if (health && (await health.done) === 'unhealthy') return; // reported FAILED by the health watch
       if (sig.aborted) return;
       this.reportExit(r, exit);
+      await this.releaseNetwork(r);
     } catch (err) {
       if (sig.aborted) return; // shutdown, removal or close took over
       const state = err instanceof TaskError ? err.state : TaskState.TASK_STATE_FAILED;
@@ -450,6 +451,7 @@ export class Worker {
           pid: 0,
           health: HealthState.HEALTH_STATE_UNHEALTHY,
         });
+        await this.releaseNetwork(r);
         return 'unhealthy' as const;
       },
     );
@@ -470,6 +472,15 @@ export class Worker {
     if (!this.closed) this.statuses.push(r.task.id, status);
   }
 
+  /** A task whose container stopped for good leaves its overlay networks (errors are logged). */
+  private async releaseNetwork(r: Runner): Promise<void> {
+    try {
+      await r.ctl.releaseNetwork();
+    } catch (err) {
+      this.log?.warn({ taskId: r.task.id, err: errorMessage(err) }, 'detaching a stopped task from its networks failed');
+    }
+  }
+
   private shutdown(r: Runner): Promise<void> {
     if (r.stopping) return r.stopping;
     r.abort.abort();
@@ -480,6 +491,7 @@ export class Worker {
         if (before?.status === 'stopped' && r.state < TERMINAL && r.state >= TaskState.TASK_STATE_RUNNING) {
           // it exited by itself before we stopped it
           this.reportExit(r, { exitCode: before.exitCode ?? -1, oomKilled: before.oomKilled });
+          await this.releaseNetwork(r);
           return;
         }
         if (before && before.status !== 'stopped') {
@@ -497,6 +509,7 @@ export class Worker {
           exitCode: after?.exitCode ?? 0,
           oomKilled: after?.oomKilled ?? false,
         });
+        await this.releaseNetwork(r);
       })(),
     );
     return r.stopping;
