@@ -164,6 +164,20 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
     expect(await ping(nsOf('t1'), '10.77.1.12', 1)).toBe(true);
   });
 
+  it('attaches and detaches many tasks of a new network at once', async () => {
+    const C: HandNetwork = { id: 'netC', name: 'gamma', vni: 4103, subnet: '10.77.3.0/24', gateway: '10.77.3.1' };
+    await nets[1]!.applyAssignments(incremental([handView(C, [])]));
+    const ids = Array.from({ length: 8 }, (_, i) => `p${i}`);
+    await Promise.all(ids.map((id, i) => nets[1]!.attach(id, [{ networkId: C.id, addresses: [`10.77.3.${100 + i}/24`], aliases: [] }])));
+    const results = await Promise.all(ids.map((id) => ping(nets[1]!.netnsPath(id), '10.77.3.100', 1)));
+    expect(results).toEqual(ids.map(() => true));
+    const ports = JSON.parse((await inNs(hostNs(1), ['ip', '-j', 'link', 'show', 'master', 'fl-br-4103'])).stdout) as unknown[];
+    expect(ports.length).toBe(1 + ids.length); // the VXLAN port and the eight
+    await Promise.all(ids.map((id) => nets[1]!.detach(id)));
+    expect((await linkNames(hostNs(1))).filter((l) => l.startsWith('fl-')).sort()).toEqual(['fl-br-4101', 'fl-br-4102', 'fl-vx-4101', 'fl-vx-4102']);
+    expect(await ping(nsOf('t2'), '10.77.1.11', 1)).toBe(true);
+  });
+
   it('detaches idempotently; the last task of a network takes its devices; teardown leaves nothing', async () => {
     const t4ns = nsOf('t4');
     await nets[2]!.detach('t4');
