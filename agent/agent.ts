@@ -12,6 +12,9 @@ import { createLogger, type Logger } from '../common/log.js';
 import type { RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
 import type { NodeDescription } from '../gen/flotilla/v1/objects.js';
 import type { ContainerRuntime } from './runtime/types.js';
+import { runRootOf } from './runtime/run-root.js';
+import { NodeNetwork } from './network/node-network.js';
+import { DEVICE_PREFIX, hostOfAddr } from './network/names.js';
 import { Session } from './worker/session.js';
 import { SimRuntime } from './worker/sim.js';
 import { Worker, type WorkerOptions } from './worker/worker.js';
@@ -40,6 +43,8 @@ export interface AgentOptions {
   resources?: { nanoCpus: number; memoryBytes: number };
   /** worker tuning (concurrency, status batching) */
   worker?: Omit<WorkerOptions, 'runtime' | 'hostname' | 'log'>;
+  /** no overlay data plane even with the runc runtime (tests); the sim runtime never has one */
+  noNetwork?: boolean;
   /** reconnect backoff (default 100 ms → 5 s) */
   backoffInitialMs?: number;
   backoffMaxMs?: number;
@@ -49,9 +54,10 @@ export interface AgentOptions {
   onStarted?: (agent: { worker: Worker; session: Session; runtime: ContainerRuntime }) => void;
 }
 
-/** The first non-internal IPv4 address, else 127.0.0.1. */
+/** The first non-internal IPv4 address (not on an overlay bridge of ours, fl-*), else 127.0.0.1. */
 export function defaultAddr(): string {
-  for (const list of Object.values(os.networkInterfaces())) {
+  for (const [name, list] of Object.entries(os.networkInterfaces())) {
+    if (name.startsWith(DEVICE_PREFIX)) continue; // a gateway address every node holds
     for (const a of list ?? []) if (a.family === 'IPv4' && !a.internal) return a.address;
   }
   return '127.0.0.1';
@@ -91,19 +97,36 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   const owned = opts.runtimeInstance === undefined;
   const runtime: ContainerRuntime & { close?: () => unknown } = opts.runtimeInstance ?? (await openRuntime(opts.runtime, dataDir));
   const description = nodeDescription(opts, runtime.kind);
-  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }) });
+  const addr = opts.addr ?? defaultAddr();
+  // the overlay data plane (agent/network): real containers only; it adopts what a previous run left
+  const current: { session?: Session } = {};
+  let network: NodeNetwork | undefined;
+  if (runtime.kind === 'runc' && !opts.noNetwork) {
+    try {
+      network = await NodeNetwork.open({
+        stateDir: path.join(await runRootOf(dataDir), 'network'),
+        localAddr: hostOfAddr(addr),
+        nodeId: () => current.session?.nodeId ?? '',
+        log: log.child({ component: 'network' }),
+      });
+    } catch (err) {
+      log.warn({ err: errorMessage(err), addr }, 'overlay networks unavailable on this node');
+    }
+  }
+  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
   const session = new Session({
     managers: opts.managers,
     token: opts.token,
     dataDir,
     description,
-    addr: opts.addr ?? defaultAddr(),
+    addr,
     worker,
     log: log.child({ component: 'session' }),
     backoffInitialMs: opts.backoffInitialMs,
     backoffMaxMs: opts.backoffMaxMs,
     onRegistered: opts.onRegistered,
   });
+  current.session = session;
   opts.onStarted?.({ worker, session, runtime });
   log.info({ hostname: description.hostname, runtime: runtime.kind, managers: opts.managers }, 'agent starting');
 

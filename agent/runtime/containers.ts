@@ -345,6 +345,10 @@ export class RuncRuntime implements ContainerRuntime {
     if (o.seccomp !== undefined && o.seccomp !== '' && o.seccomp !== 'default' && o.seccomp !== 'unconfined') throw invalidArgument('seccomp', o.seccomp, 'use default or unconfined');
     validateFiles(o.files);
     const net = o.network ?? '';
+    if (o.netns !== undefined && o.netns !== '') {
+      if (!path.isAbsolute(o.netns)) throw invalidArgument('netns', o.netns, 'must be an absolute path');
+      if (net === 'host' || net === 'none') throw invalidArgument('network', net, 'a container joining a network namespace cannot also use host or none');
+    }
     if (net === '' || net === 'private' || net === 'bridge' || net === 'default') return 'private';
     if (net === 'host' || net === 'none') return net;
     throw invalidArgument('network', net, 'use host or none (or leave it empty for a private network namespace)');
@@ -432,6 +436,7 @@ export class RuncRuntime implements ContainerRuntime {
         rootfs: 'rootfs',
         cgroupsPath: rec.cgroupsPath,
         network,
+        netnsPath: opts.netns || undefined,
         memoryBytes: opts.memoryBytes,
         nanoCpus: opts.nanoCpus,
         pidsLimit: opts.pidsLimit,

@@ -99,6 +99,8 @@ export interface SpecOptions {
   rootfs: string;
   cgroupsPath: string;
   network: NetworkMode;
+  /** with network 'private': join this network namespace (made by agent/network) instead of a new one */
+  netnsPath?: string;
   memoryBytes?: number;
   nanoCpus?: number;
   pidsLimit?: number;
@@ -122,9 +124,11 @@ export function cpuQuota(nanoCpus: number): number {
 }
 
 export function buildSpec(o: SpecOptions): OciSpec {
-  const namespaces: { type: string }[] = [{ type: 'pid' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }];
-  // A fresh network namespace (private or none): runc brings its loopback up itself.
-  if (o.network !== 'host') namespaces.push({ type: 'network' });
+  const namespaces: { type: string; path?: string }[] = [{ type: 'pid' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }];
+  // A fresh network namespace (private or none): runc brings its loopback up itself. An overlay task
+  // joins the namespace its node's data plane prepared (interfaces attached by CNI, loopback included).
+  if (o.network === 'private' && o.netnsPath) namespaces.push({ type: 'network', path: o.netnsPath });
+  else if (o.network !== 'host') namespaces.push({ type: 'network' });
 
   const mounts: OciMount[] = [
     ...(o.rootMount ? [{ destination: '/', type: o.rootMount.type, source: o.rootMount.source, options: [...o.rootMount.options] }] : []),

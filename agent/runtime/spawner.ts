@@ -23,6 +23,8 @@ export interface ExecOptions {
   timeoutMs?: number;
   /** bytes of stdout or stderr before the child is killed (execFile's `maxBuffer`, default 1 MiB) */
   maxBuffer?: number;
+  /** written to the child's stdin, which is then closed (default: stdin left open and unused) */
+  input?: string;
 }
 
 /** The outcome of execFile: `error` (execFile's error message) is set when it failed. */
@@ -84,7 +86,7 @@ export interface MonitorResult {
 }
 
 type Request =
-  | { id: number; op: 'exec'; file: string; args: string[]; opts: childProcess.ExecFileOptions }
+  | { id: number; op: 'exec'; file: string; args: string[]; opts: childProcess.ExecFileOptions; input?: string }
   | { id: number; op: 'monitor'; file: string; args: string[]; opts: childProcess.SpawnOptions; timeoutMs: number }
   | { id: number; op: 'run'; file: string; args: string[]; opts: childProcess.SpawnOptions; stream: boolean; limit: number }
   | { id: number; op: 'kill'; target: number; signal: string };
@@ -118,13 +120,17 @@ const HANDLER = `(cp) => {
         return;
       }
       if (m.op === 'exec') {
-        cp.execFile(m.file, m.args, m.opts, (err, stdout, stderr) => reply({
+        const child = cp.execFile(m.file, m.args, m.opts, (err, stdout, stderr) => reply({
           id: m.id, stdout: String(stdout), stderr: String(stderr),
           code: err ? (typeof err.code === 'number' ? err.code : null) : 0,
           signal: (err && err.signal) || null,
           ...(err ? { error: err.message } : {}),
           ...(err && typeof err.code === 'string' ? { errno: err.code } : {}),
         }));
+        if (typeof m.input === 'string' && child.stdin) {
+          child.stdin.on('error', () => undefined);
+          child.stdin.end(m.input);
+        }
         return;
       }
       if (m.op === 'run') {
@@ -302,7 +308,7 @@ function defined<T extends object>(o: T): Partial<T> {
 /** execFile on the spawner thread: resolves with the exit code and output, never rejects. */
 export async function execInWorker(file: string, args: string[], o: ExecOptions = {}): Promise<ExecResult> {
   const opts = defined({ cwd: o.cwd, env: o.env, timeout: o.timeoutMs, maxBuffer: o.maxBuffer });
-  const { id: _id, ...r } = (await call({ op: 'exec', file, args, opts }).reply) as ExecResult & { id: number };
+  const { id: _id, ...r } = (await call({ op: 'exec', file, args, opts, ...(o.input !== undefined ? { input: o.input } : {}) }).reply) as ExecResult & { id: number };
   return r;
 }
 

@@ -58,6 +58,11 @@ export interface ContainerCreateOptions {
   pidsLimit?: number;
   /** "" or undefined: own network namespace with loopback up; "host"; "none" */
   network?: string;
+  /**
+   * path of an existing network namespace the container joins (an overlay task's, prepared by
+   * agent/network); only with the default (private) network
+   */
+  netns?: string;
   labels?: Record<string, string>;
   /** "default" or undefined: the default seccomp filter (seccomp.ts); "unconfined": none */
   seccomp?: string;

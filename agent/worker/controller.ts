@@ -7,6 +7,7 @@ import { errorMessage, isCode } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
 import { TaskState, type Task } from '../../gen/flotilla/v1/objects.js';
 import type { ContainerCreateOptions, ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
+import type { TaskNetwork } from '../network/node-network.js';
 
 export const LABEL_TASK_ID = 'flotilla.task.id';
 export const LABEL_SERVICE_ID = 'flotilla.service.id';
@@ -37,6 +38,13 @@ export function containerName(task: Task): string {
   if (!/^[a-zA-Z0-9]/.test(svc)) svc = `t${svc}`;
   svc = svc.slice(0, Math.max(1, MAX_NAME - tail.length));
   return `${svc}${tail}`;
+}
+
+/** The overlay networks a task is attached to on its node (none with host or none networking). */
+export function overlayAttachments(task: Task): Task['networks'] {
+  const mode = task.spec?.container?.networkMode ?? '';
+  if (mode === 'host' || mode === 'none') return [];
+  return task.networks.filter((n) => n.networkId !== '' && n.addresses.length > 0);
 }
 
 /** The runtime's create options for a task (files: its secrets and configs, see Worker.filesOf). */
@@ -80,6 +88,8 @@ export class TaskController {
     readonly hostname: string,
     /** the task's secret and config files (throws TaskError REJECTED when one is missing) */
     private readonly files: (task: Task) => ContainerFile[] = () => [],
+    /** the node's overlay data plane (absent with the sim runtime) */
+    readonly network?: TaskNetwork,
   ) {}
 
   /** Takes over a container that already exists for this task (after an agent restart). */
@@ -104,11 +114,22 @@ export class TaskController {
       );
     }
     const files = this.files(this.task);
+    // the task's network namespace, attached to its overlay networks, before the container that joins it
+    const nets = this.network ? overlayAttachments(this.task) : [];
+    let netns: string | undefined;
+    if (nets.length > 0) {
+      try {
+        netns = await this.network!.attach(this.task.id, nets);
+      } catch (err) {
+        throw new TaskError(TaskState.TASK_STATE_REJECTED, `network: ${errorMessage(err)}`, { cause: err });
+      }
+    }
     try {
-      const info = await this.runtime.create(createOptions(this.task, files));
+      const info = await this.runtime.create({ ...createOptions(this.task, files), ...(netns ? { netns } : {}) });
       this.containerId = info.id;
       return info;
     } catch (err) {
+      if (netns) await this.network!.detach(this.task.id).catch(() => undefined);
       throw new TaskError(TaskState.TASK_STATE_REJECTED, errorMessage(err), { cause: err });
     }
   }
@@ -165,14 +186,26 @@ export class TaskController {
     }
   }
 
-  /** Removes the container (forcibly: a running one is killed). */
+  /**
+   * Detaches the task from its overlay networks (CNI DEL, its namespace; the network's devices when it
+   * was the last task here). Done as soon as the container has stopped for good: the manager may give
+   * its addresses to new tasks. Idempotent.
+   */
+  async releaseNetwork(): Promise<void> {
+    if (this.network && overlayAttachments(this.task).length > 0) await this.network.detach(this.task.id);
+  }
+
+  /** Removes the container (forcibly: a running one is killed), then its network attachments. */
   async remove(): Promise<void> {
-    if (!this.containerId) return;
-    try {
-      await this.runtime.remove(this.containerId, true);
-    } catch (err) {
-      if (!isCode(err, 'NOT_FOUND')) throw err;
+    if (this.containerId) {
+      try {
+        await this.runtime.remove(this.containerId, true);
+      } catch (err) {
+        if (!isCode(err, 'NOT_FOUND')) throw err;
+      }
+      this.containerId = undefined;
     }
-    this.containerId = undefined;
+    // CNI DEL, the namespace, and the network's devices when this was its last task here (idempotent)
+    await this.releaseNetwork();
   }
 }

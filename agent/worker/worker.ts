@@ -28,6 +28,7 @@ import type { ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo, ImageCon
 import { healthSettings, monitorHealth } from './health.js';
 import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
+import type { TaskNetwork } from '../network/node-network.js';
 
 export interface WorkerOptions {
   runtime: ContainerRuntime;
@@ -40,6 +41,8 @@ export interface WorkerOptions {
   status?: StatusQueueOptions;
   /** how long close() waits for operations in flight; default 2000 ms */
   closeTimeoutMs?: number;
+  /** the node's overlay data plane: follows the messages' network views, attaches task containers */
+  network?: TaskNetwork;
 }
 
 /**
@@ -196,6 +199,15 @@ export class Worker {
     }
     for (const x of msg.secrets) this.secrets.set(x.id, x);
     for (const x of msg.configs) this.configs.set(x.id, x);
+    // networks first: a task's container is attached from the views of this very message
+    const network = this.opts.network;
+    if (network && (complete || msg.networkViews.length > 0 || msg.removeNetworks.length > 0 || msg.networks.length > 0)) {
+      try {
+        await network.applyAssignments(msg);
+      } catch (err) {
+        this.log?.error({ err: errorMessage(err) }, 'programming the overlay networks failed');
+      }
+    }
     // the runtime's containers of tasks, for adoption (a COMPLETE set reconciles with them)
     const found = new Map<string, ContainerInfo[]>();
     if (complete || !this.listedOnce) {
@@ -226,7 +238,15 @@ export class Worker {
         if (r && (r.ctl.containerId === c.id || r.ctl.containerId === undefined)) continue;
         if (!r && (!complete || this.removing.has(taskId))) continue;
         this.log?.info({ taskId, container: c.name }, 'removing the container of a task no longer assigned');
-        void this.track(this.op(() => this.removeContainer(c.id)));
+        void this.track(this.op(() => this.removeContainer(c.id, r ? undefined : taskId)));
+      }
+    }
+    // network attachments left by tasks that are gone (no runner, no container): detach them
+    if (complete && network) {
+      for (const taskId of network.attachedTasks()) {
+        if (this.runners.has(taskId) || this.removing.has(taskId) || found.has(taskId)) continue;
+        this.log?.info({ taskId }, 'detaching the network namespace of a task no longer assigned');
+        void this.track(this.op(() => network.detach(taskId)));
       }
     }
   }
@@ -258,12 +278,14 @@ export class Worker {
     return out;
   }
 
-  private async removeContainer(id: string): Promise<void> {
+  /** Removes a container; with taskId (a task no longer assigned), that task's network attachments too. */
+  private async removeContainer(id: string, taskId?: string): Promise<void> {
     try {
       await this.runtime.remove(id, true);
     } catch (err) {
       if ((err as { code?: string }).code !== 'NOT_FOUND') throw err;
     }
+    if (taskId) await this.opts.network?.detach(taskId);
   }
 
   private upsert(t: Task, containers: ContainerInfo[] | undefined): void {
@@ -274,7 +296,7 @@ export class Worker {
         this.log?.warn({ taskId: t.id }, 'task assigned again while its container is being removed: ignored');
         return;
       }
-      const ctl = new TaskController(this.runtime, t, this.opts.hostname, (task) => this.filesOf(task));
+      const ctl = new TaskController(this.runtime, t, this.opts.hostname, (task) => this.filesOf(task), this.opts.network);
       r = {
         task: t,
         state: managerState,
@@ -406,6 +428,7 @@ export class Worker {
       if (health && (await health.done) === 'unhealthy') return; // reported FAILED by the health watch
       if (sig.aborted) return;
       this.reportExit(r, exit);
+      await this.releaseNetwork(r);
     } catch (err) {
       if (sig.aborted) return; // shutdown, removal or close took over
       const state = err instanceof TaskError ? err.state : TaskState.TASK_STATE_FAILED;
@@ -471,6 +494,7 @@ export class Worker {
           pid: 0,
           health: HealthState.HEALTH_STATE_UNHEALTHY,
         });
+        await this.releaseNetwork(r);
         return 'unhealthy' as const;
       },
     );
@@ -491,6 +515,15 @@ export class Worker {
     if (!this.closed) this.statuses.push(r.task.id, status);
   }
 
+  /** A task whose container stopped for good leaves its overlay networks (errors are logged). */
+  private async releaseNetwork(r: Runner): Promise<void> {
+    try {
+      await r.ctl.releaseNetwork();
+    } catch (err) {
+      this.log?.warn({ taskId: r.task.id, err: errorMessage(err) }, 'detaching a stopped task from its networks failed');
+    }
+  }
+
   private shutdown(r: Runner): Promise<void> {
     if (r.stopping) return r.stopping;
     r.abort.abort();
@@ -501,6 +534,7 @@ export class Worker {
         if (before?.status === 'stopped' && r.state < TERMINAL && r.state >= TaskState.TASK_STATE_RUNNING) {
           // it exited by itself before we stopped it
           this.reportExit(r, { exitCode: before.exitCode ?? -1, oomKilled: before.oomKilled });
+          await this.releaseNetwork(r);
           return;
         }
         if (before && before.status !== 'stopped') {
@@ -518,6 +552,7 @@ export class Worker {
           exitCode: after?.exitCode ?? 0,
           oomKilled: after?.oomKilled ?? false,
         });
+        await this.releaseNetwork(r);
       })(),
     );
     return r.stopping;
