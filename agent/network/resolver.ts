@@ -258,6 +258,15 @@ export class Resolver {
 
   /** Answers one query (wire format) that arrived on gateway `local` from `source`. */
   async answer(query: Buffer, local: string, source: string, tcp: boolean): Promise<Buffer | undefined> {
+    try {
+      return await this.answerOrThrow(query, local, source, tcp);
+    } catch (err) {
+      this.log(`resolver: cannot answer a query from ${source}: ${(err as Error).message}`);
+      return undefined;
+    }
+  }
+
+  private async answerOrThrow(query: Buffer, local: string, source: string, tcp: boolean): Promise<Buffer | undefined> {
     let q: Packet;
     try {
       q = dnsPacket.decode(query);
