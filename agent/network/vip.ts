@@ -139,7 +139,9 @@ export class VipBalancer {
   /** Takes the node's new views and re-renders every attached container whose VIPs changed. */
   async update(views: NetworkView[]): Promise<void> {
     this.views = views;
-    await Promise.all([...this.attached.entries()].map(([id, a]) => this.render(id, a)));
+    const results = await Promise.allSettled([...this.attached.entries()].map(([id, a]) => this.render(id, a)));
+    const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => (r.reason as Error).message);
+    if (failed.length > 0) throw new Error(failed.join('; '));
   }
 
   /** Removes the table from the container's netns (nothing when the netns is already gone). */
