@@ -107,7 +107,7 @@ const ops = {
     const done = (buf) => { clearTimeout(t); try { s.destroy ? s.destroy() : s.close(); } catch {} ;
       if (!buf) return resolve({ rcode: 'TIMEOUT', answers: [] });
       const p = dnsPacket.decode(buf);
-      resolve({ rcode: p.rcode, answers: p.answers.map((x) => x.data), ttls: p.answers.map((x) => x.ttl) }); };
+      resolve({ rcode: p.rcode, tc: (p.flags & dnsPacket.TRUNCATED_RESPONSE) !== 0, size: buf.length, answers: p.answers.map((x) => x.data), ttls: p.answers.map((x) => x.ttl) }); };
     const t = setTimeout(() => done(undefined), 3000);
     let s;
     if (tcp) {
@@ -141,6 +141,8 @@ interface Reply {
   rcode?: string;
   answers?: string[];
   ttls?: number[];
+  tc?: boolean;
+  size?: number;
   out?: { t: number; r: string }[];
 }
 
@@ -226,8 +228,9 @@ function views(readyA: Record<string, boolean> = {}): NetworkView[] {
         peer('t0', a(10), 'sb', 'b', 1),
         peer('td1', a(21), 'sd', 'd', 1, true, ['dee']),
         peer('td2', a(22), 'sd', 'd', 2, false),
+        ...Array.from({ length: 60 }, (_, i) => peer(`tbig${i}`, a(100 + i), 'sbig', 'big', i + 1)),
       ],
-      [endpoint('sa', 'a', VIP_A, ['alpha']), endpoint('sb', 'b', a(3)), endpoint('sd', 'd', '')],
+      [endpoint('sa', 'a', VIP_A, ['alpha']), endpoint('sb', 'b', a(3)), endpoint('sd', 'd', ''), endpoint('sbig', 'big', '')],
     ),
     view(NET_B, [peer('te', `172.31.${K}.10`, 'se', 'e', 1)], [endpoint('se', 'e', `172.31.${K}.2`)]),
   ];
@@ -336,6 +339,19 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
     expect([aaaa.rcode, aaaa.answers]).toEqual(['NOERROR', []]);
     // reverse lookups
     expect((await c0.dns(NET_A.gw, `13.${K}.30.172.in-addr.arpa`, { qtype: 'PTR' })).answers).toEqual(['a.3.t3']);
+  });
+
+  it('a UDP answer too big for 512 bytes is truncated with TC set; TCP gives the whole set', async () => {
+    resolver.setViews(views());
+    const udp = await c0.dns(NET_A.gw, 'tasks.big');
+    expect(udp.rcode).toBe('NOERROR');
+    expect(udp.tc).toBe(true);
+    expect(udp.size).toBeLessThanOrEqual(512);
+    expect(udp.answers!.length).toBeGreaterThan(5);
+    expect(udp.answers!.length).toBeLessThan(60);
+    const tcp = await c0.dns(NET_A.gw, 'tasks.big', { tcp: true });
+    expect(tcp.tc).toBe(false);
+    expect(new Set(tcp.answers)).toEqual(new Set(Array.from({ length: 60 }, (_, i) => a(100 + i))));
   });
 
   it('forwards other names to the host resolvers, and SERVFAILs without one', async () => {

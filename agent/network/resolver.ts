@@ -284,7 +284,7 @@ export class Resolver {
     const subnet = networkId !== undefined ? this.zones.get(networkId)?.subnet : undefined;
     if (networkId === undefined || (subnet !== undefined && !inSubnet(src, subnet))) return reply(q, RCODE_REFUSED, []);
     const found = this.lookup(question, networkId, src);
-    if (found !== undefined) return reply(q, 0, found);
+    if (found !== undefined) return tcp ? reply(q, 0, found) : fitUdp(q, found);
     return this.forward(q, query, tcp);
   }
 
@@ -488,13 +488,33 @@ async function closeListener(l: Listener): Promise<void> {
   await Promise.all(waits);
 }
 
-function reply(q: Packet, rcode: number, answers: Answer[]): Buffer {
+/**
+ * A UDP answer must fit the client's buffer: 512 bytes, or the EDNS payload size it advertised (at most
+ * 4096). When all records do not fit, as many as fit are sent with the TC bit set, and the client asks
+ * again over TCP, where the whole set goes (a service with many tasks).
+ */
+function fitUdp(q: Packet, answers: Answer[]): Buffer {
+  const opt = (q.additionals ?? []).find((r) => r.type === 'OPT');
+  const limit = Math.min(4096, Math.max(512, opt !== undefined && 'udpPayloadSize' in opt ? opt.udpPayloadSize : 512));
+  const full = reply(q, 0, answers);
+  if (full.length <= limit) return full;
+  let lo = 0;
+  let hi = answers.length;
+  while (lo < hi) {
+    const mid = Math.ceil((lo + hi) / 2);
+    if (reply(q, 0, answers.slice(0, mid), true).length <= limit) lo = mid;
+    else hi = mid - 1;
+  }
+  return reply(q, 0, answers.slice(0, lo), true);
+}
+
+function reply(q: Packet, rcode: number, answers: Answer[], truncated = false): Buffer {
   const rd = (q.flags ?? 0) & dnsPacket.RECURSION_DESIRED;
   const aa = rcode === 0 || rcode === RCODE_NXDOMAIN ? dnsPacket.AUTHORITATIVE_ANSWER : 0;
   return dnsPacket.encode({
     type: 'response',
     id: q.id ?? 0,
-    flags: rd | dnsPacket.RECURSION_AVAILABLE | aa | rcode,
+    flags: rd | dnsPacket.RECURSION_AVAILABLE | aa | (truncated ? dnsPacket.TRUNCATED_RESPONSE : 0) | rcode,
     questions: q.questions ?? [],
     answers,
   });
