@@ -16,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetworkPeer, NetworkView, ServiceEndpoint } from '../../gen/flotilla/v1/dispatcher.js';
 import { EndpointMode } from '../../gen/flotilla/v1/objects.js';
 import { closeSpawner } from '../runtime/spawner.js';
+import { Discovery } from './discovery.js';
 import { Resolver, resolvConf } from './resolver.js';
 import { renderRuleset, TABLE, VipBalancer } from './vip.js';
 
@@ -494,6 +495,27 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
     // the VIP no longer answers
     const r = await c0.call('tcp', { host: VIP_A, port: 8080 });
     expect(r.error).toBeDefined();
+  });
+
+  it('Discovery drives both: resolv.conf of the task networks, VIP table on attach, updates, detach', async () => {
+    const logs: string[] = [];
+    const d = new Discovery({ resolver: { port: 10055, upstreams: [] }, log: (m) => logs.push(m) });
+    try {
+      expect(await d.setViews(views())).toEqual([]);
+      expect(d.resolvConf([NET_A.id])).toBe(`# written by flotilla: the node resolver on each network gateway\nnameserver ${NET_A.gw}\noptions ndots:0\n`);
+      await d.attachTask('c0', c0.netns, [NET_A.id]);
+      expect((await c0.call('tcp', { host: VIP_A, port: 8080 })).data).toMatch(/^c[123] /);
+      await waitFor(() => d.resolver.listening().length === 2, 5000);
+      expect((await c0.dns(NET_A.gw, 'a', { port: 10055 })).answers).toEqual([VIP_A]);
+      expect(await d.setViews(views({ t1: false, t2: false, t3: false }))).toEqual([]);
+      expect((await c0.call('tcp', { host: VIP_A, port: 8080 })).error).toMatch(/ECONNREFUSED|ECONNRESET/);
+      expect((await c0.dns(NET_A.gw, 'tasks.a', { port: 10055 })).answers).toEqual([]);
+      await d.detachTask('c0');
+      expect(sh('nsenter', [`--net=${c0.netns}`, 'nft', 'list', 'tables'])).not.toContain(TABLE);
+    } finally {
+      await d.close();
+    }
+    expect(d.resolver.listening()).toEqual([]);
   });
 });
 

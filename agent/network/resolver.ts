@@ -77,6 +77,7 @@ interface Listener {
   /** bound on both protocols */
   bound: boolean;
   binding: boolean;
+  lastError?: string;
 }
 
 /** Strips the prefix length of a CIDR address ("10.0.1.5/24" -> "10.0.1.5"). */
@@ -426,7 +427,10 @@ export class Resolver {
       l.bound = true;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code !== 'EADDRNOTAVAIL') this.log(`resolver cannot listen on ${l.addr}:${this.port}: ${(err as Error).message}`);
+      // logged once per listener and error (the retry runs every rebindMs)
+      const msg = (err as Error).message;
+      if (code !== 'EADDRNOTAVAIL' && l.lastError !== msg) this.log(`resolver cannot listen on ${l.addr}:${this.port}: ${msg}; retrying`);
+      l.lastError = msg;
       this.scheduleRebind();
     } finally {
       l.binding = false;
