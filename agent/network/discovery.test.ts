@@ -389,6 +389,20 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
     expect((await c0.dns(NET_A.gw, 'e')).rcode).toBe('NXDOMAIN');
   });
 
+  it('a task on two networks gets the names of both from either gateway (its own network first)', async () => {
+    const vs = views();
+    // cb's task te also has an address on A (its second interface; not wired here, DNS only)
+    vs[0]!.peers.push(peer('te', a(30), 'se', 'e', 1));
+    resolver.setViews(vs);
+    expect((await cb.dns(NET_B.gw, 'a')).answers).toEqual([VIP_A]);
+    expect((await cb.dns(NET_B.gw, 'tasks.a')).answers?.sort()).toEqual([a(11), a(12), a(13)]);
+    // e is on both networks: asked on B, B's record comes first (its VIP on B)
+    expect((await cb.dns(NET_B.gw, 'e')).answers).toEqual([`172.31.${K}.2`]);
+    // c0 (only on A) still does not see e's VIP on B, only e's task name on A
+    expect((await c0.dns(NET_A.gw, 'e')).rcode).toBe('NXDOMAIN');
+    expect((await c0.dns(NET_A.gw, 'e.1.te')).answers).toEqual([a(30)]);
+  });
+
   it('a task marked not ready leaves DNS at once; the time from update to effect is measured', async () => {
     resolver.setViews(views());
     expect((await c0.dns(NET_A.gw, 'tasks.a')).answers?.sort()).toEqual([a(11), a(12), a(13)]);
