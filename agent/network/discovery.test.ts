@@ -374,6 +374,30 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
     }
   });
 
+  it('caps the queries forwarded at once: a flood of unknown names gets SERVFAIL at once past 256', async () => {
+    const hole = dgram.createSocket('udp4'); // an upstream that never answers
+    await new Promise<void>((r) => hole.bind(0, '127.0.0.1', () => r()));
+    const r = new Resolver({ upstreams: [{ host: '127.0.0.1', port: hole.address().port }], port: 10056, upstreamTimeoutMs: 1500 });
+    try {
+      r.setViews(views());
+      const t0 = performance.now();
+      const fast: number[] = [];
+      const all = Array.from({ length: 300 }, (_, i) => {
+        const q = dnsPacket.encode({ type: 'query', id: i, questions: [{ type: 'A', name: `n${i}.example` }] });
+        return r.answer(q, NET_A.gw, a(10), false).then((buf) => {
+          if (performance.now() - t0 < 1000) fast.push(i);
+          return (dnsPacket.decode(buf!) as { rcode?: string }).rcode;
+        });
+      });
+      const rcodes = await Promise.all(all);
+      expect(fast.length).toBe(300 - 256);
+      expect(rcodes.every((c) => c === 'SERVFAIL')).toBe(true);
+    } finally {
+      await r.close();
+      hole.close();
+    }
+  });
+
   it('isolates networks: a container on B sees only B, even when it sends to A’s gateway', async () => {
     resolver.setViews(views());
     const e = await cb.dns(NET_B.gw, 'e');

@@ -35,6 +35,10 @@ const RCODE_SERVFAIL = 2;
 const RCODE_NXDOMAIN = 3;
 const RCODE_FORMERR = 1;
 const RCODE_REFUSED = 5;
+/** queries being forwarded at once, over all gateways; more get SERVFAIL at once */
+const MAX_FORWARDS = 256;
+/** open TCP connections per gateway; more are closed at once */
+const MAX_TCP = 128;
 
 export interface Upstream {
   host: string;
@@ -213,6 +217,7 @@ export class Resolver {
   private readonly listeners = new Map<string, Listener>();
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
+  private forwarding = 0;
 
   constructor(o: ResolverOptions = {}) {
     this.ttl = o.ttl ?? DEFAULT_TTL;
@@ -323,11 +328,18 @@ export class Resolver {
 
   /** Relays the query to the host's resolvers in turn; SERVFAIL when none answers. */
   private async forward(q: Packet, query: Buffer, tcp: boolean): Promise<Buffer> {
-    for (const up of this.upstreams) {
-      const r = tcp ? await this.askTcp(up, query) : await this.askUdp(up, query);
-      if (r !== undefined) return r;
+    // a container flooding unknown names must not take every socket of the agent
+    if (this.forwarding >= MAX_FORWARDS) return reply(q, RCODE_SERVFAIL, []);
+    this.forwarding++;
+    try {
+      for (const up of this.upstreams) {
+        const r = tcp ? await this.askTcp(up, query) : await this.askUdp(up, query);
+        if (r !== undefined) return r;
+      }
+      return reply(q, RCODE_SERVFAIL, []);
+    } finally {
+      this.forwarding--;
     }
-    return reply(q, RCODE_SERVFAIL, []);
   }
 
   private askUdp(up: Upstream, query: Buffer): Promise<Buffer | undefined> {
@@ -447,6 +459,10 @@ export class Resolver {
   }
 
   private serveTcp(l: Listener, sock: net.Socket): void {
+    if (l.sockets.size >= MAX_TCP) {
+      sock.destroy();
+      return;
+    }
     l.sockets.add(sock);
     sock.setTimeout(10_000, () => sock.destroy());
     sock.on('close', () => l.sockets.delete(sock));
