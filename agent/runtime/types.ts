@@ -58,12 +58,12 @@ export interface ContainerCreateOptions {
   pidsLimit?: number;
   /** "" or undefined: own network namespace with loopback up; "host"; "none" */
   network?: string;
-  /** the content of the container's /etc/resolv.conf (overlay tasks: the node resolver on each network's
-   *  gateway, agent/network/resolver.ts); default: the host's, or empty with network "none" */
-  resolvConf?: string;
   labels?: Record<string, string>;
   /** "default" or undefined: the default seccomp filter (seccomp.ts); "unconfined": none */
   seccomp?: string;
+  /** the content of the container's /etc/resolv.conf (overlay tasks: the node resolver on each network's
+   *  gateway, agent/network/resolver.ts); default: the host's, or empty with network "none" */
+  resolvConf?: string;
 }
 
 export type ContainerStatus = 'created' | 'running' | 'stopped';
