@@ -548,6 +548,17 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
       expect(await d.setViews(views({ t1: false, t2: false, t3: false }))).toEqual([]);
       expect((await c0.call('tcp', { host: VIP_A, port: 8080 })).error).toMatch(/ECONNREFUSED|ECONNRESET/);
       expect((await c0.dns(NET_A.gw, 'tasks.a', { port: 10055 })).answers).toEqual([]);
+      // an agent restart: a new Discovery adopts the task; the table stays until the first views
+      const d2 = new Discovery({ resolver: { port: 10057, upstreams: [] } });
+      try {
+        d2.adoptTask('c0', c0.netns, [NET_A.id]);
+        expect(sh('nsenter', [`--net=${c0.netns}`, 'nft', 'list', 'tables'])).toContain(TABLE);
+        expect((await c0.call('tcp', { host: VIP_A, port: 8080 })).error).toMatch(/ECONNREFUSED|ECONNRESET/);
+        await d2.setViews(views());
+        expect((await c0.call('tcp', { host: VIP_A, port: 8080 })).data).toMatch(/^c[123] /);
+      } finally {
+        await d2.close();
+      }
       await d.detachTask('c0');
       expect(sh('nsenter', [`--net=${c0.netns}`, 'nft', 'list', 'tables'])).not.toContain(TABLE);
     } finally {

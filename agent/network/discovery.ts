@@ -6,6 +6,7 @@
  *   d.setViews(views)                           on every view change (after the bridges exist or are made)
  *   d.resolvConf(networkIds)                    the container's /etc/resolv.conf (before it starts)
  *   await d.attachTask(taskId, netns, netIds)   once the task's netns is attached to its networks
+ *   d.adoptTask(taskId, netns, netIds)          tasks found attached at agent start (tables kept until setViews)
  *   await d.detachTask(taskId)                  before the netns is removed
  *   await d.close()                             agent shutdown (containers keep their VIP tables)
  */
@@ -58,6 +59,11 @@ export class Discovery {
   /** Installs the VIP table in the task's netns (path) for its networks. */
   async attachTask(taskId: string, netns: string, networkIds: string[]): Promise<void> {
     await this.vip.attach(taskId, netns, networkIds, this.views);
+  }
+
+  /** A task attached by an earlier agent process: its VIP table is kept until the next setViews(). */
+  adoptTask(taskId: string, netns: string, networkIds: string[]): void {
+    this.vip.adopt(taskId, netns, networkIds);
   }
 
   async detachTask(taskId: string): Promise<void> {

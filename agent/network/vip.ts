@@ -136,6 +136,14 @@ export class VipBalancer {
     await this.render(id, a);
   }
 
+  /**
+   * Registers a container whose table an earlier agent process installed (agent restart), without
+   * touching it: the table stays as it is until the next update() brings the current views.
+   */
+  adopt(id: string, netns: string, networkIds: string[]): void {
+    if (!this.attached.has(id)) this.attached.set(id, { netns, networkIds: new Set(networkIds), again: false });
+  }
+
   /** Takes the node's new views and re-renders every attached container whose VIPs changed. */
   async update(views: NetworkView[]): Promise<void> {
     this.views = views;
