@@ -87,6 +87,12 @@ describe.skipIf(!isRoot)('runc runtime: containers (needs root, runc, conmon)', 
     expect(readlinkSync(`/proc/${none.pid}/ns/net`)).not.toBe(readlinkSync('/proc/self/ns/net'));
   });
 
+  it('writes the given resolv.conf (the node resolver for overlay tasks) instead of the host one', async () => {
+    const text = 'nameserver 10.9.9.1\noptions ndots:0\n';
+    await run('dnsconf', ['sleep', '100'], { resolvConf: text });
+    expect((await rt.exec('dnsconf', ['cat', '/etc/resolv.conf'])).output).toBe(text);
+  });
+
   it('applies memory, cpu and pids limits in the cgroups, and a secure default spec', async () => {
     const c = await run('limits', ['sleep', '100'], { memoryBytes: 64 * 1024 * 1024, nanoCpus: 500_000_000, pidsLimit: 20 });
     const cg = c.cgroupPaths;

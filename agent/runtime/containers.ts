@@ -401,7 +401,7 @@ export class RuncRuntime implements ContainerRuntime {
       rec.args = args;
       // the /etc files do not need the rootfs: write them while the snapshot is prepared
       const [etc, files, , prepared] = await Promise.all([
-        this.writeEtcFiles(dir, hostname, network),
+        this.writeEtcFiles(dir, hostname, network, opts.resolvConf),
         writeFiles(dir, opts.files),
         fs.mkdir(path.dirname(this.records.logPath(id)), { recursive: true, mode: 0o700 }),
         (async () => {
@@ -492,13 +492,13 @@ export class RuncRuntime implements ContainerRuntime {
     return p;
   }
 
-  private async writeEtcFiles(dir: string, hostname: string, network: NetworkMode): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
+  private async writeEtcFiles(dir: string, hostname: string, network: NetworkMode, resolvText?: string): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
     const hosts = path.join(dir, 'hosts');
     const resolvConf = path.join(dir, 'resolv.conf');
     const hostnameFile = path.join(dir, 'hostname');
     let hostsText = `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t${hostname}\n`;
     if (network === 'host') hostsText = (await hostFile('/etc/hosts')) || hostsText;
-    const resolv = network === 'none' ? '' : await hostFile('/etc/resolv.conf');
+    const resolv = resolvText ?? (network === 'none' ? '' : await hostFile('/etc/resolv.conf'));
     await Promise.all([fs.writeFile(hosts, hostsText, { mode: 0o644 }), fs.writeFile(resolvConf, resolv, { mode: 0o644 }), fs.writeFile(hostnameFile, `${hostname}\n`, { mode: 0o644 })]);
     return { hosts, resolvConf, hostname: hostnameFile };
   }

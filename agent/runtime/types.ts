@@ -66,6 +66,9 @@ export interface ContainerCreateOptions {
   labels?: Record<string, string>;
   /** "default" or undefined: the default seccomp filter (seccomp.ts); "unconfined": none */
   seccomp?: string;
+  /** the content of the container's /etc/resolv.conf (overlay tasks: the node resolver on each network's
+   *  gateway, agent/network/resolver.ts); default: the host's, or empty with network "none" */
+  resolvConf?: string;
   /**
    * files made from secrets and configs: written on a tmpfs (never the data dir's disk) and
    * bind-mounted read-only into the container; deleted once the container stops

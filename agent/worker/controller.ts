@@ -68,7 +68,10 @@ export function createOptions(task: Task, files?: ContainerFile[]): ContainerCre
     env: c?.env.length ? [...c.env] : undefined,
     workdir: c?.workdir || undefined,
     user: c?.user || undefined,
-    hostname: c?.hostname || undefined,
+    // dot-free by default (the short task id, as Docker uses the short container id): a hostname with dots
+    // (the container name SERVICE.SLOT.TASKID) makes resolvers treat its tail as a search domain, so a
+    // short service name would be asked as NAME.SLOT.TASKID (docs/networking.md)
+    hostname: c?.hostname || shortId(task.id),
     memoryBytes: limits?.memoryBytes || undefined,
     nanoCpus: limits?.nanoCpus || undefined,
     pidsLimit: limits?.pids || undefined,

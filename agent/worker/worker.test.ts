@@ -92,6 +92,15 @@ describe('controller', () => {
     expect(o.labels).toMatchObject({ [LABEL_TASK_ID]: t.id, [LABEL_SERVICE_ID]: 'svc1', [LABEL_SERVICE_NAME]: 'web', [LABEL_SLOT]: '3' });
     expect(createOptions(t).entrypoint).toBeUndefined();
   });
+
+  it('gives containers a dot-free hostname unless the spec sets one (a dotted one becomes a search domain)', () => {
+    const t = task({ slot: 3 });
+    const h = createOptions(t).hostname!;
+    expect(h).toBe(t.id.slice(0, 12));
+    expect(h).not.toContain('.');
+    const named = Task.fromPartial({ ...t, spec: { ...t.spec, container: { ...t.spec!.container!, hostname: 'db.example' } } });
+    expect(createOptions(named).hostname).toBe('db.example');
+  });
 });
 
 describe('worker over the sim runtime', () => {
