@@ -13,6 +13,7 @@ import type { RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
 import type { NodeDescription } from '../gen/flotilla/v1/objects.js';
 import type { ContainerRuntime } from './runtime/types.js';
 import { runRootOf } from './runtime/run-root.js';
+import { Discovery } from './network/discovery.js';
 import { NodeNetwork } from './network/node-network.js';
 import { DEVICE_PREFIX, hostOfAddr } from './network/names.js';
 import { Session } from './worker/session.js';
@@ -101,13 +102,16 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   // the overlay data plane (agent/network): real containers only; it adopts what a previous run left
   const current: { session?: Session } = {};
   let network: NodeNetwork | undefined;
+  let discovery: Discovery | undefined;
   if (runtime.kind === 'runc' && !opts.noNetwork) {
+    discovery = new Discovery({ log: (m) => log.warn({ component: 'discovery' }, m) });
     try {
       network = await NodeNetwork.open({
         stateDir: path.join(await runRootOf(dataDir), 'network'),
         localAddr: hostOfAddr(addr),
         nodeId: () => current.session?.nodeId ?? '',
         log: log.child({ component: 'network' }),
+        discovery,
       });
     } catch (err) {
       log.warn({ err: errorMessage(err), addr }, 'overlay networks unavailable on this node');
@@ -148,6 +152,8 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   } finally {
     sessionCtl.abort();
     await sessionRun;
+    // the resolver stops answering; VIP tables stay in the containers, which keep running
+    await discovery?.close();
     if (owned) {
       try {
         await runtime.close?.();

@@ -33,6 +33,7 @@ import type { Logger } from '../../common/log.js';
 import { AssignmentsType, type AssignmentsMessage, type NetworkView } from '../../gen/flotilla/v1/dispatcher.js';
 import type { NetworkAttachment } from '../../gen/flotilla/v1/objects.js';
 import { unmount } from '../runtime/mount.js';
+import type { Discovery } from './discovery.js';
 import { execInWorker } from '../runtime/spawner.js';
 import { CNI_VERSION, DEFAULT_CNI_PATH, cniAdd, cniCheck, cniDel, type CniNetworkList, type CniOptions, type CniResult } from './cni.js';
 import { VXLAN_PORT, bridgeMac, bridgeName, hostOfAddr, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
@@ -51,6 +52,8 @@ export interface NodeNetworkOptions {
    * node's namespace when it is not the process's own (tests driving several test bed hosts from one process)
    */
   hostNetns?: string;
+  /** service discovery (resolver + VIP tables, agent/network/discovery.ts): follows the views and the tasks */
+  discovery?: Discovery;
   log?: Logger;
 }
 
@@ -85,6 +88,8 @@ export interface TaskNetwork {
   detach(taskId: string): Promise<void>;
   /** the tasks with a record */
   attachedTasks(): string[];
+  /** the /etc/resolv.conf of an attached task (its networks' resolvers), when service discovery runs */
+  resolvConf?(taskId: string): string | undefined;
 }
 
 interface Link {
@@ -141,6 +146,7 @@ export class NodeNetwork implements TaskNetwork {
       try {
         const rec = JSON.parse(await fs.readFile(path.join(opts.stateDir, 'tasks', f), 'utf8')) as TaskNetRecord;
         n.records.set(rec.taskId, rec);
+        opts.discovery?.adoptTask(rec.taskId, rec.netns, rec.networks.map((a) => a.networkId));
       } catch (err) {
         n.log?.warn({ file: f, err: errorMessage(err) }, 'ignoring an unreadable network record');
       }
@@ -213,6 +219,11 @@ export class NodeNetwork implements TaskNetwork {
     return dev.mtu;
   }
 
+  resolvConf(taskId: string): string | undefined {
+    const rec = this.records.get(taskId);
+    return rec && this.opts.discovery ? this.opts.discovery.resolvConf(rec.networks.map((a) => a.networkId)) : undefined;
+  }
+
   // ---------------------------------------------------------------------------------------------- views
 
   async applyAssignments(msg: Pick<AssignmentsMessage, 'type' | 'networks' | 'removeNetworks' | 'networkViews'>): Promise<void> {
@@ -236,6 +247,9 @@ export class NodeNetwork implements TaskNetwork {
         await this.lock.run(NET_LOCK + vni, () => (this.inUse(vni) ? this.sync(vni, undefined) : this.removeDevices(vni)));
       }
     }
+    // DNS answers and the VIP tables of the tasks here follow the same views
+    const failed = (await this.opts.discovery?.setViews([...this.views.values()])) ?? [];
+    for (const f of failed) this.log?.warn({ err: f }, 'updating the VIP tables');
   }
 
   /** The networks whose bridge or VXLAN device exists on this node, by VXLAN id. */
@@ -479,6 +493,8 @@ export class NodeNetwork implements TaskNetwork {
           a.result = await cniAdd(this.cniList(a), { containerId: taskId, netns, ifname: a.ifname, capabilityArgs: { mac: a.mac } }, this.cniOpts());
           await this.writeRecord(rec);
         }
+        // the VIP table in the task's namespace, before its container runs
+        await this.opts.discovery?.attachTask(taskId, netns, plan.map((a) => a.networkId));
         this.log?.debug({ taskId, networks: plan.map((a) => `${a.networkName}:${a.address}`) }, 'task attached');
         return netns;
       } catch (err) {
@@ -505,6 +521,7 @@ export class NodeNetwork implements TaskNetwork {
   }
 
   private async detachLocked(taskId: string): Promise<void> {
+    await this.opts.discovery?.detachTask(taskId).catch((err: unknown) => this.log?.debug({ taskId, err: errorMessage(err) }, 'removing the VIP table'));
     const rec = this.records.get(taskId);
     const netns = rec?.netns ?? this.netnsPath(taskId);
     const errors: string[] = [];

@@ -128,7 +128,8 @@ export class TaskController {
       }
     }
     try {
-      const info = await this.runtime.create({ ...createOptions(this.task, files), ...(netns ? { netns } : {}) });
+      const resolvConf = netns ? this.network!.resolvConf?.(this.task.id) : undefined;
+      const info = await this.runtime.create({ ...createOptions(this.task, files), ...(netns ? { netns } : {}), ...(resolvConf !== undefined ? { resolvConf } : {}) });
       this.containerId = info.id;
       return info;
     } catch (err) {
