@@ -31,6 +31,7 @@ export function register(program: Command): void {
     .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs the manager join token: --token-file or FLOTILLA_TOKEN)')
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
+    .option('--autolock', 'a new cluster starts with autolock: a restarted manager stays locked until `flotilla cluster unlock` (see `flotilla cluster unlock-key`)')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .action(
       action(
@@ -48,12 +49,14 @@ export function register(program: Command): void {
           token?: string;
           tokenFile?: string;
           forceNewCluster?: boolean;
+          autolock?: boolean;
         }) => {
           const token = opts.join ? resolveToken(opts) : '';
           if (opts.join) {
             checkAddr('--join', opts.join);
             if (!token) throw invalidArgument('--token-file', '', 'required with --join (the manager join token: flotilla cluster join-token manager -q), or FLOTILLA_TOKEN');
           }
+          if (opts.join && opts.autolock) throw invalidArgument('--autolock', true, 'applies to a new cluster only (for an existing one: flotilla cluster update --autolock=true)');
           if (opts.join && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'cannot be combined with --join');
           checkAddr('--listen-addr', opts.listenAddr);
           if (opts.advertiseAddr) checkAddr('--advertise-addr', opts.advertiseAddr);
@@ -81,6 +84,8 @@ export function register(program: Command): void {
             token,
             forceNewCluster: opts.forceNewCluster,
             registerNode: !opts.agent,
+            autolock: opts.autolock,
+            onLocked: () => process.stdout.write(`flotilla manager locked (autolock): run \`flotilla cluster unlock\` (control socket unix://${opts.controlSocket})\n`),
             log,
             signal: ctl.signal,
           });

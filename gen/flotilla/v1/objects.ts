@@ -332,6 +332,11 @@ export interface ClusterSpec {
   heartbeatPeriodMs: number;
   taskHistoryLimit: number;
   serviceHistoryLimit: number;
+  /**
+   * managers start locked after a restart until `flotilla cluster unlock` is given the unlock key
+   * (docs/security.md); field numbers from 16 up are this feature's
+   */
+  autolock: boolean;
 }
 
 export interface JoinTokens {
@@ -343,7 +348,14 @@ export interface Cluster {
   id: string;
   meta: Meta | undefined;
   spec: ClusterSpec | undefined;
-  tokens: JoinTokens | undefined;
+  tokens:
+    | JoinTokens
+    | undefined;
+  /**
+   * FLTKEY-1-...: with spec.autolock, each manager's key-encryption key is derived from it; it lives
+   * only here (in the encrypted Raft log) and is never written to disk in clear; GetCluster blanks it
+   */
+  unlockKey: string;
 }
 
 export interface IPAMConfig {
@@ -3173,7 +3185,7 @@ export const Task: MessageFns<Task> = {
 };
 
 function createBaseClusterSpec(): ClusterSpec {
-  return { name: "", heartbeatPeriodMs: 0, taskHistoryLimit: 0, serviceHistoryLimit: 0 };
+  return { name: "", heartbeatPeriodMs: 0, taskHistoryLimit: 0, serviceHistoryLimit: 0, autolock: false };
 }
 
 export const ClusterSpec: MessageFns<ClusterSpec> = {
@@ -3189,6 +3201,9 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     }
     if (message.serviceHistoryLimit !== 0) {
       writer.uint32(32).uint64(message.serviceHistoryLimit);
+    }
+    if (message.autolock !== false) {
+      writer.uint32(128).bool(message.autolock);
     }
     return writer;
   },
@@ -3238,6 +3253,14 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
             message.serviceHistoryLimit = longToNumber(reader.uint64());
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.autolock = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3259,6 +3282,7 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     message.heartbeatPeriodMs = object.heartbeatPeriodMs ?? 0;
     message.taskHistoryLimit = object.taskHistoryLimit ?? 0;
     message.serviceHistoryLimit = object.serviceHistoryLimit ?? 0;
+    message.autolock = object.autolock ?? false;
     return message;
   },
 };
@@ -3331,7 +3355,7 @@ export const JoinTokens: MessageFns<JoinTokens> = {
 };
 
 function createBaseCluster(): Cluster {
-  return { id: "", meta: undefined, spec: undefined, tokens: undefined };
+  return { id: "", meta: undefined, spec: undefined, tokens: undefined, unlockKey: "" };
 }
 
 export const Cluster: MessageFns<Cluster> = {
@@ -3347,6 +3371,9 @@ export const Cluster: MessageFns<Cluster> = {
     }
     if (message.tokens !== undefined) {
       JoinTokens.encode(message.tokens, writer.uint32(34).fork()).join();
+    }
+    if (message.unlockKey !== "") {
+      writer.uint32(130).string(message.unlockKey);
     }
     return writer;
   },
@@ -3396,6 +3423,14 @@ export const Cluster: MessageFns<Cluster> = {
             message.tokens = JoinTokens.decode(reader, reader.uint32());
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.unlockKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3421,6 +3456,7 @@ export const Cluster: MessageFns<Cluster> = {
     message.tokens = (object.tokens !== undefined && object.tokens !== null)
       ? JoinTokens.fromPartial(object.tokens)
       : undefined;
+    message.unlockKey = object.unlockKey ?? "";
     return message;
   },
 };
