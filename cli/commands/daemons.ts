@@ -89,7 +89,13 @@ export function register(program: Command): void {
             log,
             signal: ctl.signal,
           });
-          await manager.start();
+          try {
+            await manager.start();
+          } catch (err) {
+            // SIGTERM while locked (autolock) or starting: a clean stop, not a failure
+            if (ctl.signal.aborted) return;
+            throw err;
+          }
           process.stdout.write(
             `flotilla manager ready: listening on ${manager.advertiseAddr()}${opts.controlSocket ? `, control socket unix://${opts.controlSocket}` : ''}\n`,
           );

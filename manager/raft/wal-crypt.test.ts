@@ -86,10 +86,14 @@ describe('raft WAL encryption at rest', () => {
       const dir = tmp();
       const dek = randomBytes(32);
       const w = Wal.open({ dir, dek });
-      w.save({ term: 1, vote: 1, commit: 5 }, range(1, 5, 1));
+      // one sealed record per write: the segment's head, then one per save
+      w.save({ term: 1, vote: 1, commit: 2 }, range(1, 2, 1));
+      w.save({ term: 1, vote: 1, commit: 4 }, range(3, 4, 1));
+      w.save({ term: 1, vote: 1, commit: 5 }, range(5, 5, 1));
       const file = w.segmentFiles()[0]!;
       w.close();
       const n = records(fs.readFileSync(file)).length;
+      expect(n).toBe(4);
       tamper(file, which === 'middle' ? 2 : n - 1);
       const size = fs.statSync(file).size;
       expect(() => Wal.open({ dir, dek }), which).toThrow(/offset \d+: a record fails authentication/);

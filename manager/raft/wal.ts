@@ -9,12 +9,13 @@
  * u8 type, payload. Types: ENTRY (an encoded Entry), HARD_STATE (an encoded HardState),
  * SNAPSHOT (an encoded SnapshotMetadata: "the log was cut at index/term here").
  *
- * Encryption at rest (WalOptions.dek, docs/security.md): with a data key every record's payload is
- * sealed with AES-256-GCM (12-byte random nonce || ciphertext || 16-byte tag, the type byte as
- * associated data) and its type byte carries ENCRYPTED (0x80); the CRC covers the sealed bytes, so
- * a torn tail is still found by its checksum, and a record whose checksum holds but whose tag does
- * not (altered, or another key) stops replay with an error. Snapshot files are FLSNAP02 with a
- * sealed body. A WAL opened with a key refuses plaintext records and vice versa: no silent mix.
+ * Encryption at rest (WalOptions.dek, docs/security.md): with a data key, what one write() (one
+ * Ready) appends is one SEALED record (type 0x84) whose payload is AES-256-GCM (12-byte random
+ * nonce || ciphertext || 16-byte tag, the type byte as associated data) of the plaintext records
+ * framed as above: one cipher setup per Ready, not per entry. The outer CRC covers the sealed
+ * bytes, so a torn tail is still found by its checksum, and a record whose checksum holds but whose
+ * tag does not (altered, or another key) stops replay with an error. Snapshot files are FLSNAP02
+ * with a sealed body. A WAL opened with a key refuses plaintext records and vice versa.
  *
  * Writes are synchronous (fs.writeSync + fs.fdatasyncSync): one write and one fsync per save(),
  * and the driver calls save() once per Ready, so everything a Ready asks to persist shares one
@@ -36,8 +37,8 @@ import type { Entry, HardState, Snapshot } from './types.js';
 export const RECORD_ENTRY = 1;
 export const RECORD_HARD_STATE = 2;
 export const RECORD_SNAPSHOT = 3;
-/** flag on the type byte of a record whose payload is sealed with the data key */
-export const ENCRYPTED = 0x80;
+/** a record whose payload is plaintext records sealed with the data key */
+export const RECORD_SEALED = 0x84;
 
 const HEADER = 9;
 const MAX_RECORD = 512 * 1024 * 1024;
@@ -46,6 +47,7 @@ const TAIL_SCAN = 1024 * 1024;
 const SNAP_MAGIC = Buffer.from('FLSNAP01');
 const SNAP_MAGIC_ENCRYPTED = Buffer.from('FLSNAP02');
 const SNAP_AAD = Buffer.from('flotilla raft snapshot v2');
+const SEALED_AAD = Buffer.of(RECORD_SEALED);
 export const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
 
 export interface WalOptions {
@@ -108,8 +110,7 @@ export function parseRecord(buf: Buffer, off: number): ParsedRecord | undefined 
   const len = buf.readUInt32LE(off);
   const crc = buf.readUInt32LE(off + 4);
   const type = buf.readUInt8(off + 8);
-  const base = type & ~ENCRYPTED;
-  if (base < RECORD_ENTRY || base > RECORD_SNAPSHOT) return undefined;
+  if ((type < RECORD_ENTRY || type > RECORD_SNAPSHOT) && type !== RECORD_SEALED) return undefined;
   if (len > MAX_RECORD || off + HEADER + len > buf.length) return undefined;
   const payload = buf.subarray(off + HEADER, off + HEADER + len);
   if (crcOf(type, payload) !== crc) return undefined;
@@ -295,6 +296,33 @@ export class Wal {
     let hs: HardState = { term: 0, vote: 0, commit: 0 };
     let markerMax = 0;
     let tailEnd = 0;
+    const replayRecord = (type: number, payload: Uint8Array, where: () => string): void => {
+      try {
+        if (type === RECORD_ENTRY) {
+          const e = EntryCodec.decode(payload);
+          if (ents.length === 0) ents = [e];
+          else {
+            const first = ents[0]!.index;
+            const last = first + ents.length - 1;
+            if (e.index > last + 1) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: entry ${e.index} follows entry ${last} (missing entries)`);
+            if (e.index < first) ents = [e];
+            else {
+              ents.length = e.index - first;
+              ents.push(e);
+            }
+          }
+        } else if (type === RECORD_HARD_STATE) {
+          hs = HardStateCodec.decode(payload);
+        } else {
+          const md = SnapshotMetadata.decode(payload);
+          markerMax = Math.max(markerMax, md.index);
+          ents = cutAt(ents, md.index, md.term);
+        }
+      } catch (err) {
+        if (err instanceof FlotillaError) throw err;
+        throw new FlotillaError('INTERNAL', `raft WAL ${where()}: undecodable record (${(err as Error).message}); refusing to start`, { cause: err });
+      }
+    };
     for (let si = 0; si < segments.length; si++) {
       const seg = segments[si]!;
       const buf = fs.readFileSync(seg.file);
@@ -315,45 +343,27 @@ export class Wal {
           );
         }
         const where = (): string => `${seg.file} offset ${off}`;
-        let payload = rec.payload;
-        const type = rec.type & ~ENCRYPTED;
-        if ((rec.type & ENCRYPTED) !== 0) {
+        if (rec.type === RECORD_SEALED) {
           if (!opts.dek) throw new FlotillaError('FAILED_PRECONDITION', `raft WAL ${where()}: the record is encrypted and no data key was given; refusing to start`);
+          let plain: Buffer;
           try {
-            payload = unseal(opts.dek, rec.payload, Buffer.of(rec.type));
+            plain = unseal(opts.dek, rec.payload, SEALED_AAD);
           } catch {
             throw new FlotillaError(
               'INTERNAL',
               `raft WAL ${where()}: a record fails authentication (altered on disk, or written with another data key); refusing to start`,
             );
           }
+          for (let ioff = 0; ioff < plain.length; ) {
+            const inner = parseRecord(plain, ioff);
+            if (!inner || inner.type === RECORD_SEALED) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: a sealed record holds a bad record at ${ioff}; refusing to start`);
+            replayRecord(inner.type, inner.payload, where);
+            ioff = inner.end;
+          }
         } else if (opts.dek) {
           throw new FlotillaError('FAILED_PRECONDITION', `raft WAL ${where()}: an unencrypted record (written before encryption at rest); refusing to start`);
-        }
-        try {
-          if (type === RECORD_ENTRY) {
-            const e = EntryCodec.decode(payload);
-            if (ents.length === 0) ents = [e];
-            else {
-              const first = ents[0]!.index;
-              const last = first + ents.length - 1;
-              if (e.index > last + 1) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: entry ${e.index} follows entry ${last} (missing entries)`);
-              if (e.index < first) ents = [e];
-              else {
-                ents.length = e.index - first;
-                ents.push(e);
-              }
-            }
-          } else if (type === RECORD_HARD_STATE) {
-            hs = HardStateCodec.decode(payload);
-          } else {
-            const md = SnapshotMetadata.decode(payload);
-            markerMax = Math.max(markerMax, md.index);
-            ents = cutAt(ents, md.index, md.term);
-          }
-        } catch (err) {
-          if (err instanceof FlotillaError) throw err;
-          throw new FlotillaError('INTERNAL', `raft WAL ${where()}: undecodable record (${(err as Error).message}); refusing to start`, { cause: err });
+        } else {
+          replayRecord(rec.type, rec.payload, where);
         }
         off = rec.end;
       }
@@ -428,16 +438,14 @@ export class Wal {
     this.allocated = target;
   }
 
-  /** The record as written: sealed with the data key when there is one. */
-  private seal(type: number, payload: Uint8Array): [number, Uint8Array] {
-    if (!this.dek) return [type, payload];
-    const t = type | ENCRYPTED;
-    return [t, seal(this.dek, payload, Buffer.of(t))];
+  /** Framed records as written: with a data key, wrapped in one SEALED record. */
+  private sealRecords(records: Buffer): Buffer {
+    if (!this.dek) return records;
+    return frameRecord(RECORD_SEALED, seal(this.dek, records, SEALED_AAD));
   }
 
   private frame(type: number, payload: Uint8Array): Buffer {
-    const [t, p] = this.seal(type, payload);
-    return frameRecord(t, p);
+    return this.sealRecords(frameRecord(type, payload));
   }
 
   private roll(): void {
@@ -490,22 +498,23 @@ export class Wal {
     this.check();
     if (!hardState && entries.length === 0) return;
     if (this.size >= this.segmentBytes) this.roll();
-    const records: Array<[number, Uint8Array]> = [];
+    const payloads: Uint8Array[] = [];
     let total = 0;
     for (const e of entries) {
-      const r = this.seal(RECORD_ENTRY, EntryCodec.encode(e).finish());
-      records.push(r);
-      total += HEADER + r[1].length;
+      const p = EntryCodec.encode(e).finish();
+      payloads.push(p);
+      total += HEADER + p.length;
     }
+    let hsPayload: Uint8Array | undefined;
     if (hardState) {
-      const r = this.seal(RECORD_HARD_STATE, HardStateCodec.encode(hardState).finish());
-      records.push(r);
-      total += HEADER + r[1].length;
+      hsPayload = HardStateCodec.encode(hardState).finish();
+      total += HEADER + hsPayload.length;
     }
     const out = Buffer.allocUnsafe(total);
     let off = 0;
-    for (const [t, p] of records) off = writeRecord(out, off, t, p);
-    this.writeAll(out);
+    for (const p of payloads) off = writeRecord(out, off, RECORD_ENTRY, p);
+    if (hsPayload) off = writeRecord(out, off, RECORD_HARD_STATE, hsPayload);
+    this.writeAll(this.sealRecords(out));
     if (entries.length > 0) this.lastIndex = entries[entries.length - 1]!.index;
     if (hardState) this.hardState = { term: hardState.term, vote: hardState.vote, commit: hardState.commit };
   }
