@@ -90,3 +90,43 @@ export function resolveToken(opts: { token?: string; tokenFile?: string }): stri
   }
   return opts.token ?? process.env.FLOTILLA_TOKEN ?? '';
 }
+
+/**
+ * One secret line: from the terminal with a prompt and no echo, or the first line of stdin when it
+ * is not a terminal (so that `flotilla cluster unlock < keyfile` works). Never from argv.
+ */
+export async function readSecretLine(prompt: string): Promise<string> {
+  const stdin = process.stdin;
+  if (!stdin.isTTY) {
+    const parts: Buffer[] = [];
+    for await (const chunk of stdin) parts.push(chunk as Buffer);
+    return (Buffer.concat(parts).toString('utf8').split(/\r?\n/)[0] ?? '').trim();
+  }
+  process.stderr.write(prompt);
+  stdin.setRawMode(true);
+  stdin.resume();
+  try {
+    return await new Promise<string>((resolve, reject) => {
+      let line = '';
+      const onData = (d: Buffer): void => {
+        for (const ch of d.toString('utf8')) {
+          if (ch === '\r' || ch === '\n') {
+            stdin.off('data', onData);
+            process.stderr.write('\n');
+            return resolve(line.trim());
+          }
+          if (ch === '\u0003') {
+            stdin.off('data', onData);
+            return reject(new ExitError(130, 'interrupted'));
+          }
+          if (ch === '\u007f') line = line.slice(0, -1);
+          else line += ch;
+        }
+      };
+      stdin.on('data', onData);
+    });
+  } finally {
+    stdin.setRawMode(false);
+    stdin.pause();
+  }
+}

@@ -29,6 +29,8 @@ import { Allocator } from './allocator/allocator.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
+import { DataKeys, LockedKeys, newUnlockKey, openKeys } from './keys/keys.js';
+import { grpcError } from './grpc.js';
 
 export interface ManagerOptions {
   dataDir: string;
@@ -53,6 +55,10 @@ export interface ManagerOptions {
   registerNode?: boolean;
   /** raft tick (default 100 ms: elections after 1-2 s) */
   raftTickMs?: number;
+  /** a brand-new cluster starts with autolock on (docs/security.md) */
+  autolock?: boolean;
+  /** called when this manager finds itself locked (autolock) and waits for `flotilla cluster unlock` */
+  onLocked?: () => void;
   log: Logger;
   signal: AbortSignal;
 }
@@ -66,6 +72,12 @@ export class Manager {
   readonly dispatcher: Dispatcher;
   readonly control: ControlApi;
   raft: RaftNode | undefined;
+  /**
+   * this manager's data key (manager/keys), set by start() once unlocked: it seals the Raft WAL and
+   * snapshots, and is the `dek` to give saveNodeTls/loadNodeTls
+   */
+  keys: DataKeys | undefined;
+  private keysTimer: NodeJS.Timeout | undefined;
   private removed = false;
   /** set while a promoted manager rejoins, until its node is marked a manager again */
   private promoting = false;
@@ -112,6 +124,8 @@ export class Manager {
   /** Starts the manager; on failure nothing stays listening. */
   async start(): Promise<void> {
     try {
+      const keys = openKeys(this.opts.dataDir);
+      this.keys = keys instanceof LockedKeys ? await this.waitForUnlock(keys) : keys;
       await this.startInner();
     } catch (err) {
       this.onLeadershipChange(false);
@@ -119,6 +133,102 @@ export class Manager {
       this.server.forceShutdown();
       if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
       throw err;
+    }
+  }
+
+  /**
+   * Autolock: the data key is sealed under the cluster's unlock key, which only the (encrypted)
+   * store knows. Until `flotilla cluster unlock` gives the key, this manager serves only the
+   * control socket, where every call but UnlockManager answers FAILED_PRECONDITION "locked"; it
+   * does not listen on its TCP address (no Raft, no agents) meanwhile.
+   */
+  private async waitForUnlock(locked: LockedKeys): Promise<DataKeys> {
+    const sock = this.opts.controlSocket;
+    if (!sock) throw new FlotillaError('FAILED_PRECONDITION', 'this manager is locked (autolock) and has no control socket to unlock it on: start it with --control-socket');
+    const signal = this.opts.signal;
+    const server = new grpc.Server();
+    const lockedErr = grpcError(
+      new FlotillaError('FAILED_PRECONDITION', 'this manager is locked (autolock): run `flotilla cluster unlock` on its host and enter the unlock key'),
+    );
+    let done: (k: DataKeys) => void = () => {};
+    const unlocked = new Promise<DataKeys>((resolve) => (done = resolve));
+    const handlers: Record<string, grpc.UntypedHandleCall> = {};
+    for (const [name, def] of Object.entries(ControlService)) {
+      handlers[name] = def.responseStream
+        ? (call: grpc.ServerWritableStream<unknown, unknown>) => call.emit('error', lockedErr)
+        : (_call: unknown, cb: grpc.sendUnaryData<unknown>) => cb(lockedErr);
+    }
+    handlers.unlockManager = (call: grpc.ServerUnaryCall<{ unlockKey: string }, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+      try {
+        const keys = locked.unlock(call.request.unlockKey);
+        cb(null, {});
+        this.opts.log.info('unlocked: starting');
+        done(keys);
+      } catch (err) {
+        this.opts.log.warn({ err: errorMessage(err) }, 'unlock refused');
+        cb(grpcError(err));
+      }
+    };
+    server.addService(ControlService, handlers as unknown as grpc.UntypedServiceImplementation);
+    fs.mkdirSync(path.dirname(sock), { recursive: true, mode: 0o755 });
+    fs.rmSync(sock, { force: true });
+    await bind(server, `unix://${sock}`, grpc.ServerCredentials.createInsecure());
+    fs.chmodSync(sock, 0o600);
+    this.opts.log.warn({ controlSocket: sock }, 'this manager is locked (autolock): waiting for `flotilla cluster unlock`');
+    this.opts.onLocked?.();
+    let onAbort = (): void => {};
+    try {
+      return await Promise.race([
+        unlocked,
+        new Promise<never>((_, reject) => {
+          onAbort = () => reject(new FlotillaError('UNAVAILABLE', 'stopped while locked'));
+          if (signal.aborted) onAbort();
+          else signal.addEventListener('abort', onAbort, { once: true });
+        }),
+      ]);
+    } finally {
+      signal.removeEventListener('abort', onAbort);
+      // let the UnlockManager answer go out before the socket closes
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, 2000);
+        server.tryShutdown(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+      fs.rmSync(sock, { force: true });
+    }
+  }
+
+  /**
+   * Keeps keys.json in line with the cluster's autolock setting and unlock key (a change re-seals
+   * the data key). Checked on every apply (cheap), done a moment later (once replay settles), and on
+   * stop.
+   */
+  private watchKeys(): void {
+    if (this.keysTimer || !this.keys) return;
+    const c = this.store.getCluster();
+    if (!c) return;
+    if (this.keys.wrappedUnder(c.spec?.autolock ? c.unlockKey : '')) return;
+    this.keysTimer = setTimeout(() => {
+      this.keysTimer = undefined;
+      this.followKeys();
+    }, 100);
+  }
+
+  private followKeys(): void {
+    const c = this.store.getCluster();
+    if (!c || !this.keys) return;
+    const autolock = !!c.spec?.autolock;
+    try {
+      if (this.keys.follow(autolock ? c.unlockKey : '')) {
+        this.opts.log.info({ autolock }, autolock ? 'data key re-encrypted under the cluster unlock key (autolock)' : 'data key re-encrypted under a stored key (autolock off)');
+      }
+    } catch (err) {
+      this.opts.log.error({ err: errorMessage(err) }, 'cannot re-encrypt the data key');
     }
   }
 
@@ -269,6 +379,7 @@ export class Manager {
       advertiseAddr: this.advertiseAddr(),
       join,
       joinToken,
+      dek: this.keys?.dek,
       validateJoin: (req) => {
         const want = store.getCluster()?.tokens?.manager;
         if (!want || !secretMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
@@ -279,9 +390,15 @@ export class Manager {
       log: this.opts.log.child({ component: 'raft' }),
       stateMachine: {
         // a rejected batch (version conflict) throws the same way on every manager; the proposer sees the error
-        apply: (data, index) => store.applyBatch(StoreBatch.decode(data), index),
+        apply: (data, index) => {
+          store.applyBatch(StoreBatch.decode(data), index);
+          this.watchKeys();
+        },
         snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
-        restore: (data) => store.restore(StoreSnapshot.decode(data), store.appliedIndex),
+        restore: (data) => {
+          store.restore(StoreSnapshot.decode(data), store.appliedIndex);
+          this.watchKeys();
+        },
       },
     });
     this.raft = raft;
@@ -409,6 +526,7 @@ export class Manager {
 
   private async initCluster(): Promise<void> {
     const secret = randomBytes(12).toString('hex');
+    const autolock = !!this.opts.autolock;
     const cluster: Cluster = {
       id: newId(),
       meta: undefined,
@@ -419,8 +537,10 @@ export class Manager {
         serviceHistoryLimit: DEFAULT_SERVICE_HISTORY,
         defaultAddrPool: this.opts.defaultAddrPool ?? '',
         defaultAddrPoolMaskLength: this.opts.defaultAddrPoolMaskLength ?? 0,
+        autolock,
       },
       tokens: { worker: makeToken('worker', secret), manager: makeToken('manager', secret) },
+      unlockKey: autolock ? newUnlockKey() : '',
     };
     await this.store.update((tx) => tx.create('cluster', cluster));
     this.opts.log.info({ clusterId: cluster.id }, 'created a new cluster');
@@ -493,6 +613,11 @@ export class Manager {
     await this.leaderRuns;
     if (!this.failure) await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     await this.raft?.stop();
+    if (this.keysTimer) {
+      clearTimeout(this.keysTimer);
+      this.keysTimer = undefined;
+    }
+    this.followKeys();
     this.server.forceShutdown();
     if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
   }

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
-import { GetClusterResponse, ListNodesResponse } from '../../gen/flotilla/v1/control.js';
+import { GetClusterResponse, GetUnlockKeyResponse, ListNodesResponse, UpdateClusterResponse } from '../../gen/flotilla/v1/control.js';
+import { readSecretLine } from '../util.js';
 import { NodeRole } from '../../gen/flotilla/v1/objects.js';
 import { withControl } from '../client.js';
 import { action, checkFormat, printJson, table, ExitError } from '../util.js';
@@ -81,5 +82,60 @@ export function register(program: Command): void {
         );
       });
     }),
+  );
+
+  hostOption(
+    cluster
+      .command('update')
+      .description('Update cluster-wide settings')
+      .option('--autolock <bool>', 'true: managers start locked after a restart until `flotilla cluster unlock`; false: off'),
+  ).action(
+    action(async (opts: { host?: string; autolock?: string }) => {
+      if (opts.autolock === undefined) throw new ExitError(1, 'nothing to update: give --autolock=true|false');
+      if (opts.autolock !== 'true' && opts.autolock !== 'false') throw new ExitError(1, `invalid --autolock ${JSON.stringify(opts.autolock)}: must be true or false`);
+      await withControl(opts.host, async (c) => {
+        const r = await c.call<unknown, UpdateClusterResponse>('updateCluster', { autolock: opts.autolock, rotateUnlockKey: false });
+        if (r.unlockKey) process.stdout.write(unlockKeyText(r.unlockKey));
+        else process.stdout.write('autolock is off\n');
+      });
+    }),
+  );
+
+  hostOption(
+    cluster
+      .command('unlock-key')
+      .description('Show (or --rotate) the key that unlocks a restarted manager when autolock is on')
+      .option('-q, --quiet', 'only display the key')
+      .option('--rotate', 'replace the unlock key (managers that are down keep needing the old one)'),
+  ).action(
+    action(async (opts: { host?: string; quiet?: boolean; rotate?: boolean }) => {
+      await withControl(opts.host, async (c) => {
+        const key = opts.rotate
+          ? (await c.call<unknown, UpdateClusterResponse>('updateCluster', { autolock: '', rotateUnlockKey: true })).unlockKey
+          : (await c.call<unknown, GetUnlockKeyResponse>('getUnlockKey', {})).unlockKey;
+        if (!key) throw new ExitError(1, 'autolock is off: there is no unlock key (flotilla cluster update --autolock=true)');
+        process.stdout.write(opts.quiet ? `${key}\n` : unlockKeyText(key));
+      });
+    }),
+  );
+
+  hostOption(
+    cluster.command('unlock').description('Unlock a manager started with autolock on: reads the unlock key from the terminal or stdin (never from the command line)'),
+  ).action(
+    action(async (opts: { host?: string }) => {
+      const key = await readSecretLine('Enter the unlock key: ');
+      if (!key) throw new ExitError(1, 'no unlock key given (type it at the prompt or pipe it on stdin)');
+      await withControl(opts.host, async (c) => {
+        await c.call<unknown, unknown>('unlockManager', { unlockKey: key });
+      });
+      process.stdout.write('manager unlocked\n');
+    }),
+  );
+}
+
+function unlockKeyText(key: string): string {
+  return (
+    `To unlock a manager that restarts while autolock is on, run \`flotilla cluster unlock\` on its host and enter this key:\n\n    ${key}\n\n` +
+    'Keep it safe: without it a restarted manager cannot read its own state. A manager that was down when the key was rotated needs the key from before.\n'
   );
 }

@@ -33,6 +33,7 @@ export function register(program: Command): void {
     .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs the manager join token: --token-file or FLOTILLA_TOKEN)')
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
+    .option('--autolock', 'a new cluster starts with autolock: a restarted manager stays locked until `flotilla cluster unlock` (see `flotilla cluster unlock-key`)')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .option('--default-addr-pool <cidr>', 'a new cluster\'s address pool for overlay network subnets (default 10.0.0.0/8)')
     .option('--default-addr-pool-mask-length <n>', 'prefix length of the subnets taken from the pool (default 24)')
@@ -54,6 +55,7 @@ export function register(program: Command): void {
           forceNewCluster?: boolean;
           defaultAddrPool?: string;
           defaultAddrPoolMaskLength?: string;
+          autolock?: boolean;
         }) => {
           let pool: { pool: string; mask: number } | undefined;
           if (opts.defaultAddrPool !== undefined || opts.defaultAddrPoolMaskLength !== undefined) {
@@ -69,6 +71,7 @@ export function register(program: Command): void {
             checkAddr('--join', opts.join);
             if (!token) throw invalidArgument('--token-file', '', 'required with --join (the manager join token: flotilla cluster join-token manager -q), or FLOTILLA_TOKEN');
           }
+          if (opts.join && opts.autolock) throw invalidArgument('--autolock', true, 'applies to a new cluster only (for an existing one: flotilla cluster update --autolock=true)');
           if (opts.join && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'cannot be combined with --join');
           checkAddr('--listen-addr', opts.listenAddr);
           if (opts.advertiseAddr) checkAddr('--advertise-addr', opts.advertiseAddr);
@@ -98,10 +101,18 @@ export function register(program: Command): void {
             defaultAddrPool: pool?.pool,
             defaultAddrPoolMaskLength: pool?.mask,
             registerNode: !opts.agent,
+            autolock: opts.autolock,
+            onLocked: () => process.stdout.write(`flotilla manager locked (autolock): run \`flotilla cluster unlock\` (control socket unix://${opts.controlSocket})\n`),
             log,
             signal: ctl.signal,
           });
-          await manager.start();
+          try {
+            await manager.start();
+          } catch (err) {
+            // SIGTERM while locked (autolock) or starting: a clean stop, not a failure
+            if (ctl.signal.aborted) return;
+            throw err;
+          }
           process.stdout.write(
             `flotilla manager ready: listening on ${manager.advertiseAddr()}${opts.controlSocket ? `, control socket unix://${opts.controlSocket}` : ''}\n`,
           );

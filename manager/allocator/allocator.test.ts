@@ -37,8 +37,9 @@ async function setup(pool?: { pool: string; mask: number }) {
     tx.create('cluster', {
       id: newId(),
       meta: undefined,
-      spec: { name: 'default', heartbeatPeriodMs: 5000, taskHistoryLimit: 5, serviceHistoryLimit: 10, defaultAddrPool: pool?.pool ?? '', defaultAddrPoolMaskLength: pool?.mask ?? 0 },
+      spec: { name: 'default', heartbeatPeriodMs: 5000, taskHistoryLimit: 5, serviceHistoryLimit: 10, defaultAddrPool: pool?.pool ?? '', defaultAddrPoolMaskLength: pool?.mask ?? 0, autolock: false },
       tokens: { worker: 'w', manager: 'm' },
+      unlockKey: '',
     });
   });
   return { store, nodes };

@@ -19,6 +19,8 @@ import {
   LogLine,
   RemoveNodeRequest,
   ServiceLogsRequest,
+  UpdateClusterRequest,
+  UpdateClusterResponse,
   UpdateNodeRequest,
   UpdateServiceRequest,
   UpdateServiceResponse,
@@ -32,6 +34,7 @@ import { isAgentless, unary } from '../dispatcher/dispatcher.js';
 import { grpcError } from '../grpc.js';
 import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from './validate.js';
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
+import { newUnlockKey } from '../keys/keys.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
@@ -88,13 +91,33 @@ export class ControlApi {
     const cluster = this.store.getCluster();
     if (!cluster) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
     return {
-      cluster,
+      // the unlock key is shown only by GetUnlockKey (`flotilla cluster unlock-key`)
+      cluster: { ...cluster, unlockKey: '' },
       leaderAddr: this.ctx.leaderAddr(),
       nodes: this.store.nodes.size,
       services: this.store.services.size,
       tasks: this.store.tasks.size,
       managers: this.ctx.managers?.() ?? [],
     };
+  }
+
+  /**
+   * Autolock on/off and unlock key rotation. Turning autolock on makes a new unlock key (kept when
+   * it is already on); off clears it. Each manager re-encrypts its data key when it applies the
+   * change (Manager.followKeys).
+   */
+  async updateCluster(req: UpdateClusterRequest): Promise<UpdateClusterResponse> {
+    if (req.autolock !== '' && req.autolock !== 'true' && req.autolock !== 'false') throw invalidArgument('autolock', req.autolock, 'must be true or false');
+    return this.store.update((tx) => {
+      const id = this.store.getCluster()?.id;
+      const cur = id ? tx.get('cluster', id) : undefined;
+      if (!cur?.spec) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+      const autolock = req.autolock === '' ? cur.spec.autolock : req.autolock === 'true';
+      if (req.rotateUnlockKey && !autolock) throw new FlotillaError('FAILED_PRECONDITION', 'autolock is off: there is no unlock key to rotate (flotilla cluster update --autolock=true)');
+      const unlockKey = !autolock ? '' : req.rotateUnlockKey || !cur.unlockKey ? newUnlockKey() : cur.unlockKey;
+      if (autolock !== cur.spec.autolock || unlockKey !== cur.unlockKey) tx.update('cluster', { ...cur, spec: { ...cur.spec, autolock }, unlockKey });
+      return { unlockKey };
+    });
   }
 
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
@@ -377,6 +400,14 @@ export class ControlApi {
         await removeObject(this.store, 'config', req.configId);
         return {};
       }),
+      updateCluster: unary((req: UpdateClusterRequest) => this.updateCluster(req)),
+      getUnlockKey: unary(async () => {
+        await this.ctx.readBarrier();
+        const c = this.store.getCluster();
+        if (!c) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+        return { unlockKey: c.spec?.autolock ? c.unlockKey : '' };
+      }),
+      unlockManager: unary(() => Promise.reject(new FlotillaError('FAILED_PRECONDITION', 'this manager is not locked'))),
     };
   }
 }

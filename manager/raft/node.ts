@@ -83,6 +83,8 @@ export interface RaftNodeOptions {
   /** proposals and reads not done within this are rejected (default 15 s) */
   requestTimeoutMs?: number;
   segmentBytes?: number;
+  /** the data-encryption key: WAL records and snapshots are sealed with it (manager/keys); none: plaintext (tests) */
+  dek?: Uint8Array;
   /** WAL segments are extended with zeros this far ahead of the last record (default 4 MiB, at most segmentBytes; 0: off) */
   preallocBytes?: number;
   queueSize?: number;
@@ -109,7 +111,7 @@ function walPrealloc(opts: RaftNodeOptions): number {
 }
 
 function openWal(opts: RaftNodeOptions): Wal {
-  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log: opts.log });
+  return Wal.open({ dir: opts.dataDir, segmentBytes: opts.segmentBytes, preallocBytes: walPrealloc(opts), log: opts.log, dek: opts.dek });
 }
 
 export class RaftNode {

@@ -9,6 +9,14 @@
  * u8 type, payload. Types: ENTRY (an encoded Entry), HARD_STATE (an encoded HardState),
  * SNAPSHOT (an encoded SnapshotMetadata: "the log was cut at index/term here").
  *
+ * Encryption at rest (WalOptions.dek, docs/security.md): with a data key, what one write() (one
+ * Ready) appends is one SEALED record (type 0x84) whose payload is AES-256-GCM (12-byte random
+ * nonce || ciphertext || 16-byte tag, the type byte as associated data) of the plaintext records
+ * framed as above: one cipher setup per Ready, not per entry. The outer CRC covers the sealed
+ * bytes, so a torn tail is still found by its checksum, and a record whose checksum holds but whose
+ * tag does not (altered, or another key) stops replay with an error. Snapshot files are FLSNAP02
+ * with a sealed body. A WAL opened with a key refuses plaintext records and vice versa.
+ *
  * Writes are synchronous (fs.writeSync + fs.fdatasyncSync): one write and one fsync per save(),
  * and the driver calls save() once per Ready, so everything a Ready asks to persist shares one
  * fsync (group commit). On open, segments are replayed into a MemoryStorage. A torn tail (an
@@ -21,6 +29,7 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 import { FlotillaError } from '../../common/errors.js';
 import type { Logger } from '../../common/log.js';
+import { seal, unseal } from '../keys/keys.js';
 import { Entry as EntryCodec, HardState as HardStateCodec, Snapshot as SnapshotCodec, SnapshotMetadata } from '../../gen/flotilla/v1/raft.js';
 import { MemoryStorage, snapIndex, snapTerm } from './memory-storage.js';
 import type { Entry, HardState, Snapshot } from './types.js';
@@ -28,12 +37,17 @@ import type { Entry, HardState, Snapshot } from './types.js';
 export const RECORD_ENTRY = 1;
 export const RECORD_HARD_STATE = 2;
 export const RECORD_SNAPSHOT = 3;
+/** a record whose payload is plaintext records sealed with the data key */
+export const RECORD_SEALED = 0x84;
 
 const HEADER = 9;
 const MAX_RECORD = 512 * 1024 * 1024;
 /** how far past a bad record open() looks for a valid one before calling the bad record a torn tail */
 const TAIL_SCAN = 1024 * 1024;
 const SNAP_MAGIC = Buffer.from('FLSNAP01');
+const SNAP_MAGIC_ENCRYPTED = Buffer.from('FLSNAP02');
+const SNAP_AAD = Buffer.from('flotilla raft snapshot v2');
+const SEALED_AAD = Buffer.of(RECORD_SEALED);
 export const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
 
 export interface WalOptions {
@@ -50,6 +64,11 @@ export interface WalOptions {
    */
   preallocBytes?: number;
   log?: Logger;
+  /**
+   * the data-encryption key (32 bytes): records and snapshots are sealed with it (AES-256-GCM);
+   * without it they are written in clear (tests and the simulator only; a manager always has one)
+   */
+  dek?: Uint8Array;
 }
 
 interface Segment {
@@ -91,7 +110,7 @@ export function parseRecord(buf: Buffer, off: number): ParsedRecord | undefined 
   const len = buf.readUInt32LE(off);
   const crc = buf.readUInt32LE(off + 4);
   const type = buf.readUInt8(off + 8);
-  if (type < RECORD_ENTRY || type > RECORD_SNAPSHOT) return undefined;
+  if ((type < RECORD_ENTRY || type > RECORD_SNAPSHOT) && type !== RECORD_SEALED) return undefined;
   if (len > MAX_RECORD || off + HEADER + len > buf.length) return undefined;
   const payload = buf.subarray(off + HEADER, off + HEADER + len);
   if (crcOf(type, payload) !== crc) return undefined;
@@ -155,18 +174,38 @@ function listSnapshots(snapDir: string): SnapFile[] {
   return out.sort((a, b) => a.index - b.index || a.term - b.term);
 }
 
-/** Read and verify a snapshot file: magic, u32 crc32 of the body, u32 body length, body. */
-export function readSnapshotFile(file: string): Snapshot {
+/**
+ * Read and verify a snapshot file: magic, u32 crc32 of the body, u32 body length, body. With a data
+ * key the magic is FLSNAP02 and the body is sealed (a plaintext FLSNAP01 file is refused, and the
+ * other way round).
+ */
+export function readSnapshotFile(file: string, dek?: Uint8Array): Snapshot {
   const buf = fs.readFileSync(file);
   const bad = (why: string): FlotillaError =>
     new FlotillaError('INTERNAL', `raft snapshot ${file} is corrupt (${why}); refusing to start (restore it or remove it together with the raft dir)`);
-  if (buf.length < 16 || !buf.subarray(0, 8).equals(SNAP_MAGIC)) throw bad('bad header');
+  if (buf.length < 16) throw bad('bad header');
+  const magic = buf.subarray(0, 8);
+  const encrypted = magic.equals(SNAP_MAGIC_ENCRYPTED);
+  if (!encrypted && !magic.equals(SNAP_MAGIC)) throw bad('bad header');
   const crc = buf.readUInt32LE(8);
   const len = buf.readUInt32LE(12);
   if (16 + len !== buf.length) throw bad(`length ${buf.length - 16}, header says ${len}`);
   const body = buf.subarray(16);
   if (zlib.crc32(body) !== crc) throw bad('checksum mismatch');
-  return SnapshotCodec.decode(body);
+  if (encrypted !== !!dek) {
+    throw new FlotillaError(
+      'FAILED_PRECONDITION',
+      encrypted ? `raft snapshot ${file} is encrypted and no data key was given; refusing to start` : `raft snapshot ${file} is not encrypted (written before encryption at rest); refusing to start`,
+    );
+  }
+  if (!dek) return SnapshotCodec.decode(body);
+  let plain: Buffer;
+  try {
+    plain = unseal(dek, body, SNAP_AAD);
+  } catch {
+    throw bad('it does not decrypt with this manager\'s data key: altered, or from another manager');
+  }
+  return SnapshotCodec.decode(plain);
 }
 
 /** Ensures the replayed entries continue a snapshot at (index, term): drop what it covers. */
@@ -190,6 +229,7 @@ export class Wal {
   private readonly segmentBytes: number;
   private readonly keepSnapshots: number;
   private readonly log: Logger | undefined;
+  private readonly dek: Uint8Array | undefined;
   private segments: Segment[];
   private fd = -1;
   /** write offset in the current segment: the end of its records */
@@ -211,6 +251,7 @@ export class Wal {
     this.keepSnapshots = Math.max(1, opts.keepSnapshots ?? 2);
     this.preallocBytes = Math.max(0, opts.preallocBytes ?? 0);
     this.log = opts.log;
+    this.dek = opts.dek;
     this.storage = storage;
     this.segments = segments;
     this.lastIndex = storage.lastIndex();
@@ -243,7 +284,7 @@ export class Wal {
     const snaps = listSnapshots(snapDir);
     const newest = snaps[snaps.length - 1];
     if (newest) {
-      snapshot = readSnapshotFile(newest.file);
+      snapshot = readSnapshotFile(newest.file, opts.dek);
       if (snapIndex(snapshot) !== newest.index || snapTerm(snapshot) !== newest.term) {
         throw new FlotillaError('INTERNAL', `raft snapshot ${newest.file} holds index ${snapIndex(snapshot)} term ${snapTerm(snapshot)}, not what its name says; refusing to start`);
       }
@@ -255,6 +296,33 @@ export class Wal {
     let hs: HardState = { term: 0, vote: 0, commit: 0 };
     let markerMax = 0;
     let tailEnd = 0;
+    const replayRecord = (type: number, payload: Uint8Array, where: () => string): void => {
+      try {
+        if (type === RECORD_ENTRY) {
+          const e = EntryCodec.decode(payload);
+          if (ents.length === 0) ents = [e];
+          else {
+            const first = ents[0]!.index;
+            const last = first + ents.length - 1;
+            if (e.index > last + 1) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: entry ${e.index} follows entry ${last} (missing entries)`);
+            if (e.index < first) ents = [e];
+            else {
+              ents.length = e.index - first;
+              ents.push(e);
+            }
+          }
+        } else if (type === RECORD_HARD_STATE) {
+          hs = HardStateCodec.decode(payload);
+        } else {
+          const md = SnapshotMetadata.decode(payload);
+          markerMax = Math.max(markerMax, md.index);
+          ents = cutAt(ents, md.index, md.term);
+        }
+      } catch (err) {
+        if (err instanceof FlotillaError) throw err;
+        throw new FlotillaError('INTERNAL', `raft WAL ${where()}: undecodable record (${(err as Error).message}); refusing to start`, { cause: err });
+      }
+    };
     for (let si = 0; si < segments.length; si++) {
       const seg = segments[si]!;
       const buf = fs.readFileSync(seg.file);
@@ -275,30 +343,27 @@ export class Wal {
           );
         }
         const where = (): string => `${seg.file} offset ${off}`;
-        try {
-          if (rec.type === RECORD_ENTRY) {
-            const e = EntryCodec.decode(rec.payload);
-            if (ents.length === 0) ents = [e];
-            else {
-              const first = ents[0]!.index;
-              const last = first + ents.length - 1;
-              if (e.index > last + 1) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: entry ${e.index} follows entry ${last} (missing entries)`);
-              if (e.index < first) ents = [e];
-              else {
-                ents.length = e.index - first;
-                ents.push(e);
-              }
-            }
-          } else if (rec.type === RECORD_HARD_STATE) {
-            hs = HardStateCodec.decode(rec.payload);
-          } else {
-            const md = SnapshotMetadata.decode(rec.payload);
-            markerMax = Math.max(markerMax, md.index);
-            ents = cutAt(ents, md.index, md.term);
+        if (rec.type === RECORD_SEALED) {
+          if (!opts.dek) throw new FlotillaError('FAILED_PRECONDITION', `raft WAL ${where()}: the record is encrypted and no data key was given; refusing to start`);
+          let plain: Buffer;
+          try {
+            plain = unseal(opts.dek, rec.payload, SEALED_AAD);
+          } catch {
+            throw new FlotillaError(
+              'INTERNAL',
+              `raft WAL ${where()}: a record fails authentication (altered on disk, or written with another data key); refusing to start`,
+            );
           }
-        } catch (err) {
-          if (err instanceof FlotillaError) throw err;
-          throw new FlotillaError('INTERNAL', `raft WAL ${where()}: undecodable record (${(err as Error).message}); refusing to start`, { cause: err });
+          for (let ioff = 0; ioff < plain.length; ) {
+            const inner = parseRecord(plain, ioff);
+            if (!inner || inner.type === RECORD_SEALED) throw new FlotillaError('INTERNAL', `raft WAL ${where()}: a sealed record holds a bad record at ${ioff}; refusing to start`);
+            replayRecord(inner.type, inner.payload, where);
+            ioff = inner.end;
+          }
+        } else if (opts.dek) {
+          throw new FlotillaError('FAILED_PRECONDITION', `raft WAL ${where()}: an unencrypted record (written before encryption at rest); refusing to start`);
+        } else {
+          replayRecord(rec.type, rec.payload, where);
         }
         off = rec.end;
       }
@@ -348,7 +413,7 @@ export class Wal {
     const seg: Segment = { seq, firstIndex: this.lastIndex + 1, file: path.join(this.walDir, `${hex16(seq)}-${hex16(this.lastIndex + 1)}.wal`) };
     const fd = fs.openSync(seg.file, 'wx', 0o600);
     // every segment starts with the current hard state, so that older segments can be released
-    const head = frameRecord(RECORD_HARD_STATE, HardStateCodec.encode(this.hardState).finish());
+    const head = this.frame(RECORD_HARD_STATE, HardStateCodec.encode(this.hardState).finish());
     fs.writeSync(fd, head, 0, head.length, 0);
     this.segments.push(seg);
     this.fd = fd;
@@ -371,6 +436,16 @@ export class Wal {
     let pos = this.allocated;
     while (pos < target) pos += fs.writeSync(this.fd, ZEROS, 0, Math.min(ZEROS.length, target - pos), pos);
     this.allocated = target;
+  }
+
+  /** Framed records as written: with a data key, wrapped in one SEALED record. */
+  private sealRecords(records: Buffer): Buffer {
+    if (!this.dek) return records;
+    return frameRecord(RECORD_SEALED, seal(this.dek, records, SEALED_AAD));
+  }
+
+  private frame(type: number, payload: Uint8Array): Buffer {
+    return this.sealRecords(frameRecord(type, payload));
   }
 
   private roll(): void {
@@ -439,7 +514,7 @@ export class Wal {
     let off = 0;
     for (const p of payloads) off = writeRecord(out, off, RECORD_ENTRY, p);
     if (hsPayload) off = writeRecord(out, off, RECORD_HARD_STATE, hsPayload);
-    this.writeAll(out);
+    this.writeAll(this.sealRecords(out));
     if (entries.length > 0) this.lastIndex = entries[entries.length - 1]!.index;
     if (hardState) this.hardState = { term: hardState.term, vote: hardState.vote, commit: hardState.commit };
   }
@@ -463,9 +538,10 @@ export class Wal {
     this.check();
     const index = snapIndex(snap);
     const term = snapTerm(snap);
-    const body = Buffer.from(SnapshotCodec.encode(snap).finish());
+    const plain = SnapshotCodec.encode(snap).finish();
+    const body = this.dek ? seal(this.dek, plain, SNAP_AAD) : Buffer.from(plain);
     const head = Buffer.alloc(16);
-    SNAP_MAGIC.copy(head, 0);
+    (this.dek ? SNAP_MAGIC_ENCRYPTED : SNAP_MAGIC).copy(head, 0);
     head.writeUInt32LE(zlib.crc32(body), 8);
     head.writeUInt32LE(body.length, 12);
     const name = `${hex16(term)}-${hex16(index)}.snap`;
@@ -484,7 +560,7 @@ export class Wal {
     fsyncDir(this.snapDir);
     // the log records where it was cut, so that replay drops entries the snapshot replaced
     const md = SnapshotMetadata.encode(snap.metadata ?? { index, term, confState: undefined }).finish();
-    this.writeAll(frameRecord(RECORD_SNAPSHOT, md));
+    this.writeAll(this.frame(RECORD_SNAPSHOT, md));
     fs.fdatasyncSync(this.fd);
     this.stats.fsyncs++;
     if (index > this.lastIndex) this.lastIndex = index;
@@ -527,7 +603,7 @@ export class Wal {
     this.hardState = { term: hardState.term, vote: hardState.vote, commit: hardState.commit };
     this.createSegment((old[old.length - 1]?.seq ?? 0) + 1);
     const md = SnapshotMetadata.encode(snap.metadata ?? { index: 0, term: 0, confState: undefined }).finish();
-    this.writeAll(frameRecord(RECORD_SNAPSHOT, md));
+    this.writeAll(this.frame(RECORD_SNAPSHOT, md));
     fs.fdatasyncSync(this.fd);
     for (const s of old) fs.rmSync(s.file, { force: true });
     fsyncDir(this.walDir);

@@ -25,6 +25,7 @@ import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { createLogger } from '../../common/log.js';
+import { DataKeys, openKeys } from '../../manager/keys/keys.js';
 import { RaftNode, type StateMachine } from '../../manager/raft/node.js';
 
 export class KvStateMachine implements StateMachine {
@@ -81,8 +82,12 @@ async function main(): Promise<void> {
   const ac = new AbortController();
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => ac.abort());
   const kv = new KvStateMachine();
+  // encrypted at rest like a manager's log (keys.json beside wal/ and snap/; never autolocked here)
+  const keys = openKeys(values.dir, { raftDir: values.dir });
+  if (!(keys instanceof DataKeys)) throw new FlotillaError('FAILED_PRECONDITION', `${values.dir}: autolocked keys are not supported by raft-kv`);
   const node = await RaftNode.open({
     dataDir: values.dir,
+    dek: keys.dek,
     listenAddr: values.listen,
     advertiseAddr: values.advertise,
     join: values.join,

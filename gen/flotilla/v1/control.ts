@@ -40,6 +40,32 @@ export const protobufPackage = "flotilla.v1";
 
 export const protobufFileName = "flotilla/v1/control.proto";
 
+export interface UpdateClusterRequest {
+  /** "true", "false" or "" (unchanged) */
+  autolock: string;
+  /** replace the unlock key (with autolock on) */
+  rotateUnlockKey: boolean;
+}
+
+export interface UpdateClusterResponse {
+  /** the unlock key when autolock is on (new when it was just turned on or rotated), else "" */
+  unlockKey: string;
+}
+
+export interface GetUnlockKeyRequest {
+}
+
+export interface GetUnlockKeyResponse {
+  unlockKey: string;
+}
+
+export interface UnlockManagerRequest {
+  unlockKey: string;
+}
+
+export interface UnlockManagerResponse {
+}
+
 export interface GetClusterRequest {
 }
 
@@ -268,6 +294,324 @@ export interface RemoveConfigRequest {
 
 export interface RemoveConfigResponse {
 }
+
+function createBaseUpdateClusterRequest(): UpdateClusterRequest {
+  return { autolock: "", rotateUnlockKey: false };
+}
+
+export const UpdateClusterRequest: MessageFns<UpdateClusterRequest> = {
+  encode(message: UpdateClusterRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.autolock !== "") {
+      writer.uint32(10).string(message.autolock);
+    }
+    if (message.rotateUnlockKey !== false) {
+      writer.uint32(16).bool(message.rotateUnlockKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateClusterRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateClusterRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.autolock = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.rotateUnlockKey = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UpdateClusterRequest>, I>>(base?: I): UpdateClusterRequest {
+    return UpdateClusterRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UpdateClusterRequest>, I>>(object: I): UpdateClusterRequest {
+    const message = createBaseUpdateClusterRequest();
+    message.autolock = object.autolock ?? "";
+    message.rotateUnlockKey = object.rotateUnlockKey ?? false;
+    return message;
+  },
+};
+
+function createBaseUpdateClusterResponse(): UpdateClusterResponse {
+  return { unlockKey: "" };
+}
+
+export const UpdateClusterResponse: MessageFns<UpdateClusterResponse> = {
+  encode(message: UpdateClusterResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unlockKey !== "") {
+      writer.uint32(10).string(message.unlockKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateClusterResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateClusterResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.unlockKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UpdateClusterResponse>, I>>(base?: I): UpdateClusterResponse {
+    return UpdateClusterResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UpdateClusterResponse>, I>>(object: I): UpdateClusterResponse {
+    const message = createBaseUpdateClusterResponse();
+    message.unlockKey = object.unlockKey ?? "";
+    return message;
+  },
+};
+
+function createBaseGetUnlockKeyRequest(): GetUnlockKeyRequest {
+  return {};
+}
+
+export const GetUnlockKeyRequest: MessageFns<GetUnlockKeyRequest> = {
+  encode(_: GetUnlockKeyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetUnlockKeyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetUnlockKeyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetUnlockKeyRequest>, I>>(base?: I): GetUnlockKeyRequest {
+    return GetUnlockKeyRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetUnlockKeyRequest>, I>>(_: I): GetUnlockKeyRequest {
+    const message = createBaseGetUnlockKeyRequest();
+    return message;
+  },
+};
+
+function createBaseGetUnlockKeyResponse(): GetUnlockKeyResponse {
+  return { unlockKey: "" };
+}
+
+export const GetUnlockKeyResponse: MessageFns<GetUnlockKeyResponse> = {
+  encode(message: GetUnlockKeyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unlockKey !== "") {
+      writer.uint32(10).string(message.unlockKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetUnlockKeyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetUnlockKeyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.unlockKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GetUnlockKeyResponse>, I>>(base?: I): GetUnlockKeyResponse {
+    return GetUnlockKeyResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetUnlockKeyResponse>, I>>(object: I): GetUnlockKeyResponse {
+    const message = createBaseGetUnlockKeyResponse();
+    message.unlockKey = object.unlockKey ?? "";
+    return message;
+  },
+};
+
+function createBaseUnlockManagerRequest(): UnlockManagerRequest {
+  return { unlockKey: "" };
+}
+
+export const UnlockManagerRequest: MessageFns<UnlockManagerRequest> = {
+  encode(message: UnlockManagerRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.unlockKey !== "") {
+      writer.uint32(10).string(message.unlockKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnlockManagerRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnlockManagerRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.unlockKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UnlockManagerRequest>, I>>(base?: I): UnlockManagerRequest {
+    return UnlockManagerRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnlockManagerRequest>, I>>(object: I): UnlockManagerRequest {
+    const message = createBaseUnlockManagerRequest();
+    message.unlockKey = object.unlockKey ?? "";
+    return message;
+  },
+};
+
+function createBaseUnlockManagerResponse(): UnlockManagerResponse {
+  return {};
+}
+
+export const UnlockManagerResponse: MessageFns<UnlockManagerResponse> = {
+  encode(_: UnlockManagerResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnlockManagerResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnlockManagerResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<UnlockManagerResponse>, I>>(base?: I): UnlockManagerResponse {
+    return UnlockManagerResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnlockManagerResponse>, I>>(_: I): UnlockManagerResponse {
+    const message = createBaseUnlockManagerResponse();
+    return message;
+  },
+};
 
 function createBaseGetClusterRequest(): GetClusterRequest {
   return {};
@@ -3339,6 +3683,38 @@ export const ControlService = {
       Buffer.from(RemoveConfigResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RemoveConfigResponse => RemoveConfigResponse.decode(value),
   },
+  /** encryption at rest and autolock (docs/security.md) */
+  updateCluster: {
+    path: "/flotilla.v1.Control/UpdateCluster" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UpdateClusterRequest): Buffer => Buffer.from(UpdateClusterRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UpdateClusterRequest => UpdateClusterRequest.decode(value),
+    responseSerialize: (value: UpdateClusterResponse): Buffer =>
+      Buffer.from(UpdateClusterResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UpdateClusterResponse => UpdateClusterResponse.decode(value),
+  },
+  getUnlockKey: {
+    path: "/flotilla.v1.Control/GetUnlockKey" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetUnlockKeyRequest): Buffer => Buffer.from(GetUnlockKeyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetUnlockKeyRequest => GetUnlockKeyRequest.decode(value),
+    responseSerialize: (value: GetUnlockKeyResponse): Buffer =>
+      Buffer.from(GetUnlockKeyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetUnlockKeyResponse => GetUnlockKeyResponse.decode(value),
+  },
+  /** the one call a locked manager answers (on its control socket) */
+  unlockManager: {
+    path: "/flotilla.v1.Control/UnlockManager" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnlockManagerRequest): Buffer => Buffer.from(UnlockManagerRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnlockManagerRequest => UnlockManagerRequest.decode(value),
+    responseSerialize: (value: UnlockManagerResponse): Buffer =>
+      Buffer.from(UnlockManagerResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnlockManagerResponse => UnlockManagerResponse.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -3368,6 +3744,11 @@ export interface ControlServer extends UntypedServiceImplementation {
   getConfig: handleUnaryCall<GetConfigRequest, GetConfigResponse>;
   listConfigs: handleUnaryCall<ListConfigsRequest, ListConfigsResponse>;
   removeConfig: handleUnaryCall<RemoveConfigRequest, RemoveConfigResponse>;
+  /** encryption at rest and autolock (docs/security.md) */
+  updateCluster: handleUnaryCall<UpdateClusterRequest, UpdateClusterResponse>;
+  getUnlockKey: handleUnaryCall<GetUnlockKeyRequest, GetUnlockKeyResponse>;
+  /** the one call a locked manager answers (on its control socket) */
+  unlockManager: handleUnaryCall<UnlockManagerRequest, UnlockManagerResponse>;
 }
 
 export interface ControlClient extends Client {
@@ -3723,6 +4104,53 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RemoveConfigResponse) => void,
+  ): ClientUnaryCall;
+  /** encryption at rest and autolock (docs/security.md) */
+  updateCluster(
+    request: UpdateClusterRequest,
+    callback: (error: ServiceError | null, response: UpdateClusterResponse) => void,
+  ): ClientUnaryCall;
+  updateCluster(
+    request: UpdateClusterRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UpdateClusterResponse) => void,
+  ): ClientUnaryCall;
+  updateCluster(
+    request: UpdateClusterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UpdateClusterResponse) => void,
+  ): ClientUnaryCall;
+  getUnlockKey(
+    request: GetUnlockKeyRequest,
+    callback: (error: ServiceError | null, response: GetUnlockKeyResponse) => void,
+  ): ClientUnaryCall;
+  getUnlockKey(
+    request: GetUnlockKeyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetUnlockKeyResponse) => void,
+  ): ClientUnaryCall;
+  getUnlockKey(
+    request: GetUnlockKeyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetUnlockKeyResponse) => void,
+  ): ClientUnaryCall;
+  /** the one call a locked manager answers (on its control socket) */
+  unlockManager(
+    request: UnlockManagerRequest,
+    callback: (error: ServiceError | null, response: UnlockManagerResponse) => void,
+  ): ClientUnaryCall;
+  unlockManager(
+    request: UnlockManagerRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnlockManagerResponse) => void,
+  ): ClientUnaryCall;
+  unlockManager(
+    request: UnlockManagerRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnlockManagerResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -338,6 +338,11 @@ export interface ClusterSpec {
    */
   defaultAddrPool: string;
   defaultAddrPoolMaskLength: number;
+  /**
+   * managers start locked after a restart until `flotilla cluster unlock` is given the unlock key
+   * (docs/security.md); field numbers from 16 up are this feature's
+   */
+  autolock: boolean;
 }
 
 export interface JoinTokens {
@@ -349,7 +354,14 @@ export interface Cluster {
   id: string;
   meta: Meta | undefined;
   spec: ClusterSpec | undefined;
-  tokens: JoinTokens | undefined;
+  tokens:
+    | JoinTokens
+    | undefined;
+  /**
+   * FLTKEY-1-...: with spec.autolock, each manager's key-encryption key is derived from it; it lives
+   * only here (in the encrypted Raft log) and is never written to disk in clear; GetCluster blanks it
+   */
+  unlockKey: string;
 }
 
 export interface IPAMConfig {
@@ -3186,6 +3198,7 @@ function createBaseClusterSpec(): ClusterSpec {
     serviceHistoryLimit: 0,
     defaultAddrPool: "",
     defaultAddrPoolMaskLength: 0,
+    autolock: false,
   };
 }
 
@@ -3208,6 +3221,9 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     }
     if (message.defaultAddrPoolMaskLength !== 0) {
       writer.uint32(48).uint32(message.defaultAddrPoolMaskLength);
+    }
+    if (message.autolock !== false) {
+      writer.uint32(128).bool(message.autolock);
     }
     return writer;
   },
@@ -3273,6 +3289,14 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
             message.defaultAddrPoolMaskLength = reader.uint32();
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.autolock = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3296,6 +3320,7 @@ export const ClusterSpec: MessageFns<ClusterSpec> = {
     message.serviceHistoryLimit = object.serviceHistoryLimit ?? 0;
     message.defaultAddrPool = object.defaultAddrPool ?? "";
     message.defaultAddrPoolMaskLength = object.defaultAddrPoolMaskLength ?? 0;
+    message.autolock = object.autolock ?? false;
     return message;
   },
 };
@@ -3368,7 +3393,7 @@ export const JoinTokens: MessageFns<JoinTokens> = {
 };
 
 function createBaseCluster(): Cluster {
-  return { id: "", meta: undefined, spec: undefined, tokens: undefined };
+  return { id: "", meta: undefined, spec: undefined, tokens: undefined, unlockKey: "" };
 }
 
 export const Cluster: MessageFns<Cluster> = {
@@ -3384,6 +3409,9 @@ export const Cluster: MessageFns<Cluster> = {
     }
     if (message.tokens !== undefined) {
       JoinTokens.encode(message.tokens, writer.uint32(34).fork()).join();
+    }
+    if (message.unlockKey !== "") {
+      writer.uint32(130).string(message.unlockKey);
     }
     return writer;
   },
@@ -3433,6 +3461,14 @@ export const Cluster: MessageFns<Cluster> = {
             message.tokens = JoinTokens.decode(reader, reader.uint32());
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.unlockKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3458,6 +3494,7 @@ export const Cluster: MessageFns<Cluster> = {
     message.tokens = (object.tokens !== undefined && object.tokens !== null)
       ? JoinTokens.fromPartial(object.tokens)
       : undefined;
+    message.unlockKey = object.unlockKey ?? "";
     return message;
   },
 };
