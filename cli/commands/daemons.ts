@@ -9,6 +9,7 @@ import { Manager, defaultHostname } from '../../manager/manager.js';
 import { DEFAULT_CONTROL_SOCKET } from '../client.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
+import { MIN_CERT_EXPIRY_MS } from '../../manager/ca/x509.js';
 
 function checkAddr(flag: string, v: string): string {
   if (!/^[^\s:]*:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument(flag, v, 'expected HOST:PORT');
@@ -31,6 +32,7 @@ export function register(program: Command): void {
     .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs the manager join token: --token-file or FLOTILLA_TOKEN)')
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
+    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 2160h = 90 days, 5m; at least 1m)', '2160h')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .action(
       action(
@@ -48,7 +50,10 @@ export function register(program: Command): void {
           token?: string;
           tokenFile?: string;
           forceNewCluster?: boolean;
+          certExpiry: string;
         }) => {
+          const certExpiryMs = parseDuration('--cert-expiry', opts.certExpiry);
+          if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 1m');
           const token = opts.join ? resolveToken(opts) : '';
           if (opts.join) {
             checkAddr('--join', opts.join);
@@ -80,6 +85,7 @@ export function register(program: Command): void {
             join: opts.join,
             token,
             forceNewCluster: opts.forceNewCluster,
+            certExpiryMs,
             registerNode: !opts.agent,
             log,
             signal: ctl.signal,
@@ -99,7 +105,9 @@ export function register(program: Command): void {
               ),
               addr: manager.advertiseAddr(),
               managerAddr: manager.advertiseAddr(),
-              token: manager.managerToken(),
+              token: '',
+              // the manager's own certificate: the in-process agent is the manager's node
+              tls: manager.tls,
               hostname,
               labels,
               runtime: opts.runtime as 'runc' | 'sim',

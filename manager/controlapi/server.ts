@@ -6,6 +6,7 @@
 import * as grpc from '@grpc/grpc-js';
 import {
   ControlServer,
+  ControlService,
   CreateServiceRequest,
   CreateServiceResponse,
   GetClusterResponse,
@@ -28,6 +29,8 @@ import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from 
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
 
+import { type AuthzOptions, type Policy, authorize } from '../ca/authz.js';
+
 export const DEFAULT_SERVICE_HISTORY = 10;
 
 export interface ControlContext {
@@ -41,7 +44,30 @@ export interface ControlContext {
   managerStatus?(node: Node): import('../../gen/flotilla/v1/objects.js').ManagerStatus | undefined;
   /** the Raft members with their ids, addresses and reachability */
   managers?(): import('../../gen/flotilla/v1/objects.js').ManagerStatus[];
+  /** a new admin client certificate (PEM CA bundle, certificate, key) */
+  issueClientCertificate?(expiryMs: number): Promise<{ caPem: string; certPem: string; keyPem: string }>;
+  /** replaces one role's join token; returns the new one */
+  rotateJoinToken?(role: 'worker' | 'manager'): Promise<string>;
 }
+
+/** Over TCP (mutual TLS): admin certificates, and managers (their own calls to each other). */
+const ADMIN_OR_MANAGER = ['admin', 'manager'] as const;
+export const CONTROL_POLICY: Policy<ControlServer> = {
+  getCluster: ADMIN_OR_MANAGER,
+  listNodes: ADMIN_OR_MANAGER,
+  getNode: ADMIN_OR_MANAGER,
+  updateNode: ADMIN_OR_MANAGER,
+  removeNode: ADMIN_OR_MANAGER,
+  createService: ADMIN_OR_MANAGER,
+  getService: ADMIN_OR_MANAGER,
+  listServices: ADMIN_OR_MANAGER,
+  updateService: ADMIN_OR_MANAGER,
+  removeService: ADMIN_OR_MANAGER,
+  listTasks: ADMIN_OR_MANAGER,
+  serviceLogs: ADMIN_OR_MANAGER,
+  issueClientCertificate: ['admin'],
+  rotateJoinToken: ADMIN_OR_MANAGER,
+};
 
 export function resolveService(store: MemoryStore, ref: string): Service {
   if (!ref) throw invalidArgument('service', ref, 'required');
@@ -79,7 +105,8 @@ export class ControlApi {
     const cluster = this.store.getCluster();
     if (!cluster) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
     return {
-      cluster,
+      // the CA's private key never leaves the store through the API
+      cluster: cluster.ca ? { ...cluster, ca: { ...cluster.ca, rootKeyPem: '' } } : cluster,
       leaderAddr: this.ctx.leaderAddr(),
       nodes: this.store.nodes.size,
       services: this.store.services.size,
@@ -289,7 +316,13 @@ export class ControlApi {
     }
   }
 
-  server(): ControlServer {
+  /** The handlers; with `authz` (the TCP listener) wrapped with CONTROL_POLICY. */
+  server(authz?: AuthzOptions): ControlServer {
+    const handlers = this.handlers();
+    return authz ? authorize(ControlService, handlers, CONTROL_POLICY, authz) : handlers;
+  }
+
+  private handlers(): ControlServer {
     return {
       getCluster: unary(() => this.getCluster()),
       listNodes: unary(async () => {
@@ -321,6 +354,16 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      issueClientCertificate: unary(async (req: { expiryMs: number }) => {
+        if (!this.ctx.issueClientCertificate) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
+        if (req.expiryMs < 0) throw invalidArgument('expiry_ms', req.expiryMs, 'must not be negative');
+        return this.ctx.issueClientCertificate(req.expiryMs);
+      }),
+      rotateJoinToken: unary(async (req: { role: string }) => {
+        if (req.role !== 'worker' && req.role !== 'manager') throw invalidArgument('role', req.role, 'must be worker or manager');
+        if (!this.ctx.rotateJoinToken) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
+        return { token: await this.ctx.rotateJoinToken(req.role) };
+      }),
     };
   }
 }

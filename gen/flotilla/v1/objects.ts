@@ -6,6 +6,7 @@
 
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { ClusterCA } from "./ca.js";
 
 export const protobufPackage = "flotilla.v1";
 
@@ -170,6 +171,11 @@ export interface Node {
   status: NodeStatus | undefined;
   managerStatus: ManagerStatus | undefined;
   role: NodeRole;
+  /**
+   * when the node's current TLS certificate expires (ms since the epoch; set at join, renewal and
+   * registration)
+   */
+  certificateExpiryMs: number;
 }
 
 export interface HealthConfig {
@@ -343,7 +349,11 @@ export interface Cluster {
   id: string;
   meta: Meta | undefined;
   spec: ClusterSpec | undefined;
-  tokens: JoinTokens | undefined;
+  tokens:
+    | JoinTokens
+    | undefined;
+  /** the cluster's root CA (docs/security.md); never returned by the control API with its key */
+  ca: ClusterCA | undefined;
 }
 
 export interface IPAMConfig {
@@ -1234,6 +1244,7 @@ function createBaseNode(): Node {
     status: undefined,
     managerStatus: undefined,
     role: 0,
+    certificateExpiryMs: 0,
   };
 }
 
@@ -1259,6 +1270,9 @@ export const Node: MessageFns<Node> = {
     }
     if (message.role !== 0) {
       writer.uint32(56).int32(message.role);
+    }
+    if (message.certificateExpiryMs !== 0) {
+      writer.uint32(64).int64(message.certificateExpiryMs);
     }
     return writer;
   },
@@ -1332,6 +1346,14 @@ export const Node: MessageFns<Node> = {
             message.role = reader.int32() as any;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.certificateExpiryMs = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1362,6 +1384,7 @@ export const Node: MessageFns<Node> = {
       ? ManagerStatus.fromPartial(object.managerStatus)
       : undefined;
     message.role = object.role ?? 0;
+    message.certificateExpiryMs = object.certificateExpiryMs ?? 0;
     return message;
   },
 };
@@ -3331,7 +3354,7 @@ export const JoinTokens: MessageFns<JoinTokens> = {
 };
 
 function createBaseCluster(): Cluster {
-  return { id: "", meta: undefined, spec: undefined, tokens: undefined };
+  return { id: "", meta: undefined, spec: undefined, tokens: undefined, ca: undefined };
 }
 
 export const Cluster: MessageFns<Cluster> = {
@@ -3347,6 +3370,9 @@ export const Cluster: MessageFns<Cluster> = {
     }
     if (message.tokens !== undefined) {
       JoinTokens.encode(message.tokens, writer.uint32(34).fork()).join();
+    }
+    if (message.ca !== undefined) {
+      ClusterCA.encode(message.ca, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -3396,6 +3422,14 @@ export const Cluster: MessageFns<Cluster> = {
             message.tokens = JoinTokens.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.ca = ClusterCA.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3421,6 +3455,7 @@ export const Cluster: MessageFns<Cluster> = {
     message.tokens = (object.tokens !== undefined && object.tokens !== null)
       ? JoinTokens.fromPartial(object.tokens)
       : undefined;
+    message.ca = (object.ca !== undefined && object.ca !== null) ? ClusterCA.fromPartial(object.ca) : undefined;
     return message;
   },
 };
