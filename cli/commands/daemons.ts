@@ -16,6 +16,15 @@ function checkAddr(flag: string, v: string): string {
   return v;
 }
 
+/** --cert-expiry: one number and unit, d/h/m/s (a certificate lives up to years: past parseDuration's range). */
+function parseCertExpiry(v: string): number {
+  const m = /^(\d+)(d|h|m|s)$/.exec(v.trim());
+  if (!m) throw invalidArgument('--cert-expiry', v, 'expected a number and a unit: d, h, m or s (e.g. 90d, 5m)');
+  const ms = Number(m[1]) * { d: 86_400_000, h: 3_600_000, m: 60_000, s: 1000 }[m[2] as 'd' | 'h' | 'm' | 's'];
+  if (ms > 20 * 365 * 86_400_000) throw invalidArgument('--cert-expiry', v, 'must be shorter than the root CA (20 years)');
+  return ms;
+}
+
 export function register(program: Command): void {
   program
     .command('manager')
@@ -32,7 +41,7 @@ export function register(program: Command): void {
     .option('--join <addr>', 'join the cluster of the manager at HOST:PORT (needs the manager join token: --token-file or FLOTILLA_TOKEN)')
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
-    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 2160h = 90 days, 5m; at least 1m)', '2160h')
+    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 90d, 12h, 5m; at least 1m)', '90d')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .action(
       action(
@@ -52,7 +61,7 @@ export function register(program: Command): void {
           forceNewCluster?: boolean;
           certExpiry: string;
         }) => {
-          const certExpiryMs = parseDuration('--cert-expiry', opts.certExpiry);
+          const certExpiryMs = parseCertExpiry(opts.certExpiry);
           if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 1m');
           const token = opts.join ? resolveToken(opts) : '';
           if (opts.join) {
