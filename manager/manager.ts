@@ -7,7 +7,8 @@ import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ControlClient, ControlService, type GetNodeResponse } from '../gen/flotilla/v1/control.js';
+import { ControlClient, ControlService, type GetNodeResponse, type LogLine } from '../gen/flotilla/v1/control.js';
+import { grpcError } from './grpc.js';
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
 import { Cluster, ManagerStatus, Node, NodeAvailability, type NodeDescription, NodeRole, NodeState, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../common/errors.js';
@@ -99,6 +100,8 @@ export class Manager {
       return this.issuerCache.names;
     },
     joinIssuers: () => this.joinIssuers,
+    // sessions survive renewal: a connection opened with the previous certificate stays usable
+    allowExpiredOnOpenConnections: true,
     // `node rm` revokes: a node certificate whose node is gone from the store no longer gets in
     revocations: { isRevoked: (id) => id.role !== 'admin' && !!this.store.getCluster() && !this.store.getNode(id.nodeId) },
   };
@@ -138,6 +141,22 @@ export class Manager {
         const ca = this.clusterCA();
         const pair = await (await signingCA(ca)).issueWithNewKey({ nodeId: `admin-${newId()}`, role: 'admin', expiryMs: expiryMs || certExpiryMs(ca) });
         return { caPem: trustBundle(ca), certPem: pair.certPem, keyPem: pair.keyPem };
+      },
+      relayLogs: (call) => {
+        const leader = this.raft?.leaderAddr();
+        if (!leader) return void call.emit('error', grpcError(new FlotillaError('UNAVAILABLE', 'no leader to serve the logs')));
+        const client = new ControlClient(leader, clientCredentials(this.requireTls()), TLS_CHANNEL_OPTIONS);
+        const up = client.serviceLogs(call.request);
+        call.on('cancelled', () => up.cancel());
+        up.on('data', (line: LogLine) => call.write(line));
+        up.on('error', (err: grpc.ServiceError) => {
+          client.close();
+          if (err.code !== grpc.status.CANCELLED) call.emit('error', err);
+        });
+        up.on('end', () => {
+          client.close();
+          call.end();
+        });
       },
       rotateJoinToken: async (role) => {
         let token = '';

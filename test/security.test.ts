@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ControlClient } from '../gen/flotilla/v1/control.js';
 import { DispatcherClient, type RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
 import { MessageType, RaftClient, RaftEnvelope } from '../gen/flotilla/v1/raft.js';
-import { TaskState } from '../gen/flotilla/v1/objects.js';
+import { TaskState, TaskStatus } from '../gen/flotilla/v1/objects.js';
 import { TLS_CHANNEL_OPTIONS, type TlsMaterial, TlsSource, clientCredentials } from '../manager/ca/credentials.js';
 import { joinCluster } from '../manager/ca/service.js';
 import { loadNodeTls, readClientTls } from '../manager/ca/certstore.js';
@@ -175,7 +175,7 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
       const reg = await call<unknown, RegisterResponse>(disp, 'register', { token: '', nodeId: m1.id, description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '127.0.0.1' });
       expect(reg.nodeId).toBe(w1.id);
       const err = await failure(
-        call(disp, 'updateTaskStatus', { nodeId: m1.id, sessionId: reg.sessionId, updates: [{ taskId: task.id, status: { state: TaskState.TASK_STATE_FAILED, message: 'forged', err: 'forged', timestamp: Date.now(), containerId: '', exitCode: 1, health: 0 } }] }),
+        call(disp, 'updateTaskStatus', { nodeId: m1.id, sessionId: reg.sessionId, updates: [{ taskId: task.id, status: TaskStatus.fromPartial({ state: TaskState.TASK_STATE_FAILED, message: 'forged', err: 'forged', timestamp: Date.now() }) }] }),
       );
       expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
       expect(err.details).toMatch(/not assigned to node/);
@@ -203,7 +203,7 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
     expect(fresh).not.toBe(old);
     const p = await c.startAgent('late-old', { token: old });
     expect(await p.exited).not.toBe(0);
-    expect(p.err.join('')).toMatch(/join token is not current|refused/);
+    expect(p.err.join('')).toMatch(/refused this node's join certificate at the TLS handshake: the join token is not current/);
     const q = await c.startAgent('late-new', { token: fresh });
     await waitFor('late-new ready', async () => (await cliJson<Node[]>(['node', 'ls'], c.env)).some((n) => n.hostname === 'late-new' && n.status === 'ready'), 30_000);
     expect((await cliJson<Node[]>(['node', 'ls'], c.env)).find((n) => n.hostname === 'w1')?.status).toBe('ready');

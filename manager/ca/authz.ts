@@ -57,6 +57,13 @@ export interface AuthzOptions {
    * other issuer is refused.
    */
   joinIssuers?: () => ReadonlyMap<string, 'worker' | 'manager'>;
+  /**
+   * Let calls through on a connection whose certificate expired after the connection was opened
+   * (the handshake checked the dates). The daemons set it: a node renews its certificate long
+   * before expiry, and its sessions must survive the renewal (new connections present the new
+   * certificate). Revocation and CA rotation are still checked on every call.
+   */
+  allowExpiredOnOpenConnections?: boolean;
   now?: () => number;
 }
 
@@ -121,7 +128,7 @@ export function check(call: { getAuthContext(): AuthContextLike | null }, method
     return denied(grpc.status.PERMISSION_DENIED, `${method}: certificate of node ${identity.nodeId} is for cluster ${identity.clusterId}, not ${clusterId}`);
   }
   // TLS checks dates at the handshake only; a long-lived connection outlives its certificate
-  if (identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
+  if (!opts.allowExpiredOnOpenConnections && identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
     return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} expired at ${identity.notAfter.toISOString()}`);
   }
   if (opts.trustedIssuers && !opts.trustedIssuers().includes(identity.issuer)) {

@@ -3,6 +3,7 @@
  * node side (join: fetch the root, check it against the token, send a CSR; renewal loop).
  */
 import { X509Certificate as NodeX509 } from 'node:crypto';
+import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import {
   type GetRootCAResponse,
@@ -17,7 +18,7 @@ import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { sleep } from '../../common/sleep.js';
 import { grpcError } from '../grpc.js';
 import { type AuthzOptions, type Policy, authorize, callerOf } from './authz.js';
-import { TLS_CHANNEL_OPTIONS, type TlsMaterial, type TlsSource, clientCredentials, joinerClientCredentials, untrustedClientCredentials } from './credentials.js';
+import { TLS_CHANNEL_OPTIONS, TLS_SERVER_NAME, type TlsMaterial, type TlsSource, clientCredentials, joinerClientCredentials, untrustedClientCredentials } from './credentials.js';
 import { joinerCertificate } from './join.js';
 import { parseToken, tokenMatches, verifyCaAgainstToken } from './token.js';
 import { type Role, type RootCA, createCsr, parseCertificate, renewalTime, splitPemBundle } from './x509.js';
@@ -128,10 +129,14 @@ export async function joinCluster(addr: string, token: string, opts: { addresses
     root = await call(untrusted.getRootCa.bind(untrusted), {}, timeoutMs);
   } catch (err) {
     const e = err as grpc.ServiceError;
-    const why = e.code === grpc.status.UNAVAILABLE && /handshake|certificate|alert|socket|disconnect/i.test(e.details ?? '')
-      ? `the manager refused the join certificate at the TLS handshake: the join token is not current (rotated?) or not from this cluster (${e.details})`
-      : errorMessage(err);
-    throw new FlotillaError(e.code === grpc.status.PERMISSION_DENIED ? 'PERMISSION_DENIED' : 'UNAVAILABLE', `join: cannot fetch the root CA from ${addr}: ${why}`, { cause: err });
+    // grpc-js reports a refused handshake like a manager that is down: ask TLS itself
+    if (e.code === grpc.status.UNAVAILABLE && (await handshakeRefused(addr, joiner))) {
+      throw new FlotillaError(
+        'PERMISSION_DENIED',
+        `join: the manager at ${addr} refused this node's join certificate at the TLS handshake: the join token is not current (rotated?) or is from another cluster; get the current one with \`flotilla cluster join-token worker|manager -q\``,
+      );
+    }
+    throw new FlotillaError(e.code === grpc.status.PERMISSION_DENIED ? 'PERMISSION_DENIED' : 'UNAVAILABLE', `join: cannot fetch the root CA from ${addr}: ${errorMessage(err)}`, { cause: err });
   } finally {
     untrusted.close();
   }
@@ -146,6 +151,40 @@ export async function joinCluster(addr: string, token: string, opts: { addresses
   } finally {
     client.close();
   }
+}
+
+/**
+ * Whether a manager that answers TLS refuses this client certificate (a TLS alert about the
+ * certificate), as opposed to being unreachable.
+ */
+function handshakeRefused(addr: string, client: { certPem: string; keyPem: string }): Promise<boolean> {
+  const i = addr.lastIndexOf(':');
+  const host = addr.slice(0, i).replace(/^\[|\]$/g, '');
+  const port = Number(addr.slice(i + 1));
+  return new Promise((resolve) => {
+    let done = false;
+    const finish = (v: boolean): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(v);
+    };
+    const sock = tls.connect({ host, port, cert: client.certPem, key: client.keyPem, rejectUnauthorized: false, servername: TLS_SERVER_NAME, ALPNProtocols: ['h2'] });
+    // TLS 1.3: the server checks the client certificate after the client's Finished, so the alert
+    // arrives just after 'secureConnect'
+    const timer = setTimeout(() => finish(false), 2000);
+    // (grpc-js's server just closes the connection): a server that accepted us answers the HTTP/2
+    // preface with its SETTINGS; one that refused closes without a byte
+    let secured = false;
+    sock.on('error', (err: Error) => finish(secured || /alert|certificate|unknown ca/i.test(err.message)));
+    sock.on('secureConnect', () => {
+      secured = true;
+      sock.write(Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'));
+    });
+    sock.on('data', () => finish(false));
+    sock.on('close', () => finish(secured));
+  });
 }
 
 function parseCaCluster(caPem: string): string {

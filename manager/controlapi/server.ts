@@ -48,6 +48,8 @@ export interface ControlContext {
   issueClientCertificate?(expiryMs: number): Promise<{ caPem: string; certPem: string; keyPem: string }>;
   /** replaces one role's join token; returns the new one */
   rotateJoinToken?(role: 'worker' | 'manager'): Promise<string>;
+  /** a follower: serve a logs request by relaying it from the leader */
+  relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
 }
 
 /** Over TCP (mutual TLS): admin certificates, and managers (their own calls to each other). */
@@ -282,7 +284,12 @@ export class ControlApi {
   serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
     let service: Service;
     try {
-      // the agents' log streams end at the leader's dispatcher
+      // the agents' log streams end at the leader's dispatcher: a follower relays the stream from
+      // the leader with its own manager certificate (a CLI on its unix socket has none)
+      if (!this.ctx.dispatcher.isRunning() && this.ctx.relayLogs && this.ctx.leaderAddr()) {
+        this.ctx.relayLogs(call);
+        return;
+      }
       if (!this.ctx.dispatcher.isRunning())
         throw new FlotillaError('UNAVAILABLE', `logs are served by the leader manager; retry with --host ${this.ctx.leaderAddr() || '<leader>'}`);
       service = resolveService(this.store, call.request.serviceId);

@@ -32,7 +32,7 @@ import { MemberBook, checkRemovalQuorum, joinCluster, learnerToPromote, transfer
 import { snapIndex } from './memory-storage.js';
 import { ReadyRunner } from './ready.js';
 import { attachRaftService, type ServiceRef } from './service.js';
-import { CHANNEL_OPTIONS, RaftTransport, callUnary, raftIdForNode } from './transport.js';
+import { CHANNEL_OPTIONS, RAFT_ID_GENERATIONS, RaftTransport, callUnary, raftIdForNode, raftIdsOfNode } from './transport.js';
 import type { AuthzOptions } from '../ca/authz.js';
 import type { Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
@@ -693,8 +693,10 @@ export class RaftNode {
     let id: number;
     if (nodeId) {
       // with mutual TLS the id follows the node id, so messages can be checked against certificates
-      id = raftIdForNode(nodeId);
-      if (inConf.has(id)) throw new FlotillaError('ALREADY_EXISTS', `node ${nodeId} is already a raft member (raft id ${id.toString(16)}) at ${this.book.addr(id) ?? '?'}`);
+      const mine = raftIdsOfNode(nodeId);
+      const held = [...inConf].find((x) => mine.has(x));
+      if (held !== undefined) throw new FlotillaError('ALREADY_EXISTS', `node ${nodeId} is already a raft member (raft id ${held.toString(16)}) at ${this.book.addr(held) ?? '?'}`);
+      id = raftIdForNode(nodeId, randomInt(0, RAFT_ID_GENERATIONS));
     } else {
       id = randomInt(1, 2 ** 47);
       while (inConf.has(id)) id = randomInt(1, 2 ** 47);

@@ -78,10 +78,10 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
       // with mutual TLS: the caller's certificate says who it is, and a message claiming to come
       // from another member is dropped
       const caller = authz ? callerOf(call)?.identity?.nodeId : undefined;
-      const want = caller !== undefined ? raftIdForNode(caller) : undefined;
+      const want = caller !== undefined ? raftIdsOfNode(caller) : undefined;
       let warned = false;
       const forged = (m: Message | undefined): boolean => {
-        if (want === undefined || !m || m.from === want) return false;
+        if (want === undefined || !m || want.has(m.from)) return false;
         if (!warned) log?.warn({ node: caller, claimed: m.from }, 'raft: dropping messages whose sender is not the certificate\'s node');
         warned = true;
         return true;
@@ -150,11 +150,28 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
 export const RAFT_POLICY: Policy<RaftServer> = { stream: ['manager'], join: ['manager'], propose: ['manager'], readIndex: ['manager'], leave: ['manager'] };
 
 /**
- * A manager's raft id, derived from its node id (its certificate's CN), so that a message's sender
- * can be checked against the certificate of the connection it arrives on. 1 .. 2^44.
+ * A manager's raft ids are derived from its node id (its certificate's CN), so that a message's
+ * sender can be checked against the certificate of the connection it arrives on: the id of
+ * generation g is a hash of (node id, g), 1 .. 2^44. The leader picks a random generation at each
+ * join, since a member removed (demoted) and added again (promoted) must not reuse its old raft id.
  */
-export function raftIdForNode(nodeId: string): number {
-  return parseInt(createHash('sha256').update(nodeId).digest('hex').slice(0, 11), 16) + 1;
+export const RAFT_ID_GENERATIONS = 1024;
+export function raftIdForNode(nodeId: string, generation = 0): number {
+  return parseInt(createHash('sha256').update(`${nodeId}/${generation}`).digest('hex').slice(0, 11), 16) + 1;
+}
+
+const idSets = new Map<string, ReadonlySet<number>>();
+/** Every raft id a node may hold. */
+export function raftIdsOfNode(nodeId: string): ReadonlySet<number> {
+  let s = idSets.get(nodeId);
+  if (!s) {
+    const ids = new Set<number>();
+    for (let g = 0; g < RAFT_ID_GENERATIONS; g++) ids.add(raftIdForNode(nodeId, g));
+    s = ids;
+    if (idSets.size > 1000) idSets.clear();
+    idSets.set(nodeId, s);
+  }
+  return s;
 }
 
 export interface TransportOptions {
