@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { RootCA, createRootCA } from '../manager/ca/x509.js';
 import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, waitUntil, type KvProc } from '../test/helpers/raft-kv-procs.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
@@ -62,14 +63,21 @@ async function main(): Promise<void> {
   }
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-bench-raft-'));
   const procs: KvProc[] = [];
+  // mutual TLS between the members, as between managers: one root, a manager certificate each
+  const ca = await RootCA.load(await createRootCA({ clusterId: 'bench' }));
   const spawn = async (name: string, opts: Parameters<typeof spawnKv>[2] = {}): Promise<KvProc> => {
-    const p = await spawnKv(name, path.join(root, name), opts);
+    const tlsFile = path.join(root, `${name}-tls.json`);
+    if (!fs.existsSync(tlsFile)) {
+      const pair = await ca.issueWithNewKey({ nodeId: `kv-${name}`, role: 'manager', addresses: ['127.0.0.1'] });
+      fs.writeFileSync(tlsFile, JSON.stringify({ trustPem: ca.certPem, ...pair }), { mode: 0o600 });
+    }
+    const p = await spawnKv(name, path.join(root, name), { tlsFile, ...opts });
     procs.push(p);
     return p;
   };
   const results: string[] = [];
   try {
-    console.log(`flotilla raft benchmark: 3 processes on loopback, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
+    console.log(`flotilla raft benchmark: 3 processes on loopback, mutual TLS, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
     const a = await spawn('a');
     await waitUntil('a leads', async () => (await status(a))?.leader, 20_000);
     const b = await spawn('b', { join: a.addr });
