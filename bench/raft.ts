@@ -126,7 +126,7 @@ async function main(): Promise<void> {
       await Promise.all(writers);
       if (firstAfter) failovers.push((firstAfter - killedAt) / 1000);
       // bring the killed one back from its disk
-      const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort });
+      const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort, tlsFile: path.join(root, `${leader.name}-tls.json`) });
       procs.push(back);
       nodes = nodes.map((n) => (n === leader ? back : n));
       await waitUntil('3 reachable', async () => {
