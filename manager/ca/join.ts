@@ -97,6 +97,11 @@ export function joinCaFor(token: string): Promise<JoinCA> {
   return p;
 }
 
+/** The derived join CA key pair and issuer CN of a token (tests: forging certificates under it). */
+export async function joinCaKeys(token: string): Promise<{ keys: webcrypto.CryptoKeyPair; issuer: string }> {
+  return derive(parseToken(token).secret);
+}
+
 /** The issuer CN a token's join CA has (cheap after the first call). */
 export async function joinIssuerFor(token: string): Promise<string> {
   return (await derive(parseToken(token).secret)).issuer;
