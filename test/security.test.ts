@@ -48,13 +48,16 @@ interface Node {
 }
 
 describeIf('mutual TLS on every connection (real daemons)', () => {
-  const c = new TestCluster('flotilla-sec-');
-  const other = new TestCluster('flotilla-sec2-');
+  // made in beforeAll, so that a run filtered to other tests (-t) leaves no directory behind
+  let c: TestCluster;
+  let other: TestCluster;
   let workerTls: TlsMaterial;
   let otherAdmin: TlsMaterial;
   let adminDir = '';
 
   beforeAll(async () => {
+    c = new TestCluster('flotilla-sec-');
+    other = new TestCluster('flotilla-sec2-');
     await c.startManager({ agent: true, runtime: 'sim' });
     const w = await c.startAgent('w1');
     await waitFor('w1 ready', async () => (await cliJson<Node[]>(['node', 'ls'], c.env)).some((n) => n.hostname === 'w1' && n.status === 'ready'), 30_000);
@@ -70,8 +73,8 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
   }, 90_000);
 
   afterAll(async () => {
-    await c.cleanup();
-    await other.cleanup();
+    await c?.cleanup();
+    await other?.cleanup();
   });
 
   it('without a certificate, or with another cluster\'s, the control API, dispatcher and Raft refuse the TLS handshake', async () => {
@@ -233,12 +236,17 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
 });
 
 describeIf('certificate renewal under a running service (1 minute certificates)', () => {
-  const c = new TestCluster('flotilla-renew-');
+  const cleanupLater = (x: TestCluster): void => {
+    c = x;
+  };
+  let c: TestCluster | undefined;
   afterAll(async () => {
-    await c.cleanup();
+    await c?.cleanup();
   });
 
   it('every node renews before expiry; no session drops, no task restarts; node inspect shows the expiry', async () => {
+    const c = new TestCluster('flotilla-renew-');
+    cleanupLater(c);
     await c.startManager({ agent: true, runtime: 'sim', extra: ['--cert-expiry', '1m'] });
     await c.startAgent('w1');
     await waitFor('w1 ready', async () => (await cliJson<Node[]>(['node', 'ls'], c.env)).some((n) => n.hostname === 'w1' && n.status === 'ready'), 30_000);
