@@ -19,14 +19,25 @@ import { DEVICE_PREFIX, hostOfAddr } from './network/names.js';
 import { Session } from './worker/session.js';
 import { SimRuntime } from './worker/sim.js';
 import { Worker, type WorkerOptions } from './worker/worker.js';
+import { TlsSource } from '../manager/ca/credentials.js';
+import { loadNodeTls, saveNodeTls } from '../manager/ca/certstore.js';
+import { joinCluster, renewCertificate, runRenewal } from '../manager/ca/service.js';
+import { sleep } from '../common/sleep.js';
 
 export interface AgentOptions {
   /** the node's data dir (the runtime's, and <dataDir>/agent/node.json) */
   dataDir: string;
   /** HOST:PORT of the managers */
   managers: string[];
-  /** the cluster's worker (or manager) join token */
+  /** the cluster's worker (or manager) join token (used once, to get the node's certificate) */
   token: string;
+  /**
+   * the node's certificate: given when the agent runs inside a manager (the manager's own);
+   * otherwise loaded from <dataDir>/certificates/node-tls.json, or obtained by joining with the token
+   */
+  tls?: TlsSource;
+  /** plain-text sessions with the token, no certificate (tests of the dispatcher alone) */
+  insecure?: boolean;
   /** default: os.hostname() */
   hostname?: string;
   /** engine labels */
@@ -89,12 +100,40 @@ export function nodeDescription(opts: Pick<AgentOptions, 'hostname' | 'labels' |
   };
 }
 
+/**
+ * The node's certificate: saved from an earlier run, or obtained now by joining with the token
+ * (trying each manager; a refusal that is not about reachability is fatal).
+ */
+async function nodeTls(dataDir: string, opts: AgentOptions, log: Logger): Promise<TlsSource> {
+  const saved = loadNodeTls(dataDir);
+  if (saved) return new TlsSource(saved);
+  if (!opts.token) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --token "": a join token is required to join (--token-file or FLOTILLA_TOKEN)');
+  for (let attempt = 0; ; attempt++) {
+    for (const addr of opts.managers) {
+      if (opts.signal.aborted) throw new FlotillaError('ABORTED', 'stopped before joining');
+      try {
+        const res = await joinCluster(addr, opts.token);
+        await saveNodeTls(dataDir, res);
+        log.info({ nodeId: res.nodeId, role: res.role, manager: addr }, 'joined the cluster: received the node certificate');
+        return new TlsSource(res);
+      } catch (err) {
+        const code = err instanceof FlotillaError ? err.code : 'UNAVAILABLE';
+        if (code !== 'UNAVAILABLE' || attempt >= 5) throw err;
+        log.warn({ manager: addr, err: errorMessage(err) }, 'joining failed; retrying');
+      }
+    }
+    await sleep(Math.min(5000, 200 * 2 ** attempt), opts.signal);
+  }
+}
+
 export async function runAgent(opts: AgentOptions): Promise<void> {
   const log = opts.log ?? createLogger('agent');
   if (opts.signal.aborted) return;
   if (opts.managers.length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --manager []: at least one manager address is required');
-  if (!opts.token) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --token "": a join token is required (--token or FLOTILLA_TOKEN)');
   const dataDir = path.resolve(opts.dataDir);
+  const own = opts.insecure ? undefined : (opts.tls ?? (await nodeTls(dataDir, opts, log)));
+  if (!own && !opts.token) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --token "": a join token is required (--token or FLOTILLA_TOKEN)');
+  if (opts.signal.aborted) return;
   const owned = opts.runtimeInstance === undefined;
   const runtime: ContainerRuntime & { close?: () => unknown } = opts.runtimeInstance ?? (await openRuntime(opts.runtime, dataDir));
   const description = nodeDescription(opts, runtime.kind);
@@ -120,7 +159,8 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
   const session = new Session({
     managers: opts.managers,
-    token: opts.token,
+    token: own ? '' : opts.token,
+    tls: own,
     dataDir,
     description,
     addr,
@@ -142,6 +182,29 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     if (opts.signal.aborted) return resolve();
     opts.signal.addEventListener('abort', () => resolve(), { once: true });
   });
+  // a standalone agent renews its own certificate (the manager's in-process agent shares the manager's)
+  if (own && !opts.tls) {
+    const source = own;
+    runRenewal(
+      source,
+      async () => {
+        let last: unknown;
+        for (const addr of session.managers) {
+          try {
+            const res = await renewCertificate(addr, source);
+            await saveNodeTls(dataDir, res);
+            log.info({ notAfter: source.identity.notAfter.toISOString() }, 'renewed the node certificate');
+            return;
+          } catch (err) {
+            last = err;
+          }
+        }
+        throw last ?? new Error('no manager to renew with');
+      },
+      sessionCtl.signal,
+      { retryMs: 5000, onError: (err) => log.warn({ err: errorMessage(err) }, 'certificate renewal failed; retrying') },
+    ).catch((err: unknown) => log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));
+  }
   const sessionRun = session.run(sessionCtl.signal).then(
     () => undefined,
     (err: unknown) => err,

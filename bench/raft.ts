@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { RootCA, createRootCA } from '../manager/ca/x509.js';
 import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, type KvProc } from '../test/helpers/raft-kv-procs.js';
 import { waitFor } from '../test/helpers/wait.js';
 
@@ -63,14 +64,21 @@ async function main(): Promise<void> {
   }
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-bench-raft-'));
   const procs: KvProc[] = [];
+  // mutual TLS between the members, as between managers: one root, a manager certificate each
+  const ca = await RootCA.load(await createRootCA({ clusterId: 'bench' }));
   const spawn = async (name: string, opts: Parameters<typeof spawnKv>[2] = {}): Promise<KvProc> => {
-    const p = await spawnKv(name, path.join(root, name), opts);
+    const tlsFile = path.join(root, `${name}-tls.json`);
+    if (!fs.existsSync(tlsFile)) {
+      const pair = await ca.issueWithNewKey({ nodeId: `kv-${name}`, role: 'manager', addresses: ['127.0.0.1'] });
+      fs.writeFileSync(tlsFile, JSON.stringify({ trustPem: ca.certPem, ...pair }), { mode: 0o600 });
+    }
+    const p = await spawnKv(name, path.join(root, name), { tlsFile, ...opts });
     procs.push(p);
     return p;
   };
   const results: string[] = [];
   try {
-    console.log(`flotilla raft benchmark: 3 processes on loopback, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
+    console.log(`flotilla raft benchmark: 3 processes on loopback, mutual TLS, fsync per Ready, tick 100 ms, election 10 ticks; ${SECONDS} s per phase; ${os.cpus().length} CPUs`);
     const a = await spawn('a');
     await waitFor('a leads', async () => (await status(a))?.leader, 20_000);
     const b = await spawn('b', { join: a.addr });
@@ -119,7 +127,7 @@ async function main(): Promise<void> {
       await Promise.all(writers);
       if (firstAfter) failovers.push((firstAfter - killedAt) / 1000);
       // bring the killed one back from its disk
-      const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort });
+      const back = await spawnKv(leader.name, leader.dir, { raftPort: leader.raftPort, httpPort: leader.httpPort, tlsFile: path.join(root, `${leader.name}-tls.json`) });
       procs.push(back);
       nodes = nodes.map((n) => (n === leader ? back : n));
       await waitFor('3 reachable', async () => {

@@ -35,6 +35,7 @@ function makeNodes(): Node[] {
       description: { hostname: `host-${i}`, resources: { nanoCpus: 32e9, memoryBytes: 128 * GiB, pids: 0 }, engineLabels: { disk: i % 2 ? 'ssd' : 'hdd' }, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' },
       status: { state: NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
       managerStatus: undefined,
+      certificateExpiryMs: 0,
       role: NodeRole.NODE_ROLE_WORKER,
     });
   }

@@ -41,6 +41,8 @@ export function nodeJson(n: Node, leaderAddr?: string): Record<string, unknown> 
     engineLabels: n.description?.engineLabels ?? {},
     resources: { nanoCpus: n.description?.resources?.nanoCpus ?? 0, memoryBytes: n.description?.resources?.memoryBytes ?? 0 },
     runtime: n.description?.runtime ?? '',
+    // the node's TLS certificate (renewed automatically at 50-80% of its life)
+    certificateExpiry: n.certificateExpiryMs ? new Date(n.certificateExpiryMs).toISOString() : '',
     version: n.meta?.version ?? 0,
     createdAt: iso(n.meta?.createdAt),
     updatedAt: iso(n.meta?.updatedAt),

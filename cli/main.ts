@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
 import { registerCommands } from './commands/index.js';
+import { type ClientTlsFlags, setClientTlsFlags } from './client.js';
 
 // `flotilla ... | head`: a closed pipe ends the command quietly
 for (const out of [process.stdout, process.stderr]) {
@@ -16,7 +17,12 @@ program
   .description('A Swarm-style multi-host container orchestrator')
   .version('0.1.0')
   .showHelpAfterError('(add --help for usage)')
-  .configureOutput({ outputError: (str, write) => write(str.startsWith('error:') ? `flotilla: ${str.slice(7)}` : str) });
+  .configureOutput({ outputError: (str, write) => write(str.startsWith('error:') ? `flotilla: ${str.slice(7)}` : str) })
+  .option('--tlsdir <dir>', 'client certificate directory for TCP hosts: ca.pem, cert.pem, key.pem (env FLOTILLA_TLS_DIR)')
+  .option('--tlscacert <file>', 'root CA bundle for TCP hosts (env FLOTILLA_TLS_CACERT)')
+  .option('--tlscert <file>', 'admin client certificate for TCP hosts (env FLOTILLA_TLS_CERT)')
+  .option('--tlskey <file>', 'its private key (env FLOTILLA_TLS_KEY)')
+  .hook('preAction', (_cmd, actionCmd) => setClientTlsFlags(actionCmd.optsWithGlobals<ClientTlsFlags>()));
 
 await registerCommands(program, process.argv);
 

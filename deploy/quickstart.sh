@@ -13,7 +13,10 @@ if ! flotilla cluster info >/dev/null 2>&1; then
     >>/var/log/flotilla-manager.log 2>&1 &
   echo "started flotilla manager (pid $!, log /var/log/flotilla-manager.log)"
   for _ in $(seq 1 100); do [ -S "$SOCK" ] && flotilla cluster info >/dev/null 2>&1 && break; sleep 0.1; done
+  # e.g. a data dir from a flotilla without mutual TLS is refused with one line saying what to do
+  flotilla cluster info >/dev/null 2>&1 || { echo "the manager did not start:" >&2; tail -n 3 /var/log/flotilla-manager.log >&2; exit 1; }
 fi
+# the CLI here uses the unix socket; for remote use over TCP: flotilla cluster client-cert --out DIR
 flotilla node ls
 flotilla service rm web >/dev/null 2>&1 || true
 sleep 0.5

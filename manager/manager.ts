@@ -7,12 +7,12 @@ import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { randomBytes } from 'node:crypto';
-import { ControlClient, ControlService, type GetNodeResponse } from '../gen/flotilla/v1/control.js';
+import { ControlClient, ControlService, type GetNodeResponse, type LogLine } from '../gen/flotilla/v1/control.js';
+import { grpcError } from './grpc.js';
 import { DispatcherService } from '../gen/flotilla/v1/dispatcher.js';
 import { Cluster, ManagerStatus, Node, NodeAvailability, type NodeDescription, NodeRole, NodeState, StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../common/errors.js';
-import { newId, secretMatches } from '../common/ids.js';
+import { newId } from '../common/ids.js';
 import type { Logger } from '../common/log.js';
 import { MemoryStore } from './store/store.js';
 import { RaftNode } from './raft/node.js';
@@ -29,8 +29,17 @@ import { Allocator } from './allocator/allocator.js';
 import { SchedulerLoop } from './scheduler/loop.js';
 import { DEFAULT_TASK_HISTORY } from './orchestrator/tasks.js';
 import { DEFAULT_SERVICE_HISTORY } from './controlapi/server.js';
-import { DataKeys, LockedKeys, newUnlockKey, openKeys } from './keys/keys.js';
-import { grpcError } from './grpc.js';
+import { DataKeys, LockedKeys, newUnlockKey, openKeys, seal, unseal } from './keys/keys.js';
+import { NodeCAService } from '../gen/flotilla/v1/ca.js';
+import type { ClusterCA } from '../gen/flotilla/v1/ca.js';
+import type { AuthzOptions } from './ca/authz.js';
+import { ServerTrust, TLS_CHANNEL_OPTIONS, TlsSource, clientCredentials, serverCredentials } from './ca/credentials.js';
+import { NODE_TLS_FILE, loadNodeTls, saveNodeTls } from './ca/certstore.js';
+import { type JoinTokens, bootstrapCluster, certExpiryMs, rotateToken, signingCA, trustBundle } from './ca/cluster.js';
+import { joinCaFor } from './ca/join.js';
+import { type CaBackend, joinCluster, nodeCaHandlers, renewCertificate, runRenewal } from './ca/service.js';
+import { issuerNames, parseCertificate } from './ca/x509.js';
+import { Wal } from './raft/wal.js';
 
 export interface ManagerOptions {
   dataDir: string;
@@ -59,13 +68,21 @@ export interface ManagerOptions {
   autolock?: boolean;
   /** called when this manager finds itself locked (autolock) and waits for `flotilla cluster unlock` */
   onLocked?: () => void;
+  /** node certificate lifetime for a new cluster (--cert-expiry; default 90 days) */
+  certExpiryMs?: number;
   log: Logger;
   signal: AbortSignal;
 }
 
-export function makeToken(kind: 'worker' | 'manager', clusterSecret: string): string {
-  return `FLTTKN-1-${clusterSecret}-${kind === 'worker' ? 'w' : 'm'}${randomBytes(16).toString('hex')}`;
+/** A new cluster's CA and tokens, kept on the first manager's disk until the Cluster object exists. */
+interface PendingBootstrap {
+  clusterId: string;
+  ca: ClusterCA;
+  tokens: JoinTokens;
 }
+const BOOTSTRAP_FILE = path.join('certificates', 'bootstrap.json');
+/** additional authenticated data of the sealed bootstrap file (a sealed blob cannot be swapped for another kind) */
+const BOOTSTRAP_AAD = Buffer.from('flotilla bootstrap v1');
 
 export class Manager {
   readonly store = new MemoryStore();
@@ -82,6 +99,29 @@ export class Manager {
   /** set while a promoted manager rejoins, until its node is marked a manager again */
   private promoting = false;
   private readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 64 * 1024 * 1024, 'grpc.max_send_message_length': 64 * 1024 * 1024 });
+  /** the local admin path (the 0600 unix socket): its own server, plain handlers, no TLS */
+  private readonly unixServer = new grpc.Server({ 'grpc.max_receive_message_length': 64 * 1024 * 1024, 'grpc.max_send_message_length': 64 * 1024 * 1024 });
+  /** this manager's certificate, key and trust bundle (renewed in place) */
+  tls: TlsSource | undefined;
+  private serverTrust: ServerTrust | undefined;
+  private bootstrap: PendingBootstrap | undefined;
+  private joinIssuers: ReadonlyMap<string, 'worker' | 'manager'> = new Map();
+  private joinKey = '';
+  private issuerCache: { pem: string; names: string[] } = { pem: '', names: [] };
+  /** how every TLS service of this manager authorizes callers */
+  readonly authz: AuthzOptions = {
+    clusterId: () => this.requireTls().identity.clusterId,
+    trustedIssuers: () => {
+      const pem = this.requireTls().current.trustPem;
+      if (this.issuerCache.pem !== pem) this.issuerCache = { pem, names: issuerNames(pem) };
+      return this.issuerCache.names;
+    },
+    joinIssuers: () => this.joinIssuers,
+    // sessions survive renewal: a connection opened with the previous certificate stays usable
+    allowExpiredOnOpenConnections: true,
+    // `node rm` revokes: a node certificate whose node is gone from the store no longer gets in
+    revocations: { isRevoked: (id) => id.role !== 'admin' && !!this.store.getCluster() && !this.store.getNode(id.nodeId) },
+  };
   private leaderCtl: AbortController | undefined;
   private leaderRuns: Promise<unknown> | undefined;
   private failure: Error | undefined;
@@ -114,7 +154,179 @@ export class Manager {
           .filter((m) => !m.learner)
           .map((m) => ({ raftId: m.raftId, addr: m.addr, leader: m.leader, reachability: m.reachable || m.leader ? 'reachable' : 'unreachable' })),
       removeManager: (n, force) => this.removeManager(n, force),
+      issueClientCertificate: async (expiryMs) => {
+        const ca = this.clusterCA();
+        const pair = await (await signingCA(ca)).issueWithNewKey({ nodeId: `admin-${newId()}`, role: 'admin', expiryMs: expiryMs || certExpiryMs(ca) });
+        return { caPem: trustBundle(ca), certPem: pair.certPem, keyPem: pair.keyPem };
+      },
+      relayLogs: (call) => {
+        const leader = this.raft?.leaderAddr();
+        if (!leader) return void call.emit('error', grpcError(new FlotillaError('UNAVAILABLE', 'no leader to serve the logs')));
+        const client = new ControlClient(leader, clientCredentials(this.requireTls()), TLS_CHANNEL_OPTIONS);
+        const up = client.serviceLogs(call.request);
+        call.on('cancelled', () => up.cancel());
+        up.on('data', (line: LogLine) => call.write(line));
+        up.on('error', (err: grpc.ServiceError) => {
+          client.close();
+          if (err.code !== grpc.status.CANCELLED) call.emit('error', err);
+        });
+        up.on('end', () => {
+          client.close();
+          call.end();
+        });
+      },
+      rotateJoinToken: async (role) => {
+        let token = '';
+        await this.store.update((tx) => {
+          const c = this.store.getCluster();
+          if (!c?.ca || !c.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+          const cur = tx.get('cluster', c.id);
+          if (!cur?.ca || !cur.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+          const tokens = rotateToken(cur.ca, cur.tokens, role);
+          token = tokens[role];
+          tx.update('cluster', { ...cur, tokens });
+        });
+        await this.refreshJoinCas();
+        this.opts.log.info({ role }, 'join token rotated');
+        return token;
+      },
     });
+  }
+
+  private requireTls(): TlsSource {
+    if (!this.tls) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
+    return this.tls;
+  }
+
+  private requireKeys(): DataKeys {
+    if (!this.keys) throw new FlotillaError('UNAVAILABLE', 'the manager is starting (its data key is not open yet)');
+    return this.keys;
+  }
+
+  private clusterCA(): ClusterCA {
+    const ca = this.store.getCluster()?.ca;
+    if (!ca) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+    return ca;
+  }
+
+  /**
+   * This manager's certificate: saved from before, or a new cluster's CA (first start of the first
+   * manager), or a certificate from the cluster it joins. A data dir from before mutual TLS (raft
+   * state, no certificate) is refused with one line.
+   */
+  private async prepareTls(): Promise<TlsSource> {
+    const dir = this.opts.dataDir;
+    // the node key is sealed with this manager's data key (docs/security.md, encryption at rest)
+    const dek = this.requireKeys().dek;
+    const existing = loadNodeTls(dir, { dek });
+    if (!existing && Wal.exists(path.join(dir, 'raft'))) {
+      throw new FlotillaError(
+        'FAILED_PRECONDITION',
+        `${dir} holds a cluster created by a flotilla without mutual TLS (raft state but no ${NODE_TLS_FILE}); it cannot be upgraded in place: move ${dir} aside and create the cluster again (or --join this manager afresh)`,
+      );
+    }
+    const bootFile = path.join(dir, BOOTSTRAP_FILE);
+    if (existing) {
+      if (fs.existsSync(bootFile)) this.bootstrap = JSON.parse(unseal(dek, fs.readFileSync(bootFile), BOOTSTRAP_AAD).toString('utf8')) as PendingBootstrap;
+      return new TlsSource(existing);
+    }
+    const host = (this.opts.advertiseAddr || this.opts.listenAddr).replace(/:\d+$/, '');
+    const addresses = host && host !== '0.0.0.0' ? [host] : [];
+    if (this.opts.join) {
+      const res = await joinCluster(this.opts.join, this.opts.token ?? '', { addresses });
+      if (res.role !== 'manager') {
+        throw new FlotillaError('PERMISSION_DENIED', 'the join token is a worker token: a manager joins with the manager token (flotilla cluster join-token manager -q)');
+      }
+      await saveNodeTls(dir, res, { dek });
+      this.opts.log.info({ nodeId: res.nodeId }, 'joined: received this manager\'s certificate');
+      return new TlsSource(res);
+    }
+    const clusterId = newId();
+    const b = await bootstrapCluster({ clusterId, nodeId: newId(), addresses, certExpiryMs: this.opts.certExpiryMs });
+    this.bootstrap = { clusterId, ca: b.ca, tokens: b.tokens };
+    fs.mkdirSync(path.dirname(bootFile), { recursive: true, mode: 0o700 });
+    // the pending CA key and tokens, until the first leader writes them into the (encrypted) store: sealed too
+    writeFileAtomicSync(bootFile, seal(dek, Buffer.from(JSON.stringify(this.bootstrap)), BOOTSTRAP_AAD), { mode: 0o600 });
+    await saveNodeTls(dir, b.node, { dek });
+    this.opts.log.info({ clusterId }, 'created the cluster root CA and this manager\'s certificate');
+    return new TlsSource(b.node);
+  }
+
+  /** The join CAs of the current tokens are what the TLS listener accepts joiners from. */
+  private async refreshJoinCas(): Promise<void> {
+    const tokens = this.store.getCluster()?.tokens ?? this.bootstrap?.tokens;
+    if (!tokens?.worker || !tokens.manager) return;
+    const key = `${tokens.worker}\n${tokens.manager}`;
+    if (key === this.joinKey) return;
+    this.joinKey = key;
+    const [w, m] = await Promise.all([joinCaFor(tokens.worker), joinCaFor(tokens.manager)]);
+    if (this.joinKey !== key) return; // a newer rotation won
+    this.joinIssuers = new Map([
+      [w.issuer, 'worker'],
+      [m.issuer, 'manager'],
+    ]);
+    this.serverTrust?.setExtra(w.certPem + m.certPem);
+  }
+
+  /** NodeCA on the store: the CA key and tokens are replicated, so any manager can sign. */
+  private caBackend(): CaBackend {
+    return {
+      signingCA: () => signingCA(this.clusterCA()),
+      trustBundle: () => trustBundle(this.clusterCA()),
+      joinTokens: () => {
+        const t = this.store.getCluster()?.tokens;
+        if (!t) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+        return t;
+      },
+      certExpiryMs: () => certExpiryMs(this.clusterCA()),
+      admitNode: async (role, addresses) => {
+        // the node exists from its join on (the revocation check: a node not in the store is refused)
+        const id = newId();
+        const r = role === 'manager' ? NodeRole.NODE_ROLE_MANAGER : NodeRole.NODE_ROLE_WORKER;
+        await this.store.update((tx) =>
+          tx.create('node', {
+            id,
+            meta: undefined,
+            spec: { labels: {}, desiredRole: r, availability: NodeAvailability.NODE_AVAILABILITY_ACTIVE },
+            description: undefined,
+            status: { state: NodeState.NODE_STATE_UNKNOWN, message: 'joined: waiting for its agent to register', addr: addresses[0] ?? '', lastHeartbeat: 0 },
+            managerStatus: undefined,
+            role: r,
+            certificateExpiryMs: 0,
+          }),
+        );
+        return id;
+      },
+      nodeRole: (nodeId) => {
+        const n = this.store.getNode(nodeId);
+        if (!n) return undefined;
+        return n.role === NodeRole.NODE_ROLE_MANAGER ? 'manager' : 'worker';
+      },
+      onIssued: (nodeId, certPem) => {
+        const notAfter = parseCertificate(certPem).notAfter.getTime();
+        this.store
+          .update((tx) => {
+            const n = tx.get('node', nodeId);
+            if (n && n.certificateExpiryMs !== notAfter) tx.update('node', { ...n, certificateExpiryMs: notAfter });
+          })
+          .catch((err: unknown) => this.opts.log.warn({ err: errorMessage(err), nodeId }, 'recording a certificate expiry failed'));
+      },
+    };
+  }
+
+  /** Renews this manager's certificate through its own NodeCA, before it expires. */
+  private async renewLoop(): Promise<void> {
+    const tls = this.requireTls();
+    await runRenewal(
+      tls,
+      async () => {
+        const res = await renewCertificate(this.advertiseAddr(), tls);
+        await saveNodeTls(this.opts.dataDir, res, { dek: this.requireKeys().dek });
+        this.opts.log.info({ notAfter: tls.identity.notAfter.toISOString() }, 'renewed this manager\'s certificate');
+      },
+      this.opts.signal,
+      { retryMs: 5000, onError: (err) => this.opts.log.warn({ err: errorMessage(err) }, 'certificate renewal failed; retrying') },
+    );
   }
 
   advertiseAddr(): string {
@@ -131,6 +343,7 @@ export class Manager {
       this.onLeadershipChange(false);
       await this.raft?.stop().catch(() => {});
       this.server.forceShutdown();
+      this.unixServer.forceShutdown();
       if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
       throw err;
     }
@@ -233,16 +446,26 @@ export class Manager {
   }
 
   private async startInner(): Promise<void> {
-    this.server.addService(ControlService, this.control.server());
-    this.server.addService(DispatcherService, this.dispatcher.server());
-    const port = await bind(this.server, this.opts.listenAddr, grpc.ServerCredentials.createInsecure());
+    const tls = await this.prepareTls();
+    this.tls = tls;
+    this.serverTrust = new ServerTrust(tls);
+    this.store.subscribe(() => void this.refreshJoinCas().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'loading the join CAs failed')));
+    await this.refreshJoinCas();
+    // TCP: mutual TLS, client certificates required (a joining node presents a join certificate)
+    this.server.addService(ControlService, this.control.server(this.authz));
+    this.server.addService(DispatcherService, this.dispatcher.server(this.authz));
+    this.server.addService(NodeCAService, nodeCaHandlers(this.caBackend(), this.authz));
+    const port = await bind(this.server, this.opts.listenAddr, serverCredentials(tls, 'require', this.serverTrust));
     const host = this.opts.listenAddr.slice(0, this.opts.listenAddr.lastIndexOf(':'));
     this.boundAddr = `${host === '0.0.0.0' || host === '' ? '127.0.0.1' : host}:${port}`;
-    const raft = await this.openRaft(this.opts.join, this.opts.join ? this.opts.token : undefined, this.opts.forceNewCluster);
+    const raft = await this.openRaft(this.opts.join, this.opts.forceNewCluster);
     if (this.opts.controlSocket) {
+      // its own server with the plain handlers: inside one server a plain-text call could not be
+      // told apart from a TLS call whose certificate failed
+      this.unixServer.addService(ControlService, this.control.server());
       fs.mkdirSync(path.dirname(this.opts.controlSocket), { recursive: true, mode: 0o755 });
       fs.rmSync(this.opts.controlSocket, { force: true });
-      await bind(this.server, `unix://${this.opts.controlSocket}`, grpc.ServerCredentials.createInsecure());
+      await bind(this.unixServer, `unix://${this.opts.controlSocket}`, grpc.ServerCredentials.createInsecure());
       fs.chmodSync(this.opts.controlSocket, 0o600);
     }
     try {
@@ -277,6 +500,7 @@ export class Manager {
       this.registerOwnNode().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'registering this manager as a node failed'));
     }
     this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
+    this.renewLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));
   }
 
   /**
@@ -287,13 +511,9 @@ export class Manager {
   private async registerOwnNode(): Promise<void> {
     const signal = this.opts.signal;
     const file = path.join(this.opts.dataDir, 'agent', 'node.json');
-    let nodeId = '';
-    try {
-      const f = JSON.parse(fs.readFileSync(file, 'utf8')) as { nodeId?: unknown };
-      if (typeof f.nodeId === 'string') nodeId = f.nodeId;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.opts.log.warn({ err: errorMessage(err) }, `ignoring unreadable ${file}`);
-    }
+    // the node is the one this manager's certificate names
+    let nodeId = this.requireTls().identity.nodeId;
+    const expiry = this.requireTls().identity.notAfter.getTime();
     const addr = this.advertiseAddr();
     const description: NodeDescription = {
       ...nodeDescription({ hostname: this.opts.hostname ?? defaultHostname(), managerAddr: addr }, 'runc'),
@@ -316,7 +536,7 @@ export class Manager {
           if (n) {
             // it may have run an agent before: without one it can run no tasks, so they move away
             const spec = n.spec ? { ...n.spec, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } : n.spec;
-            tx.update('node', { ...n, spec, description, status });
+            tx.update('node', { ...n, spec, description, status, certificateExpiryMs: expiry });
             return;
           }
           tx.create('node', {
@@ -327,6 +547,7 @@ export class Manager {
             status,
             managerStatus: undefined,
             role: NodeRole.NODE_ROLE_MANAGER,
+            certificateExpiryMs: expiry,
           });
         }, signal);
         this.opts.log.info({ nodeId: id, hostname: description.hostname }, 'this manager is registered as a node (no agent: it runs no tasks)');
@@ -371,19 +592,19 @@ export class Manager {
   }
 
   /** Opens this manager's Raft member (new, restarted or joining) and wires it to the store. */
-  private async openRaft(join: string | undefined, joinToken: string | undefined, forceNewCluster?: boolean): Promise<RaftNode> {
+  private async openRaft(join: string | undefined, forceNewCluster?: boolean): Promise<RaftNode> {
     const store = this.store;
+    const tls = this.requireTls();
     const raft = await RaftNode.open({
       dataDir: path.join(this.opts.dataDir, 'raft'),
       server: this.server,
       advertiseAddr: this.advertiseAddr(),
       join,
-      joinToken,
       dek: this.keys?.dek,
-      validateJoin: (req) => {
-        const want = store.getCluster()?.tokens?.manager;
-        if (!want || !secretMatches(req.token, want)) throw new FlotillaError('PERMISSION_DENIED', 'invalid manager join token');
-      },
+      // mutual TLS: only manager certificates reach Raft; raft ids follow node ids
+      credentials: clientCredentials(tls),
+      authz: this.authz,
+      nodeId: tls.identity.nodeId,
       forceNewCluster,
       tickMs: this.opts.raftTickMs,
       signal: this.opts.signal,
@@ -441,7 +662,7 @@ export class Manager {
       const peers = raft.members().filter((m) => m.raftId !== raft.id && !m.learner);
       const peer = peers[i++ % Math.max(1, peers.length)];
       if (!peer) continue;
-      const client = new ControlClient(peer.addr, grpc.credentials.createInsecure());
+      const client = new ControlClient(peer.addr, clientCredentials(this.requireTls()), TLS_CHANNEL_OPTIONS);
       try {
         const res = await new Promise<GetNodeResponse>((resolve, reject) =>
           client.getNode({ nodeId: this.opts.hostname! }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (err, r) => (err ? reject(err) : resolve(r))),
@@ -467,12 +688,11 @@ export class Manager {
   private async watchForPromotion(peers: string[]): Promise<void> {
     const signal = this.opts.signal;
     const hostname = this.opts.hostname ?? '';
-    const token = this.store.getCluster()?.tokens?.manager ?? '';
     while (!signal.aborted && this.removed) {
       await sleep(1000, signal);
       for (const addr of peers) {
         if (signal.aborted || !this.removed) return;
-        const client = new ControlClient(addr, grpc.credentials.createInsecure());
+        const client = new ControlClient(addr, clientCredentials(this.requireTls()), TLS_CHANNEL_OPTIONS);
         try {
           const res = await new Promise<GetNodeResponse>((resolve, reject) =>
             client.getNode({ nodeId: hostname }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (err, r) => (err ? reject(err) : resolve(r))),
@@ -484,7 +704,7 @@ export class Manager {
           if (fs.existsSync(dir)) fs.renameSync(dir, `${dir}.demoted-${Date.now()}`);
           // the state comes again from the leader (log or snapshot): start from nothing
           this.store.restore({ nodes: [], services: [], tasks: [], clusters: [], networks: [], secrets: [], configs: [] }, 0);
-          const raft = await this.openRaft(addr, token);
+          const raft = await this.openRaft(addr);
           await raft.waitForLeader(signal, 30_000);
           const nodeId = res.node.id;
           // wait until this manager's store has caught up with the cluster, then mark the node
@@ -525,10 +745,11 @@ export class Manager {
   }
 
   private async initCluster(): Promise<void> {
-    const secret = randomBytes(12).toString('hex');
+    const boot = this.bootstrap;
+    if (!boot) throw new FlotillaError('FAILED_PRECONDITION', `no cluster state and no pending ${BOOTSTRAP_FILE} in ${this.opts.dataDir}: move the data dir aside and start again`);
     const autolock = !!this.opts.autolock;
     const cluster: Cluster = {
-      id: newId(),
+      id: boot.clusterId,
       meta: undefined,
       spec: {
         name: 'default',
@@ -539,10 +760,30 @@ export class Manager {
         defaultAddrPoolMaskLength: this.opts.defaultAddrPoolMaskLength ?? 0,
         autolock,
       },
-      tokens: { worker: makeToken('worker', secret), manager: makeToken('manager', secret) },
+      tokens: boot.tokens,
+      ca: boot.ca,
       unlockKey: autolock ? newUnlockKey() : '',
     };
-    await this.store.update((tx) => tx.create('cluster', cluster));
+    const tls = this.requireTls();
+    const self = tls.identity.nodeId;
+    await this.store.update((tx) => {
+      tx.create('cluster', cluster);
+      // this manager's node exists from the start (its certificate names it; see revocation)
+      if (!tx.get('node', self)) {
+        tx.create('node', {
+          id: self,
+          meta: undefined,
+          spec: { labels: {}, desiredRole: NodeRole.NODE_ROLE_MANAGER, availability: NodeAvailability.NODE_AVAILABILITY_ACTIVE },
+          description: undefined,
+          status: { state: NodeState.NODE_STATE_UNKNOWN, message: '', addr: this.advertiseAddr(), lastHeartbeat: 0 },
+          managerStatus: undefined,
+          role: NodeRole.NODE_ROLE_MANAGER,
+          certificateExpiryMs: tls.identity.notAfter.getTime(),
+        });
+      }
+    });
+    fs.rmSync(path.join(this.opts.dataDir, BOOTSTRAP_FILE), { force: true });
+    this.bootstrap = undefined;
     this.opts.log.info({ clusterId: cluster.id }, 'created a new cluster');
   }
 
@@ -619,6 +860,7 @@ export class Manager {
     }
     this.followKeys();
     this.server.forceShutdown();
+    this.unixServer.forceShutdown();
     if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
   }
 }

@@ -101,7 +101,7 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     await launch(mgrs[0]!);
     const r = await cli(['cluster', 'join-token', 'manager', '-q'], env(mgrs[0]!));
     token = r.stdout.trim();
-    expect(token).toMatch(/^FLTTKN-1-/);
+    expect(token).toMatch(/^FLTKN-1-[0-9a-f]{64}-[0-9a-z]{32}$/);
     await launch(mgrs[1]!, ['--join', mgrs[0]!.addr, '--token', token]);
     await launch(mgrs[2]!, ['--join', mgrs[0]!.addr, '--token', token]);
   });

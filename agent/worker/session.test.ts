@@ -1,6 +1,6 @@
 /**
  * The dispatcher session against a small in-process gRPC Dispatcher (a test server implementing just
- * enough: token check, sessions, heartbeats, assignments, status, logs).
+ * enough: token check, sessions, heartbeats, assignments, status, logs), in plain text.
  */
 import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs/promises';
@@ -181,6 +181,9 @@ describe('dispatcher session', () => {
       log,
       backoffInitialMs: 50,
       backoffMaxMs: 300,
+      // this test dispatcher is plain text with a token check: the session protocol alone (mutual
+      // TLS and certificate-bound node ids are tested in test/security.test.ts)
+      insecure: true,
       ...over,
     }));
 

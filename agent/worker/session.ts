@@ -31,11 +31,17 @@ import { LABEL_SLOT, LABEL_TASK_ID } from './controller.js';
 import type { Worker } from './worker.js';
 import { sleep } from '../../common/sleep.js';
 import { writeFileAtomic } from '../../common/fsutil.js';
+import { TLS_CHANNEL_OPTIONS, type TlsSource, clientCredentials } from '../../manager/ca/credentials.js';
 
 export interface SessionOptions {
   /** HOST:PORT of the managers to try, in order */
   managers: string[];
   token: string;
+  /**
+   * the node's certificate (mutual TLS): the node id is the certificate's, and every connection
+   * presents it; without one (tests of the dispatcher alone) plain text with the token
+   */
+  tls?: TlsSource;
   /** the node's data dir: the node id is kept in <dataDir>/agent/node.json */
   dataDir: string;
   description: NodeDescription;
@@ -136,11 +142,17 @@ export class Session {
   /** Keeps a session up until signal aborts. Rejects only on a fatal registration error. */
   async run(signal: AbortSignal): Promise<void> {
     await this.loadNodeId();
+    // with a certificate, the node is the one it names (the manager ignores any other id)
+    if (this.opts.tls && this.nodeId !== this.opts.tls.identity.nodeId) {
+      this.nodeId = this.opts.tls.identity.nodeId;
+      await this.saveNodeId();
+    }
     let attempt = 0;
     let idx = 0;
     while (!signal.aborted) {
       const addr = this.managers[idx % this.managers.length]!;
-      const client = new DispatcherClient(addr, grpc.credentials.createInsecure(), {
+      const client = new DispatcherClient(addr, this.opts.tls ? clientCredentials(this.opts.tls) : grpc.credentials.createInsecure(), {
+        ...(this.opts.tls ? TLS_CHANNEL_OPTIONS : {}),
         'grpc.max_receive_message_length': 64 * 1024 * 1024,
         'grpc.max_send_message_length': 64 * 1024 * 1024,
         'grpc.initial_reconnect_backoff_ms': 100,
@@ -187,7 +199,9 @@ export class Session {
           code === grpc.status.INVALID_ARGUMENT ? 'INVALID_ARGUMENT' : 'PERMISSION_DENIED',
           code === grpc.status.INVALID_ARGUMENT
             ? `manager ${addr} refused the node's registration: ${why}`
-            : `manager ${addr} refused the join token: ${why} (check --token or FLOTILLA_TOKEN)`,
+            : this.opts.tls
+              ? `manager ${addr} refused node ${this.nodeId}: ${why}`
+              : `manager ${addr} refused the join token: ${why} (check --token or FLOTILLA_TOKEN)`,
         );
       }
       throw err;

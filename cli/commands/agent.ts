@@ -7,6 +7,7 @@ import { resolveDataDir } from '../../common/paths.js';
 import { parseKeyValue } from '../../common/units.js';
 import { ipToNum } from '../../manager/allocator/ipam.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
+import { loadNodeTls } from '../../manager/ca/certstore.js';
 
 function checkManager(v: string): string {
   if (!/^[^\s:/]+:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument('--manager', v, 'expected HOST:PORT');
@@ -36,7 +37,8 @@ export function register(program: Command): void {
           .map(checkManager);
         if (managers.length === 0) throw new ExitError(2, 'missing --manager HOST:PORT');
         const token = resolveToken(opts);
-        if (!token) throw new ExitError(2, 'missing --token-file (or FLOTILLA_TOKEN): use the join token printed by `flotilla cluster join-token worker -q`');
+        // a node that joined before has its certificate and needs no token
+        if (!token && !loadNodeTls(resolveDataDir(opts.dataDir))) throw new ExitError(2, 'missing --token-file (or FLOTILLA_TOKEN): use the join token printed by `flotilla cluster join-token worker -q`');
         if (opts.runtime !== 'runc' && opts.runtime !== 'sim') throw invalidArgument('--runtime', opts.runtime, 'must be runc or sim');
         if (opts.hostname !== undefined && !isValidName(opts.hostname)) {
           throw invalidArgument('--hostname', opts.hostname, 'use letters, digits, "_", "." or "-"');

@@ -1,6 +1,9 @@
 import type { Command } from 'commander';
-import { GetClusterResponse, GetUnlockKeyResponse, ListNodesResponse, UpdateClusterResponse } from '../../gen/flotilla/v1/control.js';
+import { GetClusterResponse, GetUnlockKeyResponse, IssueClientCertificateResponse, ListNodesResponse, RotateJoinTokenResponse, UpdateClusterResponse } from '../../gen/flotilla/v1/control.js';
 import { readSecretLine } from '../util.js';
+import { writeClientTlsDir } from '../../manager/ca/certstore.js';
+import { parseDuration } from '../../common/units.js';
+import { parseCertificate } from '../../manager/ca/x509.js';
 import { NodeRole } from '../../gen/flotilla/v1/objects.js';
 import { withControl } from '../client.js';
 import { action, checkFormat, printJson, table, ExitError } from '../util.js';
@@ -64,11 +67,16 @@ export function register(program: Command): void {
       .command('join-token')
       .description('Show the join token for workers or managers')
       .argument('<role>', 'worker or manager')
-      .option('-q, --quiet', 'only display the token'),
+      .option('-q, --quiet', 'only display the token')
+      .option('--rotate', 'replace the token: the old one is refused for new joins (joined nodes are not affected)'),
   ).action(
-    action(async (role: string, opts: { host?: string; quiet?: boolean }) => {
+    action(async (role: string, opts: { host?: string; quiet?: boolean; rotate?: boolean }) => {
       if (role !== 'worker' && role !== 'manager') throw new ExitError(1, `invalid role ${JSON.stringify(role)}: must be worker or manager`);
       await withControl(opts.host, async (c) => {
+        if (opts.rotate) {
+          await c.call<unknown, RotateJoinTokenResponse>('rotateJoinToken', { role });
+          if (!opts.quiet) process.stdout.write(`Successfully rotated the ${role} join token.\n\n`);
+        }
         const r = await c.call<unknown, GetClusterResponse>('getCluster', {});
         const token = role === 'worker' ? r.cluster?.tokens?.worker : r.cluster?.tokens?.manager;
         if (opts.quiet) return void process.stdout.write(`${token}\n`);
@@ -80,6 +88,25 @@ export function register(program: Command): void {
           `To add a ${role} to this cluster, put this token in /etc/flotilla/token (mode 0600) on the new host:\n\n    ${token}\n\n` +
             `then run the following command:\n\n    ${join}\n\n`,
         );
+      });
+    }),
+  );
+
+  hostOption(
+    cluster
+      .command('client-cert')
+      .description('Write an admin client certificate for the CLI over TCP (run on a manager, over its unix socket)')
+      .requiredOption('--out <dir>', 'directory to write ca.pem, cert.pem and key.pem (0600) into')
+      .option('--expiry <duration>', 'certificate lifetime (default: the cluster node certificate lifetime)'),
+  ).action(
+    action(async (opts: { host?: string; out: string; expiry?: string }) => {
+      const expiryMs = opts.expiry ? parseDuration('--expiry', opts.expiry) : 0;
+      await withControl(opts.host, async (c) => {
+        const r = await c.call<unknown, IssueClientCertificateResponse>('issueClientCertificate', { expiryMs });
+        await writeClientTlsDir(opts.out, { trustPem: r.caPem, certPem: r.certPem, keyPem: r.keyPem });
+        const id = parseCertificate(r.certPem);
+        process.stdout.write(`wrote ${opts.out}/{ca,cert,key}.pem (admin certificate ${id.nodeId}, expires ${id.notAfter.toISOString()})\n`);
+        process.stdout.write(`use it with: flotilla --tlsdir ${opts.out} -H MANAGER:PORT ...  (or FLOTILLA_TLS_DIR=${opts.out})\n`);
       });
     }),
   );

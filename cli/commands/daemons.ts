@@ -9,12 +9,22 @@ import { Manager, defaultHostname } from '../../manager/manager.js';
 import { DEFAULT_CONTROL_SOCKET } from '../client.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
+import { MIN_CERT_EXPIRY_MS } from '../../manager/ca/x509.js';
 
 import { checkPool, DEFAULT_ADDR_POOL, DEFAULT_POOL_MASK_LENGTH } from '../../manager/allocator/ipam.js';
 
 function checkAddr(flag: string, v: string): string {
   if (!/^[^\s:]*:\d{1,5}$/.test(v) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(v)) throw invalidArgument(flag, v, 'expected HOST:PORT');
   return v;
+}
+
+/** --cert-expiry: one number and unit, d/h/m/s (a certificate lives up to years: past parseDuration's range). */
+function parseCertExpiry(v: string): number {
+  const m = /^(\d+)(d|h|m|s)$/.exec(v.trim());
+  if (!m) throw invalidArgument('--cert-expiry', v, 'expected a number and a unit: d, h, m or s (e.g. 90d, 5m)');
+  const ms = Number(m[1]) * { d: 86_400_000, h: 3_600_000, m: 60_000, s: 1000 }[m[2] as 'd' | 'h' | 'm' | 's'];
+  if (ms > 20 * 365 * 86_400_000) throw invalidArgument('--cert-expiry', v, 'must be shorter than the root CA (20 years)');
+  return ms;
 }
 
 export function register(program: Command): void {
@@ -34,6 +44,7 @@ export function register(program: Command): void {
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
     .option('--autolock', 'a new cluster starts with autolock: a restarted manager stays locked until `flotilla cluster unlock` (see `flotilla cluster unlock-key`)')
+    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 90d, 12h, 5m; at least 1m)', '90d')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .option('--default-addr-pool <cidr>', 'a new cluster\'s address pool for overlay network subnets (default 10.0.0.0/8)')
     .option('--default-addr-pool-mask-length <n>', 'prefix length of the subnets taken from the pool (default 24)')
@@ -56,7 +67,10 @@ export function register(program: Command): void {
           defaultAddrPool?: string;
           defaultAddrPoolMaskLength?: string;
           autolock?: boolean;
+                  certExpiry: string;
         }) => {
+          const certExpiryMs = parseCertExpiry(opts.certExpiry);
+          if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 1m');
           let pool: { pool: string; mask: number } | undefined;
           if (opts.defaultAddrPool !== undefined || opts.defaultAddrPoolMaskLength !== undefined) {
             if (opts.join) throw invalidArgument('--default-addr-pool', opts.defaultAddrPool ?? '', 'only for the first manager (a joining manager gets the cluster\'s)');
@@ -100,6 +114,7 @@ export function register(program: Command): void {
             forceNewCluster: opts.forceNewCluster,
             defaultAddrPool: pool?.pool,
             defaultAddrPoolMaskLength: pool?.mask,
+            certExpiryMs,
             registerNode: !opts.agent,
             autolock: opts.autolock,
             onLocked: () => process.stdout.write(`flotilla manager locked (autolock): run \`flotilla cluster unlock\` (control socket unix://${opts.controlSocket})\n`),
@@ -127,7 +142,9 @@ export function register(program: Command): void {
               ),
               addr: manager.advertiseAddr(),
               managerAddr: manager.advertiseAddr(),
-              token: manager.managerToken(),
+              token: '',
+              // the manager's own certificate: the in-process agent is the manager's node
+              tls: manager.tls,
               hostname,
               labels,
               runtime: opts.runtime as 'runc' | 'sim',

@@ -40,6 +40,7 @@ async function setup(pool?: { pool: string; mask: number }) {
       spec: { name: 'default', heartbeatPeriodMs: 5000, taskHistoryLimit: 5, serviceHistoryLimit: 10, defaultAddrPool: pool?.pool ?? '', defaultAddrPoolMaskLength: pool?.mask ?? 0, autolock: false },
       tokens: { worker: 'w', manager: 'm' },
       unlockKey: '',
+      ca: undefined,
     });
   });
   return { store, nodes };

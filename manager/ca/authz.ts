@@ -51,12 +51,27 @@ export interface AuthzOptions {
    * root that was dropped by a CA rotation is refused even on a connection opened before.
    */
   trustedIssuers?: () => readonly string[];
+  /**
+   * Issuer CN -> role of the current join CAs (one per join token, manager/ca/join.ts). A
+   * certificate from one of them is a 'joiner', whatever its subject says; a 'joiner' from any
+   * other issuer is refused.
+   */
+  joinIssuers?: () => ReadonlyMap<string, 'worker' | 'manager'>;
+  /**
+   * Let calls through on a connection whose certificate expired after the connection was opened
+   * (the handshake checked the dates). The daemons set it: a node renews its certificate long
+   * before expiry, and its sessions must survive the renewal (new connections present the new
+   * certificate). Revocation and CA rotation are still checked on every call.
+   */
+  allowExpiredOnOpenConnections?: boolean;
   now?: () => number;
 }
 
 export interface Caller {
   /** absent only for 'anonymous' calls without a certificate */
   identity?: CertIdentity;
+  /** for a 'joiner': the role its join token grants */
+  joinRole?: 'worker' | 'manager';
 }
 
 const callers = new WeakMap<object, Caller>();
@@ -98,12 +113,22 @@ export function check(call: { getAuthContext(): AuthContextLike | null }, method
     if (allowed.includes('anonymous')) return {};
     return denied(grpc.status.UNAUTHENTICATED, `${method}: a client certificate from this cluster's CA is required`);
   }
+  // a join certificate: recognised by its issuer (one of the current join CAs), never its subject
+  const joinRole = opts.joinIssuers?.().get(identity.issuer);
+  if (joinRole || identity.role === 'joiner') {
+    if (!joinRole) return denied(grpc.status.PERMISSION_DENIED, `${method}: a join certificate from an unknown join CA (rotated token?)`);
+    if (identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) return denied(grpc.status.UNAUTHENTICATED, `${method}: join certificate expired`);
+    if (!allowed.includes('joiner') && !allowed.includes('anonymous')) {
+      return denied(grpc.status.PERMISSION_DENIED, `${method}: needs a ${allowed.join(' or ')} certificate; a joining node (join certificate) can only ask for its node certificate`);
+    }
+    return { identity: { ...identity, role: 'joiner' }, joinRole };
+  }
   const clusterId = typeof opts.clusterId === 'function' ? opts.clusterId() : opts.clusterId;
   if (identity.clusterId !== clusterId) {
     return denied(grpc.status.PERMISSION_DENIED, `${method}: certificate of node ${identity.nodeId} is for cluster ${identity.clusterId}, not ${clusterId}`);
   }
   // TLS checks dates at the handshake only; a long-lived connection outlives its certificate
-  if (identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
+  if (!opts.allowExpiredOnOpenConnections && identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
     return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} expired at ${identity.notAfter.toISOString()}`);
   }
   if (opts.trustedIssuers && !opts.trustedIssuers().includes(identity.issuer)) {

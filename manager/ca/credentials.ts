@@ -130,11 +130,51 @@ export class TlsSource implements grpc.experimental.CertificateProvider {
  */
 export type ClientCertMode = 'require' | 'optional';
 
+/**
+ * What a server accepts client certificates from: the node's trust bundle plus extra roots that
+ * only the server trusts (the join CAs of the current join tokens, manager/ca/join.ts). The node's
+ * own clients never trust those. Follows updates of both.
+ */
+export class ServerTrust implements grpc.experimental.CertificateProvider {
+  private extra = '';
+  private readonly listeners = new Set<CaListener>();
+  constructor(private readonly source: TlsSource) {
+    source.onChange(() => this.emit());
+  }
+  /** Replaces the extra client roots (PEM bundle); new handshakes use them at once. */
+  setExtra(pem: string): void {
+    if (pem === this.extra) return;
+    this.extra = pem;
+    this.emit();
+  }
+  private value(): { caCertificate: Buffer } {
+    return { caCertificate: Buffer.from(this.source.current.trustPem + this.extra) };
+  }
+  private emit(): void {
+    for (const l of this.listeners) l(this.value());
+  }
+  addCaCertificateListener(l: CaListener): void {
+    this.listeners.add(l);
+    process.nextTick(() => {
+      if (this.listeners.has(l)) l(this.value());
+    });
+  }
+  removeCaCertificateListener(l: CaListener): void {
+    this.listeners.delete(l);
+  }
+  addIdentityCertificateListener(l: IdListener): void {
+    this.source.addIdentityCertificateListener(l);
+  }
+  removeIdentityCertificateListener(l: IdListener): void {
+    this.source.removeIdentityCertificateListener(l);
+  }
+}
+
 /** Server credentials for a gRPC server (control API on TCP, dispatcher, Raft, NodeCA). */
-export function serverCredentials(source: TlsSource, clientCerts: ClientCertMode = 'require'): grpc.ServerCredentials {
-  // The same provider serves as CA and identity provider, which also sidesteps the swapped
-  // parameter names of grpc-js 1.14's createCertificateProviderServerCredentials.
-  return grpc.experimental.createCertificateProviderServerCredentials(source, source, clientCerts === 'require');
+export function serverCredentials(source: TlsSource, clientCerts: ClientCertMode = 'require', trust: grpc.experimental.CertificateProvider = source): grpc.ServerCredentials {
+  // grpc-js 1.14's createCertificateProviderServerCredentials(a, b) hands a to the constructor's
+  // identity parameter and b to its CA parameter (swapped names): identity first, then CA.
+  return grpc.experimental.createCertificateProviderServerCredentials(source, trust, clientCerts === 'require');
 }
 
 /** A TLS name that is never a host name: gRPC's SNI and default host check do not apply to us. */
@@ -203,6 +243,16 @@ export function anonymousClientCredentials(trustPem: string, clusterId: string):
  * answer must be checked against the join token's digest (verifyCaAgainstToken) before use, and
  * nothing secret (the token) may be sent over such a channel.
  */
-export function untrustedClientCredentials(): grpc.ChannelCredentials {
-  return grpc.credentials.createSsl(null, null, null, { rejectUnauthorized: false });
+export function untrustedClientCredentials(client?: { certPem: string; keyPem: string }): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(null, client ? Buffer.from(client.keyPem) : null, client ? Buffer.from(client.certPem) : null, { rejectUnauthorized: false });
+}
+
+/**
+ * A joining node's channel once it trusts the root (digest checked against the token): verifies
+ * the server is a manager under that root, and presents the node's join certificate.
+ */
+export function joinerClientCredentials(trustPem: string, clusterId: string, client: { certPem: string; keyPem: string }): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(Buffer.from(trustPem), Buffer.from(client.keyPem), Buffer.from(client.certPem), {
+    checkServerIdentity: (_host, cert) => checkPeerCertificate(cert, { roles: ['manager'], clusterId }),
+  });
 }

@@ -3,6 +3,7 @@
  * node side (join: fetch the root, check it against the token, send a CSR; renewal loop).
  */
 import { X509Certificate as NodeX509 } from 'node:crypto';
+import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import {
   type GetRootCAResponse,
@@ -17,7 +18,8 @@ import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { sleep } from '../../common/sleep.js';
 import { grpcError } from '../grpc.js';
 import { type AuthzOptions, type Policy, authorize, callerOf } from './authz.js';
-import { TLS_CHANNEL_OPTIONS, type TlsMaterial, type TlsSource, anonymousClientCredentials, clientCredentials, untrustedClientCredentials } from './credentials.js';
+import { TLS_CHANNEL_OPTIONS, TLS_SERVER_NAME, type TlsMaterial, type TlsSource, clientCredentials, joinerClientCredentials, untrustedClientCredentials } from './credentials.js';
+import { joinerCertificate } from './join.js';
 import { parseToken, tokenMatches, verifyCaAgainstToken } from './token.js';
 import { type Role, type RootCA, createCsr, parseCertificate, renewalTime, splitPemBundle } from './x509.js';
 
@@ -38,6 +40,8 @@ export interface CaBackend {
   admitNode(role: 'manager' | 'worker', addresses: string[]): Promise<string>;
   /** the role the store gives a node now (promote/demote), or undefined when the node is gone */
   nodeRole(nodeId: string): 'manager' | 'worker' | undefined;
+  /** told of every certificate issued to a node (join and renewal), e.g. to show its expiry */
+  onIssued?(nodeId: string, certPem: string): void;
 }
 
 /** Who may call what on NodeCA. */
@@ -63,17 +67,22 @@ export function nodeCaHandlers(backend: CaBackend, authz: AuthzOptions): NodeCAS
       const ca = await backend.signingCA();
       return { rootCaPem: ca.certPem, trustBundlePem: backend.trustBundle() };
     }),
-    issueNodeCertificate: unary(async (req: IssueNodeCertificateRequest): Promise<IssueNodeCertificateResponse> => {
-      parseToken(req.token); // shape first, for a clear INVALID_ARGUMENT
-      const tokens = backend.joinTokens();
-      // compare against both, always, so timing does not tell which role a token nearly matched
-      const isWorker = tokenMatches(req.token, tokens.worker);
-      const isManager = tokenMatches(req.token, tokens.manager);
-      const role: 'manager' | 'worker' | undefined = isManager ? 'manager' : isWorker ? 'worker' : undefined;
+    issueNodeCertificate: unary(async (req: IssueNodeCertificateRequest, call): Promise<IssueNodeCertificateResponse> => {
+      // a join certificate (derived from a current token) says the role; the token then stays home
+      let role: 'manager' | 'worker' | undefined = callerOf(call)?.joinRole;
+      if (!role) {
+        parseToken(req.token); // shape first, for a clear INVALID_ARGUMENT
+        const tokens = backend.joinTokens();
+        // compare against both, always, so timing does not tell which role a token nearly matched
+        const isWorker = tokenMatches(req.token, tokens.worker);
+        const isManager = tokenMatches(req.token, tokens.manager);
+        role = isManager ? 'manager' : isWorker ? 'worker' : undefined;
+      }
       if (!role) throw new FlotillaError('PERMISSION_DENIED', 'join token refused: it is not a current join token of this cluster (rotated?)');
       const ca = await backend.signingCA();
       const nodeId = await backend.admitNode(role, req.addresses);
       const certPem = await ca.issue({ csrPem: req.csrPem, nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
+      backend.onIssued?.(nodeId, certPem);
       return { nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
     }),
     renewNodeCertificate: unary(async (req: RenewNodeCertificateRequest, call): Promise<IssueNodeCertificateResponse> => {
@@ -83,6 +92,7 @@ export function nodeCaHandlers(backend: CaBackend, authz: AuthzOptions): NodeCAS
       if (!role) throw new FlotillaError('PERMISSION_DENIED', `node ${id.nodeId} is not a member of the cluster`);
       const ca = await backend.signingCA();
       const certPem = await ca.issue({ csrPem: req.csrPem, nodeId: id.nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
+      backend.onIssued?.(id.nodeId, certPem);
       return { nodeId: id.nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
     }),
   };
@@ -107,15 +117,26 @@ export interface JoinResult extends TlsMaterial {
  * matches the token's digest, then sends a fresh CSR with the token over a channel that verifies
  * the manager against that root. The token never goes over an unverified channel.
  */
-export async function joinCluster(addr: string, token: string, opts: { addresses?: string[]; timeoutMs?: number } = {}): Promise<JoinResult> {
+export async function joinCluster(addr: string, token: string, opts: { addresses?: string[]; timeoutMs?: number; sendToken?: boolean } = {}): Promise<JoinResult> {
   parseToken(token);
   const timeoutMs = opts.timeoutMs ?? 10_000;
-  const untrusted = new NodeCAClient(addr, untrustedClientCredentials(), TLS_CHANNEL_OPTIONS);
+  // a short-lived client certificate signed by the token's derived join CA: it gets us through a
+  // listener that requires client certificates, and tells the CA our role without the token
+  const joiner = await joinerCertificate(token);
+  const untrusted = new NodeCAClient(addr, untrustedClientCredentials(joiner), TLS_CHANNEL_OPTIONS);
   let root: GetRootCAResponse;
   try {
     root = await call(untrusted.getRootCa.bind(untrusted), {}, timeoutMs);
   } catch (err) {
-    throw new FlotillaError('UNAVAILABLE', `join: cannot fetch the root CA from ${addr}: ${errorMessage(err)}`, { cause: err });
+    const e = err as grpc.ServiceError;
+    // grpc-js reports a refused handshake like a manager that is down: ask TLS itself
+    if (e.code === grpc.status.UNAVAILABLE && (await handshakeRefused(addr, joiner))) {
+      throw new FlotillaError(
+        'PERMISSION_DENIED',
+        `join: the manager at ${addr} refused this node's join certificate at the TLS handshake: the join token is not current (rotated?) or is from another cluster; get the current one with \`flotilla cluster join-token worker|manager -q\``,
+      );
+    }
+    throw new FlotillaError(e.code === grpc.status.PERMISSION_DENIED ? 'PERMISSION_DENIED' : 'UNAVAILABLE', `join: cannot fetch the root CA from ${addr}: ${errorMessage(err)}`, { cause: err });
   } finally {
     untrusted.close();
   }
@@ -123,13 +144,47 @@ export async function joinCluster(addr: string, token: string, opts: { addresses
   // trust only the root the token pins (the bundle may carry a second root we cannot check yet)
   const clusterId = parseCaCluster(root.rootCaPem);
   const { keyPem, csrPem } = await createCsr();
-  const client = new NodeCAClient(addr, anonymousClientCredentials(root.rootCaPem, clusterId), TLS_CHANNEL_OPTIONS);
+  const client = new NodeCAClient(addr, joinerClientCredentials(root.rootCaPem, clusterId, joiner), TLS_CHANNEL_OPTIONS);
   try {
-    const res = await call(client.issueNodeCertificate.bind(client), { token, csrPem, addresses: opts.addresses ?? [] }, timeoutMs);
+    const res = await call(client.issueNodeCertificate.bind(client), { token: opts.sendToken ? token : '', csrPem, addresses: opts.addresses ?? [] }, timeoutMs);
     return checkIssued(res, keyPem, res.trustBundlePem || root.rootCaPem);
   } finally {
     client.close();
   }
+}
+
+/**
+ * Whether a manager that answers TLS refuses this client certificate (a TLS alert about the
+ * certificate), as opposed to being unreachable.
+ */
+function handshakeRefused(addr: string, client: { certPem: string; keyPem: string }): Promise<boolean> {
+  const i = addr.lastIndexOf(':');
+  const host = addr.slice(0, i).replace(/^\[|\]$/g, '');
+  const port = Number(addr.slice(i + 1));
+  return new Promise((resolve) => {
+    let done = false;
+    const finish = (v: boolean): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(v);
+    };
+    const sock = tls.connect({ host, port, cert: client.certPem, key: client.keyPem, rejectUnauthorized: false, servername: TLS_SERVER_NAME, ALPNProtocols: ['h2'] });
+    // TLS 1.3: the server checks the client certificate after the client's Finished, so the alert
+    // arrives just after 'secureConnect'
+    const timer = setTimeout(() => finish(false), 2000);
+    // (grpc-js's server just closes the connection): a server that accepted us answers the HTTP/2
+    // preface with its SETTINGS; one that refused closes without a byte
+    let secured = false;
+    sock.on('error', (err: Error) => finish(secured || /alert|certificate|unknown ca/i.test(err.message)));
+    sock.on('secureConnect', () => {
+      secured = true;
+      sock.write(Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'));
+    });
+    sock.on('data', () => finish(false));
+    sock.on('close', () => finish(secured));
+  });
 }
 
 function parseCaCluster(caPem: string): string {

@@ -256,9 +256,9 @@ describe('mutual TLS and roles', () => {
   });
 });
 
-describe('join', () => {
+describe('join (token sent over an optional listener; the daemons use join certificates instead, test/security.test.ts)', () => {
   it('a worker token yields a worker certificate with a CA-chosen id, which cannot reach Raft', async () => {
-    const res = await joinCluster(f.optionalAddr, f.tokens.worker, { addresses: ['127.0.0.1:9999'] });
+    const res = await joinCluster(f.optionalAddr, f.tokens.worker, { addresses: ['127.0.0.1:9999'], sendToken: true });
     expect(res.role).toBe('worker');
     expect(res.nodeId).toMatch(/^[0-9a-z]{25}$/);
     expect(f.admitted).toContain(`${res.nodeId}:worker`);
@@ -269,7 +269,7 @@ describe('join', () => {
   });
 
   it('a manager token yields a manager certificate that reaches Raft', async () => {
-    const res = await joinCluster(f.optionalAddr, f.tokens.manager);
+    const res = await joinCluster(f.optionalAddr, f.tokens.manager, { sendToken: true });
     expect(res.role).toBe('manager');
     await propose(f.requireAddr, clientCredentials(new TlsSource(res)));
   });
@@ -286,11 +286,11 @@ describe('join', () => {
     const old = f.tokens.worker;
     f.tokens = { ...f.tokens, worker: formatToken(f.ca.certPem, newTokenSecret()) };
     const before = f.admitted.length;
-    const err = (await joinCluster(f.optionalAddr, old).catch((e: unknown) => e)) as grpc.ServiceError;
+    const err = (await joinCluster(f.optionalAddr, old, { sendToken: true }).catch((e: unknown) => e)) as grpc.ServiceError;
     expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
     expect(err.details).toMatch(/not a current join token/);
     expect(f.admitted.length).toBe(before);
-    await expect(joinCluster(f.optionalAddr, f.tokens.worker)).resolves.toMatchObject({ role: 'worker' });
+    await expect(joinCluster(f.optionalAddr, f.tokens.worker, { sendToken: true })).resolves.toMatchObject({ role: 'worker' });
   });
 });
 

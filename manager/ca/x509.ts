@@ -20,8 +20,12 @@ import { FlotillaError } from '../../common/errors.js';
 x509.cryptoProvider.set(webcrypto as never);
 const subtle = webcrypto.subtle;
 
-export type Role = 'manager' | 'worker' | 'admin';
-export const ROLES: readonly Role[] = ['manager', 'worker', 'admin'];
+/**
+ * 'joiner': a node's short-lived join certificate, signed by a join CA derived from a token
+ * (manager/ca/join.ts); it can only fetch the root and ask for its node certificate.
+ */
+export type Role = 'manager' | 'worker' | 'admin' | 'joiner';
+export const ROLES: readonly Role[] = ['manager', 'worker', 'admin', 'joiner'];
 
 const EC = { name: 'ECDSA', namedCurve: 'P-256' } as const;
 const SIGN = { name: 'ECDSA', hash: 'SHA-256' } as const;
@@ -172,7 +176,7 @@ export class RootCA {
 
   /** Signs a node certificate for the public key in a CSR; the subject is the CA's decision. */
   async issue(req: IssueRequest): Promise<string> {
-    if (!ROLES.includes(req.role)) throw new FlotillaError('INVALID_ARGUMENT', `invalid role ${JSON.stringify(req.role)}`);
+    if (!ROLES.includes(req.role) || req.role === 'joiner') throw new FlotillaError('INVALID_ARGUMENT', `invalid role ${JSON.stringify(req.role)}`);
     if (!/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$/.test(req.nodeId)) throw new FlotillaError('INVALID_ARGUMENT', `invalid node id ${JSON.stringify(req.nodeId)}`);
     const expiry = req.expiryMs ?? DEFAULT_CERT_EXPIRY_MS;
     if (!Number.isFinite(expiry) || expiry < MIN_CERT_EXPIRY_MS) {
@@ -203,7 +207,9 @@ export class RootCA {
       serialNumber: newSerial(),
       subject: [{ CN: [req.nodeId] }, { OU: [req.role] }, { O: [this.clusterId] }],
       issuer: this.cert.subjectName.toString(),
-      notBefore: new Date(now.getTime() - BACKDATE_MS),
+      // backdated for clock skew, but never by more than the lifetime: renewal (at 50-80% of the
+      // validity period) must not fall before the issue time of a short-lived certificate
+      notBefore: new Date(now.getTime() - Math.min(BACKDATE_MS, expiry)),
       notAfter,
       signingAlgorithm: SIGN,
       publicKey: csr.publicKey,

@@ -8,6 +8,7 @@ import {
   ControlServer,
   CreateConfigRequest,
   CreateSecretRequest,
+  ControlService,
   CreateServiceRequest,
   GetConfigRequest,
   GetSecretRequest,
@@ -40,6 +41,8 @@ import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveS
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
 
+import { type AuthzOptions, type Policy, authorize } from '../ca/authz.js';
+
 export const DEFAULT_SERVICE_HISTORY = 10;
 
 export interface ControlContext {
@@ -53,7 +56,49 @@ export interface ControlContext {
   managerStatus?(node: Node): import('../../gen/flotilla/v1/objects.js').ManagerStatus | undefined;
   /** the Raft members with their ids, addresses and reachability */
   managers?(): import('../../gen/flotilla/v1/objects.js').ManagerStatus[];
+  /** a new admin client certificate (PEM CA bundle, certificate, key) */
+  issueClientCertificate?(expiryMs: number): Promise<{ caPem: string; certPem: string; keyPem: string }>;
+  /** replaces one role's join token; returns the new one */
+  rotateJoinToken?(role: 'worker' | 'manager'): Promise<string>;
+  /** a follower: serve a logs request by relaying it from the leader */
+  relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
 }
+
+/** Over TCP (mutual TLS): admin certificates, and managers (their own calls to each other). */
+const ADMIN_OR_MANAGER = ['admin', 'manager'] as const;
+export const CONTROL_POLICY: Policy<ControlServer> = {
+  getCluster: ADMIN_OR_MANAGER,
+  listNodes: ADMIN_OR_MANAGER,
+  getNode: ADMIN_OR_MANAGER,
+  updateNode: ADMIN_OR_MANAGER,
+  removeNode: ADMIN_OR_MANAGER,
+  createService: ADMIN_OR_MANAGER,
+  getService: ADMIN_OR_MANAGER,
+  listServices: ADMIN_OR_MANAGER,
+  updateService: ADMIN_OR_MANAGER,
+  removeService: ADMIN_OR_MANAGER,
+  listTasks: ADMIN_OR_MANAGER,
+  serviceLogs: ADMIN_OR_MANAGER,
+  issueClientCertificate: ['admin'],
+  rotateJoinToken: ADMIN_OR_MANAGER,
+  createNetwork: ADMIN_OR_MANAGER,
+  getNetwork: ADMIN_OR_MANAGER,
+  listNetworks: ADMIN_OR_MANAGER,
+  removeNetwork: ADMIN_OR_MANAGER,
+  createSecret: ADMIN_OR_MANAGER,
+  getSecret: ADMIN_OR_MANAGER,
+  listSecrets: ADMIN_OR_MANAGER,
+  removeSecret: ADMIN_OR_MANAGER,
+  createConfig: ADMIN_OR_MANAGER,
+  getConfig: ADMIN_OR_MANAGER,
+  listConfigs: ADMIN_OR_MANAGER,
+  removeConfig: ADMIN_OR_MANAGER,
+  // the unlock key and autolock: admins only (a manager never needs them from another)
+  updateCluster: ['admin'],
+  getUnlockKey: ['admin'],
+  // over TCP a manager is never locked (a locked one does not listen): this only ever answers "not locked"
+  unlockManager: ADMIN_OR_MANAGER,
+};
 
 export function resolveService(store: MemoryStore, ref: string): Service {
   if (!ref) throw invalidArgument('service', ref, 'required');
@@ -91,8 +136,8 @@ export class ControlApi {
     const cluster = this.store.getCluster();
     if (!cluster) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
     return {
-      // the unlock key is shown only by GetUnlockKey (`flotilla cluster unlock-key`)
-      cluster: { ...cluster, unlockKey: '' },
+      // neither the unlock key (shown only by GetUnlockKey) nor the CA's private key leaves the store through the API
+      cluster: { ...cluster, unlockKey: '', ...(cluster.ca ? { ca: { ...cluster.ca, rootKeyPem: '' } } : {}) },
       leaderAddr: this.ctx.leaderAddr(),
       nodes: this.store.nodes.size,
       services: this.store.services.size,
@@ -295,7 +340,12 @@ export class ControlApi {
   serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
     let service: Service;
     try {
-      // the agents' log streams end at the leader's dispatcher
+      // the agents' log streams end at the leader's dispatcher: a follower relays the stream from
+      // the leader with its own manager certificate (a CLI on its unix socket has none)
+      if (!this.ctx.dispatcher.isRunning() && this.ctx.relayLogs && this.ctx.leaderAddr()) {
+        this.ctx.relayLogs(call);
+        return;
+      }
       if (!this.ctx.dispatcher.isRunning())
         throw new FlotillaError('UNAVAILABLE', `logs are served by the leader manager; retry with --host ${this.ctx.leaderAddr() || '<leader>'}`);
       service = resolveService(this.store, call.request.serviceId);
@@ -329,7 +379,13 @@ export class ControlApi {
     }
   }
 
-  server(): ControlServer {
+  /** The handlers; with `authz` (the TCP listener) wrapped with CONTROL_POLICY. */
+  server(authz?: AuthzOptions): ControlServer {
+    const handlers = this.handlers();
+    return authz ? authorize(ControlService, handlers, CONTROL_POLICY, authz) : handlers;
+  }
+
+  private handlers(): ControlServer {
     return {
       getCluster: unary(() => this.getCluster()),
       listNodes: unary(async () => {
@@ -408,6 +464,16 @@ export class ControlApi {
         return { unlockKey: c.spec?.autolock ? c.unlockKey : '' };
       }),
       unlockManager: unary(() => Promise.reject(new FlotillaError('FAILED_PRECONDITION', 'this manager is not locked'))),
+      issueClientCertificate: unary(async (req: { expiryMs: number }) => {
+        if (!this.ctx.issueClientCertificate) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
+        if (req.expiryMs < 0) throw invalidArgument('expiry_ms', req.expiryMs, 'must not be negative');
+        return this.ctx.issueClientCertificate(req.expiryMs);
+      }),
+      rotateJoinToken: unary(async (req: { role: string }) => {
+        if (req.role !== 'worker' && req.role !== 'manager') throw invalidArgument('role', req.role, 'must be worker or manager');
+        if (!this.ctx.rotateJoinToken) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
+        return { token: await this.ctx.rotateJoinToken(req.role) };
+      }),
     };
   }
 }

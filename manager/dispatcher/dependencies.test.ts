@@ -107,7 +107,7 @@ describe('dispatcher: secrets and configs go only where they are needed', () => 
 
   beforeAll(async () => {
     await store.update((tx) => {
-      tx.create('cluster', { id: 'c', meta: undefined, spec: undefined, tokens: { worker: TOKEN, manager: 'SWMTKN-test-manager' }, unlockKey: '' });
+      tx.create('cluster', { id: 'c', meta: undefined, spec: undefined, tokens: { worker: TOKEN, manager: 'SWMTKN-test-manager' }, unlockKey: '', ca: undefined });
       tx.create('secret', { id: ids.s1, meta: undefined, spec: { name: 's1', labels: {}, data: Buffer.from('value-of-s1') } });
       tx.create('secret', { id: ids.s2, meta: undefined, spec: { name: 's2', labels: {}, data: Buffer.from('value-of-s2') } });
       tx.create('config', { id: ids.c1, meta: undefined, spec: { name: 'c1', labels: {}, data: Buffer.from('value-of-c1') } });

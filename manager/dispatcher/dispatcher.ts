@@ -10,6 +10,7 @@ import {
   AssignmentsRequest,
   AssignmentsType,
   DispatcherServer,
+  DispatcherService,
   HeartbeatRequest,
   HeartbeatResponse,
   LogChunk,
@@ -29,6 +30,8 @@ import { grpcError } from '../grpc.js';
 import { sleep } from '../../common/sleep.js';
 import { NetworkViews } from './netviews.js';
 import { hasReferences, needsDependencies, noDependencies, syncDependencies, type SentDependencies } from './dependencies.js';
+import { type AuthzOptions, type Policy, authorize, callerOf } from '../ca/authz.js';
+import type { CertIdentity } from '../ca/x509.js';
 
 export const DEFAULT_HEARTBEAT_MS = 5000;
 const MISSED_HEARTBEATS = 3;
@@ -144,27 +147,38 @@ export class Dispatcher {
     return s;
   }
 
-  async register(req: RegisterRequest): Promise<RegisterResponse> {
+  /**
+   * Registers a node. With mutual TLS `cert` is the caller's certificate: the node is the one it
+   * names (ids in the request are ignored) and the token is not needed; without (tests of the
+   * dispatcher alone) the token says the role.
+   */
+  async register(req: RegisterRequest, cert?: { nodeId: string; role: string; notAfter: Date }): Promise<RegisterResponse> {
     this.requireRunning();
     const cluster = this.store.getCluster();
     if (!cluster?.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
-    const role = secretMatches(req.token, cluster.tokens.manager)
-      ? NodeRole.NODE_ROLE_MANAGER
-      : secretMatches(req.token, cluster.tokens.worker)
-        ? NodeRole.NODE_ROLE_WORKER
-        : undefined;
+    const role = cert
+      ? cert.role === 'manager'
+        ? NodeRole.NODE_ROLE_MANAGER
+        : NodeRole.NODE_ROLE_WORKER
+      : secretMatches(req.token, cluster.tokens.manager)
+        ? NodeRole.NODE_ROLE_MANAGER
+        : secretMatches(req.token, cluster.tokens.worker)
+          ? NodeRole.NODE_ROLE_WORKER
+          : undefined;
     if (role === undefined) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
     const desc = req.description;
     if (!desc?.hostname) throw new FlotillaError('INVALID_ARGUMENT', 'invalid description.hostname "": required');
-    const existing = req.nodeId ? this.store.getNode(req.nodeId) : undefined;
-    const nodeId = existing?.id ?? newId();
+    const wantId = cert ? cert.nodeId : req.nodeId;
+    const existing = wantId ? this.store.getNode(wantId) : undefined;
+    const nodeId = cert ? cert.nodeId : (existing?.id ?? newId());
+    const certificateExpiryMs = cert ? cert.notAfter.getTime() : (existing?.certificateExpiryMs ?? 0);
     const old = this.sessions.get(nodeId);
     if (old) this.endSession(old, 'replaced by a new session');
     await this.store.update((tx) => {
       const n = tx.get('node', nodeId);
       const status = { state: NodeState.NODE_STATE_READY, message: '', addr: req.addr, lastHeartbeat: Date.now() };
       if (n) {
-        tx.update('node', { ...n, description: desc, status });
+        tx.update('node', { ...n, description: desc, status, certificateExpiryMs });
       } else {
         tx.create('node', {
           id: nodeId,
@@ -174,6 +188,7 @@ export class Dispatcher {
           status,
           managerStatus: undefined,
           role,
+          certificateExpiryMs,
         });
       }
     });
@@ -266,6 +281,10 @@ export class Dispatcher {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
     for (const u of req.updates) {
+      const t = this.store.getTask(u.taskId);
+      if (t && t.nodeId !== s.nodeId) throw new FlotillaError('PERMISSION_DENIED', `task ${u.taskId} is not assigned to node ${s.nodeId}: refusing its status report`);
+    }
+    for (const u of req.updates) {
       if (!u.status) continue;
       this.pending.set(u.taskId, { nodeId: s.nodeId, status: u.status });
     }
@@ -309,12 +328,12 @@ export class Dispatcher {
 
   // ---- logs: the agent holds a stream; the control API asks through it
 
-  logs(call: grpc.ServerDuplexStream<LogChunk, LogRequest>): void {
+  logs(call: grpc.ServerDuplexStream<LogChunk, LogRequest>, boundNodeId?: string): void {
     let s: Session | undefined;
     call.on('data', (chunk: LogChunk) => {
       if (!s) {
         try {
-          s = this.session(chunk.nodeId, chunk.sessionId);
+          s = this.session(boundNodeId ?? chunk.nodeId, chunk.sessionId);
           s.logStream = call;
         } catch (err) {
           call.emit('error', grpcError(err));
@@ -358,16 +377,65 @@ export class Dispatcher {
     return this.sessions.has(nodeId);
   }
 
-  server(): DispatcherServer {
-    return {
-      register: unary((req: RegisterRequest) => this.register(req)),
-      heartbeat: unary(async (req: HeartbeatRequest) => this.heartbeat(req)),
-      updateTaskStatus: unary(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
-      assignments: (call) => this.assignments(call),
-      logs: (call) => this.logs(call),
+  /**
+   * The gRPC handlers. With `authz` (mutual TLS) only worker and manager certificates get in, and
+   * every call is bound to the certificate's node id: node ids in request bodies are replaced by it.
+   */
+  server(authz?: AuthzOptions): DispatcherServer {
+    if (!authz) {
+      return {
+        register: unary((req: RegisterRequest) => this.register(req)),
+        heartbeat: unary(async (req: HeartbeatRequest) => this.heartbeat(req)),
+        updateTaskStatus: unary(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
+        assignments: (call) => this.assignments(call),
+        logs: (call) => this.logs(call),
+      };
+    }
+    const idOf = (call: object): CertIdentity => {
+      const id = callerOf(call)?.identity;
+      if (!id) throw new FlotillaError('PERMISSION_DENIED', 'a node certificate is required');
+      return id;
     };
+    const bound = <Req extends { nodeId: string }, Res>(fn: (req: Req, id: CertIdentity) => Promise<Res>): grpc.handleUnaryCall<Req, Res> =>
+      (call, callback) => {
+        Promise.resolve()
+          .then(() => {
+            const id = idOf(call);
+            return fn({ ...call.request, nodeId: id.nodeId }, id);
+          })
+          .then(
+            (res) => callback(null, res),
+            (err: unknown) => callback(grpcError(err)),
+          );
+      };
+    const handlers: DispatcherServer = {
+      register: bound((req: RegisterRequest, id) => this.register(req, id)),
+      heartbeat: bound(async (req: HeartbeatRequest) => this.heartbeat(req)),
+      updateTaskStatus: bound(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
+      assignments: (call) => {
+        const id = callerOf(call)?.identity;
+        if (!id) return void call.emit('error', grpcError(new FlotillaError('PERMISSION_DENIED', 'a node certificate is required')));
+        call.request = { ...call.request, nodeId: id.nodeId };
+        this.assignments(call);
+      },
+      logs: (call) => {
+        const id = callerOf(call)?.identity;
+        if (!id) return void call.emit('error', grpcError(new FlotillaError('PERMISSION_DENIED', 'a node certificate is required')));
+        this.logs(call, id.nodeId);
+      },
+    };
+    return authorize(DispatcherService, handlers, DISPATCHER_POLICY, authz);
   }
 }
+
+/** Workers and managers (their agents), each only as itself. */
+export const DISPATCHER_POLICY: Policy<DispatcherServer> = {
+  register: ['worker', 'manager'],
+  heartbeat: ['worker', 'manager'],
+  assignments: ['worker', 'manager'],
+  updateTaskStatus: ['worker', 'manager'],
+  logs: ['worker', 'manager'],
+};
 
 /** A manager's node registered by the manager itself (no agent, no runtime): it has no session. */
 export function isAgentless(n: Node): boolean {

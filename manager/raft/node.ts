@@ -32,7 +32,8 @@ import { MemberBook, checkRemovalQuorum, joinCluster, learnerToPromote, transfer
 import { snapIndex } from './memory-storage.js';
 import { ReadyRunner } from './ready.js';
 import { attachRaftService, type ServiceRef } from './service.js';
-import { CHANNEL_OPTIONS, RaftTransport, callUnary } from './transport.js';
+import { CHANNEL_OPTIONS, RAFT_ID_GENERATIONS, RaftTransport, callUnary, raftIdForNode, raftIdsOfNode } from './transport.js';
+import type { AuthzOptions } from '../ca/authz.js';
 import type { Entry, Ready, Snapshot } from './types.js';
 import { DEFAULT_SEGMENT_BYTES, Wal } from './wal.js';
 import { Waiters } from './waiters.js';
@@ -91,6 +92,13 @@ export interface RaftNodeOptions {
   chunkBytes?: number;
   credentials?: grpc.ChannelCredentials;
   serverCredentials?: grpc.ServerCredentials;
+  /**
+   * Mutual TLS: authorize the Raft service by certificate (managers only), drop messages whose
+   * sender is not the certificate's node, and give members raft ids derived from their node ids
+   * (raftIdForNode; `nodeId` is this member's).
+   */
+  authz?: AuthzOptions;
+  nodeId?: string;
   log?: Logger;
 }
 
@@ -204,7 +212,7 @@ export class RaftNode {
     let addr = opts.advertiseAddr ?? '';
     let handlers: ServiceRef;
     if (opts.server) {
-      handlers = attachRaftService(opts.server, log);
+      handlers = attachRaftService(opts.server, log, opts.authz);
       if (!addr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: advertiseAddr is required when the server is given');
     } else {
       if (!opts.listenAddr) throw new FlotillaError('INVALID_ARGUMENT', 'raft: listenAddr or server is required');
@@ -244,7 +252,7 @@ export class RaftNode {
           peers = opts.peers.map((p) => p.id);
           for (const p of opts.peers) members.set(p.id, p.id === id ? addr : p.addr);
         } else {
-          id = opts.id ?? randomInt(1, 2 ** 47);
+          id = opts.id ?? (opts.nodeId ? raftIdForNode(opts.nodeId) : randomInt(1, 2 ** 47));
           peers = [id];
           members.set(id, addr);
         }
@@ -672,20 +680,29 @@ export class RaftNode {
    * Add a member at addr (as a learner; the leader promotes it once caught up). Returns its raft
    * id and the member list. On a follower, forwards a Join to the leader.
    */
-  async addMember(addr: string, signal?: AbortSignal): Promise<JoinRaftResponse> {
+  async addMember(addr: string, signal?: AbortSignal, nodeId = ''): Promise<JoinRaftResponse> {
     this.check(signal);
     if (!addr || !/^[^\s]+:\d+$/.test(addr)) throw new FlotillaError('INVALID_ARGUMENT', `invalid member address ${JSON.stringify(addr)}: expected host:port`);
     await this.waitForLeader(signal);
     if (!this.leader) {
-      return callUnary<JoinRaftRequest, JoinRaftResponse>(this.leaderClient(), 'join', { token: this.opts.joinToken ?? '', addr, hostname: '', nodeId: '' }, signal, this.requestTimeoutMs);
+      return callUnary<JoinRaftRequest, JoinRaftResponse>(this.leaderClient(), 'join', { token: this.opts.joinToken ?? '', addr, hostname: '', nodeId }, signal, this.requestTimeoutMs);
     }
     const st = this.raw.status();
     const inConf = new Set([...st.confState.voters, ...st.confState.learners]);
     // a joiner retrying after its first Join was committed gets the same id back
     const known = this.book.idOf(addr, inConf);
     if (known !== undefined) return this.book.joinResponse(known);
-    let id = randomInt(1, 2 ** 47);
-    while (inConf.has(id)) id = randomInt(1, 2 ** 47);
+    let id: number;
+    if (nodeId) {
+      // with mutual TLS the id follows the node id, so messages can be checked against certificates
+      const mine = raftIdsOfNode(nodeId);
+      const held = [...inConf].find((x) => mine.has(x));
+      if (held !== undefined) throw new FlotillaError('ALREADY_EXISTS', `node ${nodeId} is already a raft member (raft id ${held.toString(16)}) at ${this.book.addr(held) ?? '?'}`);
+      id = raftIdForNode(nodeId, randomInt(0, RAFT_ID_GENERATIONS));
+    } else {
+      id = randomInt(1, 2 ** 47);
+      while (inConf.has(id)) id = randomInt(1, 2 ** 47);
+    }
     await this.confChange(ConfChangeType.CONF_CHANGE_TYPE_ADD_LEARNER, id, addr, signal);
     return this.book.joinResponse(id);
   }
@@ -695,7 +712,7 @@ export class RaftNode {
     const token = this.opts.joinToken;
     if (token && req.token !== token) throw new FlotillaError('PERMISSION_DENIED', 'invalid join token');
     await this.opts.validateJoin?.(req);
-    return this.addMember(req.addr, signal);
+    return this.addMember(req.addr, signal, req.nodeId);
   }
 
   /**

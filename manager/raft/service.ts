@@ -8,6 +8,7 @@ import type { Logger } from '../../common/log.js';
 import type { JoinRaftRequest, JoinRaftResponse } from '../../gen/flotilla/v1/raft.js';
 import type { RawNode } from './core.js';
 import { addRaftService } from './transport.js';
+import type { AuthzOptions } from '../ca/authz.js';
 
 /** What the service calls on the node. */
 export interface RaftServiceTarget {
@@ -29,7 +30,7 @@ const SERVER_HANDLERS = new WeakMap<grpc.Server, ServiceRef>();
  * Register the Raft service on server, once: a later node on the same server (a demoted manager
  * promoted again) takes over the same handlers. Set ref.node once the node runs.
  */
-export function attachRaftService(server: grpc.Server, log: Logger | undefined): ServiceRef {
+export function attachRaftService(server: grpc.Server, log: Logger | undefined, authz?: AuthzOptions): ServiceRef {
   const known = SERVER_HANDLERS.get(server);
   if (known) {
     known.node = undefined;
@@ -60,6 +61,7 @@ export function attachRaftService(server: grpc.Server, log: Logger | undefined):
       },
     },
     log,
+    authz,
   );
   SERVER_HANDLERS.set(server, ref);
   return ref;

@@ -17,6 +17,8 @@ import * as grpc from '@grpc/grpc-js';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import type { Logger } from '../../common/log.js';
 import { grpcError } from '../grpc.js';
+import { createHash } from 'node:crypto';
+import { type AuthzOptions, type Policy, authorize, callerOf } from '../ca/authz.js';
 import {
   RaftClient,
   RaftService,
@@ -42,6 +44,9 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_timeout_ms': 3000,
   'grpc.initial_reconnect_backoff_ms': 100,
   'grpc.max_reconnect_backoff_ms': 2000,
+  // TLS: a fixed server name (peers are checked by certificate role, not host name); ignored by
+  // plain-text channels (tests of the Raft layer alone)
+  'grpc.ssl_target_name_override': 'flotilla',
 };
 
 /** What the server side of the Raft service calls into (the RaftNode). */
@@ -67,9 +72,20 @@ function unary<Req, Res>(fn: (req: Req, signal: AbortSignal) => Promise<Res>): g
 }
 
 /** Register the Raft service on a server the caller owns (and binds). */
-export function addRaftService(server: grpc.Server, handlers: RaftServiceHandlers, log?: Logger): void {
+export function addRaftService(server: grpc.Server, handlers: RaftServiceHandlers, log?: Logger, authz?: AuthzOptions): void {
   const impl: RaftServer = {
     stream(call, callback) {
+      // with mutual TLS: the caller's certificate says who it is, and a message claiming to come
+      // from another member is dropped
+      const caller = authz ? callerOf(call)?.identity?.nodeId : undefined;
+      const want = caller !== undefined ? raftIdsOfNode(caller) : undefined;
+      let warned = false;
+      const forged = (m: Message | undefined): boolean => {
+        if (want === undefined || !m || want.has(m.from)) return false;
+        if (!warned) log?.warn({ node: caller, claimed: m.from }, 'raft: dropping messages whose sender is not the certificate\'s node');
+        warned = true;
+        return true;
+      };
       let header: Message | undefined;
       let parts: Buffer[] = [];
       let size = 0;
@@ -82,10 +98,11 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
       call.on('data', (env: RaftEnvelope) => {
         if (failed) return;
         try {
-          if (env.message) handlers.onMessage(env.message);
+          if (env.message && !forged(env.message)) handlers.onMessage(env.message);
           const c = env.chunk;
           if (!c) return;
           if (!c.header) return fail('snapshot chunk without a header');
+          if (forged(c.header)) return fail('snapshot from a sender that is not the certificate\'s node');
           if (c.offset !== size) return fail(`snapshot chunk at offset ${c.offset}, expected ${size}`);
           header ??= c.header;
           size += c.data.length;
@@ -110,7 +127,12 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
         failed = true;
       });
     },
-    join: unary((req: JoinRaftRequest, signal) => handlers.join(req, signal)),
+    join: (call, cb) =>
+      unary((req: JoinRaftRequest, signal) => {
+        // the joiner is the caller (or a manager forwarding a joiner's request with its node id)
+        const id = authz ? callerOf(call)?.identity?.nodeId : undefined;
+        return handlers.join(id !== undefined && !req.nodeId ? { ...req, nodeId: id } : req, signal);
+      })(call, cb),
     propose: unary(async (req: { data: Buffer }, signal) => {
       await handlers.propose(req.data, signal);
       return {};
@@ -121,7 +143,35 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
       return {};
     }),
   };
-  server.addService(RaftService, impl);
+  server.addService(RaftService, authz ? authorize(RaftService, impl, RAFT_POLICY, authz) : impl);
+}
+
+/** Only managers reach Raft (with mutual TLS). */
+export const RAFT_POLICY: Policy<RaftServer> = { stream: ['manager'], join: ['manager'], propose: ['manager'], readIndex: ['manager'], leave: ['manager'] };
+
+/**
+ * A manager's raft ids are derived from its node id (its certificate's CN), so that a message's
+ * sender can be checked against the certificate of the connection it arrives on: the id of
+ * generation g is a hash of (node id, g), 1 .. 2^44. The leader picks a random generation at each
+ * join, since a member removed (demoted) and added again (promoted) must not reuse its old raft id.
+ */
+export const RAFT_ID_GENERATIONS = 1024;
+export function raftIdForNode(nodeId: string, generation = 0): number {
+  return parseInt(createHash('sha256').update(`${nodeId}/${generation}`).digest('hex').slice(0, 11), 16) + 1;
+}
+
+const idSets = new Map<string, ReadonlySet<number>>();
+/** Every raft id a node may hold. */
+export function raftIdsOfNode(nodeId: string): ReadonlySet<number> {
+  let s = idSets.get(nodeId);
+  if (!s) {
+    const ids = new Set<number>();
+    for (let g = 0; g < RAFT_ID_GENERATIONS; g++) ids.add(raftIdForNode(nodeId, g));
+    s = ids;
+    if (idSets.size > 1000) idSets.clear();
+    idSets.set(nodeId, s);
+  }
+  return s;
 }
 
 export interface TransportOptions {

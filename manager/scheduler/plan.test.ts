@@ -34,6 +34,7 @@ function node(id: string, o: NodeOpts = {}): Node {
     },
     status: { state: o.state ?? NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
     managerStatus: undefined,
+    certificateExpiryMs: 0,
     role: o.role ?? NodeRole.NODE_ROLE_WORKER,
   };
 }

@@ -33,6 +33,8 @@ export interface KvProc {
 }
 
 export interface SpawnOptions {
+  /** mutual TLS: a node-tls.json file (trust bundle, manager certificate, key) */
+  tlsFile?: string;
   join?: string;
   tickMs?: number;
   snapshotEvery?: number;
@@ -52,6 +54,7 @@ export async function spawnKv(name: string, dir: string, opts: SpawnOptions = {}
   if (opts.snapshotEvery) args.push('--snapshot-every', String(opts.snapshotEvery));
   if (opts.compactKeep !== undefined) args.push('--compact-keep', String(opts.compactKeep));
   if (opts.forceNewCluster) args.push('--force-new-cluster');
+  if (opts.tlsFile) args.push('--tls', opts.tlsFile);
   const nodeArgs = (process.env.RAFT_KV_NODE_ARGS ?? '').split(' ').filter(Boolean); // e.g. --cpu-prof
   const child = spawn(process.execPath, [...nodeArgs, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, FLOTILLA_LOG_LEVEL: process.env.FLOTILLA_LOG_LEVEL ?? 'warn' } });
   const err: string[] = [];

@@ -16,11 +16,14 @@
  * otherwise. Usage:
  *
  *   node dist/test/helpers/raft-kv.js --dir D --listen 127.0.0.1:P --http 127.0.0.1:H
- *        [--join ADDR] [--tick-ms 100] [--snapshot-every N (default 100,000)] [--compact-keep N] [--force-new-cluster]
+ *        [--join ADDR] [--tls node-tls.json] [--tick-ms 100] [--snapshot-every N (default 100,000)] [--compact-keep N] [--force-new-cluster]
  *
  * Prints one line "READY {json}" on stdout once serving. SIGTERM/SIGINT stop it cleanly.
  */
 import http from 'node:http';
+import fs from 'node:fs';
+import { type TlsMaterial, TlsSource, clientCredentials, serverCredentials } from '../../manager/ca/credentials.js';
+import { issuerNames } from '../../manager/ca/x509.js';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
@@ -75,6 +78,8 @@ async function main(): Promise<void> {
       'snapshot-every': { type: 'string' },
       'compact-keep': { type: 'string' },
       'force-new-cluster': { type: 'boolean' },
+      // mutual TLS as the managers use it: a node-tls.json file (trust bundle, manager cert, key)
+      tls: { type: 'string' },
     },
   });
   if (!values.dir || !values.listen || !values.http) throw new FlotillaError('INVALID_ARGUMENT', 'usage: raft-kv --dir D --listen HOST:PORT --http HOST:PORT [--join ADDR]');
@@ -85,13 +90,23 @@ async function main(): Promise<void> {
   // encrypted at rest like a manager's log (keys.json beside wal/ and snap/; never autolocked here)
   const keys = openKeys(values.dir, { raftDir: values.dir });
   if (!(keys instanceof DataKeys)) throw new FlotillaError('FAILED_PRECONDITION', `${values.dir}: autolocked keys are not supported by raft-kv`);
+  const material = values.tls ? (JSON.parse(fs.readFileSync(values.tls, 'utf8')) as TlsMaterial) : undefined;
+  const tls = material ? new TlsSource(material) : undefined;
   const node = await RaftNode.open({
     dataDir: values.dir,
     dek: keys.dek,
     listenAddr: values.listen,
     advertiseAddr: values.advertise,
     join: values.join,
-    joinToken: 'raft-kv',
+    joinToken: tls ? undefined : 'raft-kv',
+    ...(tls
+      ? {
+          credentials: clientCredentials(tls),
+          serverCredentials: serverCredentials(tls, 'require'),
+          nodeId: tls.identity.nodeId,
+          authz: { clusterId: tls.identity.clusterId, trustedIssuers: () => issuerNames(tls.current.trustPem), allowExpiredOnOpenConnections: true },
+        }
+      : {}),
     stateMachine: kv,
     signal: ac.signal,
     tickMs: values['tick-ms'] ? Number(values['tick-ms']) : 100,

@@ -40,6 +40,26 @@ export const protobufPackage = "flotilla.v1";
 
 export const protobufFileName = "flotilla/v1/control.proto";
 
+export interface IssueClientCertificateRequest {
+  /** default: the cluster's node certificate lifetime */
+  expiryMs: number;
+}
+
+export interface IssueClientCertificateResponse {
+  caPem: string;
+  certPem: string;
+  keyPem: string;
+}
+
+export interface RotateJoinTokenRequest {
+  /** "worker" or "manager" */
+  role: string;
+}
+
+export interface RotateJoinTokenResponse {
+  token: string;
+}
+
 export interface UpdateClusterRequest {
   /** "true", "false" or "" (unchanged) */
   autolock: string;
@@ -294,6 +314,254 @@ export interface RemoveConfigRequest {
 
 export interface RemoveConfigResponse {
 }
+
+function createBaseIssueClientCertificateRequest(): IssueClientCertificateRequest {
+  return { expiryMs: 0 };
+}
+
+export const IssueClientCertificateRequest: MessageFns<IssueClientCertificateRequest> = {
+  encode(message: IssueClientCertificateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.expiryMs !== 0) {
+      writer.uint32(8).int64(message.expiryMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IssueClientCertificateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIssueClientCertificateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.expiryMs = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<IssueClientCertificateRequest>, I>>(base?: I): IssueClientCertificateRequest {
+    return IssueClientCertificateRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<IssueClientCertificateRequest>, I>>(
+    object: I,
+  ): IssueClientCertificateRequest {
+    const message = createBaseIssueClientCertificateRequest();
+    message.expiryMs = object.expiryMs ?? 0;
+    return message;
+  },
+};
+
+function createBaseIssueClientCertificateResponse(): IssueClientCertificateResponse {
+  return { caPem: "", certPem: "", keyPem: "" };
+}
+
+export const IssueClientCertificateResponse: MessageFns<IssueClientCertificateResponse> = {
+  encode(message: IssueClientCertificateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.caPem !== "") {
+      writer.uint32(10).string(message.caPem);
+    }
+    if (message.certPem !== "") {
+      writer.uint32(18).string(message.certPem);
+    }
+    if (message.keyPem !== "") {
+      writer.uint32(26).string(message.keyPem);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IssueClientCertificateResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIssueClientCertificateResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.caPem = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.certPem = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.keyPem = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<IssueClientCertificateResponse>, I>>(base?: I): IssueClientCertificateResponse {
+    return IssueClientCertificateResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<IssueClientCertificateResponse>, I>>(
+    object: I,
+  ): IssueClientCertificateResponse {
+    const message = createBaseIssueClientCertificateResponse();
+    message.caPem = object.caPem ?? "";
+    message.certPem = object.certPem ?? "";
+    message.keyPem = object.keyPem ?? "";
+    return message;
+  },
+};
+
+function createBaseRotateJoinTokenRequest(): RotateJoinTokenRequest {
+  return { role: "" };
+}
+
+export const RotateJoinTokenRequest: MessageFns<RotateJoinTokenRequest> = {
+  encode(message: RotateJoinTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.role !== "") {
+      writer.uint32(10).string(message.role);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RotateJoinTokenRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRotateJoinTokenRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.role = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RotateJoinTokenRequest>, I>>(base?: I): RotateJoinTokenRequest {
+    return RotateJoinTokenRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RotateJoinTokenRequest>, I>>(object: I): RotateJoinTokenRequest {
+    const message = createBaseRotateJoinTokenRequest();
+    message.role = object.role ?? "";
+    return message;
+  },
+};
+
+function createBaseRotateJoinTokenResponse(): RotateJoinTokenResponse {
+  return { token: "" };
+}
+
+export const RotateJoinTokenResponse: MessageFns<RotateJoinTokenResponse> = {
+  encode(message: RotateJoinTokenResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.token !== "") {
+      writer.uint32(10).string(message.token);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RotateJoinTokenResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRotateJoinTokenResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.token = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RotateJoinTokenResponse>, I>>(base?: I): RotateJoinTokenResponse {
+    return RotateJoinTokenResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RotateJoinTokenResponse>, I>>(object: I): RotateJoinTokenResponse {
+    const message = createBaseRotateJoinTokenResponse();
+    message.token = object.token ?? "";
+    return message;
+  },
+};
 
 function createBaseUpdateClusterRequest(): UpdateClusterRequest {
   return { autolock: "", rotateUnlockKey: false };
@@ -3715,6 +3983,31 @@ export const ControlService = {
       Buffer.from(UnlockManagerResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UnlockManagerResponse => UnlockManagerResponse.decode(value),
   },
+  /** Admin only (the unix socket, or an admin certificate): a new client certificate for the CLI. */
+  issueClientCertificate: {
+    path: "/flotilla.v1.Control/IssueClientCertificate" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: IssueClientCertificateRequest): Buffer =>
+      Buffer.from(IssueClientCertificateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): IssueClientCertificateRequest => IssueClientCertificateRequest.decode(value),
+    responseSerialize: (value: IssueClientCertificateResponse): Buffer =>
+      Buffer.from(IssueClientCertificateResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): IssueClientCertificateResponse =>
+      IssueClientCertificateResponse.decode(value),
+  },
+  /** A new join token for one role; the old one is refused for new joins from then on. */
+  rotateJoinToken: {
+    path: "/flotilla.v1.Control/RotateJoinToken" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RotateJoinTokenRequest): Buffer =>
+      Buffer.from(RotateJoinTokenRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RotateJoinTokenRequest => RotateJoinTokenRequest.decode(value),
+    responseSerialize: (value: RotateJoinTokenResponse): Buffer =>
+      Buffer.from(RotateJoinTokenResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RotateJoinTokenResponse => RotateJoinTokenResponse.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -3749,6 +4042,10 @@ export interface ControlServer extends UntypedServiceImplementation {
   getUnlockKey: handleUnaryCall<GetUnlockKeyRequest, GetUnlockKeyResponse>;
   /** the one call a locked manager answers (on its control socket) */
   unlockManager: handleUnaryCall<UnlockManagerRequest, UnlockManagerResponse>;
+  /** Admin only (the unix socket, or an admin certificate): a new client certificate for the CLI. */
+  issueClientCertificate: handleUnaryCall<IssueClientCertificateRequest, IssueClientCertificateResponse>;
+  /** A new join token for one role; the old one is refused for new joins from then on. */
+  rotateJoinToken: handleUnaryCall<RotateJoinTokenRequest, RotateJoinTokenResponse>;
 }
 
 export interface ControlClient extends Client {
@@ -4151,6 +4448,38 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UnlockManagerResponse) => void,
+  ): ClientUnaryCall;
+  /** Admin only (the unix socket, or an admin certificate): a new client certificate for the CLI. */
+  issueClientCertificate(
+    request: IssueClientCertificateRequest,
+    callback: (error: ServiceError | null, response: IssueClientCertificateResponse) => void,
+  ): ClientUnaryCall;
+  issueClientCertificate(
+    request: IssueClientCertificateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: IssueClientCertificateResponse) => void,
+  ): ClientUnaryCall;
+  issueClientCertificate(
+    request: IssueClientCertificateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: IssueClientCertificateResponse) => void,
+  ): ClientUnaryCall;
+  /** A new join token for one role; the old one is refused for new joins from then on. */
+  rotateJoinToken(
+    request: RotateJoinTokenRequest,
+    callback: (error: ServiceError | null, response: RotateJoinTokenResponse) => void,
+  ): ClientUnaryCall;
+  rotateJoinToken(
+    request: RotateJoinTokenRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RotateJoinTokenResponse) => void,
+  ): ClientUnaryCall;
+  rotateJoinToken(
+    request: RotateJoinTokenRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RotateJoinTokenResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -6,6 +6,7 @@
 
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { ClusterCA } from "./ca.js";
 
 export const protobufPackage = "flotilla.v1";
 
@@ -170,6 +171,11 @@ export interface Node {
   status: NodeStatus | undefined;
   managerStatus: ManagerStatus | undefined;
   role: NodeRole;
+  /**
+   * when the node's current TLS certificate expires (ms since the epoch; set at join, renewal and
+   * registration)
+   */
+  certificateExpiryMs: number;
 }
 
 export interface HealthConfig {
@@ -362,6 +368,8 @@ export interface Cluster {
    * only here (in the encrypted Raft log) and is never written to disk in clear; GetCluster blanks it
    */
   unlockKey: string;
+  /** the cluster's root CA (docs/security.md); never returned by the control API with its key */
+  ca: ClusterCA | undefined;
 }
 
 export interface IPAMConfig {
@@ -1252,6 +1260,7 @@ function createBaseNode(): Node {
     status: undefined,
     managerStatus: undefined,
     role: 0,
+    certificateExpiryMs: 0,
   };
 }
 
@@ -1277,6 +1286,9 @@ export const Node: MessageFns<Node> = {
     }
     if (message.role !== 0) {
       writer.uint32(56).int32(message.role);
+    }
+    if (message.certificateExpiryMs !== 0) {
+      writer.uint32(64).int64(message.certificateExpiryMs);
     }
     return writer;
   },
@@ -1350,6 +1362,14 @@ export const Node: MessageFns<Node> = {
             message.role = reader.int32() as any;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.certificateExpiryMs = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1380,6 +1400,7 @@ export const Node: MessageFns<Node> = {
       ? ManagerStatus.fromPartial(object.managerStatus)
       : undefined;
     message.role = object.role ?? 0;
+    message.certificateExpiryMs = object.certificateExpiryMs ?? 0;
     return message;
   },
 };
@@ -3393,7 +3414,7 @@ export const JoinTokens: MessageFns<JoinTokens> = {
 };
 
 function createBaseCluster(): Cluster {
-  return { id: "", meta: undefined, spec: undefined, tokens: undefined, unlockKey: "" };
+  return { id: "", meta: undefined, spec: undefined, tokens: undefined, unlockKey: "", ca: undefined };
 }
 
 export const Cluster: MessageFns<Cluster> = {
@@ -3412,6 +3433,9 @@ export const Cluster: MessageFns<Cluster> = {
     }
     if (message.unlockKey !== "") {
       writer.uint32(130).string(message.unlockKey);
+    }
+    if (message.ca !== undefined) {
+      ClusterCA.encode(message.ca, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -3469,6 +3493,14 @@ export const Cluster: MessageFns<Cluster> = {
             message.unlockKey = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.ca = ClusterCA.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3495,6 +3527,7 @@ export const Cluster: MessageFns<Cluster> = {
       ? JoinTokens.fromPartial(object.tokens)
       : undefined;
     message.unlockKey = object.unlockKey ?? "";
+    message.ca = (object.ca !== undefined && object.ca !== null) ? ClusterCA.fromPartial(object.ca) : undefined;
     return message;
   },
 };
