@@ -115,7 +115,8 @@ describe.skipIf(!builtCli())('encryption at rest and autolock (manager processes
     await ok(cli(['service', 'create', '--detach', '--name', 'web', '--env', `SECRET_VALUE=${value}`, '--replicas', '1', 'busybox:latest', 'sleep', '1000'], m.env));
     const managerToken = (await ok(cli(['cluster', 'join-token', 'manager', '-q'], m.env))).trim();
     const workerToken = (await ok(cli(['cluster', 'join-token', 'worker', '-q'], m.env))).trim();
-    expect(managerToken).toMatch(/^FLTTKN-1-/);
+    // FLTKN-1-<CA digest>-<secret>: the secret part is what must never be on disk
+    expect(managerToken).toMatch(/^FLTKN-1-[0-9a-f]{64}-[0-9a-z]+$/);
     // the orchestrator made the task (a second copy of the spec in the log)
     await waitFor(
       'task created',
@@ -129,7 +130,7 @@ describe.skipIf(!builtCli())('encryption at rest and autolock (manager processes
       },
       30_000,
     );
-    const needles = [value, managerToken, workerToken, managerToken.split('-')[2]!, 'PRIVATE KEY'];
+    const needles = [value, managerToken, workerToken, managerToken.split('-')[3]!, workerToken.split('-')[3]!, 'PRIVATE KEY'];
     // the state is on disk (the needles would be found in a plaintext log), encrypted
     expect(filesUnder(m.dir).some((f) => f.endsWith('.wal'))).toBe(true);
     expect(fs.existsSync(path.join(m.dir, 'keys.json'))).toBe(true);
