@@ -9,10 +9,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AssignmentsMessage, DispatcherClient, type NetworkView, type RegisterRequest, type RegisterResponse } from '../gen/flotilla/v1/dispatcher.js';
 import { HealthState, TaskState, type Task, type TaskStatus } from '../gen/flotilla/v1/objects.js';
 import { TestCluster, builtCli, cli, cliJson, waitFor } from './helpers/procs.js';
+import { TLS_CHANNEL_OPTIONS, TlsSource, clientCredentials } from '../manager/ca/credentials.js';
+import { joinCluster } from '../manager/ca/service.js';
 
 /** A node played by the test: it keeps the last view of each network it was sent, and when. */
 class FakeNode {
-  readonly client: DispatcherClient;
+  client!: DispatcherClient;
   nodeId = '';
   sessionId = '';
   readonly tasks = new Map<string, Task>();
@@ -24,16 +26,17 @@ class FakeNode {
   constructor(
     readonly hostname: string,
     readonly addr: string,
-    manager: string,
-  ) {
-    this.client = new DispatcherClient(manager, grpc.credentials.createInsecure());
-  }
+    readonly manager: string,
+  ) {}
 
   private call<Req, Res>(fn: (req: Req, cb: (err: grpc.ServiceError | null, res: Res) => void) => unknown, req: Req): Promise<Res> {
     return new Promise((resolve, reject) => fn.call(this.client, req, (err, res) => (err ? reject(err) : resolve(res))));
   }
 
   async start(token: string): Promise<void> {
+    // joins as an agent does (mutual TLS: the token gets a worker certificate, which the dispatcher binds the node id to)
+    const tls = new TlsSource(await joinCluster(this.manager, token));
+    this.client = new DispatcherClient(this.manager, clientCredentials(tls), TLS_CHANNEL_OPTIONS);
     const reg = await this.call<RegisterRequest, RegisterResponse>(this.client.register, {
       token,
       nodeId: '',
