@@ -165,7 +165,7 @@ describe.skipIf(skip)('overlay networks under faults (needs root, CNI plugins)',
     // the other hosts on the network: the client's and any with a task of a
     const others = [...new Set([client.host, ...as.map(hostOf)])].filter((h) => h !== victim);
     const entries = async (h: TestbedHost) => {
-      const fdb = (await h.exec(['sh', '-c', 'for d in /sys/class/net/fl-vx-*; do bridge fdb show dev $(basename $d); done'])).stdout;
+      const fdb = (await h.exec(['bridge', 'fdb', 'show'])).stdout.split('\n').filter((l) => / dev fl-vx-/.test(l)).join('\n');
       const neigh = (await h.exec(['ip', 'neigh', 'show'])).stdout;
       return {
         fdb: fdb.split('\n').filter((l) => l.includes(`dst ${victim.ip} `) || l.endsWith(`dst ${victim.ip}`)),
