@@ -233,6 +233,16 @@ async function throughput(): Promise<void> {
       underlay: { client: ns2, server: ns3, ip: h3.ip },
       overlay: { client: t1, server: t2, ip: '10.79.1.22' },
     };
+    // BENCH_OFFLOAD="gro on tso on ..." applies `ethtool -K DEV SETTINGS` to every device of both hosts'
+    // and both tasks' namespaces (an experiment: the data plane sets no offloads itself)
+    const offload = process.env.BENCH_OFFLOAD;
+    if (offload) {
+      for (const ns of [ns2, ns3, t1, t2]) {
+        const devs = (await inNs(ns, ['ip', '-o', 'link', 'show'], 10_000)).stdout.split('\n').map((l) => l.split(': ')[1]?.split('@')[0] ?? '').filter((d) => d && d !== 'lo');
+        for (const d of devs) await inNs(ns, ['ethtool', '-K', d, ...offload.split(' ')], 10_000);
+      }
+      console.log(`offload settings applied: ethtool -K DEV ${offload}`);
+    }
     const bytes = MB * 1024 * 1024;
     const tput: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
     const ip3: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
