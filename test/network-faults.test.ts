@@ -92,7 +92,10 @@ describe.skipIf(skip)('overlay networks under faults (needs root, CNI plugins)',
   }, 120_000);
   let removed: TestbedHost | undefined;
   afterAll(async () => {
-    if (!bed) return;
+    if (!bed) {
+      if (rootfs) fs.rmSync(rootfs, { recursive: true, force: true });
+      return;
+    }
     await bed.cli(['service', 'rm', 'a', 'b']);
     for (const h of bed.hosts.filter((x) => x.role === 'agent' && x !== removed && x.pid)) {
       await waitFor(`no containers on ${h.name}`, async () => {
@@ -102,10 +105,14 @@ describe.skipIf(skip)('overlay networks under faults (needs root, CNI plugins)',
     }
     // the removed host's agent never comes back: its containers and their namespaces are the bed's to reap
     const orphans = removed ? fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').map((l) => l.split(' ')[4] ?? '').filter((m) => m.includes('/network/netns/')) : [];
-    const left = await bed.destroy();
+    let left: string[];
+    try {
+      left = await bed.destroy();
+    } finally {
+      if (rootfs) fs.rmSync(rootfs, { recursive: true, force: true });
+    }
     console.log('destroy notes', left);
     expect(left.filter((n) => !orphans.some((m) => n.includes(m)) && !(removed && n.includes(removed.name)))).toEqual([]);
-    if (rootfs) fs.rmSync(rootfs, { recursive: true, force: true });
   }, 120_000);
 
   it('(a) agent restart: the restarted host\'s containers stay reachable by name, by address and through the VIP', async () => {
