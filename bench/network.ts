@@ -8,6 +8,14 @@
  *     here), with a small Node TCP tool (bulk send of BYTES, one connection) and with iperf3 when installed;
  *   - TCP round-trip latency (4-byte request/answer on one connection), p50 and p99.
  * Target: overlay throughput >= 80% of the underlay's.
+ * Then, on a second bed with real containers (runc, busybox; 1 manager, 3 agents), discovery convergence:
+ *   (2) from a task reported running (its status timestamp) to its address in `tasks.a` as answered by the
+ *       network's resolver to a client container on another host, over BENCH_TASKS (50) tasks added in
+ *       steps of 10 (service scale);
+ *   (3) from the scale-down command returning (the task told to stop) to its address leaving `tasks.a` and
+ *       the client container's VIP table (nft table ip flotilla), over the same tasks removed in steps.
+ *   Targets: p99 <= 1 s. The client side is probed from the client container's namespace every ~10 ms.
+ * BENCH_PARTS=throughput|discovery runs one part only.
  *
  * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
  * BENCH_RTT (2000) round trips.
@@ -19,7 +27,10 @@ import path from 'node:path';
 import { NodeNetwork } from '../agent/network/node-network.js';
 import { AssignmentsType } from '../gen/flotilla/v1/dispatcher.js';
 import { handView, inNs, mtuOf, tcpRtt, tcpSend, tcpServer, type HandNetwork } from '../test/helpers/overlay.js';
-import { Testbed, run } from '../test/helpers/testbed.js';
+import { Testbed, run, type TestbedHost } from '../test/helpers/testbed.js';
+import { buildBusyboxRootfs } from '../test/helpers/busybox.js';
+import { ImageStore } from '../agent/runtime/images.js';
+import { spawn } from 'node:child_process';
 
 const MB = Number(process.env.BENCH_MB ?? 128);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -42,8 +53,150 @@ async function iperf(serverNs: string, clientNs: string, ip: string): Promise<nu
   return j.end.sum_received.bits_per_second / 8 / 1e6;
 }
 
+const TASKS = Number(process.env.BENCH_TASKS ?? 50);
+const PARTS = process.env.BENCH_PARTS ?? 'throughput,discovery';
+
+interface TaskJ {
+  id: string;
+  nodeId: string;
+  state: string;
+  desiredState: string;
+  stateSince: string;
+  networks: { addresses: string[] }[];
+}
+
+/**
+ * Probes, from inside a network namespace, what the resolver answers for tasks.NAME and which task
+ * addresses the namespace's VIP table holds, every ~10 ms; records when each address first/last appears.
+ */
+function probe(netnsPath: string, server: string, name: string): { seen: Map<string, number>; gone: Map<string, number>; vipGone: Map<string, number>; vipSeen: Map<string, number>; stop: () => void } {
+  const code = `
+const dns = require('node:dns').promises; const { execFileSync } = require('node:child_process');
+const r = new dns.Resolver({ timeout: 500, tries: 1 }); r.setServers([${JSON.stringify(server)}]);
+let last = ''; let lastV = '';
+(async () => { for (;;) {
+  let a = []; try { a = (await r.resolve4(${JSON.stringify(name)})).sort(); } catch (e) { if (e.code !== 'ENOTFOUND' && e.code !== 'ENODATA') { await new Promise((x) => setTimeout(x, 10)); continue; } }
+  const k = a.join(','); if (k !== last) { last = k; process.stdout.write('D ' + Date.now() + ' ' + k + '\\n'); }
+  let v = ''; try { v = [...new Set(execFileSync('nft', ['list', 'table', 'ip', 'flotilla'], { encoding: 'utf8' }).match(/10\\.\\d+\\.\\d+\\.\\d+/g) || [])].sort().join(','); } catch {}
+  if (v !== lastV) { lastV = v; process.stdout.write('V ' + Date.now() + ' ' + v + '\\n'); }
+  await new Promise((x) => setTimeout(x, 10));
+} })();`;
+  const child = spawn('nsenter', [`--net=${netnsPath}`, '--', process.execPath, '-e', code], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const seen = new Map<string, number>();
+  const gone = new Map<string, number>();
+  const vipSeen = new Map<string, number>();
+  const vipGone = new Map<string, number>();
+  let prevD = new Set<string>();
+  let prevV = new Set<string>();
+  let buf = '';
+  child.stdout.on('data', (d: Buffer) => {
+    buf += d.toString();
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const [kind, ts, list = ''] = buf.slice(0, i).split(' ');
+      buf = buf.slice(i + 1);
+      const now = new Set(list ? list.split(',') : []);
+      const at = Number(ts);
+      const [prev, s1, g1] = kind === 'D' ? [prevD, seen, gone] : [prevV, vipSeen, vipGone];
+      for (const a of now) if (!prev.has(a) && !s1.has(a)) s1.set(a, at);
+      for (const a of prev) if (!now.has(a) && !g1.has(a)) g1.set(a, at);
+      if (kind === 'D') prevD = now;
+      else prevV = now;
+    }
+  });
+  return { seen, gone, vipSeen, vipGone, stop: () => child.kill('SIGKILL') };
+}
+
+async function discovery(): Promise<void> {
+  const rootfs = await fs.mkdtemp('/tmp/flotilla-bench-busybox-');
+  await buildBusyboxRootfs(rootfs);
+  const importInto = async (h: TestbedHost): Promise<void> => {
+    const store = await ImageStore.open(h.dataDir);
+    await store.import('busybox:latest', rootfs, { config: { cmd: ['sh'] } });
+  };
+  const bed = await Testbed.create({ managers: 1, agents: 3, managerAgent: false, prepareHost: importInto });
+  let pr: ReturnType<typeof probe> | undefined;
+  try {
+    const ok = async (args: string[]): Promise<void> => {
+      const r = await bed.cli(args);
+      if (r.code !== 0) throw new Error(`${args.join(' ')}: ${r.stderr.trim()}`);
+    };
+    const waitRunning = async (svc: string, n: number): Promise<TaskJ[]> => {
+      const until = Date.now() + 180_000;
+      for (;;) {
+        const ts = (await bed.cliJson<TaskJ[]>(['service', 'ps', svc])).filter((t) => t.desiredState === 'running' && t.state === 'running');
+        if (ts.length === n) return ts;
+        if (Date.now() > until) throw new Error(`${svc}: ${ts.length} of ${n} running after 180 s`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const client = bed.hosts.find((h) => h.role === 'agent')!;
+    await ok(['network', 'create', '--subnet', '10.79.3.0/24', 'nb']);
+    await ok(['service', 'create', '-d', '--name', 'b', '--network', 'nb', '--constraint', `node.hostname==${client.name}`, '--stop-grace-period', '1s', 'busybox:latest', 'sleep', '100000']);
+    await ok(['service', 'create', '-d', '--name', 'a', '--replicas', '0', '--network', 'nb', '--constraint', `node.hostname!=${client.name}`, '--stop-grace-period', '1s', 'busybox:latest', 'sleep', '100000']);
+    await waitRunning('b', 1);
+    const ls = JSON.parse((await client.cli(['container', 'ls', '--format', 'json'])).stdout) as { pid: number }[];
+    const pid = ls.find((c) => c.pid)?.pid;
+    if (!pid) throw new Error('no client container pid');
+    pr = probe(`/proc/${pid}/ns/net`, '10.79.3.1', 'tasks.a');
+    const ip = (t: TaskJ): string => (t.networks[0]?.addresses[0] ?? '').split('/')[0]!;
+    const upMs: number[] = [];
+    const vipUpMs: number[] = [];
+    const runningAt = new Map<string, number>();
+    const step = 10;
+    for (let n = step; n <= TASKS; n += step) {
+      await ok(['service', 'scale', `a=${n}`]);
+      const ts = await waitRunning('a', n);
+      for (const t of ts) runningAt.set(ip(t), Date.parse(t.stateSince));
+      const until = Date.now() + 10_000;
+      while ([...runningAt.keys()].some((a) => !pr!.seen.has(a) || !pr!.vipSeen.has(a)) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    }
+    for (const [a, at] of runningAt) {
+      const s = pr.seen.get(a);
+      const v = pr.vipSeen.get(a);
+      upMs.push(s === undefined ? Infinity : s - at);
+      vipUpMs.push(v === undefined ? Infinity : v - at);
+    }
+    const downMs: number[] = [];
+    const vipDownMs: number[] = [];
+    for (let n = TASKS - step; n >= 0; n -= step) {
+      const before = new Set((await waitRunning('a', n + step)).map(ip));
+      const t0 = Date.now();
+      await ok(['service', 'scale', `a=${n}`]);
+      const told = Date.now();
+      const after = new Set((await bed.cliJson<TaskJ[]>(['service', 'ps', 'a'])).filter((t) => t.desiredState === 'running').map(ip));
+      const stopped = [...before].filter((a) => !after.has(a));
+      const until = Date.now() + 10_000;
+      while (stopped.some((a) => !pr!.gone.has(a) || !pr!.vipGone.has(a)) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+      for (const a of stopped) {
+        downMs.push((pr.gone.get(a) ?? Infinity) - told);
+        vipDownMs.push((pr.vipGone.get(a) ?? Infinity) - told);
+      }
+      void t0;
+    }
+    const f = (xs: number[]): string => `p50 ${quantile(xs, 0.5).toFixed(0)} ms p99 ${quantile(xs, 0.99).toFixed(0)} ms max ${Math.max(...xs).toFixed(0)} ms (n=${xs.length})`;
+    console.log(`bench:network discovery — 1 manager + 3 agents (runc, busybox), client container on ${client.name}, service a scaled 0 -> ${TASKS} -> 0 in steps of ${step}`);
+    console.log(`  (2) running -> in tasks.a on another host: ${f(upMs)}  (target p99 <= 1000 ms)`);
+    console.log(`      running -> in the client's VIP table:   ${f(vipUpMs)}`);
+    console.log(`  (3) scale-down returned -> out of tasks.a:   ${f(downMs)}  (target p99 <= 1000 ms)`);
+    console.log(`      scale-down returned -> out of VIP table:  ${f(vipDownMs)}  (target p99 <= 1000 ms)`);
+    await ok(['service', 'rm', 'a', 'b']);
+    await new Promise((r) => setTimeout(r, 3000));
+  } finally {
+    pr?.stop();
+    const problems = await bed.destroy();
+    await fs.rm(rootfs, { recursive: true, force: true });
+    if (problems.length > 0) console.error(`cleanup notes: ${problems.join('; ')}`);
+  }
+}
+
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('bench:network needs root (network namespaces, bridges, VXLAN)');
+  if (PARTS.includes('throughput')) await throughput();
+  if (PARTS.includes('discovery')) await discovery();
+}
+
+async function throughput(): Promise<void> {
   const bed = await Testbed.create({ managers: 1, agents: 2, runtime: 'sim', managerAgent: false });
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-bench-net-'));
   const nets: NodeNetwork[] = [];
@@ -80,6 +233,16 @@ async function main(): Promise<void> {
       underlay: { client: ns2, server: ns3, ip: h3.ip },
       overlay: { client: t1, server: t2, ip: '10.79.1.22' },
     };
+    // BENCH_OFFLOAD="gro on tso on ..." applies `ethtool -K DEV SETTINGS` to every device of both hosts'
+    // and both tasks' namespaces (an experiment: the data plane sets no offloads itself)
+    const offload = process.env.BENCH_OFFLOAD;
+    if (offload) {
+      for (const ns of [ns2, ns3, t1, t2]) {
+        const devs = (await inNs(ns, ['ip', '-o', 'link', 'show'], 10_000)).stdout.split('\n').map((l) => l.split(': ')[1]?.split('@')[0] ?? '').filter((d) => d && d !== 'lo');
+        for (const d of devs) await inNs(ns, ['ethtool', '-K', d, ...offload.split(' ')], 10_000);
+      }
+      console.log(`offload settings applied: ethtool -K DEV ${offload}`);
+    }
     const bytes = MB * 1024 * 1024;
     const tput: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
     const ip3: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
