@@ -215,6 +215,7 @@ describe.skipIf(!builtCli() || !isRoot())('a fatal storage error ends the manage
     }
     // the agent registered with the new leader: a new service runs on w1, the old one still does
     expect(agent.child.exitCode).toBeNull();
+    await waitFor('w1 ready again through another manager', async () => (await cliJson<NodeJ[]>(['node', 'ls'], env('m2'))).find((n) => n.hostname === 'w1')?.status === 'ready', 60_000);
     const after = await cli(['service', 'create', '--name', 'after', '--replicas', '2', '--timeout', '30s', 'busybox', 'sleep', '1000'], env('m2'));
     expect(after.code, after.stderr).toBe(0);
     const running = (await cliJson<TaskJ[]>(['service', 'ps', 'before'], env('m3'))).filter((t) => t.desiredState === 'running' && t.state === 'running');
