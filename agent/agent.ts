@@ -208,6 +208,13 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
       if (renewing || pem === source.current.trustPem) return;
       renewing = true;
       log.info('the cluster trust bundle changed (CA rotation): renewing the node certificate now');
+      // trust the new bundle first (it came over a session that verified the manager): managers
+      // that renewed already present certificates from the new root
+      try {
+        source.update({ trustPem: pem });
+      } catch (err) {
+        log.warn({ err: errorMessage(err) }, 'the new trust bundle does not cover this node\'s certificate yet; renewing first');
+      }
       renew()
         .catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'renewing onto the new trust bundle failed; retrying at the next heartbeat'))
         .finally(() => (renewing = false));

@@ -375,6 +375,12 @@ export class Manager {
       const ca = this.store.getCluster()?.ca;
       if (!ca || trustBundle(ca) === tls.current.trustPem) continue;
       try {
+        // trust the new bundle at once (peers that renewed first present new-root certificates)
+        try {
+          tls.update({ trustPem: trustBundle(ca) });
+        } catch {
+          // this manager's certificate is not from a root in the bundle: the renewal fixes both
+        }
         const res = await renewCertificate(this.advertiseAddr(), tls);
         await saveNodeTls(this.opts.dataDir, res, { dek: this.requireKeys().dek });
         this.opts.log.info({ issuer: tls.identity.issuer, roots: issuerNames(tls.current.trustPem) }, 'the cluster trust bundle changed: renewed this manager\'s certificate');

@@ -171,8 +171,10 @@ export class Dispatcher {
     const wantId = cert ? cert.nodeId : req.nodeId;
     const existing = wantId ? this.store.getNode(wantId) : undefined;
     const nodeId = cert ? cert.nodeId : (existing?.id ?? newId());
-    const certificateExpiryMs = cert ? cert.notAfter.getTime() : (existing?.certificateExpiryMs ?? 0);
-    const certificateIssuer = cert?.issuer ?? existing?.certificateIssuer ?? '';
+    // a connection opened before a renewal still presents the previous certificate: the newer wins
+    const newer = !!cert && cert.notAfter.getTime() >= (existing?.certificateExpiryMs ?? 0);
+    const certificateExpiryMs = newer ? cert.notAfter.getTime() : (existing?.certificateExpiryMs ?? 0);
+    const certificateIssuer = (newer ? cert.issuer : undefined) ?? existing?.certificateIssuer ?? '';
     const old = this.sessions.get(nodeId);
     if (old) this.endSession(old, 'replaced by a new session');
     await this.store.update((tx) => {
