@@ -117,6 +117,13 @@ export class Manager {
       return this.issuerCache.names;
     },
     joinIssuers: () => this.joinIssuers,
+    // a node's sessions opened before a CA rotation ended survive it once the node holds a
+    // certificate from a trusted root (no re-registration, no node marked down)
+    renewedSince: (id) => {
+      if (id.role === 'admin') return false;
+      const issuer = this.store.getNode(id.nodeId)?.certificateIssuer;
+      return !!issuer && this.authz.trustedIssuers!().includes(issuer);
+    },
     // sessions survive renewal: a connection opened with the previous certificate stays usable
     allowExpiredOnOpenConnections: true,
     // `node rm` revokes: a node certificate whose node is gone from the store no longer gets in

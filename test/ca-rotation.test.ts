@@ -87,14 +87,13 @@ describeIf('root CA rotation (real daemons)', () => {
     }
     // the service never noticed: same tasks, still running; every node ready; no session dropped
     const now = (await cliJson<T[]>(['service', 'ps', 'steady'], cl.env)).filter((t) => t.state === 'running');
+    if (now.map((t) => t.id).sort().join() !== running.map((t) => t.id).sort().join()) {
+      console.log(JSON.stringify(await cliJson<T[]>(['service', 'ps', 'steady'], cl.env)));
+      for (const p of cl.procs) console.log(p.err.join('').split('\n').filter((l) => /level":(40|50)|task|down/i.test(l)).slice(-15).join('\n'));
+    }
     expect(now.map((t) => t.id).sort()).toEqual(running.map((t) => t.id).sort());
     expect((await cliJson<Node[]>(['node', 'ls'], cl.env)).map((n) => n.status)).toEqual(['ready', 'ready', 'ready']);
-    // a dispatcher session opened with an old-root certificate ends when the old root is dropped
-    // (the authorizer refuses it on open connections too): the node registers again at once with
-    // its new certificate, and its tasks keep running (above). No other reconnect.
-    for (const p of cl.procs) {
-      for (const line of p.err.join('').split('\n').filter((l) => /session failed; reconnecting/.test(l))) expect(line).toMatch(/no longer trusted \(CA rotated\)/);
-    }
+    for (const p of cl.procs) expect(p.err.join('')).not.toMatch(/session failed; reconnecting/);
 
     // old-root certificates fail the TLS handshake (UNAVAILABLE: the call never reaches a handler);
     // the manager's trust follows the store within a moment of the rotation's end
@@ -115,6 +114,10 @@ describeIf('root CA rotation (real daemons)', () => {
     const again = await cli(['cluster', 'ca', '--rotate', '--timeout', '60s'], cl.env, 90_000);
     expect(again.code, again.stderr + again.stdout).toBe(0);
     const after = (await cliJson<T[]>(['service', 'ps', 'steady'], cl.env)).filter((t) => t.state === 'running');
+    if (after.map((t) => t.id).sort().join() !== running.map((t) => t.id).sort().join()) {
+      console.log(JSON.stringify(await cliJson<T[]>(['service', 'ps', 'steady'], cl.env)));
+      for (const p of cl.procs) console.log(p.err.join('').split('\n').filter((l) => /level":(40|50)|task|down/i.test(l)).slice(-15).join('\n'));
+    }
     expect(after.map((t) => t.id).sort()).toEqual(running.map((t) => t.id).sort());
   }, 180_000);
 });
