@@ -157,6 +157,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     }
   }
   const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
+  let renewNow: ((pem: string) => void) | undefined;
   const session = new Session({
     managers: opts.managers,
     token: own ? '' : opts.token,
@@ -169,6 +170,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     backoffInitialMs: opts.backoffInitialMs,
     backoffMaxMs: opts.backoffMaxMs,
     onRegistered: opts.onRegistered,
+    onTrustBundle: (pem) => renewNow?.(pem),
   });
   current.session = session;
   opts.onStarted?.({ worker, session, runtime });
@@ -185,9 +187,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
   // a standalone agent renews its own certificate (the manager's in-process agent shares the manager's)
   if (own && !opts.tls) {
     const source = own;
-    runRenewal(
-      source,
-      async () => {
+    const renew = async (): Promise<void> => {
         let last: unknown;
         for (const addr of session.managers) {
           try {
@@ -200,7 +200,28 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
           }
         }
         throw last ?? new Error('no manager to renew with');
-      },
+    };
+    // a CA rotation: the heartbeat's trust bundle differs from this node's, so renew at once (the
+    // answer carries a certificate from the new root and the new bundle)
+    let renewing = false;
+    renewNow = (pem) => {
+      if (renewing || pem === source.current.trustPem) return;
+      renewing = true;
+      log.info('the cluster trust bundle changed (CA rotation): renewing the node certificate now');
+      // trust the new bundle first (it came over a session that verified the manager): managers
+      // that renewed already present certificates from the new root
+      try {
+        source.update({ trustPem: pem });
+      } catch (err) {
+        log.warn({ err: errorMessage(err) }, 'the new trust bundle does not cover this node\'s certificate yet; renewing first');
+      }
+      renew()
+        .catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'renewing onto the new trust bundle failed; retrying at the next heartbeat'))
+        .finally(() => (renewing = false));
+    };
+    runRenewal(
+      source,
+      renew,
       sessionCtl.signal,
       { retryMs: 5000, onError: (err) => log.warn({ err: errorMessage(err) }, 'certificate renewal failed; retrying') },
     ).catch((err: unknown) => log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));

@@ -36,6 +36,7 @@ function makeNodes(): Node[] {
       status: { state: NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
       managerStatus: undefined,
       certificateExpiryMs: 0,
+      certificateIssuer: '',
       role: NodeRole.NODE_ROLE_WORKER,
     });
   }

@@ -35,7 +35,7 @@ import type { ClusterCA } from '../gen/flotilla/v1/ca.js';
 import type { AuthzOptions } from './ca/authz.js';
 import { ServerTrust, TLS_CHANNEL_OPTIONS, TlsSource, clientCredentials, serverCredentials } from './ca/credentials.js';
 import { NODE_TLS_FILE, loadNodeTls, saveNodeTls } from './ca/certstore.js';
-import { type JoinTokens, bootstrapCluster, certExpiryMs, rotateToken, signingCA, trustBundle } from './ca/cluster.js';
+import { type JoinTokens, bootstrapCluster, caRotationStatus, certExpiryMs, finishCaRotation, rotateToken, signingCA, startCaRotation, trustBundle } from './ca/cluster.js';
 import { joinCaFor } from './ca/join.js';
 import { type CaBackend, joinCluster, nodeCaHandlers, renewCertificate, runRenewal } from './ca/service.js';
 import { issuerNames, parseCertificate } from './ca/x509.js';
@@ -117,6 +117,13 @@ export class Manager {
       return this.issuerCache.names;
     },
     joinIssuers: () => this.joinIssuers,
+    // a node's sessions opened before a CA rotation ended survive it once the node holds a
+    // certificate from a trusted root (no re-registration, no node marked down)
+    renewedSince: (id) => {
+      if (id.role === 'admin') return false;
+      const issuer = this.store.getNode(id.nodeId)?.certificateIssuer;
+      return !!issuer && this.authz.trustedIssuers!().includes(issuer);
+    },
     // sessions survive renewal: a connection opened with the previous certificate stays usable
     allowExpiredOnOpenConnections: true,
     // `node rm` revokes: a node certificate whose node is gone from the store no longer gets in
@@ -138,6 +145,10 @@ export class Manager {
     this.dispatcher = new Dispatcher(this.store, opts.log.child({ component: 'dispatcher' }), {
       managers: () => this.raft?.members().filter((m) => !m.learner).map((m) => m.addr) ?? [this.advertiseAddr()],
       heartbeatMs: opts.heartbeatMs,
+      trustBundle: () => {
+        const ca = this.store.getCluster()?.ca;
+        return ca ? trustBundle(ca) : '';
+      },
     });
     this.control = new ControlApi({
       store: this.store,
@@ -189,6 +200,22 @@ export class Manager {
         await this.refreshJoinCas();
         this.opts.log.info({ role }, 'join token rotated');
         return token;
+      },
+      rotateRootCa: async (start) => {
+        if (start) {
+          const c = this.store.getCluster();
+          if (!c?.ca || !c.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
+          if (c.ca.previousRootCertPem) throw new FlotillaError('FAILED_PRECONDITION', 'a CA rotation is already in progress');
+          const next = await startCaRotation(c.ca, c.tokens, c.id);
+          await this.store.update((tx) => {
+            const cur = tx.get('cluster', c.id);
+            if (!cur?.ca || cur.ca.rootCertPem !== c.ca?.rootCertPem) throw new FlotillaError('FAILED_PRECONDITION', 'a CA rotation is already in progress');
+            tx.update('cluster', { ...cur, ca: next.ca, tokens: next.tokens });
+          });
+          await this.refreshJoinCas();
+          this.opts.log.info({ root: issuerNames(next.ca.rootCertPem)[0] }, 'CA rotation started: nodes trust both roots and renew from the new one');
+        }
+        return caRotationStatus(this.clusterCA(), this.store.listNodes());
       },
     });
   }
@@ -293,6 +320,7 @@ export class Manager {
             managerStatus: undefined,
             role: r,
             certificateExpiryMs: 0,
+            certificateIssuer: '',
           }),
         );
         return id;
@@ -303,15 +331,71 @@ export class Manager {
         return n.role === NodeRole.NODE_ROLE_MANAGER ? 'manager' : 'worker';
       },
       onIssued: (nodeId, certPem) => {
-        const notAfter = parseCertificate(certPem).notAfter.getTime();
+        const { notAfter: na, issuer } = parseCertificate(certPem);
+        const notAfter = na.getTime();
         this.store
           .update((tx) => {
             const n = tx.get('node', nodeId);
-            if (n && n.certificateExpiryMs !== notAfter) tx.update('node', { ...n, certificateExpiryMs: notAfter });
+            if (n && (n.certificateExpiryMs !== notAfter || n.certificateIssuer !== issuer)) tx.update('node', { ...n, certificateExpiryMs: notAfter, certificateIssuer: issuer });
           })
           .catch((err: unknown) => this.opts.log.warn({ err: errorMessage(err), nodeId }, 'recording a certificate expiry failed'));
       },
     };
+  }
+
+  /**
+   * Leader only: ends a CA rotation (drops the old root from the trust bundle) once every node in
+   * the store holds a certificate from the new root.
+   */
+  private async caRotationLoop(signal: AbortSignal, log: Logger): Promise<void> {
+    while (!signal.aborted) {
+      await sleep(500, signal);
+      if (signal.aborted) return;
+      const c = this.store.getCluster();
+      if (!c?.ca?.previousRootCertPem) continue;
+      const st = caRotationStatus(c.ca, this.store.listNodes());
+      if (st.pendingNodes.length > 0) continue;
+      try {
+        await this.store.update((tx) => {
+          const cur = tx.get('cluster', c.id);
+          if (!cur?.ca || cur.ca.rootCertPem !== c.ca?.rootCertPem) return;
+          tx.update('cluster', { ...cur, ca: finishCaRotation(cur.ca) });
+        }, signal);
+        log.info({ root: st.root, nodes: st.nodes }, 'CA rotation finished: every node holds a certificate from the new root; the old root is no longer trusted');
+      } catch (err) {
+        log.warn({ err: errorMessage(err) }, 'finishing the CA rotation failed; retrying');
+      }
+    }
+  }
+
+  /**
+   * Every manager: its trust follows the cluster's trust bundle. When the bundle changes (a CA
+   * rotation started or finished), it renews at once through its own NodeCA: the answer carries a
+   * certificate from the signing root and the new bundle.
+   */
+  private async followTrustLoop(): Promise<void> {
+    const signal = this.opts.signal;
+    const tls = this.requireTls();
+    while (!signal.aborted) {
+      await sleep(300, signal);
+      if (signal.aborted) return;
+      const ca = this.store.getCluster()?.ca;
+      if (!ca || trustBundle(ca) === tls.current.trustPem) continue;
+      try {
+        // trust the new bundle at once (peers that renewed first present new-root certificates)
+        try {
+          tls.update({ trustPem: trustBundle(ca) });
+        } catch {
+          // this manager's certificate is not from a root in the bundle: the renewal fixes both
+        }
+        const res = await renewCertificate(this.advertiseAddr(), tls);
+        await saveNodeTls(this.opts.dataDir, res, { dek: this.requireKeys().dek });
+        this.opts.log.info({ issuer: tls.identity.issuer, roots: issuerNames(tls.current.trustPem) }, 'the cluster trust bundle changed: renewed this manager\'s certificate');
+      } catch (err) {
+        this.opts.log.warn({ err: errorMessage(err) }, 'renewing onto the new trust bundle failed; retrying');
+        await sleep(1000, signal);
+      }
+    }
   }
 
   /** Renews this manager's certificate through its own NodeCA, before it expires. */
@@ -501,6 +585,7 @@ export class Manager {
     }
     this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
     this.renewLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));
+    this.followTrustLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'trust bundle loop failed'));
   }
 
   /**
@@ -514,6 +599,7 @@ export class Manager {
     // the node is the one this manager's certificate names
     let nodeId = this.requireTls().identity.nodeId;
     const expiry = this.requireTls().identity.notAfter.getTime();
+    const issuer = this.requireTls().identity.issuer;
     const addr = this.advertiseAddr();
     const description: NodeDescription = {
       ...nodeDescription({ hostname: this.opts.hostname ?? defaultHostname(), managerAddr: addr }, 'runc'),
@@ -536,7 +622,7 @@ export class Manager {
           if (n) {
             // it may have run an agent before: without one it can run no tasks, so they move away
             const spec = n.spec ? { ...n.spec, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } : n.spec;
-            tx.update('node', { ...n, spec, description, status, certificateExpiryMs: expiry });
+            tx.update('node', { ...n, spec, description, status, certificateExpiryMs: expiry, certificateIssuer: issuer });
             return;
           }
           tx.create('node', {
@@ -548,6 +634,7 @@ export class Manager {
             managerStatus: undefined,
             role: NodeRole.NODE_ROLE_MANAGER,
             certificateExpiryMs: expiry,
+            certificateIssuer: issuer,
           });
         }, signal);
         this.opts.log.info({ nodeId: id, hostname: description.hostname }, 'this manager is registered as a node (no agent: it runs no tasks)');
@@ -779,6 +866,7 @@ export class Manager {
           managerStatus: undefined,
           role: NodeRole.NODE_ROLE_MANAGER,
           certificateExpiryMs: tls.identity.notAfter.getTime(),
+          certificateIssuer: tls.identity.issuer,
         });
       }
     });
@@ -830,6 +918,7 @@ export class Manager {
         new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),
         new Allocator(this.store, log.child({ component: 'allocator' })).run(ctl.signal),
         this.watchManagerNodes(ctl.signal),
+        this.caRotationLoop(ctl.signal, log.child({ component: 'ca-rotation' })),
       ];
       log.info('became leader: orchestrators, scheduler and dispatcher started');
       const results = await Promise.allSettled(loops);

@@ -37,6 +37,7 @@ export function testNode(hostname: string, over: { labels?: Record<string, strin
     status: { state: over.state ?? NodeState.NODE_STATE_READY, message: '', addr: '127.0.0.1', lastHeartbeat: 0 },
     managerStatus: undefined,
     certificateExpiryMs: 0,
+    certificateIssuer: '',
     role: over.role ?? NodeRole.NODE_ROLE_WORKER,
   };
 }

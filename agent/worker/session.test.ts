@@ -99,7 +99,7 @@ class TestDispatcher {
       heartbeat: (call, cb) => {
         if (!this.check(call.request.nodeId, call.request.sessionId)) return cb(notFound());
         this.heartbeats.push({ at: Date.now(), nodeId: call.request.nodeId });
-        cb(null, { periodMs: this.periodMs, managers: this.managers });
+        cb(null, { periodMs: this.periodMs, managers: this.managers, trustBundlePem: '' });
       },
       assignments: (call) => {
         if (!this.check(call.request.nodeId, call.request.sessionId)) {

@@ -56,6 +56,8 @@ export interface SessionOptions {
   rpcTimeoutMs?: number;
   /** called after each successful registration */
   onRegistered?: (info: RegisterResponse & { manager: string }) => void;
+  /** called with the cluster's trust bundle from each heartbeat (a CA rotation: see agent.ts) */
+  onTrustBundle?: (pem: string) => void;
 }
 
 interface NodeFile {
@@ -298,6 +300,7 @@ export class Session {
           this.heartbeats++;
           if (res.periodMs > 0) period = res.periodMs;
           if (res.managers.length > 0) this.learnManagers(res.managers, addr);
+          if (res.trustBundlePem) this.opts.onTrustBundle?.(res.trustBundlePem);
         } catch (err) {
           fail(err);
         }

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { GetClusterResponse, GetUnlockKeyResponse, IssueClientCertificateResponse, ListNodesResponse, RotateJoinTokenResponse, UpdateClusterResponse } from '../../gen/flotilla/v1/control.js';
+import { GetClusterResponse, GetUnlockKeyResponse, IssueClientCertificateResponse, ListNodesResponse, RotateJoinTokenResponse, RotateRootCAResponse, UpdateClusterResponse } from '../../gen/flotilla/v1/control.js';
 import { readSecretLine } from '../util.js';
 import { writeClientTlsDir } from '../../manager/ca/certstore.js';
 import { parseDuration } from '../../common/units.js';
@@ -124,6 +124,48 @@ export function register(program: Command): void {
         const r = await c.call<unknown, UpdateClusterResponse>('updateCluster', { autolock: opts.autolock, rotateUnlockKey: false });
         if (r.unlockKey) process.stdout.write(unlockKeyText(r.unlockKey));
         else process.stdout.write('autolock is off\n');
+      });
+    }),
+  );
+
+  hostOption(
+    cluster
+      .command('ca')
+      .description('Show the root CA rotation status, or --rotate: replace the root CA (every node moves to a new root; then the old root is refused)')
+      .option('--rotate', 'start a root CA rotation and wait until every node holds a certificate from the new root')
+      .option('--timeout <duration>', 'how long --rotate waits (default 5m)'),
+  ).action(
+    action(async (opts: { host?: string; rotate?: boolean; timeout?: string }) => {
+      const timeoutMs = opts.timeout ? parseDuration('--timeout', opts.timeout) : 5 * 60_000;
+      await withControl(opts.host, async (c) => {
+        let st = await c.call<unknown, RotateRootCAResponse>('rotateRootCa', { start: !!opts.rotate });
+        if (!opts.rotate) {
+          process.stdout.write(`root CA: ${st.root}\n`);
+          process.stdout.write(st.inProgress ? `rotation in progress: ${st.nodes - st.pendingNodes.length}/${st.nodes} nodes on the new root\n` : 'no rotation in progress\n');
+          return;
+        }
+        process.stdout.write(`CA rotation started: new root ${st.root}; nodes trust both roots and renew from the new one\n`);
+        const deadline = Date.now() + timeoutMs;
+        let last = '';
+        for (;;) {
+          const line = st.inProgress ? `${st.nodes - st.pendingNodes.length}/${st.nodes} nodes hold a certificate from the new root` : '';
+          if (line && line !== last) process.stdout.write(`${line}\n`);
+          last = line;
+          if (!st.inProgress) break;
+          if (Date.now() > deadline) {
+            const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
+            const names = st.pendingNodes.map((id) => nodes.find((n) => n.id === id)?.description?.hostname || id);
+            throw new ExitError(
+              1,
+              st.pendingNodes.length > 0
+                ? `CA rotation not finished after ${opts.timeout ?? '5m'}: waiting for ${names.join(', ')} to renew from the new root (it goes on in the background; check with flotilla cluster ca)`
+                : `CA rotation not finished after ${opts.timeout ?? '5m'}: every node is on the new root but the leader has not dropped the old one yet (check with flotilla cluster ca)`,
+            );
+          }
+          await new Promise((r) => setTimeout(r, 500));
+          st = await c.call<unknown, RotateRootCAResponse>('rotateRootCa', { start: false });
+        }
+        process.stdout.write(`CA rotation complete: every node holds a certificate from ${st.root}; the old root is no longer trusted\n`);
       });
     }),
   );

@@ -52,6 +52,12 @@ export interface AuthzOptions {
    */
   trustedIssuers?: () => readonly string[];
   /**
+   * An exception to trustedIssuers for a connection opened before a CA rotation ended: true when
+   * the certificate's node has renewed onto a trusted root since (its sessions, opened with
+   * the old certificate, go on; a new connection with the old certificate fails the handshake).
+   */
+  renewedSince?: (identity: CertIdentity) => boolean;
+  /**
    * Issuer CN -> role of the current join CAs (one per join token, manager/ca/join.ts). A
    * certificate from one of them is a 'joiner', whatever its subject says; a 'joiner' from any
    * other issuer is refused.
@@ -131,7 +137,7 @@ export function check(call: { getAuthContext(): AuthContextLike | null }, method
   if (!opts.allowExpiredOnOpenConnections && identity.notAfter.getTime() <= (opts.now?.() ?? Date.now())) {
     return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} expired at ${identity.notAfter.toISOString()}`);
   }
-  if (opts.trustedIssuers && !opts.trustedIssuers().includes(identity.issuer)) {
+  if (opts.trustedIssuers && !opts.trustedIssuers().includes(identity.issuer) && !opts.renewedSince?.(identity)) {
     return denied(grpc.status.UNAUTHENTICATED, `${method}: certificate of node ${identity.nodeId} is from a root CA that is no longer trusted (CA rotated); renew it`);
   }
   if (opts.revocations?.isRevoked(identity)) {

@@ -6,7 +6,7 @@
 import type { ClusterCA } from '../../gen/flotilla/v1/ca.js';
 import type { TlsMaterial } from './credentials.js';
 import { formatToken, newTokenSecret, parseToken } from './token.js';
-import { DEFAULT_CERT_EXPIRY_MS, RootCA, createRootCA } from './x509.js';
+import { DEFAULT_CERT_EXPIRY_MS, RootCA, createRootCA, issuerNames } from './x509.js';
 
 export interface JoinTokens {
   worker: string;
@@ -78,6 +78,12 @@ export async function startCaRotation(ca: ClusterCA, tokens: JoinTokens, cluster
 /** Phase 3: every node holds a certificate from the new root; stop trusting the old one. */
 export function finishCaRotation(ca: ClusterCA): ClusterCA {
   return { ...ca, previousRootCertPem: '' };
+}
+
+/** Where a CA rotation stands: the nodes whose certificate is not from the signing root yet. */
+export function caRotationStatus(ca: ClusterCA, nodes: ReadonlyArray<{ id: string; certificateIssuer: string }>): { inProgress: boolean; root: string; pendingNodes: string[]; nodes: number } {
+  const root = issuerNames(ca.rootCertPem)[0] ?? '';
+  return { inProgress: !!ca.previousRootCertPem, root, pendingNodes: nodes.filter((n) => n.certificateIssuer !== root).map((n) => n.id), nodes: nodes.length };
 }
 
 /** `cluster join-token --rotate worker|manager`: a new secret for one role. */

@@ -60,6 +60,8 @@ export interface ControlContext {
   issueClientCertificate?(expiryMs: number): Promise<{ caPem: string; certPem: string; keyPem: string }>;
   /** replaces one role's join token; returns the new one */
   rotateJoinToken?(role: 'worker' | 'manager'): Promise<string>;
+  /** starts a root CA rotation (start) and/or reports on it */
+  rotateRootCa?(start: boolean): Promise<{ inProgress: boolean; root: string; pendingNodes: string[]; nodes: number }>;
   /** a follower: serve a logs request by relaying it from the leader */
   relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
 }
@@ -81,6 +83,7 @@ export const CONTROL_POLICY: Policy<ControlServer> = {
   serviceLogs: ADMIN_OR_MANAGER,
   issueClientCertificate: ['admin'],
   rotateJoinToken: ADMIN_OR_MANAGER,
+  rotateRootCa: ['admin'],
   createNetwork: ADMIN_OR_MANAGER,
   getNetwork: ADMIN_OR_MANAGER,
   listNetworks: ADMIN_OR_MANAGER,
@@ -473,6 +476,10 @@ export class ControlApi {
         if (req.role !== 'worker' && req.role !== 'manager') throw invalidArgument('role', req.role, 'must be worker or manager');
         if (!this.ctx.rotateJoinToken) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
         return { token: await this.ctx.rotateJoinToken(req.role) };
+      }),
+      rotateRootCa: unary(async (req: { start: boolean }) => {
+        if (!this.ctx.rotateRootCa) throw new FlotillaError('FAILED_PRECONDITION', 'this manager has no CA');
+        return this.ctx.rotateRootCa(req.start);
       }),
     };
   }

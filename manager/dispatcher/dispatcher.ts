@@ -67,7 +67,7 @@ export class Dispatcher {
   constructor(
     private readonly store: MemoryStore,
     private readonly log: Logger,
-    private readonly opts: { managers: () => string[]; heartbeatMs?: number },
+    private readonly opts: { managers: () => string[]; heartbeatMs?: number; trustBundle?: () => string },
   ) {}
 
   private heartbeatMs(): number {
@@ -152,7 +152,7 @@ export class Dispatcher {
    * names (ids in the request are ignored) and the token is not needed; without (tests of the
    * dispatcher alone) the token says the role.
    */
-  async register(req: RegisterRequest, cert?: { nodeId: string; role: string; notAfter: Date }): Promise<RegisterResponse> {
+  async register(req: RegisterRequest, cert?: { nodeId: string; role: string; notAfter: Date; issuer?: string }): Promise<RegisterResponse> {
     this.requireRunning();
     const cluster = this.store.getCluster();
     if (!cluster?.tokens) throw new FlotillaError('UNAVAILABLE', 'cluster not initialised');
@@ -171,14 +171,17 @@ export class Dispatcher {
     const wantId = cert ? cert.nodeId : req.nodeId;
     const existing = wantId ? this.store.getNode(wantId) : undefined;
     const nodeId = cert ? cert.nodeId : (existing?.id ?? newId());
-    const certificateExpiryMs = cert ? cert.notAfter.getTime() : (existing?.certificateExpiryMs ?? 0);
+    // a connection opened before a renewal still presents the previous certificate: the newer wins
+    const newer = !!cert && cert.notAfter.getTime() >= (existing?.certificateExpiryMs ?? 0);
+    const certificateExpiryMs = newer ? cert.notAfter.getTime() : (existing?.certificateExpiryMs ?? 0);
+    const certificateIssuer = (newer ? cert.issuer : undefined) ?? existing?.certificateIssuer ?? '';
     const old = this.sessions.get(nodeId);
     if (old) this.endSession(old, 'replaced by a new session');
     await this.store.update((tx) => {
       const n = tx.get('node', nodeId);
       const status = { state: NodeState.NODE_STATE_READY, message: '', addr: req.addr, lastHeartbeat: Date.now() };
       if (n) {
-        tx.update('node', { ...n, description: desc, status, certificateExpiryMs });
+        tx.update('node', { ...n, description: desc, status, certificateExpiryMs, certificateIssuer });
       } else {
         tx.create('node', {
           id: nodeId,
@@ -189,6 +192,7 @@ export class Dispatcher {
           managerStatus: undefined,
           role,
           certificateExpiryMs,
+          certificateIssuer,
         });
       }
     });
@@ -201,7 +205,7 @@ export class Dispatcher {
   heartbeat(req: HeartbeatRequest): HeartbeatResponse {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
-    return { periodMs: this.heartbeatMs(), managers: this.opts.managers() };
+    return { periodMs: this.heartbeatMs(), managers: this.opts.managers(), trustBundlePem: this.opts.trustBundle?.() ?? '' };
   }
 
   assignments(call: grpc.ServerWritableStream<AssignmentsRequest, AssignmentsMessage>): void {

@@ -35,6 +35,7 @@ function node(id: string, o: NodeOpts = {}): Node {
     status: { state: o.state ?? NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 },
     managerStatus: undefined,
     certificateExpiryMs: 0,
+    certificateIssuer: '',
     role: o.role ?? NodeRole.NODE_ROLE_WORKER,
   };
 }

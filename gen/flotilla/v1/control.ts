@@ -40,6 +40,20 @@ export const protobufPackage = "flotilla.v1";
 
 export const protobufFileName = "flotilla/v1/control.proto";
 
+export interface RotateRootCARequest {
+  start: boolean;
+}
+
+export interface RotateRootCAResponse {
+  /** the old root is still trusted: some node still holds a certificate from it */
+  inProgress: boolean;
+  /** the CN of the signing root */
+  root: string;
+  /** nodes whose certificate is not from the signing root yet (ids) */
+  pendingNodes: string[];
+  nodes: number;
+}
+
 export interface IssueClientCertificateRequest {
   /** default: the cluster's node certificate lifetime */
   expiryMs: number;
@@ -314,6 +328,152 @@ export interface RemoveConfigRequest {
 
 export interface RemoveConfigResponse {
 }
+
+function createBaseRotateRootCARequest(): RotateRootCARequest {
+  return { start: false };
+}
+
+export const RotateRootCARequest: MessageFns<RotateRootCARequest> = {
+  encode(message: RotateRootCARequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.start !== false) {
+      writer.uint32(8).bool(message.start);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RotateRootCARequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRotateRootCARequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.start = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RotateRootCARequest>, I>>(base?: I): RotateRootCARequest {
+    return RotateRootCARequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RotateRootCARequest>, I>>(object: I): RotateRootCARequest {
+    const message = createBaseRotateRootCARequest();
+    message.start = object.start ?? false;
+    return message;
+  },
+};
+
+function createBaseRotateRootCAResponse(): RotateRootCAResponse {
+  return { inProgress: false, root: "", pendingNodes: [], nodes: 0 };
+}
+
+export const RotateRootCAResponse: MessageFns<RotateRootCAResponse> = {
+  encode(message: RotateRootCAResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.inProgress !== false) {
+      writer.uint32(8).bool(message.inProgress);
+    }
+    if (message.root !== "") {
+      writer.uint32(18).string(message.root);
+    }
+    for (const v of message.pendingNodes) {
+      writer.uint32(26).string(v!);
+    }
+    if (message.nodes !== 0) {
+      writer.uint32(32).uint32(message.nodes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RotateRootCAResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRotateRootCAResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.inProgress = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.root = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pendingNodes.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.nodes = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RotateRootCAResponse>, I>>(base?: I): RotateRootCAResponse {
+    return RotateRootCAResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RotateRootCAResponse>, I>>(object: I): RotateRootCAResponse {
+    const message = createBaseRotateRootCAResponse();
+    message.inProgress = object.inProgress ?? false;
+    message.root = object.root ?? "";
+    message.pendingNodes = object.pendingNodes?.map((e) => e) || [];
+    message.nodes = object.nodes ?? 0;
+    return message;
+  },
+};
 
 function createBaseIssueClientCertificateRequest(): IssueClientCertificateRequest {
   return { expiryMs: 0 };
@@ -4008,6 +4168,20 @@ export const ControlService = {
       Buffer.from(RotateJoinTokenResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RotateJoinTokenResponse => RotateJoinTokenResponse.decode(value),
   },
+  /**
+   * Admin only: start a root CA rotation (start = true; FAILED_PRECONDITION while one is in
+   * progress), or only report on the current one (start = false).
+   */
+  rotateRootCa: {
+    path: "/flotilla.v1.Control/RotateRootCA" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RotateRootCARequest): Buffer => Buffer.from(RotateRootCARequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RotateRootCARequest => RotateRootCARequest.decode(value),
+    responseSerialize: (value: RotateRootCAResponse): Buffer =>
+      Buffer.from(RotateRootCAResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RotateRootCAResponse => RotateRootCAResponse.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -4046,6 +4220,11 @@ export interface ControlServer extends UntypedServiceImplementation {
   issueClientCertificate: handleUnaryCall<IssueClientCertificateRequest, IssueClientCertificateResponse>;
   /** A new join token for one role; the old one is refused for new joins from then on. */
   rotateJoinToken: handleUnaryCall<RotateJoinTokenRequest, RotateJoinTokenResponse>;
+  /**
+   * Admin only: start a root CA rotation (start = true; FAILED_PRECONDITION while one is in
+   * progress), or only report on the current one (start = false).
+   */
+  rotateRootCa: handleUnaryCall<RotateRootCARequest, RotateRootCAResponse>;
 }
 
 export interface ControlClient extends Client {
@@ -4480,6 +4659,25 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RotateJoinTokenResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Admin only: start a root CA rotation (start = true; FAILED_PRECONDITION while one is in
+   * progress), or only report on the current one (start = false).
+   */
+  rotateRootCa(
+    request: RotateRootCARequest,
+    callback: (error: ServiceError | null, response: RotateRootCAResponse) => void,
+  ): ClientUnaryCall;
+  rotateRootCa(
+    request: RotateRootCARequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RotateRootCAResponse) => void,
+  ): ClientUnaryCall;
+  rotateRootCa(
+    request: RotateRootCARequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RotateRootCAResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -62,6 +62,11 @@ export interface HeartbeatResponse {
    * after it registered and can fail over to them
    */
   managers: string[];
+  /**
+   * the cluster's trust bundle (the roots every node must trust now); a node whose own bundle
+   * differs renews its certificate at once (CA rotation; docs/security.md)
+   */
+  trustBundlePem: string;
 }
 
 export interface AssignmentsRequest {
@@ -409,7 +414,7 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
 };
 
 function createBaseHeartbeatResponse(): HeartbeatResponse {
-  return { periodMs: 0, managers: [] };
+  return { periodMs: 0, managers: [], trustBundlePem: "" };
 }
 
 export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
@@ -419,6 +424,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
     }
     for (const v of message.managers) {
       writer.uint32(18).string(v!);
+    }
+    if (message.trustBundlePem !== "") {
+      writer.uint32(26).string(message.trustBundlePem);
     }
     return writer;
   },
@@ -452,6 +460,14 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
             message.managers.push(reader.string());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.trustBundlePem = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -471,6 +487,7 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
     const message = createBaseHeartbeatResponse();
     message.periodMs = object.periodMs ?? 0;
     message.managers = object.managers?.map((e) => e) || [];
+    message.trustBundlePem = object.trustBundlePem ?? "";
     return message;
   },
 };

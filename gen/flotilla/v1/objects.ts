@@ -176,6 +176,11 @@ export interface Node {
    * registration)
    */
   certificateExpiryMs: number;
+  /**
+   * the CN of the root CA that signed the node's current certificate (set with
+   * certificate_expiry_ms); a CA rotation waits until every node's is the new root's
+   */
+  certificateIssuer: string;
 }
 
 export interface HealthConfig {
@@ -1261,6 +1266,7 @@ function createBaseNode(): Node {
     managerStatus: undefined,
     role: 0,
     certificateExpiryMs: 0,
+    certificateIssuer: "",
   };
 }
 
@@ -1289,6 +1295,9 @@ export const Node: MessageFns<Node> = {
     }
     if (message.certificateExpiryMs !== 0) {
       writer.uint32(64).int64(message.certificateExpiryMs);
+    }
+    if (message.certificateIssuer !== "") {
+      writer.uint32(74).string(message.certificateIssuer);
     }
     return writer;
   },
@@ -1370,6 +1379,14 @@ export const Node: MessageFns<Node> = {
             message.certificateExpiryMs = longToNumber(reader.int64());
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.certificateIssuer = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1401,6 +1418,7 @@ export const Node: MessageFns<Node> = {
       : undefined;
     message.role = object.role ?? 0;
     message.certificateExpiryMs = object.certificateExpiryMs ?? 0;
+    message.certificateIssuer = object.certificateIssuer ?? "";
     return message;
   },
 };
