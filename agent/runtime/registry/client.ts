@@ -159,7 +159,8 @@ export class RegistryClient {
     res = await this.send(url, init, scope);
     if (res.status === 401) {
       await res.body?.cancel().catch(() => undefined);
-      throw this.fail('PERMISSION_DENIED', this.opts.auth ? 'incorrect username or password, or no access' : `authentication required (run: flotilla image login ${this.registry})`);
+      if (!this.opts.auth) throw this.fail('PERMISSION_DENIED', `authentication required (run: flotilla image login ${this.registry})`);
+      throw this.fail('PERMISSION_DENIED', challenge.scheme === 'basic' ? 'incorrect username or password' : `access denied${scope ? ` (${scope})` : ''}`);
     }
     return res;
   }
