@@ -126,7 +126,9 @@ async function main(): Promise<void> {
       const order = i % 2 === 0 ? ['flotilla', 'skopeo'] : ['skopeo', 'flotilla'];
       for (const who of order) {
         if (who === 'flotilla') {
-          const r = await run(process.execPath, [CLI, 'image', 'pull', '-q', '--data-dir', dataDir, ref]);
+          // BENCH_NODE_ARGS: extra node flags for the CLI, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
+          const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+          const r = await run(process.execPath, [...nodeArgs, CLI, 'image', 'pull', '-q', '--data-dir', dataDir, ref]);
           if (r.code !== 0) throw new Error(`flotilla image pull failed: ${r.stderr.trim()}`);
           ours.push(r.ms);
         } else {
