@@ -271,7 +271,8 @@ export class RegistryClient {
       try {
         res = await this.request(`/v2/${repository}/blobs/${digest}`, { method: 'GET', headers }, scope);
       } catch (err) {
-        if (err instanceof FlotillaError && err.code === 'UNAVAILABLE' && got > 0 && failures < maxRetries) {
+        // the manifest came from this registry a moment ago: a failed connection is worth retrying
+        if (err instanceof FlotillaError && err.code === 'UNAVAILABLE' && failures < maxRetries) {
           failures++;
           await sleep(200 * failures, this.opts.signal);
           continue;
@@ -281,6 +282,12 @@ export class RegistryClient {
       if (res.status === 404) {
         await res.body?.cancel().catch(() => undefined);
         throw this.fail('NOT_FOUND', `blob ${digest} not found in ${repository}`);
+      }
+      if (res.status >= 500 && failures < maxRetries) {
+        await res.body?.cancel().catch(() => undefined);
+        failures++;
+        await sleep(200 * failures, this.opts.signal);
+        continue;
       }
       if (!res.ok) await this.failed(res, `blob ${digest}`);
       let skip = 0;
