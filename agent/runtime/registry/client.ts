@@ -5,7 +5,8 @@
  * checks and uploads (monolithic or chunked). Digests are checked by the callers (index.ts) as the
  * bytes are stored.
  *
- * HTTPS uses the system's CAs (Node's default trust store). Plain HTTP is used only for registries the
+ * HTTPS verifies against Node's trust store (bundled roots plus NODE_EXTRA_CA_CERTS; the OS store with
+ * `node --use-openssl-ca`, see docs/images.md). Plain HTTP is used only for registries the
  * caller marks insecure (--insecure-registry) and for loopback registries (localhost, 127.0.0.0/8, [::1]).
  */
 import { Readable } from 'node:stream';
