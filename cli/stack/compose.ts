@@ -161,7 +161,7 @@ export function interpolateAll(v: unknown, env: Record<string, string | undefine
 /** `K=V` list or mapping to a mapping; other shapes are left for validation to refuse. */
 function toMap(v: unknown, sep = '='): unknown {
   if (!Array.isArray(v)) return v;
-  if (!v.every((x) => typeof x === 'string')) return v;
+  if (!v.every((x) => typeof x === 'string' && !x.startsWith(sep))) return v;
   const out: Obj = {};
   for (const e of v as string[]) {
     const i = e.indexOf(sep);

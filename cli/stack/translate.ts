@@ -32,7 +32,8 @@ import { MAX_SECRET_BYTES, SECRET_NAME_RE } from '../../common/secrets.js';
 import { parseBytes, parseCpus, parseDuration } from '../../common/units.js';
 import { parseConstraint } from '../../manager/scheduler/constraints.js';
 import { defaultUpdateConfig, DEFAULT_STOP_GRACE_MS, validateServiceSpec } from '../../manager/controlapi/validate.js';
-import { validateNetworkSpec } from '../../manager/allocator/networks.js';
+import { KNOWN_DRIVER_OPTS, validateNetworkSpec } from '../../manager/allocator/networks.js';
+import { checkGateway, checkSubnet, parseMtu } from '../../manager/allocator/ipam.js';
 import { ComposeError, isObj, type Obj } from './compose.js';
 
 /** Docker's stack label, on every object of a stack (and on the service's containers). */
@@ -130,7 +131,7 @@ function wrap<T>(p: string, fn: () => T): T {
   } catch (err) {
     if (err instanceof ComposeError) throw err;
     const msg = err instanceof Error ? err.message : String(err);
-    const m = /^invalid \S+(?: \S+)* ("(?:[^"\\]|\\.)*"|\S+): (.*)$/s.exec(msg);
+    const m = /^invalid .+? ("(?:[^"\\]|\\.)*"|-?[\d.]+|true|false|null): (.*)$/s.exec(msg);
     throw new ComposeError(m ? `${p}: ${m[2]}, got ${m[1]}` : `${p}: ${msg}`);
   }
 }
@@ -384,6 +385,10 @@ function translateNetwork(p: string, key: string, rawv: unknown, scoped: (k: str
   const driver = raw.driver === undefined ? 'overlay' : strictStr(`${p}.driver`, raw.driver);
   if (driver !== 'overlay') fail(`${p}.driver`, `only overlay is supported, got ${JSON.stringify(driver)}`);
   const driverOpts = Object.fromEntries(Object.entries(obj(`${p}.driver_opts`, raw.driver_opts)).map(([k, v]) => [k, str(`${p}.driver_opts.${k}`, v)]));
+  for (const [k, v] of Object.entries(driverOpts)) {
+    if (!KNOWN_DRIVER_OPTS.includes(k)) fail(`${p}.driver_opts.${k}`, `unknown option (known: ${KNOWN_DRIVER_OPTS.join(', ')})`);
+    if (k === 'mtu') wrap(`${p}.driver_opts.mtu`, () => parseMtu(v));
+  }
   const ipam = obj(`${p}.ipam`, raw.ipam);
   checkKeys(`${p}.ipam`, ipam, { mapped: ['driver', 'config'], unsupported: ['options'] }, warn);
   if (ipam.driver !== undefined && ipam.driver !== 'default') fail(`${p}.ipam.driver`, `only the default IPAM driver is supported, got ${show(ipam.driver)}`);
@@ -396,6 +401,9 @@ function translateNetwork(p: string, key: string, rawv: unknown, scoped: (k: str
     checkKeys(`${p}.ipam.config[0]`, c, { mapped: ['subnet', 'gateway'], unsupported: ['ip_range', 'aux_addresses'] }, warn);
     if (c.subnet !== undefined) subnet = strictStr(`${p}.ipam.config[0].subnet`, c.subnet);
     if (c.gateway !== undefined) gateway = strictStr(`${p}.ipam.config[0].gateway`, c.gateway);
+    if (gateway && !subnet) fail(`${p}.ipam.config[0].gateway`, 'needs a subnet');
+    const cidr = subnet ? wrap(`${p}.ipam.config[0].subnet`, () => checkSubnet('subnet', subnet)) : undefined;
+    if (cidr && gateway) wrap(`${p}.ipam.config[0].gateway`, () => checkGateway('gateway', gateway, cidr));
   }
   const spec = NetworkSpec.fromPartial({
     name,
