@@ -6,6 +6,7 @@
  * only when its spec changed (the manager's own diff, through a dry-run update). docs/stacks.md.
  */
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Command } from 'commander';
 import type {
   CreateServiceResponse,
@@ -20,6 +21,7 @@ import type {
 } from '../../gen/flotilla/v1/control.js';
 import { ServiceMode, TaskState, type Node, type Service, type Task } from '../../gen/flotilla/v1/objects.js';
 import { shortId } from '../../common/ids.js';
+import { parseDuration } from '../../common/units.js';
 import { isUp } from '../../manager/orchestrator/update.js';
 import { withControl, type Control } from '../client.js';
 import { serviceJson, taskJson, taskName, taskStateName } from '../format.js';
@@ -311,9 +313,18 @@ export function register(program: Command): void {
     }),
   );
 
-  hostOption(stack.command('rm').alias('remove').alias('down').description('Remove one or more stacks').argument('<stack...>')).action(
-    action(async (names: string[], opts: { host?: string }) => {
+  hostOption(
+    stack
+      .command('rm')
+      .alias('remove')
+      .alias('down')
+      .description('Remove one or more stacks')
+      .argument('<stack...>')
+      .option('--timeout <duration>', "how long to wait for the services' tasks to leave the stack's networks (default 2m)"),
+  ).action(
+    action(async (names: string[], opts: { host?: string; timeout?: string }) => {
       for (const n of names) checkStackName(n);
+      const timeout = opts.timeout === undefined ? 120_000 : parseDuration('--timeout', opts.timeout);
       await withControl(opts.host, async (c) => {
         let failed = 0;
         for (const name of names) {
@@ -336,13 +347,24 @@ export function register(program: Command): void {
             process.stderr.write(`Nothing found in stack: ${name}\n`);
             continue;
           }
+          // a network is refused while the tasks of the removed services still stop on it: retried
+          // until they have stopped (their stop grace period), within a bound
+          const deadline = Date.now() + timeout;
           for (const [kind, objName, rpc, id] of steps) {
             process.stdout.write(`Removing ${kind} ${objName}\n`);
-            try {
-              await c.call(rpc as 'removeService', { serviceId: id, secretId: id, configId: id, networkId: id });
-            } catch (err) {
-              failed++;
-              process.stderr.write(`flotilla: failed to remove ${kind} ${objName}: ${(err as Error).message}\n`);
+            for (;;) {
+              try {
+                await c.call(rpc as 'removeService', { serviceId: id, secretId: id, configId: id, networkId: id });
+              } catch (err) {
+                const msg = (err as Error).message;
+                if (kind === 'network' && /attached that are stopping/.test(msg) && Date.now() < deadline) {
+                  await sleep(250);
+                  continue;
+                }
+                failed++;
+                process.stderr.write(`flotilla: failed to remove ${kind} ${objName}: ${msg}\n`);
+              }
+              break;
             }
           }
         }
