@@ -18,6 +18,7 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   image: () => import('./image.js'),
   container: () => import('./container.js'),
   stack: () => import('./stack.js'),
+  volume: () => import('./volume.js'),
 };
 
 export async function registerCommands(program: Command, argv: string[]): Promise<void> {

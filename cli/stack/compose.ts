@@ -219,6 +219,8 @@ const SERVICE_SEQ_MERGE: Record<string, (a: unknown[], b: unknown[]) => unknown[
   extra_hosts: unionStrings,
   env_file: unionStrings,
   expose: unionStrings,
+  group_add: unionStrings,
+  tmpfs: unionStrings,
 };
 
 /** Normalises the shapes that merge by key (list forms of environment, labels, networks...). */

@@ -299,6 +299,88 @@ configs:
   });
 });
 
+describe('translation: volumes and container options', () => {
+  const p = plan([
+    `
+services:
+  db:
+    image: busybox
+    volumes:
+      - data:/data
+      - ./conf:/conf:ro
+      - /var/log:/host-log
+      - /anon
+      - {type: volume, source: shared, target: /shared, read_only: true, volume: {nocopy: true}}
+      - {type: tmpfs, target: /scratch, tmpfs: {size: 64m, mode: 01777}}
+    tmpfs: /run/x
+    cap_add: [net_admin, CAP_SYS_TIME]
+    cap_drop: [ALL]
+    read_only: true
+    init: true
+    ulimits: {nproc: 512, nofile: {soft: 1024, hard: 2048}}
+    sysctls: [net.core.somaxconn=1024]
+    stop_signal: INT
+    hostname: "{{.Service.Name}}-{{.Task.Slot}}"
+    dns: 10.0.0.2
+    dns_search: [example.org]
+    dns_opt: [ndots:2]
+    extra_hosts: ["db.local:10.1.2.3", "v6=::1"]
+    tty: true
+    group_add: [wheel, 1001]
+volumes:
+  data: {driver: local, driver_opts: {type: tmpfs, device: tmpfs, o: size=10m}, labels: [keep=yes]}
+  shared: {external: true, name: the-shared-one}
+`,
+  ]);
+  const c = p.services[0]!.spec.task!.container!;
+  it('maps volumes: named ones as STACK_KEY with their driver options and labels, binds from the file folder, anonymous, tmpfs', () => {
+    const base = { volumeOpts: {}, volumeLabels: {}, tmpfsSizeBytes: 0, tmpfsMode: 0, volumeNocopy: false, readonly: false };
+    expect(c.mounts).toEqual([
+      { ...base, type: 'volume', source: 'st_data', target: '/data', volumeOpts: { type: 'tmpfs', device: 'tmpfs', o: 'size=10m' }, volumeLabels: { keep: 'yes', [STACK_LABEL]: 'st' } },
+      { ...base, type: 'bind', source: path.join(dir, 'conf'), target: '/conf', readonly: true },
+      { ...base, type: 'bind', source: '/var/log', target: '/host-log' },
+      { ...base, type: 'volume', source: '', target: '/anon' },
+      { ...base, type: 'volume', source: 'the-shared-one', target: '/shared', readonly: true, volumeNocopy: true },
+      { ...base, type: 'tmpfs', source: '', target: '/scratch', tmpfsSizeBytes: 64 * 1024 * 1024, tmpfsMode: 0o1777 },
+      { ...base, type: 'tmpfs', source: '', target: '/run/x' },
+    ]);
+    expect(p.warnings).toEqual([]);
+  });
+  it('maps cap_add/cap_drop, read_only, init, ulimits, sysctls, stop_signal, hostname templates, dns, extra_hosts, tty, group_add', () => {
+    expect(c.capAdd).toEqual(['CAP_NET_ADMIN', 'CAP_SYS_TIME']);
+    expect(c.capDrop).toEqual(['ALL']);
+    expect([c.readOnly, c.init, c.tty]).toEqual([true, true, true]);
+    expect(c.ulimits).toEqual([
+      { name: 'nofile', soft: 1024, hard: 2048 },
+      { name: 'nproc', soft: 512, hard: 512 },
+    ]);
+    expect(c.sysctls).toEqual({ 'net.core.somaxconn': '1024' });
+    expect(c.stopSignal).toBe('SIGINT');
+    expect(c.hostname).toBe('{{.Service.Name}}-{{.Task.Slot}}');
+    expect(c.dnsConfig).toEqual({ nameservers: ['10.0.0.2'], search: ['example.org'], options: ['ndots:2'] });
+    expect(c.hosts).toEqual(['10.1.2.3 db.local', '::1 v6']);
+    expect(c.groups).toEqual(['wheel', '1001']);
+  });
+  it('refuses bad values, naming the key', () => {
+    const one = (svcYaml: string, extra = '') => error([`services:\n  a:\n    image: busybox\n${svcYaml}${extra}`]);
+    expect(one('    volumes: [nope:/x]\n')).toBe('services.a.volumes[0]: volume "nope" is not declared in the top-level volumes');
+    expect(one('    volumes: ["v:rel"]\nvolumes: {v: {}}\n')).toBe('services.a.volumes[0]: the target must be an absolute path, got "rel"');
+    expect(one('    volumes: [{type: nfs, target: /x}]\n')).toBe('services.a.volumes[0].type: must be volume, bind or tmpfs, got "nfs"');
+    expect(one('    volumes: ["/a:/x", "/b:/x"]\n')).toBe('services.a.volumes: two mounts have this target, got "/x"');
+    expect(one('    cap_add: [FLY]\n')).toBe('services.a.cap_add[0]: unknown capability (e.g. NET_ADMIN, SYS_TIME, ALL), got "FLY"');
+    expect(one('    ulimits: {nofile: {soft: 10, hard: 5}}\n')).toBe('services.a.ulimits: the soft limit cannot be above the hard limit, got "nofile=10:5"');
+    expect(one('    ulimits: {nofile: lots}\n')).toBe('services.a.ulimits.nofile: must be a whole number (-1: unlimited), got "lots"');
+    expect(one('    sysctls: {kernel.panic: 1}\n')).toContain('services.a.sysctls: not a namespaced sysctl');
+    expect(one('    stop_signal: SIGNOPE\n')).toContain('services.a.stop_signal: unknown signal');
+    expect(one('    hostname: "{{.Nope}}"\n')).toContain('services.a.hostname: unknown template field .Nope');
+    expect(one('    dns: [not-an-ip]\n')).toBe('services.a.dns: a name server is an IP address, got "not-an-ip"');
+    expect(one('    extra_hosts: [nocolon]\n')).toBe('services.a.extra_hosts[0]: expected HOST:IP, got "nocolon"');
+    expect(one('    read_only: maybe\n')).toBe('services.a.read_only: must be true or false, got "maybe"');
+    expect(one('', 'volumes: {v: {driver: nfs}}\n')).toBe('volumes.v.driver: only the local driver is supported, got "nfs"');
+    expect(one('', 'volumes: {v: {driver_opts: {size: 1}}}\n')).toBe('volumes.v.driver_opts.size: unknown option (the local driver takes type, device, o)');
+  });
+});
+
 describe('unsupported keys are named in warnings, never dropped silently', () => {
   it('keys of features not there yet, Docker-ignored keys, nested ones', () => {
     const p = plan([
@@ -310,46 +392,29 @@ services:
     build: .
     restart: always
     ports: ["8080:80"]
-    volumes: ["data:/data"]
-    cap_add: [NET_ADMIN]
-    read_only: true
-    init: true
-    ulimits: {nofile: 1024}
-    sysctls: {net.core.somaxconn: 1024}
-    stop_signal: SIGINT
-    hostname: "{{.Task.Slot}}"
+    volumes: [{type: bind, source: /srv, target: /srv, bind: {propagation: rshared}}]
     healthcheck: {test: [CMD, "true"], start_interval: 1s}
     networks: {default: {ipv4_address: 10.0.0.5}}
     deploy: {placement: {preferences: [{spread: node.labels.zone}]}, resources: {reservations: {generic_resources: []}}}
 networks:
   default: {internal: true}
-volumes:
-  data: {}
 `,
     ]);
-    expect(p.warnings).toEqual([
+    expect([...p.warnings].sort()).toEqual(
+      [
       'name: not supported by flotilla stacks, ignored',
-      'volumes: not supported yet (named volumes), ignored',
       'networks.default.internal: not supported by flotilla stacks, ignored',
       'services.web.build: not supported by flotilla stacks, ignored',
       'services.web.restart: not supported by flotilla stacks, ignored',
       'services.web.ports: not supported yet (published ports), ignored',
-      'services.web.volumes: not supported yet (volumes and mounts), ignored',
-      'services.web.cap_add: not supported yet (capabilities), ignored',
-      'services.web.read_only: not supported yet (read-only root file systems), ignored',
-      'services.web.init: not supported yet (an init process), ignored',
-      'services.web.ulimits: not supported yet (ulimits), ignored',
-      'services.web.sysctls: not supported yet (sysctls), ignored',
-      'services.web.stop_signal: not supported yet (stop signals), ignored',
-      'services.web.hostname: templates are not supported yet (hostname templates), ignored',
       'services.web.deploy.resources.reservations.generic_resources: not supported by flotilla stacks, ignored',
-      'services.web.networks.default.ipv4_address: not supported by flotilla stacks, ignored',
       'services.web.deploy.placement.preferences: not supported yet (placement preferences), ignored',
+      'services.web.networks.default.ipv4_address: not supported by flotilla stacks, ignored',
+      'services.web.volumes[0].bind.propagation: not supported by flotilla stacks, ignored',
       'services.web.healthcheck.start_interval: not supported by flotilla stacks, ignored',
-    ]);
-    expect(svc(p, 'web').task!.container!.hostname).toBe('');
+    ].sort());
     expect(svc(p, 'web').task!.container!.healthcheck?.test).toEqual(['CMD', 'true']);
-    expect(Object.keys(PENDING_SERVICE_KEYS)).toContain('extra_hosts');
+    expect(Object.keys(PENDING_SERVICE_KEYS)).toContain('ports');
   });
   it('an unknown key is an error, with a suggestion', () => {
     expect(error(['services:\n  web: {imgae: busybox}\n'])).toBe('services.web.imgae: unknown key (did you mean image?)');

@@ -17,6 +17,8 @@ import {
   UpdateFailureAction,
   UpdateOrder,
   type ConfigReference,
+  type ContainerSpec,
+  type Ulimit,
   type HealthConfig,
   type NetworkAttachmentConfig,
   type PortConfig,
@@ -31,6 +33,16 @@ import { isValidName } from '../../common/ids.js';
 import { MAX_SECRET_BYTES, SECRET_NAME_RE } from '../../common/secrets.js';
 import { parseBytes, parseCpus, parseDuration } from '../../common/units.js';
 import { parseConstraint } from '../../manager/scheduler/constraints.js';
+import {
+  emptyMount,
+  normaliseCap,
+  normaliseSignal,
+  parseExtraHost,
+  parseVolumeShort,
+  VOLUME_NAME,
+  VOLUME_OPT_KEYS,
+  type MountOpt,
+} from '../../common/containeropts.js';
 import { defaultUpdateConfig, DEFAULT_STOP_GRACE_MS, validateServiceSpec } from '../../manager/controlapi/validate.js';
 import { KNOWN_DRIVER_OPTS, validateNetworkSpec } from '../../manager/allocator/networks.js';
 import { checkGateway, checkSubnet, parseMtu } from '../../manager/allocator/ipam.js';
@@ -47,21 +59,6 @@ export const IMAGE_LABEL = 'com.docker.stack.image';
  */
 export const PENDING_SERVICE_KEYS: Record<string, string> = {
   ports: 'published ports',
-  volumes: 'volumes and mounts',
-  tmpfs: 'volumes and mounts',
-  cap_add: 'capabilities',
-  cap_drop: 'capabilities',
-  read_only: 'read-only root file systems',
-  init: 'an init process',
-  ulimits: 'ulimits',
-  sysctls: 'sysctls',
-  stop_signal: 'stop signals',
-  dns: 'DNS options',
-  dns_search: 'DNS options',
-  dns_opt: 'DNS options',
-  extra_hosts: 'extra hosts',
-  tty: 'a TTY',
-  group_add: 'supplementary groups',
 };
 
 /** Compose keys `docker stack deploy` ignores too (or that make no sense on a cluster): warned about, ignored. */
@@ -91,6 +88,15 @@ export interface StackFileObject {
   external: boolean;
   labels: Record<string, string>;
   data?: Buffer;
+}
+
+/** A named volume of the file: created on demand on each node a task needs it (docs/volumes.md). */
+export interface StackVolume {
+  key: string;
+  name: string;
+  external: boolean;
+  opts: Record<string, string>;
+  labels: Record<string, string>;
 }
 
 export interface StackService {
@@ -308,7 +314,7 @@ function readFileChecked(p: string, file: string, limit?: number): Buffer {
 
 // ---- top level
 
-const TOP_KEYS: KeySet = { mapped: ['version', 'services', 'networks', 'secrets', 'configs'], pending: { volumes: 'named volumes' }, unsupported: ['name', 'include', 'models'] };
+const TOP_KEYS: KeySet = { mapped: ['version', 'services', 'networks', 'volumes', 'secrets', 'configs'], unsupported: ['name', 'include', 'models'] };
 
 export function translateStack(stack: string, doc: Obj, opts: TranslateOptions): StackPlan {
   if (!STACK_NAME_RE.test(stack)) throw new ComposeError(`stack name ${JSON.stringify(stack)}: use letters, digits, "_", "." or "-", starting with a letter or digit`);
@@ -337,6 +343,11 @@ export function translateStack(stack: string, doc: Obj, opts: TranslateOptions):
     }
     return m;
   };
+  const volumes = new Map<string, StackVolume>();
+  for (const [key, raw] of Object.entries(obj('volumes', doc.volumes))) {
+    if (key.startsWith('x-')) continue;
+    volumes.set(key, translateVolume(`volumes.${key}`, key, raw, scoped, nsLabel, warn));
+  }
   const secrets = fileObjects('secrets');
   const configs = fileObjects('configs');
 
@@ -344,7 +355,7 @@ export function translateStack(stack: string, doc: Obj, opts: TranslateOptions):
   const out: StackService[] = [];
   for (const [key, raw] of Object.entries(services)) {
     if (key.startsWith('x-')) continue;
-    const spec = translateService(stack, key, raw, { stack, netDefs, secrets, configs, used, opts, warn });
+    const spec = translateService(stack, key, raw, { stack, volumes, netDefs, secrets, configs, used, opts, warn });
     out.push({ key, spec });
   }
   if (used.has('default') && !netDefs.has('default')) {
@@ -449,6 +460,7 @@ function translateFileObject(
 
 interface ServiceCtx {
   stack: string;
+  volumes: Map<string, StackVolume>;
   netDefs: Map<string, StackNetwork>;
   secrets: Map<string, StackFileObject>;
   configs: Map<string, StackFileObject>;
@@ -458,7 +470,11 @@ interface ServiceCtx {
 }
 
 const SERVICE_KEYS: KeySet = {
-  mapped: ['image', 'command', 'entrypoint', 'environment', 'env_file', 'labels', 'user', 'working_dir', 'hostname', 'healthcheck', 'stop_grace_period', 'networks', 'secrets', 'configs', 'deploy'],
+  mapped: [
+    'image', 'command', 'entrypoint', 'environment', 'env_file', 'labels', 'user', 'working_dir', 'hostname', 'healthcheck', 'stop_grace_period',
+    'networks', 'secrets', 'configs', 'deploy', 'volumes', 'tmpfs', 'cap_add', 'cap_drop', 'read_only', 'init', 'ulimits', 'sysctls', 'stop_signal',
+    'dns', 'dns_search', 'dns_opt', 'extra_hosts', 'tty', 'group_add',
+  ],
   pending: PENDING_SERVICE_KEYS,
   unsupported: UNSUPPORTED_SERVICE_KEYS,
 };
@@ -476,6 +492,18 @@ const FIELD_KEYS: Record<string, string> = {
   'limit-memory': 'deploy.resources.limits.memory',
   constraint: 'deploy.placement.constraints',
   'network alias': 'networks',
+  mount: 'volumes',
+  'cap-add': 'cap_add',
+  'cap-drop': 'cap_drop',
+  ulimit: 'ulimits',
+  sysctl: 'sysctls',
+  'stop-signal': 'stop_signal',
+  hostname: 'hostname',
+  dns: 'dns',
+  'dns-search': 'dns_search',
+  'dns-option': 'dns_opt',
+  host: 'extra_hosts',
+  group: 'group_add',
 };
 
 function translateService(stack: string, key: string, rawv: unknown, ctx: ServiceCtx): ServiceSpec {
@@ -527,14 +555,8 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
   const labels = { ...labelMap(`${p}.labels`, raw.labels), [STACK_LABEL]: stack };
   const serviceLabels = { ...labelMap(`${p}.deploy.labels`, deploy.labels), [STACK_LABEL]: stack, [IMAGE_LABEL]: image };
 
-  let hostname = '';
-  if (raw.hostname !== undefined && raw.hostname !== null) {
-    hostname = strictStr(`${p}.hostname`, raw.hostname);
-    if (hostname.includes('{{')) {
-      warn(`${p}.hostname: templates are not supported yet (hostname templates), ignored`);
-      hostname = '';
-    }
-  }
+  // Swarm's templates ({{.Service.Name}}, {{.Task.Slot}}, {{.Node.Hostname}}...) are expanded by the agent
+  const hostname = raw.hostname !== undefined && raw.hostname !== null ? strictStr(`${p}.hostname`, raw.hostname) : '';
 
   const spec: ServiceSpec = {
     name,
@@ -559,6 +581,7 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
         networkMode: '',
         secrets: fileRefs('secrets', p, raw.secrets, ctx.secrets, warn) as SecretReference[],
         configs: fileRefs('configs', p, raw.configs, ctx.configs, warn) as ConfigReference[],
+        ...containerOptions(p, raw, ctx),
       },
       resources: resources(`${p}.deploy.resources`, deploy.resources, warn),
       restart: restartPolicy(`${p}.deploy.restart_policy`, deploy.restart_policy, warn),
@@ -787,4 +810,149 @@ export function parsePorts(p: string, v: unknown): PortConfig[] {
       });
   }
   return out;
+}
+
+// ---- volumes and the container options (docs/volumes.md)
+
+function translateVolume(p: string, key: string, rawv: unknown, scoped: (k: string) => string, ns: Record<string, string>, warn: (w: string) => void): StackVolume {
+  const raw = obj(p, rawv);
+  checkKeys(p, raw, { mapped: ['driver', 'driver_opts', 'external', 'name', 'labels'] }, warn);
+  const ext = externalName(p, raw);
+  const given = raw.name !== undefined ? strictStr(`${p}.name`, raw.name) : undefined;
+  if (ext.external) {
+    for (const k of ['driver', 'driver_opts', 'labels']) if (raw[k] !== undefined) fail(`${p}.${k}`, 'cannot be set on an external volume');
+    return { key, name: given ?? ext.name ?? key, external: true, opts: {}, labels: {} };
+  }
+  const name = given ?? scoped(key);
+  if (!VOLUME_NAME.test(name)) fail(p, `the volume name ${JSON.stringify(name)} is not valid (1-255 letters, digits, "_", "." or "-")`);
+  if (raw.driver !== undefined && raw.driver !== 'local') fail(`${p}.driver`, `only the local driver is supported, got ${show(raw.driver)}`);
+  const opts: Record<string, string> = {};
+  for (const [k, v] of Object.entries(obj(`${p}.driver_opts`, raw.driver_opts))) {
+    if (!VOLUME_OPT_KEYS.includes(k)) fail(`${p}.driver_opts.${k}`, `unknown option (the local driver takes ${VOLUME_OPT_KEYS.join(', ')})`);
+    opts[k] = str(`${p}.driver_opts.${k}`, v);
+  }
+  return { key, name, external: false, opts, labels: { ...labelMap(`${p}.labels`, raw.labels), ...ns } };
+}
+
+/** A named volume of a mount: declared in the top-level volumes, named and configured from there. */
+function namedVolume(p: string, m: MountOpt, ctx: ServiceCtx): void {
+  if (m.type !== 'volume' || m.source === '') return;
+  const v = ctx.volumes.get(m.source);
+  if (!v) fail(p, `volume ${JSON.stringify(m.source)} is not declared in the top-level volumes`);
+  m.source = v.name;
+  if (!v.external) {
+    m.volumeOpts = { ...v.opts };
+    m.volumeLabels = { ...v.labels };
+  }
+}
+
+function serviceMounts(sp: string, raw: Obj, ctx: ServiceCtx): MountOpt[] {
+  const p = `${sp}.volumes`;
+  const out: MountOpt[] = [];
+  for (const [i, e] of list(p, raw.volumes).entries()) {
+    const ep = `${p}[${i}]`;
+    let m: MountOpt;
+    if (isObj(e)) {
+      checkKeys(ep, e, { mapped: ['type', 'source', 'target', 'read_only', 'volume', 'tmpfs', 'bind'], unsupported: ['consistency', 'image'] }, ctx.warn);
+      m = emptyMount();
+      m.type = e.type === undefined ? 'volume' : strictStr(`${ep}.type`, e.type);
+      if (m.type !== 'volume' && m.type !== 'bind' && m.type !== 'tmpfs') fail(`${ep}.type`, `must be volume, bind or tmpfs, got ${JSON.stringify(m.type)}`);
+      if (e.source !== undefined && e.source !== null) m.source = strictStr(`${ep}.source`, e.source);
+      if (e.target === undefined) fail(`${ep}.target`, 'required');
+      m.target = strictStr(`${ep}.target`, e.target);
+      if (e.read_only !== undefined) m.readonly = bool(`${ep}.read_only`, e.read_only);
+      const vol = obj(`${ep}.volume`, e.volume);
+      checkKeys(`${ep}.volume`, vol, { mapped: ['nocopy'], unsupported: ['subpath'] }, ctx.warn);
+      if (vol.nocopy !== undefined) m.volumeNocopy = bool(`${ep}.volume.nocopy`, vol.nocopy);
+      const tmp = obj(`${ep}.tmpfs`, e.tmpfs);
+      checkKeys(`${ep}.tmpfs`, tmp, { mapped: ['size', 'mode'] }, ctx.warn);
+      if (tmp.size !== undefined) m.tmpfsSizeBytes = wrap(`${ep}.tmpfs.size`, () => parseBytes('size', str(`${ep}.tmpfs.size`, tmp.size)));
+      if (tmp.mode !== undefined) m.tmpfsMode = fileMode(`${ep}.tmpfs.mode`, tmp.mode, 0o7777);
+      const bind = obj(`${ep}.bind`, e.bind);
+      checkKeys(`${ep}.bind`, bind, { mapped: [], unsupported: ['propagation', 'create_host_path', 'selinux', 'recursive'] }, ctx.warn);
+      if (m.type === 'bind' && m.source) m.source = hostPath(m.source, ctx.opts.baseDir);
+    } else {
+      const s = strictStr(ep, e);
+      // as Compose: a relative or ~ host path is a bind mount from the file's folder or the home
+      const parts = s.split(':');
+      if (parts.length >= 2 && /^(\.|~)/.test(parts[0]!)) parts[0] = hostPath(parts[0]!, ctx.opts.baseDir);
+      m = wrap(ep, () => parseVolumeShort('volume', parts.join(':')));
+    }
+    namedVolume(ep, m, ctx);
+    out.push(m);
+  }
+  // the tmpfs key: paths (no options in a stack, as Docker)
+  const tmpfs = raw.tmpfs === undefined || raw.tmpfs === null ? [] : typeof raw.tmpfs === 'string' ? [raw.tmpfs] : strList(`${sp}.tmpfs`, raw.tmpfs);
+  for (const [i, t] of tmpfs.entries()) {
+    if (t.includes(':')) fail(`${sp}.tmpfs[${i}]`, `options are not supported here (use a volumes entry of type tmpfs with tmpfs.size), got ${JSON.stringify(t)}`);
+    out.push({ ...emptyMount(), type: 'tmpfs', target: t });
+  }
+  return out;
+}
+
+function hostPath(s: string, baseDir: string): string {
+  if (s.startsWith('~')) return path.join(process.env.HOME ?? '/', s.slice(1));
+  return path.resolve(baseDir, s);
+}
+
+function fileMode(p: string, v: unknown, max: number): number {
+  const n = typeof v === 'number' ? v : typeof v === 'string' && /^0?o?[0-7]{1,5}$/.test(v) ? parseInt(v.replace(/^0?o/, ''), 8) : NaN;
+  if (!Number.isInteger(n) || n < 0 || n > max) fail(p, `must be an octal file mode such as 0440 (at most 0${max.toString(8)}), got ${show(v)}`);
+  return n;
+}
+
+/** One string or a list of strings. */
+function oneOrList(p: string, v: unknown): string[] {
+  if (v === undefined || v === null) return [];
+  if (typeof v === 'string') return [v];
+  return strList(p, v);
+}
+
+function containerOptions(sp: string, raw: Obj, ctx: ServiceCtx): Pick<
+  ContainerSpec,
+  'mounts' | 'capAdd' | 'capDrop' | 'readOnly' | 'init' | 'ulimits' | 'sysctls' | 'stopSignal' | 'dnsConfig' | 'hosts' | 'groups' | 'tty'
+> {
+  const caps = (k: string): string[] => [...new Set(strList(`${sp}.${k}`, raw[k]).map((c, i) => wrap(`${sp}.${k}[${i}]`, () => normaliseCap(k, c))))];
+  const ulimits: Ulimit[] = [];
+  for (const [name, v] of Object.entries(obj(`${sp}.ulimits`, raw.ulimits))) {
+    const up = `${sp}.ulimits.${name}`;
+    let soft: number;
+    let hard: number;
+    if (isObj(v)) {
+      checkKeys(up, v, { mapped: ['soft', 'hard'] }, ctx.warn);
+      soft = limit(`${up}.soft`, v.soft);
+      hard = limit(`${up}.hard`, v.hard);
+    } else soft = hard = limit(up, v);
+    ulimits.push({ name, soft, hard });
+  }
+  ulimits.sort((a, b) => a.name.localeCompare(b.name));
+  const sysctls = Object.fromEntries(
+    Object.entries(kvMap(`${sp}.sysctls`, raw.sysctls))
+      .map(([k, v]) => [k, v ?? ''] as const)
+      .sort(([a], [b]) => a.localeCompare(b)),
+  );
+  const dns = { nameservers: oneOrList(`${sp}.dns`, raw.dns), search: oneOrList(`${sp}.dns_search`, raw.dns_search), options: oneOrList(`${sp}.dns_opt`, raw.dns_opt) };
+  let hosts: string[] = [];
+  if (isObj(raw.extra_hosts)) hosts = Object.entries(raw.extra_hosts).map(([h, ip]) => wrap(`${sp}.extra_hosts.${h}`, () => parseExtraHost('extra_hosts', `${h}=${str(`${sp}.extra_hosts.${h}`, ip)}`)));
+  else hosts = strList(`${sp}.extra_hosts`, raw.extra_hosts).map((e, i) => wrap(`${sp}.extra_hosts[${i}]`, () => parseExtraHost('extra_hosts', e)));
+  return {
+    mounts: serviceMounts(sp, raw, ctx),
+    capAdd: caps('cap_add'),
+    capDrop: caps('cap_drop'),
+    readOnly: raw.read_only !== undefined ? bool(`${sp}.read_only`, raw.read_only) : false,
+    init: raw.init !== undefined ? bool(`${sp}.init`, raw.init) : false,
+    ulimits,
+    sysctls,
+    stopSignal: raw.stop_signal !== undefined ? wrap(`${sp}.stop_signal`, () => normaliseSignal('stop_signal', strictStr(`${sp}.stop_signal`, raw.stop_signal))) : '',
+    dnsConfig: dns.nameservers.length || dns.search.length || dns.options.length ? dns : undefined,
+    hosts,
+    groups: strList(`${sp}.group_add`, raw.group_add),
+    tty: raw.tty !== undefined ? bool(`${sp}.tty`, raw.tty) : false,
+  };
+}
+
+function limit(p: string, v: unknown): number {
+  const n = typeof v === 'number' ? v : typeof v === 'string' && /^-?\d+$/.test(v) ? Number(v) : NaN;
+  if (!Number.isSafeInteger(n) || n < -1) fail(p, `must be a whole number (-1: unlimited), got ${show(v)}`);
+  return n;
 }
