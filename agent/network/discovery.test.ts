@@ -210,7 +210,7 @@ function endpoint(serviceId: string, serviceName: string, vip: string, aliases: 
 }
 function view(n: { id: string; subnet: string; gw: string }, peers: NetworkPeer[], endpoints: ServiceEndpoint[]): NetworkView {
   return {
-    network: { id: n.id, meta: undefined, spec: undefined, allocation: { subnet: n.subnet, gateway: `${n.gw}/24`, vni: 4096, mtu: 1450 } },
+    network: { id: n.id, meta: undefined, spec: undefined, allocation: { subnet: n.subnet, gateway: `${n.gw}/24`, vni: 4096, mtu: 1450, nodeAddresses: {} } },
     peers,
     endpoints,
   };

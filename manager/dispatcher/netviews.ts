@@ -59,9 +59,13 @@ export class NetworkViews {
     for (const a of t.networks) this.members.get(a.networkId)?.delete(t.id);
   }
 
-  /** The networks a node needs: those its placed tasks have an address on. */
+  /**
+   * The networks a node needs: those its placed tasks have an address on, and the ingress network
+   * (every node answers on the published ports: docs/networking.md, "Published ports").
+   */
   networksOfNode(nodeId: string): Set<string> {
     const out = new Set<string>();
+    for (const n of this.store.networks.values()) if (n.spec?.ingress) out.add(n.id);
     for (const t of this.store.tasksOfNode(nodeId)) if (placed(t)) for (const a of t.networks) if (this.store.networks.has(a.networkId)) out.add(a.networkId);
     return out;
   }

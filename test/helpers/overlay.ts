@@ -40,7 +40,7 @@ export function handView(n: HandNetwork, tasks: HandTask[]): NetworkView {
       id: n.id,
       meta: undefined,
       spec: { name: n.name, labels: {}, driver: 'overlay', ipam: { subnet: n.subnet, gateway: n.gateway }, driverOpts: {}, ingress: false, internal: false, attachable: false },
-      allocation: { subnet: n.subnet, gateway: n.gateway, vni: n.vni, mtu: n.mtu ?? 0 },
+      allocation: { subnet: n.subnet, gateway: n.gateway, vni: n.vni, mtu: n.mtu ?? 0, nodeAddresses: {} },
     },
     peers,
     endpoints: [],
