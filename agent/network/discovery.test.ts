@@ -203,7 +203,7 @@ class Box {
 }
 
 function peer(taskId: string, addr: string, serviceId: string, serviceName: string, slot: number, ready = true, aliases: string[] = []): NetworkPeer {
-  return { taskId, nodeId: 'n1', nodeAddr: '192.0.2.1', address: `${addr}/24`, serviceId, serviceName, ready, aliases, taskName: `${serviceName}.${slot}.${taskId}` };
+  return { taskId, nodeId: 'n1', nodeAddr: '192.0.2.1', address: `${addr}/24`, serviceId, serviceName, ready, aliases, taskName: `${serviceName}.${slot}.${taskId}`, nodeAddress: false };
 }
 function endpoint(serviceId: string, serviceName: string, vip: string, aliases: string[] = []): ServiceEndpoint {
   return { serviceId, serviceName, vip: vip ? `${vip}/24` : '', mode: vip ? EndpointMode.ENDPOINT_MODE_VIP : EndpointMode.ENDPOINT_MODE_DNSRR, ports: [], aliases };

@@ -33,6 +33,7 @@ export function handView(n: HandNetwork, tasks: HandTask[]): NetworkView {
     serviceName: 'svc',
     ready: true,
     aliases: [],
+    nodeAddress: false,
     taskName: `svc.1.${t.taskId}`,
   }));
   return {
