@@ -12,6 +12,7 @@ import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 import { applyCreateNetworkFlags } from './networkflags.js';
+import { applyCreatePortFlags } from './portflags.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
 import { applyContainerCreateFlags, type ContainerFlags } from './containerflags.js';
 import { splitArgs } from './util.js';
@@ -35,6 +36,9 @@ export interface ServiceFlags extends ContainerFlags {
   networkAdd?: string[];
   networkRm?: string[];
   endpointMode?: string;
+  publish?: string[];
+  publishAdd?: string[];
+  publishRm?: string[];
   entrypoint?: string;
   restartCondition?: string;
   restartDelay?: string;
@@ -190,6 +194,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
   };
   applyCreateNetworkFlags(spec, flags);
   applyContainerCreateFlags(spec.task!.container!, flags);
+  applyCreatePortFlags(spec, flags);
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {
       test: flags.healthCmd !== undefined ? parseHealthCmd(flags.healthCmd) : [],

@@ -23,6 +23,7 @@ import { ServiceMode, TaskState, type Node, type Service, type Task } from '../.
 import { shortId } from '../../common/ids.js';
 import { parseDuration } from '../../common/units.js';
 import { isUp } from '../../manager/orchestrator/update.js';
+import { formatPorts } from '../../manager/allocator/ports.js';
 import { withControl, type Control } from '../client.js';
 import { serviceJson, taskJson, taskName, taskStateName } from '../format.js';
 import { ComposeError, loadCompose } from '../stack/compose.js';
@@ -186,9 +187,7 @@ async function nodeMap(c: Control): Promise<Map<string, Node>> {
 const cap = (s: string): string => s.charAt(0).toUpperCase() + s.slice(1);
 
 function portsCell(s: Service): string {
-  return (s.endpoint?.ports ?? [])
-    .map((p) => `*:${p.publishedPort}->${p.targetPort}/${p.protocol === 1 ? 'udp' : 'tcp'}`)
-    .join(', ');
+  return formatPorts(s.endpoint?.ports ?? []);
 }
 
 export function register(program: Command): void {

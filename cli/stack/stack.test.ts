@@ -282,6 +282,15 @@ configs:
     expect(web.update).toEqual({ parallelism: 2, delayMs: 1000, failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_ROLLBACK, monitorMs: 10_000, maxFailureRatio: 0.25, order: UpdateOrder.UPDATE_ORDER_START_FIRST });
     expect(web.rollback).toMatchObject({ parallelism: 0, failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_CONTINUE, order: UpdateOrder.UPDATE_ORDER_STOP_FIRST });
     expect(web.endpoint).toEqual({ mode: EndpointMode.ENDPOINT_MODE_DNSRR, ports: [] });
+    // ports (the parsing is tested below): the endpoint, in VIP mode by default
+    const pp = svc(plan(['services:\n  a: {image: busybox, ports: ["8080:80", {target: 53, published: 5353, protocol: udp, mode: host}]}\n']), 'a');
+    expect(pp.endpoint).toEqual({
+      mode: EndpointMode.ENDPOINT_MODE_VIP,
+      ports: [
+        { name: '', protocol: PortProtocol.PORT_PROTOCOL_TCP, targetPort: 80, publishedPort: 8080, publishMode: PublishMode.PUBLISH_MODE_INGRESS, localOnly: false },
+        { name: '', protocol: PortProtocol.PORT_PROTOCOL_UDP, targetPort: 53, publishedPort: 5353, publishMode: PublishMode.PUBLISH_MODE_HOST, localOnly: false },
+      ],
+    });
   });
   it('defaults as docker stack deploy: 1 replica, restart any after 5s, 10s grace, no endpoint', () => {
     const d = svc(plan(['services:\n  a: {image: busybox}\n']), 'a');
@@ -391,7 +400,7 @@ services:
     image: busybox
     build: .
     restart: always
-    ports: ["8080:80"]
+    ports: [{target: 80, host_ip: 127.0.0.1}]
     volumes: [{type: bind, source: /srv, target: /srv, bind: {propagation: rshared}}]
     healthcheck: {test: [CMD, "true"], start_interval: 1s}
     networks: {default: {ipv4_address: 10.0.0.5}}
@@ -406,7 +415,7 @@ networks:
       'networks.default.internal: not supported by flotilla stacks, ignored',
       'services.web.build: not supported by flotilla stacks, ignored',
       'services.web.restart: not supported by flotilla stacks, ignored',
-      'services.web.ports: not supported yet (published ports), ignored',
+      'services.web.ports[0].host_ip: not supported by flotilla stacks, ignored',
       'services.web.deploy.resources.reservations.generic_resources: not supported by flotilla stacks, ignored',
       'services.web.deploy.placement.preferences: not supported yet (placement preferences), ignored',
       'services.web.networks.default.ipv4_address: not supported by flotilla stacks, ignored',
@@ -414,7 +423,7 @@ networks:
       'services.web.healthcheck.start_interval: not supported by flotilla stacks, ignored',
     ].sort());
     expect(svc(p, 'web').task!.container!.healthcheck?.test).toEqual(['CMD', 'true']);
-    expect(Object.keys(PENDING_SERVICE_KEYS)).toContain('ports');
+    expect(PENDING_SERVICE_KEYS).toEqual({});
   });
   it('an unknown key is an error, with a suggestion', () => {
     expect(error(['services:\n  web: {imgae: busybox}\n'])).toBe('services.web.imgae: unknown key (did you mean image?)');
@@ -453,6 +462,7 @@ describe('invalid files: one line naming the key path and the problem', () => {
     ['services:\n  web: {image: busybox, command: "sh -c \'x"}\n', `services.web.command: unterminated single quote in "sh -c 'x"`],
     ['services:\n  web: {image: busybox, healthcheck: {test: [sh, x]}}\n', 'services.web.healthcheck.test: a list must start with CMD, CMD-SHELL or NONE, got "sh"'],
     ['services:\n  web: {image: busybox, ports: ["80:99999"]}\n', 'services.web.ports[0]: must be a port number between 1 and 65535, got "99999"'],
+    ['services:\n  web: {image: busybox, ports: ["8080:80", "8080:81"]}\n', 'services.web.ports: published port given twice, got "8080/tcp"'],
     ['services:\n  web: {image: busybox, ports: ["1.2.3.4:80:80"]}\n', 'services.web.ports[0]: expected [PUBLISHED:]TARGET[/PROTOCOL] (host addresses are not supported in a stack), got "1.2.3.4:80:80"'],
     ['services:\n  web: {image: busybox}\nsecrets:\n  s: {}\n', 'secrets.s: needs file: (or external: true)'],
     ['services:\n  web: {image: busybox}\nsecrets:\n  s: {file: nope.txt}\n', `secrets.s.file: no such file "${path.join(dir, 'nope.txt')}"`],

@@ -45,6 +45,7 @@ import {
 } from '../../common/containeropts.js';
 import { defaultUpdateConfig, DEFAULT_STOP_GRACE_MS, validateServiceSpec } from '../../manager/controlapi/validate.js';
 import { KNOWN_DRIVER_OPTS, validateNetworkSpec } from '../../manager/allocator/networks.js';
+import { validatePorts } from '../../manager/allocator/ports.js';
 import { checkGateway, checkSubnet, parseMtu } from '../../manager/allocator/ipam.js';
 import { ComposeError, isObj, type Obj } from './compose.js';
 
@@ -57,9 +58,7 @@ export const IMAGE_LABEL = 'com.docker.stack.image';
  * Compose keys whose flotilla feature is not there yet: named in a warning and ignored. When the
  * feature lands, its key moves to the mapped ones (see docs/stacks.md).
  */
-export const PENDING_SERVICE_KEYS: Record<string, string> = {
-  ports: 'published ports',
-};
+export const PENDING_SERVICE_KEYS: Record<string, string> = {};
 
 /** Compose keys `docker stack deploy` ignores too (or that make no sense on a cluster): warned about, ignored. */
 export const UNSUPPORTED_SERVICE_KEYS = [
@@ -72,8 +71,6 @@ export const UNSUPPORTED_SERVICE_KEYS = [
   'stdin_open', 'storage_opt', 'userns_mode', 'uts', 'volumes_from', 'models', 'provider', 'use_api_socket', 'extends',
 ];
 
-/** Published ports become part of the spec once the routing mesh is in (docs/stacks.md). */
-export const PORTS_SUPPORTED = false;
 
 export interface StackNetwork {
   key: string;
@@ -473,7 +470,7 @@ const SERVICE_KEYS: KeySet = {
   mapped: [
     'image', 'command', 'entrypoint', 'environment', 'env_file', 'labels', 'user', 'working_dir', 'hostname', 'healthcheck', 'stop_grace_period',
     'networks', 'secrets', 'configs', 'deploy', 'volumes', 'tmpfs', 'cap_add', 'cap_drop', 'read_only', 'init', 'ulimits', 'sysctls', 'stop_signal',
-    'dns', 'dns_search', 'dns_opt', 'extra_hosts', 'tty', 'group_add',
+    'dns', 'dns_search', 'dns_opt', 'extra_hosts', 'tty', 'group_add', 'ports',
   ],
   pending: PENDING_SERVICE_KEYS,
   unsupported: UNSUPPORTED_SERVICE_KEYS,
@@ -601,10 +598,10 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
     if (m !== 'vip' && m !== 'dnsrr') fail(`${p}.deploy.endpoint_mode`, `must be vip or dnsrr, got ${JSON.stringify(m)}`);
     spec.endpoint = { mode: m === 'vip' ? EndpointMode.ENDPOINT_MODE_VIP : EndpointMode.ENDPOINT_MODE_DNSRR, ports: [] };
   }
-  if (raw.ports !== undefined) {
-    // parsed (so a bad port is an error now); part of the spec once published ports are supported
-    const ports = parsePorts(`${p}.ports`, raw.ports);
-    if (PORTS_SUPPORTED) spec.endpoint = { mode: spec.endpoint?.mode ?? EndpointMode.ENDPOINT_MODE_VIP, ports };
+  const ports = parsePorts(`${p}.ports`, raw.ports, warn);
+  if (ports.length > 0) {
+    spec.endpoint = { mode: spec.endpoint?.mode ?? EndpointMode.ENDPOINT_MODE_VIP, ports };
+    wrap(`${p}.ports`, () => validatePorts(spec.endpoint));
   }
   // the manager's own checks, here, so that nothing is created when one fails
   try {
@@ -765,7 +762,7 @@ function healthcheck(p: string, v: unknown, warn: (w: string) => void): HealthCo
 }
 
 /** Compose ports, short ("8080:80", "80", "8000-8001:80-81/udp") and long ({target, published, protocol, mode}). */
-export function parsePorts(p: string, v: unknown): PortConfig[] {
+export function parsePorts(p: string, v: unknown, warn: (w: string) => void = () => {}): PortConfig[] {
   const out: PortConfig[] = [];
   const port = (q: string, x: unknown, allowZero = false): number => {
     const n = uint(q, x);
@@ -775,7 +772,7 @@ export function parsePorts(p: string, v: unknown): PortConfig[] {
   for (const [i, e] of list(p, v).entries()) {
     const ep = `${p}[${i}]`;
     if (isObj(e)) {
-      checkKeys(ep, e, { mapped: ['target', 'published', 'protocol', 'mode', 'name'], unsupported: ['host_ip', 'app_protocol'] }, () => {});
+      checkKeys(ep, e, { mapped: ['target', 'published', 'protocol', 'mode', 'name'], unsupported: ['host_ip', 'app_protocol'] }, warn);
       const protocol = e.protocol === undefined ? 'tcp' : strictStr(`${ep}.protocol`, e.protocol);
       if (protocol !== 'tcp' && protocol !== 'udp') fail(`${ep}.protocol`, `must be tcp or udp, got ${JSON.stringify(protocol)}`);
       const mode = e.mode === undefined ? 'ingress' : strictStr(`${ep}.mode`, e.mode);
