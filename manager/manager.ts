@@ -703,8 +703,8 @@ export class Manager {
           this.watchKeys();
         },
         snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
-        restore: (data) => {
-          store.restore(StoreSnapshot.decode(data), store.appliedIndex);
+        restore: (data, index) => {
+          store.restore(StoreSnapshot.decode(data), index);
           this.watchKeys();
         },
       },
