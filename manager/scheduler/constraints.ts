@@ -107,18 +107,19 @@ export interface Spread {
   readonly label: string;
 }
 
-export function parseSpread(descriptor: string): Spread {
-  if (typeof descriptor !== 'string' || !descriptor.trim()) throw invalidArgument('placement-pref', descriptor, 'expected spread=node.labels.KEY');
+export function parseSpread(descriptor: string, field = 'placement-pref'): Spread {
+  if (typeof descriptor !== 'string' || !descriptor.trim()) throw invalidArgument(field, descriptor, 'expected spread=node.labels.KEY');
+  const flag = field;
   const key = descriptor.trim();
   const lower = key.toLowerCase();
   if (lower === 'node.id' || lower === 'node.hostname' || lower === 'node.role') return { descriptor: key, field: lower, label: '' };
   if (lower.startsWith('node.labels.') || lower.startsWith('engine.labels.')) {
     const field: ConstraintField = lower.startsWith('node.') ? 'node.labels' : 'engine.labels';
     const label = key.slice(field.length + 1);
-    if (!label || !LABEL_RE.test(label)) throw invalidArgument('placement-pref', descriptor, `invalid label name after ${field}.`);
+    if (!label || !LABEL_RE.test(label)) throw invalidArgument(flag, descriptor, `invalid label name after ${field}.`);
     return { descriptor: key, field, label };
   }
-  throw invalidArgument('placement-pref', descriptor, `unknown key ${JSON.stringify(key)} (use ${KEYS})`);
+  throw invalidArgument(flag, descriptor, `unknown key ${JSON.stringify(key)} (use ${KEYS})`);
 }
 
 /** The node's value for a spread descriptor; undefined when the node has no such label. */
@@ -137,5 +138,5 @@ export function spreadValue(s: Spread, node: Node): string | undefined {
 export function parsePlacementPref(flag: string, v: string): string {
   const eq = v.indexOf('=');
   if (eq < 0 || v.slice(0, eq).trim() !== 'spread') throw invalidArgument(flag, v, 'expected spread=node.labels.KEY');
-  return parseSpread(v.slice(eq + 1)).descriptor;
+  return parseSpread(v.slice(eq + 1), flag).descriptor;
 }
