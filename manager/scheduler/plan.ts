@@ -199,7 +199,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
       };
       try {
         p.constraints = (spec?.placement?.constraints ?? []).map(parseConstraint);
-        p.prefs = p.rawPrefs.map(parseSpread);
+        p.prefs = p.rawPrefs.map((d) => parseSpread(d));
       } catch (err) {
         p.invalid = errorMessage(err);
       }
