@@ -133,16 +133,24 @@ export function serveWatch(history: StoreHistory, call: grpc.ServerWritableStrea
     );
     send(backlog);
     if (done) return;
+    // everything the manager had applied has been considered: the position is at least there
+    if (history.last > lastRev) {
+      lastRev = history.last;
+      lastIdx = WHOLE_REVISION;
+    }
     if (req.untilMs) {
       const left = req.untilMs - Date.now();
       if (left <= 0) return finish();
       until = setTimeout(() => finish(), Math.min(left, 2 ** 31 - 1));
     }
-    // keep-alives carry the manager's applied revision (a client may resume from it)
-    progress = setInterval(() => {
-      if (done || call.writableLength > 0) return;
+    // keep-alives carry the position the stream has reached (a client resumes after it): one at
+    // once, so a client that asked for "from now" knows where now was
+    const keepAlive = (first = false): void => {
+      if (done || (!first && call.writableLength > 0)) return;
       call.write({ revision: lastRev, index: lastIdx, timeMs: Date.now(), type: '', action: '', id: '', name: '', serviceId: '', serviceName: '', nodeId: '', state: '', progress: true });
-    }, PROGRESS_MS);
+    };
+    keepAlive(true);
+    progress = setInterval(keepAlive, PROGRESS_MS);
   } catch (err) {
     finish(err);
   }
