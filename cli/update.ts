@@ -6,7 +6,7 @@ import { applyUpdatePortFlags } from './portflags.js';
 import type { PortConfig } from '../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
-import { parseConstraint } from '../manager/scheduler/constraints.js';
+import { parseConstraint, parsePlacementPref } from '../manager/scheduler/constraints.js';
 import type { Control } from './client.js';
 import { applyUpdateFlags, parseHealthCmd, restartCondition, type ServiceFlags } from './servicespec.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
@@ -31,6 +31,8 @@ export interface UpdateFlags extends ServiceFlags {
   secretRm?: string[];
   configAdd?: string[];
   configRm?: string[];
+  placementPrefAdd?: string[];
+  placementPrefRm?: string[];
 }
 
 function envKey(e: string): string {
@@ -48,7 +50,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   if (f.args !== undefined) c.args = splitArgs(f.args);
   if (f.entrypoint !== undefined) c.command = f.entrypoint ? splitArgs(f.entrypoint) : [];
   if (f.replicas !== undefined) {
-    if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL) throw invalidArgument('--replicas', f.replicas, 'cannot be used with a global service');
+    if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL || spec.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB) throw invalidArgument('--replicas', f.replicas, 'cannot be used with a global service');
     spec.replicas = parseUint('--replicas', f.replicas);
   }
   for (const k of f.envRm ?? []) c.env = c.env.filter((e) => envKey(e) !== k);
@@ -58,7 +60,19 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   }
   // the create-only forms of list flags would silently do nothing here: say which flags to use
   if (f.constraint?.length) throw invalidArgument('--constraint', f.constraint[0], 'service update takes --constraint-add and --constraint-rm');
-  task.placement ??= { constraints: [], maxReplicasPerNode: 0 };
+  task.placement ??= { constraints: [], maxReplicasPerNode: 0, preferences: [] };
+  for (const x of f.placementPrefRm ?? []) {
+    const d = parsePlacementPref('--placement-pref-rm', x);
+    task.placement.preferences = task.placement.preferences.filter((p) => p.spread !== d);
+  }
+  for (const x of f.placementPrefAdd ?? []) {
+    const d = parsePlacementPref('--placement-pref-add', x);
+    if (!task.placement.preferences.some((p) => p.spread === d)) task.placement.preferences.push({ spread: d });
+  }
+  if (f.maxConcurrent !== undefined) {
+    if (spec.mode !== ServiceMode.SERVICE_MODE_REPLICATED_JOB) throw invalidArgument('--max-concurrent', f.maxConcurrent, 'only for --mode replicated-job');
+    spec.maxConcurrent = parseUint('--max-concurrent', f.maxConcurrent);
+  }
   for (const x of f.constraintRm ?? []) task.placement.constraints = task.placement.constraints.filter((y) => y.replace(/\s/g, '') !== x.replace(/\s/g, ''));
   for (const x of f.constraintAdd ?? []) {
     parseConstraint(x);

@@ -19,6 +19,7 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   container: () => import('./container.js'),
   stack: () => import('./stack.js'),
   volume: () => import('./volume.js'),
+  events: () => import('./events.js'),
 };
 
 export async function registerCommands(program: Command, argv: string[]): Promise<void> {

@@ -41,6 +41,7 @@ export function addSpecFlags(cmd: Command): Command {
   return cmd
     .option('--constraint <expr>', 'placement constraint, e.g. node.labels.zone==a (repeatable)', collect)
     .option('--replicas-max-per-node <n>', 'maximum replicas per node (0 = unlimited)')
+    .option('--max-concurrent <n>', 'replicated jobs: how many tasks run at once (default: --replicas)')
     .option('--reserve-cpu <cpus>', 'reserve CPUs')
     .option('--reserve-memory <bytes>', 'reserve memory, e.g. 64m')
     .option('--limit-cpu <cpus>', 'limit CPUs')
@@ -98,7 +99,8 @@ export function register(program: Command): void {
         .argument('[command...]', 'command and arguments')
         .option('--name <name>', 'service name')
         .option('--replicas <n>', 'number of tasks')
-        .option('--mode <mode>', 'replicated or global', 'replicated')
+        .option('--mode <mode>', 'replicated, global, replicated-job or global-job', 'replicated')
+        .option('--placement-pref <pref>', 'placement preference: spread=node.labels.KEY (repeatable, in order)', collect)
         .option('-e, --env <K=V>', 'set an environment variable (repeatable)', collect)
         .option('-l, --label <K=V>', 'service label (repeatable)', collect)
         .option('--secret <spec>', 'give the tasks a secret: [source=]NAME[,target=NAME|PATH][,uid=N][,gid=N][,mode=0444] (under /run/secrets; repeatable)', collect)
@@ -293,7 +295,7 @@ export function register(program: Command): void {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
           const nodes = await nodeMap(c);
           await new Promise<void>((resolve, reject) => {
-            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail });
+            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail, taskId: '', sinceMs: 0 });
             call.on('data', (l: LogLine) => {
               const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
               const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
@@ -331,6 +333,8 @@ export function register(program: Command): void {
         .option('--env-rm <K>', 'remove an environment variable (repeatable)', collect)
         .option('--constraint-add <expr>', 'add a placement constraint (repeatable)', collect)
         .option('--constraint-rm <expr>', 'remove a placement constraint (repeatable)', collect)
+        .option('--placement-pref-add <pref>', 'add a placement preference: spread=node.labels.KEY (repeatable)', collect)
+        .option('--placement-pref-rm <pref>', 'remove a placement preference (repeatable)', collect)
         .option('--label-add <K=V>', 'add or update a service label (repeatable)', collect)
         .option('--label-rm <K>', 'remove a service label (repeatable)', collect)
         .option('--container-label-add <K=V>', 'add or update a container label (repeatable)', collect)

@@ -102,7 +102,7 @@ async function deploy(stack: string, opts: DeployFlags): Promise<void> {
     for (const s of plan.services) {
       const cur = existing.get(s.spec.name);
       if (cur && cur.spec?.mode !== s.spec.mode) {
-        const mode = (m: ServiceMode | undefined) => (m === ServiceMode.SERVICE_MODE_GLOBAL ? 'global' : 'replicated');
+        const mode = (m: ServiceMode | undefined) => MODE_NAMES[m ?? 0] ?? String(m);
         throw new ExitError(1, `services.${s.key}.deploy.mode: service ${s.spec.name} is ${mode(cur.spec?.mode)}, the file asks for ${mode(s.spec.mode)}; a service's mode cannot change (remove the service first)`);
       }
     }
@@ -184,6 +184,14 @@ async function nodeMap(c: Control): Promise<Map<string, Node>> {
   return new Map(nodes.map((n) => [n.id, n] as const));
 }
 
+/** As Docker's MODE column. */
+const MODE_NAMES: Record<number, string> = {
+  [ServiceMode.SERVICE_MODE_REPLICATED]: 'replicated',
+  [ServiceMode.SERVICE_MODE_GLOBAL]: 'global',
+  [ServiceMode.SERVICE_MODE_REPLICATED_JOB]: 'replicated job',
+  [ServiceMode.SERVICE_MODE_GLOBAL_JOB]: 'global job',
+};
+
 const cap = (s: string): string => s.charAt(0).toUpperCase() + s.slice(1);
 
 function portsCell(s: Service): string {
@@ -251,9 +259,9 @@ export function register(program: Command): void {
           table(
             ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'PORTS'],
             services.map((s) => {
-              const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
+              const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL || s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB;
               const want = global ? (desired.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
-              return [shortId(s.id), s.spec?.name ?? '', global ? 'global' : 'replicated', `${running.get(s.id) ?? 0}/${want}`, s.spec?.task?.container?.image ?? '', portsCell(s)];
+              return [shortId(s.id), s.spec?.name ?? '', MODE_NAMES[s.spec?.mode ?? 0] ?? '', `${running.get(s.id) ?? 0}/${want}`, s.spec?.task?.container?.image ?? '', portsCell(s)];
             }),
           ),
         );

@@ -189,7 +189,7 @@ services:
       replicas: 3
       labels: [tier=front]
       endpoint_mode: dnsrr
-      placement: {constraints: ["node.role==worker"], max_replicas_per_node: 2}
+      placement: {constraints: ["node.role==worker"], max_replicas_per_node: 2, preferences: [{spread: node.labels.zone}, {spread: node.id}]}
       resources: {limits: {cpus: "0.5", memory: 64M, pids: 100}, reservations: {cpus: 0.25, memory: 32m}}
       restart_policy: {condition: on-failure, delay: 2s, max_attempts: 3, window: 1m}
       update_config: {parallelism: 2, delay: 1s, failure_action: rollback, monitor: 10s, max_failure_ratio: 0.25, order: start-first}
@@ -276,7 +276,11 @@ configs:
     expect(web.replicas).toBe(3);
     expect(svc(p, 'agent').mode).toBe(ServiceMode.SERVICE_MODE_GLOBAL);
     expect(svc(p, 'agent').replicas).toBe(0);
-    expect(web.task!.placement).toEqual({ constraints: ['node.role==worker'], maxReplicasPerNode: 2 });
+    // jobs: run to completion, restarted only on failure unless the file says otherwise
+    const jobs = plan(['services:\n  once: {image: busybox, deploy: {mode: replicated-job, replicas: 3}}\n  each: {image: busybox, deploy: {mode: global-job, restart_policy: {condition: none}}}\n']);
+    expect([svc(jobs, 'once').mode, svc(jobs, 'once').replicas, svc(jobs, 'once').task!.restart!.condition]).toEqual([ServiceMode.SERVICE_MODE_REPLICATED_JOB, 3, RestartCondition.RESTART_CONDITION_ON_FAILURE]);
+    expect([svc(jobs, 'each').mode, svc(jobs, 'each').replicas, svc(jobs, 'each').task!.restart!.condition]).toEqual([ServiceMode.SERVICE_MODE_GLOBAL_JOB, 0, RestartCondition.RESTART_CONDITION_NONE]);
+    expect(web.task!.placement).toEqual({ constraints: ['node.role==worker'], maxReplicasPerNode: 2, preferences: [{ spread: 'node.labels.zone' }, { spread: 'node.id' }] });
     expect(web.task!.resources).toEqual({ limits: { nanoCpus: 5e8, memoryBytes: 64 * 1024 * 1024, pids: 100 }, reservations: { nanoCpus: 2.5e8, memoryBytes: 32 * 1024 * 1024, pids: 0 } });
     expect(web.task!.restart).toEqual({ condition: RestartCondition.RESTART_CONDITION_ON_FAILURE, delayMs: 2000, maxAttempts: 3, windowMs: 60_000 });
     expect(web.update).toEqual({ parallelism: 2, delayMs: 1000, failureAction: UpdateFailureAction.UPDATE_FAILURE_ACTION_ROLLBACK, monitorMs: 10_000, maxFailureRatio: 0.25, order: UpdateOrder.UPDATE_ORDER_START_FIRST });
@@ -404,7 +408,7 @@ services:
     volumes: [{type: bind, source: /srv, target: /srv, bind: {propagation: rshared}}]
     healthcheck: {test: [CMD, "true"], start_interval: 1s}
     networks: {default: {ipv4_address: 10.0.0.5}}
-    deploy: {placement: {preferences: [{spread: node.labels.zone}]}, resources: {reservations: {generic_resources: []}}}
+    deploy: {resources: {reservations: {generic_resources: []}}}
 networks:
   default: {internal: true}
 `,
@@ -417,7 +421,6 @@ networks:
       'services.web.restart: not supported by flotilla stacks, ignored',
       'services.web.ports[0].host_ip: not supported by flotilla stacks, ignored',
       'services.web.deploy.resources.reservations.generic_resources: not supported by flotilla stacks, ignored',
-      'services.web.deploy.placement.preferences: not supported yet (placement preferences), ignored',
       'services.web.networks.default.ipv4_address: not supported by flotilla stacks, ignored',
       'services.web.volumes[0].bind.propagation: not supported by flotilla stacks, ignored',
       'services.web.healthcheck.start_interval: not supported by flotilla stacks, ignored',
@@ -437,8 +440,10 @@ describe('invalid files: one line naming the key path and the problem', () => {
     ['services:\n  web: {image: busybox, deploy: {replicas: x}}\n', 'services.web.deploy.replicas: must be a non-negative integer, got "x"'],
     ['services:\n  web: {image: busybox, deploy: {replicas: -1}}\n', 'services.web.deploy.replicas: must be a non-negative integer, got -1'],
     ['services:\n  web: {image: busybox, deploy: {mode: global, replicas: 2}}\n', 'services.web.deploy.replicas: cannot be set with mode: global'],
-    ['services:\n  web: {image: busybox, deploy: {mode: replicated-job}}\n', 'services.web.deploy.mode: replicated-job is not supported yet (jobs)'],
-    ['services:\n  web: {image: busybox, deploy: {mode: lots}}\n', 'services.web.deploy.mode: must be replicated or global, got "lots"'],
+    ['services:\n  web: {image: busybox, deploy: {mode: global-job, replicas: 1}}\n', 'services.web.deploy.replicas: cannot be set with mode: global-job'],
+    ['services:\n  web: {image: busybox, deploy: {mode: lots}}\n', 'services.web.deploy.mode: must be replicated, global, replicated-job or global-job, got "lots"'],
+    ['services:\n  web: {image: busybox, deploy: {placement: {preferences: [{spread: node.zone}]}}}\n', 'services.web.deploy.placement.preferences[0].spread: unknown key "node.zone"'],
+    ['services:\n  web: {image: busybox, deploy: {placement: {preferences: [{pack: node.id}]}}}\n', 'services.web.deploy.placement.preferences[0].pack: unknown key'],
     ['services:\n  web: {command: x}\n', 'services.web.image: required (stack deploy builds no images)'],
     ['services:\n  web: {image: "Bad Image"}\n', 'services.web.image: expected NAME[:TAG] or sha256:DIGEST, got "Bad Image"'],
     ['services:\n  web: {image: busybox, stop_grace_period: soon}\n', 'services.web.stop_grace_period: expected a duration such as 10s, 500ms or 1m30s, got "soon"'],

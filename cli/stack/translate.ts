@@ -21,6 +21,7 @@ import {
   type Ulimit,
   type HealthConfig,
   type NetworkAttachmentConfig,
+  type Placement,
   type PortConfig,
   type ResourceRequirements,
   type RestartPolicy,
@@ -32,7 +33,7 @@ import { FlotillaError } from '../../common/errors.js';
 import { isValidName } from '../../common/ids.js';
 import { MAX_SECRET_BYTES, SECRET_NAME_RE } from '../../common/secrets.js';
 import { parseBytes, parseCpus, parseDuration } from '../../common/units.js';
-import { parseConstraint } from '../../manager/scheduler/constraints.js';
+import { parseConstraint, parseSpread } from '../../manager/scheduler/constraints.js';
 import {
   emptyMount,
   normaliseCap,
@@ -540,12 +541,19 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
     mapped: ['mode', 'replicas', 'placement', 'resources', 'restart_policy', 'update_config', 'rollback_config', 'endpoint_mode', 'labels'],
   }, warn);
   const modeName = deploy.mode === undefined ? 'replicated' : strictStr(`${p}.deploy.mode`, deploy.mode);
-  if (modeName === 'replicated-job' || modeName === 'global-job') fail(`${p}.deploy.mode`, `${modeName} is not supported yet (jobs)`);
-  if (modeName !== 'replicated' && modeName !== 'global') fail(`${p}.deploy.mode`, `must be replicated or global, got ${JSON.stringify(modeName)}`);
-  const global = modeName === 'global';
+  const MODES: Record<string, ServiceMode> = {
+    replicated: ServiceMode.SERVICE_MODE_REPLICATED,
+    global: ServiceMode.SERVICE_MODE_GLOBAL,
+    'replicated-job': ServiceMode.SERVICE_MODE_REPLICATED_JOB,
+    'global-job': ServiceMode.SERVICE_MODE_GLOBAL_JOB,
+  };
+  const mode = MODES[modeName];
+  if (mode === undefined) fail(`${p}.deploy.mode`, `must be replicated, global, replicated-job or global-job, got ${JSON.stringify(modeName)}`);
+  const global = modeName === 'global' || modeName === 'global-job';
+  const job = modeName.endsWith('-job');
   let replicas = global ? 0 : 1;
   if (deploy.replicas !== undefined && deploy.replicas !== null) {
-    if (global) fail(`${p}.deploy.replicas`, 'cannot be set with mode: global');
+    if (global) fail(`${p}.deploy.replicas`, `cannot be set with mode: ${modeName}`);
     replicas = uint(`${p}.deploy.replicas`, deploy.replicas);
   }
 
@@ -558,8 +566,9 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
   const spec: ServiceSpec = {
     name,
     labels: serviceLabels,
-    mode: global ? ServiceMode.SERVICE_MODE_GLOBAL : ServiceMode.SERVICE_MODE_REPLICATED,
+    mode,
     replicas,
+    maxConcurrent: 0,
     task: {
       container: {
         image,
@@ -581,7 +590,7 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
         ...containerOptions(p, raw, ctx),
       },
       resources: resources(`${p}.deploy.resources`, deploy.resources, warn),
-      restart: restartPolicy(`${p}.deploy.restart_policy`, deploy.restart_policy, warn),
+      restart: restartPolicy(`${p}.deploy.restart_policy`, deploy.restart_policy, job, warn),
       networks: serviceNetworks(p, key, raw.networks, ctx),
       placement: placement(`${p}.deploy.placement`, deploy.placement, warn),
       forceUpdate: 0,
@@ -685,10 +694,11 @@ function resources(p: string, v: unknown, warn: (w: string) => void): ResourceRe
   };
 }
 
-function restartPolicy(p: string, v: unknown, warn: (w: string) => void): RestartPolicy {
+function restartPolicy(p: string, v: unknown, job: boolean, warn: (w: string) => void): RestartPolicy {
   const r = obj(p, v);
   checkKeys(p, r, { mapped: ['condition', 'delay', 'max_attempts', 'window'] }, warn);
-  let condition = RestartCondition.RESTART_CONDITION_ANY;
+  // a job's task is not restarted once it exits 0 (Swarm's default for jobs)
+  let condition = job ? RestartCondition.RESTART_CONDITION_ON_FAILURE : RestartCondition.RESTART_CONDITION_ANY;
   if (r.condition !== undefined) {
     const c = strictStr(`${p}.condition`, r.condition);
     const m: Record<string, RestartCondition> = { any: RestartCondition.RESTART_CONDITION_ANY, 'on-failure': RestartCondition.RESTART_CONDITION_ON_FAILURE, none: RestartCondition.RESTART_CONDITION_NONE };
@@ -703,12 +713,21 @@ function restartPolicy(p: string, v: unknown, warn: (w: string) => void): Restar
   };
 }
 
-function placement(p: string, v: unknown, warn: (w: string) => void): { constraints: string[]; maxReplicasPerNode: number } {
+function placement(p: string, v: unknown, warn: (w: string) => void): Placement {
   const pl = obj(p, v);
-  checkKeys(p, pl, { mapped: ['constraints', 'max_replicas_per_node'], pending: { preferences: 'placement preferences' } }, warn);
+  checkKeys(p, pl, { mapped: ['constraints', 'max_replicas_per_node', 'preferences'] }, warn);
   const constraints = strList(`${p}.constraints`, pl.constraints);
   for (const [i, c] of constraints.entries()) wrap(`${p}.constraints[${i}]`, () => parseConstraint(c));
-  return { constraints, maxReplicasPerNode: pl.max_replicas_per_node !== undefined ? uint(`${p}.max_replicas_per_node`, pl.max_replicas_per_node) : 0 };
+  // [{spread: node.labels.zone}, ...], in order
+  const preferences = list(`${p}.preferences`, pl.preferences).map((e, i) => {
+    const ep = `${p}.preferences[${i}]`;
+    const o = obj(ep, e);
+    checkKeys(ep, o, { mapped: ['spread'] }, warn);
+    if (o.spread === undefined) fail(`${ep}.spread`, 'required (e.g. spread: node.labels.zone)');
+    const d = strictStr(`${ep}.spread`, o.spread);
+    return { spread: wrap(`${ep}.spread`, () => parseSpread(d, 'spread').descriptor) };
+  });
+  return { constraints, maxReplicasPerNode: pl.max_replicas_per_node !== undefined ? uint(`${p}.max_replicas_per_node`, pl.max_replicas_per_node) : 0, preferences };
 }
 
 function updateConfig(p: string, v: unknown, isUpdate: boolean, warn: (w: string) => void): UpdateConfig {

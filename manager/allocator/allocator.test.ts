@@ -62,7 +62,7 @@ async function addService(store: MemoryStore, name: string, replicas: number, ne
   spec.task!.restart = { condition: RestartCondition.RESTART_CONDITION_ANY, delayMs: 0, maxAttempts: 0, windowMs: 0 };
   const id = newId();
   await store.update((tx) =>
-    tx.create('service', { id, meta: undefined, spec, specVersion: 1, previousSpec: undefined, updateStatus: undefined, history: [], endpoint: undefined }),
+    tx.create('service', { id, meta: undefined, spec, specVersion: 1, previousSpec: undefined, updateStatus: undefined, history: [], endpoint: undefined, jobStatus: undefined }),
   );
   return id;
 }

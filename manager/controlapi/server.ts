@@ -26,7 +26,7 @@ import {
   UpdateServiceRequest,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceMode, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
 import { Tx, type MemoryStore } from '../store/store.js';
@@ -43,6 +43,8 @@ import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveS
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
 
+import { StoreHistory } from '../store/history.js';
+import { serveWatch } from './events.js';
 import { type AuthzOptions, type Policy, authorize } from '../ca/authz.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
@@ -103,7 +105,13 @@ export const CONTROL_POLICY: Policy<ControlServer> = {
   getUnlockKey: ['admin'],
   // over TCP a manager is never locked (a locked one does not listen): this only ever answers "not locked"
   unlockManager: ADMIN_OR_MANAGER,
+  // the cluster's change stream: admin (client) certificates only; managers never need it
+  watch: ['admin'],
 };
+
+export function isJob(mode: ServiceMode | undefined): boolean {
+  return mode === ServiceMode.SERVICE_MODE_REPLICATED_JOB || mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB;
+}
 
 export function resolveService(store: MemoryStore, ref: string): Service {
   if (!ref) throw invalidArgument('service', ref, 'required');
@@ -130,7 +138,11 @@ export function resolveNode(store: MemoryStore, ref: string): Node {
 }
 
 export class ControlApi {
-  constructor(private readonly ctx: ControlContext) {}
+  /** the store's recent changes, for Watch (created with the API, before it serves) */
+  readonly history: StoreHistory;
+  constructor(private readonly ctx: ControlContext) {
+    this.history = new StoreHistory(ctx.store);
+  }
 
   private get store(): MemoryStore {
     return this.ctx.store;
@@ -194,6 +206,7 @@ export class ControlApi {
         updateStatus: undefined,
         history: [{ version: 1, spec, createdAt: now }],
         endpoint: ports.length > 0 ? { spec: spec.endpoint, ports, virtualIps: [] } : undefined,
+        jobStatus: isJob(spec.mode) ? { jobIteration: 1, lastExecution: now } : undefined,
       });
     });
     return { service: this.store.getService(id) };
@@ -235,6 +248,12 @@ export class ControlApi {
       // a change of the task spec starts a rolling update (or a rollback); scaling does not. Any update
       // of a paused service resumes it (as a new update).
       const paused = s.updateStatus?.state === UpdateState.UPDATE_STATE_PAUSED || s.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_PAUSED;
+      if (isJob(next.mode)) {
+        // a job is not rolled: any update (e.g. --force) runs it again as a new iteration, as in Swarm
+        const jobStatus = { jobIteration: (s.jobStatus?.jobIteration ?? 0) + 1, lastExecution: now };
+        tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, jobStatus });
+        return;
+      }
       const rolling = !taskSpecEqual(s.spec?.task, next.task) || paused;
       const updateStatus = req.rollback
         ? {
@@ -435,6 +454,7 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      watch: (call) => serveWatch(this.history, call),
       createNetwork: unary(async (req: CreateNetworkRequest) => ({ network: await createNetwork(this.store, req.spec) })),
       getNetwork: unary(async (req: { networkId: string }) => {
         await this.ctx.readBarrier();

@@ -12,7 +12,7 @@
 import { Node, NodeAvailability, NodeState, Service, Task, TaskSpec, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { errorMessage } from '../../common/errors.js';
 import { formatBytes } from '../../common/units.js';
-import { type Constraint, matchConstraint, parseConstraint } from './constraints.js';
+import { type Constraint, type Spread, matchConstraint, parseConstraint, parseSpread, spreadValue } from './constraints.js';
 import { networksAllocated, WAITING_FOR_NETWORK } from '../allocator/networks.js';
 import { hostPortKeys } from '../allocator/ports.js';
 
@@ -77,6 +77,9 @@ interface Placement {
   /** The constraints as written in the spec. */
   raw: string[];
   constraints: Constraint[];
+  /** Spread preferences, in order (placed one task at a time: see placeSpread). */
+  rawPrefs: string[];
+  prefs: Spread[];
   /** Set when a constraint does not parse: every task with this spec is unassigned with it. */
   invalid: string;
   /** host-mode published ports ("8080/tcp") of the service: a node holding one already is unsuitable */
@@ -180,7 +183,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     let fp = spec ? bySpec.get(spec) : '';
     if (fp === undefined && spec) {
       const r = spec.resources?.reservations;
-      fp = `${r?.nanoCpus ?? 0}\u0001${r?.memoryBytes ?? 0}\u0001${spec.placement?.maxReplicasPerNode ?? 0}\u0001${(spec.placement?.constraints ?? []).join('\u0001')}`;
+      fp = `${r?.nanoCpus ?? 0}\u0001${r?.memoryBytes ?? 0}\u0001${spec.placement?.maxReplicasPerNode ?? 0}\u0001${(spec.placement?.constraints ?? []).join('\u0001')}\u0002${(spec.placement?.preferences ?? []).map((x) => x.spread).join('\u0001')}`;
       bySpec.set(spec, fp);
     }
     const key = `${t.serviceId}\u0000${fp}`;
@@ -195,11 +198,14 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
         maxPerNode: spec?.placement?.maxReplicasPerNode ?? 0,
         raw: spec?.placement?.constraints ?? [],
         constraints: [],
+        rawPrefs: (spec?.placement?.preferences ?? []).map((x) => x.spread),
+        prefs: [],
         invalid: '',
         ports: hostPortKeys(input.services?.get(t.serviceId)),
       };
       try {
         p.constraints = (spec?.placement?.constraints ?? []).map(parseConstraint);
+        p.prefs = p.rawPrefs.map((d) => parseSpread(d));
       } catch (err) {
         p.invalid = errorMessage(err);
       }
@@ -367,8 +373,47 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     };
     let next = 0;
 
-    // nodes to avoid change the order the scan relies on: such a group takes the heap
-    if (avoided.length === 0 && (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS))) {
+    if (p.prefs.length > 0) {
+      // Spread preferences: one task at a time, down the tree of preference values. At each level
+      // the nodes that can take the task are grouped by their value (nodes without it form one more
+      // group); the group holding the fewest tasks of the service (counted over every node that
+      // passes the static filters, in that group) wins, ties to the smaller value; then the next
+      // level inside it; at the end the usual ranking picks the node. O(P * N * preferences).
+      bucketsStale = true;
+      const eligible: number[] = [];
+      for (let i = 0; i < N; i++) {
+        const w = staticCheck(i, p);
+        why[i] = w;
+        if (w === OK) eligible.push(i);
+      }
+      const values = p.prefs.map((sp) => eligible.map((i) => spreadValue(sp, nodes[i]!) ?? NO_VALUE));
+      for (; next < tasks.length; next++) {
+        // positions (in eligible) of the nodes still in the running
+        let cand: number[] = [];
+        for (let k = 0; k < eligible.length; k++) if (dynamic(eligible[k]!, p) === OK) cand.push(k);
+        if (cand.length === 0) break;
+        let within: number[] = eligible.map((_, k) => k);
+        for (const vals of values) {
+          const count = new Map<string, number>();
+          for (const k of within) count.set(vals[k]!, (count.get(vals[k]!) ?? 0) + svc[eligible[k]!]!);
+          let best: string | undefined;
+          for (const k of cand) {
+            const v = vals[k]!;
+            if (best === undefined) best = v;
+            else {
+              const cv = count.get(v)!;
+              const cb = count.get(best)!;
+              if (cv < cb || (cv === cb && v < best)) best = v;
+            }
+          }
+          cand = cand.filter((k) => vals[k] === best);
+          within = within.filter((k) => vals[k] === best);
+        }
+        let bi = -1;
+        for (const k of cand) if (bi < 0 || less(eligible[k]!, bi)) bi = eligible[k]!;
+        assign(tasks[next]!, bi, p);
+      }
+    } else if (avoided.length === 0 && (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS))) {
       // Few tasks: no O(nodes) pass. The best node is the first in (tasks overall, id) order
       // holding no task of this service that passes the filters; only when there is none, the
       // best of the nodes that hold some.
@@ -456,7 +501,13 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   return plan;
 }
 
+/** The group of nodes without the preference's label (sorts after every real value). */
+const NO_VALUE = '\uffff';
+
 function samePlacement(p: Placement, spec: TaskSpec | undefined): boolean {
+  const ps = spec?.placement?.preferences ?? [];
+  if (ps.length !== p.rawPrefs.length) return false;
+  for (let k = 0; k < ps.length; k++) if (ps[k]!.spread !== p.rawPrefs[k]) return false;
   const r = spec?.resources?.reservations;
   if (Math.max(0, r?.nanoCpus ?? 0) !== p.cpu || Math.max(0, r?.memoryBytes ?? 0) !== p.memory) return false;
   if ((spec?.placement?.maxReplicasPerNode ?? 0) !== p.maxPerNode) return false;
