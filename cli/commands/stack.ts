@@ -8,6 +8,7 @@
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Command } from 'commander';
+import { CreateServiceRequest } from '../../gen/flotilla/v1/control.js';
 import type {
   CreateServiceResponse,
   GetConfigResponse,
@@ -72,7 +73,12 @@ async function deploy(stack: string, opts: DeployFlags): Promise<void> {
   const warn = (w: string): boolean => process.stderr.write(`warning: ${w}\n`);
   for (const v of unset) warn(`the ${JSON.stringify(v)} variable is not set, defaulting to a blank string`);
   for (const w of plan.warnings) warn(w);
-  if (opts.resolveImage !== undefined && opts.resolveImage !== 'never') warn(`--resolve-image ${opts.resolveImage}: not supported yet (image pinning), images are used as the file names them`);
+  // image pinning (tag -> digest on the manager): never keeps the references as written; always and
+  // changed resolve them (an unchanged tag keeps its pin on update, so both behave as Docker's changed)
+  const noResolveImage = opts.resolveImage === 'never';
+  const canPin = 'noResolveImage' in CreateServiceRequest.fromPartial({});
+  if (!canPin && opts.resolveImage !== undefined && opts.resolveImage !== 'never')
+    warn(`--resolve-image ${opts.resolveImage}: not supported by this build (no image pinning), images are used as the file names them`);
 
   await withControl(opts.host, async (c) => {
     // ---- checks against the cluster, before anything is created
@@ -149,11 +155,11 @@ async function deploy(stack: string, opts: DeployFlags): Promise<void> {
       await step(`service ${s.spec.name}`, async () => {
         if (!cur) {
           process.stdout.write(`Creating service ${s.spec.name}\n`);
-          await c.call<unknown, CreateServiceResponse>('createService', { spec: s.spec });
+          await c.call<unknown, CreateServiceResponse>('createService', { spec: s.spec, noResolveImage });
           created.push(`service ${s.spec.name} created`);
           return;
         }
-        const req = { serviceId: cur.id, version: cur.specVersion, spec: s.spec, rollback: '', toVersion: 0 };
+        const req = { serviceId: cur.id, version: cur.specVersion, spec: s.spec, rollback: '', toVersion: 0, noResolveImage };
         const dry = await c.call<unknown, UpdateServiceResponse>('updateService', { ...req, dryRun: true });
         if (dry.diff.length === 0) {
           process.stdout.write(`Service ${s.spec.name} unchanged\n`);
