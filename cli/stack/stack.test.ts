@@ -490,6 +490,24 @@ describe('invalid files: one line naming the key path and the problem', () => {
   });
 });
 
+describe('the README example', () => {
+  it('is a valid stack file with the mappings it claims', () => {
+    const readme = fs.readFileSync(path.join(path.dirname(new URL(import.meta.url).pathname), '../../README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('## Stacks (Compose files)'));
+    const yml = /cat > stack\.yml <<'EOF'\n([\s\S]*?)\nEOF\n/.exec(section)?.[1];
+    expect(yml).toBeDefined();
+    write('db_password.txt', 's3cr3t');
+    const hi = plan([yml!], { GREETING: 'hi' });
+    expect(hi.warnings).toEqual([]);
+    expect(hi.services.map((s) => s.spec.name)).toEqual(['st_api', 'st_client']);
+    expect(svc(hi, 'api').task!.container!.args).toEqual(['sh', '-c', 'echo "greeting=$GREETING"; exec sleep 100000']);
+    expect(svc(hi, 'api').task!.container!.env).toEqual(['GREETING=hi']);
+    expect(svc(plan([yml!]), 'api').task!.container!.env).toEqual(['GREETING=hello']);
+    expect(hi.networks.map((n) => n.name)).toEqual(['st_default']);
+    expect(hi.secrets.map((n) => n.name)).toEqual(['st_db_password']);
+  });
+});
+
 describe('helpers', () => {
   it('shellSplit splits as a shell would', () => {
     expect(shellSplit('k', `a "b c" 'd "e"' f\\ g "h\\"i" ''`)).toEqual(['a', 'b c', 'd "e"', 'f g', 'h"i', '']);
