@@ -9,7 +9,8 @@
  *  - a redeploy of the same file changes nothing (every task kept); a redeploy with one variable
  *    changed updates that service only (the other's task ids unchanged); a changed config is refused
  *    before anything changes;
- *  - --prune removes the service the file no longer names;
+ *  - --prune removes the service the file no longer names; a failure midway (a published port another
+ *    service holds) names the step and what was done before it;
  *  - stack rm leaves no service, network, secret, config or container.
  */
 import fs from 'node:fs';
@@ -78,7 +79,8 @@ describe.skipIf(skip)('stack deploy on real runc (needs root)', () => {
   const exec = (id: string, cmd: string[]) => bed.hosts[0]!.cli(['container', 'exec', id, ...cmd]);
   const everything = async () => ({
     services: (await json<Named[]>(['service', 'ls'])).map((s) => s.name),
-    networks: (await json<Named[]>(['network', 'ls'])).map((n) => n.name),
+    // the routing mesh's network (made with the first published port) is the cluster's, not a stack's
+    networks: (await json<Named[]>(['network', 'ls'])).map((n) => n.name).filter((n) => n !== 'ingress'),
     secrets: (await json<Named[]>(['secret', 'ls'])).map((n) => n.name),
     configs: (await json<Named[]>(['config', 'ls'])).map((n) => n.name),
   });
@@ -213,6 +215,23 @@ describe.skipIf(skip)('stack deploy on real runc (needs root)', () => {
     expect((await everything()).services).toEqual(['st_web']);
     // the default network stays until the stack goes (as in Docker)
     expect(await json<unknown[]>(['stack', 'ls'])).toEqual([{ name: 'st', services: 1 }]);
+  });
+
+  it('a failure midway names the step and what was done before it', async () => {
+    const holder = await cli(['service', 'create', '-d', '--name', 'holder', '--stop-grace-period', '500ms', '-p', '8080:80', 'busybox:latest', 'sleep', '1000']);
+    expect(holder.code).toBe(0);
+    try {
+      const f = file('clash.yml', 'services:\n  a: {image: "busybox:latest", command: sleep 1000, stop_grace_period: 500ms}\n  b: {image: "busybox:latest", command: sleep 1000, ports: ["8080:80"]}\n');
+      const r = await cli(['stack', 'deploy', '-c', f, 'other']);
+      expect(r.code).toBe(1);
+      expect(r.stdout).toBe('Creating network other_default\nCreating service other_a\nCreating service other_b\n');
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(/^flotilla: stack deploy stopped at service other_b: .*8080.*; done before the failure: network other_default created, service other_a created \(fix the file and deploy again, or remove the stack with flotilla stack rm other\)\n$/);
+    } finally {
+      expect((await cli(['stack', 'rm', 'other'])).code).toBe(0);
+      expect((await cli(['service', 'rm', 'holder'])).code).toBe(0);
+    }
+    expect((await everything()).services).toEqual(['st_web']);
   });
 
   it('stack rm leaves no service, network, secret, config or container behind', async () => {

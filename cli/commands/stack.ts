@@ -159,7 +159,10 @@ async function deploy(stack: string, opts: DeployFlags): Promise<void> {
           created.push(`service ${s.spec.name} created`);
           return;
         }
-        const req = { serviceId: cur.id, version: cur.specVersion, spec: s.spec, rollback: '', toVersion: 0, noResolveImage };
+        // as Docker: a stack file has no --force, so the service's force counter is kept (else a
+        // service once updated with --force would be replaced by every redeploy)
+        const spec = { ...s.spec, task: { ...s.spec.task!, forceUpdate: cur.spec?.task?.forceUpdate ?? 0 } };
+        const req = { serviceId: cur.id, version: cur.specVersion, spec, rollback: '', toVersion: 0, noResolveImage };
         const dry = await c.call<unknown, UpdateServiceResponse>('updateService', { ...req, dryRun: true });
         if (dry.diff.length === 0) {
           process.stdout.write(`Service ${s.spec.name} unchanged\n`);
