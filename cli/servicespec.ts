@@ -9,9 +9,10 @@ import {
 } from '../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
-import { parseConstraint } from '../manager/scheduler/constraints.js';
+import { parseConstraint, parsePlacementPref } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 import { applyCreateNetworkFlags } from './networkflags.js';
+import { applyCreatePortFlags } from './portflags.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
 import { applyContainerCreateFlags, type ContainerFlags } from './containerflags.js';
 import { splitArgs } from './util.js';
@@ -21,6 +22,8 @@ export interface ServiceFlags extends ContainerFlags {
   replicas?: string;
   mode?: string;
   constraint?: string[];
+  placementPref?: string[];
+  maxConcurrent?: string;
   replicasMaxPerNode?: string;
   reserveCpu?: string;
   reserveMemory?: string;
@@ -35,6 +38,9 @@ export interface ServiceFlags extends ContainerFlags {
   networkAdd?: string[];
   networkRm?: string[];
   endpointMode?: string;
+  publish?: string[];
+  publishAdd?: string[];
+  publishRm?: string[];
   entrypoint?: string;
   restartCondition?: string;
   restartDelay?: string;
@@ -50,6 +56,17 @@ export interface ServiceFlags extends ContainerFlags {
   secret?: string[];
   config?: string[];
   [k: string]: unknown;
+}
+
+export const SERVICE_MODES: Record<string, ServiceMode | undefined> = {
+  replicated: ServiceMode.SERVICE_MODE_REPLICATED,
+  global: ServiceMode.SERVICE_MODE_GLOBAL,
+  'replicated-job': ServiceMode.SERVICE_MODE_REPLICATED_JOB,
+  'global-job': ServiceMode.SERVICE_MODE_GLOBAL_JOB,
+};
+
+export function isJobMode(m: ServiceMode | undefined): boolean {
+  return m === ServiceMode.SERVICE_MODE_REPLICATED_JOB || m === ServiceMode.SERVICE_MODE_GLOBAL_JOB;
 }
 
 export function restartCondition(v: string): RestartCondition {
@@ -111,12 +128,20 @@ export function parseHealthCmd(cmd: string): string[] {
 
 export function buildServiceSpec(flags: ServiceFlags, image: string, args: string[]): ServiceSpec {
   const mode = flags.mode ?? 'replicated';
-  if (mode !== 'replicated' && mode !== 'global') throw invalidArgument('--mode', mode, 'must be replicated or global');
+  const modeValue = SERVICE_MODES[mode];
+  if (modeValue === undefined) throw invalidArgument('--mode', mode, 'must be replicated, global, replicated-job or global-job');
   let replicas = 1;
-  if (mode === 'global') {
-    if (flags.replicas !== undefined) throw invalidArgument('--replicas', flags.replicas, 'cannot be used with --mode global');
+  if (mode === 'global' || mode === 'global-job') {
+    if (flags.replicas !== undefined) throw invalidArgument('--replicas', flags.replicas, `cannot be used with --mode ${mode}`);
     replicas = 0;
   } else if (flags.replicas !== undefined) replicas = parseUint('--replicas', flags.replicas);
+  let maxConcurrent = 0;
+  if (flags.maxConcurrent !== undefined) {
+    if (mode !== 'replicated-job') throw invalidArgument('--max-concurrent', flags.maxConcurrent, 'only for --mode replicated-job');
+    maxConcurrent = parseUint('--max-concurrent', flags.maxConcurrent);
+  }
+  // a job's tasks are not restarted once they exit 0 (Swarm's default for jobs: on-failure)
+  const job = mode === 'replicated-job' || mode === 'global-job';
   const env = (flags.env ?? []).map((e) => {
     if (!e.includes('=') && process.env[e] !== undefined) return `${e}=${process.env[e]}`;
     return e;
@@ -127,8 +152,9 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
   const spec: ServiceSpec = {
     name,
     labels,
-    mode: mode === 'global' ? ServiceMode.SERVICE_MODE_GLOBAL : ServiceMode.SERVICE_MODE_REPLICATED,
+    mode: modeValue,
     replicas,
+    maxConcurrent,
     task: {
       container: {
         image,
@@ -172,7 +198,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         },
       },
       restart: {
-        condition: restartCondition(flags.restartCondition ?? 'any'),
+        condition: restartCondition(flags.restartCondition ?? (job ? 'on-failure' : 'any')),
         delayMs: flags.restartDelay !== undefined ? parseDuration('--restart-delay', flags.restartDelay) : 5000,
         maxAttempts: flags.restartMaxAttempts !== undefined ? parseUint('--restart-max-attempts', flags.restartMaxAttempts) : 0,
         windowMs: flags.restartWindow !== undefined ? parseDuration('--restart-window', flags.restartWindow) : 0,
@@ -181,6 +207,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
       placement: {
         constraints: flags.constraint ?? [],
         maxReplicasPerNode: flags.replicasMaxPerNode !== undefined ? parseUint('--replicas-max-per-node', flags.replicasMaxPerNode) : 0,
+        preferences: (flags.placementPref ?? []).map((v) => ({ spread: parsePlacementPref('--placement-pref', v) })),
       },
       forceUpdate: 0,
     },
@@ -190,6 +217,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
   };
   applyCreateNetworkFlags(spec, flags);
   applyContainerCreateFlags(spec.task!.container!, flags);
+  applyCreatePortFlags(spec, flags);
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {
       test: flags.healthCmd !== undefined ? parseHealthCmd(flags.healthCmd) : [],

@@ -2,9 +2,11 @@
 import { GetServiceResponse } from '../gen/flotilla/v1/control.js';
 import { type Network, ServiceMode, ServiceSpec, TaskState, UpdateState } from '../gen/flotilla/v1/objects.js';
 import { applyUpdateNetworkFlags } from './networkflags.js';
+import { applyUpdatePortFlags } from './portflags.js';
+import type { PortConfig } from '../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
-import { parseConstraint } from '../manager/scheduler/constraints.js';
+import { parseConstraint, parsePlacementPref } from '../manager/scheduler/constraints.js';
 import type { Control } from './client.js';
 import { applyUpdateFlags, parseHealthCmd, restartCondition, type ServiceFlags } from './servicespec.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
@@ -29,6 +31,8 @@ export interface UpdateFlags extends ServiceFlags {
   secretRm?: string[];
   configAdd?: string[];
   configRm?: string[];
+  placementPrefAdd?: string[];
+  placementPrefRm?: string[];
 }
 
 function envKey(e: string): string {
@@ -38,7 +42,7 @@ function envKey(e: string): string {
 
 export { splitArgs } from './util.js';
 
-export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = []): ServiceSpec {
+export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = [], allocatedPorts: PortConfig[] = []): ServiceSpec {
   const spec: ServiceSpec = structuredClone(cur);
   const task = spec.task!;
   const c = task.container!;
@@ -46,7 +50,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   if (f.args !== undefined) c.args = splitArgs(f.args);
   if (f.entrypoint !== undefined) c.command = f.entrypoint ? splitArgs(f.entrypoint) : [];
   if (f.replicas !== undefined) {
-    if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL) throw invalidArgument('--replicas', f.replicas, 'cannot be used with a global service');
+    if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL || spec.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB) throw invalidArgument('--replicas', f.replicas, 'cannot be used with a global service');
     spec.replicas = parseUint('--replicas', f.replicas);
   }
   for (const k of f.envRm ?? []) c.env = c.env.filter((e) => envKey(e) !== k);
@@ -56,7 +60,19 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   }
   // the create-only forms of list flags would silently do nothing here: say which flags to use
   if (f.constraint?.length) throw invalidArgument('--constraint', f.constraint[0], 'service update takes --constraint-add and --constraint-rm');
-  task.placement ??= { constraints: [], maxReplicasPerNode: 0 };
+  task.placement ??= { constraints: [], maxReplicasPerNode: 0, preferences: [] };
+  for (const x of f.placementPrefRm ?? []) {
+    const d = parsePlacementPref('--placement-pref-rm', x);
+    task.placement.preferences = task.placement.preferences.filter((p) => p.spread !== d);
+  }
+  for (const x of f.placementPrefAdd ?? []) {
+    const d = parsePlacementPref('--placement-pref-add', x);
+    if (!task.placement.preferences.some((p) => p.spread === d)) task.placement.preferences.push({ spread: d });
+  }
+  if (f.maxConcurrent !== undefined) {
+    if (spec.mode !== ServiceMode.SERVICE_MODE_REPLICATED_JOB) throw invalidArgument('--max-concurrent', f.maxConcurrent, 'only for --mode replicated-job');
+    spec.maxConcurrent = parseUint('--max-concurrent', f.maxConcurrent);
+  }
   for (const x of f.constraintRm ?? []) task.placement.constraints = task.placement.constraints.filter((y) => y.replace(/\s/g, '') !== x.replace(/\s/g, ''));
   for (const x of f.constraintAdd ?? []) {
     parseConstraint(x);
@@ -96,6 +112,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   if (f.user !== undefined) c.user = f.user;
   applyUpdateNetworkFlags(spec, f, known);
   applyContainerUpdateFlags(c, f);
+  applyUpdatePortFlags(spec, f, allocatedPorts);
   if (f.stopGracePeriod !== undefined) c.stopGracePeriodMs = parseDuration('--stop-grace-period', f.stopGracePeriod);
   task.restart ??= { condition: 0, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
   if (f.restartCondition !== undefined) task.restart.condition = restartCondition(f.restartCondition);

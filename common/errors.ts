@@ -12,6 +12,7 @@ export type ErrorCode =
   | 'RESOURCE_EXHAUSTED'
   | 'ABORTED'
   | 'DEADLINE_EXCEEDED'
+  | 'OUT_OF_RANGE'
   | 'INTERNAL';
 
 export class FlotillaError extends Error {

@@ -11,6 +11,7 @@ const CODES: Record<string, grpc.status> = {
   RESOURCE_EXHAUSTED: grpc.status.RESOURCE_EXHAUSTED,
   ABORTED: grpc.status.ABORTED,
   DEADLINE_EXCEEDED: grpc.status.DEADLINE_EXCEEDED,
+  OUT_OF_RANGE: grpc.status.OUT_OF_RANGE,
   INTERNAL: grpc.status.INTERNAL,
 };
 

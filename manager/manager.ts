@@ -20,6 +20,7 @@ import { Dispatcher, DEFAULT_HEARTBEAT_MS, isAgentless } from './dispatcher/disp
 import { ControlApi } from './controlapi/server.js';
 import { ReplicatedOrchestrator } from './orchestrator/replicated.js';
 import { GlobalOrchestrator } from './orchestrator/global.js';
+import { JobOrchestrator } from './orchestrator/jobs.js';
 import { TaskReaper } from './orchestrator/reaper.js';
 import { Updater } from './orchestrator/update.js';
 import { sleep } from '../common/sleep.js';
@@ -703,8 +704,8 @@ export class Manager {
           this.watchKeys();
         },
         snapshot: () => StoreSnapshot.encode(store.snapshot()).finish(),
-        restore: (data) => {
-          store.restore(StoreSnapshot.decode(data), store.appliedIndex);
+        restore: (data, index) => {
+          store.restore(StoreSnapshot.decode(data), index);
           this.watchKeys();
         },
       },
@@ -913,6 +914,7 @@ export class Manager {
         this.dispatcher.run(ctl.signal),
         new ReplicatedOrchestrator(this.store, log.child({ component: 'replicated' })).run(ctl.signal),
         new GlobalOrchestrator(this.store, log.child({ component: 'global' })).run(ctl.signal),
+        new JobOrchestrator(this.store, log.child({ component: 'jobs' })).run(ctl.signal),
         new SchedulerLoop(this.store, log.child({ component: 'scheduler' })).run(ctl.signal),
         new TaskReaper(this.store, log.child({ component: 'reaper' })).run(ctl.signal),
         new Updater(this.store, log.child({ component: 'updater' })).run(ctl.signal),

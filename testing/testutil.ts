@@ -18,7 +18,7 @@ export function testSpec(name: string, replicas: number, over: Partial<ServiceSp
 export function testService(name: string, replicas: number, over: Partial<ServiceSpec> = {}): Service {
   const spec = testSpec(name, replicas, over);
   return { id: newId(), meta: undefined, spec, specVersion: 1, previousSpec: undefined, updateStatus: undefined, endpoint: undefined,
-    history: [{ version: 1, spec, createdAt: Date.now() }] };
+    history: [{ version: 1, spec, createdAt: Date.now() }], jobStatus: undefined };
 }
 
 export function testNode(hostname: string, over: { labels?: Record<string, string>; availability?: NodeAvailability; state?: NodeState; cpus?: number; memory?: number; role?: NodeRole } = {}): Node {

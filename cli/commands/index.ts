@@ -17,7 +17,9 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   config: () => import('./config.js'),
   image: () => import('./image.js'),
   container: () => import('./container.js'),
+  stack: () => import('./stack.js'),
   volume: () => import('./volume.js'),
+  events: () => import('./events.js'),
 };
 
 export async function registerCommands(program: Command, argv: string[]): Promise<void> {

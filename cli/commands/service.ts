@@ -18,6 +18,7 @@ import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
 import { addContainerCreateFlags, addContainerUpdateFlags } from '../containerflags.js';
 import { waitForService } from '../progress.js';
 import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
+import { formatPorts } from '../../manager/allocator/ports.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { isUp } from '../../manager/orchestrator/update.js';
 import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
@@ -40,6 +41,7 @@ export function addSpecFlags(cmd: Command): Command {
   return cmd
     .option('--constraint <expr>', 'placement constraint, e.g. node.labels.zone==a (repeatable)', collect)
     .option('--replicas-max-per-node <n>', 'maximum replicas per node (0 = unlimited)')
+    .option('--max-concurrent <n>', 'replicated jobs: how many tasks run at once (default: --replicas)')
     .option('--reserve-cpu <cpus>', 'reserve CPUs')
     .option('--reserve-memory <bytes>', 'reserve memory, e.g. 64m')
     .option('--limit-cpu <cpus>', 'limit CPUs')
@@ -49,6 +51,7 @@ export function addSpecFlags(cmd: Command): Command {
     .option('-u, --user <user>', 'username or UID[:GID]')
     .option('--entrypoint <cmd>', 'override the image entrypoint (split like a shell line; "" on update: back to the image\'s)')
     .option('--network <net>', 'overlay network (name or id; name=NET,alias=A for aliases; repeatable), or host or none (the container\'s network mode)', collect)
+    .option('-p, --publish <spec>', 'publish a port: PUBLISHED:TARGET[/udp], TARGET (published port allocated), or published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,traffic-policy=cluster|local] (repeatable)', collect)
     .option('--endpoint-mode <mode>', 'vip (a virtual IP balanced over the tasks) or dnsrr (DNS round robin over the task addresses)')
     .option('--restart-condition <cond>', 'any, on-failure or none')
     .option('--restart-delay <duration>', 'delay between restart attempts (default 5s)')
@@ -96,7 +99,8 @@ export function register(program: Command): void {
         .argument('[command...]', 'command and arguments')
         .option('--name <name>', 'service name')
         .option('--replicas <n>', 'number of tasks')
-        .option('--mode <mode>', 'replicated or global', 'replicated')
+        .option('--mode <mode>', 'replicated, global, replicated-job or global-job', 'replicated')
+        .option('--placement-pref <pref>', 'placement preference: spread=node.labels.KEY (repeatable, in order)', collect)
         .option('-e, --env <K=V>', 'set an environment variable (repeatable)', collect)
         .option('-l, --label <K=V>', 'service label (repeatable)', collect)
         .option('--secret <spec>', 'give the tasks a secret: [source=]NAME[,target=NAME|PATH][,uid=N][,gid=N][,mode=0444] (under /run/secrets; repeatable)', collect)
@@ -134,7 +138,7 @@ export function register(program: Command): void {
         if (format === 'json') return printJson(services.map((s) => serviceJson(s, running.get(s.id) ?? 0)));
         process.stdout.write(
           table(
-            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'UPDATE STATUS'],
+            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'PORTS', 'UPDATE STATUS'],
             services.map((s) => {
               const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
               const want = global ? (desiredGlobal.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
@@ -144,6 +148,7 @@ export function register(program: Command): void {
                 global ? 'global' : 'replicated',
                 `${running.get(s.id) ?? 0}/${want}`,
                 s.spec?.task?.container?.image ?? '',
+                formatPorts(s.endpoint?.ports ?? []),
                 s.updateStatus ? updateStateName(s.updateStatus.state) : '',
               ];
             }),
@@ -290,7 +295,7 @@ export function register(program: Command): void {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
           const nodes = await nodeMap(c);
           await new Promise<void>((resolve, reject) => {
-            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail });
+            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail, taskId: '', sinceMs: 0 });
             call.on('data', (l: LogLine) => {
               const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
               const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
@@ -328,10 +333,14 @@ export function register(program: Command): void {
         .option('--env-rm <K>', 'remove an environment variable (repeatable)', collect)
         .option('--constraint-add <expr>', 'add a placement constraint (repeatable)', collect)
         .option('--constraint-rm <expr>', 'remove a placement constraint (repeatable)', collect)
+        .option('--placement-pref-add <pref>', 'add a placement preference: spread=node.labels.KEY (repeatable)', collect)
+        .option('--placement-pref-rm <pref>', 'remove a placement preference (repeatable)', collect)
         .option('--label-add <K=V>', 'add or update a service label (repeatable)', collect)
         .option('--label-rm <K>', 'remove a service label (repeatable)', collect)
         .option('--container-label-add <K=V>', 'add or update a container label (repeatable)', collect)
         .option('--container-label-rm <K>', 'remove a container label (repeatable)', collect)
+        .option('--publish-add <spec>', 'publish a port (as --publish; repeatable)', collect)
+        .option('--publish-rm <port>', 'stop publishing a port: PUBLISHED[/PROTOCOL] (repeatable; applied before --publish-add)', collect)
         .option('--network-add <net>', 'attach the service to a network (repeatable)', collect)
         .option('--network-rm <net>', 'detach the service from a network (repeatable)', collect)
         .option('--secret-add <spec>', 'add a secret: [source=]NAME[,target=...][,uid=N][,gid=N][,mode=0444] (repeatable)', collect)
@@ -351,7 +360,7 @@ export function register(program: Command): void {
       await withControl(opts.H, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
         const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
-        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known);
+        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known, s!.endpoint?.ports ?? []);
         const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
           serviceId: s!.id,
           version: s!.specVersion,

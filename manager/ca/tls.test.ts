@@ -175,7 +175,7 @@ describe('mutual TLS and roles', () => {
       try {
         const r = await codeOf(
           new Promise<void>((resolve, reject) => {
-            const s = c.serviceLogs({ serviceId: 's', follow: false, tail: 0 });
+            const s = c.serviceLogs({ serviceId: 's', follow: false, tail: 0, taskId: '', sinceMs: 0 });
             s.on('data', (l: LogLine) => lines.push(l));
             s.on('error', reject);
             s.on('end', () => resolve());

@@ -191,7 +191,7 @@ describe('the store closes the race between removing a secret and a service star
     const store = new MemoryStore(log);
     store.setProposer(new MemoryProposer(store));
     const sid = 'secretsecretsecretsecret1';
-    store.applyBatch({ proposalId: 'p', actions: [{ kind: 0, secret: { id: sid, meta: undefined, spec: { name: 'r', labels: {}, data: Buffer.from('v') } } } as never] }, 1);
+    store.applyBatch({ proposalId: 'p', proposedAt: 0, actions: [{ kind: 0, secret: { id: sid, meta: undefined, spec: { name: 'r', labels: {}, data: Buffer.from('v') } } } as never] }, 1);
     const svc = testService('user', 1);
     svc.spec!.task!.container!.secrets = [{ secretId: sid, secretName: 'r', file: { name: 'r', uid: 0, gid: 0, mode: 0o444 } }];
     return { store, sid, svc };

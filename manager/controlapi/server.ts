@@ -26,7 +26,7 @@ import {
   UpdateServiceRequest,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceMode, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
 import { Tx, type MemoryStore } from '../store/store.js';
@@ -37,10 +37,14 @@ import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from 
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { newUnlockKey } from '../keys/keys.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
+import { followIngress, stripIngress } from './ingress.js';
+import { allocatePorts } from '../allocator/ports.js';
 import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
 
+import { StoreHistory } from '../store/history.js';
+import { serveWatch } from './events.js';
 import { type AuthzOptions, type Policy, authorize } from '../ca/authz.js';
 
 export const DEFAULT_SERVICE_HISTORY = 10;
@@ -101,7 +105,13 @@ export const CONTROL_POLICY: Policy<ControlServer> = {
   getUnlockKey: ['admin'],
   // over TCP a manager is never locked (a locked one does not listen): this only ever answers "not locked"
   unlockManager: ADMIN_OR_MANAGER,
+  // the cluster's change stream: admin (client) certificates only; managers never need it
+  watch: ['admin'],
 };
+
+export function isJob(mode: ServiceMode | undefined): boolean {
+  return mode === ServiceMode.SERVICE_MODE_REPLICATED_JOB || mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB;
+}
 
 export function resolveService(store: MemoryStore, ref: string): Service {
   if (!ref) throw invalidArgument('service', ref, 'required');
@@ -128,7 +138,11 @@ export function resolveNode(store: MemoryStore, ref: string): Node {
 }
 
 export class ControlApi {
-  constructor(private readonly ctx: ControlContext) {}
+  /** the store's recent changes, for Watch (created with the API, before it serves) */
+  readonly history: StoreHistory;
+  constructor(private readonly ctx: ControlContext) {
+    this.history = new StoreHistory(ctx.store);
+  }
 
   private get store(): MemoryStore {
     return this.ctx.store;
@@ -169,13 +183,20 @@ export class ControlApi {
   }
 
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
-    const spec = resolveServiceNetworks(this.store, validateServiceSpec(req.spec));
+    const given = validateServiceSpec(req.spec);
+    stripIngress(this.store, given);
+    const spec = resolveServiceNetworks(this.store, given);
     const id = newId();
+    // published ports: refused now when another service holds one (no ingress network made for nothing)
+    allocatePorts(id, spec.endpoint, [], this.store.listServices());
+    await followIngress(this.store, spec);
     const now = Date.now();
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
       requireNetworks((id) => tx.get('network', id), spec);
       resolveReferences(tx, spec);
+      // again inside the write: the services this transaction applies to
+      const ports = allocatePorts(id, spec.endpoint, [], this.store.listServices());
       tx.create('service', {
         id,
         meta: undefined,
@@ -184,7 +205,8 @@ export class ControlApi {
         previousSpec: undefined,
         updateStatus: undefined,
         history: [{ version: 1, spec, createdAt: now }],
-        endpoint: undefined,
+        endpoint: ports.length > 0 ? { spec: spec.endpoint, ports, virtualIps: [] } : undefined,
+        jobStatus: isJob(spec.mode) ? { jobIteration: 1, lastExecution: now } : undefined,
       });
     });
     return { service: this.store.getService(id) };
@@ -200,8 +222,12 @@ export class ControlApi {
     } else {
       next = validateServiceSpec(req.spec);
     }
-    // network names to ids (a rolled-back spec's networks must still exist)
+    // network names to ids (a rolled-back spec's networks must still exist); the ingress network
+    // follows the published ports
+    stripIngress(this.store, next);
     next = resolveServiceNetworks(this.store, next);
+    allocatePorts(cur.id, next.endpoint, cur.endpoint?.ports ?? [], this.store.listServices());
+    await followIngress(this.store, next);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
@@ -222,6 +248,12 @@ export class ControlApi {
       // a change of the task spec starts a rolling update (or a rollback); scaling does not. Any update
       // of a paused service resumes it (as a new update).
       const paused = s.updateStatus?.state === UpdateState.UPDATE_STATE_PAUSED || s.updateStatus?.state === UpdateState.UPDATE_STATE_ROLLBACK_PAUSED;
+      if (isJob(next.mode)) {
+        // a job is not rolled: any update (e.g. --force) runs it again as a new iteration, as in Swarm
+        const jobStatus = { jobIteration: (s.jobStatus?.jobIteration ?? 0) + 1, lastExecution: now };
+        tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, jobStatus });
+        return;
+      }
       const rolling = !taskSpecEqual(s.spec?.task, next.task) || paused;
       const updateStatus = req.rollback
         ? {
@@ -233,7 +265,9 @@ export class ControlApi {
         : rolling
           ? { state: UpdateState.UPDATE_STATE_UPDATING, startedAt: now, completedAt: 0, message: 'update in progress' }
           : s.updateStatus;
-      tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus });
+      const ports = allocatePorts(s.id, next.endpoint, s.endpoint?.ports ?? [], this.store.listServices());
+      const endpoint = s.endpoint || ports.length > 0 ? { spec: next.endpoint, virtualIps: s.endpoint?.virtualIps ?? [], ports } : undefined;
+      tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus, endpoint });
     });
     return { service: this.store.getService(cur.id), replacedTasks: replaced.map((t) => t.id), diff };
   }
@@ -420,6 +454,7 @@ export class ControlApi {
       }),
       listTasks: unary(async (req: ListTasksRequest) => ({ tasks: await this.listTasks(req) })),
       serviceLogs: (call) => this.serviceLogs(call),
+      watch: (call) => serveWatch(this.history, call),
       createNetwork: unary(async (req: CreateNetworkRequest) => ({ network: await createNetwork(this.store, req.spec) })),
       getNetwork: unary(async (req: { networkId: string }) => {
         await this.ctx.readBarrier();

@@ -19,7 +19,7 @@ import { checkDuration } from '../../common/durations.js';
 import { FlotillaError, invalidArgument } from '../../common/errors.js';
 import { isValidName } from '../../common/ids.js';
 import { parseReference } from '../../common/imageref.js';
-import { parseConstraint } from '../scheduler/constraints.js';
+import { parseConstraint, parseSpread } from '../scheduler/constraints.js';
 import {
   normaliseCap,
   normaliseSignal,
@@ -115,10 +115,14 @@ function nonNegative(field: string, v: number): void {
 export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec {
   if (!spec) throw invalidArgument('spec', null, 'required');
   if (!isValidName(spec.name)) throw invalidArgument('spec.name', spec.name, 'use 1-63 letters, digits, "_", "." or "-", starting with a letter or digit');
-  if (spec.mode !== ServiceMode.SERVICE_MODE_REPLICATED && spec.mode !== ServiceMode.SERVICE_MODE_GLOBAL)
-    throw invalidArgument('spec.mode', spec.mode, 'must be replicated or global');
-  if (spec.mode === ServiceMode.SERVICE_MODE_GLOBAL && spec.replicas !== 0)
+  if (![ServiceMode.SERVICE_MODE_REPLICATED, ServiceMode.SERVICE_MODE_GLOBAL, ServiceMode.SERVICE_MODE_REPLICATED_JOB, ServiceMode.SERVICE_MODE_GLOBAL_JOB].includes(spec.mode))
+    throw invalidArgument('spec.mode', spec.mode, 'must be replicated, global, replicated-job or global-job');
+  if ((spec.mode === ServiceMode.SERVICE_MODE_GLOBAL || spec.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB) && spec.replicas !== 0)
     throw invalidArgument('spec.replicas', spec.replicas, 'replicas cannot be set for a global service');
+  if (spec.maxConcurrent !== 0 && spec.mode !== ServiceMode.SERVICE_MODE_REPLICATED_JOB)
+    throw invalidArgument('max-concurrent', spec.maxConcurrent, 'only for --mode replicated-job');
+  if (!Number.isSafeInteger(spec.maxConcurrent) || spec.maxConcurrent < 0 || spec.maxConcurrent > MAX_REPLICAS)
+    throw invalidArgument('max-concurrent', spec.maxConcurrent, `must be between 0 and ${MAX_REPLICAS}`);
   if (!Number.isSafeInteger(spec.replicas) || spec.replicas < 0 || spec.replicas > MAX_REPLICAS)
     throw invalidArgument('spec.replicas', spec.replicas, `must be between 0 and ${MAX_REPLICAS}`);
   const task = spec.task;
@@ -161,8 +165,10 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   checkDuration('restart-delay', r.delayMs);
   checkDuration('restart-window', r.windowMs);
   nonNegative('restart-max-attempts', r.maxAttempts);
-  if (!task.placement) task.placement = { constraints: [], maxReplicasPerNode: 0 };
+  if (!task.placement) task.placement = { constraints: [], maxReplicasPerNode: 0, preferences: [] };
   for (const expr of task.placement.constraints) parseConstraint(expr);
+  if (task.placement.preferences.length > 32) throw invalidArgument('placement-pref', task.placement.preferences.length, 'at most 32 preferences');
+  for (const p of task.placement.preferences) parseSpread(p.spread);
   nonNegative('replicas-max-per-node', task.placement.maxReplicasPerNode);
   spec.update = validateUpdateConfig('update', spec.update);
   spec.rollback = validateUpdateConfig('rollback', spec.rollback);

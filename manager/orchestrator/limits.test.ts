@@ -69,7 +69,7 @@ describe('size limits', () => {
       ['env', (s) => (s.task!.container!.env = [`BIG=${'x'.repeat(1024 * 1024)}`]), /^invalid env: \d+ bytes, over the limit of 65536 bytes/],
       ['args', (s) => (s.task!.container!.args = Array.from({ length: 100 }, () => 'y'.repeat(1000))), /^invalid args: /],
       ['labels', (s) => (s.labels = { note: 'z'.repeat(20_000) }), /^invalid labels: /],
-      ['constraint', (s) => (s.task!.placement = { constraints: Array.from({ length: 2000 }, (_, i) => `node.labels.k${i}==v`), maxReplicasPerNode: 0 }), /^invalid constraint: /],
+      ['constraint', (s) => (s.task!.placement = { constraints: Array.from({ length: 2000 }, (_, i) => `node.labels.k${i}==v`), maxReplicasPerNode: 0, preferences: [] }), /^invalid constraint: /],
       [
         'spec',
         (s) => {

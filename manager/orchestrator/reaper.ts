@@ -49,7 +49,11 @@ export class TaskReaper extends ReconcileLoop {
       list.push(t);
     }
     for (const list of slots.values()) {
-      const old = list.filter((t) => !isActive(t) && t.desiredState !== TaskState.TASK_STATE_COMPLETE && isTerminal(t.status?.state ?? 0));
+      // a job's tasks of earlier iterations are history even when they completed
+      const iter = this.store.getService(list[0]!.serviceId)?.jobStatus?.jobIteration ?? 0;
+      const old = list.filter(
+        (t) => !isActive(t) && (t.desiredState !== TaskState.TASK_STATE_COMPLETE || t.jobIteration < iter) && isTerminal(t.status?.state ?? 0),
+      );
       const keep = Math.max(0, limit - (list.length - old.length));
       if (old.length <= keep) continue;
       old.sort((a, b) => (a.meta?.createdAt ?? 0) - (b.meta?.createdAt ?? 0));

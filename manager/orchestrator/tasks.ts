@@ -38,6 +38,7 @@ export function newTask(service: Service, slot: number, nodeId = ''): Task {
     desiredState: TaskState.TASK_STATE_RUNNING,
     restartAt: 0,
     networks: [],
+    jobIteration: service.jobStatus?.jobIteration ?? 0,
   };
 }
 

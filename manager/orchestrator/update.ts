@@ -35,6 +35,7 @@ import type { Tx } from '../store/store.js';
 import { taskSpecEqual } from '../controlapi/diff.js';
 import { defaultUpdateConfig } from '../controlapi/validate.js';
 import { ServiceLoop } from './service-loop.js';
+import { isJobService } from './jobs.js';
 import { isActive, isTerminal, newTask, nodeIsReady, withDesired } from './tasks.js';
 
 const HELD = TaskState.TASK_STATE_PENDING;
@@ -74,6 +75,8 @@ export class Updater extends ServiceLoop {
 
   /** An update in progress; otherwise only drained nodes, or held tasks of a paused update. */
   protected wants(s: Service): boolean {
+    // jobs are not rolled: an update starts a new iteration (manager/orchestrator/jobs.ts)
+    if (isJobService(s)) return false;
     if (isUpdating(s)) return true;
     if (!this.anyDrained && !isPaused(s)) return false;
     return this.store.tasksOfService(s.id).some((t) => (isActive(t) && this.onDrainedNode(t)) || t.desiredState === HELD);

@@ -15,7 +15,7 @@ import type { Wal } from './wal.js';
 
 export interface ForceNewClusterOptions {
   dataDir: string;
-  stateMachine: { apply(data: Uint8Array, index: number): void; snapshot(): Uint8Array; restore(data: Uint8Array): void };
+  stateMachine: { apply(data: Uint8Array, index: number): void; snapshot(): Uint8Array; restore(data: Uint8Array, index: number): void };
   log?: Logger;
 }
 
@@ -27,7 +27,7 @@ export function forceNewCluster(wal: Wal, opts: ForceNewClusterOptions, id: numb
   const sm = opts.stateMachine;
   const snap = storage.snapshot();
   const si = snapIndex(snap);
-  if (si > 0) sm.restore(unwrapSnapshot(snap.data).state);
+  if (si > 0) sm.restore(unwrapSnapshot(snap.data).state, si);
   for (let i = si + 1; i <= commit; ) {
     const ents = storage.entries(i, commit + 1, 16 * 1024 * 1024);
     for (const e of ents) {

@@ -47,8 +47,8 @@ export interface StateMachine {
   apply(data: Uint8Array, index: number): void;
   /** the whole state, for a snapshot */
   snapshot(): Uint8Array;
-  /** replace the whole state with a snapshot's */
-  restore(data: Uint8Array): void;
+  /** replace the whole state with a snapshot's (index: the snapshot's last index) */
+  restore(data: Uint8Array, index: number): void;
 }
 
 export interface RaftNodeOptions {
@@ -416,7 +416,7 @@ export class RaftNode {
 
   private restoreSnapshot(snap: Snapshot): void {
     const { members, state } = unwrapSnapshot(snap.data);
-    this.sm.restore(state);
+    this.sm.restore(state, snapIndex(snap));
     this.applied = snapIndex(snap);
     this.lastSnapshotIndex = Math.max(this.lastSnapshotIndex, this.applied);
     this.book.restore(members, snap.metadata?.confState);

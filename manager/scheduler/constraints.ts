@@ -95,3 +95,48 @@ export function matchAll(cs: readonly Constraint[], node: Node): boolean {
   for (const c of cs) if (!matchConstraint(c, node)) return false;
   return true;
 }
+
+/**
+ * A spread preference's descriptor (`--placement-pref spread=DESCRIPTOR`): node.labels.KEY,
+ * engine.labels.KEY, node.id, node.hostname or node.role. Tasks are spread evenly over the values
+ * nodes have for it; nodes without it form one more group (docs/scheduler.md).
+ */
+export interface Spread {
+  readonly descriptor: string;
+  readonly field: ConstraintField;
+  readonly label: string;
+}
+
+export function parseSpread(descriptor: string, field = 'placement-pref'): Spread {
+  if (typeof descriptor !== 'string' || !descriptor.trim()) throw invalidArgument(field, descriptor, 'expected spread=node.labels.KEY');
+  const flag = field;
+  const key = descriptor.trim();
+  const lower = key.toLowerCase();
+  if (lower === 'node.id' || lower === 'node.hostname' || lower === 'node.role') return { descriptor: key, field: lower, label: '' };
+  if (lower.startsWith('node.labels.') || lower.startsWith('engine.labels.')) {
+    const field: ConstraintField = lower.startsWith('node.') ? 'node.labels' : 'engine.labels';
+    const label = key.slice(field.length + 1);
+    if (!label || !LABEL_RE.test(label)) throw invalidArgument(flag, descriptor, `invalid label name after ${field}.`);
+    return { descriptor: key, field, label };
+  }
+  throw invalidArgument(flag, descriptor, `unknown key ${JSON.stringify(key)} (use ${KEYS})`);
+}
+
+/** The node's value for a spread descriptor; undefined when the node has no such label. */
+export function spreadValue(s: Spread, node: Node): string | undefined {
+  switch (s.field) {
+    case 'node.labels':
+      return node.spec?.labels?.[s.label];
+    case 'engine.labels':
+      return node.description?.engineLabels?.[s.label];
+    default:
+      return nodeValue({ expr: '', field: s.field, label: '', op: '==', value: '', text: '' }, node);
+  }
+}
+
+/** Parses the CLI's `spread=DESCRIPTOR` form (the only strategy, as in Swarm). */
+export function parsePlacementPref(flag: string, v: string): string {
+  const eq = v.indexOf('=');
+  if (eq < 0 || v.slice(0, eq).trim() !== 'spread') throw invalidArgument(flag, v, 'expected spread=node.labels.KEY');
+  return parseSpread(v.slice(eq + 1), flag).descriptor;
+}

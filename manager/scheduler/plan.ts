@@ -12,8 +12,9 @@
 import { Node, NodeAvailability, NodeState, Service, Task, TaskSpec, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { errorMessage } from '../../common/errors.js';
 import { formatBytes } from '../../common/units.js';
-import { type Constraint, matchConstraint, parseConstraint } from './constraints.js';
+import { type Constraint, type Spread, matchConstraint, parseConstraint, parseSpread, spreadValue } from './constraints.js';
 import { networksAllocated, WAITING_FOR_NETWORK } from '../allocator/networks.js';
+import { hostPortKeys } from '../allocator/ports.js';
 
 export interface Assignment {
   taskId: string;
@@ -53,6 +54,8 @@ const NOT_READY = 5;
 const LACK_CPU = 6;
 const LACK_MEMORY = 7;
 const AT_MAX = 8;
+/** a host-mode published port of the task is in use on the node (by a task of any service) */
+const PORT_TAKEN = 9;
 /** Codes >= CONSTRAINT name the failing constraint: CONSTRAINT + its index in the spec. */
 const CONSTRAINT = 16;
 
@@ -74,8 +77,13 @@ interface Placement {
   /** The constraints as written in the spec. */
   raw: string[];
   constraints: Constraint[];
+  /** Spread preferences, in order (placed one task at a time: see placeSpread). */
+  rawPrefs: string[];
+  prefs: Spread[];
   /** Set when a constraint does not parse: every task with this spec is unassigned with it. */
   invalid: string;
+  /** host-mode published ports ("8080/tcp") of the service: a node holding one already is unsuitable */
+  ports: string[];
 }
 
 interface ServiceLoad {
@@ -175,7 +183,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     let fp = spec ? bySpec.get(spec) : '';
     if (fp === undefined && spec) {
       const r = spec.resources?.reservations;
-      fp = `${r?.nanoCpus ?? 0}\u0001${r?.memoryBytes ?? 0}\u0001${spec.placement?.maxReplicasPerNode ?? 0}\u0001${(spec.placement?.constraints ?? []).join('\u0001')}`;
+      fp = `${r?.nanoCpus ?? 0}\u0001${r?.memoryBytes ?? 0}\u0001${spec.placement?.maxReplicasPerNode ?? 0}\u0001${(spec.placement?.constraints ?? []).join('\u0001')}\u0002${(spec.placement?.preferences ?? []).map((x) => x.spread).join('\u0001')}`;
       bySpec.set(spec, fp);
     }
     const key = `${t.serviceId}\u0000${fp}`;
@@ -190,10 +198,14 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
         maxPerNode: spec?.placement?.maxReplicasPerNode ?? 0,
         raw: spec?.placement?.constraints ?? [],
         constraints: [],
+        rawPrefs: (spec?.placement?.preferences ?? []).map((x) => x.spread),
+        prefs: [],
         invalid: '',
+        ports: hostPortKeys(input.services?.get(t.serviceId)),
       };
       try {
         p.constraints = (spec?.placement?.constraints ?? []).map(parseConstraint);
+        p.prefs = p.rawPrefs.map((d) => parseSpread(d));
       } catch (err) {
         p.invalid = errorMessage(err);
       }
@@ -249,11 +261,33 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   }
   for (const [id, m] of serviceLoad) loads.set(id, { hosts: [...m.keys()], counts: [...m.values()] });
 
+  // host-mode published ports held on each node: by every task placed there and not yet terminal,
+  // including tasks being stopped (the port is free once the task has ended)
+  const portsUsed = new Map<number, Set<string>>();
+  if (input.services) {
+    for (const t of input.tasks) {
+      const st = t.status?.state ?? TaskState.TASK_STATE_NEW;
+      if (!t.nodeId || st <= PENDING || st >= COMPLETE) continue;
+      const keys = hostPortKeys(input.services.get(t.serviceId));
+      if (keys.length === 0) continue;
+      const i = index.get(t.nodeId);
+      if (i === undefined) continue;
+      let set = portsUsed.get(i);
+      if (!set) portsUsed.set(i, (set = new Set()));
+      for (const k of keys) set.add(k);
+    }
+  }
+  const portClash = (i: number, p: Placement): string | undefined => {
+    const used = portsUsed.get(i);
+    return used ? p.ports.find((k) => used.has(k)) : undefined;
+  };
+
   // the first dynamic filter a node fails for this placement, or OK
   const dynamic = (i: number, p: Placement): number => {
     if (p.cpu > 0 && cpuFree[i]! < p.cpu) return LACK_CPU;
     if (p.memory > 0 && memFree[i]! < p.memory) return LACK_MEMORY;
     if (p.maxPerNode > 0 && svc[i]! >= p.maxPerNode) return AT_MAX;
+    if (p.ports.length > 0 && portClash(i, p) !== undefined) return PORT_TAKEN;
     return OK;
   };
   const staticCheck = (i: number, p: Placement): number => {
@@ -267,6 +301,11 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     cpuFree[i]! -= p.cpu;
     memFree[i]! -= p.memory;
     total[i]!++;
+    if (p.ports.length > 0) {
+      let set = portsUsed.get(i);
+      if (!set) portsUsed.set(i, (set = new Set()));
+      for (const k of p.ports) set.add(k);
+    }
     if (current && svc[i]!++ === 0) {
       current.hosts.push(i);
       current.counts.push(0); // written back when another service is entered
@@ -334,8 +373,47 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     };
     let next = 0;
 
-    // nodes to avoid change the order the scan relies on: such a group takes the heap
-    if (avoided.length === 0 && (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS))) {
+    if (p.prefs.length > 0) {
+      // Spread preferences: one task at a time, down the tree of preference values. At each level
+      // the nodes that can take the task are grouped by their value (nodes without it form one more
+      // group); the group holding the fewest tasks of the service (counted over every node that
+      // passes the static filters, in that group) wins, ties to the smaller value; then the next
+      // level inside it; at the end the usual ranking picks the node. O(P * N * preferences).
+      bucketsStale = true;
+      const eligible: number[] = [];
+      for (let i = 0; i < N; i++) {
+        const w = staticCheck(i, p);
+        why[i] = w;
+        if (w === OK) eligible.push(i);
+      }
+      const values = p.prefs.map((sp) => eligible.map((i) => spreadValue(sp, nodes[i]!) ?? NO_VALUE));
+      for (; next < tasks.length; next++) {
+        // positions (in eligible) of the nodes still in the running
+        let cand: number[] = [];
+        for (let k = 0; k < eligible.length; k++) if (dynamic(eligible[k]!, p) === OK) cand.push(k);
+        if (cand.length === 0) break;
+        let within: number[] = eligible.map((_, k) => k);
+        for (const vals of values) {
+          const count = new Map<string, number>();
+          for (const k of within) count.set(vals[k]!, (count.get(vals[k]!) ?? 0) + svc[eligible[k]!]!);
+          let best: string | undefined;
+          for (const k of cand) {
+            const v = vals[k]!;
+            if (best === undefined) best = v;
+            else {
+              const cv = count.get(v)!;
+              const cb = count.get(best)!;
+              if (cv < cb || (cv === cb && v < best)) best = v;
+            }
+          }
+          cand = cand.filter((k) => vals[k] === best);
+          within = within.filter((k) => vals[k] === best);
+        }
+        let bi = -1;
+        for (const k of cand) if (bi < 0 || less(eligible[k]!, bi)) bi = eligible[k]!;
+        assign(tasks[next]!, bi, p);
+      }
+    } else if (avoided.length === 0 && (strategy === 'scan' || (strategy === 'auto' && tasks.length <= SCAN_MAX_TASKS))) {
       // Few tasks: no O(nodes) pass. The best node is the first in (tasks overall, id) order
       // holding no task of this service that passes the filters; only when there is none, the
       // best of the nodes that hold some.
@@ -423,7 +501,13 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   return plan;
 }
 
+/** The group of nodes without the preference's label (sorts after every real value). */
+const NO_VALUE = '\uffff';
+
 function samePlacement(p: Placement, spec: TaskSpec | undefined): boolean {
+  const ps = spec?.placement?.preferences ?? [];
+  if (ps.length !== p.rawPrefs.length) return false;
+  for (let k = 0; k < ps.length; k++) if (ps[k]!.spread !== p.rawPrefs[k]) return false;
   const r = spec?.resources?.reservations;
   if (Math.max(0, r?.nanoCpus ?? 0) !== p.cpu || Math.max(0, r?.memoryBytes ?? 0) !== p.memory) return false;
   if ((spec?.placement?.maxReplicasPerNode ?? 0) !== p.maxPerNode) return false;
@@ -482,6 +566,8 @@ function single(why: number, p: Placement, cpuFree: number, memFree: number): st
       return `lacks memory (reserve ${formatBytes(p.memory)}, ${formatBytes(Math.max(0, memFree))} free)`;
     case AT_MAX:
       return `is at max replicas per node (${p.maxPerNode})`;
+    case PORT_TAKEN:
+      return `has host port ${p.ports.join(', ')} in use`;
     default:
       return `is ${STATIC_TEXT[why] ?? 'unavailable'}`;
   }
@@ -492,7 +578,7 @@ function explain(why: Int32Array, n: number, p: Placement): string {
   if (n === 0) return 'no suitable node (no nodes in the cluster)';
   const counts = new Map<number, number>();
   for (let i = 0; i < n; i++) counts.set(why[i]!, (counts.get(why[i]!) ?? 0) + 1);
-  const order = [DRAINED, PAUSED, DOWN, DISCONNECTED, NOT_READY, ...p.constraints.map((_, c) => CONSTRAINT + c), LACK_CPU, LACK_MEMORY, AT_MAX];
+  const order = [DRAINED, PAUSED, DOWN, DISCONNECTED, NOT_READY, ...p.constraints.map((_, c) => CONSTRAINT + c), LACK_CPU, LACK_MEMORY, AT_MAX, PORT_TAKEN];
   const parts: string[] = [];
   for (const w of order) {
     const k = counts.get(w);
@@ -503,6 +589,7 @@ function explain(why: Int32Array, n: number, p: Placement): string {
     else if (w === LACK_CPU) parts.push(`${nodes} lack${s} CPU (reserve ${formatCpus(p.cpu)})`);
     else if (w === LACK_MEMORY) parts.push(`${nodes} lack${s} memory (reserve ${formatBytes(p.memory)})`);
     else if (w === AT_MAX) parts.push(`${nodes} at max replicas per node (${p.maxPerNode})`);
+    else if (w === PORT_TAKEN) parts.push(`${nodes} ${k === 1 ? 'has' : 'have'} host port ${p.ports.join(', ')} in use`);
     else parts.push(`${nodes} ${STATIC_TEXT[w]}`);
   }
   return parts.length ? `no suitable node (${parts.join(', ')})` : 'no suitable node';

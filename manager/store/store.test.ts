@@ -36,7 +36,7 @@ describe('MemoryStore', () => {
     await store.update((tx) => tx.update('service', { ...tx.get('service', svc.id)!, spec: { ...stale.spec!, replicas: 5 } }));
     // a batch carrying the old version is refused as a whole
     expect(() =>
-      store.applyBatch({ proposalId: 'x', actions: [{ kind: 1, service: { ...stale, spec: { ...stale.spec!, replicas: 9 } }, node: undefined, task: undefined, cluster: undefined, network: undefined, secret: undefined, config: undefined }] }, 99),
+      store.applyBatch({ proposalId: 'x', proposedAt: 0, actions: [{ kind: 1, service: { ...stale, spec: { ...stale.spec!, replicas: 9 } }, node: undefined, task: undefined, cluster: undefined, network: undefined, secret: undefined, config: undefined }] }, 99),
     ).toThrow(/out of sequence/);
     expect(store.getService(svc.id)!.spec!.replicas).toBe(5);
     // update() re-runs fn on conflict: two concurrent increments both land

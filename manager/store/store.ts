@@ -56,6 +56,10 @@ export interface CommitEvent {
   kind: 'commit';
   /** the proposer's index for this batch */
   index: number;
+  /** when the batch was proposed (ms; the same on every manager); 0 for a snapshot restore */
+  time?: number;
+  /** a snapshot replaced the whole state (no object events precede it) */
+  restored?: boolean;
 }
 export type StoreEvent = ObjectEvent | CommitEvent;
 
@@ -168,7 +172,7 @@ export class MemoryStore {
       if (size > MAX_BATCH_BYTES)
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${MAX_BATCH_BYTES} bytes`);
       try {
-        await proposer.propose({ actions, proposalId: newId() }, signal);
+        await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
         return result;
       } catch (err) {
         if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
@@ -192,7 +196,7 @@ export class MemoryStore {
       try {
         for (const actions of splitBatches(tx.groups(), MAX_BATCH_BYTES - BATCH_OVERHEAD)) {
           if (signal?.aborted) return result;
-          await proposer.propose({ actions, proposalId: newId() }, signal);
+          await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
         }
         return result;
       } catch (err) {
@@ -272,7 +276,7 @@ export class MemoryStore {
       events.push((cur ? { kind: 'update', table, object: next, old: cur } : { kind: 'create', table, object: next }) as ObjectEvent);
     }
     this.appliedIndex = index;
-    events.push({ kind: 'commit', index });
+    events.push({ kind: 'commit', index, time: batch.proposedAt });
     this.publish(events);
   }
 
@@ -391,7 +395,7 @@ export class MemoryStore {
     for (const x of snap.secrets) this.secrets.set(x.id, x);
     for (const x of snap.configs) this.configs.set(x.id, x);
     this.appliedIndex = index;
-    this.publish([{ kind: 'commit', index }]);
+    this.publish([{ kind: 'commit', index, restored: true }]);
   }
 
   private indexTask(t: Task): void {

@@ -40,6 +40,46 @@ export const protobufPackage = "flotilla.v1";
 
 export const protobufFileName = "flotilla/v1/control.proto";
 
+export interface WatchRequest {
+  /**
+   * resume after this point: events of revisions > since_revision, and of since_revision with an
+   * index > since_index (0/0: from the oldest the manager keeps when since_ms is set, else from now)
+   */
+  sinceRevision: number;
+  sinceIndex: number;
+  /** with since_revision 0: events at or after this time (ms); 0: from now */
+  sinceMs: number;
+  /** stop after events at or before this time (ms), and once this time has passed; 0: never */
+  untilMs: number;
+  /** node, service, task, network, secret, config, cluster (empty: all) */
+  types: string[];
+  /** create, update, remove (empty: all) */
+  actions: string[];
+  /** service names or ids (tasks and services of those services) */
+  services: string[];
+  /** with since_revision set: resume exactly, or fail with OUT_OF_RANGE when it is no longer kept */
+  resume: boolean;
+}
+
+export interface WatchEvent {
+  /** the Raft index of the entry that made the change, and the change's place inside it */
+  revision: number;
+  index: number;
+  timeMs: number;
+  type: string;
+  /** create, update, remove */
+  action: string;
+  id: string;
+  name: string;
+  /** for tasks: the service's id and name, the node, the state */
+  serviceId: string;
+  serviceName: string;
+  nodeId: string;
+  state: string;
+  /** a keep-alive with no event: revision is the manager's applied index (type empty) */
+  progress: boolean;
+}
+
 export interface RotateRootCARequest {
   start: boolean;
 }
@@ -223,6 +263,10 @@ export interface ServiceLogsRequest {
   serviceId: string;
   follow: boolean;
   tail: number;
+  /** one task's logs (service_id may then be empty) */
+  taskId: string;
+  /** only lines at or after this time (ms) */
+  sinceMs: number;
 }
 
 export interface LogLine {
@@ -328,6 +372,354 @@ export interface RemoveConfigRequest {
 
 export interface RemoveConfigResponse {
 }
+
+function createBaseWatchRequest(): WatchRequest {
+  return {
+    sinceRevision: 0,
+    sinceIndex: 0,
+    sinceMs: 0,
+    untilMs: 0,
+    types: [],
+    actions: [],
+    services: [],
+    resume: false,
+  };
+}
+
+export const WatchRequest: MessageFns<WatchRequest> = {
+  encode(message: WatchRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sinceRevision !== 0) {
+      writer.uint32(8).uint64(message.sinceRevision);
+    }
+    if (message.sinceIndex !== 0) {
+      writer.uint32(16).uint32(message.sinceIndex);
+    }
+    if (message.sinceMs !== 0) {
+      writer.uint32(24).int64(message.sinceMs);
+    }
+    if (message.untilMs !== 0) {
+      writer.uint32(32).int64(message.untilMs);
+    }
+    for (const v of message.types) {
+      writer.uint32(42).string(v!);
+    }
+    for (const v of message.actions) {
+      writer.uint32(50).string(v!);
+    }
+    for (const v of message.services) {
+      writer.uint32(58).string(v!);
+    }
+    if (message.resume !== false) {
+      writer.uint32(64).bool(message.resume);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sinceRevision = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.sinceIndex = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.sinceMs = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.untilMs = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.types.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.actions.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.services.push(reader.string());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.resume = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<WatchRequest>, I>>(base?: I): WatchRequest {
+    return WatchRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<WatchRequest>, I>>(object: I): WatchRequest {
+    const message = createBaseWatchRequest();
+    message.sinceRevision = object.sinceRevision ?? 0;
+    message.sinceIndex = object.sinceIndex ?? 0;
+    message.sinceMs = object.sinceMs ?? 0;
+    message.untilMs = object.untilMs ?? 0;
+    message.types = object.types?.map((e) => e) || [];
+    message.actions = object.actions?.map((e) => e) || [];
+    message.services = object.services?.map((e) => e) || [];
+    message.resume = object.resume ?? false;
+    return message;
+  },
+};
+
+function createBaseWatchEvent(): WatchEvent {
+  return {
+    revision: 0,
+    index: 0,
+    timeMs: 0,
+    type: "",
+    action: "",
+    id: "",
+    name: "",
+    serviceId: "",
+    serviceName: "",
+    nodeId: "",
+    state: "",
+    progress: false,
+  };
+}
+
+export const WatchEvent: MessageFns<WatchEvent> = {
+  encode(message: WatchEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.revision !== 0) {
+      writer.uint32(8).uint64(message.revision);
+    }
+    if (message.index !== 0) {
+      writer.uint32(16).uint32(message.index);
+    }
+    if (message.timeMs !== 0) {
+      writer.uint32(24).int64(message.timeMs);
+    }
+    if (message.type !== "") {
+      writer.uint32(34).string(message.type);
+    }
+    if (message.action !== "") {
+      writer.uint32(42).string(message.action);
+    }
+    if (message.id !== "") {
+      writer.uint32(50).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(58).string(message.name);
+    }
+    if (message.serviceId !== "") {
+      writer.uint32(66).string(message.serviceId);
+    }
+    if (message.serviceName !== "") {
+      writer.uint32(74).string(message.serviceName);
+    }
+    if (message.nodeId !== "") {
+      writer.uint32(82).string(message.nodeId);
+    }
+    if (message.state !== "") {
+      writer.uint32(90).string(message.state);
+    }
+    if (message.progress !== false) {
+      writer.uint32(96).bool(message.progress);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.revision = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.index = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.timeMs = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.action = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.serviceId = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.serviceName = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.state = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.progress = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<WatchEvent>, I>>(base?: I): WatchEvent {
+    return WatchEvent.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<WatchEvent>, I>>(object: I): WatchEvent {
+    const message = createBaseWatchEvent();
+    message.revision = object.revision ?? 0;
+    message.index = object.index ?? 0;
+    message.timeMs = object.timeMs ?? 0;
+    message.type = object.type ?? "";
+    message.action = object.action ?? "";
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.serviceId = object.serviceId ?? "";
+    message.serviceName = object.serviceName ?? "";
+    message.nodeId = object.nodeId ?? "";
+    message.state = object.state ?? "";
+    message.progress = object.progress ?? false;
+    return message;
+  },
+};
 
 function createBaseRotateRootCARequest(): RotateRootCARequest {
   return { start: false };
@@ -2420,7 +2812,7 @@ export const ListTasksResponse: MessageFns<ListTasksResponse> = {
 };
 
 function createBaseServiceLogsRequest(): ServiceLogsRequest {
-  return { serviceId: "", follow: false, tail: 0 };
+  return { serviceId: "", follow: false, tail: 0, taskId: "", sinceMs: 0 };
 }
 
 export const ServiceLogsRequest: MessageFns<ServiceLogsRequest> = {
@@ -2433,6 +2825,12 @@ export const ServiceLogsRequest: MessageFns<ServiceLogsRequest> = {
     }
     if (message.tail !== 0) {
       writer.uint32(24).uint64(message.tail);
+    }
+    if (message.taskId !== "") {
+      writer.uint32(962).string(message.taskId);
+    }
+    if (message.sinceMs !== 0) {
+      writer.uint32(968).int64(message.sinceMs);
     }
     return writer;
   },
@@ -2474,6 +2872,22 @@ export const ServiceLogsRequest: MessageFns<ServiceLogsRequest> = {
             message.tail = longToNumber(reader.uint64());
             continue;
           }
+          case 120: {
+            if (tag !== 962) {
+              break;
+            }
+
+            message.taskId = reader.string();
+            continue;
+          }
+          case 121: {
+            if (tag !== 968) {
+              break;
+            }
+
+            message.sinceMs = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2494,6 +2908,8 @@ export const ServiceLogsRequest: MessageFns<ServiceLogsRequest> = {
     message.serviceId = object.serviceId ?? "";
     message.follow = object.follow ?? false;
     message.tail = object.tail ?? 0;
+    message.taskId = object.taskId ?? "";
+    message.sinceMs = object.sinceMs ?? 0;
     return message;
   },
 };
@@ -4182,6 +4598,19 @@ export const ControlService = {
       Buffer.from(RotateRootCAResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RotateRootCAResponse => RotateRootCAResponse.decode(value),
   },
+  /**
+   * Admin only: the store's changes from a revision (docs/controlapi.md, "Events"). Any manager
+   * serves it from its own replicated store.
+   */
+  watch: {
+    path: "/flotilla.v1.Control/Watch" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: WatchRequest): Buffer => Buffer.from(WatchRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): WatchRequest => WatchRequest.decode(value),
+    responseSerialize: (value: WatchEvent): Buffer => Buffer.from(WatchEvent.encode(value).finish()),
+    responseDeserialize: (value: Buffer): WatchEvent => WatchEvent.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -4225,6 +4654,11 @@ export interface ControlServer extends UntypedServiceImplementation {
    * progress), or only report on the current one (start = false).
    */
   rotateRootCa: handleUnaryCall<RotateRootCARequest, RotateRootCAResponse>;
+  /**
+   * Admin only: the store's changes from a revision (docs/controlapi.md, "Events"). Any manager
+   * serves it from its own replicated store.
+   */
+  watch: handleServerStreamingCall<WatchRequest, WatchEvent>;
 }
 
 export interface ControlClient extends Client {
@@ -4679,6 +5113,12 @@ export interface ControlClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RotateRootCAResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Admin only: the store's changes from a revision (docs/controlapi.md, "Events"). Any manager
+   * serves it from its own replicated store.
+   */
+  watch(request: WatchRequest, options?: Partial<CallOptions>): ClientReadableStream<WatchEvent>;
+  watch(request: WatchRequest, metadata?: Metadata, options?: Partial<CallOptions>): ClientReadableStream<WatchEvent>;
 }
 
 export const ControlClient = makeGenericClientConstructor(ControlService, "flotilla.v1.Control") as unknown as {

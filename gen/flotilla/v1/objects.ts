@@ -50,6 +50,10 @@ export enum UpdateOrder {
 export enum ServiceMode {
   SERVICE_MODE_REPLICATED = 0,
   SERVICE_MODE_GLOBAL = 1,
+  /** SERVICE_MODE_REPLICATED_JOB - run to completion (docs/task-model.md): replicas is the total number of completions */
+  SERVICE_MODE_REPLICATED_JOB = 2,
+  /** SERVICE_MODE_GLOBAL_JOB - one task per eligible node, run to completion */
+  SERVICE_MODE_GLOBAL_JOB = 3,
 }
 
 export enum UpdateState {
@@ -309,6 +313,16 @@ export interface Placement {
   constraints: string[];
   /** 0 means unlimited */
   maxReplicasPerNode: number;
+  /** spread preferences, in order (docs/scheduler.md); fields 120-139 are jobs/placement/events' */
+  preferences: PlacementPreference[];
+}
+
+/**
+ * spread=node.labels.KEY (or node.id, node.hostname...): tasks are spread evenly over the values
+ * the nodes have for it; nodes without it form one more group.
+ */
+export interface PlacementPreference {
+  spread: string;
 }
 
 export interface UpdateConfig {
@@ -345,7 +359,11 @@ export interface ServiceSpec {
     | UpdateConfig
     | undefined;
   /** how the service is reached: VIP or DNS round robin, published ports */
-  endpoint: EndpointSpec | undefined;
+  endpoint:
+    | EndpointSpec
+    | undefined;
+  /** replicated jobs: how many tasks run at once (0: as many as replicas) */
+  maxConcurrent: number;
 }
 
 export interface ServiceSpec_LabelsEntry {
@@ -381,7 +399,17 @@ export interface Service {
   /** kept versions, oldest first, current last */
   history: ServiceVersion[];
   /** what the allocator gave the service: a virtual IP per network, published ports */
-  endpoint: Endpoint | undefined;
+  endpoint:
+    | Endpoint
+    | undefined;
+  /** jobs: which run of the job this is (bumped by `service update --force` and spec changes) */
+  jobStatus: JobStatus | undefined;
+}
+
+export interface JobStatus {
+  jobIteration: number;
+  /** when this iteration began (ms) */
+  lastExecution: number;
 }
 
 export interface TaskStatus {
@@ -412,6 +440,8 @@ export interface Task {
   restartAt: number;
   /** what the allocator gave the task: an address on each of its networks */
   networks: NetworkAttachment[];
+  /** jobs: the job iteration this task belongs to */
+  jobIteration: number;
 }
 
 export interface ClusterSpec {
@@ -491,6 +521,16 @@ export interface NetworkAllocation {
   /** VXLAN network identifier */
   vni: number;
   mtu: number;
+  /**
+   * the ingress network only: each node's own address on it (node id -> CIDR), the source address the
+   * routing mesh gives connections it sends to a task on another node (docs/networking.md)
+   */
+  nodeAddresses: { [key: string]: string };
+}
+
+export interface NetworkAllocation_NodeAddressesEntry {
+  key: string;
+  value: string;
 }
 
 export interface Network {
@@ -611,6 +651,8 @@ export interface StoreBatch {
   actions: StoreAction[];
   /** unique per proposal, so the proposer can match an applied entry with its caller */
   proposalId: string;
+  /** when the proposer built it (ms): the time of the events it causes, the same on every manager */
+  proposedAt: number;
 }
 
 /** A full copy of the store (snapshots, catch-up). */
@@ -2782,7 +2824,7 @@ export const RestartPolicy: MessageFns<RestartPolicy> = {
 };
 
 function createBasePlacement(): Placement {
-  return { constraints: [], maxReplicasPerNode: 0 };
+  return { constraints: [], maxReplicasPerNode: 0, preferences: [] };
 }
 
 export const Placement: MessageFns<Placement> = {
@@ -2792,6 +2834,9 @@ export const Placement: MessageFns<Placement> = {
     }
     if (message.maxReplicasPerNode !== 0) {
       writer.uint32(16).uint64(message.maxReplicasPerNode);
+    }
+    for (const v of message.preferences) {
+      PlacementPreference.encode(v!, writer.uint32(962).fork()).join();
     }
     return writer;
   },
@@ -2825,6 +2870,14 @@ export const Placement: MessageFns<Placement> = {
             message.maxReplicasPerNode = longToNumber(reader.uint64());
             continue;
           }
+          case 120: {
+            if (tag !== 962) {
+              break;
+            }
+
+            message.preferences.push(PlacementPreference.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2844,6 +2897,62 @@ export const Placement: MessageFns<Placement> = {
     const message = createBasePlacement();
     message.constraints = object.constraints?.map((e) => e) || [];
     message.maxReplicasPerNode = object.maxReplicasPerNode ?? 0;
+    message.preferences = object.preferences?.map((e) => PlacementPreference.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBasePlacementPreference(): PlacementPreference {
+  return { spread: "" };
+}
+
+export const PlacementPreference: MessageFns<PlacementPreference> = {
+  encode(message: PlacementPreference, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.spread !== "") {
+      writer.uint32(10).string(message.spread);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PlacementPreference {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePlacementPreference();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.spread = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<PlacementPreference>, I>>(base?: I): PlacementPreference {
+    return PlacementPreference.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PlacementPreference>, I>>(object: I): PlacementPreference {
+    const message = createBasePlacementPreference();
+    message.spread = object.spread ?? "";
     return message;
   },
 };
@@ -3103,6 +3212,7 @@ function createBaseServiceSpec(): ServiceSpec {
     update: undefined,
     rollback: undefined,
     endpoint: undefined,
+    maxConcurrent: 0,
   };
 }
 
@@ -3131,6 +3241,9 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
     }
     if (message.endpoint !== undefined) {
       EndpointSpec.encode(message.endpoint, writer.uint32(66).fork()).join();
+    }
+    if (message.maxConcurrent !== 0) {
+      writer.uint32(960).uint64(message.maxConcurrent);
     }
     return writer;
   },
@@ -3215,6 +3328,14 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
             message.endpoint = EndpointSpec.decode(reader, reader.uint32());
             continue;
           }
+          case 120: {
+            if (tag !== 960) {
+              break;
+            }
+
+            message.maxConcurrent = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3254,6 +3375,7 @@ export const ServiceSpec: MessageFns<ServiceSpec> = {
     message.endpoint = (object.endpoint !== undefined && object.endpoint !== null)
       ? EndpointSpec.fromPartial(object.endpoint)
       : undefined;
+    message.maxConcurrent = object.maxConcurrent ?? 0;
     return message;
   },
 };
@@ -3507,6 +3629,7 @@ function createBaseService(): Service {
     updateStatus: undefined,
     history: [],
     endpoint: undefined,
+    jobStatus: undefined,
   };
 }
 
@@ -3535,6 +3658,9 @@ export const Service: MessageFns<Service> = {
     }
     if (message.endpoint !== undefined) {
       Endpoint.encode(message.endpoint, writer.uint32(66).fork()).join();
+    }
+    if (message.jobStatus !== undefined) {
+      JobStatus.encode(message.jobStatus, writer.uint32(962).fork()).join();
     }
     return writer;
   },
@@ -3616,6 +3742,14 @@ export const Service: MessageFns<Service> = {
             message.endpoint = Endpoint.decode(reader, reader.uint32());
             continue;
           }
+          case 120: {
+            if (tag !== 962) {
+              break;
+            }
+
+            message.jobStatus = JobStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3649,6 +3783,76 @@ export const Service: MessageFns<Service> = {
     message.endpoint = (object.endpoint !== undefined && object.endpoint !== null)
       ? Endpoint.fromPartial(object.endpoint)
       : undefined;
+    message.jobStatus = (object.jobStatus !== undefined && object.jobStatus !== null)
+      ? JobStatus.fromPartial(object.jobStatus)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseJobStatus(): JobStatus {
+  return { jobIteration: 0, lastExecution: 0 };
+}
+
+export const JobStatus: MessageFns<JobStatus> = {
+  encode(message: JobStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobIteration !== 0) {
+      writer.uint32(8).uint64(message.jobIteration);
+    }
+    if (message.lastExecution !== 0) {
+      writer.uint32(16).int64(message.lastExecution);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): JobStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseJobStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.jobIteration = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.lastExecution = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<JobStatus>, I>>(base?: I): JobStatus {
+    return JobStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<JobStatus>, I>>(object: I): JobStatus {
+    const message = createBaseJobStatus();
+    message.jobIteration = object.jobIteration ?? 0;
+    message.lastExecution = object.lastExecution ?? 0;
     return message;
   },
 };
@@ -3828,6 +4032,7 @@ function createBaseTask(): Task {
     desiredState: 0,
     restartAt: 0,
     networks: [],
+    jobIteration: 0,
   };
 }
 
@@ -3868,6 +4073,9 @@ export const Task: MessageFns<Task> = {
     }
     for (const v of message.networks) {
       NetworkAttachment.encode(v!, writer.uint32(98).fork()).join();
+    }
+    if (message.jobIteration !== 0) {
+      writer.uint32(960).uint64(message.jobIteration);
     }
     return writer;
   },
@@ -3981,6 +4189,14 @@ export const Task: MessageFns<Task> = {
             message.networks.push(NetworkAttachment.decode(reader, reader.uint32()));
             continue;
           }
+          case 120: {
+            if (tag !== 960) {
+              break;
+            }
+
+            message.jobIteration = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4012,6 +4228,7 @@ export const Task: MessageFns<Task> = {
     message.desiredState = object.desiredState ?? 0;
     message.restartAt = object.restartAt ?? 0;
     message.networks = object.networks?.map((e) => NetworkAttachment.fromPartial(e)) || [];
+    message.jobIteration = object.jobIteration ?? 0;
     return message;
   },
 };
@@ -4711,7 +4928,7 @@ export const NetworkSpec_DriverOptsEntry: MessageFns<NetworkSpec_DriverOptsEntry
 };
 
 function createBaseNetworkAllocation(): NetworkAllocation {
-  return { subnet: "", gateway: "", vni: 0, mtu: 0 };
+  return { subnet: "", gateway: "", vni: 0, mtu: 0, nodeAddresses: {} };
 }
 
 export const NetworkAllocation: MessageFns<NetworkAllocation> = {
@@ -4728,6 +4945,9 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
     if (message.mtu !== 0) {
       writer.uint32(32).uint32(message.mtu);
     }
+    globalThis.Object.entries(message.nodeAddresses).forEach(([key, value]: [string, string]) => {
+      NetworkAllocation_NodeAddressesEntry.encode({ key: key as any, value }, writer.uint32(482).fork()).join();
+    });
     return writer;
   },
 
@@ -4776,6 +4996,17 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
             message.mtu = reader.uint32();
             continue;
           }
+          case 60: {
+            if (tag !== 482) {
+              break;
+            }
+
+            const entry60 = NetworkAllocation_NodeAddressesEntry.decode(reader, reader.uint32());
+            if (entry60.value !== undefined) {
+              message.nodeAddresses[entry60.key] = entry60.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4797,6 +5028,86 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
     message.gateway = object.gateway ?? "";
     message.vni = object.vni ?? 0;
     message.mtu = object.mtu ?? 0;
+    message.nodeAddresses = (globalThis.Object.entries(object.nodeAddresses ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseNetworkAllocation_NodeAddressesEntry(): NetworkAllocation_NodeAddressesEntry {
+  return { key: "", value: "" };
+}
+
+export const NetworkAllocation_NodeAddressesEntry: MessageFns<NetworkAllocation_NodeAddressesEntry> = {
+  encode(message: NetworkAllocation_NodeAddressesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkAllocation_NodeAddressesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkAllocation_NodeAddressesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkAllocation_NodeAddressesEntry>, I>>(
+    base?: I,
+  ): NetworkAllocation_NodeAddressesEntry {
+    return NetworkAllocation_NodeAddressesEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkAllocation_NodeAddressesEntry>, I>>(
+    object: I,
+  ): NetworkAllocation_NodeAddressesEntry {
+    const message = createBaseNetworkAllocation_NodeAddressesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
     return message;
   },
 };
@@ -6193,7 +6504,7 @@ export const StoreAction: MessageFns<StoreAction> = {
 };
 
 function createBaseStoreBatch(): StoreBatch {
-  return { actions: [], proposalId: "" };
+  return { actions: [], proposalId: "", proposedAt: 0 };
 }
 
 export const StoreBatch: MessageFns<StoreBatch> = {
@@ -6203,6 +6514,9 @@ export const StoreBatch: MessageFns<StoreBatch> = {
     }
     if (message.proposalId !== "") {
       writer.uint32(18).string(message.proposalId);
+    }
+    if (message.proposedAt !== 0) {
+      writer.uint32(960).int64(message.proposedAt);
     }
     return writer;
   },
@@ -6236,6 +6550,14 @@ export const StoreBatch: MessageFns<StoreBatch> = {
             message.proposalId = reader.string();
             continue;
           }
+          case 120: {
+            if (tag !== 960) {
+              break;
+            }
+
+            message.proposedAt = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6255,6 +6577,7 @@ export const StoreBatch: MessageFns<StoreBatch> = {
     const message = createBaseStoreBatch();
     message.actions = object.actions?.map((e) => StoreAction.fromPartial(e)) || [];
     message.proposalId = object.proposalId ?? "";
+    message.proposedAt = object.proposedAt ?? 0;
     return message;
   },
 };
