@@ -445,7 +445,7 @@ describe('invalid files: one line naming the key path and the problem', () => {
     ['services:\n  web: {image: busybox, deploy: {placement: {preferences: [{spread: node.zone}]}}}\n', 'services.web.deploy.placement.preferences[0].spread: unknown key "node.zone"'],
     ['services:\n  web: {image: busybox, deploy: {placement: {preferences: [{pack: node.id}]}}}\n', 'services.web.deploy.placement.preferences[0].pack: unknown key'],
     ['services:\n  web: {command: x}\n', 'services.web.image: required (stack deploy builds no images)'],
-    ['services:\n  web: {image: "Bad Image"}\n', 'services.web.image: expected NAME[:TAG] or sha256:DIGEST, got "Bad Image"'],
+    ['services:\n  web: {image: "Bad Image"}\n', 'services.web.image: expected [REGISTRY[:PORT]/]NAME[:TAG][@sha256:DIGEST] or sha256:DIGEST, got "Bad Image"'],
     ['services:\n  web: {image: busybox, stop_grace_period: soon}\n', 'services.web.stop_grace_period: expected a duration such as 10s, 500ms or 1m30s, got "soon"'],
     ['services:\n  web: {image: busybox, stop_grace_period: 10}\n', 'services.web.stop_grace_period: must be a duration such as 10s or 1m30s, got 10'],
     ['services:\n  web: {image: busybox, stop_grace_period: 2d}\n', 'services.web.stop_grace_period: expected a duration such as 10s, 500ms or 1m30s, got "2d"'],
