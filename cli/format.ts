@@ -68,6 +68,8 @@ export function taskJson(t: Task, nodes: Map<string, Node>): Record<string, unkn
     health: healthName(t.status?.health),
     containerId: t.status?.containerId ?? '',
     specVersion: t.specVersion,
+    // jobs: the run of the job the task belongs to (service update --force starts a new one)
+    jobIteration: t.jobIteration,
     // the task's address on each of its networks (the allocator's)
     networks: t.networks.map((a) => ({ networkId: a.networkId, addresses: a.addresses, aliases: a.aliases })),
     stateSince: iso(t.status?.timestamp),

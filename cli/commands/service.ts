@@ -421,7 +421,9 @@ export function register(program: Command): void {
         // only a change of the task spec, a rollback, or resuming a paused update starts a rolling
         // update (a new update status); a scale just converges
         const rolling = !!opts.rollback || res.service?.updateStatus?.startedAt !== s!.updateStatus?.startedAt;
-        if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet, rolling);
+        // a job is not rolled: the update runs it again, and the wait is for the new run to finish
+        if (!opts.detach && isJobService(res.service)) await waitForService(c, s!.id, wait, opts.quiet);
+        else if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet, rolling);
       });
     }),
   );
