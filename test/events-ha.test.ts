@@ -93,7 +93,7 @@ describe.skipIf(!builtCli())('events across a leader change (3 managers as proce
   afterAll(async () => {
     try {
       if (watcher) await stopProc(watcher, 'SIGKILL');
-      await Promise.all(mgrs.map((m) => (m.proc ? stopProc(m.proc, 'SIGTERM') : undefined)));
+      await Promise.all(mgrs.map((m) => (m.proc ? stopProc(m.proc, 'SIGTERM') : Promise.resolve())));
     } finally {
       fs.rmSync(root, { recursive: true, force: true });
     }
