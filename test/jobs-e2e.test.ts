@@ -76,6 +76,16 @@ describe.skipIf(skip)('jobs, spread and cluster views (runc manager + 3 sim agen
     expect((await cliJson<TaskJ[]>(['node', 'ps', 'm1', '--format', 'json', '--filter', 'name=batch.2'], c.env)).map((t) => t.slot)).toEqual([2, 2]);
   });
 
+  it('a global job runs once on each eligible node', async () => {
+    expect(await ok(['service', 'create', '--name', 'once', '--mode', 'global-job', '--constraint', 'node.hostname==m1', '--timeout', '60s', 'busybox:latest', 'true'])).toMatch(/verify: Job complete/);
+    const tasks = await cliJson<TaskJ[]>(['service', 'ps', 'once', '--format', 'json'], c.env);
+    expect(tasks.map((t) => [t.node, t.state, t.desiredState])).toEqual([['m1', 'complete', 'complete']]);
+    expect(await ok(['service', 'ls', '--filter', 'mode=global-job'])).toMatch(/once\s+global job\s+0\/0 \(1\/1 completed\)/);
+    const scale = await cli(['service', 'scale', 'once=3'], c.env);
+    expect(scale.stderr).toMatch(/scale can only be used with replicated or replicated-job mode: once is global-job/);
+    await ok(['service', 'rm', 'once']);
+  });
+
   it('a failing job task follows the restart policy and the job reports the failure', async () => {
     const r = await cli(['service', 'create', '--name', 'broken', '--mode', 'replicated-job', '--restart-condition', 'none', '--constraint', 'node.hostname==m1', '--timeout', '60s', 'busybox:latest', 'sh', '-c', 'exit 3'], c.env, 90_000);
     expect(r.code).toBe(1);

@@ -277,7 +277,8 @@ export function register(program: Command): void {
         const ids: string[] = [];
         for (const w of wanted) {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: w.ref });
-          if (s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL) throw new ExitError(1, `scale can only be used with replicated mode: ${w.ref} is global`);
+          if (s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL || s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB)
+            throw new ExitError(1, `scale can only be used with replicated or replicated-job mode: ${w.ref} is ${serviceModeName(s!.spec?.mode)}`);
           const spec = { ...s!.spec!, replicas: w.replicas };
           await c.call<unknown, UpdateServiceResponse>('updateService', { serviceId: s!.id, version: s!.specVersion, spec, rollback: '', toVersion: 0, dryRun: false });
           process.stdout.write(`${s!.spec?.name} scaled to ${w.replicas}\n`);
