@@ -71,6 +71,8 @@ export function taskJson(t: Task, nodes: Map<string, Node>): Record<string, unkn
     health: healthName(t.status?.health),
     containerId: t.status?.containerId ?? '',
     specVersion: t.specVersion,
+    // jobs: the run of the job the task belongs to (service update --force starts a new one)
+    jobIteration: t.jobIteration,
     // the task's address on each of its networks (the allocator's)
     networks: t.networks.map((a) => ({ networkId: a.networkId, addresses: a.addresses, aliases: a.aliases })),
     stateSince: iso(t.status?.timestamp),
@@ -87,8 +89,10 @@ export function serviceJson(s: Service, running?: number): Record<string, unknow
   return {
     id: s.id,
     name: spec.name,
-    mode: spec.mode === ServiceMode.SERVICE_MODE_GLOBAL ? 'global' : 'replicated',
-    replicas: spec.mode === ServiceMode.SERVICE_MODE_GLOBAL ? null : spec.replicas,
+    mode: serviceModeName(spec.mode),
+    replicas: spec.mode === ServiceMode.SERVICE_MODE_GLOBAL || spec.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB ? null : spec.replicas,
+    maxConcurrent: spec.mode === ServiceMode.SERVICE_MODE_REPLICATED_JOB ? spec.maxConcurrent || spec.replicas : null,
+    jobIteration: s.jobStatus?.jobIteration ?? null,
     running: running ?? null,
     image: spec.task?.container?.image ?? '',
     version: s.specVersion,
@@ -118,4 +122,56 @@ function portJson(p: PortConfig): Record<string, unknown> {
 
 function iso(ms: number | undefined): string {
   return ms ? new Date(ms).toISOString() : '';
+}
+
+/**
+ * `--format` with a Go-template-like text: `{{.Spec.Name}}` (a path into the object; each name
+ * matched as written, or with its first letter lower-cased, or case-insensitively, so Docker's
+ * `.Spec.Name` finds our `spec.name`), `{{json .Spec}}` / `{{json .}}` (JSON), `{{index .Labels "k"}}`;
+ * `\t` and `\n` escapes as in Docker. Anything else between braces is an error naming it.
+ */
+export function renderTemplate(tpl: string, obj: unknown): string {
+  const text = tpl.replace(/\\t/g, '\t').replace(/\\n/g, '\n');
+  return text.replace(/\{\{\s*(.*?)\s*\}\}/g, (_m, expr: string) => {
+    const json = /^json\s+(\S+)$/.exec(expr);
+    if (json) return JSON.stringify(lookup(obj, json[1]!, expr));
+    const index = /^index\s+(\S+)\s+"([^"]*)"$/.exec(expr);
+    if (index) return show((lookup(obj, index[1]!, expr) as Record<string, unknown> | undefined)?.[index[2]!]);
+    if (expr.startsWith('.')) return show(lookup(obj, expr, expr));
+    throw new Error(`invalid --format template: cannot evaluate {{${expr}}} (use {{.Path.To.Field}}, {{json .Field}} or {{index .Map "key"}})`);
+  });
+}
+
+function lookup(obj: unknown, path: string, expr: string): unknown {
+  if (path === '.') return obj;
+  if (!path.startsWith('.')) throw new Error(`invalid --format template: {{${expr}}}: expected a path starting with "."`);
+  let cur: unknown = obj;
+  for (const part of path.slice(1).split('.')) {
+    if (cur === null || cur === undefined || typeof cur !== 'object') return undefined;
+    const o = cur as Record<string, unknown>;
+    const lower = part.charAt(0).toLowerCase() + part.slice(1);
+    const key = part in o ? part : lower in o ? lower : Object.keys(o).find((k) => k.toLowerCase() === part.toLowerCase());
+    if (key === undefined) throw new Error(`invalid --format template: {{${expr}}}: no field ${JSON.stringify(part)}`);
+    cur = o[key];
+  }
+  return cur;
+}
+
+function show(v: unknown): string {
+  if (v === undefined || v === null) return '<no value>';
+  if (typeof v === 'object') return JSON.stringify(v);
+  return String(v);
+}
+
+export function serviceModeName(m: ServiceMode | undefined): string {
+  switch (m) {
+    case ServiceMode.SERVICE_MODE_GLOBAL:
+      return 'global';
+    case ServiceMode.SERVICE_MODE_REPLICATED_JOB:
+      return 'replicated-job';
+    case ServiceMode.SERVICE_MODE_GLOBAL_JOB:
+      return 'global-job';
+    default:
+      return 'replicated';
+  }
 }

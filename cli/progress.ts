@@ -9,16 +9,26 @@ import { ExitError } from './util.js';
 import { healthName, taskStateName } from './format.js';
 import { taskSpecEqual } from '../manager/controlapi/diff.js';
 import { isUp } from '../manager/orchestrator/update.js';
+import { isJobService, jobProgress } from '../manager/orchestrator/jobs.js';
 
 export interface Convergence {
   running: number;
   desired: number;
   done: boolean;
   tasks: Task[];
+  /** for jobs: the iteration's progress (running counts completed tasks) */
+  job?: ReturnType<typeof jobProgress>;
 }
 
 export async function convergence(c: Control, serviceId: string): Promise<Convergence> {
   const { service } = await c.call<unknown, GetServiceResponse>('getService', { serviceId });
+  if (isJobService(service)) {
+    // a job is done when every task of this iteration completed (or its slot gave up: failed)
+    const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: service!.id, nodeId: '', desiredRunning: false });
+    const p = jobProgress(service!, tasks);
+    const total = p.total || (service!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB ? 0 : 1);
+    return { running: p.completed, desired: p.total, done: p.completed + p.failed >= total && total > 0, tasks, job: p };
+  }
   const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: service!.id, nodeId: '', desiredRunning: true });
   const current = tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING);
   // a task with a health check counts as running only once healthy
@@ -37,11 +47,17 @@ export async function waitForService(c: Control, serviceId: string, timeoutMs: n
   let conv: Convergence | undefined;
   while (Date.now() - start < timeoutMs) {
     conv = await convergence(c, serviceId);
-    const line = `overall progress: ${conv.running} out of ${conv.desired} tasks`;
+    const line = conv.job ? `job progress: ${conv.job.completed} out of ${conv.job.total} complete, ${conv.job.running} running` : `overall progress: ${conv.running} out of ${conv.desired} tasks`;
     if (!quiet && line !== last) {
       if (tty) process.stdout.write(`\r\x1b[K${line}`);
       else process.stdout.write(`${line}\n`);
       last = line;
+    }
+    if (conv.done && conv.job) {
+      if (tty) process.stdout.write('\n');
+      if (conv.job.failed) throw new ExitError(1, `job failed: ${conv.job.failed} of ${conv.job.total} tasks failed for good`);
+      if (!quiet) process.stdout.write('verify: Job complete\n');
+      return;
     }
     if (conv.done) {
       if (tty) process.stdout.write('\n');

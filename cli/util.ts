@@ -64,6 +64,14 @@ export function timeAgo(ms: number, now = Date.now()): string {
   return `${Math.round(h / 24)} days ago`;
 }
 
+/** table, json, or a Go-template-like text (cli/format.ts renderTemplate) */
+export type Format = 'table' | 'json' | { template: string };
+
+export function checkFormatOrTemplate(format: string | undefined): Format {
+  if (format !== undefined && format.includes('{{')) return { template: format.replace(/^table\s+/, '') };
+  return checkFormat(format);
+}
+
 export function checkFormat(format: string | undefined): 'table' | 'json' {
   if (format === undefined || format === 'table') return 'table';
   if (format === 'json') return 'json';

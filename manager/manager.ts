@@ -161,6 +161,13 @@ export class Manager {
         await this.raft.readIndex();
       },
       managerStatus: (n) => this.managerStatus(n),
+      selfNodeId: () => {
+        try {
+          return this.requireTls().identity.nodeId;
+        } catch {
+          return '';
+        }
+      },
       managers: () =>
         (this.raft?.members() ?? [])
           .filter((m) => !m.learner)

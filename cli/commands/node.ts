@@ -1,13 +1,14 @@
 import type { Command } from 'commander';
-import { GetClusterResponse, GetNodeResponse, ListNodesResponse, UpdateNodeResponse } from '../../gen/flotilla/v1/control.js';
-import { NodeAvailability, NodeRole } from '../../gen/flotilla/v1/objects.js';
+import { GetClusterResponse, GetNodeResponse, ListNodesResponse, ListTasksResponse, UpdateNodeResponse } from '../../gen/flotilla/v1/control.js';
+import { NodeAvailability, NodeRole, Task } from '../../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
 import { parseKeyValue } from '../../common/units.js';
 import { withControl } from '../client.js';
-import { availabilityName, nodeJson, nodeStateName } from '../format.js';
-import { action, checkFormat, collect, printJson, table, ExitError } from '../util.js';
-import { hostOption } from './service.js';
+import { availabilityName, nodeJson, nodeStateName, renderTemplate } from '../format.js';
+import { action, checkFormat, checkFormatOrTemplate, collect, printJson, table, ExitError } from '../util.js';
+import { hostOption, nodeMap, printTasks, type TaskListOpts } from './service.js';
+import { taskFilter } from '../filters.js';
 
 function availability(v: string): NodeAvailability {
   switch (v) {
@@ -54,8 +55,42 @@ export function register(program: Command): void {
     }),
   );
 
-  hostOption(node.command('inspect').description('Display detailed information on nodes').argument('<node...>').option('--format <format>', 'json (default)')).action(
-    action(async (refs: string[], opts: { host?: string }) => {
+  hostOption(
+    node
+      .command('ps')
+      .description('List the tasks running on one or more nodes (default: the node of the manager asked)')
+      .argument('[node...]', 'node hostnames or ids, or "self"')
+      .option('--format <format>', 'table, json, or a template such as {{.Name}} {{.Node}}')
+      .option('-q, --quiet', 'only task ids')
+      .option('--no-trunc', 'do not truncate output')
+      .option('-f, --filter <filter>', 'desired-state=running|shutdown|accepted|complete, name=TASK, id=PREFIX, service=NAME (repeatable)', collect),
+  ).action(
+    action(async (refs: string[], opts: TaskListOpts) => {
+      await withControl(opts.host, async (c) => {
+        const nodes = await nodeMap(c);
+        const keep = taskFilter(opts.filter ?? [], nodes);
+        const wanted = refs.length ? refs : ['self'];
+        const tasks: Task[] = [];
+        for (const ref of wanted) {
+          let nodeId = ref;
+          if (ref === 'self') {
+            const { selfNodeId } = await c.call<unknown, GetClusterResponse>('getCluster', {});
+            if (!selfNodeId) throw new ExitError(1, 'this manager does not know its own node; name a node');
+            nodeId = selfNodeId;
+          }
+          tasks.push(...(await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId, desiredRunning: false })).tasks);
+        }
+        printTasks(tasks.filter(keep), nodes, opts);
+      });
+    }),
+  );
+
+  hostOption(
+    node.command('inspect').description('Display detailed information on nodes').argument('<node...>').option('-f, --format <format>', 'json (default), or a template such as {{.Hostname}}'),
+  ).action(
+    action(async (refs: string[], opts: { host?: string; format?: string }) => {
+      const format = opts.format === undefined ? 'json' : checkFormatOrTemplate(opts.format);
+      if (format === 'table') throw new ExitError(2, 'invalid --format "table" for inspect: use json or a template');
       await withControl(opts.host, async (c) => {
         const { leaderAddr } = await c.call<unknown, GetClusterResponse>('getCluster', {});
         const out = [];
@@ -63,6 +98,7 @@ export function register(program: Command): void {
           const { node: n } = await c.call<unknown, GetNodeResponse>('getNode', { nodeId: r });
           out.push(nodeJson(n!, leaderAddr));
         }
+        if (typeof format === 'object') return void process.stdout.write(out.map((o) => renderTemplate(format.template, o) + '\n').join(''));
         printJson(out);
       });
     }),

@@ -9,7 +9,7 @@ import {
   LogLine,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { Node, ServiceMode, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { shortId } from '../../common/ids.js';
 import { parseDuration, parseUint } from '../../common/units.js';
 import { invalidArgument } from '../../common/errors.js';
@@ -21,8 +21,11 @@ import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
 import { formatPorts } from '../../manager/allocator/ports.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { isUp } from '../../manager/orchestrator/update.js';
-import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
-import { action, checkFormat, collect, printJson, table, timeAgo, ExitError } from '../util.js';
+import { renderTemplate, serviceJson, serviceModeName, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
+import { action, checkFormat, checkFormatOrTemplate, collect, printJson, table, timeAgo, ExitError } from '../util.js';
+import { isJobService, jobProgress } from '../../manager/orchestrator/jobs.js';
+import { serviceFilter, taskFilter } from '../filters.js';
+import { parseTime } from './events.js';
 
 export function hostOption(cmd: Command): Command {
   return cmd.option('-H, --host <host>', 'manager address: unix:///path or HOST:PORT (env FLOTILLA_HOST)');
@@ -78,7 +81,48 @@ export function addSpecFlags(cmd: Command): Command {
     .option('--rollback-order <order>', 'rollback order: start-first or stop-first');
 }
 
-async function nodeMap(c: import('../client.js').Control): Promise<Map<string, Node>> {
+export interface TaskListOpts {
+  host?: string;
+  format?: string;
+  quiet?: boolean;
+  trunc?: boolean;
+  filter?: string[];
+}
+
+/** The task table of `service ps` and `node ps` (Docker's columns), or json, or a template. */
+export function printTasks(tasks: Task[], nodes: Map<string, Node>, opts: TaskListOpts): void {
+  const format = checkFormatOrTemplate(opts.format);
+  tasks.sort((a, b) => a.serviceName.localeCompare(b.serviceName) || a.slot - b.slot || a.nodeId.localeCompare(b.nodeId) || (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
+  if (opts.quiet) return void process.stdout.write(tasks.map((t) => t.id + '\n').join(''));
+  if (format === 'json') return printJson(tasks.map((t) => taskJson(t, nodes)));
+  const trunc = opts.trunc !== false;
+  let prevSlot = '';
+  const rows = tasks.map((t) => {
+    const name = taskName(t, nodes);
+    const shown = name === prevSlot ? ` \\_ ${name}` : name;
+    prevSlot = name;
+    const err = t.status?.err ?? '';
+    return {
+      ID: trunc ? shortId(t.id) : t.id,
+      Name: shown,
+      Image: t.spec?.container?.image ?? '',
+      Node: nodes.get(t.nodeId)?.description?.hostname ?? '',
+      DesiredState: cap(taskStateName(t.desiredState)),
+      CurrentState: `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`,
+      Health: healthName(t.status?.health),
+      Error: trunc && err.length > 80 ? `"${err.slice(0, 77)}…"` : err ? `"${err}"` : '',
+    };
+  });
+  if (typeof format === 'object') return void process.stdout.write(rows.map((r) => renderTemplate(format.template, r) + '\n').join(''));
+  process.stdout.write(
+    table(
+      ['ID', 'NAME', 'IMAGE', 'NODE', 'DESIRED STATE', 'CURRENT STATE', 'HEALTH', 'ERROR'],
+      rows.map((r) => [r.ID, r.Name, r.Image, r.Node, r.DesiredState, r.CurrentState, r.Health, r.Error]),
+    ),
+  );
+}
+
+export async function nodeMap(c: import('../client.js').Control): Promise<Map<string, Node>> {
   const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
   return new Map(nodes.map((n) => [n.id, n] as const));
 }
@@ -122,38 +166,59 @@ export function register(program: Command): void {
     }),
   );
 
-  hostOption(service.command('ls').description('List services').option('--format <format>', 'table or json').option('-q, --quiet', 'only ids')).action(
-    action(async (opts: { host?: string; format?: string; quiet?: boolean }) => {
-      const format = checkFormat(opts.format);
+  hostOption(
+    service
+      .command('ls')
+      .description('List services')
+      .option('--format <format>', 'table, json, or a template such as {{.Name}}')
+      .option('-q, --quiet', 'only ids')
+      .option('-f, --filter <filter>', 'name=PREFIX, id=PREFIX, label=KEY[=VALUE], mode=replicated|global|replicated-job|global-job (repeatable)', collect),
+  ).action(
+    action(async (opts: { host?: string; format?: string; quiet?: boolean; filter?: string[] }) => {
+      const format = checkFormatOrTemplate(opts.format);
+      const keep = serviceFilter(opts.filter ?? []);
       await withControl(opts.host, async (c) => {
-        const { services } = await c.call<unknown, ListServicesResponse>('listServices', {});
-        const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: true });
-        const running = new Map<string, number>();
-        // a task with a health check counts as running once healthy
-        for (const t of tasks) if (isUp(t)) running.set(t.serviceId, (running.get(t.serviceId) ?? 0) + 1);
-        const desiredGlobal = new Map<string, number>();
-        for (const t of tasks) if (t.desiredState === TaskState.TASK_STATE_RUNNING) desiredGlobal.set(t.serviceId, (desiredGlobal.get(t.serviceId) ?? 0) + 1);
-        services.sort((a, b) => (a.spec?.name ?? '').localeCompare(b.spec?.name ?? ''));
-        if (opts.quiet) return void process.stdout.write(services.map((s) => s.id + '\n').join(''));
-        if (format === 'json') return printJson(services.map((s) => serviceJson(s, running.get(s.id) ?? 0)));
-        process.stdout.write(
-          table(
-            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'PORTS', 'UPDATE STATUS'],
-            services.map((s) => {
-              const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
-              const want = global ? (desiredGlobal.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
-              return [
-                shortId(s.id),
-                s.spec?.name ?? '',
-                global ? 'global' : 'replicated',
-                `${running.get(s.id) ?? 0}/${want}`,
-                s.spec?.task?.container?.image ?? '',
-                formatPorts(s.endpoint?.ports ?? []),
-                s.updateStatus ? updateStateName(s.updateStatus.state) : '',
-              ];
-            }),
-          ),
-        );
+        let { services } = await c.call<unknown, ListServicesResponse>('listServices', {});
+        services = services.filter(keep);
+        const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: false });
+        const byService = new Map<string, Task[]>();
+        for (const t of tasks) {
+          let l = byService.get(t.serviceId);
+          if (!l) byService.set(t.serviceId, (l = []));
+          l.push(t);
+        }
+        const rows = services.map((s) => {
+          const ts = byService.get(s.id) ?? [];
+          const live = ts.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
+          // a task with a health check counts as running once healthy
+          const running = live.filter(isUp).length;
+          let replicas: string;
+          if (isJobService(s)) {
+            // like Docker: running/wanted now (completed/total completed)
+            const p = jobProgress(s, ts);
+            const wantNow = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB ? live.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING).length : Math.min(s.spec?.maxConcurrent || p.total, Math.max(0, p.total - p.completed - p.failed));
+            replicas = `${p.running}/${Math.max(wantNow, p.running)} (${p.completed}/${p.total} completed${p.failed ? `, ${p.failed} failed` : ''})`;
+          } else {
+            const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
+            const want = global ? live.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING).length : (s.spec?.replicas ?? 0);
+            replicas = `${running}/${want}`;
+          }
+          return { s, running, replicas };
+        });
+        rows.sort((a, b) => (a.s.spec?.name ?? '').localeCompare(b.s.spec?.name ?? ''));
+        if (opts.quiet) return void process.stdout.write(rows.map((r) => r.s.id + '\n').join(''));
+        if (format === 'json') return printJson(rows.map((r) => ({ ...serviceJson(r.s, r.running), replicasText: r.replicas })));
+        const cells = rows.map((r) => ({
+          ID: shortId(r.s.id),
+          Name: r.s.spec?.name ?? '',
+          Mode: serviceModeName(r.s.spec?.mode).replace('-', ' '),
+          Replicas: r.replicas,
+          Image: r.s.spec?.task?.container?.image ?? '',
+          Ports: formatPorts(r.s.endpoint?.ports ?? []),
+          UpdateStatus: r.s.updateStatus ? updateStateName(r.s.updateStatus.state) : '',
+        }));
+        if (typeof format === 'object') return void process.stdout.write(cells.map((c) => renderTemplate(format.template, c) + '\n').join(''));
+        process.stdout.write(table(['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'PORTS', 'UPDATE STATUS'], cells.map((c) => [c.ID, c.Name, c.Mode, c.Replicas, c.Image, c.Ports, c.UpdateStatus])));
       });
     }),
   );
@@ -161,72 +226,46 @@ export function register(program: Command): void {
   hostOption(
     service
       .command('ps')
-      .description("List a service's tasks")
-      .argument('<service>', 'service name or id')
-      .option('--format <format>', 'table or json')
+      .description("List the tasks of one or more services (completed job tasks included)")
+      .argument('<service...>', 'service names or ids')
+      .option('--format <format>', 'table, json, or a template such as {{.Name}} {{.CurrentState}}')
       .option('-q, --quiet', 'only task ids')
       .option('--no-trunc', 'do not truncate output')
-      .option('--filter <filter>', 'desired-state=running|shutdown|accepted, node=NODE', collect),
+      .option('-f, --filter <filter>', 'desired-state=running|shutdown|accepted|complete, node=NODE, name=TASK, id=PREFIX (repeatable)', collect),
   ).action(
-    action(async (ref: string, opts: { host?: string; format?: string; quiet?: boolean; trunc?: boolean; filter?: string[] }) => {
-      const format = checkFormat(opts.format);
+    action(async (refs: string[], opts: TaskListOpts) => {
       await withControl(opts.host, async (c) => {
         const nodes = await nodeMap(c);
-        let { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: ref, nodeId: '', desiredRunning: false });
-        for (const f of opts.filter ?? []) {
-          const [k, v] = f.split('=', 2);
-          if (k === 'desired-state') {
-            if (v === 'running') tasks = tasks.filter((t) => t.desiredState === TaskState.TASK_STATE_RUNNING);
-            else if (v === 'shutdown') tasks = tasks.filter((t) => t.desiredState > TaskState.TASK_STATE_RUNNING);
-            else if (v === 'accepted') tasks = tasks.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
-            else throw invalidArgument('--filter desired-state', v, 'must be running, shutdown or accepted');
-          } else if (k === 'node') {
-            tasks = tasks.filter((t) => t.nodeId === v || nodes.get(t.nodeId)?.description?.hostname === v);
-          } else throw invalidArgument('--filter', f, 'supported: desired-state=..., node=...');
-        }
-        tasks.sort((a, b) => a.slot - b.slot || a.nodeId.localeCompare(b.nodeId) || (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0));
-        if (opts.quiet) return void process.stdout.write(tasks.map((t) => t.id + '\n').join(''));
-        if (format === 'json') return printJson(tasks.map((t) => taskJson(t, nodes)));
-        const trunc = opts.trunc !== false;
-        let prevSlot = '';
-        process.stdout.write(
-          table(
-            ['ID', 'NAME', 'IMAGE', 'NODE', 'DESIRED STATE', 'CURRENT STATE', 'HEALTH', 'ERROR'],
-            tasks.map((t) => {
-              const name = taskName(t, nodes);
-              const shown = name === prevSlot ? ` \\_ ${name}` : name;
-              prevSlot = name;
-              const state = `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`;
-              const err = t.status?.err ?? '';
-              return [
-                trunc ? shortId(t.id) : t.id,
-                shown,
-                t.spec?.container?.image ?? '',
-                nodes.get(t.nodeId)?.description?.hostname ?? '',
-                cap(taskStateName(t.desiredState)),
-                state,
-                healthName(t.status?.health),
-                trunc && err.length > 80 ? `"${err.slice(0, 77)}…"` : err ? `"${err}"` : '',
-              ];
-            }),
-          ),
-        );
+        const keep = taskFilter(opts.filter ?? [], nodes);
+        const tasks: Task[] = [];
+        for (const ref of refs) tasks.push(...(await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: ref, nodeId: '', desiredRunning: false })).tasks);
+        printTasks(tasks.filter(keep), nodes, opts);
       });
     }),
   );
 
   hostOption(
-    service.command('inspect').description('Display detailed information on services').argument('<service...>').option('--format <format>', 'json (default) or table'),
+    service
+      .command('inspect')
+      .description('Display detailed information on services')
+      .argument('<service...>')
+      .option('-f, --format <format>', 'json (default), or a template such as {{.Spec.Name}} or {{json .Spec.Task}}')
+      .option('--pretty', 'print the information in a human friendly format'),
   ).action(
-    action(async (refs: string[], opts: { host?: string; format?: string }) => {
+    action(async (refs: string[], opts: { host?: string; format?: string; pretty?: boolean }) => {
+      if (opts.pretty && opts.format !== undefined) throw new ExitError(2, '--format and --pretty cannot be used together');
+      const format = opts.format === undefined ? 'json' : checkFormatOrTemplate(opts.format);
+      if (format === 'table') throw new ExitError(2, 'invalid --format "table" for inspect: use json or a template');
       await withControl(opts.host, async (c) => {
         const out = [];
         for (const r of refs) {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: r });
-          const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: s!.id, nodeId: '', desiredRunning: true });
-          out.push(serviceJson(s!, tasks.filter(isUp).length));
+          const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: s!.id, nodeId: '', desiredRunning: false });
+          out.push({ s: s!, json: serviceJson(s!, tasks.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING && isUp(t)).length) });
         }
-        printJson(out);
+        if (opts.pretty) return void process.stdout.write(out.map((o) => prettyService(o.s)).join('\n'));
+        if (typeof format === 'object') return void process.stdout.write(out.map((o) => renderTemplate(format.template, o.json) + '\n').join(''));
+        printJson(out.map((o) => o.json));
       });
     }),
   );
@@ -250,7 +289,8 @@ export function register(program: Command): void {
         const ids: string[] = [];
         for (const w of wanted) {
           const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: w.ref });
-          if (s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL) throw new ExitError(1, `scale can only be used with replicated mode: ${w.ref} is global`);
+          if (s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL || s!.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB)
+            throw new ExitError(1, `scale can only be used with replicated or replicated-job mode: ${w.ref} is ${serviceModeName(s!.spec?.mode)}`);
           const spec = { ...s!.spec!, replicas: w.replicas };
           await c.call<unknown, UpdateServiceResponse>('updateService', { serviceId: s!.id, version: s!.specVersion, spec, rollback: '', toVersion: 0, dryRun: false });
           process.stdout.write(`${s!.spec?.name} scaled to ${w.replicas}\n`);
@@ -282,25 +322,47 @@ export function register(program: Command): void {
   hostOption(
     service
       .command('logs')
-      .description('Fetch the logs of a service')
-      .argument('<service>')
+      .description('Fetch the logs of a service or a task')
+      .argument('<service|task>', 'service name or id, or task id')
       .option('-f, --follow', 'follow log output')
-      .option('-n, --tail <n>', 'number of lines to show from the end of the logs')
-      .option('-t, --timestamps', 'show timestamps'),
+      .option('-n, --tail <n>', 'number of lines to show from the end of the logs (per task)')
+      .option('--since <time>', 'show logs since a time (a duration such as 10m, RFC 3339, or Unix seconds)')
+      .option('-t, --timestamps', 'show timestamps')
+      .option('--raw', 'do not neatly format logs (no task prefix)')
+      .option('--no-task-ids', 'do not include task IDs in output'),
   ).action(
-    action(async (ref: string, opts: { host?: string; follow?: boolean; tail?: string; timestamps?: boolean }) => {
-      const tail = opts.tail !== undefined ? parseUint('--tail', opts.tail) : 0;
+    action(async (ref: string, opts: { host?: string; follow?: boolean; tail?: string; since?: string; timestamps?: boolean; raw?: boolean; taskIds?: boolean }) => {
+      const tail = opts.tail !== undefined && opts.tail !== 'all' ? parseUint('--tail', opts.tail) : 0;
+      const sinceMs = opts.since !== undefined ? parseTime('--since', opts.since) : 0;
       const stream = (host: string | undefined): Promise<void> =>
         withControl(host, async (c) => {
-          const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+          // a service by name, id or prefix; else a task by id or prefix
+          let serviceId = '';
+          let taskId = '';
+          let name = '';
+          try {
+            const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
+            serviceId = s!.id;
+            name = s!.spec?.name ?? '';
+          } catch (err) {
+            if (!/not found/.test((err as Error).message)) throw err;
+            const { tasks } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: false });
+            const hits = tasks.filter((t) => t.id === ref || (ref.length >= 4 && t.id.startsWith(ref)));
+            if (hits.length !== 1) throw new ExitError(1, hits.length ? `task ${JSON.stringify(ref)} is ambiguous` : `no such service or task: ${ref}`);
+            taskId = hits[0]!.id;
+            name = hits[0]!.serviceName;
+          }
           const nodes = await nodeMap(c);
           await new Promise<void>((resolve, reject) => {
-            const call = c.raw.serviceLogs({ serviceId: s!.id, follow: !!opts.follow, tail, taskId: '', sinceMs: 0 });
+            const call = c.raw.serviceLogs({ serviceId, follow: !!opts.follow, tail, taskId, sinceMs });
             call.on('data', (l: LogLine) => {
-              const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
-              const prefix = `${s!.spec?.name}.${l.slot || shortId(l.nodeId)}.${shortId(l.taskId)}@${host}`;
               const ts = opts.timestamps ? `${new Date(l.timestamp).toISOString()} ` : '';
-              (l.stream === 'stderr' ? process.stderr : process.stdout).write(`${prefix}    | ${ts}${l.line}\n`);
+              let prefix = '';
+              if (!opts.raw) {
+                const host = nodes.get(l.nodeId)?.description?.hostname ?? shortId(l.nodeId);
+                prefix = `${name}.${l.slot || shortId(l.nodeId)}${opts.taskIds === false ? '' : `.${shortId(l.taskId)}`}@${host}    | `;
+              }
+              (l.stream === 'stderr' ? process.stderr : process.stdout).write(`${prefix}${ts}${l.line}\n`);
             });
             call.on('end', () => resolve());
             call.on('error', (err: Error & { details?: string }) => reject(new Error(err.details || err.message)));
@@ -374,7 +436,9 @@ export function register(program: Command): void {
         // only a change of the task spec, a rollback, or resuming a paused update starts a rolling
         // update (a new update status); a scale just converges
         const rolling = !!opts.rollback || res.service?.updateStatus?.startedAt !== s!.updateStatus?.startedAt;
-        if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet, rolling);
+        // a job is not rolled: the update runs it again, and the wait is for the new run to finish
+        if (!opts.detach && isJobService(res.service)) await waitForService(c, s!.id, wait, opts.quiet);
+        else if (!opts.detach) await waitForUpdate(c, s!.id, wait, !!opts.rollback, opts.quiet, rolling);
       });
     }),
   );
@@ -439,6 +503,77 @@ function printDryRun(res: UpdateServiceResponse): void {
   process.stdout.write(res.diff.length ? res.diff.map((d) => `  ${d}\n`).join('') : '  (none)\n');
   process.stdout.write(`\nTasks that would be replaced (${res.replacedTasks.length}):\n`);
   process.stdout.write(res.replacedTasks.map((t) => `  ${t}\n`).join(''));
+}
+
+/** `service inspect --pretty`, laid out as Docker's. */
+export function prettyService(s: Service): string {
+  const spec = s.spec!;
+  const t = spec.task;
+  const c = t?.container;
+  const lines: string[] = [];
+  const kv = (k: string, v: string | number, indent = 0): void => void lines.push(`${' '.repeat(indent)}${`${k}:`.padEnd(20 - indent)}${v}`);
+  kv('ID', s.id);
+  kv('Name', spec.name);
+  if (Object.keys(spec.labels).length) {
+    lines.push('Labels:');
+    for (const [k, v] of Object.entries(spec.labels)) lines.push(` ${k}=${v}`);
+  }
+  const mode = serviceModeName(spec.mode);
+  kv('Service Mode', mode.replace(/(^|-)(\w)/g, (_m, d: string, ch: string) => (d ? ' ' : '') + ch.toUpperCase()));
+  if (spec.mode === ServiceMode.SERVICE_MODE_REPLICATED) kv('Replicas', spec.replicas, 1);
+  if (spec.mode === ServiceMode.SERVICE_MODE_REPLICATED_JOB) {
+    kv('Max Concurrent', spec.maxConcurrent || spec.replicas, 1);
+    kv('Total Completions', spec.replicas, 1);
+  }
+  if (s.jobStatus) kv('Job Iteration', s.jobStatus.jobIteration, 1);
+  if (s.updateStatus) {
+    lines.push('UpdateStatus:');
+    kv('State', updateStateName(s.updateStatus.state), 1);
+    if (s.updateStatus.startedAt) kv('Started', new Date(s.updateStatus.startedAt).toISOString(), 1);
+    if (s.updateStatus.message) kv('Message', s.updateStatus.message, 1);
+  }
+  const pl = t?.placement;
+  if (pl && (pl.constraints.length || pl.preferences.length || pl.maxReplicasPerNode)) {
+    lines.push('Placement:');
+    if (pl.constraints.length) kv('Constraints', `[${pl.constraints.join(' ')}]`, 1);
+    if (pl.preferences.length) kv('Preferences', `[${pl.preferences.map((p) => `spread=${p.spread}`).join(' ')}]`, 1);
+    if (pl.maxReplicasPerNode) kv('Max Replicas Per Node', pl.maxReplicasPerNode, 1);
+  }
+  const up = spec.update;
+  if (up) {
+    lines.push('UpdateConfig:');
+    kv('Parallelism', up.parallelism, 1);
+    if (up.delayMs) kv('Delay', `${up.delayMs}ms`, 1);
+    kv('On failure', ['pause', 'continue', 'rollback'][up.failureAction] ?? '', 1);
+    kv('Monitoring Period', `${up.monitorMs}ms`, 1);
+    kv('Max failure ratio', up.maxFailureRatio, 1);
+    kv('Update order', up.order ? 'start-first' : 'stop-first', 1);
+  }
+  lines.push('ContainerSpec:');
+  kv('Image', c?.image ?? '', 1);
+  if (c?.command.length) kv('Command', c.command.join(' '), 1);
+  if (c?.args.length) kv('Args', c.args.join(' '), 1);
+  if (c?.env.length) kv('Env', c.env.join(' '), 1);
+  if (c?.user) kv('User', c.user, 1);
+  if (c?.workdir) kv('Dir', c.workdir, 1);
+  const r = t?.resources;
+  if (r && (r.limits?.nanoCpus || r.limits?.memoryBytes || r.reservations?.nanoCpus || r.reservations?.memoryBytes)) {
+    lines.push('Resources:');
+    if (r.reservations?.nanoCpus || r.reservations?.memoryBytes) {
+      lines.push(' Reservations:');
+      if (r.reservations.nanoCpus) kv('CPU', r.reservations.nanoCpus / 1e9, 2);
+      if (r.reservations.memoryBytes) kv('Memory', r.reservations.memoryBytes, 2);
+    }
+    if (r.limits?.nanoCpus || r.limits?.memoryBytes) {
+      lines.push(' Limits:');
+      if (r.limits.nanoCpus) kv('CPU', r.limits.nanoCpus / 1e9, 2);
+      if (r.limits.memoryBytes) kv('Memory', r.limits.memoryBytes, 2);
+    }
+  }
+  if (t?.networks.length) kv('Networks', t.networks.map((n) => n.target).join(' '));
+  kv('Endpoint Mode', spec.endpoint?.mode === 1 ? 'dnsrr' : 'vip');
+  for (const p of s.endpoint?.ports ?? []) lines.push(` PublishedPort = ${p.publishedPort}, TargetPort = ${p.targetPort}, Protocol = ${p.protocol ? 'udp' : 'tcp'}`);
+  return lines.join('\n') + '\n';
 }
 
 function cap(s: string): string {

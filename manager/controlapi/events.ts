@@ -10,7 +10,6 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import type { WatchEvent, WatchRequest } from '../../gen/flotilla/v1/control.js';
-import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument } from '../../common/errors.js';
 import { grpcError } from '../grpc.js';
 import type { HistoryEvent, StoreHistory } from '../store/history.js';
@@ -25,36 +24,20 @@ export const WHOLE_REVISION = 0xffffffff;
 
 export function toWatchEvent(h: HistoryEvent): WatchEvent {
   const e = h.event;
-  const o = e.object as { id: string; spec?: { name?: string } };
-  const ev: WatchEvent = {
+  return {
     revision: h.revision,
     index: h.index,
     timeMs: h.time,
     type: e.table,
     action: e.kind === 'delete' ? 'remove' : e.kind,
-    id: o.id,
-    name: '',
-    serviceId: '',
-    serviceName: '',
-    nodeId: '',
-    state: '',
+    id: e.id,
+    name: e.name,
+    serviceId: e.serviceId,
+    serviceName: e.serviceName,
+    nodeId: e.nodeId,
+    state: e.state,
     progress: false,
   };
-  if (e.table === 'node') ev.name = e.object.description?.hostname ?? '';
-  else if (e.table === 'task') {
-    const t = e.object as Task;
-    ev.serviceId = t.serviceId;
-    ev.serviceName = t.serviceName;
-    ev.nodeId = t.nodeId;
-    ev.name = `${t.serviceName}.${t.slot || t.nodeId}`;
-    ev.state = (TaskState[t.status?.state ?? 0] ?? '').replace(/^TASK_STATE_/, '').toLowerCase();
-  } else if (e.table === 'cluster') ev.name = e.object.spec?.name ?? '';
-  else ev.name = o.spec?.name ?? '';
-  if (e.table === 'service') {
-    ev.serviceId = o.id;
-    ev.serviceName = ev.name;
-  }
-  return ev;
 }
 
 export function validateWatch(req: WatchRequest): void {

@@ -66,6 +66,8 @@ export interface ControlContext {
   rotateJoinToken?(role: 'worker' | 'manager'): Promise<string>;
   /** starts a root CA rotation (start) and/or reports on it */
   rotateRootCa?(start: boolean): Promise<{ inProgress: boolean; root: string; pendingNodes: string[]; nodes: number }>;
+  /** the node id of this manager */
+  selfNodeId?(): string;
   /** a follower: serve a logs request by relaying it from the leader */
   relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
 }
@@ -125,6 +127,15 @@ export function resolveService(store: MemoryStore, ref: string): Service {
   throw notFound('service', ref);
 }
 
+export function resolveTask(store: MemoryStore, ref: string): Task {
+  const byId = store.getTask(ref);
+  if (byId) return byId;
+  const matches = ref.length >= 4 ? store.listTasks().filter((t) => t.id.startsWith(ref)) : [];
+  if (matches.length === 1) return matches[0]!;
+  if (matches.length > 1) throw new FlotillaError('FAILED_PRECONDITION', `task ${JSON.stringify(ref)} is ambiguous (${matches.length} matches)`);
+  throw notFound('task', ref);
+}
+
 export function resolveNode(store: MemoryStore, ref: string): Node {
   if (!ref) throw invalidArgument('node', ref, 'required');
   const byId = store.getNode(ref);
@@ -160,6 +171,7 @@ export class ControlApi {
       services: this.store.services.size,
       tasks: this.store.tasks.size,
       managers: this.ctx.managers?.() ?? [],
+      selfNodeId: this.ctx.selfNodeId?.() ?? '',
     };
   }
 
@@ -375,7 +387,7 @@ export class ControlApi {
   }
 
   serviceLogs(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void {
-    let service: Service;
+    let tasks: Task[];
     try {
       // the agents' log streams end at the leader's dispatcher: a follower relays the stream from
       // the leader with its own manager certificate (a CLI on its unix socket has none)
@@ -385,12 +397,15 @@ export class ControlApi {
       }
       if (!this.ctx.dispatcher.isRunning())
         throw new FlotillaError('UNAVAILABLE', `logs are served by the leader manager; retry with --host ${this.ctx.leaderAddr() || '<leader>'}`);
-      service = resolveService(this.store, call.request.serviceId);
+      if (call.request.sinceMs < 0) throw invalidArgument('since', call.request.sinceMs, 'must not be negative');
+      // one task (by id or unique id prefix), or every task of a service
+      tasks = call.request.taskId ? [resolveTask(this.store, call.request.taskId)] : this.store.tasksOfService(resolveService(this.store, call.request.serviceId).id);
     } catch (err) {
       call.emit('error', grpcError(err));
       return;
     }
-    const tasks = this.store.tasksOfService(service.id).filter((t) => t.nodeId && t.status?.containerId);
+    tasks = tasks.filter((t) => t.nodeId && t.status?.containerId);
+    const since = call.request.sinceMs;
     if (tasks.length === 0) {
       call.end();
       return;
@@ -405,7 +420,8 @@ export class ControlApi {
           { taskId: t.id, containerId: t.status!.containerId, follow: call.request.follow, tail: call.request.tail },
           {
             lines: (lines) => {
-              for (const l of lines) call.write({ ...l, taskId: t.id, nodeId: t.nodeId, slot: t.slot });
+              // --since: lines older than the time are dropped here (after the agent's --tail)
+              for (const l of lines) if (!since || l.timestamp >= since) call.write({ ...l, taskId: t.id, nodeId: t.nodeId, slot: t.slot });
             },
             done: () => {
               if (--open === 0) call.end();

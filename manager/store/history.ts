@@ -12,15 +12,51 @@
  * snapshot restore (a manager starting from its snapshot, or a follower catching up by one) clears
  * the history: its floor becomes the snapshot's index.
  */
-import type { MemoryStore, ObjectEvent, StoreEvent } from './store.js';
+import { Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import type { MemoryStore, ObjectEvent, StoreEvent, Table } from './store.js';
 
 export const MAX_EVENTS = 20_000;
+
+/**
+ * What is kept of a change: a few names, never the object itself (holding 20,000 old versions of
+ * tasks with 128 KiB specs would hold gigabytes).
+ */
+export interface ChangeSummary {
+  table: Table;
+  kind: 'create' | 'update' | 'delete';
+  id: string;
+  name: string;
+  serviceId: string;
+  serviceName: string;
+  nodeId: string;
+  /** tasks: the state, lower case (running, complete...) */
+  state: string;
+}
 
 export interface HistoryEvent {
   revision: number;
   index: number;
   time: number;
-  event: ObjectEvent;
+  event: ChangeSummary;
+}
+
+export function summarize(e: ObjectEvent): ChangeSummary {
+  const o = e.object as { id: string; spec?: { name?: string } };
+  const out: ChangeSummary = { table: e.table, kind: e.kind, id: o.id, name: '', serviceId: '', serviceName: '', nodeId: '', state: '' };
+  if (e.table === 'node') out.name = e.object.description?.hostname ?? '';
+  else if (e.table === 'task') {
+    const t = e.object as Task;
+    out.serviceId = t.serviceId;
+    out.serviceName = t.serviceName;
+    out.nodeId = t.nodeId;
+    out.name = `${t.serviceName}.${t.slot || t.nodeId}`;
+    out.state = (TaskState[t.status?.state ?? 0] ?? '').replace(/^TASK_STATE_/, '').toLowerCase();
+  } else out.name = o.spec?.name ?? '';
+  if (e.table === 'service') {
+    out.serviceId = o.id;
+    out.serviceName = out.name;
+  }
+  return out;
 }
 
 export type HistoryListener = (evs: HistoryEvent[]) => void;
@@ -65,7 +101,7 @@ export class StoreHistory {
     let i = 0;
     for (const e of evs) {
       if (e.kind === 'commit') continue;
-      out.push({ revision: commit.index, index: i++, time: commit.time ?? 0, event: e });
+      out.push({ revision: commit.index, index: i++, time: commit.time ?? 0, event: summarize(e) });
     }
     if (out.length === 0) return;
     this.events.push(...out);

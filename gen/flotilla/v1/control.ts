@@ -154,6 +154,8 @@ export interface GetClusterResponse {
   tasks: number;
   /** the Raft members (managers) with their ids, addresses and reachability as this manager sees them */
   managers: ManagerStatus[];
+  /** the node of the manager that answered (`node ps` without arguments lists its tasks) */
+  selfNodeId: string;
 }
 
 export interface ListNodesRequest {
@@ -1477,7 +1479,7 @@ export const GetClusterRequest: MessageFns<GetClusterRequest> = {
 };
 
 function createBaseGetClusterResponse(): GetClusterResponse {
-  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [] };
+  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [], selfNodeId: "" };
 }
 
 export const GetClusterResponse: MessageFns<GetClusterResponse> = {
@@ -1499,6 +1501,9 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     }
     for (const v of message.managers) {
       ManagerStatus.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.selfNodeId !== "") {
+      writer.uint32(962).string(message.selfNodeId);
     }
     return writer;
   },
@@ -1564,6 +1569,14 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
             message.managers.push(ManagerStatus.decode(reader, reader.uint32()));
             continue;
           }
+          case 120: {
+            if (tag !== 962) {
+              break;
+            }
+
+            message.selfNodeId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1589,6 +1602,7 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     message.services = object.services ?? 0;
     message.tasks = object.tasks ?? 0;
     message.managers = object.managers?.map((e) => ManagerStatus.fromPartial(e)) || [];
+    message.selfNodeId = object.selfNodeId ?? "";
     return message;
   },
 };
