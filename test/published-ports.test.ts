@@ -104,8 +104,9 @@ describe.skipIf(skip)('published ports on the test bed (needs root, CNI plugins,
       [['-p', 'published=8080,target=80,traffic-policy=nearest'], /traffic-policy "nearest" must be cluster or local$/],
       [['-p', 'published=8080,target=80,mode=host,traffic-policy=local'], /applies to mode=ingress/],
     ];
-    for (const [flags, want] of bad) {
-      const r = await bed.cli(['service', 'create', '-d', '--name', 'bad', ...flags, 'socat:latest', 'sleep', '100']);
+    const results = await Promise.all(bad.map(([flags]) => bed.cli(['service', 'create', '-d', '--name', 'bad', ...flags, 'socat:latest', 'sleep', '100'])));
+    for (const [i, [flags, want]] of bad.entries()) {
+      const r = results[i]!;
       expect(r.code, flags.join(' ')).not.toBe(0);
       expect(r.stderr.trim().split('\n'), flags.join(' ')).toHaveLength(1);
       expect(r.stderr.trim()).toMatch(want);
@@ -115,12 +116,24 @@ describe.skipIf(skip)('published ports on the test bed (needs root, CNI plugins,
   }, 30_000);
 
   it('ingress mode: the port answers on every host, reaches tasks on other hosts; TCP and UDP; a taken port is refused naming the service', async () => {
-    let r = await bed.cli([
-      'service', 'create', '-d', '--name', 'web', '--replicas', '2', '--replicas-max-per-node', '1', '--stop-grace-period', '1s',
-      '-p', '8080:80', '-p', '5353:53/udp', '-p', '80',
-      'socat:latest', 'sh', '-c', `${UDP_SERVER} & ${TCP_SERVER}`,
+    // the services of the next tests too, so that their tasks start meanwhile
+    const created = await Promise.all([
+      bed.cli([
+        'service', 'create', '-d', '--name', 'web', '--replicas', '2', '--replicas-max-per-node', '1', '--stop-grace-period', '1s',
+        '-p', '8080:80', '-p', '5353:53/udp', '-p', '80',
+        'socat:latest', 'sh', '-c', `${UDP_SERVER} & ${TCP_SERVER}`,
+      ]),
+      bed.cli([
+        'service', 'create', '-d', '--name', 'loc', '--mode', 'global', '--stop-grace-period', '1s',
+        '-p', 'published=8081,target=80,traffic-policy=local', 'socat:latest', 'sh', '-c', TCP_SERVER,
+      ]),
+      bed.cli([
+        'service', 'create', '-d', '--name', 'hm', '--replicas', '1', '--stop-grace-period', '1s',
+        '-p', 'published=8082,target=80,mode=host', 'socat:latest', 'sh', '-c', TCP_SERVER,
+      ]),
     ]);
-    expect(r.stderr).toBe('');
+    for (const c of created) expect(c.stderr).toBe('');
+    let r: Awaited<ReturnType<typeof bed.cli>>;
     const tasks = await running('web', 2);
     const ids = tasks.map((t) => t.id.slice(0, 12)).sort();
     const withTask = tasks.map(hostOf);
@@ -172,11 +185,6 @@ describe.skipIf(skip)('published ports on the test bed (needs root, CNI plugins,
   }, 90_000);
 
   it('traffic-policy local: each host sends only to its own task, which sees the client address', async () => {
-    const r = await bed.cli([
-      'service', 'create', '-d', '--name', 'loc', '--mode', 'global', '--stop-grace-period', '1s',
-      '-p', 'published=8081,target=80,traffic-policy=local', 'socat:latest', 'sh', '-c', TCP_SERVER,
-    ]);
-    expect(r.stderr).toBe('');
     const tasks = await running('loc', 3);
     for (const t of tasks) {
       const h = hostOf(t);
@@ -188,18 +196,13 @@ describe.skipIf(skip)('published ports on the test bed (needs root, CNI plugins,
   }, 60_000);
 
   it('host mode: bound only where a task runs, keeps the client address; a second service wanting the port is pending on that host', async () => {
-    let r = await bed.cli([
-      'service', 'create', '-d', '--name', 'hm', '--replicas', '1', '--stop-grace-period', '1s',
-      '-p', 'published=8082,target=80,mode=host', 'socat:latest', 'sh', '-c', TCP_SERVER,
-    ]);
-    expect(r.stderr).toBe('');
     const [t] = await running('hm', 1);
     const h = hostOf(t!);
     const line = await waitFor(`${h.name}:8082 answers`, async () => (await tcp(h.ip, 8082)) || undefined, 10_000);
     expect(line).toBe(`${t!.id.slice(0, 12)} ${client.ip}`);
     for (const other of agents.filter((x) => x !== h)) expect(await tcp(other.ip, 8082)).toBe('');
 
-    r = await bed.cli([
+    const r = await bed.cli([
       'service', 'create', '-d', '--name', 'hm2', '--mode', 'global', '--stop-grace-period', '1s',
       '-p', 'published=8082,target=80,mode=host', 'socat:latest', 'sh', '-c', TCP_SERVER,
     ]);
