@@ -278,7 +278,8 @@ export class NodeNetwork implements TaskNetwork {
     const view = this.ingressView();
     const vni = view?.network?.allocation?.vni;
     if (!view || !vni || !publishesAny(view)) {
-      const old = this.ingressVni;
+      // the first time after start, what an earlier agent process may have left goes too
+      const old = this.ingressVni ?? (this.portsApplied !== '' ? vni : undefined);
       this.ingressVni = undefined;
       if (this.portsApplied !== '') {
         await this.cmd('nft', ['delete', 'table', 'ip', PORTS_TABLE], true);
