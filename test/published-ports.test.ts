@@ -24,6 +24,7 @@ interface TaskJ {
   nodeId: string;
   state: string;
   desiredState: string;
+  slot: number;
   containerId: string;
   error: string;
 }
@@ -183,6 +184,20 @@ describe.skipIf(skip)('published ports on the test bed (needs root, CNI plugins,
     const rules = await rulesOn(without);
     expect(rules).toContain('table ip flotilla-ports');
     expect(rules).toMatch(/udp \. 5353/);
+
+    // UDP: conntrack keeps a client's datagrams (one source port) on one task; when that task leaves
+    // (scale 2 -> 1) the next datagram from the same port reaches the remaining task
+    const udpFrom = async (sport: number): Promise<string> =>
+      (await client.exec(['sh', '-c', `echo x | socat -T2 - UDP:${without.ip}:5353,sourceport=${sport}`], { timeoutMs: 5000 })).stdout.trim().split(' ')[0] ?? '';
+    const leaving = tasks.find((t) => t.slot === 2)!.id.slice(0, 12);
+    let pinned = 0;
+    for (let sport = 40001; sport < 40030 && !pinned; sport++) if ((await udpFrom(sport)) === leaving) pinned = sport;
+    expect(pinned).toBeGreaterThan(0);
+    expect(await udpFrom(pinned)).toBe(leaving);
+    r = await bed.cli(['service', 'scale', '-d', 'web=1']);
+    expect(r.stderr).toBe('');
+    const staying = tasks.find((t) => t.slot === 1)!.id.slice(0, 12);
+    await waitFor(`datagrams from port ${pinned} move to the remaining task`, async () => ((await udpFrom(pinned)) === staying ? true : undefined), 10_000);
 
     // --publish-rm: the UDP port leaves every host's rules
     r = await bed.cli(['service', 'update', '-d', 'web', '--publish-rm', '5353/udp']);
