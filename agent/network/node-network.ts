@@ -36,7 +36,7 @@ import { unmount } from '../runtime/mount.js';
 import type { Discovery } from './discovery.js';
 import { execInWorker } from '../runtime/spawner.js';
 import { CNI_VERSION, DEFAULT_CNI_PATH, cniAdd, cniCheck, cniDel, type CniNetworkList, type CniOptions, type CniResult } from './cni.js';
-import { PORTS_TABLE, portRules, publishesAny, renderPorts } from './ports.js';
+import { PORTS_TABLE, type PortRule, portRules, publishesAny, renderPorts } from './ports.js';
 import { VXLAN_PORT, bridgeMac, bridgeName, hostOfAddr, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
 
 export interface NodeNetworkOptions {
@@ -135,6 +135,10 @@ export class NodeNetwork implements TaskNetwork {
   private batchSeq = 0;
   /** the ingress network's VXLAN id while ports are published (its devices stay without local tasks) */
   private ingressVni: number | undefined;
+  /** the ingress bridge set up for ports by this process: "vni address" (skips the checks next time) */
+  private ingressReady = '';
+  /** UDP backends per published port in the table last applied ("5353" -> addresses) */
+  private udpBackends = new Map<number, string[]>();
   /** the published-ports table last applied ('' = none) */
   private portsApplied = 'unknown: an earlier agent process may have left one';
 
@@ -278,11 +282,13 @@ export class NodeNetwork implements TaskNetwork {
     const view = this.ingressView();
     const vni = view?.network?.allocation?.vni;
     if (!view || !vni || !publishesAny(view)) {
-      const old = this.ingressVni;
+      // the first time after start, what an earlier agent process may have left goes too
+      const old = this.ingressVni ?? (this.portsApplied !== '' ? vni : undefined);
       this.ingressVni = undefined;
       if (this.portsApplied !== '') {
         await this.cmd('nft', ['delete', 'table', 'ip', PORTS_TABLE], true);
         this.portsApplied = '';
+        await this.forgetUdpBackends([]);
         this.log?.info('published ports removed from this node');
       }
       if (old !== undefined) await this.lock.run(NET_LOCK + old, async () => (this.inUse(old) ? undefined : this.removeDevices(old)));
@@ -293,6 +299,12 @@ export class NodeNetwork implements TaskNetwork {
     const mine = self ? view.network!.allocation!.nodeAddresses[self] : undefined;
     const br = bridgeName(vni);
     await this.lock.run(NET_LOCK + vni, async () => {
+      const ready = `${vni} ${mine ?? ''}`;
+      // done by this process already, devices still checked: only the entries may need the new view
+      if (this.ingressReady === ready && this.ensured.has(vni)) {
+        if (this.synced.get(vni) !== view) await this.sync(vni, view);
+        return;
+      }
       await this.ensureDevices(view);
       if (this.synced.get(vni) !== view) await this.sync(vni, view);
       if (mine) {
@@ -304,6 +316,7 @@ export class NodeNetwork implements TaskNetwork {
       }
       // forwarding to the tasks, and DNAT of connections to 127.0.0.1 out of the bridge
       await this.cmd('sysctl', ['-qw', 'net.ipv4.ip_forward=1', `net.ipv4.conf.${br}.route_localnet=1`], true);
+      this.ingressReady = ready;
     });
     const { rules, remote } = portRules(view, (p) => this.isLocal(p), !!mine);
     const text = renderPorts(rules, remote, br, mine ? parseCidr(mine, 'node ingress address').ip : undefined);
@@ -313,7 +326,26 @@ export class NodeNetwork implements TaskNetwork {
     const r = await execInWorker(f, a, { input: text, timeoutMs: 30_000 });
     if (r.code !== 0) throw new FlotillaError('INTERNAL', `nft: published ports: ${r.stderr.trim() || r.error}`);
     this.portsApplied = text;
+    await this.forgetUdpBackends(rules);
     this.log?.debug({ ports: rules.map((x) => `${x.published}/${x.protocol}->${x.target} (${x.backends.length})`) }, 'published ports programmed');
+  }
+
+  /**
+   * UDP has no connection end: conntrack keeps sending a client's datagrams (same source port) to the
+   * backend it chose until the entry expires (30 s, 120 s once answered). Entries towards a backend
+   * that left a port are deleted, so the next datagram picks a live one (as kube-proxy does).
+   */
+  private async forgetUdpBackends(rules: PortRule[]): Promise<void> {
+    const now = new Map(rules.filter((r) => r.protocol === 'udp').map((r) => [r.published, r.backends] as const));
+    for (const [published, before] of this.udpBackends) {
+      const still = new Set(now.get(published) ?? []);
+      for (const b of before) {
+        if (still.has(b)) continue;
+        // exit 1 when no entry matched: nothing to do
+        await this.cmd('conntrack', ['-D', '-p', 'udp', '--orig-port-dst', String(published), '--reply-src', b], true);
+      }
+    }
+    this.udpBackends = now;
   }
 
   /** The networks whose bridge or VXLAN device exists on this node, by VXLAN id. */
@@ -475,6 +507,7 @@ export class NodeNetwork implements TaskNetwork {
 
   private async removeDevices(vni: number): Promise<void> {
     this.ensured.delete(vni);
+    if (this.ingressReady.startsWith(`${vni} `)) this.ingressReady = '';
     this.synced.delete(vni);
     await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
     await this.cmd('ip', ['link', 'del', vxlanName(vni)], true);

@@ -199,7 +199,10 @@ export class ControlApi {
     stripIngress(this.store, given);
     const spec = resolveServiceNetworks(this.store, given);
     const id = newId();
-    // published ports: refused now when another service holds one (no ingress network made for nothing)
+    // what would refuse the service is checked before the ingress network is made for it: its name,
+    // secrets and configs, a published port another service holds
+    if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+    resolveReferences(new Tx(this.store), structuredClone(spec));
     allocatePorts(id, spec.endpoint, [], this.store.listServices());
     await followIngress(this.store, spec);
     const now = Date.now();
@@ -239,7 +242,7 @@ export class ControlApi {
     stripIngress(this.store, next);
     next = resolveServiceNetworks(this.store, next);
     allocatePorts(cur.id, next.endpoint, cur.endpoint?.ports ?? [], this.store.listServices());
-    await followIngress(this.store, next);
+    await followIngress(this.store, next, req.dryRun);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
