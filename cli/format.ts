@@ -5,6 +5,8 @@ import {
   NodeAvailability,
   NodeRole,
   NodeState,
+  type PortConfig,
+  PublishMode,
   Service,
   ServiceMode,
   Task,
@@ -12,6 +14,7 @@ import {
   UpdateState,
 } from '../gen/flotilla/v1/objects.js';
 import { shortId } from '../common/ids.js';
+import { protocolName } from '../manager/allocator/ports.js';
 
 export const taskStateName = (s: TaskState): string => TaskState[s]?.replace('TASK_STATE_', '').toLowerCase() ?? String(s);
 export const availabilityName = (a: NodeAvailability | undefined): string =>
@@ -96,8 +99,20 @@ export function serviceJson(s: Service, running?: number): Record<string, unknow
     previousSpec: s.previousSpec ?? null,
     // what the allocator gave the service: a virtual IP per network (VIP endpoint mode)
     endpoint: s.endpoint ?? null,
+    // published ports, readable: as the spec gives them (published 0: allocated) and as allocated
+    ports: { spec: (spec.endpoint?.ports ?? []).map(portJson), allocated: (s.endpoint?.ports ?? []).map(portJson) },
     createdAt: iso(s.meta?.createdAt),
     updatedAt: iso(s.meta?.updatedAt),
+  };
+}
+
+function portJson(p: PortConfig): Record<string, unknown> {
+  return {
+    protocol: protocolName(p.protocol),
+    targetPort: p.targetPort,
+    publishedPort: p.publishedPort,
+    publishMode: p.publishMode === PublishMode.PUBLISH_MODE_HOST ? 'host' : 'ingress',
+    trafficPolicy: p.localOnly ? 'local' : 'cluster',
   };
 }
 

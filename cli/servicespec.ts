@@ -12,6 +12,7 @@ import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '
 import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 import { applyCreateNetworkFlags } from './networkflags.js';
+import { applyCreatePortFlags } from './portflags.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
 
 export interface ServiceFlags {
@@ -33,6 +34,9 @@ export interface ServiceFlags {
   networkAdd?: string[];
   networkRm?: string[];
   endpointMode?: string;
+  publish?: string[];
+  publishAdd?: string[];
+  publishRm?: string[];
   entrypoint?: string;
   restartCondition?: string;
   restartDelay?: string;
@@ -174,6 +178,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     endpoint: undefined,
   };
   applyCreateNetworkFlags(spec, flags);
+  applyCreatePortFlags(spec, flags);
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {
       test: flags.healthCmd !== undefined ? parseHealthCmd(flags.healthCmd) : [],

@@ -2,6 +2,8 @@
 import { GetServiceResponse } from '../gen/flotilla/v1/control.js';
 import { type Network, ServiceMode, ServiceSpec, TaskState, UpdateState } from '../gen/flotilla/v1/objects.js';
 import { applyUpdateNetworkFlags } from './networkflags.js';
+import { applyUpdatePortFlags } from './portflags.js';
+import type { PortConfig } from '../gen/flotilla/v1/objects.js';
 import { invalidArgument } from '../common/errors.js';
 import { parseBytes, parseCpus, parseDuration, parseKeyValue, parseUint } from '../common/units.js';
 import { parseConstraint } from '../manager/scheduler/constraints.js';
@@ -44,7 +46,7 @@ export function splitArgs(s: string): string[] {
   return out;
 }
 
-export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = []): ServiceSpec {
+export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = [], allocatedPorts: PortConfig[] = []): ServiceSpec {
   const spec: ServiceSpec = structuredClone(cur);
   const task = spec.task!;
   const c = task.container!;
@@ -101,6 +103,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   if (f.workdir !== undefined) c.workdir = f.workdir;
   if (f.user !== undefined) c.user = f.user;
   applyUpdateNetworkFlags(spec, f, known);
+  applyUpdatePortFlags(spec, f, allocatedPorts);
   if (f.stopGracePeriod !== undefined) c.stopGracePeriodMs = parseDuration('--stop-grace-period', f.stopGracePeriod);
   task.restart ??= { condition: 0, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
   if (f.restartCondition !== undefined) task.restart.condition = restartCondition(f.restartCondition);

@@ -203,14 +203,14 @@ class Box {
 }
 
 function peer(taskId: string, addr: string, serviceId: string, serviceName: string, slot: number, ready = true, aliases: string[] = []): NetworkPeer {
-  return { taskId, nodeId: 'n1', nodeAddr: '192.0.2.1', address: `${addr}/24`, serviceId, serviceName, ready, aliases, taskName: `${serviceName}.${slot}.${taskId}` };
+  return { taskId, nodeId: 'n1', nodeAddr: '192.0.2.1', address: `${addr}/24`, serviceId, serviceName, ready, aliases, taskName: `${serviceName}.${slot}.${taskId}`, nodeAddress: false };
 }
 function endpoint(serviceId: string, serviceName: string, vip: string, aliases: string[] = []): ServiceEndpoint {
   return { serviceId, serviceName, vip: vip ? `${vip}/24` : '', mode: vip ? EndpointMode.ENDPOINT_MODE_VIP : EndpointMode.ENDPOINT_MODE_DNSRR, ports: [], aliases };
 }
 function view(n: { id: string; subnet: string; gw: string }, peers: NetworkPeer[], endpoints: ServiceEndpoint[]): NetworkView {
   return {
-    network: { id: n.id, meta: undefined, spec: undefined, allocation: { subnet: n.subnet, gateway: `${n.gw}/24`, vni: 4096, mtu: 1450 } },
+    network: { id: n.id, meta: undefined, spec: undefined, allocation: { subnet: n.subnet, gateway: `${n.gw}/24`, vni: 4096, mtu: 1450, nodeAddresses: {} } },
     peers,
     endpoints,
   };

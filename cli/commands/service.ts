@@ -17,6 +17,7 @@ import { withControl } from '../client.js';
 import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
 import { waitForService } from '../progress.js';
 import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
+import { formatPorts } from '../../manager/allocator/ports.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { isUp } from '../../manager/orchestrator/update.js';
 import { serviceJson, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
@@ -40,6 +41,7 @@ export function addSpecFlags(cmd: Command): Command {
     .option('--user <user>', 'username or UID[:GID]')
     .option('--entrypoint <cmd>', 'override the image entrypoint')
     .option('--network <net>', 'overlay network (name or id; name=NET,alias=A for aliases; repeatable), or host or none (the container\'s network mode)', collect)
+    .option('-p, --publish <spec>', 'publish a port: PUBLISHED:TARGET[/udp], TARGET (published port allocated), or published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,traffic-policy=cluster|local] (repeatable)', collect)
     .option('--endpoint-mode <mode>', 'vip (a virtual IP balanced over the tasks) or dnsrr (DNS round robin over the task addresses)')
     .option('--restart-condition <cond>', 'any, on-failure or none')
     .option('--restart-delay <duration>', 'delay between restart attempts (default 5s)')
@@ -125,7 +127,7 @@ export function register(program: Command): void {
         if (format === 'json') return printJson(services.map((s) => serviceJson(s, running.get(s.id) ?? 0)));
         process.stdout.write(
           table(
-            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'UPDATE STATUS'],
+            ['ID', 'NAME', 'MODE', 'REPLICAS', 'IMAGE', 'PORTS', 'UPDATE STATUS'],
             services.map((s) => {
               const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL;
               const want = global ? (desiredGlobal.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
@@ -135,6 +137,7 @@ export function register(program: Command): void {
                 global ? 'global' : 'replicated',
                 `${running.get(s.id) ?? 0}/${want}`,
                 s.spec?.task?.container?.image ?? '',
+                formatPorts(s.endpoint?.ports ?? []),
                 s.updateStatus ? updateStateName(s.updateStatus.state) : '',
               ];
             }),
@@ -323,6 +326,8 @@ export function register(program: Command): void {
         .option('--label-rm <K>', 'remove a service label (repeatable)', collect)
         .option('--container-label-add <K=V>', 'add or update a container label (repeatable)', collect)
         .option('--container-label-rm <K>', 'remove a container label (repeatable)', collect)
+        .option('--publish-add <spec>', 'publish a port (as --publish; repeatable)', collect)
+        .option('--publish-rm <port>', 'stop publishing a port: PUBLISHED[/PROTOCOL] (repeatable; applied before --publish-add)', collect)
         .option('--network-add <net>', 'attach the service to a network (repeatable)', collect)
         .option('--network-rm <net>', 'detach the service from a network (repeatable)', collect)
         .option('--secret-add <spec>', 'add a secret: [source=]NAME[,target=...][,uid=N][,gid=N][,mode=0444] (repeatable)', collect)
@@ -342,7 +347,7 @@ export function register(program: Command): void {
       await withControl(opts.host, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
         const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
-        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known);
+        const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known, s!.endpoint?.ports ?? []);
         const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
           serviceId: s!.id,
           version: s!.specVersion,

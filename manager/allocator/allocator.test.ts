@@ -96,8 +96,8 @@ describe('network creation (IPAM in the store)', () => {
     const { store } = await setup();
     const a = await createNetwork(store, net('a'));
     const b = await createNetwork(store, net('b', { driverOpts: { mtu: '1400' } }));
-    expect(a.allocation).toEqual({ subnet: '10.0.0.0/24', gateway: '10.0.0.1', vni: 4096, mtu: 0 });
-    expect(b.allocation).toEqual({ subnet: '10.0.1.0/24', gateway: '10.0.1.1', vni: 4097, mtu: 1400 });
+    expect(a.allocation).toEqual({ subnet: '10.0.0.0/24', gateway: '10.0.0.1', vni: 4096, mtu: 0, nodeAddresses: {} });
+    expect(b.allocation).toEqual({ subnet: '10.0.1.0/24', gateway: '10.0.1.1', vni: 4097, mtu: 1400, nodeAddresses: {} });
     // a user's subnet and gateway; the pool then skips it
     const c = await createNetwork(store, net('c', { ipam: { subnet: '10.0.2.0/23', gateway: '10.0.3.254' } }));
     expect(c.allocation).toMatchObject({ subnet: '10.0.2.0/23', gateway: '10.0.3.254', vni: 4098 });

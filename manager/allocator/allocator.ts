@@ -22,6 +22,8 @@ export class Allocator extends ReconcileLoop {
   protected interested(ev: StoreEvent): boolean {
     if (ev.kind === 'commit') return false;
     if (ev.table === 'network' || ev.table === 'service') return true;
+    // a node joining or leaving: its address on the ingress network
+    if (ev.table === 'node') return ev.kind !== 'update';
     if (ev.table !== 'task') return false;
     const t = ev.object as Task;
     const old = ev.old as Task | undefined;
@@ -37,7 +39,10 @@ export class Allocator extends ReconcileLoop {
     const networks = new Map([...this.store.networks.values()].map((n) => [n.id, n] as const));
     const waiting = tasks.filter(needsAddresses);
     const vipWork = services.filter((s) => !sameVips(s, wantedVipNets(s, networks)));
-    if (waiting.length === 0 && vipWork.length === 0) return;
+    const ingress = [...networks.values()].find((n) => n.spec?.ingress && n.allocation?.subnet);
+    const nodeIds = new Set(this.store.listNodes().map((n) => n.id));
+    const nodeWork = !!ingress && !sameNodes(ingress.allocation?.nodeAddresses ?? {}, nodeIds);
+    if (waiting.length === 0 && vipWork.length === 0 && !nodeWork) return;
 
     // ---- the address bitmaps, from the store ----
     const sets = new Map<string, AddressSet>();
@@ -50,6 +55,26 @@ export class Allocator extends ReconcileLoop {
       for (const v of s.endpoint?.virtualIps ?? []) if (want.has(v.networkId)) for (const a of v.addresses) sets.get(v.networkId)?.take(a);
     }
     for (const t of tasks) if (holdsAddresses(t)) for (const a of t.networks) for (const ip of a.addresses) sets.get(a.networkId)?.take(ip);
+    // each node's own address on the ingress network (the routing mesh's source address towards
+    // tasks on other nodes): kept while the node exists
+    if (ingress) {
+      const set = sets.get(ingress.id);
+      const have = ingress.allocation?.nodeAddresses ?? {};
+      for (const [nid, a] of Object.entries(have)) if (nodeIds.has(nid)) set?.take(a);
+      if (nodeWork && set) {
+        const next: Record<string, string> = {};
+        for (const nid of [...nodeIds].sort()) {
+          const a = have[nid] ?? set.allocate();
+          if (a) next[nid] = a;
+          else this.log.warn({ node: nid }, 'no free address on the ingress network for the node');
+        }
+        await this.store.update((tx) => {
+          const n = tx.get('network', ingress.id);
+          if (!n?.allocation) return;
+          tx.update('network', { ...n, allocation: { ...n.allocation, nodeAddresses: next } });
+        });
+      }
+    }
 
     // ---- service VIPs (first: a service's VIP is taken before its tasks' addresses) ----
     const vipWrites: Array<{ id: string; vips: NetworkAttachment[] }> = [];
@@ -136,6 +161,11 @@ export function needsAddresses(t: Task): boolean {
 function wantedVipNets(s: Service, networks: Map<string, Network>): Set<string> {
   if (!usesVip(s)) return new Set();
   return new Set(serviceNetworkIds(s).filter((id) => !!networks.get(id)?.allocation?.subnet));
+}
+
+function sameNodes(have: Record<string, string>, want: Set<string>): boolean {
+  const keys = Object.keys(have);
+  return keys.length === want.size && keys.every((k) => want.has(k));
 }
 
 function sameVips(s: Service, want: Set<string>): boolean {

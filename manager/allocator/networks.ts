@@ -85,7 +85,7 @@ export function allocateNetwork(spec: NetworkSpec, others: Network[], cluster: C
   const gateway = spec.ipam?.gateway || numToIp(hostRange(subnet).first);
   const vni = nextVni(others.map((n) => n.allocation?.vni ?? 0));
   if (vni === undefined) throw new FlotillaError('RESOURCE_EXHAUSTED', 'no free VXLAN id left');
-  return { subnet: formatCidr(subnet), gateway, vni, mtu: parseMtu(spec.driverOpts.mtu) };
+  return { subnet: formatCidr(subnet), gateway, vni, mtu: parseMtu(spec.driverOpts.mtu), nodeAddresses: {} };
 }
 
 /** Network ids a task's spec attaches it to (targets are ids once the control API resolved them). */

@@ -8,6 +8,7 @@ import { newId, isValidName } from '../../common/ids.js';
 import type { MemoryStore } from '../store/store.js';
 import { allocateNetwork, serviceNetworkIds, validateNetworkSpec } from '../allocator/networks.js';
 import type { NetworkSpec } from '../../gen/flotilla/v1/objects.js';
+import { validatePorts } from '../allocator/ports.js';
 
 export function networkByName(store: MemoryStore, name: string): Network | undefined {
   for (const n of store.networks.values()) if (n.spec?.name === name) return n;
@@ -56,7 +57,7 @@ export function resolveServiceNetworks(store: MemoryStore, spec: ServiceSpec): S
   if (ep) {
     if (ep.mode !== EndpointMode.ENDPOINT_MODE_VIP && ep.mode !== EndpointMode.ENDPOINT_MODE_DNSRR)
       throw invalidArgument('endpoint-mode', ep.mode, 'must be vip or dnsrr');
-    if (ep.ports.length > 0) throw invalidArgument('publish', ep.ports.length, 'published ports (the routing mesh) are not supported');
+    validatePorts(ep);
   }
   return spec;
 }

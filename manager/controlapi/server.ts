@@ -37,6 +37,8 @@ import { labelBytes, MAX_NODE_LABEL_BYTES, tooLarge, validateServiceSpec } from 
 import { diffSpecs, taskSpecEqual, tasksToReplace } from './diff.js';
 import { newUnlockKey } from '../keys/keys.js';
 import { UpdateState } from '../../gen/flotilla/v1/objects.js';
+import { followIngress, stripIngress } from './ingress.js';
+import { allocatePorts } from '../allocator/ports.js';
 import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
@@ -169,13 +171,20 @@ export class ControlApi {
   }
 
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
-    const spec = resolveServiceNetworks(this.store, validateServiceSpec(req.spec));
+    const given = validateServiceSpec(req.spec);
+    stripIngress(this.store, given);
+    const spec = resolveServiceNetworks(this.store, given);
     const id = newId();
+    // published ports: refused now when another service holds one (no ingress network made for nothing)
+    allocatePorts(id, spec.endpoint, [], this.store.listServices());
+    await followIngress(this.store, spec);
     const now = Date.now();
     await this.store.update((tx) => {
       if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
       requireNetworks((id) => tx.get('network', id), spec);
       resolveReferences(tx, spec);
+      // again inside the write: the services this transaction applies to
+      const ports = allocatePorts(id, spec.endpoint, [], this.store.listServices());
       tx.create('service', {
         id,
         meta: undefined,
@@ -184,7 +193,7 @@ export class ControlApi {
         previousSpec: undefined,
         updateStatus: undefined,
         history: [{ version: 1, spec, createdAt: now }],
-        endpoint: undefined,
+        endpoint: ports.length > 0 ? { spec: spec.endpoint, ports, virtualIps: [] } : undefined,
       });
     });
     return { service: this.store.getService(id) };
@@ -200,8 +209,12 @@ export class ControlApi {
     } else {
       next = validateServiceSpec(req.spec);
     }
-    // network names to ids (a rolled-back spec's networks must still exist)
+    // network names to ids (a rolled-back spec's networks must still exist); the ingress network
+    // follows the published ports
+    stripIngress(this.store, next);
     next = resolveServiceNetworks(this.store, next);
+    allocatePorts(cur.id, next.endpoint, cur.endpoint?.ports ?? [], this.store.listServices());
+    await followIngress(this.store, next);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
@@ -233,7 +246,9 @@ export class ControlApi {
         : rolling
           ? { state: UpdateState.UPDATE_STATE_UPDATING, startedAt: now, completedAt: 0, message: 'update in progress' }
           : s.updateStatus;
-      tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus });
+      const ports = allocatePorts(s.id, next.endpoint, s.endpoint?.ports ?? [], this.store.listServices());
+      const endpoint = s.endpoint || ports.length > 0 ? { spec: next.endpoint, virtualIps: s.endpoint?.virtualIps ?? [], ports } : undefined;
+      tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus, endpoint });
     });
     return { service: this.store.getService(cur.id), replacedTasks: replaced.map((t) => t.id), diff };
   }

@@ -59,9 +59,13 @@ export class NetworkViews {
     for (const a of t.networks) this.members.get(a.networkId)?.delete(t.id);
   }
 
-  /** The networks a node needs: those its placed tasks have an address on. */
+  /**
+   * The networks a node needs: those its placed tasks have an address on, and the ingress network
+   * (every node answers on the published ports: docs/networking.md, "Published ports").
+   */
   networksOfNode(nodeId: string): Set<string> {
     const out = new Set<string>();
+    for (const n of this.store.networks.values()) if (n.spec?.ingress) out.add(n.id);
     for (const t of this.store.tasksOfNode(nodeId)) if (placed(t)) for (const a of t.networks) if (this.store.networks.has(a.networkId)) out.add(a.networkId);
     return out;
   }
@@ -88,9 +92,17 @@ export class NetworkViews {
         ready: peerReady(t),
         aliases: a.aliases,
         taskName: `${t.serviceName}.${t.slot || t.nodeId}.${t.id}`,
+        nodeAddress: false,
       });
     }
-    peers.sort((x, y) => (x.taskId < y.taskId ? -1 : x.taskId > y.taskId ? 1 : 0));
+    if (network.spec?.ingress) {
+      for (const [nodeId, address] of Object.entries(network.allocation?.nodeAddresses ?? {})) {
+        const node = this.store.getNode(nodeId);
+        if (!node || node.status?.state === NodeState.NODE_STATE_DOWN || !node.status?.addr) continue;
+        peers.push({ taskId: '', nodeId, nodeAddr: hostOf(node.status.addr), address, serviceId: '', serviceName: '', ready: false, aliases: [], taskName: '', nodeAddress: true });
+      }
+    }
+    peers.sort((x, y) => (x.taskId < y.taskId ? -1 : x.taskId > y.taskId ? 1 : x.nodeId < y.nodeId ? -1 : x.nodeId > y.nodeId ? 1 : 0));
     const endpoints: ServiceEndpoint[] = [];
     for (const s of this.store.listServices()) {
       const att = s.spec?.task?.networks.find((n) => n.target === networkId);
@@ -159,6 +171,8 @@ export class NetworkViews {
       } else if (ev.table === 'node') {
         // address or state (down, removed): every network with peers on that node
         const id = (ev.object as { id: string }).id;
+        // its address on the ingress network is in the ingress view of every node
+        for (const n of this.store.networks.values()) if (n.spec?.ingress) touched.add(n.id);
         for (const t of this.store.tasksOfNode(id)) for (const a of t.networks) touched.add(a.networkId);
       }
     }

@@ -75,7 +75,7 @@ export class SchedulerLoop extends ReconcileLoop {
     const tasks = this.store.listTasks();
     if (!tasks.some((t) => t.status?.state === TaskState.TASK_STATE_PENDING && t.desiredState <= TaskState.TASK_STATE_RUNNING)) return;
     const nodes = this.store.listNodes();
-    const plan = schedule({ nodes, tasks, avoid: this.avoid(Date.now()) });
+    const plan = schedule({ nodes, tasks, services: this.store.services, avoid: this.avoid(Date.now()) });
     const reasons = new Map(plan.unassigned.map((u) => [u.taskId, u.reason] as const));
     const writes: Array<{ taskId: string; nodeId?: string; reason?: string }> = [
       ...plan.assignments.map((a) => ({ taskId: a.taskId, nodeId: a.nodeId })),

@@ -14,6 +14,7 @@ import { errorMessage } from '../../common/errors.js';
 import { formatBytes } from '../../common/units.js';
 import { type Constraint, matchConstraint, parseConstraint } from './constraints.js';
 import { networksAllocated, WAITING_FOR_NETWORK } from '../allocator/networks.js';
+import { hostPortKeys } from '../allocator/ports.js';
 
 export interface Assignment {
   taskId: string;
@@ -53,6 +54,8 @@ const NOT_READY = 5;
 const LACK_CPU = 6;
 const LACK_MEMORY = 7;
 const AT_MAX = 8;
+/** a host-mode published port of the task is in use on the node (by a task of any service) */
+const PORT_TAKEN = 9;
 /** Codes >= CONSTRAINT name the failing constraint: CONSTRAINT + its index in the spec. */
 const CONSTRAINT = 16;
 
@@ -76,6 +79,8 @@ interface Placement {
   constraints: Constraint[];
   /** Set when a constraint does not parse: every task with this spec is unassigned with it. */
   invalid: string;
+  /** host-mode published ports ("8080/tcp") of the service: a node holding one already is unsuitable */
+  ports: string[];
 }
 
 interface ServiceLoad {
@@ -191,6 +196,7 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
         raw: spec?.placement?.constraints ?? [],
         constraints: [],
         invalid: '',
+        ports: hostPortKeys(input.services?.get(t.serviceId)),
       };
       try {
         p.constraints = (spec?.placement?.constraints ?? []).map(parseConstraint);
@@ -249,11 +255,33 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   }
   for (const [id, m] of serviceLoad) loads.set(id, { hosts: [...m.keys()], counts: [...m.values()] });
 
+  // host-mode published ports held on each node: by every task placed there and not yet terminal,
+  // including tasks being stopped (the port is free once the task has ended)
+  const portsUsed = new Map<number, Set<string>>();
+  if (input.services) {
+    for (const t of input.tasks) {
+      const st = t.status?.state ?? TaskState.TASK_STATE_NEW;
+      if (!t.nodeId || st <= PENDING || st >= COMPLETE) continue;
+      const keys = hostPortKeys(input.services.get(t.serviceId));
+      if (keys.length === 0) continue;
+      const i = index.get(t.nodeId);
+      if (i === undefined) continue;
+      let set = portsUsed.get(i);
+      if (!set) portsUsed.set(i, (set = new Set()));
+      for (const k of keys) set.add(k);
+    }
+  }
+  const portClash = (i: number, p: Placement): string | undefined => {
+    const used = portsUsed.get(i);
+    return used ? p.ports.find((k) => used.has(k)) : undefined;
+  };
+
   // the first dynamic filter a node fails for this placement, or OK
   const dynamic = (i: number, p: Placement): number => {
     if (p.cpu > 0 && cpuFree[i]! < p.cpu) return LACK_CPU;
     if (p.memory > 0 && memFree[i]! < p.memory) return LACK_MEMORY;
     if (p.maxPerNode > 0 && svc[i]! >= p.maxPerNode) return AT_MAX;
+    if (p.ports.length > 0 && portClash(i, p) !== undefined) return PORT_TAKEN;
     return OK;
   };
   const staticCheck = (i: number, p: Placement): number => {
@@ -267,6 +295,11 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
     cpuFree[i]! -= p.cpu;
     memFree[i]! -= p.memory;
     total[i]!++;
+    if (p.ports.length > 0) {
+      let set = portsUsed.get(i);
+      if (!set) portsUsed.set(i, (set = new Set()));
+      for (const k of p.ports) set.add(k);
+    }
     if (current && svc[i]!++ === 0) {
       current.hosts.push(i);
       current.counts.push(0); // written back when another service is entered
@@ -482,6 +515,8 @@ function single(why: number, p: Placement, cpuFree: number, memFree: number): st
       return `lacks memory (reserve ${formatBytes(p.memory)}, ${formatBytes(Math.max(0, memFree))} free)`;
     case AT_MAX:
       return `is at max replicas per node (${p.maxPerNode})`;
+    case PORT_TAKEN:
+      return `has host port ${p.ports.join(', ')} in use`;
     default:
       return `is ${STATIC_TEXT[why] ?? 'unavailable'}`;
   }
@@ -492,7 +527,7 @@ function explain(why: Int32Array, n: number, p: Placement): string {
   if (n === 0) return 'no suitable node (no nodes in the cluster)';
   const counts = new Map<number, number>();
   for (let i = 0; i < n; i++) counts.set(why[i]!, (counts.get(why[i]!) ?? 0) + 1);
-  const order = [DRAINED, PAUSED, DOWN, DISCONNECTED, NOT_READY, ...p.constraints.map((_, c) => CONSTRAINT + c), LACK_CPU, LACK_MEMORY, AT_MAX];
+  const order = [DRAINED, PAUSED, DOWN, DISCONNECTED, NOT_READY, ...p.constraints.map((_, c) => CONSTRAINT + c), LACK_CPU, LACK_MEMORY, AT_MAX, PORT_TAKEN];
   const parts: string[] = [];
   for (const w of order) {
     const k = counts.get(w);
@@ -503,6 +538,7 @@ function explain(why: Int32Array, n: number, p: Placement): string {
     else if (w === LACK_CPU) parts.push(`${nodes} lack${s} CPU (reserve ${formatCpus(p.cpu)})`);
     else if (w === LACK_MEMORY) parts.push(`${nodes} lack${s} memory (reserve ${formatBytes(p.memory)})`);
     else if (w === AT_MAX) parts.push(`${nodes} at max replicas per node (${p.maxPerNode})`);
+    else if (w === PORT_TAKEN) parts.push(`${nodes} ${k === 1 ? 'has' : 'have'} host port ${p.ports.join(', ')} in use`);
     else parts.push(`${nodes} ${STATIC_TEXT[w]}`);
   }
   return parts.length ? `no suitable node (${parts.join(', ')})` : 'no suitable node';

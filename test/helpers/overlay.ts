@@ -33,6 +33,7 @@ export function handView(n: HandNetwork, tasks: HandTask[]): NetworkView {
     serviceName: 'svc',
     ready: true,
     aliases: [],
+    nodeAddress: false,
     taskName: `svc.1.${t.taskId}`,
   }));
   return {
@@ -40,7 +41,7 @@ export function handView(n: HandNetwork, tasks: HandTask[]): NetworkView {
       id: n.id,
       meta: undefined,
       spec: { name: n.name, labels: {}, driver: 'overlay', ipam: { subnet: n.subnet, gateway: n.gateway }, driverOpts: {}, ingress: false, internal: false, attachable: false },
-      allocation: { subnet: n.subnet, gateway: n.gateway, vni: n.vni, mtu: n.mtu ?? 0 },
+      allocation: { subnet: n.subnet, gateway: n.gateway, vni: n.vni, mtu: n.mtu ?? 0, nodeAddresses: {} },
     },
     peers,
     endpoints: [],

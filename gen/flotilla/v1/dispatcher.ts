@@ -117,6 +117,11 @@ export interface NetworkPeer {
   aliases: string[];
   /** the task's name in DNS (SERVICE.SLOT.TASKID) and its slot */
   taskName: string;
+  /**
+   * not a task: a node's own address on the ingress network (no task_id, no service; its MAC is the
+   * node's bridge MAC), so that tasks answer connections the routing mesh sent from that node
+   */
+  nodeAddress: boolean;
 }
 
 /** A service on a network: its name, its virtual IP (empty with ENDPOINT_MODE_DNSRR), its ports. */
@@ -825,6 +830,7 @@ function createBaseNetworkPeer(): NetworkPeer {
     ready: false,
     aliases: [],
     taskName: "",
+    nodeAddress: false,
   };
 }
 
@@ -856,6 +862,9 @@ export const NetworkPeer: MessageFns<NetworkPeer> = {
     }
     if (message.taskName !== "") {
       writer.uint32(74).string(message.taskName);
+    }
+    if (message.nodeAddress !== false) {
+      writer.uint32(480).bool(message.nodeAddress);
     }
     return writer;
   },
@@ -945,6 +954,14 @@ export const NetworkPeer: MessageFns<NetworkPeer> = {
             message.taskName = reader.string();
             continue;
           }
+          case 60: {
+            if (tag !== 480) {
+              break;
+            }
+
+            message.nodeAddress = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -971,6 +988,7 @@ export const NetworkPeer: MessageFns<NetworkPeer> = {
     message.ready = object.ready ?? false;
     message.aliases = object.aliases?.map((e) => e) || [];
     message.taskName = object.taskName ?? "";
+    message.nodeAddress = object.nodeAddress ?? false;
     return message;
   },
 };

@@ -415,6 +415,16 @@ export interface NetworkAllocation {
   /** VXLAN network identifier */
   vni: number;
   mtu: number;
+  /**
+   * the ingress network only: each node's own address on it (node id -> CIDR), the source address the
+   * routing mesh gives connections it sends to a task on another node (docs/networking.md)
+   */
+  nodeAddresses: { [key: string]: string };
+}
+
+export interface NetworkAllocation_NodeAddressesEntry {
+  key: string;
+  value: string;
 }
 
 export interface Network {
@@ -3924,7 +3934,7 @@ export const NetworkSpec_DriverOptsEntry: MessageFns<NetworkSpec_DriverOptsEntry
 };
 
 function createBaseNetworkAllocation(): NetworkAllocation {
-  return { subnet: "", gateway: "", vni: 0, mtu: 0 };
+  return { subnet: "", gateway: "", vni: 0, mtu: 0, nodeAddresses: {} };
 }
 
 export const NetworkAllocation: MessageFns<NetworkAllocation> = {
@@ -3941,6 +3951,9 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
     if (message.mtu !== 0) {
       writer.uint32(32).uint32(message.mtu);
     }
+    globalThis.Object.entries(message.nodeAddresses).forEach(([key, value]: [string, string]) => {
+      NetworkAllocation_NodeAddressesEntry.encode({ key: key as any, value }, writer.uint32(482).fork()).join();
+    });
     return writer;
   },
 
@@ -3989,6 +4002,17 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
             message.mtu = reader.uint32();
             continue;
           }
+          case 60: {
+            if (tag !== 482) {
+              break;
+            }
+
+            const entry60 = NetworkAllocation_NodeAddressesEntry.decode(reader, reader.uint32());
+            if (entry60.value !== undefined) {
+              message.nodeAddresses[entry60.key] = entry60.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4010,6 +4034,86 @@ export const NetworkAllocation: MessageFns<NetworkAllocation> = {
     message.gateway = object.gateway ?? "";
     message.vni = object.vni ?? 0;
     message.mtu = object.mtu ?? 0;
+    message.nodeAddresses = (globalThis.Object.entries(object.nodeAddresses ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseNetworkAllocation_NodeAddressesEntry(): NetworkAllocation_NodeAddressesEntry {
+  return { key: "", value: "" };
+}
+
+export const NetworkAllocation_NodeAddressesEntry: MessageFns<NetworkAllocation_NodeAddressesEntry> = {
+  encode(message: NetworkAllocation_NodeAddressesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkAllocation_NodeAddressesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkAllocation_NodeAddressesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NetworkAllocation_NodeAddressesEntry>, I>>(
+    base?: I,
+  ): NetworkAllocation_NodeAddressesEntry {
+    return NetworkAllocation_NodeAddressesEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkAllocation_NodeAddressesEntry>, I>>(
+    object: I,
+  ): NetworkAllocation_NodeAddressesEntry {
+    const message = createBaseNetworkAllocation_NodeAddressesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
     return message;
   },
 };
