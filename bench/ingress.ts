@@ -134,7 +134,7 @@ async function main(): Promise<void> {
     };
     const [, h2, h3] = bed.hosts;
     const c = bed.clients[0]!;
-    const mesh = (await bed.cli(['service', 'create', '--help'])).stdout.includes('--publish');
+    const mesh = (await bed.cli(['service', 'create', '--help'])).stdout.includes('--publish') && existsSync(path.join(REPO, 'dist/agent/network/ports.js'));
     await ok(['network', 'create', '--subnet', NET_SUBNET, 'nb']);
     const publish = mesh ? ['-p', `published=${PUBLISHED},target=6379,mode=ingress`] : [];
     await ok(['service', 'create', '-d', '--name', 'kv', '--network', 'nb', ...publish, '--constraint', `node.hostname==${h2!.name}`, '--stop-grace-period', '1s', 'redis:latest']);
@@ -182,7 +182,7 @@ async function main(): Promise<void> {
       const ratio = p.key === 'a' ? '(anchor)' : `${((r / a) * 100).toFixed(0)}% of (a) (target >= 80%)`;
       console.log(`  (${p.key}) ${p.what.padEnd(58)} ${r.toFixed(0).padStart(7)} req/s  p50 ${median(ls.map((l) => l.p50)).toFixed(3)} ms  p99 ${median(ls.map((l) => l.p99)).toFixed(3)} ms  ${ratio}${errs ? `  ${errs} errors` : ''}`);
     }
-    if (!mesh) console.log('  (b), (c): not measured: this build has no published ports (`service create --publish`)');
+    if (!mesh) console.log('  (b), (c): not measured: this build has no routing mesh (`service create --publish` and agent/network/ports.ts)');
     console.log(dockerd ? '  Docker Swarm: dockerd is installed but the Swarm side of this bench is not written yet' : '  Docker Swarm: not measured (dockerd is not installed on this machine)');
     // the task's network namespace goes with its task: wait for it before the bed stops the agents
     await bed.cli(['service', 'rm', 'kv']);
