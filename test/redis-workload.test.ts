@@ -81,7 +81,18 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
   afterAll(async () => {
     for (const r of open) r.disconnect();
     await fwd?.stop();
-    if (bed) expect(await bed.destroy()).toEqual([]);
+    if (!bed) return;
+    // every service removed (by the tests, or here after a failure): wait for the agents to remove their
+    // containers and task namespaces, so that the bed finds nothing left behind
+    const svcs = await bed.cliJson<Array<{ name: string }>>(['service', 'ls']).catch(() => []);
+    if (svcs.length) await bed.cli(['service', 'rm', ...svcs.map((x) => x.name)]);
+    for (const h of bed.hosts) {
+      await waitFor(`no containers on ${h.name}`, async () => {
+        const ls = await h.cli(['container', 'ls', '-a', '--format', 'json']);
+        return ls.code === 0 && (JSON.parse(ls.stdout) as unknown[]).length === 0 ? true : undefined;
+      }, 30_000, 200).catch((err: unknown) => console.warn((err as Error).message));
+    }
+    expect(await bed.destroy()).toEqual([]);
   }, 120_000);
 
   const ok = async (args: string[]): Promise<string> => {
