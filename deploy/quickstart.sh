@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-node cluster on this machine: install, build, import the busybox test image, start a manager
-# (with its in-process agent, real runc), run a replicated service and show its tasks.
+# (with its in-process agent, real runc), run a replicated service publishing port 8080 and show it answering.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh
@@ -20,7 +20,15 @@ fi
 flotilla node ls
 flotilla service rm web >/dev/null 2>&1 || true
 sleep 0.5
-flotilla service create --name web --replicas 3 busybox:latest sleep 100000
+# three web servers (busybox httpd serving their hostname), published on port 8080 of every node
+flotilla service create --name web --replicas 3 -p 8080:80 busybox:latest \
+  sh -c 'mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www'
 flotilla service ps web
+flotilla service ls
+# the routing mesh answers on the node's addresses, localhost included, and spreads connections over the tasks
+for i in 1 2 3 4 5 6; do
+  for _ in $(seq 1 50); do out=$(busybox wget -qO- http://127.0.0.1:8080/ 2>/dev/null) && break; sleep 0.2; done
+  echo "http://127.0.0.1:8080/ -> ${out:-no answer}"
+done
 echo
 echo "Try: flotilla service scale web=5 && flotilla service ps web"

@@ -36,6 +36,7 @@ import { unmount } from '../runtime/mount.js';
 import type { Discovery } from './discovery.js';
 import { execInWorker } from '../runtime/spawner.js';
 import { CNI_VERSION, DEFAULT_CNI_PATH, cniAdd, cniCheck, cniDel, type CniNetworkList, type CniOptions, type CniResult } from './cni.js';
+import { PORTS_TABLE, portRules, publishesAny, renderPorts } from './ports.js';
 import { VXLAN_PORT, bridgeMac, bridgeName, hostOfAddr, macOf, overlayMtu, parseCidr, parseIp, vniOf, vxlanName } from './names.js';
 
 export interface NodeNetworkOptions {
@@ -70,6 +71,8 @@ export interface NetAttachRecord {
   mtu: number;
   /** the bridge plugin's ADD result (for DEL and CHECK) */
   result?: CniResult;
+  /** the ingress network: the task's default route goes through the node (published ports' replies) */
+  ingress?: boolean;
 }
 
 export interface TaskNetRecord {
@@ -130,6 +133,10 @@ export class NodeNetwork implements TaskNetwork {
   /** the view each network's entries were last made from */
   private readonly synced = new Map<number, NetworkView | undefined>();
   private batchSeq = 0;
+  /** the ingress network's VXLAN id while ports are published (its devices stay without local tasks) */
+  private ingressVni: number | undefined;
+  /** the published-ports table last applied ('' = none) */
+  private portsApplied = 'unknown: an earlier agent process may have left one';
 
   private constructor(readonly opts: NodeNetworkOptions) {
     this.log = opts.log;
@@ -248,8 +255,65 @@ export class NodeNetwork implements TaskNetwork {
       }
     }
     // DNS answers and the VIP tables of the tasks here follow the same views
-    const failed = (await this.opts.discovery?.setViews([...this.views.values()])) ?? [];
+    // (not the ingress network's: it carries published ports only, no names, no VIPs)
+    const failed = (await this.opts.discovery?.setViews([...this.views.values()].filter((v) => !v.network?.spec?.ingress))) ?? [];
     for (const f of failed) this.log?.warn({ err: f }, 'updating the VIP tables');
+    await this.syncPorts().catch((err: unknown) => this.log?.warn({ err: errorMessage(err) }, 'programming the published ports'));
+  }
+
+  // ---------------------------------------------------------------------------------------------- published ports
+
+  private ingressView(): NetworkView | undefined {
+    for (const v of this.views.values()) if (v.network?.spec?.ingress) return v;
+    return undefined;
+  }
+
+  /**
+   * Published ports (agent/network/ports.ts): while the ingress view publishes any port, this node
+   * keeps the ingress bridge and VXLAN device (with or without local tasks), holds its own ingress
+   * address on the bridge, forwards IPv4, and has table ip flotilla-ports made from the view; when
+   * no port is published any more the table goes, and the devices too unless local tasks use them.
+   */
+  private async syncPorts(): Promise<void> {
+    const view = this.ingressView();
+    const vni = view?.network?.allocation?.vni;
+    if (!view || !vni || !publishesAny(view)) {
+      const old = this.ingressVni;
+      this.ingressVni = undefined;
+      if (this.portsApplied !== '') {
+        await this.cmd('nft', ['delete', 'table', 'ip', PORTS_TABLE], true);
+        this.portsApplied = '';
+        this.log?.info('published ports removed from this node');
+      }
+      if (old !== undefined) await this.lock.run(NET_LOCK + old, async () => (this.inUse(old) ? undefined : this.removeDevices(old)));
+      return;
+    }
+    this.ingressVni = vni;
+    const self = this.opts.nodeId?.() ?? '';
+    const mine = self ? view.network!.allocation!.nodeAddresses[self] : undefined;
+    const br = bridgeName(vni);
+    await this.lock.run(NET_LOCK + vni, async () => {
+      await this.ensureDevices(view);
+      if (this.synced.get(vni) !== view) await this.sync(vni, view);
+      if (mine) {
+        const ip = parseCidr(mine, 'node ingress address');
+        const links = await this.links();
+        if (!links.find((l) => l.ifname === br)?.addr_info?.some((a) => a.family === 'inet' && a.local === ip.ip)) {
+          await this.cmd('ip', ['addr', 'replace', `${ip.ip}/${ip.prefix}`, 'dev', br]);
+        }
+      }
+      // forwarding to the tasks, and DNAT of connections to 127.0.0.1 out of the bridge
+      await this.cmd('sysctl', ['-qw', 'net.ipv4.ip_forward=1', `net.ipv4.conf.${br}.route_localnet=1`], true);
+    });
+    const { rules, remote } = portRules(view, (p) => this.isLocal(p), !!mine);
+    const text = renderPorts(rules, remote, br, mine ? parseCidr(mine, 'node ingress address').ip : undefined);
+    if (text === this.portsApplied) return;
+    const f = this.opts.hostNetns ? 'nsenter' : 'nft';
+    const a = this.opts.hostNetns ? [`--net=${this.opts.hostNetns}`, '--', 'nft', '-f', '-'] : ['-f', '-'];
+    const r = await execInWorker(f, a, { input: text, timeoutMs: 30_000 });
+    if (r.code !== 0) throw new FlotillaError('INTERNAL', `nft: published ports: ${r.stderr.trim() || r.error}`);
+    this.portsApplied = text;
+    this.log?.debug({ ports: rules.map((x) => `${x.published}/${x.protocol}->${x.target} (${x.backends.length})`) }, 'published ports programmed');
   }
 
   /** The networks whose bridge or VXLAN device exists on this node, by VXLAN id. */
@@ -266,6 +330,7 @@ export class NodeNetwork implements TaskNetwork {
   }
 
   private inUse(vni: number): boolean {
+    if (vni === this.ingressVni) return true;
     for (const r of this.records.values()) if (r.networks.some((n) => n.vni === vni)) return true;
     return false;
   }
@@ -295,7 +360,8 @@ export class NodeNetwork implements TaskNetwork {
         continue;
       }
       nodes.add(dst);
-      const mac = macOf(ip);
+      // a node's own ingress address sits on its bridge: the bridge's MAC
+      const mac = p.nodeAddress ? bridgeMac(dst, vni) : macOf(ip);
       wantFdb.set(`${mac} ${dst}`, `fdb replace ${mac} dev ${vx} dst ${dst} self permanent`);
       // and in the bridge's own table: known behind the VXLAN port from the start (no unknown-unicast
       // flood; neigh_suppress answers ARP only for MACs the bridge knows)
@@ -371,7 +437,7 @@ export class NodeNetwork implements TaskNetwork {
     if (vxLink?.master !== br) await this.cmd('ip', ['link', 'set', vx, 'master', br]);
     // ARP for remote tasks answered from the bridge's neighbour table; none for local addresses over the overlay
     await this.cmd('bridge', ['link', 'set', 'dev', vx, 'neigh_suppress', 'on']);
-    await this.isolate(vni);
+    await this.isolate(vni, !!net.spec?.ingress);
     if (vxLink?.operstate !== 'UNKNOWN' && vxLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', vx, 'up']);
     if (brLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', br, 'up']);
     this.ensured.set(vni, mtu);
@@ -384,7 +450,7 @@ export class NodeNetwork implements TaskNetwork {
    * task has a route through its gateway. Traffic within the bridge (seen here as bridge to the same
    * bridge when br_netfilter is loaded) is not touched.
    */
-  private async isolate(vni: number): Promise<void> {
+  private async isolate(vni: number, ingress = false): Promise<void> {
     const br = bridgeName(vni);
     const table = `flotilla-${vni}`;
     const rules = [
@@ -393,6 +459,9 @@ export class NodeNetwork implements TaskNetwork {
       `table inet ${table} {`,
       '  chain forward {',
       '    type filter hook forward priority filter - 10; policy accept;',
+      // the ingress network: the published ports' connections (DNAT'ed by table ip flotilla-ports)
+      // and their replies are routed in and out; nothing else
+      ...(ingress ? ['    ct status dnat accept'] : []),
       `    iifname "${br}" oifname != "${br}" drop`,
       `    oifname "${br}" iifname != "${br}" drop`,
       '  }',
@@ -429,7 +498,12 @@ export class NodeNetwork implements TaskNetwork {
           hairpinMode: false,
           mtu: a.mtu,
           capabilities: { mac: true },
-          ipam: { type: 'static', addresses: [{ address: a.address, gateway: a.gateway }] },
+          ipam: {
+            type: 'static',
+            addresses: [{ address: a.address, gateway: a.gateway }],
+            // replies to the clients of published ports leave through the node (which un-NATs them)
+            ...(a.ingress ? { routes: [{ dst: '0.0.0.0/0', gw: a.gateway }] } : {}),
+          },
         },
       ],
     };
@@ -467,6 +541,7 @@ export class NodeNetwork implements TaskNetwork {
           mac: macOf(c.ip),
           ifname: `eth${i}`,
           mtu: 0,
+          ingress: !!view.network.spec?.ingress,
         });
       }
       const netns = this.netnsPath(taskId);
@@ -556,6 +631,9 @@ export class NodeNetwork implements TaskNetwork {
 
   /** Removes every task attachment and every overlay device of this node (tests, node leaving). */
   async teardown(): Promise<void> {
+    await this.cmd('nft', ['delete', 'table', 'ip', PORTS_TABLE], true);
+    this.portsApplied = '';
+    this.ingressVni = undefined;
     for (const id of [...this.records.keys()]) await this.detach(id).catch((err: unknown) => this.log?.warn({ taskId: id, err: errorMessage(err) }, 'detach failed'));
     for (const [vni] of await this.presentNetworks()) await this.lock.run(NET_LOCK + vni, () => this.removeDevices(vni));
   }

@@ -60,10 +60,12 @@ export function stripIngress(store: MemoryStore, spec: ServiceSpec): void {
  * Makes the spec's attachment to the ingress network follow its published ports (the spec's networks
  * already resolved to ids). Creates the network when the first port is published.
  */
-export async function followIngress(store: MemoryStore, spec: ServiceSpec): Promise<void> {
+export async function followIngress(store: MemoryStore, spec: ServiceSpec, dryRun = false): Promise<void> {
   const task = spec.task;
   if (!task || !publishesPorts(spec.endpoint)) return;
   if (task.container?.networkMode) throw new FlotillaError('INVALID_ARGUMENT', `invalid publish: published ports need the task's own network namespace, not --network ${task.container.networkMode}`);
-  const ing = await ensureIngressNetwork(store);
+  // a dry run creates nothing (the attachment is shown when the network exists already)
+  const ing = dryRun ? ingressNetwork(store) : await ensureIngressNetwork(store);
+  if (!ing) return;
   task.networks.push({ target: ing.id, aliases: [] });
 }

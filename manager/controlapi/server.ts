@@ -214,7 +214,7 @@ export class ControlApi {
     stripIngress(this.store, next);
     next = resolveServiceNetworks(this.store, next);
     allocatePorts(cur.id, next.endpoint, cur.endpoint?.ports ?? [], this.store.listServices());
-    await followIngress(this.store, next);
+    await followIngress(this.store, next, req.dryRun);
     if (next.name !== cur.spec?.name) throw invalidArgument('spec.name', next.name, 'a service cannot be renamed');
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
