@@ -28,11 +28,20 @@ const FORWARDER = `
 const net = require('node:net');
 const fs = require('node:fs');
 const targets = JSON.parse(process.argv[1]);
+const trace = process.argv[2] === 'trace';
 let pending = targets.length;
 for (const t of targets) {
   try { fs.unlinkSync(t.path); } catch {}
   const srv = net.createServer({ allowHalfOpen: false }, (u) => {
     const c = net.connect({ host: t.host, port: t.port, noDelay: true });
+    if (trace) {
+      const t0 = Date.now();
+      let lp = 0;
+      c.on('connect', () => { lp = c.localPort; process.stdout.write('T ' + Date.now() + ' open ' + lp + ' ' + t.host + ':' + t.port + '\\n'); });
+      c.on('end', () => process.stdout.write('T ' + Date.now() + ' fin-from-server ' + lp + '\\n'));
+      c.on('error', (e) => process.stdout.write('T ' + Date.now() + ' error ' + lp + ' ' + t.host + ' ' + e.code + ' after ' + (Date.now() - t0) + ' ms\\n'));
+      u.on('end', () => process.stdout.write('T ' + Date.now() + ' client-closed ' + lp + '\\n'));
+    }
     u.setNoDelay?.(true);
     u.pipe(c);
     c.pipe(u);
@@ -56,8 +65,12 @@ export class NetnsForward {
     private readonly paths: Map<string, string>,
   ) {}
 
-  /** Starts the forwarder inside netnsPath (e.g. /run/netns/NAME) for the given targets; resolves once it listens. */
-  static async start(netnsPath: string, targets: ForwardTarget[], timeoutMs = 10_000): Promise<NetnsForward> {
+  /**
+   * Starts the forwarder inside netnsPath (e.g. /run/netns/NAME) for the given targets; resolves once it
+   * listens. With onTrace, every TCP connection's events (open with its local port, FIN from the server,
+   * error, client's close) are reported as lines `<epoch ms> <event> <local port> ...`.
+   */
+  static async start(netnsPath: string, targets: ForwardTarget[], timeoutMs = 10_000, onTrace?: (line: string) => void): Promise<NetnsForward> {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-fwd-'));
     const paths = new Map<string, string>();
     const spec = targets.map((t, i) => {
@@ -65,13 +78,21 @@ export class NetnsForward {
       paths.set(`${t.host}:${t.port}`, p);
       return { ...t, path: p };
     });
-    const child = spawn('nsenter', [`--net=${netnsPath}`, '--', process.execPath, '-e', FORWARDER, JSON.stringify(spec)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('nsenter', [`--net=${netnsPath}`, '--', process.execPath, '-e', FORWARDER, JSON.stringify(spec), onTrace ? 'trace' : ''], { stdio: ['ignore', 'pipe', 'pipe'] });
     const fwd = new NetnsForward(child, dir, paths);
     let err = '';
     child.stderr?.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-2000)));
+    let buf = '';
     const ok = await new Promise<boolean>((resolve) => {
       const timer = setTimeout(() => resolve(false), timeoutMs);
       child.stdout?.on('data', (d: Buffer) => {
+        buf += d.toString();
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 1);
+          if (line.startsWith('T ')) onTrace?.(line.slice(2));
+        }
         if (d.toString().includes('ready')) {
           clearTimeout(timer);
           resolve(true);
