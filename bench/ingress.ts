@@ -15,7 +15,7 @@
  * Target: (b) and (c) >= 80% of (a)'s exchanges per second. Docker Swarm's routing mesh beside ours needs
  * dockerd, which this machine does not have: the output says so when it is absent.
  *
- * Options (environment): BENCH_CONNS (8), BENCH_SECONDS (3), BENCH_ROUNDS (3).
+ * Options (environment): BENCH_CONNS (8), BENCH_SECONDS (5), BENCH_ROUNDS (3).
  */
 import { existsSync } from 'node:fs';
 import path from 'node:path';
@@ -24,7 +24,7 @@ import { Redis } from 'ioredis';
 import { Testbed, run, type TestbedHost } from '../test/helpers/testbed.js';
 
 const CONNS = Number(process.env.BENCH_CONNS ?? 8);
-const SECONDS = Number(process.env.BENCH_SECONDS ?? 3);
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const PUBLISHED = 16379;
 const NET_SUBNET = '10.79.14.0/24';

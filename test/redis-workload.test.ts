@@ -250,14 +250,23 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
     let done = 0;
     let stall = 0;
     const errors: string[] = [];
+    const t00 = Date.now();
+    let tUpd = 0;
+    const events: string[] = [];
+    const ev = (m: string): void => void events.push(`${((Date.now() - (tUpd || t00)) / 1000).toFixed(2)}s ${m}`);
+    const slow: string[] = [];
     const clients = bed.hosts.map((h) => {
-      const r = redisVia(h, P4, { retryStrategy: (n: number) => (n > 50 ? null : 50) });
-      r.on('reconnecting', () => retries++);
+      const r = redisVia(h, P4, { retryStrategy: (n: number) => (n > 50 ? null : 50), connectTimeout: 3000, commandTimeout: 3000 });
+      r.on('reconnecting', () => (retries++, ev(`long-lived via ${h.name}: reconnecting`)));
+      r.on('close', () => ev(`long-lived via ${h.name}: close`));
+      r.on('ready', () => ev(`long-lived via ${h.name}: ready`));
+      r.on('error', (e: Error) => ev(`long-lived via ${h.name}: error ${e.message}`));
       return r;
     });
     for (const c of clients) await c.connect();
     let stop = false;
-    const until = Date.now() + 60_000; // bounded whatever happens
+    // bounded whatever happens; a command or connection stuck for 3 s (commandTimeout, connectTimeout) fails
+    const until = Date.now() + 40_000;
     const steady = clients.map(async (c, ci) => {
       for (let i = 0; !stop && Date.now() < until && i < 20_000; i++) {
         const t0 = Date.now();
@@ -270,6 +279,7 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
           if (errors.length < 5) errors.push(`${(err as Error).message}`);
         }
         stall = Math.max(stall, Date.now() - t0);
+        if (Date.now() - t0 > 500) slow.push(`echo ${ci}:${i} via ${bed.hosts[ci]!.name} at ${((t0 - (tUpd || t00)) / 1000).toFixed(2)}s took ${Date.now() - t0} ms`);
         await new Promise((r) => setTimeout(r, 10));
       }
     });
@@ -277,8 +287,9 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
     const churn = (async () => {
       for (let i = 0; !stop && Date.now() < until && i < 400; i++) {
         const h = bed.hosts[i % 3]!;
-        const r = redisVia(h, P4, { retryStrategy: (n: number) => (n > 50 ? null : 50) });
-        r.on('reconnecting', () => retries++);
+        const r = redisVia(h, P4, { retryStrategy: (n: number) => (n > 50 ? null : 50), connectTimeout: 3000, commandTimeout: 3000 });
+        r.on('reconnecting', () => (retries++, ev(`new connection ${i} via ${h.name}: reconnecting`)));
+        r.on('error', (e: Error) => ev(`new connection ${i} via ${h.name}: error ${e.message}`));
         const t0 = Date.now();
         try {
           await r.connect();
@@ -291,12 +302,15 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
           r.disconnect();
         }
         stall = Math.max(stall, Date.now() - t0);
+        if (Date.now() - t0 > 500) slow.push(`new connection ${i} via ${h.name} at ${((t0 - (tUpd || t00)) / 1000).toFixed(2)}s took ${Date.now() - t0} ms`);
         await new Promise((res) => setTimeout(res, 250));
       }
     })();
     await new Promise((r) => setTimeout(r, 1000));
     const t0 = Date.now();
+    tUpd = t0;
     const upd = await bed.cli(['service', 'update', '--force', '--quiet', 'r4']);
+    ev('update returned');
     const took = Date.now() - t0;
     await new Promise((r) => setTimeout(r, 1000));
     stop = true;
@@ -307,6 +321,8 @@ describe.skipIf(skip)('Redis with ioredis on the test bed (needs root, runc, CNI
     console.log(
       `rolling update of 2 replicas in ${took} ms under load: ${done} commands and ${fresh} new connections answered, ${failed} failed, ${retries} ioredis reconnects, longest stall ${stall} ms${errors.length ? `; errors: ${errors.join(' | ')}` : ''}`,
     );
+    if (slow.length || failed) console.log(`slow or failed (times from the update command):\n  ${slow.join('\n  ')}\nevents:\n  ${events.join('\n  ')}`);
+    console.log('tasks before', before.map((t) => `${t.id.slice(0, 8)}@${hostOf(t).name}`).join(' '), 'after', after.map((t) => `${t.id.slice(0, 8)}@${hostOf(t).name}`).join(' '));
     expect(after.map((t) => t.id).filter((id) => before.some((b) => b.id === id))).toEqual([]);
     expect(failed).toBe(0);
     for (const c of clients) c.disconnect();
