@@ -135,6 +135,8 @@ export class NodeNetwork implements TaskNetwork {
   private batchSeq = 0;
   /** the ingress network's VXLAN id while ports are published (its devices stay without local tasks) */
   private ingressVni: number | undefined;
+  /** the ingress bridge set up for ports by this process: "vni address" (skips the checks next time) */
+  private ingressReady = '';
   /** the published-ports table last applied ('' = none) */
   private portsApplied = 'unknown: an earlier agent process may have left one';
 
@@ -278,7 +280,8 @@ export class NodeNetwork implements TaskNetwork {
     const view = this.ingressView();
     const vni = view?.network?.allocation?.vni;
     if (!view || !vni || !publishesAny(view)) {
-      const old = this.ingressVni;
+      // the first time after start, what an earlier agent process may have left goes too
+      const old = this.ingressVni ?? (this.portsApplied !== '' ? vni : undefined);
       this.ingressVni = undefined;
       if (this.portsApplied !== '') {
         await this.cmd('nft', ['delete', 'table', 'ip', PORTS_TABLE], true);
@@ -293,6 +296,12 @@ export class NodeNetwork implements TaskNetwork {
     const mine = self ? view.network!.allocation!.nodeAddresses[self] : undefined;
     const br = bridgeName(vni);
     await this.lock.run(NET_LOCK + vni, async () => {
+      const ready = `${vni} ${mine ?? ''}`;
+      // done by this process already, devices still checked: only the entries may need the new view
+      if (this.ingressReady === ready && this.ensured.has(vni)) {
+        if (this.synced.get(vni) !== view) await this.sync(vni, view);
+        return;
+      }
       await this.ensureDevices(view);
       if (this.synced.get(vni) !== view) await this.sync(vni, view);
       if (mine) {
@@ -304,6 +313,7 @@ export class NodeNetwork implements TaskNetwork {
       }
       // forwarding to the tasks, and DNAT of connections to 127.0.0.1 out of the bridge
       await this.cmd('sysctl', ['-qw', 'net.ipv4.ip_forward=1', `net.ipv4.conf.${br}.route_localnet=1`], true);
+      this.ingressReady = ready;
     });
     const { rules, remote } = portRules(view, (p) => this.isLocal(p), !!mine);
     const text = renderPorts(rules, remote, br, mine ? parseCidr(mine, 'node ingress address').ip : undefined);
@@ -475,6 +485,7 @@ export class NodeNetwork implements TaskNetwork {
 
   private async removeDevices(vni: number): Promise<void> {
     this.ensured.delete(vni);
+    if (this.ingressReady.startsWith(`${vni} `)) this.ingressReady = '';
     this.synced.delete(vni);
     await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
     await this.cmd('ip', ['link', 'del', vxlanName(vni)], true);

@@ -175,7 +175,10 @@ export class ControlApi {
     stripIngress(this.store, given);
     const spec = resolveServiceNetworks(this.store, given);
     const id = newId();
-    // published ports: refused now when another service holds one (no ingress network made for nothing)
+    // what would refuse the service is checked before the ingress network is made for it: its name,
+    // secrets and configs, a published port another service holds
+    if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
+    resolveReferences(new Tx(this.store), structuredClone(spec));
     allocatePorts(id, spec.endpoint, [], this.store.listServices());
     await followIngress(this.store, spec);
     const now = Date.now();
