@@ -20,6 +20,8 @@
  *     bed depends on no policy a previous program left behind and adds no firewall rule anywhere.
  *   - netns fl-<id>-h<N>: host N. Loopback and eth0 (the other veth end) with <subnet>.<10+N>/24, no
  *     default route. Hosts 1..managers are managers, the rest agents.
+ *   - netns fl-<id>-c<N> (option clients): an outside client, a machine on the underlay that is no node
+ *     of the cluster (no daemon), eth0 with <subnet>.<200+N>/24: where traffic to published ports comes from.
  *   - <tmp>/flotilla-testbed-<id>/: testbed.json (the state, for `down` and for sweeping runs whose owner
  *     died), h<N>/ (data dir), h<N>.sock (a manager's control socket), h<N>.log (daemon output).
  *
@@ -56,6 +58,8 @@ export interface TestbedOptions {
   heartbeat?: string;
   /** the first three octets of the underlay /24 (default 198.18.<random>: RFC 2544's benchmarking range) */
   subnet?: string;
+  /** outside clients on the underlay (default 0): network namespaces without a daemon (TestbedClient) */
+  clients?: number;
   /** default: 6 random hex digits */
   runId?: string;
   /** aborts create() (which then cleans up what it made) */
@@ -84,6 +88,12 @@ interface HostState {
   pid: number;
 }
 
+interface ClientState {
+  name: string;
+  netns: string;
+  ip: string;
+}
+
 interface BedState {
   runId: string;
   ownerPid: number;
@@ -94,6 +104,8 @@ interface BedState {
   bridge: string;
   port: number;
   hosts: HostState[];
+  /** outside clients (absent in state files of older beds) */
+  clients?: ClientState[];
   /** network namespace inodes (to find processes still inside one) */
   netnsInodes: number[];
   /** the hosts' run roots (see runRootOf), recorded before they are removed */
@@ -283,8 +295,31 @@ export class TestbedHost {
   }
 }
 
+/** An outside client of the bed: a network namespace on the underlay that is no node of the cluster. */
+export class TestbedClient {
+  constructor(readonly state: ClientState) {}
+
+  /** c1, c2, ... */
+  get name(): string {
+    return this.state.name;
+  }
+  get netns(): string {
+    return this.state.netns;
+  }
+  /** underlay address */
+  get ip(): string {
+    return this.state.ip;
+  }
+  /** Runs a command in this client's network namespace. */
+  exec(cmd: string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliResult> {
+    return run('nsenter', [`--net=${path.join(NETNS_DIR, this.netns)}`, '--', ...cmd], opts);
+  }
+}
+
 export class Testbed {
   readonly hosts: TestbedHost[];
+  /** outside clients (option clients) */
+  readonly clients: TestbedClient[];
   private readonly log: (msg: string) => void;
 
   private constructor(
@@ -292,6 +327,7 @@ export class Testbed {
     private readonly opts: TestbedOptions,
   ) {
     this.hosts = state.hosts.map((h) => new TestbedHost(this, h));
+    this.clients = (state.clients ?? []).map((c) => new TestbedClient(c));
     this.log = opts.log ?? ((m) => process.stderr.write(`testbed ${state.runId}: ${m}\n`));
   }
 
@@ -337,6 +373,7 @@ export class Testbed {
     const managers = opts.managers ?? 1;
     const agents = opts.agents ?? 0;
     if (managers < 1 || managers + agents > 200) throw new Error(`invalid test bed size: ${managers} managers, ${agents} agents`);
+    if ((opts.clients ?? 0) < 0 || (opts.clients ?? 0) > 50) throw new Error(`invalid number of clients: ${opts.clients} (0 to 50)`);
     await Testbed.sweep(opts.log);
     const runId = opts.runId ?? randomBytes(3).toString('hex');
     if (!/^[0-9a-f]{1,6}$/.test(runId)) throw new Error(`invalid runId ${JSON.stringify(runId)}: 1-6 hex digits`);
@@ -360,6 +397,8 @@ export class Testbed {
         pid: 0,
       });
     }
+    const clients: ClientState[] = [];
+    for (let i = 0; i < (opts.clients ?? 0); i++) clients.push({ name: `c${i + 1}`, netns: `fl-${runId}-c${i + 1}`, ip: `${subnet}.${200 + i + 1}` });
     const state: BedState = {
       runId,
       ownerPid: opts.manual ? 0 : process.pid,
@@ -370,6 +409,7 @@ export class Testbed {
       bridge: `fl${runId}br`,
       port: PORT,
       hosts,
+      clients,
       netnsInodes: [],
       runRoots: [],
     };
@@ -403,7 +443,7 @@ export class Testbed {
       /* none */
     }
     for (const n of ns) {
-      const m = /^fl-([0-9a-f]{1,6})-(ul|h\d+)$/.exec(n);
+      const m = /^fl-([0-9a-f]{1,6})-(ul|h\d+|c\d+)$/.exec(n);
       if (m) ids.add(m[1]!);
     }
     return [...ids].sort();
@@ -487,6 +527,19 @@ export class Testbed {
       await must('ip', ['-n', h.netns, 'link', 'set', 'eth0', 'up']);
       fs.mkdirSync(h.dataDir, { mode: 0o700 });
       if (this.opts.prepareHost) await this.opts.prepareHost(this.hosts[h.index]!);
+    }
+    for (const c of s.clients ?? []) {
+      this.checkAbort();
+      await must('ip', ['netns', 'add', c.netns]);
+      s.netnsInodes.push(fs.statSync(path.join(NETNS_DIR, c.netns)).ino);
+      this.save();
+      const port = `fl${s.runId}${c.name}`;
+      await must('ip', ['-n', s.underlay, 'link', 'add', port, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', c.netns]);
+      await must('ip', ['-n', s.underlay, 'link', 'set', port, 'master', s.bridge]);
+      await must('ip', ['-n', s.underlay, 'link', 'set', port, 'up']);
+      await must('ip', ['-n', c.netns, 'link', 'set', 'lo', 'up']);
+      await must('ip', ['-n', c.netns, 'addr', 'add', `${c.ip}/24`, 'dev', 'eth0']);
+      await must('ip', ['-n', c.netns, 'link', 'set', 'eth0', 'up']);
     }
     this.checkAbort();
     const first = this.hosts[0]!;
@@ -659,7 +712,7 @@ export class Testbed {
       await sleep(200);
     }
     // 4. namespaces: deleting one destroys its veth end, and the underlay's deletion the bridge
-    for (const ns of [...s.hosts.map((h) => h.netns), s.underlay]) {
+    for (const ns of [...s.hosts.map((h) => h.netns), ...(s.clients ?? []).map((c) => c.netns), s.underlay]) {
       if (!fs.existsSync(path.join(NETNS_DIR, ns))) continue;
       const r = await run('ip', ['netns', 'delete', ns]);
       if (r.code !== 0) note(`ip netns delete ${ns} failed: ${r.stderr.trim()}`);
@@ -765,7 +818,7 @@ export class Testbed {
   leftovers(): string[] {
     const s = this.state;
     const out: string[] = [];
-    for (const ns of [s.underlay, ...s.hosts.map((h) => h.netns)]) if (fs.existsSync(path.join(NETNS_DIR, ns))) out.push(`netns ${ns}`);
+    for (const ns of [s.underlay, ...s.hosts.map((h) => h.netns), ...(s.clients ?? []).map((c) => c.netns)]) if (fs.existsSync(path.join(NETNS_DIR, ns))) out.push(`netns ${ns}`);
     for (const p of this.processes()) out.push(`process ${p.pid}: ${p.cmd.slice(0, 120)}`);
     // no device of the bed is ever made in the root namespace; check that none is there
     const links = fs.readdirSync('/sys/class/net').filter((l) => l.includes(`fl${s.runId}`));
