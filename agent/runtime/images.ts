@@ -249,7 +249,10 @@ export class ImageStore {
    * docker's image id) or by a unique prefix of the manifest digest (with or without "sha256:").
    */
   async get(ref: string): Promise<ImageRecord> {
-    const r = ref.trim();
+    let r = ref.trim();
+    // name[:tag]@sha256:<hex> (a reference pinned by the manager): the digest decides
+    const at = r.indexOf('@');
+    if (at > 0 && isDigest(r.slice(at + 1))) r = r.slice(at + 1);
     if (isDigest(r)) {
       const all = await this.list();
       const hit = all.find((i) => i.digest === r) ?? all.find((i) => i.configDigest === r);
@@ -355,35 +358,7 @@ export class ImageStore {
           : kind === 'docker'
             ? await this.stageDocker(dir, source, ref, pin)
             : await this.stageRootfs(dir, opts.config ?? {}, pin);
-      const diffIds = strings(staged.config.rootfs?.diff_ids);
-      if (diffIds.length !== staged.layers.length) {
-        throw bad(source, `the config lists ${diffIds.length} layer diff ids but the manifest has ${staged.layers.length} layers`);
-      }
-      if (staged.layers.length === 0) throw bad(source, 'the image has no layers');
-      for (const [i, l] of staged.layers.entries()) {
-        const info = await this.layers.prepare(l.digest);
-        if (info.diffId !== diffIds[i]) {
-          throw bad(source, `layer ${i} (${l.digest}) unpacks to diff id ${info.diffId}, but the config says ${diffIds[i]}`);
-        }
-      }
-      const created = Date.parse(staged.config.created ?? '');
-      const record: ImageRecord = {
-        name: ref,
-        digest: staged.manifestDigest,
-        configDigest: staged.configDigest,
-        layers: staged.layers.map((l) => l.digest),
-        diffIds,
-        config: imageConfigFrom(staged.config),
-        size: staged.layers.reduce((n, l) => n + l.size, 0),
-        created: Number.isFinite(created) ? created : Date.now(),
-      };
-      await this.locked(async () => {
-        const old = await this.find(ref);
-        await this.writeRecord(record);
-        unpin();
-        if (old && old.digest !== record.digest) await this.gc([old]);
-      });
-      return record;
+      return await this.finish(ref, staged, source, unpin);
     } catch (err) {
       await this.locked(async () => {
         unpin();
@@ -398,6 +373,105 @@ export class ImageStore {
     } finally {
       if (extracted) await fs.rm(extracted, { recursive: true, force: true });
     }
+  }
+
+  /**
+   * The end of every way in (import, commit): unpacks every layer, checks it against the config's diff
+   * ids, and writes the record under ref (replacing an older image of that name, whose content goes when
+   * nothing else uses it). unpin runs once the record is written.
+   */
+  private async finish(ref: string, staged: Staged, source: string, unpin: () => void): Promise<ImageRecord> {
+    const diffIds = strings(staged.config.rootfs?.diff_ids);
+    if (diffIds.length !== staged.layers.length) {
+      throw bad(source, `the config lists ${diffIds.length} layer diff ids but the manifest has ${staged.layers.length} layers`);
+    }
+    if (staged.layers.length === 0) throw bad(source, 'the image has no layers');
+    for (const [i, l] of staged.layers.entries()) {
+      const info = await this.layers.prepare(l.digest);
+      if (info.diffId !== diffIds[i]) {
+        throw bad(source, `layer ${i} (${l.digest}) unpacks to diff id ${info.diffId}, but the config says ${diffIds[i]}`);
+      }
+    }
+    const created = Date.parse(staged.config.created ?? '');
+    const record: ImageRecord = {
+      name: ref,
+      digest: staged.manifestDigest,
+      configDigest: staged.configDigest,
+      layers: staged.layers.map((l) => l.digest),
+      diffIds,
+      config: imageConfigFrom(staged.config),
+      size: staged.layers.reduce((n, l) => n + l.size, 0),
+      created: Number.isFinite(created) ? created : Date.now(),
+    };
+    await this.locked(async () => {
+      const old = await this.find(ref);
+      await this.writeRecord(record);
+      unpin();
+      if (old && old.digest !== record.digest) await this.gc([old]);
+    });
+    return record;
+  }
+
+  /**
+   * Protects digests (blobs being fetched, their layers) from prune and gc until the returned function
+   * is called (once). Whoever fetches an image's blobs before commit() pins them first.
+   */
+  pin(digests: Iterable<string>): () => void {
+    const mine = [...new Set(digests)];
+    for (const d of mine) this.pins.set(d, (this.pins.get(d) ?? 0) + 1);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      for (const d of mine) {
+        const n = (this.pins.get(d) ?? 1) - 1;
+        if (n > 0) this.pins.set(d, n);
+        else this.pins.delete(d);
+      }
+    };
+  }
+
+  /**
+   * Records name for an image whose manifest, config and layer blobs are in the content store already
+   * (fetched from another node or a registry, each verified against its digest on the way in): unpacks
+   * the layers, checks them against the config's diff ids and writes the record (replacing an older
+   * image of that name). The manifest must be an image manifest (an index is resolved by the caller).
+   */
+  async commit(name: string, manifestDigest: string): Promise<ImageRecord> {
+    const ref = normalizeImageName(name);
+    const source = `${ref}@${manifestDigest}`;
+    const manifest = parseJson<Manifest>(await this.content.readBytes(manifestDigest), source, `manifest ${manifestDigest}`);
+    if (!manifest.config || !Array.isArray(manifest.layers)) throw bad(source, `manifest ${manifestDigest} lacks config or layers`);
+    const config = parseJson<OciConfig>(await this.content.readBytes(manifest.config.digest), source, `config ${manifest.config.digest}`);
+    for (const l of manifest.layers) if (!(await this.content.has(l.digest))) throw bad(source, `layer ${l.digest} is missing from the content store`);
+    const unpin = this.pin([manifestDigest, manifest.config.digest, ...manifest.layers.map((l) => l.digest)]);
+    try {
+      return await this.finish(ref, { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers, config }, source, unpin);
+    } finally {
+      unpin();
+    }
+  }
+
+  /**
+   * Removes the images no container uses (opts.inUse, and the snapshots prepared from them): every one
+   * with all, else none (flotilla keeps no untagged images: a replaced image's content is what a plain
+   * prune collects), then deletes every blob and unpacked layer nothing references any more.
+   */
+  async pruneImages(opts: { all?: boolean; inUse?: (digest: string) => boolean | Promise<boolean> } = {}): Promise<{ images: ImageRecord[]; blobs: string[]; layers: string[] }> {
+    const images: ImageRecord[] = [];
+    if (opts.all) {
+      for (const img of await this.list()) {
+        if ((await this.snapshots.usersOf(img.digest)).length > 0) continue;
+        if (opts.inUse && (await opts.inUse(img.digest))) continue;
+        await this.locked(async () => {
+          await fs.rm(this.recordPath(img.name), { force: true });
+          await fsyncDir(this.imagesDir);
+        });
+        images.push(img);
+      }
+    }
+    const { blobs, layers } = await this.prune();
+    return { images, blobs, layers };
   }
 
   private async writeRecord(record: ImageRecord): Promise<void> {

@@ -81,6 +81,11 @@ export function createOptions(task: Task, files?: ContainerFile[]): ContainerCre
   };
 }
 
+/** Gets images a task needs onto the node (from another node of the cluster, or a registry). */
+export interface ImageProvider {
+  ensure(ref: string, opts: { signal?: AbortSignal; onProgress?: (message: string) => void }): Promise<void>;
+}
+
 export class TaskController {
   /** the container's id once prepared (or adopted) */
   containerId: string | undefined;
@@ -93,7 +98,25 @@ export class TaskController {
     private readonly files: (task: Task) => ContainerFile[] = () => [],
     /** the node's overlay data plane (absent with the sim runtime) */
     readonly network?: TaskNetwork,
+    /** where a missing image comes from (absent: it must be imported on this node) */
+    readonly images?: ImageProvider,
   ) {}
+
+  /**
+   * Gets the task's image onto the node when it is missing (PREPARING; progress lines go to
+   * onProgress). Errors are TaskError(REJECTED) with the reason.
+   */
+  async pullImage(signal: AbortSignal, onProgress: (message: string) => void): Promise<void> {
+    const image = this.task.spec?.container?.image ?? '';
+    if (!image || !this.images) return;
+    try {
+      if (await this.runtime.hasImage(image)) return;
+      await this.images.ensure(image, { signal, onProgress });
+    } catch (err) {
+      if (signal.aborted) throw err;
+      throw new TaskError(TaskState.TASK_STATE_REJECTED, `image ${JSON.stringify(image)} not available on node ${this.hostname}: ${errorMessage(err)}`, { cause: err });
+    }
+  }
 
   /** Takes over a container that already exists for this task (after an agent restart). */
   adopt(info: ContainerInfo): void {
