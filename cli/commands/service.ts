@@ -182,7 +182,9 @@ export function register(program: Command): void {
               const name = taskName(t, nodes);
               const shown = name === prevSlot ? ` \\_ ${name}` : name;
               prevSlot = name;
-              const state = `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`;
+              // a task getting its image shows the progress (e.g. "Preparing (fetching from h1: 1/3 layers, 12.0MiB/40.0MiB) 2 seconds ago")
+              const progress = t.status?.state === TaskState.TASK_STATE_PREPARING && t.status.message && t.status.message !== 'preparing' ? ` (${t.status.message})` : '';
+              const state = `${cap(taskStateName(t.status?.state ?? 0))}${progress} ${timeAgo(t.status?.timestamp ?? 0)}`;
               const err = t.status?.err ?? '';
               return [
                 trunc ? shortId(t.id) : t.id,
