@@ -21,6 +21,7 @@ import { LayerStore } from './layers.js';
 import { Snapshotter } from './snapshots.js';
 import type { ImageConfig, ImageRecord } from './types.js';
 import { writeFileAtomic } from '../../common/fsutil.js';
+import { familiarName, parseReference, storeName } from './registry/reference.js';
 
 export const MEDIA_OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 export const MEDIA_OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
@@ -35,32 +36,23 @@ export const DEFAULT_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/
 // ---------------------------------------------------------------------------------------------------------
 // names
 
-const COMPONENT = '[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*';
-const REPO_RE = new RegExp(`^${COMPONENT}(?:/${COMPONENT})*$`);
-const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
-
-/** Splits "name[:tag]" into its parts (tag defaults to "latest"); INVALID_ARGUMENT when malformed. */
+/**
+ * Splits "[registry/]name[:tag]" into its parts (tag defaults to "latest"; the repository is in the
+ * familiar form, "busybox" not "docker.io/library/busybox"); INVALID_ARGUMENT when malformed. A digest
+ * ("name@sha256:...") is accepted, its tag is then the one given or "latest". Grammar: registry/reference.ts.
+ */
 export function parseImageName(ref: string, field = 'image name'): { repository: string; tag: string } {
-  const colon = ref.lastIndexOf(':');
-  const hasTag = colon > ref.lastIndexOf('/');
-  const repository = hasTag ? ref.slice(0, colon) : ref;
-  const tag = hasTag ? ref.slice(colon + 1) : 'latest';
-  if (ref.length === 0 || ref.length > 255) throw invalidArgument(field, ref, 'must be 1 to 255 characters');
-  if (!REPO_RE.test(repository)) {
-    throw invalidArgument(
-      field,
-      ref,
-      'use lowercase letters, digits and the separators ".", "_", "-" and "/" (starting and ending with a letter or digit), then an optional :tag',
-    );
-  }
-  if (!TAG_RE.test(tag)) throw invalidArgument(field, ref, 'the tag must be 1-128 letters, digits, "_", "." or "-", not starting with "." or "-"');
-  return { repository, tag };
+  const r = parseReference(ref, field);
+  return { repository: familiarName(r), tag: r.tag ?? 'latest' };
 }
 
-/** "busybox" -> "busybox:latest"; validates. */
+/**
+ * The name the store keeps an image under: "busybox" -> "busybox:latest",
+ * "docker.io/library/busybox:1" -> "busybox:1", "127.0.0.1:5000/app" -> "127.0.0.1:5000/app:latest",
+ * "app:1@sha256:..." -> "app@sha256:..." (a digest names one image; the tag beside it is informative).
+ */
 export function normalizeImageName(ref: string, field = 'image name'): string {
-  const { repository, tag } = parseImageName(ref, field);
-  return `${repository}:${tag}`;
+  return storeName(parseReference(ref, field));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -91,7 +83,7 @@ interface DockerHealthcheck {
   StartPeriod?: number;
   Retries?: number;
 }
-interface OciConfig {
+export interface OciConfig {
   created?: string;
   architecture?: string;
   os?: string;
@@ -169,13 +161,17 @@ export interface RemoveOptions {
   inUse?: (digest: string) => boolean | Promise<boolean>;
 }
 
-/** What a source resolves to before it is committed. */
-interface Staged {
+/** What a source resolves to before it is committed (see ImageStore.importStaged). */
+export interface StagedImage {
+  /** the manifest, its config and its layers must be in the content store */
   manifestDigest: string;
   configDigest: string;
   layers: Descriptor[];
   config: OciConfig;
+  /** see ImageRecord.repoDigests */
+  repoDigests?: string[];
 }
+type Staged = StagedImage;
 
 export class ImageStore {
   readonly imagesDir: string;
@@ -249,10 +245,7 @@ export class ImageStore {
    * docker's image id) or by a unique prefix of the manifest digest (with or without "sha256:").
    */
   async get(ref: string): Promise<ImageRecord> {
-    let r = ref.trim();
-    // name[:tag]@sha256:<hex> (a reference pinned by the manager): the digest decides
-    const at = r.indexOf('@');
-    if (at > 0 && isDigest(r.slice(at + 1))) r = r.slice(at + 1);
+    const r = ref.trim();
     if (isDigest(r)) {
       const all = await this.list();
       const hit = all.find((i) => i.digest === r) ?? all.find((i) => i.configDigest === r);
@@ -267,7 +260,21 @@ export class ImageStore {
       } catch {
         // maybe a digest prefix
       }
+      const at = name.indexOf('@');
+      if (at > 0) {
+        // "name[:tag]@sha256:..": any image with that manifest digest, or pulled from a tag that pointed
+        // at that digest (an index's), preferring one of the same repository
+        const repo = name.slice(0, at);
+        const d = name.slice(at + 1);
+        const all = await this.list();
+        const sameRepo = (i: ImageRecord): boolean => i.name.startsWith(`${repo}:`) || i.name.startsWith(`${repo}@`);
+        const byDigest = (i: ImageRecord): boolean => i.digest === d || (i.repoDigests ?? []).some((rd) => rd.endsWith(`@${d}`));
+        const hit = all.find((i) => byDigest(i) && sameRepo(i)) ?? all.find(byDigest);
+        if (hit) return hit;
+        throw notFound('image', ref);
+      }
     } catch (err) {
+      if (err instanceof FlotillaError && err.code === 'NOT_FOUND') throw err;
       validName = false;
       if (!/^(sha256:)?[a-f0-9]+$/.test(r)) throw err;
     }
@@ -319,6 +326,53 @@ export class ImageStore {
     } catch {
       throw bad(source, 'no such file or directory');
     }
+    let extracted: string | undefined;
+    try {
+      return await this.importStaged(
+        ref,
+        async (pin) => {
+          let dir = src;
+          if (st.isFile()) {
+            extracted = path.join(this.tmpDir, tempName());
+            await fs.mkdir(extracted, { mode: 0o700 });
+            try {
+              // node-tar loads on first use: opening the store (every CLI command, agent start) does not need it
+              const tar = await import('tar');
+              await tar.x({ file: src, cwd: extracted, strict: true, preserveOwner: false });
+            } catch (err) {
+              throw bad(source, `not a readable tar archive: ${errorMessage(err).replace(/^TAR_\w+: /, '')}`);
+            }
+            dir = extracted;
+          } else if (!st.isDirectory()) {
+            throw bad(source, 'neither a directory nor a tar file');
+          }
+          const kind = await detectSource(dir);
+          if (st.isFile() && kind === 'rootfs') throw bad(source, 'the tar is neither an OCI image layout (oci-layout, index.json) nor a docker-archive (manifest.json)');
+          if (kind !== 'rootfs' && opts.config) throw bad(source, 'config options only apply to the import of a root file system directory');
+          return kind === 'oci'
+            ? await this.stageOci(dir, source, ref, pin)
+            : kind === 'docker'
+              ? await this.stageDocker(dir, source, ref, pin)
+              : await this.stageRootfs(dir, opts.config ?? {}, pin);
+        },
+        source,
+      );
+    } finally {
+      if (extracted) await fs.rm(extracted, { recursive: true, force: true });
+    }
+  }
+
+  /**
+   * The common end of every way an image comes in (import, registry pull, a copy from another node):
+   * stage(pin) puts the manifest, config and layer blobs into the content store (calling pin(digest) for
+   * each before writing it, which keeps prune/GC off it until the record is written) and returns what it
+   * staged. Then every layer is unpacked (if not already) and checked against the config's diff ids, and
+   * the record is written under name (replacing an image of that name). On any failure the blobs and
+   * unpacked layers this call added, and no image references, are removed. label names the source in
+   * error messages.
+   */
+  async importStaged(name: string, stage: (pin: (digest: string) => void) => Promise<StagedImage>, label = name): Promise<ImageRecord> {
+    const ref = normalizeImageName(name);
     const mine = new Set<string>();
     const pin = (d: string): void => {
       if (mine.has(d)) return;
@@ -332,33 +386,39 @@ export class ImageStore {
         else this.pins.delete(d);
       }
     };
-    let extracted: string | undefined;
     try {
-      let dir = src;
-      if (st.isFile()) {
-        extracted = path.join(this.tmpDir, tempName());
-        await fs.mkdir(extracted, { mode: 0o700 });
-        try {
-          // node-tar loads on first use: opening the store (every CLI command, agent start) does not need it
-          const tar = await import('tar');
-          await tar.x({ file: src, cwd: extracted, strict: true, preserveOwner: false });
-        } catch (err) {
-          throw bad(source, `not a readable tar archive: ${errorMessage(err).replace(/^TAR_\w+: /, '')}`);
-        }
-        dir = extracted;
-      } else if (!st.isDirectory()) {
-        throw bad(source, 'neither a directory nor a tar file');
+      const staged = await stage(pin);
+      const diffIds = strings(staged.config.rootfs?.diff_ids);
+      if (diffIds.length !== staged.layers.length) {
+        throw bad(label, `the config lists ${diffIds.length} layer diff ids but the manifest has ${staged.layers.length} layers`);
       }
-      const kind = await detectSource(dir);
-      if (st.isFile() && kind === 'rootfs') throw bad(source, 'the tar is neither an OCI image layout (oci-layout, index.json) nor a docker-archive (manifest.json)');
-      if (kind !== 'rootfs' && opts.config) throw bad(source, 'config options only apply to the import of a root file system directory');
-      const staged =
-        kind === 'oci'
-          ? await this.stageOci(dir, source, ref, pin)
-          : kind === 'docker'
-            ? await this.stageDocker(dir, source, ref, pin)
-            : await this.stageRootfs(dir, opts.config ?? {}, pin);
-      return await this.finish(ref, staged, source, unpin);
+      if (staged.layers.length === 0) throw bad(label, 'the image has no layers');
+      for (const [i, l] of staged.layers.entries()) {
+        const info = await this.layers.prepare(l.digest);
+        if (info.diffId !== diffIds[i]) {
+          throw bad(label, `layer ${i} (${l.digest}) unpacks to diff id ${info.diffId}, but the config says ${diffIds[i]}`);
+        }
+      }
+      const created = Date.parse(staged.config.created ?? '');
+      const record: ImageRecord = {
+        name: ref,
+        digest: staged.manifestDigest,
+        configDigest: staged.configDigest,
+        layers: staged.layers.map((l) => l.digest),
+        diffIds,
+        config: imageConfigFrom(staged.config),
+        size: staged.layers.reduce((n, l) => n + l.size, 0),
+        created: Number.isFinite(created) ? created : Date.now(),
+      };
+      await this.locked(async () => {
+        const old = await this.find(ref);
+        const repoDigests = new Set([...(old && old.digest === record.digest ? (old.repoDigests ?? []) : []), ...(staged.repoDigests ?? [])]);
+        if (repoDigests.size > 0) record.repoDigests = [...repoDigests].sort();
+        await this.writeRecord(record);
+        unpin();
+        if (old && old.digest !== record.digest) await this.gc([old]);
+      });
+      return record;
     } catch (err) {
       await this.locked(async () => {
         unpin();
@@ -370,46 +430,26 @@ export class ImageStore {
         }
       });
       throw err;
-    } finally {
-      if (extracted) await fs.rm(extracted, { recursive: true, force: true });
     }
   }
 
   /**
-   * The end of every way in (import, commit): unpacks every layer, checks it against the config's diff
-   * ids, and writes the record under ref (replacing an older image of that name, whose content goes when
-   * nothing else uses it). unpin runs once the record is written.
+   * Gives an image a further name (`image tag SRC DST`); replaces an image that had the name DST.
+   * Returns the new record.
    */
-  private async finish(ref: string, staged: Staged, source: string, unpin: () => void): Promise<ImageRecord> {
-    const diffIds = strings(staged.config.rootfs?.diff_ids);
-    if (diffIds.length !== staged.layers.length) {
-      throw bad(source, `the config lists ${diffIds.length} layer diff ids but the manifest has ${staged.layers.length} layers`);
-    }
-    if (staged.layers.length === 0) throw bad(source, 'the image has no layers');
-    for (const [i, l] of staged.layers.entries()) {
-      const info = await this.layers.prepare(l.digest);
-      if (info.diffId !== diffIds[i]) {
-        throw bad(source, `layer ${i} (${l.digest}) unpacks to diff id ${info.diffId}, but the config says ${diffIds[i]}`);
-      }
-    }
-    const created = Date.parse(staged.config.created ?? '');
-    const record: ImageRecord = {
-      name: ref,
-      digest: staged.manifestDigest,
-      configDigest: staged.configDigest,
-      layers: staged.layers.map((l) => l.digest),
-      diffIds,
-      config: imageConfigFrom(staged.config),
-      size: staged.layers.reduce((n, l) => n + l.size, 0),
-      created: Number.isFinite(created) ? created : Date.now(),
-    };
-    await this.locked(async () => {
-      const old = await this.find(ref);
+  async tag(source: string, target: string): Promise<ImageRecord> {
+    const name = normalizeImageName(target, 'target image name');
+    if (name.includes('@')) throw invalidArgument('target image name', target, 'a tag cannot contain a digest');
+    const img = await this.get(source);
+    return this.locked(async () => {
+      const old = await this.find(name);
+      const record: ImageRecord = { ...img, name };
+      delete record.repoDigests;
+      if (old && old.digest === img.digest && old.repoDigests) record.repoDigests = old.repoDigests;
       await this.writeRecord(record);
-      unpin();
-      if (old && old.digest !== record.digest) await this.gc([old]);
+      if (old && old.digest !== img.digest) await this.gc([old]);
+      return record;
     });
-    return record;
   }
 
   /**
@@ -433,23 +473,28 @@ export class ImageStore {
 
   /**
    * Records name for an image whose manifest, config and layer blobs are in the content store already
-   * (fetched from another node or a registry, each verified against its digest on the way in): unpacks
-   * the layers, checks them against the config's diff ids and writes the record (replacing an older
-   * image of that name). The manifest must be an image manifest (an index is resolved by the caller).
+   * (fetched from another node, each verified against its digest on the way in), through importStaged.
+   * The manifest must be an image manifest. repoDigests: NAME@DIGEST references the image is known by
+   * (a pinned index digest).
    */
-  async commit(name: string, manifestDigest: string): Promise<ImageRecord> {
-    const ref = normalizeImageName(name);
-    const source = `${ref}@${manifestDigest}`;
-    const manifest = parseJson<Manifest>(await this.content.readBytes(manifestDigest), source, `manifest ${manifestDigest}`);
-    if (!manifest.config || !Array.isArray(manifest.layers)) throw bad(source, `manifest ${manifestDigest} lacks config or layers`);
-    const config = parseJson<OciConfig>(await this.content.readBytes(manifest.config.digest), source, `config ${manifest.config.digest}`);
-    for (const l of manifest.layers) if (!(await this.content.has(l.digest))) throw bad(source, `layer ${l.digest} is missing from the content store`);
-    const unpin = this.pin([manifestDigest, manifest.config.digest, ...manifest.layers.map((l) => l.digest)]);
-    try {
-      return await this.finish(ref, { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers, config }, source, unpin);
-    } finally {
-      unpin();
-    }
+  async commit(name: string, manifestDigest: string, repoDigests?: string[]): Promise<ImageRecord> {
+    const label = `${name}@${manifestDigest}`;
+    return this.importStaged(
+      name,
+      async (pin) => {
+        pin(manifestDigest);
+        const manifest = parseJson<Manifest>(await this.content.readBytes(manifestDigest), label, `manifest ${manifestDigest}`);
+        if (!manifest.config || !Array.isArray(manifest.layers)) throw bad(label, `manifest ${manifestDigest} lacks config or layers`);
+        pin(manifest.config.digest);
+        const config = parseJson<OciConfig>(await this.content.readBytes(manifest.config.digest), label, `config ${manifest.config.digest}`);
+        for (const l of manifest.layers) {
+          pin(l.digest);
+          if (!(await this.content.has(l.digest))) throw bad(label, `layer ${l.digest} is missing from the content store`);
+        }
+        return { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers, config, ...(repoDigests?.length ? { repoDigests } : {}) };
+      },
+      label,
+    );
   }
 
   /**

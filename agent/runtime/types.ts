@@ -30,6 +30,11 @@ export interface ImageRecord {
   size: number;
   /** Unix ms */
   created: number;
+  /**
+   * "familiar-name@sha256:..." of the registry manifest (or index) each pull of this image resolved to,
+   * like Docker's RepoDigests (an index digest differs from `digest`, the platform manifest's)
+   */
+  repoDigests?: string[];
 }
 
 /** A mount description: the snapshotter returns these and one place (mount.ts) performs them. */

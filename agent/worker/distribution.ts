@@ -145,6 +145,12 @@ export function splitRef(ref: string): { name: string; digest: string } {
   return { name: r, digest: '' };
 }
 
+/** "host:5000/app:1" -> "host:5000/app" */
+function repoOf(name: string): string {
+  const colon = name.lastIndexOf(':');
+  return colon > name.lastIndexOf('/') ? name.slice(0, colon) : name;
+}
+
 export class ImageFetcher {
   private readonly flights = new Map<string, Flight>();
   private readonly blobs = new Map<string, Promise<void>>();
@@ -160,7 +166,7 @@ export class ImageFetcher {
 
   /** The node's images, for the heartbeat. */
   async held(): Promise<NodeImage[]> {
-    return (await this.store.list()).slice(0, 1000).map((i) => ({ name: i.name, digest: i.digest }));
+    return (await this.store.list()).slice(0, 1000).map((i) => ({ name: i.name, digest: i.digest, repoDigests: i.repoDigests ?? [] }));
   }
 
   /** Makes sure the image is in the node's store, fetching it from another node if needed. */
@@ -223,7 +229,7 @@ export class ImageFetcher {
     const errors: string[] = [];
     for (const src of sources) {
       try {
-        await this.fetchFrom(src, want.name || src.name, want.digest || src.digest, report);
+        await this.fetchFrom(src, want.name || src.name, src.digest, report, want.digest && want.digest !== src.digest ? [`${repoOf(want.name || src.name)}@${want.digest}`] : undefined);
         this.stats.images++;
         return;
       } catch (err) {
@@ -241,7 +247,7 @@ export class ImageFetcher {
     });
   }
 
-  private async fetchFrom(src: ImageSource, name: string, digest: string, report: (m: string) => void): Promise<void> {
+  private async fetchFrom(src: ImageSource, name: string, digest: string, report: (m: string) => void, repoDigests?: string[]): Promise<void> {
     const client = this.client(src);
     const from = src.hostname || src.nodeId;
     // everything fetched stays pinned against prune until the image is committed
@@ -285,7 +291,7 @@ export class ImageFetcher {
       };
       await Promise.all(Array.from({ length: Math.min(LAYER_CONCURRENCY, layers.length) }, worker));
       report(`fetched from ${from}: unpacking ${layers.length} layers`);
-      await this.store.commit(name, digest);
+      await this.store.commit(name, digest, repoDigests);
     } finally {
       for (const p of pins) p();
       client.close();

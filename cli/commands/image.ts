@@ -3,7 +3,8 @@ import { ImageStore } from '../../agent/runtime/images.js';
 import { invalidArgument } from '../../common/errors.js';
 import { resolveDataDir } from '../../common/paths.js';
 import { formatBytes } from '../../common/units.js';
-import { action, checkFormat, collect, printJson, table, timeAgo } from '../util.js';
+import { ExitError, action, checkFormat, collect, printJson, readSecretLine, table, timeAgo } from '../util.js';
+import { ProgressDisplay } from '../pullprogress.js';
 
 interface DataDirOpts {
   dataDir?: string;
@@ -72,8 +73,10 @@ export function register(program: Command): void {
           return;
         }
         const rows = images.map((i) => {
+          const at = i.name.indexOf('@');
           const colon = i.name.lastIndexOf(':');
-          return [i.name.slice(0, colon), i.name.slice(colon + 1), i.digest.slice(7, 19), formatBytes(i.size), timeAgo(i.created)];
+          const [repo, tag] = at > 0 ? [i.name.slice(0, at), '<none>'] : [i.name.slice(0, colon), i.name.slice(colon + 1)];
+          return [repo, tag, i.digest.slice(7, 19), formatBytes(i.size), timeAgo(i.created)];
         });
         process.stdout.write(table(['NAME', 'TAG', 'DIGEST', 'SIZE', 'CREATED'], rows));
       }),
@@ -112,6 +115,7 @@ export function register(program: Command): void {
         }
       }),
     );
+
   image
     .command('prune')
     .description('Remove unused image data: blobs and unpacked layers no image uses; with -a, also every image no container uses')
@@ -138,6 +142,162 @@ export function register(program: Command): void {
           process.stdout.write('\n');
         }
         process.stdout.write(`Deleted ${res.blobs.length} blobs and ${res.layers.length} unpacked layers\nTotal reclaimed space: ${formatBytes(reclaimed)}\n`);
+      }),
+    );
+
+  registerRegistryCommands(image);
+}
+
+interface RegistryFlags extends DataDirOpts {
+  insecureRegistry?: string[];
+  quiet?: boolean;
+}
+
+/** --insecure-registry flags plus $FLOTILLA_INSECURE_REGISTRIES (comma separated). */
+function insecureList(opts: RegistryFlags): string[] {
+  const env = (process.env.FLOTILLA_INSECURE_REGISTRIES ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+  return [...env, ...(opts.insecureRegistry ?? [])];
+}
+
+/** Reads all of stdin (for --password-stdin): the trailing newline is dropped. */
+async function readStdin(): Promise<string> {
+  const parts: Buffer[] = [];
+  for await (const chunk of process.stdin) parts.push(chunk as Buffer);
+  return Buffer.concat(parts).toString('utf8').replace(/\r?\n$/, '');
+}
+
+async function readLine(prompt: string): Promise<string> {
+  const readline = await import('node:readline/promises');
+  const rl = readline.createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    return (await rl.question(prompt)).trim();
+  } finally {
+    rl.close();
+  }
+}
+
+function registerRegistryCommands(image: Command): void {
+  // The registry client loads on first use: `image ls` and the other store commands do not need it.
+  const reg = (): Promise<typeof import('../../agent/runtime/registry/index.js')> => import('../../agent/runtime/registry/index.js');
+  const insecureFlag = ['--insecure-registry <host:port>', 'use plain HTTP for this registry (repeatable; loopback registries always use HTTP)'] as const;
+
+  image
+    .command('pull')
+    .description('Pull an image from a registry into this node\'s image store')
+    .argument('<ref>', 'image reference: [registry[:port]/]name[:tag][@sha256:digest]')
+    .option('--data-dir <dir>', 'node data directory')
+    .option('--platform <os/arch[/variant]>', "the platform to pull from a multi-platform image (default: this node's)")
+    .option(...insecureFlag, collect)
+    .option('-q, --quiet', 'print only the image reference')
+    .action(
+      action(async (refStr: string, opts: RegistryFlags & { platform?: string }) => {
+        const r = await reg();
+        const ref = r.parseReference(refStr);
+        const platform = opts.platform !== undefined ? r.parsePlatform(opts.platform) : undefined;
+        const store = await ImageStore.open(resolveDataDir(opts.dataDir));
+        const auth = await r.loadCredentials(ref.registry);
+        const display = new ProgressDisplay(process.stdout);
+        if (!opts.quiet) process.stdout.write(`${ref.tag ?? ref.digest}: Pulling from ${r.familiarName(ref)}\n`);
+        const before = await store.find(r.storeName(ref));
+        const res = await r.pull(ref, store, {
+          insecure: insecureList(opts),
+          ...(auth ? { auth } : {}),
+          ...(platform ? { platform } : {}),
+          ...(opts.quiet ? {} : { onProgress: display.onProgress }),
+        });
+        if (!opts.quiet) {
+          process.stdout.write(`Digest: ${res.digest}\n`);
+          const fresh = before?.digest !== res.record.digest;
+          process.stdout.write(`Status: ${fresh ? 'Downloaded newer image' : 'Image is up to date'} for ${r.familiarString(ref)}\n`);
+        }
+        process.stdout.write(`${r.formatReference(ref)}\n`);
+      }),
+    );
+
+  image
+    .command('push')
+    .description('Push an image of this node\'s image store to a registry')
+    .argument('<ref>', 'image name: [registry[:port]/]name[:tag] (tag it first with image tag)')
+    .option('--data-dir <dir>', 'node data directory')
+    .option(...insecureFlag, collect)
+    .option('--chunk-size <bytes>', 'upload blobs in chunks of this many bytes (default: one request per blob)')
+    .option('-q, --quiet', 'print only the digest')
+    .action(
+      action(async (refStr: string, opts: RegistryFlags & { chunkSize?: string }) => {
+        const r = await reg();
+        const ref = r.parseReference(refStr);
+        let chunkSize: number | undefined;
+        if (opts.chunkSize !== undefined) {
+          chunkSize = Number(opts.chunkSize);
+          if (!Number.isInteger(chunkSize) || chunkSize < 1024) throw invalidArgument('--chunk-size', opts.chunkSize, 'expected a whole number of bytes, at least 1024');
+        }
+        const store = await ImageStore.open(resolveDataDir(opts.dataDir));
+        const auth = await r.loadCredentials(ref.registry);
+        const display = new ProgressDisplay(process.stdout, process.stdout.isTTY === true, true);
+        if (!opts.quiet) process.stdout.write(`The push refers to repository [${r.familiarName(ref)}]\n`);
+        const res = await r.push(ref, store, {
+          insecure: insecureList(opts),
+          ...(auth ? { auth } : {}),
+          ...(chunkSize ? { chunkSize } : {}),
+          ...(opts.quiet ? {} : { onProgress: display.onProgress }),
+        });
+        if (!opts.quiet) {
+          const img = await store.get(r.storeName(ref));
+          process.stdout.write(`${ref.tag ?? 'latest'}: digest: ${res.digest} size: ${img.size}\n`);
+        } else {
+          process.stdout.write(`${res.digest}\n`);
+        }
+      }),
+    );
+
+  image
+    .command('tag')
+    .description('Give an image another name (e.g. a registry name to push it under)')
+    .argument('<source>', 'image name[:tag] or digest')
+    .argument('<target>', 'new name: [registry[:port]/]name[:tag]')
+    .option('--data-dir <dir>', 'node data directory')
+    .action(
+      action(async (source: string, target: string, opts: DataDirOpts) => {
+        const store = await ImageStore.open(resolveDataDir(opts.dataDir));
+        await store.tag(source, target);
+      }),
+    );
+
+  image
+    .command('login')
+    .description('Log in to a registry: the credentials are checked, then kept in ~/.flotilla/config.json (mode 0600)')
+    .argument('[registry]', 'registry host[:port] (default: Docker Hub)')
+    .option('-u, --username <user>', 'user name')
+    .option('--password-stdin', 'read the password from stdin (it is never taken from the command line)')
+    .option(...insecureFlag, collect)
+    .action(
+      action(async (registryArg: string | undefined, opts: RegistryFlags & { username?: string; passwordStdin?: boolean }) => {
+        const r = await reg();
+        const registry = r.parseRegistryName(registryArg ?? 'docker.io');
+        let username = opts.username;
+        if (username === undefined) {
+          if (!process.stdin.isTTY || opts.passwordStdin) throw new ExitError(2, 'a user name is required: use -u USER');
+          username = await readLine('Username: ');
+        }
+        if (!username) throw new ExitError(2, 'a user name is required: use -u USER');
+        const password = opts.passwordStdin ? await readStdin() : await readSecretLine('Password: ');
+        if (!password) throw new ExitError(2, 'a password is required (on stdin with --password-stdin, or typed at the prompt)');
+        await r.login(registry, { username, password }, { insecure: insecureList(opts) });
+        await r.saveCredentials(registry, { username, password });
+        process.stdout.write('Login Succeeded\n');
+      }),
+    );
+
+  image
+    .command('logout')
+    .description('Remove the stored credentials of a registry')
+    .argument('[registry]', 'registry host[:port] (default: Docker Hub)')
+    .action(
+      action(async (registryArg: string | undefined) => {
+        const r = await reg();
+        const registry = r.parseRegistryName(registryArg ?? 'docker.io');
+        if (await r.removeCredentials(registry)) process.stdout.write(`Removing login credentials for ${registry}\n`);
+        else process.stdout.write(`Not logged in to ${registry}\n`);
       }),
     );
 }

@@ -50,7 +50,7 @@ interface Session {
   /** the secrets and configs sent to the node (dependencies.ts) */
   deps: SentDependencies;
   /** what the node's last heartbeat said it holds, and where its blob server listens (docs/images.md) */
-  images: { name: string; digest: string }[];
+  images: { name: string; digest: string; repoDigests: string[] }[];
   contentAddr: string;
 }
 
@@ -214,7 +214,7 @@ export class Dispatcher {
   heartbeat(req: HeartbeatRequest): HeartbeatResponse {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
-    s.images = req.images.slice(0, MAX_NODE_IMAGES).map((i) => ({ name: i.name, digest: i.digest }));
+    s.images = req.images.slice(0, MAX_NODE_IMAGES).map((i) => ({ name: i.name, digest: i.digest, repoDigests: i.repoDigests.slice(0, 16) }));
     s.contentAddr = req.contentAddr;
     return { periodMs: this.heartbeatMs(), managers: this.opts.managers(), trustBundlePem: this.opts.trustBundle?.() ?? '' };
   }
@@ -399,7 +399,7 @@ export class Dispatcher {
     const sources: ImageSource[] = [];
     for (const s of this.sessions.values()) {
       if (s.nodeId === req.nodeId || !s.contentAddr) continue;
-      const hit = s.images.find((i) => (digest ? i.digest === digest : i.name === name));
+      const hit = s.images.find((i) => (digest ? i.digest === digest || i.repoDigests.some((rd) => rd.endsWith(`@${digest}`)) : i.name === name));
       if (!hit) continue;
       const node = this.store.getNode(s.nodeId);
       if (node?.status?.state !== NodeState.NODE_STATE_READY) continue;

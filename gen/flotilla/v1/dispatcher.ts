@@ -66,6 +66,8 @@ export interface NodeImage {
   name: string;
   /** manifest digest */
   digest: string;
+  /** NAME@DIGEST references it is also known by (a multi-platform index it was pulled through) */
+  repoDigests: string[];
 }
 
 export interface ImageSourcesRequest {
@@ -470,7 +472,7 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
 };
 
 function createBaseNodeImage(): NodeImage {
-  return { name: "", digest: "" };
+  return { name: "", digest: "", repoDigests: [] };
 }
 
 export const NodeImage: MessageFns<NodeImage> = {
@@ -480,6 +482,9 @@ export const NodeImage: MessageFns<NodeImage> = {
     }
     if (message.digest !== "") {
       writer.uint32(18).string(message.digest);
+    }
+    for (const v of message.repoDigests) {
+      writer.uint32(26).string(v!);
     }
     return writer;
   },
@@ -513,6 +518,14 @@ export const NodeImage: MessageFns<NodeImage> = {
             message.digest = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.repoDigests.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -532,6 +545,7 @@ export const NodeImage: MessageFns<NodeImage> = {
     const message = createBaseNodeImage();
     message.name = object.name ?? "";
     message.digest = object.digest ?? "";
+    message.repoDigests = object.repoDigests?.map((e) => e) || [];
     return message;
   },
 };
