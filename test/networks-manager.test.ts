@@ -54,7 +54,7 @@ class FakeNode {
     this.nodeId = reg.nodeId;
     this.sessionId = reg.sessionId;
     this.timer = setInterval(() => {
-      this.client.heartbeat({ nodeId: this.nodeId, sessionId: this.sessionId }, () => {});
+      this.client.heartbeat({ nodeId: this.nodeId, sessionId: this.sessionId, images: [], contentAddr: '' }, () => {});
     }, 150);
     this.stream = this.client.assignments({ nodeId: this.nodeId, sessionId: this.sessionId });
     this.stream.on('data', (msg: AssignmentsMessage) => {
