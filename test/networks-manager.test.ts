@@ -41,6 +41,8 @@ class FakeNode {
       token,
       nodeId: '',
       addr: this.addr,
+      images: [],
+      contentAddr: '',
       description: {
         hostname: this.hostname,
         resources: { nanoCpus: 4e9, memoryBytes: 8 * 1024 ** 3, pids: 0 },

@@ -195,10 +195,11 @@ export class Session {
 
   private async register(client: DispatcherClient, addr: string, signal: AbortSignal): Promise<RegisterResponse> {
     let reg: RegisterResponse;
+    const held = (await this.opts.images?.().catch(() => undefined)) ?? { images: [], contentAddr: '' };
     try {
       reg = await unary(
         client.register.bind(client),
-        { token: this.opts.token, nodeId: this.nodeId, description: this.opts.description, addr: this.opts.addr },
+        { token: this.opts.token, nodeId: this.nodeId, description: this.opts.description, addr: this.opts.addr, images: held.images, contentAddr: held.contentAddr },
         this.opts.rpcTimeoutMs ?? 10_000,
         signal,
       );

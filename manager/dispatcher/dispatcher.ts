@@ -205,7 +205,8 @@ export class Dispatcher {
         });
       }
     });
-    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies(), images: [], contentAddr: '' };
+    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies(), images: [], contentAddr: req.contentAddr };
+    s.images = req.images.slice(0, MAX_NODE_IMAGES).map((i) => ({ name: i.name, digest: i.digest, repoDigests: i.repoDigests.slice(0, 16) }));
     this.sessions.set(nodeId, s);
     this.log.info({ nodeId, hostname: desc.hostname }, 'node registered');
     return { nodeId, sessionId: s.id, heartbeatPeriodMs: this.heartbeatMs(), managers: this.opts.managers() };

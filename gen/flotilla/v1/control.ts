@@ -156,7 +156,11 @@ export interface RemoveNodeResponse {
 }
 
 export interface CreateServiceRequest {
-  spec: ServiceSpec | undefined;
+  spec:
+    | ServiceSpec
+    | undefined;
+  /** keep the image reference as given (no tag -> digest resolution; docs/images.md) */
+  noResolveImage: boolean;
 }
 
 export interface CreateServiceResponse {
@@ -190,6 +194,8 @@ export interface UpdateServiceRequest {
   rollback: string;
   toVersion: number;
   dryRun: boolean;
+  /** keep the image reference as given (no tag -> digest resolution; docs/images.md) */
+  noResolveImage: boolean;
 }
 
 export interface UpdateServiceResponse {
@@ -1666,13 +1672,16 @@ export const RemoveNodeResponse: MessageFns<RemoveNodeResponse> = {
 };
 
 function createBaseCreateServiceRequest(): CreateServiceRequest {
-  return { spec: undefined };
+  return { spec: undefined, noResolveImage: false };
 }
 
 export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
   encode(message: CreateServiceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.spec !== undefined) {
       ServiceSpec.encode(message.spec, writer.uint32(10).fork()).join();
+    }
+    if (message.noResolveImage !== false) {
+      writer.uint32(640).bool(message.noResolveImage);
     }
     return writer;
   },
@@ -1698,6 +1707,14 @@ export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
             message.spec = ServiceSpec.decode(reader, reader.uint32());
             continue;
           }
+          case 80: {
+            if (tag !== 640) {
+              break;
+            }
+
+            message.noResolveImage = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1718,6 +1735,7 @@ export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
     message.spec = (object.spec !== undefined && object.spec !== null)
       ? ServiceSpec.fromPartial(object.spec)
       : undefined;
+    message.noResolveImage = object.noResolveImage ?? false;
     return message;
   },
 };
@@ -1990,7 +2008,15 @@ export const ListServicesResponse: MessageFns<ListServicesResponse> = {
 };
 
 function createBaseUpdateServiceRequest(): UpdateServiceRequest {
-  return { serviceId: "", version: 0, spec: undefined, rollback: "", toVersion: 0, dryRun: false };
+  return {
+    serviceId: "",
+    version: 0,
+    spec: undefined,
+    rollback: "",
+    toVersion: 0,
+    dryRun: false,
+    noResolveImage: false,
+  };
 }
 
 export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
@@ -2012,6 +2038,9 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
     }
     if (message.dryRun !== false) {
       writer.uint32(48).bool(message.dryRun);
+    }
+    if (message.noResolveImage !== false) {
+      writer.uint32(640).bool(message.noResolveImage);
     }
     return writer;
   },
@@ -2077,6 +2106,14 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
             message.dryRun = reader.bool();
             continue;
           }
+          case 80: {
+            if (tag !== 640) {
+              break;
+            }
+
+            message.noResolveImage = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2102,6 +2139,7 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
     message.rollback = object.rollback ?? "";
     message.toVersion = object.toVersion ?? 0;
     message.dryRun = object.dryRun ?? false;
+    message.noResolveImage = object.noResolveImage ?? false;
     return message;
   },
 };

@@ -40,6 +40,9 @@ export interface RegisterRequest {
   nodeId: string;
   description: NodeDescription | undefined;
   addr: string;
+  /** as in HeartbeatRequest: the node's images and its blob server, known from registration on */
+  images: NodeImage[];
+  contentAddr: string;
 }
 
 export interface RegisterResponse {
@@ -197,7 +200,7 @@ export interface LogChunk {
 }
 
 function createBaseRegisterRequest(): RegisterRequest {
-  return { token: "", nodeId: "", description: undefined, addr: "" };
+  return { token: "", nodeId: "", description: undefined, addr: "", images: [], contentAddr: "" };
 }
 
 export const RegisterRequest: MessageFns<RegisterRequest> = {
@@ -213,6 +216,12 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
     }
     if (message.addr !== "") {
       writer.uint32(34).string(message.addr);
+    }
+    for (const v of message.images) {
+      NodeImage.encode(v!, writer.uint32(642).fork()).join();
+    }
+    if (message.contentAddr !== "") {
+      writer.uint32(650).string(message.contentAddr);
     }
     return writer;
   },
@@ -262,6 +271,22 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
             message.addr = reader.string();
             continue;
           }
+          case 80: {
+            if (tag !== 642) {
+              break;
+            }
+
+            message.images.push(NodeImage.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 81: {
+            if (tag !== 650) {
+              break;
+            }
+
+            message.contentAddr = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -285,6 +310,8 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
       ? NodeDescription.fromPartial(object.description)
       : undefined;
     message.addr = object.addr ?? "";
+    message.images = object.images?.map((e) => NodeImage.fromPartial(e)) || [];
+    message.contentAddr = object.contentAddr ?? "";
     return message;
   },
 };
