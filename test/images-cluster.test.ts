@@ -116,7 +116,7 @@ describe.skipIf(skip)('images inside the cluster, without a registry (test bed, 
   });
 
   it('rejects a task whose image is on no node, with the reason', async () => {
-    const r = await bed.cli(['service', 'create', '-d', '--name', 'ghost', '--replicas', '1', '--network', 'host', 'ghost:1', 'true']);
+    const r = await bed.cli(['service', 'create', '-d', '--name', 'ghost', '--replicas', '1', '--network', 'host', '--no-resolve-image', 'ghost:1', 'true']);
     expect(r.code).toBe(0);
     const t = await waitFor(
       'a rejected task of ghost',

@@ -5,7 +5,7 @@
  */
 import { errorMessage, isCode } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
-import { TaskState, type Task } from '../../gen/flotilla/v1/objects.js';
+import { TaskState, type RegistryAuth, type Task } from '../../gen/flotilla/v1/objects.js';
 import type { ContainerCreateOptions, ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
 import type { TaskNetwork } from '../network/node-network.js';
 
@@ -83,7 +83,7 @@ export function createOptions(task: Task, files?: ContainerFile[]): ContainerCre
 
 /** Gets images a task needs onto the node (from another node of the cluster, or a registry). */
 export interface ImageProvider {
-  ensure(ref: string, opts: { signal?: AbortSignal; onProgress?: (message: string) => void }): Promise<void>;
+  ensure(ref: string, opts: { signal?: AbortSignal; onProgress?: (message: string) => void; auth?: RegistryAuth }): Promise<void>;
 }
 
 export class TaskController {
@@ -111,7 +111,8 @@ export class TaskController {
     if (!image || !this.images) return;
     try {
       if (await this.runtime.hasImage(image)) return;
-      await this.images.ensure(image, { signal, onProgress });
+      const auth = this.task.spec?.container?.registryAuth;
+      await this.images.ensure(image, { signal, onProgress, ...(auth ? { auth } : {}) });
     } catch (err) {
       if (signal.aborted) throw err;
       throw new TaskError(TaskState.TASK_STATE_REJECTED, `image ${JSON.stringify(image)} not available on node ${this.hostname}: ${errorMessage(err)}`, { cause: err });

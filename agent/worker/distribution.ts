@@ -24,6 +24,8 @@ import { TLS_CHANNEL_OPTIONS, type TlsSource, clientCredentials, serverCredentia
 import { issuerNames } from '../../manager/ca/x509.js';
 import { grpcError } from '../../manager/grpc.js';
 import { isDigest } from '../runtime/content.js';
+import type { RegistryAuth } from '../../gen/flotilla/v1/objects.js';
+import { insecureRegistries } from '../../manager/controlapi/images.js';
 import type { ImageStore, Manifest } from '../runtime/images.js';
 import { normalizeImageName } from '../runtime/images.js';
 
@@ -126,6 +128,8 @@ export interface SourceFinder {
 
 export interface EnsureOptions {
   signal?: AbortSignal;
+  /** credentials for the image's registry (a service's --with-registry-auth); used only for that registry */
+  auth?: RegistryAuth;
   /** progress lines ("fetching from h1: 2/4 blobs, 1.2 MB/3.4 MB") */
   onProgress?: (message: string) => void;
 }
@@ -161,7 +165,7 @@ export class ImageFetcher {
     private readonly store: ImageStore,
     private readonly finder: SourceFinder,
     private readonly tls: TlsSource,
-    private readonly opts: { hostname: string; log?: Logger; sourcesTimeoutMs?: number } = { hostname: '' },
+    private readonly opts: { hostname: string; log?: Logger; sourcesTimeoutMs?: number; registry?: boolean } = { hostname: '' },
   ) {}
 
   /** The node's images, for the heartbeat. */
@@ -179,7 +183,7 @@ export class ImageFetcher {
         flight.last = m;
         for (const l of flight.listeners) l(m);
       };
-      flight.promise = this.fetch(ref, report).finally(() => this.flights.delete(ref));
+      flight.promise = this.fetch(ref, report, opts.auth).finally(() => this.flights.delete(ref));
       this.flights.set(ref, flight);
       f = flight;
     }
@@ -222,22 +226,90 @@ export class ImageFetcher {
     throw new FlotillaError('NOT_FOUND', `image ${JSON.stringify(ref)} is on no node of the cluster (import or pull it on one node)`);
   }
 
-  private async fetch(ref: string, report: (m: string) => void): Promise<void> {
+  private async fetch(ref: string, report: (m: string) => void, auth: RegistryAuth | undefined): Promise<void> {
     const want = splitRef(ref);
     if (want.name) normalizeImageName(want.name, 'image');
-    const sources = await this.sources(ref);
     const errors: string[] = [];
-    for (const src of sources) {
+    const tried = new Set<string>();
+    const fromPeers = async (sources: ImageSource[]): Promise<boolean> => {
+      for (const src of sources) {
+        if (tried.has(src.nodeId)) continue;
+        tried.add(src.nodeId);
+        try {
+          await this.fetchFrom(src, want.name || src.name, src.digest, report, want.digest && want.digest !== src.digest ? [`${repoOf(want.name || src.name)}@${want.digest}`] : undefined);
+          this.stats.images++;
+          return true;
+        } catch (err) {
+          this.opts.log?.warn({ ref, from: src.hostname, err: errorMessage(err) }, 'fetching an image from another node failed');
+          errors.push(`from node ${src.hostname || src.nodeId}: ${errorMessage(err)}`);
+        }
+      }
+      return false;
+    };
+    // 1. another node of the cluster (by digest when pinned)
+    const first = await this.finder.imageSources(ref).catch(() => [] as ImageSource[]);
+    if (await fromPeers(first)) return;
+    // 2. the registry
+    if (this.opts.registry !== false) {
       try {
-        await this.fetchFrom(src, want.name || src.name, src.digest, report, want.digest && want.digest !== src.digest ? [`${repoOf(want.name || src.name)}@${want.digest}`] : undefined);
+        await this.pullFromRegistry(ref, want, report, auth);
         this.stats.images++;
         return;
       } catch (err) {
-        this.opts.log?.warn({ ref, from: src.hostname, err: errorMessage(err) }, 'fetching an image from another node failed');
-        errors.push(`from ${src.hostname || src.nodeId}: ${errorMessage(err)}`);
+        this.opts.log?.warn({ ref, err: errorMessage(err) }, 'pulling an image from its registry failed');
+        errors.push(errorMessage(err));
       }
     }
-    throw new FlotillaError('UNAVAILABLE', `fetching image ${JSON.stringify(ref)} failed ${errors.join('; ')}`);
+    // 3. a node that reported it meanwhile (heartbeats after an import)
+    if (first.length === 0) {
+      try {
+        if (await fromPeers(await this.sources(ref))) return;
+      } catch (err) {
+        errors.unshift(errorMessage(err));
+      }
+    }
+    throw new FlotillaError('UNAVAILABLE', errors.join('; ') || `image ${JSON.stringify(ref)} is on no node of the cluster`);
+  }
+
+  private async pullFromRegistry(ref: string, want: { name: string; digest: string }, report: (m: string) => void, auth: RegistryAuth | undefined): Promise<void> {
+    const r = await import('../runtime/registry/index.js');
+    const parsed = r.parseReference(ref);
+    const name = want.name ? normalizeImageName(want.name.includes(':') && want.name.lastIndexOf(':') > want.name.lastIndexOf('/') ? want.name : `${want.name}:latest`) : undefined;
+    const sizes = new Map<string, { current: number; total: number; done: boolean }>();
+    let lastReport = 0;
+    const line = (): string => {
+      let done = 0;
+      let cur = 0;
+      let total = 0;
+      for (const l of sizes.values()) {
+        if (l.done) done++;
+        cur += l.current;
+        total += l.total;
+      }
+      return `pulling from ${parsed.registry}: ${done}/${sizes.size} layers, ${formatBytes(cur)}/${formatBytes(total)}`;
+    };
+    report(`pulling from ${parsed.registry}: manifest`);
+    await r.pull(parsed, this.store, {
+      ...(name && parsed.digest ? { name } : {}),
+      ...(auth?.username && auth.registry === parsed.registry ? { auth: { username: auth.username, password: auth.password } } : {}),
+      insecure: insecureRegistries(),
+      onProgress: (e) => {
+        if (e.kind !== 'layer') return;
+        const l = sizes.get(e.id) ?? { current: 0, total: e.total ?? 0, done: false };
+        if (e.total) l.total = e.total;
+        if (e.status === 'downloading' && e.current !== undefined) l.current = e.current;
+        if (e.status === 'exists' || e.status === 'complete') {
+          l.done = true;
+          l.current = l.total;
+        }
+        sizes.set(e.id, l);
+        const now = Date.now();
+        if (now - lastReport >= 500 || l.done) {
+          lastReport = now;
+          report(line());
+        }
+      },
+    });
   }
 
   private client(src: ImageSource): ContentClient {

@@ -9,7 +9,7 @@ import {
   LogLine,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { Node, ServiceMode, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, ServiceMode, TaskState, type RegistryAuth } from '../../gen/flotilla/v1/objects.js';
 import { shortId } from '../../common/ids.js';
 import { parseDuration, parseUint } from '../../common/units.js';
 import { invalidArgument } from '../../common/errors.js';
@@ -26,9 +26,26 @@ export function hostOption(cmd: Command): Command {
   return cmd.option('-H, --host <host>', 'manager address: unix:///path or HOST:PORT (env FLOTILLA_HOST)');
 }
 
+interface ImageFlags {
+  /** false with --no-resolve-image */
+  resolveImage?: boolean;
+  withRegistryAuth?: boolean;
+}
+
+/** This client's credentials for the registry of an image (--with-registry-auth); one line when there are none. */
+async function registryAuthFor(image: string): Promise<RegistryAuth> {
+  const r = await import('../../agent/runtime/registry/index.js');
+  const registry = r.parseReference(image, 'image').registry;
+  const creds = await r.loadCredentials(registry);
+  if (!creds) throw new ExitError(1, `--with-registry-auth: no credentials for registry ${registry} (run flotilla image login ${registry})`);
+  return { registry, username: creds.username, password: creds.password };
+}
+
 /** The flags `service create` and `service update` share. */
 export function addSpecFlags(cmd: Command): Command {
   return cmd
+    .option('--no-resolve-image', 'do not resolve the image tag to a digest (the reference is kept as given)')
+    .option('--with-registry-auth', "send this client's credentials for the image's registry (flotilla image login) to the nodes that run the tasks")
     .option('--constraint <expr>', 'placement constraint, e.g. node.labels.zone==a (repeatable)', collect)
     .option('--replicas-max-per-node <n>', 'maximum replicas per node (0 = unlimited)')
     .option('--reserve-cpu <cpus>', 'reserve CPUs')
@@ -98,11 +115,12 @@ export function register(program: Command): void {
         .passThroughOptions(),
     ),
   ).action(
-    action(async (image: string, args: string[], opts: ServiceFlags & { host?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+    action(async (image: string, args: string[], opts: ServiceFlags & ImageFlags & { host?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const spec = buildServiceSpec(opts, image, args);
+      if (opts.withRegistryAuth && spec.task?.container) spec.task.container.registryAuth = await registryAuthFor(spec.task.container.image);
       const wait = timeoutMs(opts.timeout);
       await withControl(opts.host, async (c) => {
-        const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec });
+        const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec, noResolveImage: opts.resolveImage === false });
         process.stdout.write(`${s!.id}\n`);
         if (!opts.detach) await waitForService(c, s!.id, wait, opts.quiet);
       });
@@ -339,12 +357,13 @@ export function register(program: Command): void {
         .option('--timeout <duration>', 'how long to wait (default 10m)'),
     ),
   ).action(
-    action(async (ref: string, opts: UpdateFlags & { host?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+    action(async (ref: string, opts: UpdateFlags & ImageFlags & { host?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
       await withControl(opts.host, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
         const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
         const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known);
+        if (spec?.task?.container && opts.withRegistryAuth) spec.task.container.registryAuth = await registryAuthFor(spec.task.container.image);
         const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
           serviceId: s!.id,
           version: s!.specVersion,
@@ -352,6 +371,7 @@ export function register(program: Command): void {
           rollback: opts.rollback ? 'previous' : '',
           toVersion: 0,
           dryRun: !!opts.dryRun,
+          noResolveImage: opts.resolveImage === false,
         });
         if (opts.dryRun) return printDryRun(res);
         process.stdout.write(`${s!.spec?.name}\n`);

@@ -413,6 +413,13 @@ export class Dispatcher {
     return { sources };
   }
 
+  /** The manifest digests of images imported (not pulled: no repo digests) under name on connected nodes. */
+  localImageDigests(name: string): Set<string> {
+    const out = new Set<string>();
+    for (const s of this.sessions.values()) for (const i of s.images) if (i.name === name && i.repoDigests.length === 0) out.add(i.digest);
+    return out;
+  }
+
   /** Whether this manager's dispatcher serves agents (it is the leader's). */
   isRunning(): boolean {
     return this.running;
