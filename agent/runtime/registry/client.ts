@@ -24,6 +24,9 @@ export const MEDIA_TYPES = {
 
 export const MANIFEST_ACCEPT = [MEDIA_TYPES.ociIndex, MEDIA_TYPES.dockerList, MEDIA_TYPES.ociManifest, MEDIA_TYPES.dockerManifest].join(', ');
 
+/** Blob bytes are handed to the content store in chunks of at least this size. */
+const COALESCE_BYTES = 1 << 20;
+
 /** Largest manifest or index accepted (the registry's own limit is 4 MiB). */
 export const MAX_MANIFEST_BYTES = 4 << 20;
 
@@ -159,7 +162,8 @@ export class RegistryClient {
     res = await this.send(url, init, scope);
     if (res.status === 401) {
       await res.body?.cancel().catch(() => undefined);
-      throw this.fail('PERMISSION_DENIED', this.opts.auth ? 'incorrect username or password, or no access' : `authentication required (run: flotilla image login ${this.registry})`);
+      if (!this.opts.auth) throw this.fail('PERMISSION_DENIED', `authentication required (run: flotilla image login ${this.registry})`);
+      throw this.fail('PERMISSION_DENIED', challenge.scheme === 'basic' ? 'incorrect username or password' : `access denied${scope ? ` (${scope})` : ''}`);
     }
     return res;
   }
@@ -258,6 +262,8 @@ export class RegistryClient {
     const maxRetries = this.opts.retries ?? 5;
     let got = 0;
     let failures = 0;
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
     for (;;) {
       const headers: Record<string, string> = {};
       if (got > 0) headers.range = `bytes=${got}-`;
@@ -302,9 +308,21 @@ export class RegistryClient {
           }
           got += buf.length;
           onBytes?.(got);
-          yield buf;
+          // hand on chunks of at least 1 MiB: far fewer write calls into the content store than
+          // fetch's small chunks (the writes, not the network, bound a pull on a busy machine)
+          pending.push(buf);
+          pendingBytes += buf.length;
+          if (pendingBytes >= COALESCE_BYTES) {
+            const out = Buffer.concat(pending, pendingBytes);
+            pending = [];
+            pendingBytes = 0;
+            yield out;
+          }
         }
-        if (got >= size) return;
+        if (got >= size) {
+          if (pendingBytes > 0) yield Buffer.concat(pending, pendingBytes);
+          return;
+        }
         throw new Error(`connection closed after ${got} of ${size} bytes`);
       } catch (err) {
         if (this.opts.signal?.aborted) throw err;
