@@ -17,6 +17,7 @@ import {
 import { checkDuration } from '../../common/durations.js';
 import { FlotillaError, invalidArgument } from '../../common/errors.js';
 import { isValidName } from '../../common/ids.js';
+import { parseReference } from '../../common/imageref.js';
 import { parseConstraint } from '../scheduler/constraints.js';
 
 export const DEFAULT_STOP_GRACE_MS = 10_000;
@@ -80,7 +81,16 @@ export function defaultRestartPolicy(): RestartPolicy {
   return { condition: RestartCondition.RESTART_CONDITION_ANY, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
 }
 
-const IMAGE_RE = /^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$|^sha256:[a-f0-9]{6,64}$/;
+/** An image: a reference by Docker's rules (common/imageref.ts: registry host:port, tag, @digest) or a digest (prefix). */
+function validImage(s: string): boolean {
+  if (/^sha256:[a-f0-9]{6,64}$/.test(s)) return true;
+  try {
+    parseReference(s);
+    return true;
+  } catch {
+    return false;
+  }
+}
 const ENV_RE = /^[^=\s][^=]*(=.*)?$/s;
 
 function nonNegative(field: string, v: number): void {
@@ -100,7 +110,7 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   const task = spec.task;
   if (!task?.container) throw invalidArgument('spec.task.container', null, 'required');
   const c = task.container;
-  if (!c.image || !IMAGE_RE.test(c.image)) throw invalidArgument('image', c.image, 'expected NAME[:TAG] or sha256:DIGEST');
+  if (!c.image || !validImage(c.image)) throw invalidArgument('image', c.image, 'expected [REGISTRY[:PORT]/]NAME[:TAG][@sha256:DIGEST] or sha256:DIGEST');
   // sizes first: a huge field is named as such (and not echoed back whole in an error)
   checkSize('env', bytes(c.env), SPEC_LIMITS.env);
   checkSize('args', bytes([...c.command, ...c.args]), SPEC_LIMITS.args);

@@ -5,7 +5,8 @@
  * checks and uploads (monolithic or chunked). Digests are checked by the callers (index.ts) as the
  * bytes are stored.
  *
- * HTTPS uses the system's CAs (Node's default trust store). Plain HTTP is used only for registries the
+ * HTTPS verifies against Node's trust store (bundled roots plus NODE_EXTRA_CA_CERTS; the OS store with
+ * `node --use-openssl-ca`, see docs/images.md). Plain HTTP is used only for registries the
  * caller marks insecure (--insecure-registry) and for loopback registries (localhost, 127.0.0.0/8, [::1]).
  */
 import { Readable } from 'node:stream';
@@ -271,7 +272,8 @@ export class RegistryClient {
       try {
         res = await this.request(`/v2/${repository}/blobs/${digest}`, { method: 'GET', headers }, scope);
       } catch (err) {
-        if (err instanceof FlotillaError && err.code === 'UNAVAILABLE' && got > 0 && failures < maxRetries) {
+        // the manifest came from this registry a moment ago: a failed connection is worth retrying
+        if (err instanceof FlotillaError && err.code === 'UNAVAILABLE' && failures < maxRetries) {
           failures++;
           await sleep(200 * failures, this.opts.signal);
           continue;
@@ -281,6 +283,12 @@ export class RegistryClient {
       if (res.status === 404) {
         await res.body?.cancel().catch(() => undefined);
         throw this.fail('NOT_FOUND', `blob ${digest} not found in ${repository}`);
+      }
+      if (res.status >= 500 && failures < maxRetries) {
+        await res.body?.cancel().catch(() => undefined);
+        failures++;
+        await sleep(200 * failures, this.opts.signal);
+        continue;
       }
       if (!res.ok) await this.failed(res, `blob ${digest}`);
       let skip = 0;
