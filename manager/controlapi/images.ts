@@ -48,7 +48,7 @@ async function registryDigest(ref: string, auth: RegistryAuth | undefined): Prom
 /** The image reference to store in the spec (see the file comment). */
 export async function pinImage(image: string, noResolve: boolean, auth: RegistryAuth | undefined, ctx: PinContext): Promise<string> {
   if (noResolve) return image;
-  const { parseReference, familiarName, familiarString } = await import('../../agent/runtime/registry/reference.js');
+  const { parseReference, familiarName, familiarString } = await import('../../common/imageref.js');
   const ref = parseReference(image, 'spec.task.container.image');
   if (ref.digest) return image;
   const name = `${familiarName(ref)}:${ref.tag ?? 'latest'}`;
