@@ -357,12 +357,14 @@ export class ImageFetcher {
           });
           // a layer present already counts whole
           if (counted === 0) bytes += l.size || 0;
+          // unpacked as soon as it is in, while other layers are still coming (commit finds it ready)
+          await this.store.layers.prepare(l.digest);
           done++;
           tick(true);
         }
       };
       await Promise.all(Array.from({ length: Math.min(LAYER_CONCURRENCY, layers.length) }, worker));
-      report(`fetched from ${from}: unpacking ${layers.length} layers`);
+      report(`fetched from ${from}: committing ${layers.length} layers`);
       await this.store.commit(name, digest, repoDigests);
     } finally {
       for (const p of pins) p();
