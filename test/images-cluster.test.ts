@@ -251,6 +251,10 @@ describe.skipIf(skip)('images inside the cluster, without a registry (test bed, 
       expect(out.stdout + out.stderr).not.toContain(password);
       expect(out.stdout).not.toMatch(/registryAuth|alice/);
     }
+    // nor through the control API itself (every service and task answer)
+    const svc = await control.call<object, { service: unknown }>('getService', { serviceId: 'priv' });
+    const services = await control.call<object, { services: unknown[] }>('listServices', {});
+    for (const answer of [svc, services, await tasksOf('priv')]) expect(JSON.stringify(answer)).not.toContain(password);
     // in memory: h3's agent has them (it pulled with them), h2's never received them
     const inMemory = (pid: number): boolean => processMemoryContains(pid, Buffer.from(password));
     expect(inMemory(bed.hosts[2]!.pid)).toBe(true);
