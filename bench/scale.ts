@@ -30,6 +30,7 @@ const AGENTS = Number(process.env.BENCH_AGENTS ?? 500);
 const PROCS = Math.max(1, Number(process.env.BENCH_PROCS ?? 4));
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 10);
 const REPLICAS = Number(process.env.BENCH_REPLICAS ?? 5000);
+const JOIN_TIMEOUT_S = Number(process.env.BENCH_JOIN_TIMEOUT_S ?? 300);
 const TIMEOUT_MS = Number(process.env.BENCH_TIMEOUT_S ?? 300) * 1000;
 const POLL_MS = Number(process.env.BENCH_POLL_MS ?? 1000);
 const SIM_AGENTS = path.resolve(path.dirname(fileURLToPath(import.meta.url)), 'sim-agents.js');
@@ -103,7 +104,7 @@ async function main(): Promise<number> {
     // a loop of our own (not until()): a dead process ends the wait at once
     for (let ready = 0; ready < AGENTS; ) {
       alive();
-      if (performance.now() - tJoin > 120_000) throw new Error(`only ${ready} of ${AGENTS} agents ready after 120 s`);
+      if (performance.now() - tJoin > JOIN_TIMEOUT_S * 1000) throw new Error(`only ${ready} of ${AGENTS} agents ready after ${JOIN_TIMEOUT_S} s`);
       const { nodes } = await ctl.call<unknown, ListNodesResponse>('listNodes', {}, 30_000);
       ready = nodes.filter((x) => x.role === NodeRole.NODE_ROLE_WORKER && x.status?.state === NodeState.NODE_STATE_READY).length;
       if (ready < AGENTS) await sleep(250);

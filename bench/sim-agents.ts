@@ -44,11 +44,30 @@ const counter = setInterval(() => {
 }, 250);
 ctl.signal.addEventListener('abort', () => clearInterval(counter), { once: true });
 
+// Joins are admitted a few at a time: a real agent joins from its own machine, and 125 concurrent
+// joins in one process only queue behind each other's key generation and TLS handshakes (the
+// libuv thread pool and this one event loop) until their deadlines pass and they retry.
+const JOIN_SLOTS = Number(process.env.SIM_JOIN_CONCURRENCY ?? 16);
+let slots = JOIN_SLOTS;
+const queue: Array<() => void> = [];
+const acquire = (): Promise<void> => (slots > 0 ? (slots--, Promise.resolve()) : new Promise((r) => queue.push(r)));
+const release = (): void => {
+  const next = queue.shift();
+  if (next) next();
+  else slots++;
+};
+
 const runs = Array.from({ length: count }, async (_, i) => {
   const hostname = `${values.prefix}${String(i).padStart(4, '0')}`;
   const rt = SimRuntime.memory();
   runtimes.push(rt);
   let first = true;
+  let held = true;
+  const done = (): void => {
+    if (held) release();
+    held = false;
+  };
+  await acquire();
   try {
     await runAgent({
       dataDir: path.join(values['data-dir']!, hostname),
@@ -64,10 +83,13 @@ const runs = Array.from({ length: count }, async (_, i) => {
       onRegistered: () => {
         if (first) process.stdout.write(`registered ${hostname}\n`);
         first = false;
+        done();
       },
     });
   } catch (err) {
     process.stdout.write(`failed ${hostname}: ${(err as Error).message}\n`);
+  } finally {
+    done();
   }
 });
 await Promise.all(runs);

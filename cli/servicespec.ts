@@ -13,8 +13,10 @@ import { parseConstraint } from '../manager/scheduler/constraints.js';
 import { defaultUpdateConfig } from '../manager/controlapi/validate.js';
 import { applyCreateNetworkFlags } from './networkflags.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
+import { applyContainerCreateFlags, type ContainerFlags } from './containerflags.js';
+import { splitArgs } from './util.js';
 
-export interface ServiceFlags {
+export interface ServiceFlags extends ContainerFlags {
   name?: string;
   replicas?: string;
   mode?: string;
@@ -132,7 +134,8 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         image,
         secrets: (flags.secret ?? []).map((v) => secretRef(parseFileRef('secret', '--secret', v))),
         configs: (flags.config ?? []).map((v) => configRef(parseFileRef('config', '--config', v))),
-        command: flags.entrypoint ? [flags.entrypoint] : [],
+        // split like a shell line, the same on create and update (Docker's --entrypoint)
+        command: flags.entrypoint ? splitArgs(flags.entrypoint) : [],
         args,
         env,
         workdir: flags.workdir ?? '',
@@ -144,6 +147,18 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         noHealthcheck: flags.healthcheck === false,
         labels: {},
         networkMode: '',
+        mounts: [],
+        capAdd: [],
+        capDrop: [],
+        readOnly: false,
+        init: false,
+        ulimits: [],
+        sysctls: {},
+        stopSignal: '',
+        dnsConfig: undefined,
+        hosts: [],
+        groups: [],
+        tty: false,
       },
       resources: {
         limits: {
@@ -175,6 +190,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
     endpoint: undefined,
   };
   applyCreateNetworkFlags(spec, flags);
+  applyContainerCreateFlags(spec.task!.container!, flags);
   if (flags.healthCmd !== undefined || flags.healthInterval || flags.healthTimeout || flags.healthRetries || flags.healthStartPeriod) {
     spec.task!.container!.healthcheck = {
       test: flags.healthCmd !== undefined ? parseHealthCmd(flags.healthCmd) : [],

@@ -9,7 +9,8 @@ import type { Control } from './client.js';
 import { applyUpdateFlags, parseHealthCmd, restartCondition, type ServiceFlags } from './servicespec.js';
 import { configRef, parseFileRef, secretRef } from './secrets.js';
 import { updateStateName } from './format.js';
-import { ExitError } from './util.js';
+import { ExitError, splitArgs } from './util.js';
+import { applyContainerUpdateFlags } from './containerflags.js';
 import { convergence } from './progress.js';
 
 export interface UpdateFlags extends ServiceFlags {
@@ -35,14 +36,7 @@ function envKey(e: string): string {
   return i < 0 ? e : e.slice(0, i);
 }
 
-/** Splits an --args string like a shell would for simple quoting. */
-export function splitArgs(s: string): string[] {
-  const out: string[] = [];
-  const re = /"((?:\\.|[^"])*)"|'([^']*)'|(\S+)/g;
-  let m: RegExpExecArray | null;
-  while ((m = re.exec(s)) !== null) out.push(m[1] !== undefined ? m[1].replace(/\\(.)/g, '$1') : (m[2] ?? m[3] ?? ''));
-  return out;
-}
+export { splitArgs } from './util.js';
 
 export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] = []): ServiceSpec {
   const spec: ServiceSpec = structuredClone(cur);
@@ -101,6 +95,7 @@ export function applyUpdate(cur: ServiceSpec, f: UpdateFlags, known: Network[] =
   if (f.workdir !== undefined) c.workdir = f.workdir;
   if (f.user !== undefined) c.user = f.user;
   applyUpdateNetworkFlags(spec, f, known);
+  applyContainerUpdateFlags(c, f);
   if (f.stopGracePeriod !== undefined) c.stopGracePeriodMs = parseDuration('--stop-grace-period', f.stopGracePeriod);
   task.restart ??= { condition: 0, delayMs: 5000, maxAttempts: 0, windowMs: 0 };
   if (f.restartCondition !== undefined) task.restart.condition = restartCondition(f.restartCondition);

@@ -130,3 +130,12 @@ export async function readSecretLine(prompt: string): Promise<string> {
     stdin.pause();
   }
 }
+
+/** Splits a command line (--args, --entrypoint) like a shell would for simple quoting. */
+export function splitArgs(s: string): string[] {
+  const out: string[] = [];
+  const re = /"((?:\\.|[^"])*)"|'([^']*)'|(\S+)/g;
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(s)) !== null) out.push(m[1] !== undefined ? m[1].replace(/\\(.)/g, '$1') : (m[2] ?? m[3] ?? ''));
+  return out;
+}

@@ -1,7 +1,8 @@
 /**
  * Root CA rotation on real daemons (issue 11, "Rotation"): `flotilla cluster ca --rotate` moves every
  * node to a new root while a service keeps running, then certificates from the old root are refused
- * at the TLS handshake. One manager (with its in-process agent) and two agents, sim runtime.
+ * at the TLS handshake. Three managers (the first with its in-process agent) and two workers, sim runtime:
+ * the managers' Raft connections and the workers' sessions all cross the rotation.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -47,9 +48,12 @@ describeIf('root CA rotation (real daemons)', () => {
     c = new TestCluster('flotilla-carot-');
     const cl = c;
     await cl.startManager({ agent: true, runtime: 'sim' });
+    const m2 = await cl.startJoiningManager('m2');
+    const m3 = await cl.startJoiningManager('m3');
     await cl.startAgent('w1');
     await cl.startAgent('w2');
-    await waitFor('3 nodes ready', async () => (await cliJson<Node[]>(['node', 'ls'], cl.env)).filter((n) => n.status === 'ready').length === 3, 30_000);
+    await waitFor('5 nodes ready', async () => (await cliJson<Node[]>(['node', 'ls'], cl.env)).filter((n) => n.status === 'ready').length === 5, 30_000);
+    const managerAddrs = [cl.managerAddr, m2.addr, m3.addr];
     expect((await cli(['service', 'create', '--name', 'steady', '--replicas', '3', '--detach', 'busybox', 'sleep', '100000'], cl.env)).code).toBe(0);
     const running = await waitFor('3 running', async () => {
       const ts = (await cliJson<T[]>(['service', 'ps', 'steady'], cl.env)).filter((t) => t.state === 'running');
@@ -71,7 +75,7 @@ describeIf('root CA rotation (real daemons)', () => {
     if (rot.code !== 0) for (const p of cl.procs) console.log(p.err.join('').split('\n').filter((l) => /renew|rotation|trust|warn|error/i.test(l)).join('\n'));
     expect(rot.code, rot.stderr + rot.stdout).toBe(0);
     expect(rot.stdout).toMatch(/CA rotation started: new root flotilla root CA [0-9a-f]{8}/);
-    expect(rot.stdout).toMatch(/\d\/3 nodes hold a certificate from the new root/);
+    expect(rot.stdout).toMatch(/\d\/5 nodes hold a certificate from the new root/);
     expect(rot.stdout).toMatch(/CA rotation complete/);
     const newRoot = rot.stdout.match(/new root (flotilla root CA [0-9a-f]{8})/)![1]!;
     expect(newRoot).not.toBe(oldRoot);
@@ -79,7 +83,7 @@ describeIf('root CA rotation (real daemons)', () => {
     expect(status.stdout).toBe(`root CA: ${newRoot}\nno rotation in progress\n`);
 
     // every node holds a certificate from the new root (as saved on disk) and trusts only the new root
-    for (const name of ['m1', 'w1', 'w2']) {
+    for (const name of ['m1', 'm2', 'm3', 'w1', 'w2']) {
       await waitFor(`${name} on the new root only`, () => {
         const saved = JSON.parse(fs.readFileSync(path.join(cl.root, name, 'certificates', 'node-tls.json'), 'utf8')) as { trustPem: string };
         return parseCertificate(certOf(name)).issuer === newRoot && saved.trustPem.split('BEGIN CERTIFICATE').length === 2;
@@ -92,14 +96,21 @@ describeIf('root CA rotation (real daemons)', () => {
       for (const p of cl.procs) console.log(p.err.join('').split('\n').filter((l) => /level":(40|50)|task|down/i.test(l)).slice(-15).join('\n'));
     }
     expect(now.map((t) => t.id).sort()).toEqual(running.map((t) => t.id).sort());
-    expect((await cliJson<Node[]>(['node', 'ls'], cl.env)).map((n) => n.status)).toEqual(['ready', 'ready', 'ready']);
+    expect((await cliJson<Node[]>(['node', 'ls'], cl.env)).map((n) => n.status)).toEqual(['ready', 'ready', 'ready', 'ready', 'ready']);
+    // the Raft group crossed it too: every manager still reachable, one leader, the others followers
+    const mgrs = (await cliJson<{ managerStatus?: { leader?: boolean; reachability?: string } }[]>(['node', 'ls'], cl.env)).filter((n) => n.managerStatus);
+    expect(mgrs.length).toBe(3);
+    expect(mgrs.filter((n) => n.managerStatus?.leader).length).toBe(1);
+    expect(mgrs.every((n) => n.managerStatus?.leader || n.managerStatus?.reachability === 'reachable'), JSON.stringify(mgrs)).toBe(true);
     for (const p of cl.procs) expect(p.err.join('')).not.toMatch(/session failed; reconnecting/);
 
     // old-root certificates fail the TLS handshake (UNAVAILABLE: the call never reaches a handler);
     // the manager's trust follows the store within a moment of the rotation's end
-    await waitFor('old admin certificate refused', async () => (await callCode(ControlClient, cl.managerAddr, oldAdmin, 'getCluster', {})) === grpc.status.UNAVAILABLE, 5000, 200);
     const reg = { token: '', nodeId: '', description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '' };
-    expect(await callCode(DispatcherClient, cl.managerAddr, oldWorker, 'register', reg)).toBe(grpc.status.UNAVAILABLE);
+    for (const addr of managerAddrs) {
+      await waitFor(`old admin certificate refused by ${addr}`, async () => (await callCode(ControlClient, addr, oldAdmin, 'getCluster', {})) === grpc.status.UNAVAILABLE, 5000, 200);
+      expect(await callCode(DispatcherClient, addr, oldWorker, 'register', reg)).toBe(grpc.status.UNAVAILABLE);
+    }
     const old = await cli(['--tlsdir', oldDir, 'cluster', 'join-token', 'worker', '-q'], tcp);
     expect(old.code).not.toBe(0);
     // a client certificate made now (from the new root) works over TCP

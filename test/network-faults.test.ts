@@ -192,10 +192,13 @@ describe.skipIf(skip)('overlay networks under faults (needs root, CNI plugins)',
     const rm = await bed.cli(['node', 'rm', '--force', victimId]);
     expect(rm.code, rm.stderr).toBe(0);
     for (const h of others) {
+      let last: Awaited<ReturnType<typeof entries>> | undefined;
       await waitFor(`${h.name}: no entry for ${victim.name}`, async () => {
-        const e = await entries(h);
+        const e = (last = await entries(h));
         return e.fdb.length === 0 && e.neigh.length === 0 ? true : undefined;
-      }, 5_000);
+      }, 5_000).catch((err: unknown) => {
+        throw new Error(`${(err as Error).message}: left ${JSON.stringify(last)}`);
+      });
     }
     console.log(`node rm: entries gone on every other host ${Date.now() - t0} ms after the command`);
     // the service carries on elsewhere, reachable

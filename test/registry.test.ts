@@ -318,6 +318,27 @@ describe.skipIf(!isRoot())('registry client against docker-registry (needs root 
     expect(await loadCredentials(basic.host, file)).toBeUndefined();
   });
 
+  it('CLI: a loopback registry on HTTPS is spoken to over TLS, trusting only a known CA', async () => {
+    const tls = await startRegistry({ tls: true });
+    try {
+      const dataDir = path.join(work, 'n-cli');
+      const trusted = { ...env(), NODE_EXTRA_CA_CERTS: tls.caFile! };
+      expect((await cli(['image', 'tag', '--data-dir', dataDir, `${basic.host}/team/app:1`, `${tls.host}/app:1`], trusted)).code).toBe(0);
+      const pushed = await cli(['image', 'push', '-q', '--data-dir', dataDir, `${tls.host}/app:1`], trusted);
+      expect(pushed.stderr).toBe('');
+      expect(pushed.stdout.trim()).toBe(appA.manifest.digest);
+      const pulled = await cli(['image', 'pull', '-q', '--data-dir', path.join(work, 'n-tls'), `${tls.host}/app:1`], trusted);
+      expect(pulled.stderr).toBe('');
+      expect(pulled.code).toBe(0);
+      // an untrusted certificate is an error, never a reason to fall back to plain HTTP
+      const untrusted = await cli(['image', 'pull', '-q', '--data-dir', path.join(work, 'n-tls2'), `${tls.host}/app:1`], env());
+      expect(untrusted.code).not.toBe(0);
+      expect(untrusted.stderr.trim()).toBe(`flotilla: registry ${tls.host}: cannot reach ${tls.host}: self-signed certificate`);
+    } finally {
+      await tls.stop();
+    }
+  });
+
   it('CLI: a bad reference, an unknown registry, an unknown tag each give one clear line', async () => {
     const dataDir = path.join(work, 'n-err');
     const badRef = await cli(['image', 'pull', '--data-dir', dataDir, 'Team/App:1'], env());

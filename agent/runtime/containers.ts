@@ -40,9 +40,25 @@ import { runcExec, type ExecOptions } from './exec.js';
 import { ExitWatcher, isAlive, isMonitor } from './exit-watcher.js';
 import { readLogs } from './logs.js';
 import { mountAll, overlayFitsInSpec, unmount } from './mount.js';
-import { buildSpec, envValue, mergeEnv, processArgs, DEFAULT_PATH, type NetworkMode, type OciSpec } from './oci.js';
+import { buildSpec, envValue, mergeEnv, mergeResolvConf, processArgs, specJson, DEFAULT_CAPABILITIES, DEFAULT_PATH, INIT_PATH, type NetworkMode, type OciMount, type OciSpec } from './oci.js';
+import { VolumeStore } from './volumes.js';
+import {
+  ULIMITS,
+  effectiveCaps,
+  normaliseCap,
+  validateDnsOption,
+  validateGroup,
+  validateHostsEntry,
+  validateMounts,
+  validateNameserver,
+  validateSearchDomain,
+  validateSysctl,
+  validateUlimit,
+} from '../../common/containeropts.js';
 import { CONTAINER_ID, Records, newRecord, type ContainerRecord } from './records.js';
-import { findExecutable, resolveUser } from './rootfs.js';
+import { findExecutable, resolveGroups, resolveInRoot, resolveUser } from './rootfs.js';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { Runc, RuncError, findBinary, startMonitor } from './runc.js';
 import { RUN_ROOT_FILE, ownDir, runRootOf } from './run-root.js';
 import type {
@@ -110,6 +126,8 @@ interface Lookup {
   /** $PATH of the container's environment */
   path: string;
   cwd: string;
+  /** --group-add: names or GIDs */
+  groups: string[];
 }
 
 interface ProcessUser {
@@ -119,11 +137,12 @@ interface ProcessUser {
 }
 
 async function lookupIn(root: string, l: Lookup): Promise<ProcessUser> {
-  const [user] = await Promise.all([
+  const [user, , groups] = await Promise.all([
     l.user === '' || l.user === 'root' || l.user === '0' ? { uid: 0, gid: 0, additionalGids: [] } : resolveUser(root, l.user),
     findExecutable(root, l.cmd, l.path, l.cwd),
+    resolveGroups(root, l.groups),
   ]);
-  return { uid: user.uid, gid: user.gid, additionalGids: user.additionalGids };
+  return { uid: user.uid, gid: user.gid, additionalGids: [...new Set([...user.additionalGids, ...groups])] };
 }
 
 /** Entries kept in the per-image lookup cache before it starts over. */
@@ -164,6 +183,8 @@ export function checkRoot(): void {
 export class RuncRuntime implements ContainerRuntime {
   readonly kind = 'runc' as const;
   readonly records: Records;
+  /** the node's named volumes (volumes.ts), in the data dir */
+  readonly volumes: VolumeStore;
   private readonly exits: ExitWatcher;
   private readonly locks = new Map<string, Promise<unknown>>();
   /** lookupInImage's answers (or lookups under way) */
@@ -180,6 +201,7 @@ export class RuncRuntime implements ContainerRuntime {
     readonly logSizeMax: number,
   ) {
     this.records = new Records(runRoot, dataDir);
+    this.volumes = new VolumeStore(dataDir, () => this.volumeUsers());
     this.exits = new ExitWatcher(this.records.exitsDir);
   }
 
@@ -345,6 +367,20 @@ export class RuncRuntime implements ContainerRuntime {
     if (o.seccomp !== undefined && o.seccomp !== '' && o.seccomp !== 'default' && o.seccomp !== 'unconfined') throw invalidArgument('seccomp', o.seccomp, 'use default or unconfined');
     validateFiles(o.files);
     const net = o.network ?? '';
+    validateMounts('mount', o.mounts ?? []);
+    for (const c of o.capAdd ?? []) normaliseCap('cap-add', c);
+    for (const c of o.capDrop ?? []) normaliseCap('cap-drop', c);
+    for (const u of o.ulimits ?? []) validateUlimit('ulimit', u);
+    for (const [k, v] of Object.entries(o.sysctls ?? {})) validateSysctl('sysctl', k, v, net === 'host');
+    if (o.stopSignal !== undefined && o.stopSignal !== '') parseSignal(o.stopSignal);
+    for (const d of o.dns?.nameservers ?? []) validateNameserver('dns', d);
+    for (const d of o.dns?.search ?? []) validateSearchDomain('dns-search', d);
+    for (const d of o.dns?.options ?? []) validateDnsOption('dns-option', d);
+    for (const h of o.extraHosts ?? []) validateHostsEntry('host', h);
+    for (const g of o.groups ?? []) validateGroup('group', g);
+    if (o.init && !findBinary('tini-static')) {
+      throw new FlotillaError('FAILED_PRECONDITION', 'init: tini-static not found in $PATH on this node (Debian: apt-get install tini)');
+    }
     if (o.netns !== undefined && o.netns !== '') {
       if (!path.isAbsolute(o.netns)) throw invalidArgument('netns', o.netns, 'must be an absolute path');
       if (net === 'host' || net === 'none') throw invalidArgument('network', net, 'a container joining a network namespace cannot also use host or none');
@@ -381,6 +417,12 @@ export class RuncRuntime implements ContainerRuntime {
       labels: { ...(opts.labels ?? {}) },
       logSizeMax: opts.logSizeMax ?? this.logSizeMax,
     });
+    // volumes are in the record from the start: `volume rm` refuses them while this create runs
+    const userMounts = (opts.mounts ?? []).map((m) => (m.type === 'volume' && m.source === '' ? { ...m, source: `anon-${newId()}`, anonymous: true } : { ...m, anonymous: false }));
+    rec.volumes = [...new Set(userMounts.filter((m) => m.type === 'volume').map((m) => m.source))];
+    rec.anonVolumes = userMounts.filter((m) => m.anonymous).map((m) => m.source);
+    if (opts.stopSignal) rec.stopSignal = parseSignal(opts.stopSignal);
+    const createdVolumes: string[] = [];
     let nameTaken = false;
     let snapshot = false;
     let monitor = false;
@@ -398,10 +440,26 @@ export class RuncRuntime implements ContainerRuntime {
       if (args.length === 0) throw new FlotillaError('INVALID_ARGUMENT', `no command: image ${image.name} has no Entrypoint or Cmd and none was given`);
       const userSpec = opts.user ?? cfg.user ?? '';
       const cwd = opts.workdir || cfg.workingDir || '/';
-      rec.args = args;
+      // a bind of a host path that is not there is refused before anything else is made
+      for (const m of userMounts) {
+        if (m.type === 'bind' && !existsSync(m.source)) {
+          throw new FlotillaError('INVALID_ARGUMENT', `invalid mount config for type "bind": bind source path does not exist: ${m.source}`);
+        }
+      }
+      const initBin = opts.init ? findBinary('tini-static') : undefined;
+      // the volumes, created on demand (and made mounted when they have a file system of their own)
+      const volumePaths = new Map<string, string>();
+      for (const m of userMounts) {
+        if (m.type !== 'volume' || volumePaths.has(m.source)) continue;
+        const r = await this.volumes.acquire(m.source, { options: m.volumeOpts, labels: m.volumeLabels, anonymous: m.anonymous });
+        if (r.created) createdVolumes.push(m.source);
+        volumePaths.set(m.source, r.volume.mountpoint);
+      }
+      tr('volumes');
+      rec.args = opts.init ? [INIT_PATH, '--', ...args] : args;
       // the /etc files do not need the rootfs: write them while the snapshot is prepared
       const [etc, files, , prepared] = await Promise.all([
-        this.writeEtcFiles(dir, hostname, network, opts.resolvConf),
+        this.writeEtcFiles(dir, hostname, network, opts.resolvConf, opts.dns, opts.extraHosts),
         writeFiles(dir, opts.files),
         fs.mkdir(path.dirname(this.records.logPath(id)), { recursive: true, mode: 0o700 }),
         (async () => {
@@ -417,13 +475,31 @@ export class RuncRuntime implements ContainerRuntime {
             await mountAll(mounts, rootfs);
             tr('mount');
           }
-          const lookup = { user: userSpec, cmd: args[0]!, path: envValue(env, 'PATH') ?? DEFAULT_PATH, cwd };
+          const lookup = { user: userSpec, cmd: args[0]!, path: envValue(env, 'PATH') ?? DEFAULT_PATH, cwd, groups: opts.groups ?? [] };
           const user = rootMount ? await this.lookupInImage(image, lookup) : await lookupIn(rootfs, lookup);
           return { user, rootMount };
         })(),
       ]);
       const { user, rootMount } = prepared;
       tr('lookups');
+      // a new, empty volume gets the image's files at its target (Docker's copy; volume-nocopy skips it)
+      const fresh = userMounts.filter((m) => m.type === 'volume' && createdVolumes.includes(m.source) && !m.volumeNocopy);
+      if (fresh.length > 0) {
+        await this.snapshots.withImageView(image, async (root) => {
+          for (const m of fresh) await copyUp(root, m.target, volumePaths.get(m.source)!);
+        });
+        tr('copy-up');
+      }
+      const ociMounts: OciMount[] = userMounts.map((m) => {
+        const ro = m.readonly ? 'ro' : 'rw';
+        if (m.type === 'bind') return { destination: m.target, type: 'bind', source: m.source, options: ['rbind', 'rprivate', ro] };
+        if (m.type === 'volume') return { destination: m.target, type: 'bind', source: volumePaths.get(m.source)!, options: ['rbind', 'rprivate', 'nosuid', 'nodev', ro] };
+        const o = ['nosuid', 'nodev', `mode=${(m.tmpfsMode || 0o1777).toString(8)}`];
+        if (m.tmpfsSizeBytes > 0) o.push(`size=${m.tmpfsSizeBytes}`);
+        if (m.readonly) o.push('ro');
+        return { destination: m.target, type: 'tmpfs', source: 'tmpfs', options: o };
+      });
+      if (initBin) ociMounts.push({ destination: INIT_PATH, type: 'bind', source: initBin, options: ['rbind', 'ro', 'nosuid', 'nodev'] });
 
       const spec: OciSpec = buildSpec({
         args,
@@ -445,8 +521,15 @@ export class RuncRuntime implements ContainerRuntime {
         annotations: { 'io.flotilla.container.name': opts.name },
         rootMount,
         seccomp: opts.seccomp === 'unconfined' ? undefined : defaultSeccomp(),
+        mounts: ociMounts,
+        capabilities: effectiveCaps(DEFAULT_CAPABILITIES, opts.capAdd ?? [], opts.capDrop ?? []),
+        readonlyRoot: !!opts.readonlyRootfs,
+        rlimits: (opts.ulimits ?? []).map((u) => ({ type: ULIMITS[u.name]!, soft: u.soft, hard: u.hard })),
+        sysctl: opts.sysctls,
+        terminal: !!opts.tty,
       });
-      await fs.writeFile(path.join(dir, 'config.json'), JSON.stringify(spec));
+      if (opts.init) spec.process.args = [INIT_PATH, '--', ...spec.process.args];
+      await fs.writeFile(path.join(dir, 'config.json'), specJson(spec));
       tr('spec');
 
       monitor = true;
@@ -461,6 +544,7 @@ export class RuncRuntime implements ContainerRuntime {
         logPath: this.records.logPath(id),
         logSizeMax: rec.logSizeMax,
         exitDir: this.records.exitsDir,
+        terminal: !!opts.tty,
       });
       tr('conmon+runc create');
       rec.pid = started.pid;
@@ -471,6 +555,8 @@ export class RuncRuntime implements ContainerRuntime {
       return this.info(rec);
     } catch (err) {
       await this.cleanup(rec, { monitor, snapshot, name: nameTaken }).catch(() => undefined);
+      // volumes this create made (and nobody else has started using since) go too: nothing half-made stays
+      for (const v of createdVolumes) await this.volumes.remove(v).catch(() => undefined);
       throw err;
     }
   }
@@ -481,7 +567,7 @@ export class RuncRuntime implements ContainerRuntime {
    * the image's layers; concurrent creates share that one lookup). Failures are not cached.
    */
   private lookupInImage(image: ImageRecord, l: Lookup): Promise<ProcessUser> {
-    const key = JSON.stringify([image.digest, l.user, l.cmd, l.path, l.cwd]);
+    const key = JSON.stringify([image.digest, l.user, l.cmd, l.path, l.cwd, l.groups]);
     let p = this.lookups.get(key);
     if (!p) {
       if (this.lookups.size >= LOOKUP_CACHE_MAX) this.lookups.clear();
@@ -492,13 +578,22 @@ export class RuncRuntime implements ContainerRuntime {
     return p;
   }
 
-  private async writeEtcFiles(dir: string, hostname: string, network: NetworkMode, resolvText?: string): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
+  private async writeEtcFiles(
+    dir: string,
+    hostname: string,
+    network: NetworkMode,
+    resolvText?: string,
+    dns?: RuncCreateOptions['dns'],
+    extraHosts?: string[],
+  ): Promise<{ hosts: string; resolvConf: string; hostname: string }> {
     const hosts = path.join(dir, 'hosts');
     const resolvConf = path.join(dir, 'resolv.conf');
     const hostnameFile = path.join(dir, 'hostname');
     let hostsText = `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t${hostname}\n`;
     if (network === 'host') hostsText = (await hostFile('/etc/hosts')) || hostsText;
-    const resolv = resolvText ?? (network === 'none' ? '' : await hostFile('/etc/resolv.conf'));
+    if (extraHosts?.length) hostsText = `${hostsText.replace(/\n?$/, '\n')}${extraHosts.map((e) => e.trim().split(/\s+/).join('\t')).join('\n')}\n`;
+    // an overlay task's resolv.conf names its networks' resolvers: they stay first
+    const resolv = mergeResolvConf(resolvText ?? (network === 'none' ? '' : await hostFile('/etc/resolv.conf')), dns, resolvText !== undefined);
     await Promise.all([fs.writeFile(hosts, hostsText, { mode: 0o644 }), fs.writeFile(resolvConf, resolv, { mode: 0o644 }), fs.writeFile(hostnameFile, `${hostname}\n`, { mode: 0o644 })]);
     return { hosts, resolvConf, hostname: hostnameFile };
   }
@@ -536,6 +631,15 @@ export class RuncRuntime implements ContainerRuntime {
     await step('exit file', () => fs.rm(this.records.exitFile(rec.id), { force: true }));
     await step('directory', () => fs.rm(this.records.dir(rec.id), { recursive: true, force: true, maxRetries: 3 }));
     await step('logs', () => fs.rm(path.join(this.records.logsDir, rec.id), { recursive: true, force: true, maxRetries: 3 }));
+    for (const v of rec.anonVolumes ?? []) {
+      await step(`volume ${v}`, async () => {
+        try {
+          await this.volumes.remove(v);
+        } catch (err) {
+          if (!isCode(err, 'NOT_FOUND')) throw err;
+        }
+      });
+    }
     if (what.name) {
       await step('name', () => this.records.releaseName(rec.name, rec.id));
     }
@@ -592,7 +696,7 @@ export class RuncRuntime implements ContainerRuntime {
       await this.waitExited(id, 10_000);
       return;
     }
-    await this.signal(rec, 'TERM');
+    await this.signal(rec, rec.stopSignal || 'TERM');
     if (await this.waitExited(id, Math.max(0, graceMs))) return;
     await this.signal(rec, 'KILL', true);
     if (!(await this.waitExited(id, 10_000))) throw new FlotillaError('DEADLINE_EXCEEDED', `container ${rec.name} did not exit after SIGKILL`);
@@ -726,6 +830,19 @@ export class RuncRuntime implements ContainerRuntime {
     return (await this.getImage(ref)).config;
   }
 
+  // ---------------------------------------------------------------------------------------------- volumes
+
+  /** volume name → the containers (any state but being removed) whose records reference it */
+  private async volumeUsers(): Promise<Map<string, string[]>> {
+    const m = new Map<string, string[]>();
+    for (const id of await fs.readdir(this.records.containersDir).catch(() => [] as string[])) {
+      const rec = await this.records.read(id);
+      if (!rec || rec.state === 'removing') continue;
+      for (const v of rec.volumes ?? []) m.set(v, [...(m.get(v) ?? []), rec.name || id]);
+    }
+    return m;
+  }
+
   // ---------------------------------------------------------------------------------------------- reconcile
 
   /**
@@ -769,6 +886,7 @@ export class RuncRuntime implements ContainerRuntime {
       await removeCgroups(`/flotilla/${rid}`).catch(() => undefined);
     }
     await this.records.dropStaleNames();
+    await this.volumes.reconcile().catch(() => undefined);
     for (const f of await fs.readdir(this.records.exitsDir)) {
       if (CONTAINER_ID.test(f) && !existsSync(this.records.dir(f))) await fs.rm(path.join(this.records.exitsDir, f), { force: true });
     }
@@ -781,4 +899,19 @@ export class RuncRuntime implements ContainerRuntime {
       if (CONTAINER_ID.test(id) && !existsSync(this.records.dir(id))) await this.snapshots.remove(id).catch(() => undefined);
     }
   }
+}
+
+const execFileP = promisify(execFile);
+
+/**
+ * Copies what the image has at `target` (resolved inside the image's root) into a new volume's directory,
+ * owners, modes and times included (cp -a), and gives the volume's root the directory's owner and mode.
+ */
+async function copyUp(root: string, target: string, dest: string): Promise<void> {
+  const src = await resolveInRoot(root, target);
+  const st = await fs.stat(src).catch(() => undefined);
+  if (!st?.isDirectory()) return;
+  await execFileP('cp', ['-a', '--', `${src}/.`, `${dest}/`]);
+  await fs.chown(dest, st.uid, st.gid);
+  await fs.chmod(dest, st.mode & 0o7777);
 }

@@ -83,6 +83,7 @@ export interface OciSpec {
     maskedPaths: string[];
     readonlyPaths: string[];
     seccomp?: OciSeccomp;
+    sysctl?: Record<string, string>;
   };
   annotations?: Record<string, string>;
 }
@@ -116,7 +117,19 @@ export interface SpecOptions {
   /** host files (secrets, configs) bind-mounted read-only at their destination, after the /etc files */
   files?: { destination: string; source: string }[];
   annotations?: Record<string, string>;
+  /** the process's capabilities (bounding = effective = permitted); default DEFAULT_CAPABILITIES */
+  capabilities?: string[];
+  readonlyRoot?: boolean;
+  /** rlimits by OCI type (RLIMIT_NOFILE ...), over the default RLIMIT_NOFILE 1024 */
+  rlimits?: { type: string; soft: number; hard: number }[];
+  sysctl?: Record<string, string>;
+  terminal?: boolean;
+  /** the user's mounts (volumes, binds, tmpfs), last: over everything else */
+  mounts?: OciMount[];
 }
+
+/** The in-container path the init binary is bind-mounted at (Docker's). */
+export const INIT_PATH = '/sbin/docker-init';
 
 /** Converts nano CPUs (1e9 per CPU) into a CFS quota for CPU_PERIOD_US. */
 export function cpuQuota(nanoCpus: number): number {
@@ -146,27 +159,31 @@ export function buildSpec(o: SpecOptions): OciSpec {
   bind('/etc/resolv.conf', o.etc?.resolvConf);
   bind('/etc/hostname', o.etc?.hostname);
   for (const f of o.files ?? []) bind(f.destination, f.source);
+  for (const m of o.mounts ?? []) mounts.push({ ...m, options: [...m.options] });
 
   const resources: OciSpec['linux']['resources'] = { devices: [{ allow: false, access: 'rwm' }] };
   if (o.memoryBytes && o.memoryBytes > 0) resources.memory = { limit: o.memoryBytes };
   if (o.nanoCpus && o.nanoCpus > 0) resources.cpu = { quota: cpuQuota(o.nanoCpus), period: CPU_PERIOD_US };
   if (o.pidsLimit && o.pidsLimit > 0) resources.pids = { limit: o.pidsLimit };
 
-  const caps = [...DEFAULT_CAPABILITIES];
+  const caps = [...(o.capabilities ?? DEFAULT_CAPABILITIES)];
+  const rlimits = new Map<string, { type: string; hard: number; soft: number }>([['RLIMIT_NOFILE', { type: 'RLIMIT_NOFILE', hard: 1024, soft: 1024 }]]);
+  // -1 ("unlimited") stays -1 here: specJson writes it as RLIM_INFINITY, which a JS number cannot hold
+  for (const r of o.rlimits ?? []) rlimits.set(r.type, { type: r.type, hard: r.hard, soft: r.soft });
   const spec: OciSpec = {
     ociVersion: '1.0.2',
     process: {
-      terminal: false,
+      terminal: !!o.terminal,
       user: { uid: o.uid, gid: o.gid, ...(o.additionalGids && o.additionalGids.length > 0 ? { additionalGids: o.additionalGids } : {}) },
       args: o.args,
       env: o.env,
       cwd: o.cwd || '/',
       capabilities: { bounding: caps, effective: caps, permitted: caps, inheritable: [], ambient: [] },
-      rlimits: [{ type: 'RLIMIT_NOFILE', hard: 1024, soft: 1024 }],
+      rlimits: [...rlimits.values()],
       noNewPrivileges: true,
       oomScoreAdj: 0,
     },
-    root: { path: o.rootfs, readonly: false },
+    root: { path: o.rootfs, readonly: !!o.readonlyRoot },
     hostname: o.hostname,
     mounts,
     linux: {
@@ -176,6 +193,7 @@ export function buildSpec(o: SpecOptions): OciSpec {
       maskedPaths: [...MASKED_PATHS],
       readonlyPaths: [...READONLY_PATHS],
       ...(o.seccomp ? { seccomp: o.seccomp } : {}),
+      ...(o.sysctl && Object.keys(o.sysctl).length > 0 ? { sysctl: { ...o.sysctl } } : {}),
     },
   };
   if (o.annotations && Object.keys(o.annotations).length > 0) spec.annotations = { ...o.annotations };
@@ -212,4 +230,30 @@ export function processArgs(image: ImageConfig, command?: string[], entrypoint?:
   const ep = entrypoint ?? image.entrypoint ?? [];
   const cmd = command && command.length > 0 ? command : entrypoint !== undefined ? [] : (image.cmd ?? []);
   return [...ep, ...cmd];
+}
+
+/**
+ * The container's /etc/resolv.conf from a base (the host's, or the overlay networks' resolvers) and the
+ * user's DNS options: own name servers replace the base's (an overlay task keeps its network resolvers
+ * first, so service names still resolve), search domains replace the base's, options override the base's
+ * of the same name.
+ */
+export function mergeResolvConf(base: string, dns: { nameservers?: string[]; search?: string[]; options?: string[] } | undefined, keepNameservers: boolean): string {
+  if (!dns || (!dns.nameservers?.length && !dns.search?.length && !dns.options?.length)) return base;
+  const lines = base.split('\n').filter((l) => l.trim() !== '');
+  const ns = lines.filter((l) => /^\s*nameserver\s/.test(l));
+  const search = lines.filter((l) => /^\s*(search|domain)\s/.test(l));
+  const opts = lines.flatMap((l) => (/^\s*options\s/.test(l) ? l.trim().split(/\s+/).slice(1) : []));
+  const comments = lines.filter((l) => l.trim().startsWith('#'));
+  const outNs = dns.nameservers?.length ? [...(keepNameservers ? ns : []), ...dns.nameservers.map((n) => `nameserver ${n}`)] : ns;
+  const outSearch = dns.search?.length ? [`search ${dns.search.join(' ')}`] : search;
+  const optName = (x: string): string => x.split(':')[0]!;
+  const userOpts = dns.options ?? [];
+  const outOpts = [...opts.filter((x) => !userOpts.some((u) => optName(u) === optName(x))), ...userOpts];
+  return [...comments, ...outNs, ...outSearch, ...(outOpts.length ? [`options ${outOpts.join(' ')}`] : [])].join('\n') + '\n';
+}
+
+/** config.json's text: an rlimit of -1 becomes RLIM_INFINITY (2^64-1, beyond a JS number's precision). */
+export function specJson(spec: OciSpec): string {
+  return JSON.stringify(spec).replace(/"(hard|soft)":-1([,}])/g, '"$1":18446744073709551615$2');
 }

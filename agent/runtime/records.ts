@@ -38,6 +38,12 @@ export interface ContainerRecord {
   labels: Record<string, string>;
   logSizeMax: number;
   args: string[];
+  /** named volumes the container mounts (volume rm refuses while any record lists one) */
+  volumes?: string[];
+  /** anonymous volumes made for it, removed with it */
+  anonVolumes?: string[];
+  /** what `stop` sends first, without SIG (default TERM) */
+  stopSignal?: string;
 }
 
 /** A container id as newId() makes them (what reconcile may clean up). */

@@ -154,3 +154,15 @@ export async function findExecutable(root: string, cmd: string, envPath: string,
   }
   throw new FlotillaError('INVALID_ARGUMENT', `executable file not found: ${cmd} (searched $PATH ${envPath})`);
 }
+
+/** Docker's --group-add: GIDs as they are, names looked up in the rootfs's /etc/group. */
+export async function resolveGroups(root: string, groups: string[]): Promise<number[]> {
+  if (groups.length === 0) return [];
+  const table = groups.every(isUint) ? [] : parseColonFile(await readInRoot(root, '/etc/group'));
+  return groups.map((g) => {
+    if (isUint(g)) return Number(g);
+    const row = table.find((f) => f[0] === g);
+    if (!row || row[2] === undefined || !isUint(row[2])) throw new FlotillaError('INVALID_ARGUMENT', `invalid group ${JSON.stringify(g)}: no such group in the image's /etc/group`);
+    return Number(row[2]);
+  });
+}

@@ -153,6 +153,8 @@ export interface MonitorOptions {
   logSizeMax: number;
   exitDir: string;
   timeoutMs?: number;
+  /** the container has a terminal (process.terminal): conmon takes its console and logs from it */
+  terminal?: boolean;
 }
 
 export interface MonitorStarted {
@@ -200,6 +202,7 @@ export async function startMonitor(o: MonitorOptions): Promise<MonitorStarted> {
     '--socket-dir-path',
     o.bundle,
     '--no-sync-log',
+    ...(o.terminal ? ['-t'] : []),
   ];
   // spawned off the main thread (spawner.ts); the worker reads the first line of the sync pipe
   const r = await spawnMonitor(o.conmon, args, { cwd: o.bundle, env: { ...CHILD_ENV, _OCI_SYNCPIPE: '3' }, timeoutMs: o.timeoutMs ?? 60_000 });

@@ -4,6 +4,8 @@
  * and agent/worker/sim.ts (a simulated runtime for scale work, same ContainerRuntime interface).
  */
 
+import type { MountOpt } from '../../common/containeropts.js';
+
 /** The parts of an OCI/Docker image config that flotilla honours. */
 export interface ImageConfig {
   entrypoint: string[];
@@ -79,6 +81,32 @@ export interface ContainerCreateOptions {
    * bind-mounted read-only into the container; deleted once the container stops
    */
   files?: ContainerFile[];
+  /**
+   * mounts (common/containeropts.ts MountOpt): named volumes of this node (created on demand,
+   * volumes.ts; an empty source is an anonymous volume removed with the container), bind mounts of host
+   * paths that must exist, and tmpfs
+   */
+  mounts?: MountOpt[];
+  /** added to / dropped from Docker's default capability set ("ALL" allowed) */
+  capAdd?: string[];
+  capDrop?: string[];
+  /** the root file system read-only */
+  readonlyRootfs?: boolean;
+  /** run tini (tini-static, bind-mounted at /sbin/docker-init) as PID 1 */
+  init?: boolean;
+  ulimits?: { name: string; soft: number; hard: number }[];
+  /** namespaced sysctls */
+  sysctls?: Record<string, string>;
+  /** the signal `stop` sends first (default SIGTERM) */
+  stopSignal?: string;
+  /** merged into /etc/resolv.conf: own name servers, search domains, options */
+  dns?: { nameservers?: string[]; search?: string[]; options?: string[] };
+  /** extra /etc/hosts entries, "IP HOST [ALIAS...]" */
+  extraHosts?: string[];
+  /** supplementary groups: names in the image's /etc/group, or GIDs */
+  groups?: string[];
+  /** a pseudo-terminal as the process's stdio */
+  tty?: boolean;
 }
 
 /** A file put into a container (secrets, configs). */

@@ -5,7 +5,8 @@
  */
 import { errorMessage, isCode } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
-import { TaskState, type RegistryAuth, type Task } from '../../gen/flotilla/v1/objects.js';
+import { TaskState, type ContainerSpec, type RegistryAuth, type Task } from '../../gen/flotilla/v1/objects.js';
+import { expandTemplate } from '../../common/containeropts.js';
 import type { ContainerCreateOptions, ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
 import type { TaskNetwork } from '../network/node-network.js';
 
@@ -47,8 +48,16 @@ export function overlayAttachments(task: Task): Task['networks'] {
   return task.networks.filter((n) => n.networkId !== '' && n.addresses.length > 0);
 }
 
-/** The runtime's create options for a task (files: its secrets and configs, see Worker.filesOf). */
-export function createOptions(task: Task, files?: ContainerFile[]): ContainerCreateOptions {
+/** Task.Name as Swarm's templates give it: SERVICE.SLOT.TASKID (SERVICE.NODEID.TASKID for global tasks). */
+export function taskFullName(task: Task): string {
+  return `${task.serviceName}.${task.slot > 0 ? task.slot : task.nodeId}.${task.id}`;
+}
+
+/**
+ * The runtime's create options for a task (files: its secrets and configs, see Worker.filesOf;
+ * nodeHostname: for {{.Node.Hostname}} in a --hostname template).
+ */
+export function createOptions(task: Task, files?: ContainerFile[], nodeHostname = ''): ContainerCreateOptions {
   const c = task.spec?.container;
   const limits = task.spec?.resources?.limits;
   const labels: Record<string, string> = {
@@ -71,14 +80,43 @@ export function createOptions(task: Task, files?: ContainerFile[]): ContainerCre
     // dot-free by default (the short task id, as Docker uses the short container id): a hostname with dots
     // (the container name SERVICE.SLOT.TASKID) makes resolvers treat its tail as a search domain, so a
     // short service name would be asked as NAME.SLOT.TASKID (docs/networking.md)
-    hostname: c?.hostname || shortId(task.id),
+    hostname: c?.hostname
+      ? expandTemplate(c.hostname, {
+          serviceId: task.serviceId,
+          serviceName: task.serviceName,
+          taskId: task.id,
+          taskName: taskFullName(task),
+          taskSlot: String(task.slot),
+          nodeId: task.nodeId,
+          nodeHostname,
+        })
+      : shortId(task.id),
     memoryBytes: limits?.memoryBytes || undefined,
     nanoCpus: limits?.nanoCpus || undefined,
     pidsLimit: limits?.pids || undefined,
     network: c?.networkMode || undefined,
     labels,
     ...(files && files.length > 0 ? { files } : {}),
+    ...(c ? containerOptions(c) : {}),
   };
+}
+
+/** The options of issue 15 (mounts, capabilities, ...): only those the spec sets. */
+function containerOptions(c: ContainerSpec): Partial<ContainerCreateOptions> {
+  const o: Partial<ContainerCreateOptions> = {};
+  if (c.mounts.length > 0) o.mounts = c.mounts.map((m) => ({ ...m, volumeOpts: { ...m.volumeOpts }, volumeLabels: { ...m.volumeLabels } }));
+  if (c.capAdd.length > 0) o.capAdd = [...c.capAdd];
+  if (c.capDrop.length > 0) o.capDrop = [...c.capDrop];
+  if (c.readOnly) o.readonlyRootfs = true;
+  if (c.init) o.init = true;
+  if (c.ulimits.length > 0) o.ulimits = c.ulimits.map((u) => ({ name: u.name, soft: u.soft, hard: u.hard }));
+  if (Object.keys(c.sysctls).length > 0) o.sysctls = { ...c.sysctls };
+  if (c.stopSignal) o.stopSignal = c.stopSignal;
+  if (c.dnsConfig) o.dns = { nameservers: [...c.dnsConfig.nameservers], search: [...c.dnsConfig.search], options: [...c.dnsConfig.options] };
+  if (c.hosts.length > 0) o.extraHosts = [...c.hosts];
+  if (c.groups.length > 0) o.groups = [...c.groups];
+  if (c.tty) o.tty = true;
+  return o;
 }
 
 /** Gets images a task needs onto the node (from another node of the cluster, or a registry). */
@@ -153,7 +191,7 @@ export class TaskController {
     }
     try {
       const resolvConf = netns ? this.network!.resolvConf?.(this.task.id) : undefined;
-      const info = await this.runtime.create({ ...createOptions(this.task, files), ...(netns ? { netns } : {}), ...(resolvConf !== undefined ? { resolvConf } : {}) });
+      const info = await this.runtime.create({ ...createOptions(this.task, files, this.hostname), ...(netns ? { netns } : {}), ...(resolvConf !== undefined ? { resolvConf } : {}) });
       this.containerId = info.id;
       return info;
     } catch (err) {

@@ -10,6 +10,21 @@ import { resolveDataDir } from '../../common/paths.js';
 import { parseBytes, parseCpus, parseUint } from '../../common/units.js';
 import { ExitError, action, checkFormat, collect, printJson, table, timeAgo } from '../util.js';
 import { setSpawnOnMainThread } from '../../agent/runtime/spawner.js';
+import {
+  normaliseCap,
+  normaliseSignal,
+  parseExtraHost,
+  parseMount,
+  parseSysctl,
+  parseUlimit,
+  parseVolumeShort,
+  readEnvFile,
+  validateDnsOption,
+  validateGroup,
+  validateMounts,
+  validateNameserver,
+  validateSearchDomain,
+} from '../../common/containeropts.js';
 
 interface DataDirOpts {
   dataDir?: string;
@@ -31,6 +46,22 @@ interface RunOpts extends DataDirOpts {
   label?: string[];
   rm?: boolean;
   securityOpt?: string[];
+  mount?: string[];
+  volume?: string[];
+  capAdd?: string[];
+  capDrop?: string[];
+  readOnly?: boolean;
+  init?: boolean;
+  ulimit?: string[];
+  sysctl?: string[];
+  stopSignal?: string;
+  dns?: string[];
+  dnsSearch?: string[];
+  dnsOption?: string[];
+  addHost?: string[];
+  groupAdd?: string[];
+  tty?: boolean;
+  envFile?: string[];
 }
 
 const DATA_DIR_HELP = 'node data directory (default: $FLOTILLA_DATA_DIR or /var/lib/flotilla)';
@@ -45,7 +76,7 @@ function openRuntime(opts: DataDirOpts): Promise<RuncRuntime> {
 export function runOptions(image: string, command: string[], o: RunOpts): RuncCreateOptions {
   const name = o.name ?? `c-${Math.random().toString(36).slice(2, 10)}`;
   if (!isValidName(name)) throw invalidArgument('--name', name, 'use 1-63 letters, digits, "_", "." or "-", starting with a letter or digit');
-  const env: string[] = [];
+  const env: string[] = [...(o.envFile ?? []).flatMap((f) => readEnvFile('--env-file', f))];
   for (const e of o.env ?? []) {
     if (e.startsWith('=') || e === '') throw invalidArgument('--env', e, 'expected KEY=VALUE');
     if (e.includes('=')) env.push(e);
@@ -72,6 +103,24 @@ export function runOptions(image: string, command: string[], o: RunOpts): RuncCr
   if (o.network !== undefined) opts.network = o.network;
   if (o.hostname !== undefined) opts.hostname = o.hostname;
   if (o.logMaxSize !== undefined) opts.logSizeMax = parseBytes('--log-max-size', o.logMaxSize);
+  const mounts = [...(o.volume ?? []).map((v) => parseVolumeShort('--volume', v)), ...(o.mount ?? []).map((v) => parseMount('--mount', v))];
+  validateMounts('--mount', mounts);
+  if (mounts.length > 0) opts.mounts = mounts;
+  if (o.capAdd?.length) opts.capAdd = o.capAdd.map((c) => normaliseCap('--cap-add', c));
+  if (o.capDrop?.length) opts.capDrop = o.capDrop.map((c) => normaliseCap('--cap-drop', c));
+  if (o.readOnly) opts.readonlyRootfs = true;
+  if (o.init) opts.init = true;
+  if (o.tty) opts.tty = true;
+  if (o.ulimit?.length) opts.ulimits = o.ulimit.map((u) => parseUlimit('--ulimit', u));
+  if (o.sysctl?.length) opts.sysctls = Object.fromEntries(o.sysctl.map((x) => parseSysctl('--sysctl', x)));
+  if (o.stopSignal !== undefined) opts.stopSignal = normaliseSignal('--stop-signal', o.stopSignal);
+  for (const d of o.dns ?? []) validateNameserver('--dns', d);
+  for (const d of o.dnsSearch ?? []) validateSearchDomain('--dns-search', d);
+  for (const d of o.dnsOption ?? []) validateDnsOption('--dns-option', d);
+  if (o.dns?.length || o.dnsSearch?.length || o.dnsOption?.length) opts.dns = { nameservers: o.dns ?? [], search: o.dnsSearch ?? [], options: o.dnsOption ?? [] };
+  if (o.addHost?.length) opts.extraHosts = o.addHost.map((h) => parseExtraHost('--add-host', h));
+  for (const g of o.groupAdd ?? []) validateGroup('--group-add', g);
+  if (o.groupAdd?.length) opts.groups = o.groupAdd;
   for (const so of o.securityOpt ?? []) {
     // Docker's spelling; only the seccomp choice exists here (a profile file is not supported)
     const m = /^seccomp[=:](default|unconfined)$/.exec(so);
@@ -178,6 +227,22 @@ export function register(program: Command): void {
     .option('--log-max-size <size>', 'rotate the container log at this size (default 10m)')
     .option('--rm', 'remove the container when it exits (without -d)')
     .option('--security-opt <opt>', 'seccomp=unconfined to run without the default seccomp filter', collect)
+    .option('-v, --volume <spec>', 'mount: NAME:/path[:ro] (a named volume), /host/path:/path[:ro] (a bind) or /path (an anonymous volume) (repeatable)', collect)
+    .option('--mount <spec>', 'mount: type=volume|bind|tmpfs,source=...,target=...[,readonly][,volume-opt=K=V][,tmpfs-size=..][,tmpfs-mode=..] (repeatable)', collect)
+    .option('--cap-add <cap>', 'add a Linux capability (repeatable)', collect)
+    .option('--cap-drop <cap>', 'drop a Linux capability (repeatable)', collect)
+    .option('--read-only', 'mount the root file system read-only')
+    .option('--init', 'run tini as PID 1 (signals, reaping)')
+    .option('--ulimit <name=soft[:hard]>', 'ulimit, e.g. nofile=1024:2048 (repeatable)', collect)
+    .option('--sysctl <k=v>', 'namespaced kernel parameter (repeatable)', collect)
+    .option('--stop-signal <signal>', 'signal that stops the container (default SIGTERM)')
+    .option('--dns <ip>', 'DNS server (repeatable)', collect)
+    .option('--dns-search <domain>', 'DNS search domain (repeatable)', collect)
+    .option('--dns-option <opt>', 'DNS option (repeatable)', collect)
+    .option('--add-host <host:ip>', 'add a host-to-IP mapping to /etc/hosts (repeatable)', collect)
+    .option('--group-add <group>', 'additional group (repeatable)', collect)
+    .option('-t, --tty', 'allocate a pseudo-TTY')
+    .option('--env-file <file>', 'read environment variables from a file (repeatable)', collect)
     .option('--data-dir <dir>', DATA_DIR_HELP)
     .passThroughOptions()
     .action(

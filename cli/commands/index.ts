@@ -17,6 +17,7 @@ const GROUPS: Record<string, () => Promise<Group>> = {
   config: () => import('./config.js'),
   image: () => import('./image.js'),
   container: () => import('./container.js'),
+  volume: () => import('./volume.js'),
 };
 
 export async function registerCommands(program: Command, argv: string[]): Promise<void> {

@@ -15,6 +15,7 @@ import { parseDuration, parseUint } from '../../common/units.js';
 import { invalidArgument } from '../../common/errors.js';
 import { withControl } from '../client.js';
 import { buildServiceSpec, ServiceFlags } from '../servicespec.js';
+import { addContainerCreateFlags, addContainerUpdateFlags } from '../containerflags.js';
 import { waitForService } from '../progress.js';
 import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
@@ -41,6 +42,14 @@ async function registryAuthFor(image: string): Promise<RegistryAuth> {
   return { registry, username: creds.username, password: creds.password };
 }
 
+/**
+ * create and update keep Docker's meaning of --host (an extra /etc/hosts entry, HOST:IP): there the
+ * manager address is given with -H only (or FLOTILLA_HOST).
+ */
+function shortHostOption(cmd: Command): Command {
+  return cmd.option('-H <host>', 'manager address: unix:///path or HOST:PORT (env FLOTILLA_HOST; --host is an extra hosts entry here, as in Docker)');
+}
+
 /** The flags `service create` and `service update` share. */
 export function addSpecFlags(cmd: Command): Command {
   return cmd
@@ -53,9 +62,9 @@ export function addSpecFlags(cmd: Command): Command {
     .option('--limit-cpu <cpus>', 'limit CPUs')
     .option('--limit-memory <bytes>', 'limit memory, e.g. 64m')
     .option('--limit-pids <n>', 'limit the number of processes')
-    .option('--workdir <dir>', 'working directory inside the container')
-    .option('--user <user>', 'username or UID[:GID]')
-    .option('--entrypoint <cmd>', 'override the image entrypoint')
+    .option('-w, --workdir <dir>', 'working directory inside the container')
+    .option('-u, --user <user>', 'username or UID[:GID]')
+    .option('--entrypoint <cmd>', 'override the image entrypoint (split like a shell line; "" on update: back to the image\'s)')
     .option('--network <net>', 'overlay network (name or id; name=NET,alias=A for aliases; repeatable), or host or none (the container\'s network mode)', collect)
     .option('--endpoint-mode <mode>', 'vip (a virtual IP balanced over the tasks) or dnsrr (DNS round robin over the task addresses)')
     .option('--restart-condition <cond>', 'any, on-failure or none')
@@ -95,8 +104,8 @@ function timeoutMs(v: string | undefined): number {
 export function register(program: Command): void {
   const service = program.command('service').description('Manage services');
 
-  addSpecFlags(
-    hostOption(
+  addContainerCreateFlags(addSpecFlags(
+    shortHostOption(
       service
         .command('create')
         .description('Create a new service')
@@ -114,12 +123,12 @@ export function register(program: Command): void {
         .option('--timeout <duration>', 'how long to wait for convergence (default 2m)')
         .passThroughOptions(),
     ),
-  ).action(
-    action(async (image: string, args: string[], opts: ServiceFlags & ImageFlags & { host?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+  )).action(
+    action(async (image: string, args: string[], opts: ServiceFlags & ImageFlags & { H?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const spec = buildServiceSpec(opts, image, args);
       if (opts.withRegistryAuth && spec.task?.container) spec.task.container.registryAuth = await registryAuthFor(spec.task.container.image);
       const wait = timeoutMs(opts.timeout);
-      await withControl(opts.host, async (c) => {
+      await withControl(opts.H, async (c) => {
         const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec, noResolveImage: opts.resolveImage === false });
         process.stdout.write(`${s!.id}\n`);
         if (!opts.detach) await waitForService(c, s!.id, wait, opts.quiet);
@@ -326,8 +335,8 @@ export function register(program: Command): void {
       }
     }),
   );
-  addSpecFlags(
-    hostOption(
+  addContainerUpdateFlags(addSpecFlags(
+    shortHostOption(
       service
         .command('update')
         .description('Update a service (a rolling update when the task spec changes)')
@@ -356,10 +365,10 @@ export function register(program: Command): void {
         .option('-q, --quiet', 'suppress progress output')
         .option('--timeout <duration>', 'how long to wait (default 10m)'),
     ),
-  ).action(
-    action(async (ref: string, opts: UpdateFlags & ImageFlags & { host?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+  )).action(
+    action(async (ref: string, opts: UpdateFlags & ImageFlags & { H?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
-      await withControl(opts.host, async (c) => {
+      await withControl(opts.H, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
         const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
         const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known);

@@ -180,6 +180,28 @@ describe('allocator', () => {
     expect(addrOf(store.getTask(stuck.id)!)).toBe(addrOf(victim));
   });
 
+  it('does not give a replaced task\'s address to its replacement: allocation goes on after the last address handed out', async () => {
+    const { store } = await setup();
+    await createNetwork(store, net('a'));
+    const sid = await addService(store, 'web', 2, ['a']);
+    start(new ReplicatedOrchestrator(store, log), new SchedulerLoop(store, log), new Allocator(store, log));
+    await until('2 assigned', () => live(store, sid).filter((t) => t.status?.state === TaskState.TASK_STATE_ASSIGNED).length === 2);
+    await runAssigned(store);
+    const seen = new Set(live(store, sid).map(addrOf));
+    // fail a task three times over: each replacement gets an address never handed out before
+    for (let round = 0; round < 3; round++) {
+      const victim = live(store, sid).find((t) => t.status?.state === TaskState.TASK_STATE_RUNNING)!;
+      await store.update((tx) => {
+        const t = tx.get('task', victim.id)!;
+        tx.update('task', { ...t, status: { ...t.status!, state: TaskState.TASK_STATE_FAILED, err: 'exit 1' } });
+      });
+      const repl = await until('the replacement placed', () => live(store, sid).find((t) => t.status?.state === TaskState.TASK_STATE_ASSIGNED));
+      expect(seen.has(addrOf(repl)), `replacement got ${addrOf(repl)}, already handed out: ${[...seen].join(' ')}`).toBe(false);
+      seen.add(addrOf(repl));
+      await runAssigned(store);
+    }
+  });
+
   it('a new leader\'s allocator rebuilds from the store: no address given twice', async () => {
     const { store } = await setup();
     await createNetwork(store, net('a'));

@@ -4,10 +4,13 @@
  * networks, writing them into the store before the scheduler places the task (the scheduler leaves
  * a task whose addresses are missing pending: manager/scheduler/plan.ts).
  *
- * Nothing is kept in memory across passes, let alone across leaders: each pass that has work
- * rebuilds every network's address bitmap from the store (gateway, the VIPs of services still on the
- * network, the addresses of tasks not yet terminal). An address is thus free again once its task is
- * terminal or removed, a VIP once its service is removed or leaves the network (or turns to dnsrr).
+ * The store is the only truth: each pass that has work rebuilds every network's address bitmap from
+ * it (gateway, the VIPs of services still on the network, the addresses of tasks not yet terminal).
+ * An address is thus free again once its task is terminal or removed, a VIP once its service is
+ * removed or leaves the network (or turns to dnsrr). The one thing kept across passes is a hint: where
+ * each network's allocation stopped, so that the next address handed out is the one after it and a
+ * just-freed address (a replaced task's) is not given again at once while neighbour caches and DNS
+ * answers elsewhere may still hold it. A new leader starts after the highest address in use.
  * When a network is full the task stays pending with the reason in its status (`service ps`).
  */
 import { Network, NetworkAttachment, Service, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
@@ -19,6 +22,9 @@ import { exhaustedReason, holdsAddresses, networksAllocated, serviceNetworkIds, 
 const CHUNK = 500;
 
 export class Allocator extends ReconcileLoop {
+  /** network id -> the last address handed out (a hint, see above) */
+  private readonly cursors = new Map<string, number>();
+
   protected interested(ev: StoreEvent): boolean {
     if (ev.kind === 'commit') return false;
     if (ev.table === 'network' || ev.table === 'service') return true;
@@ -50,6 +56,14 @@ export class Allocator extends ReconcileLoop {
       for (const v of s.endpoint?.virtualIps ?? []) if (want.has(v.networkId)) for (const a of v.addresses) sets.get(v.networkId)?.take(a);
     }
     for (const t of tasks) if (holdsAddresses(t)) for (const a of t.networks) for (const ip of a.addresses) sets.get(a.networkId)?.take(ip);
+    for (const [id, set] of sets) {
+      const at = this.cursors.get(id) ?? set.highestInUse();
+      if (at !== undefined) set.continueAfter(at);
+    }
+    for (const id of [...this.cursors.keys()]) if (!sets.has(id)) this.cursors.delete(id);
+    const saveCursors = (): void => {
+      for (const [id, set] of sets) this.cursors.set(id, set.last);
+    };
 
     // ---- service VIPs (first: a service's VIP is taken before its tasks' addresses) ----
     const vipWrites: Array<{ id: string; vips: NetworkAttachment[] }> = [];
@@ -68,6 +82,7 @@ export class Allocator extends ReconcileLoop {
       }
       vipWrites.push({ id: s.id, vips });
     }
+    saveCursors();
     if (vipWrites.length > 0) {
       await this.store.updateBatched((tx) => {
         for (const w of vipWrites) {
@@ -108,6 +123,7 @@ export class Allocator extends ReconcileLoop {
         if (t.status?.err !== reason) writes.push({ id: t.id, reason });
       } else writes.push({ id: t.id, networks: got });
     }
+    saveCursors();
     for (let i = 0; i < writes.length && !signal.aborted; i += CHUNK) {
       const chunk = writes.slice(i, i + CHUNK);
       await this.store.updateBatched((tx) => {

@@ -228,6 +228,23 @@ export class AddressSet {
     return this.used;
   }
 
+  /** The last address handed out (or the start point): allocation goes on after it. */
+  get last(): number {
+    return this.first + this.cursor;
+  }
+
+  /** Goes on after address n (a number from `last`, or the highest in use): ignored outside the range. */
+  continueAfter(n: number): void {
+    const i = n - this.first;
+    if (i >= 0 && i < this.size) this.cursor = i;
+  }
+
+  /** The highest address in use (the gateway included), or undefined. */
+  highestInUse(): number | undefined {
+    for (let i = this.size - 1; i >= 0; i--) if (this.bits[i]) return this.first + i;
+    return undefined;
+  }
+
   capacity(): number {
     return this.size;
   }

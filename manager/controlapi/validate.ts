@@ -5,6 +5,7 @@
  * 2 MiB) and Raft's proposal cap (8 MiB); durations are bounded by common/durations.ts.
  */
 import {
+  type ContainerSpec,
   HealthConfig,
   RestartCondition,
   RestartPolicy,
@@ -19,6 +20,19 @@ import { FlotillaError, invalidArgument } from '../../common/errors.js';
 import { isValidName } from '../../common/ids.js';
 import { parseReference } from '../../common/imageref.js';
 import { parseConstraint } from '../scheduler/constraints.js';
+import {
+  normaliseCap,
+  normaliseSignal,
+  validateDnsOption,
+  validateGroup,
+  validateHostsEntry,
+  validateMounts,
+  validateNameserver,
+  validateSearchDomain,
+  validateSysctl,
+  validateTemplate,
+  validateUlimit,
+} from '../../common/containeropts.js';
 
 export const DEFAULT_STOP_GRACE_MS = 10_000;
 export const MAX_REPLICAS = 100_000;
@@ -126,6 +140,7 @@ export function validateServiceSpec(spec: ServiceSpec | undefined): ServiceSpec 
   checkDuration('stop-grace-period', c.stopGracePeriodMs);
   if (c.stopGracePeriodMs === 0) c.stopGracePeriodMs = DEFAULT_STOP_GRACE_MS;
   if (c.healthcheck) validateHealth(c.healthcheck);
+  validateContainerOptions(c);
   const lim = task.resources?.limits;
   const res = task.resources?.reservations;
   for (const [name, r] of [
@@ -176,4 +191,31 @@ function validateHealth(h: HealthConfig): void {
   checkDuration('health-timeout', h.timeoutMs);
   checkDuration('health-start-period', h.startPeriodMs);
   nonNegative('health-retries', h.retries);
+}
+
+/** The mounts and the container options of issue 15 (common/containeropts.ts judges each value). */
+function validateContainerOptions(c: ContainerSpec): void {
+  validateMounts('mount', c.mounts);
+  for (const m of c.mounts) {
+    if (m.type === 'volume' && m.source === '' && Object.keys(m.volumeOpts).length > 0) throw invalidArgument('mount', m.target, 'an anonymous volume takes no volume-opt');
+  }
+  c.capAdd = c.capAdd.map((x) => normaliseCap('cap-add', x));
+  c.capDrop = c.capDrop.map((x) => normaliseCap('cap-drop', x));
+  const names = new Set<string>();
+  for (const u of c.ulimits) {
+    validateUlimit('ulimit', u);
+    if (names.has(u.name)) throw invalidArgument('ulimit', u.name, 'given twice');
+    names.add(u.name);
+  }
+  for (const [k, v] of Object.entries(c.sysctls)) validateSysctl('sysctl', k, v, c.networkMode === 'host');
+  if (c.stopSignal) c.stopSignal = normaliseSignal('stop-signal', c.stopSignal);
+  if (c.hostname) validateTemplate('hostname', c.hostname);
+  if (c.dnsConfig) {
+    for (const d of c.dnsConfig.nameservers) validateNameserver('dns', d);
+    for (const d of c.dnsConfig.search) validateSearchDomain('dns-search', d);
+    for (const d of c.dnsConfig.options) validateDnsOption('dns-option', d);
+    if (c.dnsConfig.search.length > 6) throw invalidArgument('dns-search', c.dnsConfig.search.length, 'at most 6 search domains');
+  }
+  for (const h of c.hosts) validateHostsEntry('host', h);
+  for (const g of c.groups) validateGroup('group', g);
 }

@@ -6,7 +6,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AssignmentsMessage, AssignmentsType, DispatcherClient, DispatcherService } from '../../gen/flotilla/v1/dispatcher.js';
-import { Task, TaskState, type TaskSpec } from '../../gen/flotilla/v1/objects.js';
+import { ContainerSpec, Task, TaskState, type TaskSpec } from '../../gen/flotilla/v1/objects.js';
 import { createLogger } from '../../common/log.js';
 import { newId } from '../../common/ids.js';
 import { MemoryStore } from '../store/store.js';
@@ -58,6 +58,7 @@ describe('dispatcher: secrets and configs go only where they are needed', () => 
   function spec(secrets: string[], configs: string[] = []): TaskSpec {
     return {
       container: {
+        ...ContainerSpec.fromPartial({}),
         image: 'busybox:latest',
         registryAuth: undefined,
         command: [],

@@ -131,6 +131,26 @@ export class TestCluster {
     return p;
   }
 
+  /**
+   * Starts a manager that joins the cluster of the first one (manager token fetched from it) and waits
+   * until it listens. The CLI keeps talking to the first manager's socket.
+   */
+  async startJoiningManager(name: string, opts: { agent?: boolean; runtime?: string; heartbeat?: string; extra?: string[] } = {}): Promise<{ proc: Proc; addr: string; socket: string }> {
+    if (!this.managerAddr) throw new Error('startJoiningManager: start the first manager before');
+    const r = await cli(['cluster', 'join-token', 'manager', '-q'], this.env);
+    if (r.code !== 0) throw new Error(r.stderr);
+    const dir = path.join(this.root, name);
+    const socket = path.join(this.root, `${name}.sock`);
+    const args = ['manager', '--data-dir', dir, '--hostname', name, '--listen-addr', '127.0.0.1:0', '--control-socket', socket, '--heartbeat-period', opts.heartbeat ?? '500ms', '--join', this.managerAddr, '--token', r.stdout.trim()];
+    if (!opts.agent) args.push('--no-agent');
+    if (opts.runtime) args.push('--runtime', opts.runtime);
+    if (opts.agent && opts.runtime === 'runc') this.runcDirs.add(dir);
+    const p = start([...args, ...(opts.extra ?? [])]);
+    this.procs.push(p);
+    const addr = await waitFor(`${name} ready`, () => p.out.join('').match(/listening on (\S+?)[,\s]/)?.[1] ?? (p.child.exitCode !== null ? Promise.reject(new Error(p.err.join(''))) : undefined), 40_000, 50);
+    return { proc: p, addr, socket };
+  }
+
   async token(): Promise<string> {
     const r = await cli(['cluster', 'join-token', 'worker', '-q'], this.env);
     if (r.code !== 0) throw new Error(r.stderr);

@@ -1,6 +1,6 @@
 /**
  * A real registry for tests and benchmarks: Debian's docker-registry (distribution 2.8) on loopback with
- * its own config file in a temp dir, and optionally
+ * its own config file in a temp dir, over HTTP (or HTTPS with a throwaway certificate: tls), and optionally
  *   - htpasswd basic auth (bcrypt entries made with python3's crypt, the password passed on stdin), or
  *   - token auth: a small token issuer here (HTTP on loopback) that signs ES256 JWTs with a throwaway key
  *     whose self-signed certificate is the registry's rootcertbundle; it stands in for Docker Hub's auth
@@ -18,6 +18,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createSign, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import http from 'node:http';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -37,6 +38,8 @@ export interface RegistryOptions {
   netns?: string;
   listenHost?: string;
   port?: number;
+  /** serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (TestRegistry.caFile) */
+  tls?: boolean;
 }
 
 export interface TestRegistry {
@@ -45,6 +48,8 @@ export interface TestRegistry {
   dir: string;
   /** token auth only: the token requests the issuer answered ({user, scope}) */
   tokenRequests: { user: string; scope: string }[];
+  /** tls only: the certificate to trust (e.g. NODE_EXTRA_CA_CERTS for a CLI process) */
+  caFile?: string;
   stop(): Promise<void>;
 }
 
@@ -148,9 +153,17 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
         `auth:\n  token:\n    realm: http://127.0.0.1:${iss.port}/token\n    service: flotilla-test-registry\n` +
         `    issuer: flotilla-test-issuer\n    rootcertbundle: ${iss.certFile}\n`;
     }
+    let tls = '';
+    let caFile: string | undefined;
+    if (opts.tls) {
+      caFile = path.join(dir, 'tls.crt');
+      const keyFile = path.join(dir, 'tls.key');
+      await execFileP('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', keyFile, '-out', caFile, '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1']);
+      tls = `  tls:\n    certificate: ${caFile}\n    key: ${keyFile}\n`;
+    }
     const config =
       `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(dir, 'data')}\n` +
-      `  delete:\n    enabled: true\nhttp:\n  addr: ${listenHost}:${port}\n  secret: ${randomBytes(16).toString('hex')}\n${auth}`;
+      `  delete:\n    enabled: true\nhttp:\n  addr: ${listenHost}:${port}\n  secret: ${randomBytes(16).toString('hex')}\n${tls}${auth}`;
     const configFile = path.join(dir, 'config.yml');
     await fs.writeFile(configFile, config, { mode: 0o600 });
     const inNetns = (cmd: string[]): string[] => (opts.netns ? ['nsenter', `--net=/run/netns/${opts.netns}`, '--', ...cmd] : cmd);
@@ -172,6 +185,16 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
             () => false,
           );
         }
+        if (opts.tls) {
+          // this process does not trust the certificate: wait for the port
+          return await new Promise<boolean>((resolve) => {
+            const sock = net.connect(port, '127.0.0.1', () => {
+              sock.destroy();
+              resolve(true);
+            });
+            sock.on('error', () => resolve(false));
+          });
+        }
         const res = await fetch(`http://127.0.0.1:${port}/v2/`);
         await res.body?.cancel();
         return res.status === 200 || res.status === 401;
@@ -179,7 +202,7 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
       opts.netns ? 30_000 : 15_000,
       50,
     );
-    return { host: `${listenHost}:${port}`, port, dir, tokenRequests, stop };
+    return { host: `${listenHost}:${port}`, port, dir, tokenRequests, ...(caFile ? { caFile } : {}), stop };
   } catch (err) {
     await stop();
     throw err;

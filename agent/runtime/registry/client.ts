@@ -6,8 +6,10 @@
  * bytes are stored.
  *
  * HTTPS verifies against Node's trust store (bundled roots plus NODE_EXTRA_CA_CERTS; the OS store with
- * `node --use-openssl-ca`, see docs/images.md). Plain HTTP is used only for registries the
- * caller marks insecure (--insecure-registry) and for loopback registries (localhost, 127.0.0.0/8, [::1]).
+ * `node --use-openssl-ca`, see docs/images.md). Plain HTTP is used only for registries the caller marks
+ * insecure (--insecure-registry), and for loopback registries (localhost, 127.0.0.0/8, [::1]) whose port
+ * answers a TLS handshake with plain HTTP (HTTPS is tried first; a certificate error is not a reason to
+ * fall back).
  */
 import { Readable } from 'node:stream';
 import { FlotillaError, errorMessage } from '../../../common/errors.js';
@@ -98,8 +100,20 @@ export function networkReason(err: unknown): string {
   return errorMessage(e);
 }
 
+/** The error of a TLS handshake with a server that speaks plain HTTP. */
+function isPlainHttpServer(err: unknown): boolean {
+  let e: unknown = err;
+  for (let i = 0; i < 5 && e instanceof Error; i++) {
+    if ((e as NodeJS.ErrnoException).code === 'ERR_SSL_WRONG_VERSION_NUMBER') return true;
+    e = e.cause;
+  }
+  return false;
+}
+
 export class RegistryClient {
-  readonly base: string;
+  private scheme: 'https' | 'http';
+  /** a loopback registry not named insecure: HTTPS first, HTTP when its port speaks plain HTTP (as Docker) */
+  private probing: boolean;
   private readonly tokens = new Map<string, string>();
   private basicAuth = false;
 
@@ -107,8 +121,14 @@ export class RegistryClient {
     readonly registry: string,
     private readonly opts: ClientOptions = {},
   ) {
-    const insecure = opts.insecure === true || (Array.isArray(opts.insecure) && opts.insecure.includes(registry)) || isLoopbackRegistry(registry);
-    this.base = `${insecure ? 'http' : 'https'}://${apiHost(registry)}`;
+    const insecure = opts.insecure === true || (Array.isArray(opts.insecure) && opts.insecure.includes(registry));
+    this.probing = !insecure && isLoopbackRegistry(registry);
+    this.scheme = insecure ? 'http' : 'https';
+  }
+
+  /** "https://host:port" (or http: for insecure and plain-HTTP loopback registries) */
+  get base(): string {
+    return `${this.scheme}://${apiHost(this.registry)}`;
   }
 
   get signal(): AbortSignal | undefined {
@@ -132,9 +152,16 @@ export class RegistryClient {
     if (auth) headers.set('authorization', auth);
     headers.set('user-agent', 'flotilla');
     try {
-      return await fetch(url, { ...init, headers, signal: this.opts.signal ?? null, redirect: 'follow' });
+      const res = await fetch(url, { ...init, headers, signal: this.opts.signal ?? null, redirect: 'follow' });
+      if (url.startsWith(`${this.base}/`)) this.probing = false;
+      return res;
     } catch (err) {
       if (this.opts.signal?.aborted) throw err;
+      if (this.probing && this.scheme === 'https' && url.startsWith(`${this.base}/`) && isPlainHttpServer(err)) {
+        this.probing = false;
+        this.scheme = 'http';
+        return this.send(`http://${url.slice('https://'.length)}`, init, scope);
+      }
       throw this.fail('UNAVAILABLE', `cannot reach ${new URL(url).host}: ${networkReason(err)}`);
     }
   }
@@ -145,8 +172,9 @@ export class RegistryClient {
    * same scope first (uploads start with a POST).
    */
   async request(pathOrUrl: string, init: RequestInit, scope: string): Promise<Response> {
-    const url = pathOrUrl.startsWith('http') ? pathOrUrl : `${this.base}${pathOrUrl}`;
-    let res = await this.send(url, init, scope);
+    // built again for the retry: the first send may have settled a loopback registry on plain HTTP
+    const url = (): string => (pathOrUrl.startsWith('http') ? pathOrUrl : `${this.base}${pathOrUrl}`);
+    let res = await this.send(url(), init, scope);
     if (res.status !== 401) return res;
     const challenge = parseChallenge(res.headers.get('www-authenticate'));
     await res.body?.cancel().catch(() => undefined);
@@ -160,7 +188,7 @@ export class RegistryClient {
     } else {
       throw this.fail('PERMISSION_DENIED', `unsupported authentication scheme ${JSON.stringify(challenge.scheme)}`);
     }
-    res = await this.send(url, init, scope);
+    res = await this.send(url(), init, scope);
     if (res.status === 401) {
       await res.body?.cancel().catch(() => undefined);
       if (!this.opts.auth) throw this.fail('PERMISSION_DENIED', `authentication required (run: flotilla image login ${this.registry})`);

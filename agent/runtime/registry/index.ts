@@ -5,22 +5,26 @@
  *
  * Interface (stable; used by the CLI and by the agent's pull-before-start):
  *
- *   parseReference(s)                      -> Reference {registry, repository, tag?, digest?}   (reference.ts)
+ *   parseReference(s)                      -> Reference {registry, repository, tag?, digest?}   (common/imageref.ts)
  *   familiarString(ref), formatReference(ref), storeName(ref)
  *   resolve(ref, opts)                     -> Resolved: the digest the tag points to (pin this: an index's
  *                                             digest for a multi-platform image), its media type, and the
  *                                             manifest chosen for the platform (manifestDigest, manifest)
  *   pull(ref, store, opts)                 -> PullResult {record, digest, manifestDigest}: the image is in
  *                                             the store under storeName(ref) (or opts.name), layers unpacked
- *   push(ref, store, opts)                 -> PushResult {digest, size}: pushes the local image named ref
+ *   push(ref, store, opts)                 -> PushResult {digest, uploaded}: pushes the local image named ref
+ *   login(registry, creds, opts)           checks credentials against the registry (GET /v2/ + challenge)
+ *   hostPlatform(), parsePlatform("linux/arm64/v8"), choosePlatform(index entries, platform)
  *   loadCredentials(registry) / saveCredentials(registry, creds) / removeCredentials(registry)
  *                                             (credentials.ts; Docker's config.json layout, 0600)
  *   RegistryClient                         the HTTP layer (auth, manifests, blobs), for tests and tools
  *
  * opts (all optional): auth {username,password} (else anonymous; the CLI loads them with loadCredentials),
- * insecure (true, or the --insecure-registry list: plain HTTP; loopback registries always use HTTP),
+ * insecure (true, or the --insecure-registry list: plain HTTP; loopback registries try HTTPS, then HTTP),
  * platform {os, architecture, variant} (default: this node's), onProgress(event), signal (AbortSignal),
- * concurrency (layers transferred at once, default 3).
+ * concurrency (layers transferred at once, default 3), retries (per interrupted blob, default 5);
+ * pull also takes name (the store name), push chunkSize (PATCH uploads).
+ * Downloads of one blob are shared by concurrent pulls in one process (per content store).
  *
  * Errors are FlotillaErrors with one-line messages naming the registry: NOT_FOUND (no such tag,
  * repository or platform), PERMISSION_DENIED (401/403: login needed or wrong password), UNAVAILABLE

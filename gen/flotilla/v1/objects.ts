@@ -210,6 +210,32 @@ export interface ContainerSpec {
   secrets: SecretReference[];
   configs: ConfigReference[];
   /**
+   * --- volumes and mounts, and the container options of Docker's `service create` (issue 15);
+   * field numbers 90-109 are this feature's (docs/volumes.md, docs/runtime.md)
+   */
+  mounts: Mount[];
+  /** capabilities added to / dropped from Docker's default set ("CAP_NET_ADMIN" or "NET_ADMIN"; "ALL") */
+  capAdd: string[];
+  capDrop: string[];
+  /** the root file system mounted read-only */
+  readOnly: boolean;
+  /** a tiny init (tini) runs as PID 1, forwards signals and reaps zombies */
+  init: boolean;
+  ulimits: Ulimit[];
+  /** namespaced sysctls only (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*) */
+  sysctls: { [key: string]: string };
+  /** the signal that stops the container ("" = SIGTERM), e.g. "SIGINT" */
+  stopSignal: string;
+  dnsConfig:
+    | DNSConfig
+    | undefined;
+  /** extra /etc/hosts entries, as Swarm keeps them: "IP HOSTNAME [ALIAS...]" */
+  hosts: string[];
+  /** supplementary groups of the container's process (names from the image's /etc/group, or GIDs) */
+  groups: string[];
+  /** allocate a pseudo-terminal (-t) */
+  tty: boolean;
+  /**
    * credentials for the image's registry (--with-registry-auth): sent only to the nodes that run the
    * service's tasks, never returned by the control API (docs/images.md)
    */
@@ -221,11 +247,61 @@ export interface ContainerSpec_LabelsEntry {
   value: string;
 }
 
+export interface ContainerSpec_SysctlsEntry {
+  key: string;
+  value: string;
+}
+
 export interface RegistryAuth {
   /** host[:port], docker.io for Docker Hub */
   registry: string;
   username: string;
   password: string;
+}
+
+/** A mount in a task's container (Docker's --mount). */
+export interface Mount {
+  /** "volume" (a named local volume on the node, created on demand), "bind" (a host path) or "tmpfs" */
+  type: string;
+  /**
+   * volume: its name (empty: an anonymous volume, removed with the container); bind: an absolute host
+   * path that must exist; tmpfs: unused
+   */
+  source: string;
+  /** absolute path in the container */
+  target: string;
+  readonly: boolean;
+  /** volume: the local driver's options and labels, used when the volume is created on demand */
+  volumeOpts: { [key: string]: string };
+  volumeLabels: { [key: string]: string };
+  /** tmpfs: size in bytes (0: the kernel's default, half of RAM) and mode (0: 01777) */
+  tmpfsSizeBytes: number;
+  tmpfsMode: number;
+  /** volume: do not copy the image's files at the target into a new, empty volume */
+  volumeNocopy: boolean;
+}
+
+export interface Mount_VolumeOptsEntry {
+  key: string;
+  value: string;
+}
+
+export interface Mount_VolumeLabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface Ulimit {
+  /** e.g. "nofile", "nproc", "core" */
+  name: string;
+  soft: number;
+  hard: number;
+}
+
+export interface DNSConfig {
+  nameservers: string[];
+  search: string[];
+  options: string[];
 }
 
 export interface ResourceRequirements {
@@ -1554,6 +1630,18 @@ function createBaseContainerSpec(): ContainerSpec {
     networkMode: "",
     secrets: [],
     configs: [],
+    mounts: [],
+    capAdd: [],
+    capDrop: [],
+    readOnly: false,
+    init: false,
+    ulimits: [],
+    sysctls: {},
+    stopSignal: "",
+    dnsConfig: undefined,
+    hosts: [],
+    groups: [],
+    tty: false,
     registryAuth: undefined,
   };
 }
@@ -1601,6 +1689,42 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
     }
     for (const v of message.configs) {
       ConfigReference.encode(v!, writer.uint32(114).fork()).join();
+    }
+    for (const v of message.mounts) {
+      Mount.encode(v!, writer.uint32(722).fork()).join();
+    }
+    for (const v of message.capAdd) {
+      writer.uint32(730).string(v!);
+    }
+    for (const v of message.capDrop) {
+      writer.uint32(738).string(v!);
+    }
+    if (message.readOnly !== false) {
+      writer.uint32(744).bool(message.readOnly);
+    }
+    if (message.init !== false) {
+      writer.uint32(752).bool(message.init);
+    }
+    for (const v of message.ulimits) {
+      Ulimit.encode(v!, writer.uint32(762).fork()).join();
+    }
+    globalThis.Object.entries(message.sysctls).forEach(([key, value]: [string, string]) => {
+      ContainerSpec_SysctlsEntry.encode({ key: key as any, value }, writer.uint32(770).fork()).join();
+    });
+    if (message.stopSignal !== "") {
+      writer.uint32(778).string(message.stopSignal);
+    }
+    if (message.dnsConfig !== undefined) {
+      DNSConfig.encode(message.dnsConfig, writer.uint32(786).fork()).join();
+    }
+    for (const v of message.hosts) {
+      writer.uint32(794).string(v!);
+    }
+    for (const v of message.groups) {
+      writer.uint32(802).string(v!);
+    }
+    if (message.tty !== false) {
+      writer.uint32(808).bool(message.tty);
     }
     if (message.registryAuth !== undefined) {
       RegistryAuth.encode(message.registryAuth, writer.uint32(642).fork()).join();
@@ -1736,6 +1860,105 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
             message.configs.push(ConfigReference.decode(reader, reader.uint32()));
             continue;
           }
+          case 90: {
+            if (tag !== 722) {
+              break;
+            }
+
+            message.mounts.push(Mount.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 91: {
+            if (tag !== 730) {
+              break;
+            }
+
+            message.capAdd.push(reader.string());
+            continue;
+          }
+          case 92: {
+            if (tag !== 738) {
+              break;
+            }
+
+            message.capDrop.push(reader.string());
+            continue;
+          }
+          case 93: {
+            if (tag !== 744) {
+              break;
+            }
+
+            message.readOnly = reader.bool();
+            continue;
+          }
+          case 94: {
+            if (tag !== 752) {
+              break;
+            }
+
+            message.init = reader.bool();
+            continue;
+          }
+          case 95: {
+            if (tag !== 762) {
+              break;
+            }
+
+            message.ulimits.push(Ulimit.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 96: {
+            if (tag !== 770) {
+              break;
+            }
+
+            const entry96 = ContainerSpec_SysctlsEntry.decode(reader, reader.uint32());
+            if (entry96.value !== undefined) {
+              message.sysctls[entry96.key] = entry96.value;
+            }
+            continue;
+          }
+          case 97: {
+            if (tag !== 778) {
+              break;
+            }
+
+            message.stopSignal = reader.string();
+            continue;
+          }
+          case 98: {
+            if (tag !== 786) {
+              break;
+            }
+
+            message.dnsConfig = DNSConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 99: {
+            if (tag !== 794) {
+              break;
+            }
+
+            message.hosts.push(reader.string());
+            continue;
+          }
+          case 100: {
+            if (tag !== 802) {
+              break;
+            }
+
+            message.groups.push(reader.string());
+            continue;
+          }
+          case 101: {
+            if (tag !== 808) {
+              break;
+            }
+
+            message.tty = reader.bool();
+            continue;
+          }
           case 80: {
             if (tag !== 642) {
               break;
@@ -1785,6 +2008,28 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
     message.networkMode = object.networkMode ?? "";
     message.secrets = object.secrets?.map((e) => SecretReference.fromPartial(e)) || [];
     message.configs = object.configs?.map((e) => ConfigReference.fromPartial(e)) || [];
+    message.mounts = object.mounts?.map((e) => Mount.fromPartial(e)) || [];
+    message.capAdd = object.capAdd?.map((e) => e) || [];
+    message.capDrop = object.capDrop?.map((e) => e) || [];
+    message.readOnly = object.readOnly ?? false;
+    message.init = object.init ?? false;
+    message.ulimits = object.ulimits?.map((e) => Ulimit.fromPartial(e)) || [];
+    message.sysctls = (globalThis.Object.entries(object.sysctls ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.stopSignal = object.stopSignal ?? "";
+    message.dnsConfig = (object.dnsConfig !== undefined && object.dnsConfig !== null)
+      ? DNSConfig.fromPartial(object.dnsConfig)
+      : undefined;
+    message.hosts = object.hosts?.map((e) => e) || [];
+    message.groups = object.groups?.map((e) => e) || [];
+    message.tty = object.tty ?? false;
     message.registryAuth = (object.registryAuth !== undefined && object.registryAuth !== null)
       ? RegistryAuth.fromPartial(object.registryAuth)
       : undefined;
@@ -1853,6 +2098,73 @@ export const ContainerSpec_LabelsEntry: MessageFns<ContainerSpec_LabelsEntry> = 
   },
   fromPartial<I extends Exact<DeepPartial<ContainerSpec_LabelsEntry>, I>>(object: I): ContainerSpec_LabelsEntry {
     const message = createBaseContainerSpec_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseContainerSpec_SysctlsEntry(): ContainerSpec_SysctlsEntry {
+  return { key: "", value: "" };
+}
+
+export const ContainerSpec_SysctlsEntry: MessageFns<ContainerSpec_SysctlsEntry> = {
+  encode(message: ContainerSpec_SysctlsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ContainerSpec_SysctlsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseContainerSpec_SysctlsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ContainerSpec_SysctlsEntry>, I>>(base?: I): ContainerSpec_SysctlsEntry {
+    return ContainerSpec_SysctlsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ContainerSpec_SysctlsEntry>, I>>(object: I): ContainerSpec_SysctlsEntry {
+    const message = createBaseContainerSpec_SysctlsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
     return message;
@@ -1934,6 +2246,481 @@ export const RegistryAuth: MessageFns<RegistryAuth> = {
     message.registry = object.registry ?? "";
     message.username = object.username ?? "";
     message.password = object.password ?? "";
+    return message;
+  },
+};
+
+function createBaseMount(): Mount {
+  return {
+    type: "",
+    source: "",
+    target: "",
+    readonly: false,
+    volumeOpts: {},
+    volumeLabels: {},
+    tmpfsSizeBytes: 0,
+    tmpfsMode: 0,
+    volumeNocopy: false,
+  };
+}
+
+export const Mount: MessageFns<Mount> = {
+  encode(message: Mount, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.type !== "") {
+      writer.uint32(10).string(message.type);
+    }
+    if (message.source !== "") {
+      writer.uint32(18).string(message.source);
+    }
+    if (message.target !== "") {
+      writer.uint32(26).string(message.target);
+    }
+    if (message.readonly !== false) {
+      writer.uint32(32).bool(message.readonly);
+    }
+    globalThis.Object.entries(message.volumeOpts).forEach(([key, value]: [string, string]) => {
+      Mount_VolumeOptsEntry.encode({ key: key as any, value }, writer.uint32(42).fork()).join();
+    });
+    globalThis.Object.entries(message.volumeLabels).forEach(([key, value]: [string, string]) => {
+      Mount_VolumeLabelsEntry.encode({ key: key as any, value }, writer.uint32(50).fork()).join();
+    });
+    if (message.tmpfsSizeBytes !== 0) {
+      writer.uint32(56).int64(message.tmpfsSizeBytes);
+    }
+    if (message.tmpfsMode !== 0) {
+      writer.uint32(64).uint32(message.tmpfsMode);
+    }
+    if (message.volumeNocopy !== false) {
+      writer.uint32(72).bool(message.volumeNocopy);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Mount {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMount();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.readonly = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            const entry5 = Mount_VolumeOptsEntry.decode(reader, reader.uint32());
+            if (entry5.value !== undefined) {
+              message.volumeOpts[entry5.key] = entry5.value;
+            }
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            const entry6 = Mount_VolumeLabelsEntry.decode(reader, reader.uint32());
+            if (entry6.value !== undefined) {
+              message.volumeLabels[entry6.key] = entry6.value;
+            }
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.tmpfsSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.tmpfsMode = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.volumeNocopy = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Mount>, I>>(base?: I): Mount {
+    return Mount.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Mount>, I>>(object: I): Mount {
+    const message = createBaseMount();
+    message.type = object.type ?? "";
+    message.source = object.source ?? "";
+    message.target = object.target ?? "";
+    message.readonly = object.readonly ?? false;
+    message.volumeOpts = (globalThis.Object.entries(object.volumeOpts ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.volumeLabels = (globalThis.Object.entries(object.volumeLabels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.tmpfsSizeBytes = object.tmpfsSizeBytes ?? 0;
+    message.tmpfsMode = object.tmpfsMode ?? 0;
+    message.volumeNocopy = object.volumeNocopy ?? false;
+    return message;
+  },
+};
+
+function createBaseMount_VolumeOptsEntry(): Mount_VolumeOptsEntry {
+  return { key: "", value: "" };
+}
+
+export const Mount_VolumeOptsEntry: MessageFns<Mount_VolumeOptsEntry> = {
+  encode(message: Mount_VolumeOptsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Mount_VolumeOptsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMount_VolumeOptsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Mount_VolumeOptsEntry>, I>>(base?: I): Mount_VolumeOptsEntry {
+    return Mount_VolumeOptsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Mount_VolumeOptsEntry>, I>>(object: I): Mount_VolumeOptsEntry {
+    const message = createBaseMount_VolumeOptsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseMount_VolumeLabelsEntry(): Mount_VolumeLabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const Mount_VolumeLabelsEntry: MessageFns<Mount_VolumeLabelsEntry> = {
+  encode(message: Mount_VolumeLabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Mount_VolumeLabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMount_VolumeLabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Mount_VolumeLabelsEntry>, I>>(base?: I): Mount_VolumeLabelsEntry {
+    return Mount_VolumeLabelsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Mount_VolumeLabelsEntry>, I>>(object: I): Mount_VolumeLabelsEntry {
+    const message = createBaseMount_VolumeLabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseUlimit(): Ulimit {
+  return { name: "", soft: 0, hard: 0 };
+}
+
+export const Ulimit: MessageFns<Ulimit> = {
+  encode(message: Ulimit, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.soft !== 0) {
+      writer.uint32(16).int64(message.soft);
+    }
+    if (message.hard !== 0) {
+      writer.uint32(24).int64(message.hard);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Ulimit {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUlimit();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.soft = longToNumber(reader.int64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.hard = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Ulimit>, I>>(base?: I): Ulimit {
+    return Ulimit.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Ulimit>, I>>(object: I): Ulimit {
+    const message = createBaseUlimit();
+    message.name = object.name ?? "";
+    message.soft = object.soft ?? 0;
+    message.hard = object.hard ?? 0;
+    return message;
+  },
+};
+
+function createBaseDNSConfig(): DNSConfig {
+  return { nameservers: [], search: [], options: [] };
+}
+
+export const DNSConfig: MessageFns<DNSConfig> = {
+  encode(message: DNSConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.nameservers) {
+      writer.uint32(10).string(v!);
+    }
+    for (const v of message.search) {
+      writer.uint32(18).string(v!);
+    }
+    for (const v of message.options) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DNSConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDNSConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.nameservers.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.search.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.options.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<DNSConfig>, I>>(base?: I): DNSConfig {
+    return DNSConfig.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DNSConfig>, I>>(object: I): DNSConfig {
+    const message = createBaseDNSConfig();
+    message.nameservers = object.nameservers?.map((e) => e) || [];
+    message.search = object.search?.map((e) => e) || [];
+    message.options = object.options?.map((e) => e) || [];
     return message;
   },
 };
