@@ -6,7 +6,7 @@
  *  1. a reference with a digest, or --no-resolve-image: kept as given;
  *  2. an image imported (not pulled) on nodes of the cluster under that name, as their heartbeats
  *     report it: pinned to that digest (no registry involved: nodes fetch it from each other);
- *  3. a cluster of simulated nodes only: kept (they have no image store);
+ *  3. no node with an image store (simulated nodes only, or no node yet): kept;
  *  4. else the registry: the tag's digest (an index's for a multi-platform image), with the
  *     credentials sent with --with-registry-auth. A registry that cannot be reached, or does not know
  *     the tag, fails the command with one line.
@@ -21,7 +21,7 @@ import type { RegistryAuth, Service, ServiceSpec, Task } from '../../gen/flotill
 export interface PinContext {
   /** the manifest digests of images imported under name on connected nodes (from their heartbeats) */
   localDigests(name: string): Set<string>;
-  /** whether every node of the cluster is simulated */
+  /** whether no node of the cluster has an image store (all simulated, or none registered) */
   simulatedOnly(): boolean;
   /** the registry's digest for a reference (tests inject nothing: the real client runs) */
   resolve?(ref: string, auth: RegistryAuth | undefined): Promise<string>;

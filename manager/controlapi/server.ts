@@ -177,7 +177,8 @@ export class ControlApi {
       localDigests: (name) => this.ctx.dispatcher.localImageDigests(name),
       simulatedOnly: () => {
         const nodes = this.store.listNodes().filter((n) => !isAgentless(n));
-        return nodes.length > 0 && nodes.every((n) => n.description?.runtime === 'sim');
+        // no node with an image store (simulated nodes only, or none yet): nothing to pin against
+        return nodes.every((n) => n.description?.runtime === 'sim');
       },
       ...(this.ctx.resolveImage ? { resolve: this.ctx.resolveImage } : {}),
     };
