@@ -23,6 +23,8 @@ import { TlsSource } from '../manager/ca/credentials.js';
 import { loadNodeTls, saveNodeTls } from '../manager/ca/certstore.js';
 import { joinCluster, renewCertificate, runRenewal } from '../manager/ca/service.js';
 import { sleep } from '../common/sleep.js';
+import { ImageStore } from './runtime/images.js';
+import { ContentServer, ImageFetcher } from './worker/distribution.js';
 
 export interface AgentOptions {
   /** the node's data dir (the runtime's, and <dataDir>/agent/node.json) */
@@ -55,6 +57,8 @@ export interface AgentOptions {
   resources?: { nanoCpus: number; memoryBytes: number };
   /** worker tuning (concurrency, status batching) */
   worker?: Omit<WorkerOptions, 'runtime' | 'hostname' | 'log'>;
+  /** the port of the node's blob server (distribution inside the cluster); default 0: any free port */
+  contentPort?: number;
   /** no overlay data plane even with the runc runtime (tests); the sim runtime never has one */
   noNetwork?: boolean;
   /** reconnect backoff (default 100 ms → 5 s) */
@@ -156,7 +160,28 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
       log.warn({ err: errorMessage(err), addr }, 'overlay networks unavailable on this node');
     }
   }
-  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network });
+  // distribution inside the cluster (docs/images.md): this node serves its blobs to the others and
+  // fetches the images its tasks lack from them (mutual TLS with the node certificate)
+  let content: ContentServer | undefined;
+  let fetcher: ImageFetcher | undefined;
+  const store = (runtime as { images?: unknown }).images;
+  if (own && runtime.kind === 'runc' && store instanceof ImageStore) {
+    try {
+      content = new ContentServer(store, own, log.child({ component: 'content' }));
+      await content.listen(hostOfAddr(addr), opts.contentPort ?? 0);
+      fetcher = new ImageFetcher(
+        store,
+        { imageSources: (ref, signal) => (current.session ? current.session.imageSources(ref, signal) : Promise.reject(new FlotillaError('UNAVAILABLE', 'no session'))) },
+        own,
+        { hostname: description.hostname, log: log.child({ component: 'images' }) },
+      );
+    } catch (err) {
+      content?.close();
+      content = undefined;
+      log.warn({ err: errorMessage(err) }, 'image distribution inside the cluster unavailable on this node');
+    }
+  }
+  const worker = new Worker({ ...opts.worker, runtime, hostname: description.hostname, log: log.child({ component: 'worker' }), network, images: fetcher });
   let renewNow: ((pem: string) => void) | undefined;
   const session = new Session({
     managers: opts.managers,
@@ -171,6 +196,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     backoffMaxMs: opts.backoffMaxMs,
     onRegistered: opts.onRegistered,
     onTrustBundle: (pem) => renewNow?.(pem),
+    images: fetcher && content ? async () => ({ images: await fetcher.held(), contentAddr: content.addr }) : undefined,
   });
   current.session = session;
   opts.onStarted?.({ worker, session, runtime });
@@ -238,6 +264,7 @@ export async function runAgent(opts: AgentOptions): Promise<void> {
     await sessionRun;
     // the resolver stops answering; VIP tables stay in the containers, which keep running
     await discovery?.close();
+    content?.close();
     if (owned) {
       try {
         await runtime.close?.();

@@ -9,8 +9,8 @@
  * once per run and uploaded to a docker-registry on loopback (test/helpers/registry.ts). Prints the
  * medians and the ratio flotilla/skopeo (target: at most 1.0). Never fails on a missed target.
  *
- * Part 2 (the 5-node test bed: time until every node has the image from the registry, and from one node
- * without a registry) belongs to the in-cluster work of issue 14 and goes in clusterPart() below.
+ * Part 2 (BENCH_CLUSTER=0 skips it): a global service on a 5-host test bed needing that image: time until
+ * it runs on every host pulling from a registry, and with the image on one host only and no registry.
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
@@ -96,12 +96,73 @@ async function seed(reg: TestRegistry, work: string): Promise<{ ref: string; byt
 }
 
 /**
- * The in-cluster part of the benchmark (issue 14): a service on 5 nodes of the test bed needing the
- * image; time until every node has it from the registry, and from one node without a registry.
- * Not written yet: the cluster-side distribution is another branch's work.
+ * The in-cluster part (issue 14): a global service on the 5 hosts of a test bed (1 manager, 4 agents,
+ * real runc) needing the image. (a) from a registry: time from `service create` until the image is on
+ * every host, each host pulling from a docker-registry inside h1's namespace; (b) without a registry:
+ * the image is on h1 only and the registry is stopped; the other 4 hosts fetch it from h1 over the
+ * cluster's mutual TLS. The image is copied into the bed's registry with skopeo (from the loopback one).
  */
-async function clusterPart(_ref: string): Promise<void> {
-  process.stdout.write('\n5-node part (service on the test bed pulling the image): not implemented in this branch\n');
+async function clusterPart(ref: string, work: string): Promise<void> {
+  const { Testbed, run: bedRun } = await import('../test/helpers/testbed.js');
+  const subnet = `198.18.${100 + Math.floor(Math.random() * 150)}`;
+  const h1ip = `${subnet}.11`;
+  const port = 5000;
+  const saved = process.env.FLOTILLA_INSECURE_REGISTRIES;
+  process.env.FLOTILLA_INSECURE_REGISTRIES = `${h1ip}:${port}`;
+  const bed = await Testbed.create({ managers: 1, agents: 4, subnet, readyTimeoutMs: 60_000 });
+  let reg: TestRegistry | undefined;
+  try {
+    const h1 = bed.hosts[0]!;
+    reg = await startRegistry({ netns: h1.netns, listenHost: h1ip, port });
+    const dir = path.join(work, 'cluster-copy');
+    const c1 = await run('skopeo', ['copy', '-q', '--src-tls-verify=false', `docker://${ref}`, `dir:${dir}`]);
+    if (c1.code !== 0) throw new Error(`skopeo copy failed: ${c1.stderr.trim()}`);
+    const bedRef = `${h1ip}:${port}/bench/big:1`;
+    const c2 = await bedRun('nsenter', [`--net=/run/netns/${h1.netns}`, '--', 'skopeo', 'copy', '-q', '--dest-tls-verify=false', `dir:${dir}`, `docker://${bedRef}`], { timeoutMs: 300_000 });
+    if (c2.code !== 0) throw new Error(`skopeo copy into the bed's registry failed: ${c2.stderr.trim()}`);
+    await fs.rm(dir, { recursive: true, force: true });
+    // the image holds random data only (no command to run): what counts is when every host has it
+    const { ImageStore } = await import('../agent/runtime/images.js');
+    const converge = async (name: string, image: string): Promise<number> => {
+      const t = performance.now();
+      const r = await bed.cli(['service', 'create', '-d', '--name', name, '--mode', 'global', '--network', 'host', '--restart-condition', 'none', image, 'true']);
+      if (r.code !== 0) throw new Error(`service create failed: ${r.stderr.trim()}`);
+      for (const until = Date.now() + 600_000; ; ) {
+        let have = 0;
+        for (const h of bed.hosts) if (await (await ImageStore.open(h.dataDir)).has(image)) have++;
+        if (have === bed.hosts.length) return performance.now() - t;
+        const ts = await bed.cliJson<Array<{ state: string; error: string }>>(['service', 'ps', name]);
+        const bad = ts.find((x) => x.state === 'rejected' && /not available on node/.test(x.error));
+        if (bad) throw new Error(`a task of ${name} could not get the image: ${bad.error}`);
+        if (Date.now() > until) throw new Error(`${name}: the image is not on every host after 10 minutes`);
+        await new Promise((res) => setTimeout(res, 200));
+      }
+    };
+    const fromRegistry = await converge('pull-reg', bedRef);
+    process.stdout.write(`\n5 hosts, global service of ${bedRef}:\n  (a) every host pulls it from the registry: on all hosts after ${(fromRegistry / 1000).toFixed(2)} s\n`);
+    // (b) only h1 keeps the image; the registry goes away
+    const digest = JSON.parse((await h1.cli(['image', 'inspect', bedRef])).stdout)[0].digest as string;
+    const rm = await bed.cli(['service', 'rm', 'pull-reg']);
+    if (rm.code !== 0) throw new Error(`service rm failed: ${rm.stderr.trim()}`);
+    for (const h of bed.hosts.slice(1)) {
+      for (const until = Date.now() + 120_000; ; ) {
+        const r = await h.cli(['image', 'rm', bedRef]);
+        if (r.code === 0) break;
+        if (Date.now() > until) throw new Error(`image rm on ${h.name}: ${r.stderr.trim()}`);
+        await new Promise((res) => setTimeout(res, 500));
+      }
+      await h.cli(['image', 'prune']);
+    }
+    await reg.stop();
+    reg = undefined;
+    const fromPeer = await converge('pull-peer', `${bedRef}@${digest}`);
+    process.stdout.write(`  (b) no registry, the image on h1 only, 4 hosts fetch it from h1: on all hosts after ${(fromPeer / 1000).toFixed(2)} s\n`);
+  } finally {
+    await reg?.stop();
+    await bed.destroy();
+    if (saved === undefined) delete process.env.FLOTILLA_INSECURE_REGISTRIES;
+    else process.env.FLOTILLA_INSECURE_REGISTRIES = saved;
+  }
 }
 
 async function main(): Promise<void> {
@@ -167,7 +228,7 @@ async function main(): Promise<void> {
         `skopeo copy to dir: ${(b / 1000).toFixed(2)} s; ratio flotilla/skopeo ${(a / b).toFixed(2)} (target <= 1.0)\n` +
         `skopeo copy + tar -x of every layer: ${(median(theirsUnpacked) / 1000).toFixed(2)} s; ratio flotilla/(skopeo + tar) ${(a / median(theirsUnpacked)).toFixed(2)}\n`,
     );
-    await clusterPart(ref);
+    if (process.env.BENCH_CLUSTER !== '0') await clusterPart(ref, work);
   } finally {
     await reg?.stop();
     await fs.rm(work, { recursive: true, force: true });

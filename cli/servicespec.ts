@@ -167,6 +167,7 @@ export function buildServiceSpec(flags: ServiceFlags, image: string, args: strin
         workdir: flags.workdir ?? '',
         user: flags.user ?? '',
         hostname: '',
+        registryAuth: undefined,
         stopGracePeriodMs: flags.stopGracePeriod !== undefined ? parseDuration('--stop-grace-period', flags.stopGracePeriod) : 10_000,
         healthcheck: undefined,
         noHealthcheck: flags.healthcheck === false,

@@ -41,6 +41,8 @@ class FakeNode {
       token,
       nodeId: '',
       addr: this.addr,
+      images: [],
+      contentAddr: '',
       description: {
         hostname: this.hostname,
         resources: { nanoCpus: 4e9, memoryBytes: 8 * 1024 ** 3, pids: 0 },
@@ -54,7 +56,7 @@ class FakeNode {
     this.nodeId = reg.nodeId;
     this.sessionId = reg.sessionId;
     this.timer = setInterval(() => {
-      this.client.heartbeat({ nodeId: this.nodeId, sessionId: this.sessionId }, () => {});
+      this.client.heartbeat({ nodeId: this.nodeId, sessionId: this.sessionId, images: [], contentAddr: '' }, () => {});
     }, 150);
     this.stream = this.client.assignments({ nodeId: this.nodeId, sessionId: this.sessionId });
     this.stream.on('data', (msg: AssignmentsMessage) => {

@@ -452,6 +452,73 @@ export class ImageStore {
     });
   }
 
+  /**
+   * Protects digests (blobs being fetched, their layers) from prune and gc until the returned function
+   * is called (once). Whoever fetches an image's blobs before commit() pins them first.
+   */
+  pin(digests: Iterable<string>): () => void {
+    const mine = [...new Set(digests)];
+    for (const d of mine) this.pins.set(d, (this.pins.get(d) ?? 0) + 1);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      for (const d of mine) {
+        const n = (this.pins.get(d) ?? 1) - 1;
+        if (n > 0) this.pins.set(d, n);
+        else this.pins.delete(d);
+      }
+    };
+  }
+
+  /**
+   * Records name for an image whose manifest, config and layer blobs are in the content store already
+   * (fetched from another node, each verified against its digest on the way in), through importStaged.
+   * The manifest must be an image manifest. repoDigests: NAME@DIGEST references the image is known by
+   * (a pinned index digest).
+   */
+  async commit(name: string, manifestDigest: string, repoDigests?: string[]): Promise<ImageRecord> {
+    const label = `${name}@${manifestDigest}`;
+    return this.importStaged(
+      name,
+      async (pin) => {
+        pin(manifestDigest);
+        const manifest = parseJson<Manifest>(await this.content.readBytes(manifestDigest), label, `manifest ${manifestDigest}`);
+        if (!manifest.config || !Array.isArray(manifest.layers)) throw bad(label, `manifest ${manifestDigest} lacks config or layers`);
+        pin(manifest.config.digest);
+        const config = parseJson<OciConfig>(await this.content.readBytes(manifest.config.digest), label, `config ${manifest.config.digest}`);
+        for (const l of manifest.layers) {
+          pin(l.digest);
+          if (!(await this.content.has(l.digest))) throw bad(label, `layer ${l.digest} is missing from the content store`);
+        }
+        return { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers, config, ...(repoDigests?.length ? { repoDigests } : {}) };
+      },
+      label,
+    );
+  }
+
+  /**
+   * Removes the images no container uses (opts.inUse, and the snapshots prepared from them): every one
+   * with all, else none (flotilla keeps no untagged images: a replaced image's content is what a plain
+   * prune collects), then deletes every blob and unpacked layer nothing references any more.
+   */
+  async pruneImages(opts: { all?: boolean; inUse?: (digest: string) => boolean | Promise<boolean> } = {}): Promise<{ images: ImageRecord[]; blobs: string[]; layers: string[] }> {
+    const images: ImageRecord[] = [];
+    if (opts.all) {
+      for (const img of await this.list()) {
+        if ((await this.snapshots.usersOf(img.digest)).length > 0) continue;
+        if (opts.inUse && (await opts.inUse(img.digest))) continue;
+        await this.locked(async () => {
+          await fs.rm(this.recordPath(img.name), { force: true });
+          await fsyncDir(this.imagesDir);
+        });
+        images.push(img);
+      }
+    }
+    const { blobs, layers } = await this.prune();
+    return { images, blobs, layers };
+  }
+
   private async writeRecord(record: ImageRecord): Promise<void> {
     await writeFileAtomic(this.recordPath(record.name), JSON.stringify(record, null, 2) + '\n');
   }

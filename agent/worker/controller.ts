@@ -5,7 +5,7 @@
  */
 import { errorMessage, isCode } from '../../common/errors.js';
 import { shortId } from '../../common/ids.js';
-import { TaskState, type ContainerSpec, type Task } from '../../gen/flotilla/v1/objects.js';
+import { TaskState, type ContainerSpec, type RegistryAuth, type Task } from '../../gen/flotilla/v1/objects.js';
 import { expandTemplate } from '../../common/containeropts.js';
 import type { ContainerCreateOptions, ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo } from '../runtime/types.js';
 import type { TaskNetwork } from '../network/node-network.js';
@@ -119,6 +119,11 @@ function containerOptions(c: ContainerSpec): Partial<ContainerCreateOptions> {
   return o;
 }
 
+/** Gets images a task needs onto the node (from another node of the cluster, or a registry). */
+export interface ImageProvider {
+  ensure(ref: string, opts: { signal?: AbortSignal; onProgress?: (message: string) => void; auth?: RegistryAuth }): Promise<void>;
+}
+
 export class TaskController {
   /** the container's id once prepared (or adopted) */
   containerId: string | undefined;
@@ -131,7 +136,26 @@ export class TaskController {
     private readonly files: (task: Task) => ContainerFile[] = () => [],
     /** the node's overlay data plane (absent with the sim runtime) */
     readonly network?: TaskNetwork,
+    /** where a missing image comes from (absent: it must be imported on this node) */
+    readonly images?: ImageProvider,
   ) {}
+
+  /**
+   * Gets the task's image onto the node when it is missing (PREPARING; progress lines go to
+   * onProgress). Errors are TaskError(REJECTED) with the reason.
+   */
+  async pullImage(signal: AbortSignal, onProgress: (message: string) => void): Promise<void> {
+    const image = this.task.spec?.container?.image ?? '';
+    if (!image || !this.images) return;
+    try {
+      if (await this.runtime.hasImage(image)) return;
+      const auth = this.task.spec?.container?.registryAuth;
+      await this.images.ensure(image, { signal, onProgress, ...(auth ? { auth } : {}) });
+    } catch (err) {
+      if (signal.aborted) throw err;
+      throw new TaskError(TaskState.TASK_STATE_REJECTED, `image ${JSON.stringify(image)} not available on node ${this.hostname}: ${errorMessage(err)}`, { cause: err });
+    }
+  }
 
   /** Takes over a container that already exists for this task (after an agent restart). */
   adopt(info: ContainerInfo): void {

@@ -85,6 +85,7 @@ class TestDispatcher {
     const notFound = (): grpc.ServiceError =>
       Object.assign(new Error('session not found: register again'), { code: grpc.status.NOT_FOUND, details: 'session not found: register again', metadata: new grpc.Metadata() });
     return {
+      imageSources: (_call, cb) => cb(null, { sources: [] }),
       register: (call, cb) => {
         this.registers.push(call.request);
         if (call.request.token !== TOKEN) {

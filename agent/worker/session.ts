@@ -24,6 +24,8 @@ import {
   LogChunk,
   LogRequest,
   RegisterResponse,
+  type ImageSource,
+  type NodeImage,
   type TaskStatusUpdate,
 } from '../../gen/flotilla/v1/dispatcher.js';
 import type { NodeDescription } from '../../gen/flotilla/v1/objects.js';
@@ -58,6 +60,11 @@ export interface SessionOptions {
   onRegistered?: (info: RegisterResponse & { manager: string }) => void;
   /** called with the cluster's trust bundle from each heartbeat (a CA rotation: see agent.ts) */
   onTrustBundle?: (pem: string) => void;
+  /**
+   * what each heartbeat reports of the node's images and where its blob server listens (the
+   * dispatcher answers other nodes' ImageSources from it; docs/images.md)
+   */
+  images?: () => Promise<{ images: NodeImage[]; contentAddr: string }>;
 }
 
 interface NodeFile {
@@ -107,6 +114,8 @@ export class Session {
   isConnected = false;
   private readonly initial: string[];
   private readonly log: Logger;
+  /** the live session's client and ids (ImageSources goes through it) */
+  private live: { client: DispatcherClient; nodeId: string; sessionId: string; signal: AbortSignal } | undefined;
 
   constructor(private readonly opts: SessionOptions) {
     if (opts.managers.length === 0) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --manager []: at least one manager address is required');
@@ -186,10 +195,11 @@ export class Session {
 
   private async register(client: DispatcherClient, addr: string, signal: AbortSignal): Promise<RegisterResponse> {
     let reg: RegisterResponse;
+    const held = (await this.opts.images?.().catch(() => undefined)) ?? { images: [], contentAddr: '' };
     try {
       reg = await unary(
         client.register.bind(client),
-        { token: this.opts.token, nodeId: this.nodeId, description: this.opts.description, addr: this.opts.addr },
+        { token: this.opts.token, nodeId: this.nodeId, description: this.opts.description, addr: this.opts.addr, images: held.images, contentAddr: held.contentAddr },
         this.opts.rpcTimeoutMs ?? 10_000,
         signal,
       );
@@ -288,6 +298,7 @@ export class Session {
       }
     });
     this.isConnected = true;
+    this.live = { client, nodeId, sessionId, signal: ctl.signal };
 
     // heartbeats at the period the manager sets
     const heartbeats = (async () => {
@@ -296,7 +307,16 @@ export class Session {
         await sleep(period, ctl.signal);
         if (ctl.signal.aborted) break;
         try {
-          const res = await unary(client.heartbeat.bind(client), { nodeId, sessionId }, Math.max(1000, Math.min(timeout, period * 2)), ctl.signal);
+          const held = (await this.opts.images?.().catch((err: unknown) => {
+            this.log.warn({ err: errorMessage(err) }, 'listing the node\'s images failed');
+            return undefined;
+          })) ?? { images: [], contentAddr: '' };
+          const res = await unary(
+            client.heartbeat.bind(client),
+            { nodeId, sessionId, images: held.images, contentAddr: held.contentAddr },
+            Math.max(1000, Math.min(timeout, period * 2)),
+            ctl.signal,
+          );
           this.heartbeats++;
           if (res.periodMs > 0) period = res.periodMs;
           if (res.managers.length > 0) this.learnManagers(res.managers, addr);
@@ -310,6 +330,7 @@ export class Session {
     await ended;
     signal.removeEventListener('abort', onOuterAbort);
     this.isConnected = false;
+    this.live = undefined;
     worker.setSender(undefined);
     for (const ac of logRequests.values()) ac.abort();
     assignments.cancel();
@@ -317,6 +338,15 @@ export class Session {
     await heartbeats;
     await Promise.all([...logOps]);
     if (failure !== undefined && !signal.aborted) throw failure;
+  }
+
+  /** Asks the dispatcher which other nodes hold an image (UNAVAILABLE while disconnected). */
+  async imageSources(ref: string, signal?: AbortSignal): Promise<ImageSource[]> {
+    const live = this.live;
+    if (!live) throw new FlotillaError('UNAVAILABLE', 'not connected to a manager');
+    const sig = signal ? AbortSignal.any([signal, live.signal]) : live.signal;
+    const res = await unary(live.client.imageSources.bind(live.client), { nodeId: live.nodeId, sessionId: live.sessionId, ref }, this.opts.rpcTimeoutMs ?? 10_000, sig);
+    return res.sources;
   }
 
   /** Streams a task's logs to the manager in chunks; the last chunk has done (and error, if any). */

@@ -26,7 +26,7 @@ import { HealthState, TaskState, type Config, type FileTarget, type Secret, type
 import { DEFAULT_FILE_MODE, defaultTarget, targetPath } from '../../common/secrets.js';
 import type { ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../runtime/types.js';
 import { healthSettings, monitorHealth } from './health.js';
-import { LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
+import { type ImageProvider, LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
 import type { TaskNetwork } from '../network/node-network.js';
 
@@ -43,6 +43,8 @@ export interface WorkerOptions {
   closeTimeoutMs?: number;
   /** the node's overlay data plane: follows the messages' network views, attaches task containers */
   network?: TaskNetwork;
+  /** where missing images come from (agent/worker/distribution.ts); absent: they must be imported */
+  images?: ImageProvider;
 }
 
 /**
@@ -84,6 +86,8 @@ interface Runner {
   removing?: Promise<void>;
   /** resolves a prepared task held back (desired state below running) once it may start */
   release?: () => void;
+  /** when the last progress line of a PREPARING task was reported */
+  progressAt?: number;
 }
 
 const TERMINAL = TaskState.TASK_STATE_COMPLETE;
@@ -296,7 +300,7 @@ export class Worker {
         this.log?.warn({ taskId: t.id }, 'task assigned again while its container is being removed: ignored');
         return;
       }
-      const ctl = new TaskController(this.runtime, t, this.opts.hostname, (task) => this.filesOf(task), this.opts.network);
+      const ctl = new TaskController(this.runtime, t, this.opts.hostname, (task) => this.filesOf(task), this.opts.network, this.opts.images);
       r = {
         task: t,
         state: managerState,
@@ -399,6 +403,12 @@ export class Worker {
           return;
         }
         this.report(r, TaskState.TASK_STATE_ACCEPTED, { message: 'accepted' });
+        // a missing image is fetched first, outside the concurrency limit (a long pull holds no slot)
+        if (this.opts.images) {
+          this.report(r, TaskState.TASK_STATE_PREPARING, { message: 'preparing' });
+          await r.ctl.pullImage(sig, (m) => this.reportProgress(r, m));
+          if (sig.aborted) return;
+        }
         // prepare, then (for a held task) wait outside the concurrency limit, then start
         const created = await this.op(async () => {
           if (sig.aborted) return undefined;
@@ -505,6 +515,17 @@ export class Worker {
       },
       done,
     };
+  }
+
+  /** Reports the progress of a PREPARING task (same state, new message), at most every 500 ms. */
+  private reportProgress(r: Runner, message: string): void {
+    if (r.removing || r.state !== TaskState.TASK_STATE_PREPARING || r.status.message === message) return;
+    const now = Date.now();
+    if (now - (r.progressAt ?? 0) < 500) return;
+    r.progressAt = now;
+    const status: TaskStatus = { ...r.status, message, timestamp: now };
+    r.status = status;
+    if (!this.closed) this.statuses.push(r.task.id, status);
   }
 
   /** Reports a change of health of a RUNNING task (same state, new health). */

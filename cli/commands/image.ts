@@ -116,6 +116,35 @@ export function register(program: Command): void {
       }),
     );
 
+  image
+    .command('prune')
+    .description('Remove unused image data: blobs and unpacked layers no image uses; with -a, also every image no container uses')
+    .option('-a, --all', 'remove every image no container (running or stopped) uses, not only unreferenced data')
+    .option('-f, --force', 'do not prompt for confirmation (flotilla never prompts; accepted as Docker does)')
+    .option('--format <format>', 'table or json', 'table')
+    .option('--data-dir <dir>', 'node data directory')
+    .action(
+      action(async (opts: DataDirOpts & { all?: boolean; format: string }) => {
+        const format = checkFormat(opts.format);
+        const store = await ImageStore.open(resolveDataDir(opts.dataDir));
+        const sizes = new Map<string, number>();
+        for (const b of await store.content.list()) sizes.set(b, (await store.content.info(b).catch(() => ({ size: 0 }))).size);
+        const res = await store.pruneImages({ all: opts.all === true });
+        const reclaimed = res.blobs.reduce((n, b) => n + (sizes.get(b) ?? 0), 0);
+        if (format === 'json') {
+          return printJson({ images: res.images.map((i) => ({ name: i.name, digest: i.digest })), blobs: res.blobs, layers: res.layers, reclaimedBytes: reclaimed });
+        }
+        if (res.images.length > 0) {
+          process.stdout.write('Deleted Images:\n');
+          for (const i of res.images) process.stdout.write(`untagged: ${i.name}\n`);
+          const gone = new Set(res.blobs);
+          for (const d of new Set(res.images.map((i) => i.digest))) if (gone.has(d)) process.stdout.write(`deleted: ${d}\n`);
+          process.stdout.write('\n');
+        }
+        process.stdout.write(`Deleted ${res.blobs.length} blobs and ${res.layers.length} unpacked layers\nTotal reclaimed space: ${formatBytes(reclaimed)}\n`);
+      }),
+    );
+
   registerRegistryCommands(image);
 }
 

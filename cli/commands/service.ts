@@ -9,7 +9,7 @@ import {
   LogLine,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { Node, Service, ServiceMode, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
+import { Node, Service, ServiceMode, Task, TaskState, type RegistryAuth } from '../../gen/flotilla/v1/objects.js';
 import { shortId } from '../../common/ids.js';
 import { parseDuration, parseUint } from '../../common/units.js';
 import { invalidArgument } from '../../common/errors.js';
@@ -31,6 +31,21 @@ export function hostOption(cmd: Command): Command {
   return cmd.option('-H, --host <host>', 'manager address: unix:///path or HOST:PORT (env FLOTILLA_HOST)');
 }
 
+interface ImageFlags {
+  /** false with --no-resolve-image */
+  resolveImage?: boolean;
+  withRegistryAuth?: boolean;
+}
+
+/** This client's credentials for the registry of an image (--with-registry-auth); one line when there are none. */
+async function registryAuthFor(image: string): Promise<RegistryAuth> {
+  const r = await import('../../agent/runtime/registry/index.js');
+  const registry = r.parseReference(image, 'image').registry;
+  const creds = await r.loadCredentials(registry);
+  if (!creds) throw new ExitError(1, `--with-registry-auth: no credentials for registry ${registry} (run flotilla image login ${registry})`);
+  return { registry, username: creds.username, password: creds.password };
+}
+
 /**
  * create and update keep Docker's meaning of --host (an extra /etc/hosts entry, HOST:IP): there the
  * manager address is given with -H only (or FLOTILLA_HOST).
@@ -42,6 +57,8 @@ function shortHostOption(cmd: Command): Command {
 /** The flags `service create` and `service update` share. */
 export function addSpecFlags(cmd: Command): Command {
   return cmd
+    .option('--no-resolve-image', 'do not resolve the image tag to a digest (the reference is kept as given)')
+    .option('--with-registry-auth', "send this client's credentials for the image's registry (flotilla image login) to the nodes that run the tasks")
     .option('--constraint <expr>', 'placement constraint, e.g. node.labels.zone==a (repeatable)', collect)
     .option('--replicas-max-per-node <n>', 'maximum replicas per node (0 = unlimited)')
     .option('--max-concurrent <n>', 'replicated jobs: how many tasks run at once (default: --replicas)')
@@ -108,7 +125,8 @@ export function printTasks(tasks: Task[], nodes: Map<string, Node>, opts: TaskLi
       Image: t.spec?.container?.image ?? '',
       Node: nodes.get(t.nodeId)?.description?.hostname ?? '',
       DesiredState: cap(taskStateName(t.desiredState)),
-      CurrentState: `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`,
+      // a task getting its image shows the progress (e.g. "Preparing (fetching from h1: 1/3 layers, 12.0MiB/40.0MiB) 2 seconds ago")
+      CurrentState: `${cap(taskStateName(t.status?.state ?? 0))}${t.status?.state === TaskState.TASK_STATE_PREPARING && t.status.message && t.status.message !== 'preparing' ? ` (${t.status.message})` : ''} ${timeAgo(t.status?.timestamp ?? 0)}`,
       Health: healthName(t.status?.health),
       Error: trunc && err.length > 80 ? `"${err.slice(0, 77)}…"` : err ? `"${err}"` : '',
     };
@@ -155,11 +173,12 @@ export function register(program: Command): void {
         .passThroughOptions(),
     ),
   )).action(
-    action(async (image: string, args: string[], opts: ServiceFlags & { H?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+    action(async (image: string, args: string[], opts: ServiceFlags & ImageFlags & { H?: string; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const spec = buildServiceSpec(opts, image, args);
+      if (opts.withRegistryAuth && spec.task?.container) spec.task.container.registryAuth = await registryAuthFor(spec.task.container.image);
       const wait = timeoutMs(opts.timeout);
       await withControl(opts.H, async (c) => {
-        const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec });
+        const { service: s } = await c.call<unknown, CreateServiceResponse>('createService', { spec, noResolveImage: opts.resolveImage === false });
         process.stdout.write(`${s!.id}\n`);
         if (!opts.detach) await waitForService(c, s!.id, wait, opts.quiet);
       });
@@ -417,12 +436,13 @@ export function register(program: Command): void {
         .option('--timeout <duration>', 'how long to wait (default 10m)'),
     ),
   )).action(
-    action(async (ref: string, opts: UpdateFlags & { H?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
+    action(async (ref: string, opts: UpdateFlags & ImageFlags & { H?: string; rollback?: boolean; dryRun?: boolean; detach?: boolean; quiet?: boolean; timeout?: string }) => {
       const wait = opts.timeout === undefined ? 600_000 : parseDuration('--timeout', opts.timeout);
       await withControl(opts.H, async (c) => {
         const { service: s } = await c.call<unknown, GetServiceResponse>('getService', { serviceId: ref });
         const known = opts.networkRm?.length || opts.networkAdd?.length ? (await c.call<unknown, ListNetworksResponse>('listNetworks', {})).networks : [];
         const spec = opts.rollback ? undefined : applyUpdate(s!.spec!, opts, known, s!.endpoint?.ports ?? []);
+        if (spec?.task?.container && opts.withRegistryAuth) spec.task.container.registryAuth = await registryAuthFor(spec.task.container.image);
         const res = await c.call<unknown, UpdateServiceResponse>('updateService', {
           serviceId: s!.id,
           version: s!.specVersion,
@@ -430,6 +450,7 @@ export function register(program: Command): void {
           rollback: opts.rollback ? 'previous' : '',
           toVersion: 0,
           dryRun: !!opts.dryRun,
+          noResolveImage: opts.resolveImage === false,
         });
         if (opts.dryRun) return printDryRun(res);
         process.stdout.write(`${s!.spec?.name}\n`);

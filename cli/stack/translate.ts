@@ -572,6 +572,7 @@ function translateService(stack: string, key: string, rawv: unknown, ctx: Servic
     task: {
       container: {
         image,
+        registryAuth: undefined,
         command: commandOf(`${p}.entrypoint`, raw.entrypoint),
         args: commandOf(`${p}.command`, raw.command),
         env: Object.keys(env)

@@ -98,8 +98,8 @@ describe('Watch', () => {
     await ready;
     const node = testNode('n1');
     await store.update((tx) => tx.create('node', node));
-    const { service } = await api.createService({ spec: testSpec('web', 1) });
-    await api.updateService({ serviceId: service!.id, spec: { ...testSpec('web', 3) }, version: 0, rollback: '', toVersion: 0, dryRun: false });
+    const { service } = await api.createService({ spec: testSpec('web', 1), noResolveImage: false });
+    await api.updateService({ serviceId: service!.id, spec: { ...testSpec('web', 3) }, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     await api.removeService(service!.id);
     const { events, err } = await stream;
     expect(err).toBeUndefined();
@@ -111,8 +111,8 @@ describe('Watch', () => {
 
   it('resumes after a position without losing or repeating an event, and filters by type, event and service', async () => {
     const start = api.history.last;
-    const { service: a } = await api.createService({ spec: testSpec('alpha', 0) });
-    const { service: b } = await api.createService({ spec: testSpec('beta', 0) });
+    const { service: a } = await api.createService({ spec: testSpec('alpha', 0), noResolveImage: false });
+    const { service: b } = await api.createService({ spec: testSpec('beta', 0), noResolveImage: false });
     // one batch with several changes: the resume point may fall inside it
     await store.update((tx) => {
       tx.create('node', testNode('n2'));
@@ -142,11 +142,11 @@ describe('Watch', () => {
   it('--since and --until select by the batch time; an until in the past ends the stream', async () => {
     const t0 = Date.now();
     await new Promise((r) => setTimeout(r, 20));
-    await api.createService({ spec: testSpec('gamma', 0) });
+    await api.createService({ spec: testSpec('gamma', 0), noResolveImage: false });
     await new Promise((r) => setTimeout(r, 20));
     const t1 = Date.now();
     await new Promise((r) => setTimeout(r, 20));
-    await api.createService({ spec: testSpec('delta', 0) });
+    await api.createService({ spec: testSpec('delta', 0), noResolveImage: false });
     const r = await watch(req({ sinceMs: t0, untilMs: t1, types: ['service'] }), () => false);
     expect(r.err).toBeUndefined();
     expect(r.events.map((e) => e.name)).toEqual(['gamma']);

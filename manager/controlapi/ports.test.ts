@@ -34,7 +34,7 @@ const withPorts = (name: string, ports: PortConfig[]): ServiceSpec => ({ ...test
 describe('published ports in the control API', () => {
   it('allocates, attaches the ingress network last, refuses a taken port naming the service, frees ports', async () => {
     const { store, api } = setup();
-    const { service: web } = await api.createService({ spec: withPorts('web', [port(8080, 80), port(0, 81)]) });
+    const { service: web } = await api.createService({ spec: withPorts('web', [port(8080, 80), port(0, 81)]), noResolveImage: false });
     expect(web!.endpoint!.ports.map((p) => p.publishedPort)).toEqual([8080, 30000]);
     expect(web!.spec!.endpoint!.ports.map((p) => p.publishedPort)).toEqual([8080, 0]);
     const ing = ingressNetwork(store)!;
@@ -42,28 +42,28 @@ describe('published ports in the control API', () => {
     expect(ing.allocation!.subnet).toBe('10.255.0.0/16');
     expect(web!.spec!.task!.networks.map((n) => n.target)).toEqual([ing.id]);
 
-    await expect(api.createService({ spec: withPorts('thief', [port(8080, 80)]) })).rejects.toThrow('published port 8080/tcp is already used by service web');
+    await expect(api.createService({ spec: withPorts('thief', [port(8080, 80)]), noResolveImage: false })).rejects.toThrow('published port 8080/tcp is already used by service web');
     expect(store.serviceByName('thief')).toBeUndefined();
 
     // an update keeps the allocated port; removing every port detaches the ingress network
-    const kept = await api.updateService({ serviceId: 'web', version: 0, spec: withPorts('web', [port(8080, 80), port(0, 81)]), rollback: '', toVersion: 0, dryRun: false });
+    const kept = await api.updateService({ serviceId: 'web', version: 0, spec: withPorts('web', [port(8080, 80), port(0, 81)]), rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     expect(kept.service!.endpoint!.ports.map((p) => p.publishedPort)).toEqual([8080, 30000]);
-    const none = await api.updateService({ serviceId: 'web', version: 0, spec: withPorts('web', []), rollback: '', toVersion: 0, dryRun: false });
+    const none = await api.updateService({ serviceId: 'web', version: 0, spec: withPorts('web', []), rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     expect(none.service!.endpoint!.ports).toEqual([]);
     expect(none.service!.spec!.task!.networks).toEqual([]);
     // 8080 is free again
-    const { service: next } = await api.createService({ spec: withPorts('next', [port(8080, 80)]) });
+    const { service: next } = await api.createService({ spec: withPorts('next', [port(8080, 80)]), noResolveImage: false });
     expect(next!.endpoint!.ports[0]!.publishedPort).toBe(8080);
     await api.removeService('next');
-    const { service: again } = await api.createService({ spec: withPorts('again', [port(8080, 80)]) });
+    const { service: again } = await api.createService({ spec: withPorts('again', [port(8080, 80)]), noResolveImage: false });
     expect(again!.endpoint!.ports[0]!.publishedPort).toBe(8080);
   });
 
   it('a refused create makes no ingress network', async () => {
     const { store, api } = setup();
-    await api.createService({ spec: testSpec('web', 1) });
-    await expect(api.createService({ spec: withPorts('web', [port(8080, 80)]) })).rejects.toThrow(/already exists/);
-    await expect(api.createService({ spec: withPorts('bad', [port(8080, 80), port(8080, 81)]) })).rejects.toThrow('invalid publish "8080/tcp": published port given twice');
+    await api.createService({ spec: testSpec('web', 1), noResolveImage: false });
+    await expect(api.createService({ spec: withPorts('web', [port(8080, 80)]), noResolveImage: false })).rejects.toThrow(/already exists/);
+    await expect(api.createService({ spec: withPorts('bad', [port(8080, 80), port(8080, 81)]), noResolveImage: false })).rejects.toThrow('invalid publish "8080/tcp": published port given twice');
     expect(store.networks.size).toBe(0);
   });
 });

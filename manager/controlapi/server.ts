@@ -42,6 +42,7 @@ import { allocatePorts } from '../allocator/ports.js';
 import { createNetwork, removeNetwork, requireNetworks, resolveNetwork, resolveServiceNetworks } from './networks.js';
 import type { CreateNetworkRequest } from '../../gen/flotilla/v1/control.js';
 import { createObject, redact, removeObject, resolveObject, resolveReferences } from './secrets.js';
+import { pinImage, redactService, redactSpec, redactTask, validateRegistryAuth, type PinContext } from './images.js';
 
 import { StoreHistory } from '../store/history.js';
 import { serveWatch } from './events.js';
@@ -68,6 +69,8 @@ export interface ControlContext {
   rotateRootCa?(start: boolean): Promise<{ inProgress: boolean; root: string; pendingNodes: string[]; nodes: number }>;
   /** the node id of this manager */
   selfNodeId?(): string;
+  /** the registry's digest for a reference (default: the registry client; tests) */
+  resolveImage?(ref: string, auth: import('../../gen/flotilla/v1/objects.js').RegistryAuth | undefined): Promise<string>;
   /** a follower: serve a logs request by relaying it from the leader */
   relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
 }
@@ -194,10 +197,32 @@ export class ControlApi {
     });
   }
 
+  /** Where images are pinned from (manager/controlapi/images.ts); tests may replace the registry lookup. */
+  pinContext(): PinContext {
+    return {
+      localDigests: (name) => this.ctx.dispatcher.localImageDigests(name),
+      simulatedOnly: () => {
+        const nodes = this.store.listNodes().filter((n) => !isAgentless(n));
+        // no node with an image store (simulated nodes only, or none yet): nothing to pin against
+        return nodes.every((n) => n.description?.runtime === 'sim');
+      },
+      ...(this.ctx.resolveImage ? { resolve: this.ctx.resolveImage } : {}),
+    };
+  }
+
+  /** The spec with its image pinned (unless noResolve) and its registry credentials checked. */
+  private async pinned(spec: ServiceSpec, noResolve: boolean): Promise<ServiceSpec> {
+    const c = spec.task?.container;
+    if (!c) return spec;
+    validateRegistryAuth(c.registryAuth);
+    const image = await pinImage(c.image, noResolve, c.registryAuth, this.pinContext());
+    return image === c.image ? spec : { ...spec, task: { ...spec.task!, container: { ...c, image } } };
+  }
+
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
     const given = validateServiceSpec(req.spec);
     stripIngress(this.store, given);
-    const spec = resolveServiceNetworks(this.store, given);
+    const spec = await this.pinned(resolveServiceNetworks(this.store, given), req.noResolveImage);
     const id = newId();
     // what would refuse the service is checked before the ingress network is made for it: its name,
     // secrets and configs, a published port another service holds
@@ -224,7 +249,7 @@ export class ControlApi {
         jobStatus: isJob(spec.mode) ? { jobIteration: 1, lastExecution: now } : undefined,
       });
     });
-    return { service: this.store.getService(id) };
+    return { service: redactService(this.store.getService(id)) };
   }
 
   async updateService(req: UpdateServiceRequest): Promise<UpdateServiceResponse> {
@@ -236,6 +261,13 @@ export class ControlApi {
       next = this.rollbackTarget(cur, req.rollback, req.toVersion);
     } else {
       next = validateServiceSpec(req.spec);
+      // credentials are never shown, so a spec read back has none: keep the service's unless new ones came
+      const auth = next.task?.container?.registryAuth ?? cur.spec?.task?.container?.registryAuth;
+      if (next.task?.container && auth) next = { ...next, task: { ...next.task, container: { ...next.task.container, registryAuth: auth } } };
+      // a new image reference (or the same tag named again, which differs from the pinned one) is
+      // resolved again: a moved tag rolls out; a spec sent back unchanged (scale, env) keeps its pin
+      const same = next.task?.container?.image === cur.spec?.task?.container?.image;
+      next = await this.pinned(next, req.noResolveImage || same);
     }
     // network names to ids (a rolled-back spec's networks must still exist); the ingress network
     // follows the published ports
@@ -247,9 +279,11 @@ export class ControlApi {
     if (next.mode !== cur.spec?.mode) throw invalidArgument('spec.mode', next.mode, 'the mode of a service cannot change');
     // secrets and configs by name -> id (again inside the write, where a removal cannot slip between)
     resolveReferences(new Tx(this.store), next);
-    const diff = diffSpecs(cur.spec!, next);
+    const diff = diffSpecs(redactSpec(cur.spec), redactSpec(next));
+    const authOf = (x: ServiceSpec | undefined): string => JSON.stringify(x?.task?.container?.registryAuth ?? null);
+    if (authOf(cur.spec) !== authOf(next)) diff.push('~ task.container.registryAuth: (credentials changed)');
     const replaced = tasksToReplace(this.store.tasksOfService(cur.id), next);
-    if (req.dryRun) return { service: cur, replacedTasks: replaced.map((t) => t.id), diff };
+    if (req.dryRun) return { service: redactService(cur), replacedTasks: replaced.map((t) => t.id), diff };
     const limit = Number(this.store.getCluster()?.spec?.serviceHistoryLimit || DEFAULT_SERVICE_HISTORY);
     await this.store.update((tx) => {
       const s = tx.get('service', cur.id);
@@ -284,7 +318,7 @@ export class ControlApi {
       const endpoint = s.endpoint || ports.length > 0 ? { spec: next.endpoint, virtualIps: s.endpoint?.virtualIps ?? [], ports } : undefined;
       tx.update('service', { ...s, spec: next, specVersion: version, previousSpec: s.spec, history, updateStatus, endpoint });
     });
-    return { service: this.store.getService(cur.id), replacedTasks: replaced.map((t) => t.id), diff };
+    return { service: redactService(this.store.getService(cur.id)), replacedTasks: replaced.map((t) => t.id), diff };
   }
 
   private rollbackVersion(s: Service, req: UpdateServiceRequest): number {
@@ -334,7 +368,7 @@ export class ControlApi {
       tasks = tasks.filter((t) => t.nodeId === n.id);
     }
     if (req.desiredRunning) tasks = tasks.filter((t) => t.desiredState <= TaskState.TASK_STATE_RUNNING);
-    return tasks;
+    return tasks.map(redactTask);
   }
 
   async updateNode(req: UpdateNodeRequest): Promise<Node> {
@@ -460,11 +494,11 @@ export class ControlApi {
       createService: unary((req: CreateServiceRequest) => this.createService(req)),
       getService: unary(async (req: { serviceId: string }) => {
         await this.ctx.readBarrier();
-        return { service: resolveService(this.store, req.serviceId) };
+        return { service: redactService(resolveService(this.store, req.serviceId)) };
       }),
       listServices: unary(async () => {
         await this.ctx.readBarrier();
-        return { services: this.store.listServices() };
+        return { services: this.store.listServices().map((x) => redactService(x)!) };
       }),
       updateService: unary((req: UpdateServiceRequest) => this.updateService(req)),
       removeService: unary(async (req: { serviceId: string }) => {

@@ -46,7 +46,7 @@ describe('dispatcher: secrets and configs go only where they are needed', () => 
 
   async function register(hostname: string): Promise<Conn> {
     const res = await new Promise<{ nodeId: string; sessionId: string }>((resolve, reject) =>
-      client.register({ token: TOKEN, nodeId: '', description: { hostname, resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '' }, (err, r) =>
+      client.register({ token: TOKEN, nodeId: '', description: { hostname, resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '', images: [], contentAddr: '' }, (err, r) =>
         err ? reject(err) : resolve(r),
       ),
     );
@@ -60,6 +60,7 @@ describe('dispatcher: secrets and configs go only where they are needed', () => 
       container: {
         ...ContainerSpec.fromPartial({}),
         image: 'busybox:latest',
+        registryAuth: undefined,
         command: [],
         args: [],
         env: [],

@@ -13,6 +13,9 @@ import {
   DispatcherService,
   HeartbeatRequest,
   HeartbeatResponse,
+  ImageSourcesRequest,
+  ImageSourcesResponse,
+  type ImageSource,
   LogChunk,
   LogRequest,
   RegisterRequest,
@@ -46,7 +49,13 @@ interface Session {
   logStream?: grpc.ServerDuplexStream<LogChunk, LogRequest>;
   /** the secrets and configs sent to the node (dependencies.ts) */
   deps: SentDependencies;
+  /** what the node's last heartbeat said it holds, and where its blob server listens (docs/images.md) */
+  images: { name: string; digest: string; repoDigests: string[] }[];
+  contentAddr: string;
 }
+
+/** At most this many images of a node are kept from its heartbeats. */
+const MAX_NODE_IMAGES = 1000;
 
 export interface LogSink {
   lines(lines: LogLine[]): void;
@@ -196,7 +205,8 @@ export class Dispatcher {
         });
       }
     });
-    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies() };
+    const s: Session = { id: newId(), nodeId, lastSeen: Date.now(), streams: new Set(), deps: noDependencies(), images: [], contentAddr: req.contentAddr };
+    s.images = req.images.slice(0, MAX_NODE_IMAGES).map((i) => ({ name: i.name, digest: i.digest, repoDigests: i.repoDigests.slice(0, 16) }));
     this.sessions.set(nodeId, s);
     this.log.info({ nodeId, hostname: desc.hostname }, 'node registered');
     return { nodeId, sessionId: s.id, heartbeatPeriodMs: this.heartbeatMs(), managers: this.opts.managers() };
@@ -205,6 +215,8 @@ export class Dispatcher {
   heartbeat(req: HeartbeatRequest): HeartbeatResponse {
     const s = this.session(req.nodeId, req.sessionId);
     s.lastSeen = Date.now();
+    s.images = req.images.slice(0, MAX_NODE_IMAGES).map((i) => ({ name: i.name, digest: i.digest, repoDigests: i.repoDigests.slice(0, 16) }));
+    s.contentAddr = req.contentAddr;
     return { periodMs: this.heartbeatMs(), managers: this.opts.managers(), trustBundlePem: this.opts.trustBundle?.() ?? '' };
   }
 
@@ -372,6 +384,42 @@ export class Dispatcher {
     };
   }
 
+  /**
+   * The connected nodes (other than the caller) whose last heartbeat listed an image matching ref: by
+   * digest for "sha256:<hex>" and "name[:tag]@sha256:<hex>", else by normalised name:tag. Nodes that
+   * serve no blobs (no content address) are left out; ready nodes first, in a random order so that
+   * fetches spread over the holders.
+   */
+  imageSources(req: ImageSourcesRequest): ImageSourcesResponse {
+    this.session(req.nodeId, req.sessionId);
+    const ref = req.ref.trim();
+    const at = ref.indexOf('@');
+    const digest = /^sha256:[a-f0-9]{64}$/.test(ref) ? ref : at > 0 ? ref.slice(at + 1) : '';
+    const name = digest ? '' : normalizeRef(ref);
+    if (!digest && !name) throw new FlotillaError('INVALID_ARGUMENT', `invalid image reference ${JSON.stringify(req.ref)}`);
+    const sources: ImageSource[] = [];
+    for (const s of this.sessions.values()) {
+      if (s.nodeId === req.nodeId || !s.contentAddr) continue;
+      const hit = s.images.find((i) => (digest ? i.digest === digest || i.repoDigests.some((rd) => rd.endsWith(`@${digest}`)) : i.name === name));
+      if (!hit) continue;
+      const node = this.store.getNode(s.nodeId);
+      if (node?.status?.state !== NodeState.NODE_STATE_READY) continue;
+      sources.push({ nodeId: s.nodeId, hostname: node.description?.hostname ?? '', contentAddr: s.contentAddr, name: hit.name, digest: hit.digest });
+    }
+    for (let i = sources.length - 1; i > 0; i--) {
+      const j = Math.floor(Math.random() * (i + 1));
+      [sources[i], sources[j]] = [sources[j]!, sources[i]!];
+    }
+    return { sources };
+  }
+
+  /** The manifest digests of images imported (not pulled: no repo digests) under name on connected nodes. */
+  localImageDigests(name: string): Set<string> {
+    const out = new Set<string>();
+    for (const s of this.sessions.values()) for (const i of s.images) if (i.name === name && i.repoDigests.length === 0) out.add(i.digest);
+    return out;
+  }
+
   /** Whether this manager's dispatcher serves agents (it is the leader's). */
   isRunning(): boolean {
     return this.running;
@@ -393,6 +441,7 @@ export class Dispatcher {
         updateTaskStatus: unary(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
         assignments: (call) => this.assignments(call),
         logs: (call) => this.logs(call),
+        imageSources: unary(async (req: ImageSourcesRequest) => this.imageSources(req)),
       };
     }
     const idOf = (call: object): CertIdentity => {
@@ -416,6 +465,7 @@ export class Dispatcher {
       register: bound((req: RegisterRequest, id) => this.register(req, id)),
       heartbeat: bound(async (req: HeartbeatRequest) => this.heartbeat(req)),
       updateTaskStatus: bound(async (req: UpdateTaskStatusRequest) => this.updateTaskStatus(req)),
+      imageSources: bound(async (req: ImageSourcesRequest) => this.imageSources(req)),
       assignments: (call) => {
         const id = callerOf(call)?.identity;
         if (!id) return void call.emit('error', grpcError(new FlotillaError('PERMISSION_DENIED', 'a node certificate is required')));
@@ -439,7 +489,16 @@ export const DISPATCHER_POLICY: Policy<DispatcherServer> = {
   assignments: ['worker', 'manager'],
   updateTaskStatus: ['worker', 'manager'],
   logs: ['worker', 'manager'],
+  // any node of the cluster (its session) may ask where an image is
+  imageSources: ['worker', 'manager'],
 };
+
+/** "busybox" -> "busybox:latest" (the image store's normalisation, without its validation); '' when empty. */
+function normalizeRef(ref: string): string {
+  if (!ref) return '';
+  const colon = ref.lastIndexOf(':');
+  return colon > ref.lastIndexOf('/') ? ref : `${ref}:latest`;
+}
 
 /** A manager's node registered by the manager itself (no agent, no runtime): it has no session. */
 export function isAgentless(n: Node): boolean {

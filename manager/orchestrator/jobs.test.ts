@@ -53,7 +53,7 @@ describe('replicated jobs', () => {
     const { store, api, jobs } = setup();
     const node = testNode('a');
     await store.update((tx) => tx.create('node', node));
-    const { service } = await api.createService({ spec: jobSpec('batch', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 5, 2, RestartCondition.RESTART_CONDITION_ANY) });
+    const { service } = await api.createService({ spec: jobSpec('batch', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 5, 2, RestartCondition.RESTART_CONDITION_ANY), noResolveImage: false });
     const sid = service!.id;
     expect(service!.jobStatus?.jobIteration).toBe(1);
     const pass = (): Promise<void> => store.update((tx) => jobs.reconcileService(tx, sid));
@@ -89,7 +89,7 @@ describe('replicated jobs', () => {
     const cur = store.getService(sid)!;
     const spec = structuredClone(cur.spec!);
     spec.task!.forceUpdate++;
-    await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false });
+    await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     expect(store.getService(sid)!.jobStatus?.jobIteration).toBe(2);
     await pass();
     expect(live(store, sid)).toHaveLength(2);
@@ -101,7 +101,7 @@ describe('replicated jobs', () => {
     const { store, api, jobs } = setup();
     const node = testNode('a');
     await store.update((tx) => tx.create('node', node));
-    const { service } = await api.createService({ spec: jobSpec('slow', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 2, 0) });
+    const { service } = await api.createService({ spec: jobSpec('slow', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 2, 0), noResolveImage: false });
     const sid = service!.id;
     await store.update((tx) => jobs.reconcileService(tx, sid));
     await runPending(store, node.id);
@@ -109,7 +109,7 @@ describe('replicated jobs', () => {
     expect(first).toHaveLength(2);
     const spec = structuredClone(store.getService(sid)!.spec!);
     spec.task!.forceUpdate++;
-    await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false });
+    await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     await store.update((tx) => jobs.reconcileService(tx, sid));
     for (const id of first) expect(store.getTask(id)!.desiredState).toBe(TaskState.TASK_STATE_SHUTDOWN);
     expect(live(store, sid).map((t) => t.jobIteration)).toEqual([2, 2]);
@@ -119,7 +119,7 @@ describe('replicated jobs', () => {
     const { store, api, jobs } = setup();
     const node = testNode('a');
     await store.update((tx) => tx.create('node', node));
-    const { service } = await api.createService({ spec: jobSpec('once', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 1, 0, RestartCondition.RESTART_CONDITION_NONE) });
+    const { service } = await api.createService({ spec: jobSpec('once', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 1, 0, RestartCondition.RESTART_CONDITION_NONE), noResolveImage: false });
     const sid = service!.id;
     await store.update((tx) => jobs.reconcileService(tx, sid));
     await runPending(store, node.id);
@@ -134,7 +134,7 @@ describe('replicated jobs', () => {
     const { store, api, jobs } = setup();
     const node = testNode('a');
     await store.update((tx) => tx.create('node', node));
-    const { service } = await api.createService({ spec: jobSpec('hist', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 1, 0) });
+    const { service } = await api.createService({ spec: jobSpec('hist', ServiceMode.SERVICE_MODE_REPLICATED_JOB, 1, 0), noResolveImage: false });
     const sid = service!.id;
     for (let i = 0; i < 8; i++) {
       await store.update((tx) => jobs.reconcileService(tx, sid));
@@ -143,7 +143,7 @@ describe('replicated jobs', () => {
       await store.update((tx) => jobs.reconcileService(tx, sid));
       const spec = structuredClone(store.getService(sid)!.spec!);
       spec.task!.forceUpdate++;
-      await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false });
+      await api.updateService({ serviceId: sid, spec, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: false });
     }
     const ac = new AbortController();
     const run = new TaskReaper(store, log).run(ac.signal);
@@ -165,7 +165,7 @@ describe('global jobs', () => {
     const b = testNode('b');
     const c = testNode('c', { availability: NodeAvailability.NODE_AVAILABILITY_DRAIN });
     await store.update((tx) => [a, b, c].forEach((n) => tx.create('node', n)));
-    const { service } = await api.createService({ spec: jobSpec('everywhere', ServiceMode.SERVICE_MODE_GLOBAL_JOB, 0, 0) });
+    const { service } = await api.createService({ spec: jobSpec('everywhere', ServiceMode.SERVICE_MODE_GLOBAL_JOB, 0, 0), noResolveImage: false });
     const sid = service!.id;
     const pass = (): Promise<void> => store.update((tx) => jobs.reconcileService(tx, sid));
     await pass();
@@ -185,9 +185,9 @@ describe('global jobs', () => {
 
   it('refuses --max-concurrent outside replicated-job and replicas on a global job', async () => {
     const { api } = setup();
-    await expect(api.createService({ spec: jobSpec('x1', ServiceMode.SERVICE_MODE_REPLICATED, 2, 1) })).rejects.toThrow(/invalid max-concurrent 1: only for --mode replicated-job/);
+    await expect(api.createService({ spec: jobSpec('x1', ServiceMode.SERVICE_MODE_REPLICATED, 2, 1), noResolveImage: false })).rejects.toThrow(/invalid max-concurrent 1: only for --mode replicated-job/);
     const g = jobSpec('x2', ServiceMode.SERVICE_MODE_GLOBAL_JOB, 0, 0);
     g.replicas = 2;
-    await expect(api.createService({ spec: g })).rejects.toThrow(/invalid spec.replicas 2/);
+    await expect(api.createService({ spec: g, noResolveImage: false })).rejects.toThrow(/invalid spec.replicas 2/);
   });
 });

@@ -84,16 +84,16 @@ describe('size limits', () => {
     for (const [field, mutate, msg] of cases) {
       const spec = base();
       mutate(spec);
-      const err = await refused(api.createService({ spec }));
+      const err = await refused(api.createService({ spec , noResolveImage: true }));
       expect(err.code, field).toBe('INVALID_ARGUMENT');
       expect(err.message, field).toMatch(msg);
     }
     expect(store.services.size).toBe(0);
     // an update is held to the same limits
-    const { service } = await api.createService({ spec: base() });
+    const { service } = await api.createService({ spec: base() , noResolveImage: true });
     const next = base();
     next.task!.container!.env = [`BIG=${'x'.repeat(1024 * 1024)}`];
-    const err = await refused(api.updateService({ serviceId: service!.id, spec: next, version: 0, rollback: '', toVersion: 0, dryRun: false }));
+    const err = await refused(api.updateService({ serviceId: service!.id, spec: next, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: true }));
     expect(err.code).toBe('INVALID_ARGUMENT');
     expect(err.message).toMatch(/^invalid env: /);
   });
@@ -110,7 +110,7 @@ describe('size limits', () => {
     for (const [field, mutate] of cases) {
       const spec = ServiceSpec.fromPartial({ name: 'd', replicas: 1, mode: ServiceMode.SERVICE_MODE_REPLICATED, task: { container: { image: 'busybox:latest' } } });
       mutate(spec);
-      const err = await refused(api.createService({ spec }));
+      const err = await refused(api.createService({ spec , noResolveImage: true }));
       expect(err.code, field).toBe('INVALID_ARGUMENT');
       expect(err.message, field).toMatch(new RegExp(`^invalid ${field} -?\\d+: must be between`));
     }
@@ -139,12 +139,12 @@ describe('batched orchestrator writes', () => {
       await store.update((tx) => tx.create('node', testNode('n1')));
       // created first, so a pass that gave up on it would never reach the small one
       const replicas = 100; // about 6.4 MB of tasks: over the 2 MiB batch limit and Raft's 8 MiB cap
-      const { service: big } = await api.createService({ spec: bigSpec('big', replicas) });
-      const { service: small } = await api.createService({ spec: testSpec('small', 1) });
+      const { service: big } = await api.createService({ spec: bigSpec('big', replicas) , noResolveImage: true });
+      const { service: small } = await api.createService({ spec: testSpec('small', 1) , noResolveImage: true });
       await waitFor('small at 1', () => live(store, small!.id).length === 1, 10_000);
       // scale the small one while the big one is (or would be) converging
       const cur = store.getService(small!.id)!;
-      await api.updateService({ serviceId: small!.id, spec: { ...cur.spec!, replicas: 3 }, version: 0, rollback: '', toVersion: 0, dryRun: false });
+      await api.updateService({ serviceId: small!.id, spec: { ...cur.spec!, replicas: 3 }, version: 0, rollback: '', toVersion: 0, dryRun: false, noResolveImage: true });
       await waitFor('small at 3', () => live(store, small!.id).length === 3, 10_000);
       await waitFor(`big at ${replicas}`, () => live(store, big!.id).length === replicas, 20_000);
       expect(new Set(live(store, big!.id).map((t) => t.slot)).size).toBe(replicas);

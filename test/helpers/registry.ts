@@ -31,6 +31,13 @@ export const REGISTRY_BIN = process.env.FLOTILLA_REGISTRY_BIN ?? '/usr/bin/docke
 export interface RegistryOptions {
   auth?: 'none' | 'htpasswd' | 'token';
   users?: Record<string, string>;
+  /**
+   * run inside this network namespace (/run/netns/NAME, e.g. a test bed host's), listening on
+   * listenHost:port there; not with token auth (its issuer listens on the root namespace's loopback)
+   */
+  netns?: string;
+  listenHost?: string;
+  port?: number;
   /** serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (TestRegistry.caFile) */
   tls?: boolean;
 }
@@ -115,7 +122,9 @@ async function startIssuer(dir: string, users: Record<string, string>, log: { us
 
 export async function startRegistry(opts: RegistryOptions = {}): Promise<TestRegistry> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-registry-'));
-  const port = await freePort();
+  if (opts.netns && opts.auth === 'token') throw new Error('startRegistry: token auth is not available inside a network namespace');
+  const port = opts.port ?? (await freePort());
+  const listenHost = opts.listenHost ?? '127.0.0.1';
   const users = opts.users ?? {};
   const tokenRequests: { user: string; scope: string }[] = [];
   let issuer: http.Server | undefined;
@@ -154,10 +163,12 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
     }
     const config =
       `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${path.join(dir, 'data')}\n` +
-      `  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:${port}\n  secret: ${randomBytes(16).toString('hex')}\n${tls}${auth}`;
+      `  delete:\n    enabled: true\nhttp:\n  addr: ${listenHost}:${port}\n  secret: ${randomBytes(16).toString('hex')}\n${tls}${auth}`;
     const configFile = path.join(dir, 'config.yml');
     await fs.writeFile(configFile, config, { mode: 0o600 });
-    const proc = spawn(REGISTRY_BIN, ['serve', configFile], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const inNetns = (cmd: string[]): string[] => (opts.netns ? ['nsenter', `--net=/run/netns/${opts.netns}`, '--', ...cmd] : cmd);
+    const [bin, ...args] = inNetns([REGISTRY_BIN, 'serve', configFile]);
+    const proc = spawn(bin!, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     child = proc;
     let stderr = '';
     proc.stderr!.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
@@ -165,6 +176,15 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
       'docker-registry to answer /v2/',
       async () => {
         if (proc.exitCode !== null) throw new Error(`docker-registry exited ${proc.exitCode}: ${stderr.trim()}`);
+        if (opts.netns) {
+          // probed from inside the namespace (the root namespace has no route there)
+          const probe = `fetch('http://${listenHost}:${port}/v2/').then((r)=>process.exit(r.status===200||r.status===401?0:1),()=>process.exit(1))`;
+          const [pb, ...pa] = inNetns([process.execPath, '-e', probe]);
+          return execFileP(pb!, pa, { timeout: 10_000 }).then(
+            () => true,
+            () => false,
+          );
+        }
         if (opts.tls) {
           // this process does not trust the certificate: wait for the port
           return await new Promise<boolean>((resolve) => {
@@ -179,10 +199,10 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<TestReg
         await res.body?.cancel();
         return res.status === 200 || res.status === 401;
       },
-      15_000,
+      opts.netns ? 30_000 : 15_000,
       50,
     );
-    return { host: `127.0.0.1:${port}`, port, dir, tokenRequests, ...(caFile ? { caFile } : {}), stop };
+    return { host: `${listenHost}:${port}`, port, dir, tokenRequests, ...(caFile ? { caFile } : {}), stop };
   } catch (err) {
     await stop();
     throw err;

@@ -198,7 +198,11 @@ export interface RemoveNodeResponse {
 }
 
 export interface CreateServiceRequest {
-  spec: ServiceSpec | undefined;
+  spec:
+    | ServiceSpec
+    | undefined;
+  /** keep the image reference as given (no tag -> digest resolution; docs/images.md) */
+  noResolveImage: boolean;
 }
 
 export interface CreateServiceResponse {
@@ -232,6 +236,8 @@ export interface UpdateServiceRequest {
   rollback: string;
   toVersion: number;
   dryRun: boolean;
+  /** keep the image reference as given (no tag -> digest resolution; docs/images.md) */
+  noResolveImage: boolean;
 }
 
 export interface UpdateServiceResponse {
@@ -2072,13 +2078,16 @@ export const RemoveNodeResponse: MessageFns<RemoveNodeResponse> = {
 };
 
 function createBaseCreateServiceRequest(): CreateServiceRequest {
-  return { spec: undefined };
+  return { spec: undefined, noResolveImage: false };
 }
 
 export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
   encode(message: CreateServiceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.spec !== undefined) {
       ServiceSpec.encode(message.spec, writer.uint32(10).fork()).join();
+    }
+    if (message.noResolveImage !== false) {
+      writer.uint32(640).bool(message.noResolveImage);
     }
     return writer;
   },
@@ -2104,6 +2113,14 @@ export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
             message.spec = ServiceSpec.decode(reader, reader.uint32());
             continue;
           }
+          case 80: {
+            if (tag !== 640) {
+              break;
+            }
+
+            message.noResolveImage = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2124,6 +2141,7 @@ export const CreateServiceRequest: MessageFns<CreateServiceRequest> = {
     message.spec = (object.spec !== undefined && object.spec !== null)
       ? ServiceSpec.fromPartial(object.spec)
       : undefined;
+    message.noResolveImage = object.noResolveImage ?? false;
     return message;
   },
 };
@@ -2396,7 +2414,15 @@ export const ListServicesResponse: MessageFns<ListServicesResponse> = {
 };
 
 function createBaseUpdateServiceRequest(): UpdateServiceRequest {
-  return { serviceId: "", version: 0, spec: undefined, rollback: "", toVersion: 0, dryRun: false };
+  return {
+    serviceId: "",
+    version: 0,
+    spec: undefined,
+    rollback: "",
+    toVersion: 0,
+    dryRun: false,
+    noResolveImage: false,
+  };
 }
 
 export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
@@ -2418,6 +2444,9 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
     }
     if (message.dryRun !== false) {
       writer.uint32(48).bool(message.dryRun);
+    }
+    if (message.noResolveImage !== false) {
+      writer.uint32(640).bool(message.noResolveImage);
     }
     return writer;
   },
@@ -2483,6 +2512,14 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
             message.dryRun = reader.bool();
             continue;
           }
+          case 80: {
+            if (tag !== 640) {
+              break;
+            }
+
+            message.noResolveImage = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2508,6 +2545,7 @@ export const UpdateServiceRequest: MessageFns<UpdateServiceRequest> = {
     message.rollback = object.rollback ?? "";
     message.toVersion = object.toVersion ?? 0;
     message.dryRun = object.dryRun ?? false;
+    message.noResolveImage = object.noResolveImage ?? false;
     return message;
   },
 };

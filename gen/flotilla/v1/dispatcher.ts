@@ -40,6 +40,9 @@ export interface RegisterRequest {
   nodeId: string;
   description: NodeDescription | undefined;
   addr: string;
+  /** as in HeartbeatRequest: the node's images and its blob server, known from registration on */
+  images: NodeImage[];
+  contentAddr: string;
 }
 
 export interface RegisterResponse {
@@ -53,6 +56,40 @@ export interface RegisterResponse {
 export interface HeartbeatRequest {
   nodeId: string;
   sessionId: string;
+  /**
+   * the images in the node's store (names and manifest digests; at most 1000) and the address of
+   * its blob server (Content service), so that other nodes can fetch them (docs/images.md)
+   */
+  images: NodeImage[];
+  contentAddr: string;
+}
+
+export interface NodeImage {
+  /** normalised name:tag */
+  name: string;
+  /** manifest digest */
+  digest: string;
+  /** NAME@DIGEST references it is also known by (a multi-platform index it was pulled through) */
+  repoDigests: string[];
+}
+
+export interface ImageSourcesRequest {
+  nodeId: string;
+  sessionId: string;
+  ref: string;
+}
+
+export interface ImageSource {
+  nodeId: string;
+  hostname: string;
+  /** HOST:PORT of the node's Content service */
+  contentAddr: string;
+  name: string;
+  digest: string;
+}
+
+export interface ImageSourcesResponse {
+  sources: ImageSource[];
 }
 
 export interface HeartbeatResponse {
@@ -168,7 +205,7 @@ export interface LogChunk {
 }
 
 function createBaseRegisterRequest(): RegisterRequest {
-  return { token: "", nodeId: "", description: undefined, addr: "" };
+  return { token: "", nodeId: "", description: undefined, addr: "", images: [], contentAddr: "" };
 }
 
 export const RegisterRequest: MessageFns<RegisterRequest> = {
@@ -184,6 +221,12 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
     }
     if (message.addr !== "") {
       writer.uint32(34).string(message.addr);
+    }
+    for (const v of message.images) {
+      NodeImage.encode(v!, writer.uint32(642).fork()).join();
+    }
+    if (message.contentAddr !== "") {
+      writer.uint32(650).string(message.contentAddr);
     }
     return writer;
   },
@@ -233,6 +276,22 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
             message.addr = reader.string();
             continue;
           }
+          case 80: {
+            if (tag !== 642) {
+              break;
+            }
+
+            message.images.push(NodeImage.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 81: {
+            if (tag !== 650) {
+              break;
+            }
+
+            message.contentAddr = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -256,6 +315,8 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
       ? NodeDescription.fromPartial(object.description)
       : undefined;
     message.addr = object.addr ?? "";
+    message.images = object.images?.map((e) => NodeImage.fromPartial(e)) || [];
+    message.contentAddr = object.contentAddr ?? "";
     return message;
   },
 };
@@ -352,7 +413,7 @@ export const RegisterResponse: MessageFns<RegisterResponse> = {
 };
 
 function createBaseHeartbeatRequest(): HeartbeatRequest {
-  return { nodeId: "", sessionId: "" };
+  return { nodeId: "", sessionId: "", images: [], contentAddr: "" };
 }
 
 export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
@@ -362,6 +423,12 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
     }
     if (message.sessionId !== "") {
       writer.uint32(18).string(message.sessionId);
+    }
+    for (const v of message.images) {
+      NodeImage.encode(v!, writer.uint32(642).fork()).join();
+    }
+    if (message.contentAddr !== "") {
+      writer.uint32(650).string(message.contentAddr);
     }
     return writer;
   },
@@ -395,6 +462,22 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
             message.sessionId = reader.string();
             continue;
           }
+          case 80: {
+            if (tag !== 642) {
+              break;
+            }
+
+            message.images.push(NodeImage.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 81: {
+            if (tag !== 650) {
+              break;
+            }
+
+            message.contentAddr = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -414,6 +497,324 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
     const message = createBaseHeartbeatRequest();
     message.nodeId = object.nodeId ?? "";
     message.sessionId = object.sessionId ?? "";
+    message.images = object.images?.map((e) => NodeImage.fromPartial(e)) || [];
+    message.contentAddr = object.contentAddr ?? "";
+    return message;
+  },
+};
+
+function createBaseNodeImage(): NodeImage {
+  return { name: "", digest: "", repoDigests: [] };
+}
+
+export const NodeImage: MessageFns<NodeImage> = {
+  encode(message: NodeImage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.digest !== "") {
+      writer.uint32(18).string(message.digest);
+    }
+    for (const v of message.repoDigests) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NodeImage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNodeImage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.digest = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.repoDigests.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<NodeImage>, I>>(base?: I): NodeImage {
+    return NodeImage.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NodeImage>, I>>(object: I): NodeImage {
+    const message = createBaseNodeImage();
+    message.name = object.name ?? "";
+    message.digest = object.digest ?? "";
+    message.repoDigests = object.repoDigests?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseImageSourcesRequest(): ImageSourcesRequest {
+  return { nodeId: "", sessionId: "", ref: "" };
+}
+
+export const ImageSourcesRequest: MessageFns<ImageSourcesRequest> = {
+  encode(message: ImageSourcesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.nodeId !== "") {
+      writer.uint32(10).string(message.nodeId);
+    }
+    if (message.sessionId !== "") {
+      writer.uint32(18).string(message.sessionId);
+    }
+    if (message.ref !== "") {
+      writer.uint32(26).string(message.ref);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageSourcesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageSourcesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.ref = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ImageSourcesRequest>, I>>(base?: I): ImageSourcesRequest {
+    return ImageSourcesRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageSourcesRequest>, I>>(object: I): ImageSourcesRequest {
+    const message = createBaseImageSourcesRequest();
+    message.nodeId = object.nodeId ?? "";
+    message.sessionId = object.sessionId ?? "";
+    message.ref = object.ref ?? "";
+    return message;
+  },
+};
+
+function createBaseImageSource(): ImageSource {
+  return { nodeId: "", hostname: "", contentAddr: "", name: "", digest: "" };
+}
+
+export const ImageSource: MessageFns<ImageSource> = {
+  encode(message: ImageSource, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.nodeId !== "") {
+      writer.uint32(10).string(message.nodeId);
+    }
+    if (message.hostname !== "") {
+      writer.uint32(18).string(message.hostname);
+    }
+    if (message.contentAddr !== "") {
+      writer.uint32(26).string(message.contentAddr);
+    }
+    if (message.name !== "") {
+      writer.uint32(34).string(message.name);
+    }
+    if (message.digest !== "") {
+      writer.uint32(42).string(message.digest);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageSource {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageSource();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.hostname = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.contentAddr = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.digest = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ImageSource>, I>>(base?: I): ImageSource {
+    return ImageSource.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageSource>, I>>(object: I): ImageSource {
+    const message = createBaseImageSource();
+    message.nodeId = object.nodeId ?? "";
+    message.hostname = object.hostname ?? "";
+    message.contentAddr = object.contentAddr ?? "";
+    message.name = object.name ?? "";
+    message.digest = object.digest ?? "";
+    return message;
+  },
+};
+
+function createBaseImageSourcesResponse(): ImageSourcesResponse {
+  return { sources: [] };
+}
+
+export const ImageSourcesResponse: MessageFns<ImageSourcesResponse> = {
+  encode(message: ImageSourcesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.sources) {
+      ImageSource.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageSourcesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageSourcesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sources.push(ImageSource.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ImageSourcesResponse>, I>>(base?: I): ImageSourcesResponse {
+    return ImageSourcesResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageSourcesResponse>, I>>(object: I): ImageSourcesResponse {
+    const message = createBaseImageSourcesResponse();
+    message.sources = object.sources?.map((e) => ImageSource.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1582,6 +1983,20 @@ export const DispatcherService = {
     responseSerialize: (value: LogRequest): Buffer => Buffer.from(LogRequest.encode(value).finish()),
     responseDeserialize: (value: Buffer): LogRequest => LogRequest.decode(value),
   },
+  /**
+   * Which connected nodes hold an image (by name[:tag], name[:tag]@digest or digest), from what their
+   * heartbeats report: where an agent missing an image fetches its blobs (docs/images.md).
+   */
+  imageSources: {
+    path: "/flotilla.v1.Dispatcher/ImageSources" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ImageSourcesRequest): Buffer => Buffer.from(ImageSourcesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ImageSourcesRequest => ImageSourcesRequest.decode(value),
+    responseSerialize: (value: ImageSourcesResponse): Buffer =>
+      Buffer.from(ImageSourcesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ImageSourcesResponse => ImageSourcesResponse.decode(value),
+  },
 } as const;
 
 export interface DispatcherServer extends UntypedServiceImplementation {
@@ -1593,6 +2008,11 @@ export interface DispatcherServer extends UntypedServiceImplementation {
   updateTaskStatus: handleUnaryCall<UpdateTaskStatusRequest, UpdateTaskStatusResponse>;
   /** The manager asks the agent for logs over this stream; the agent answers with LogChunks. */
   logs: handleBidiStreamingCall<LogChunk, LogRequest>;
+  /**
+   * Which connected nodes hold an image (by name[:tag], name[:tag]@digest or digest), from what their
+   * heartbeats report: where an agent missing an image fetches its blobs (docs/images.md).
+   */
+  imageSources: handleUnaryCall<ImageSourcesRequest, ImageSourcesResponse>;
 }
 
 export interface DispatcherClient extends Client {
@@ -1653,6 +2073,25 @@ export interface DispatcherClient extends Client {
   logs(): ClientDuplexStream<LogChunk, LogRequest>;
   logs(options: Partial<CallOptions>): ClientDuplexStream<LogChunk, LogRequest>;
   logs(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<LogChunk, LogRequest>;
+  /**
+   * Which connected nodes hold an image (by name[:tag], name[:tag]@digest or digest), from what their
+   * heartbeats report: where an agent missing an image fetches its blobs (docs/images.md).
+   */
+  imageSources(
+    request: ImageSourcesRequest,
+    callback: (error: ServiceError | null, response: ImageSourcesResponse) => void,
+  ): ClientUnaryCall;
+  imageSources(
+    request: ImageSourcesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ImageSourcesResponse) => void,
+  ): ClientUnaryCall;
+  imageSources(
+    request: ImageSourcesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ImageSourcesResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const DispatcherClient = makeGenericClientConstructor(

@@ -239,6 +239,11 @@ export interface ContainerSpec {
   groups: string[];
   /** allocate a pseudo-terminal (-t) */
   tty: boolean;
+  /**
+   * credentials for the image's registry (--with-registry-auth): sent only to the nodes that run the
+   * service's tasks, never returned by the control API (docs/images.md)
+   */
+  registryAuth: RegistryAuth | undefined;
 }
 
 export interface ContainerSpec_LabelsEntry {
@@ -249,6 +254,13 @@ export interface ContainerSpec_LabelsEntry {
 export interface ContainerSpec_SysctlsEntry {
   key: string;
   value: string;
+}
+
+export interface RegistryAuth {
+  /** host[:port], docker.io for Docker Hub */
+  registry: string;
+  username: string;
+  password: string;
 }
 
 /** A mount in a task's container (Docker's --mount). */
@@ -1672,6 +1684,7 @@ function createBaseContainerSpec(): ContainerSpec {
     hosts: [],
     groups: [],
     tty: false,
+    registryAuth: undefined,
   };
 }
 
@@ -1754,6 +1767,9 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
     }
     if (message.tty !== false) {
       writer.uint32(808).bool(message.tty);
+    }
+    if (message.registryAuth !== undefined) {
+      RegistryAuth.encode(message.registryAuth, writer.uint32(642).fork()).join();
     }
     return writer;
   },
@@ -1985,6 +2001,14 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
             message.tty = reader.bool();
             continue;
           }
+          case 80: {
+            if (tag !== 642) {
+              break;
+            }
+
+            message.registryAuth = RegistryAuth.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2048,6 +2072,9 @@ export const ContainerSpec: MessageFns<ContainerSpec> = {
     message.hosts = object.hosts?.map((e) => e) || [];
     message.groups = object.groups?.map((e) => e) || [];
     message.tty = object.tty ?? false;
+    message.registryAuth = (object.registryAuth !== undefined && object.registryAuth !== null)
+      ? RegistryAuth.fromPartial(object.registryAuth)
+      : undefined;
     return message;
   },
 };
@@ -2182,6 +2209,85 @@ export const ContainerSpec_SysctlsEntry: MessageFns<ContainerSpec_SysctlsEntry> 
     const message = createBaseContainerSpec_SysctlsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseRegistryAuth(): RegistryAuth {
+  return { registry: "", username: "", password: "" };
+}
+
+export const RegistryAuth: MessageFns<RegistryAuth> = {
+  encode(message: RegistryAuth, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.registry !== "") {
+      writer.uint32(10).string(message.registry);
+    }
+    if (message.username !== "") {
+      writer.uint32(18).string(message.username);
+    }
+    if (message.password !== "") {
+      writer.uint32(26).string(message.password);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RegistryAuth {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRegistryAuth();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.registry = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.username = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.password = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<RegistryAuth>, I>>(base?: I): RegistryAuth {
+    return RegistryAuth.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RegistryAuth>, I>>(object: I): RegistryAuth {
+    const message = createBaseRegistryAuth();
+    message.registry = object.registry ?? "";
+    message.username = object.username ?? "";
+    message.password = object.password ?? "";
     return message;
   },
 };
