@@ -64,6 +64,8 @@ export interface ControlContext {
   rotateRootCa?(start: boolean): Promise<{ inProgress: boolean; root: string; pendingNodes: string[]; nodes: number }>;
   /** a follower: serve a logs request by relaying it from the leader */
   relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
+  /** the managers' store, for `cluster info`: "raft" or "etcd <endpoints> <prefix>" */
+  storeKind?(): string;
 }
 
 /** Over TCP (mutual TLS): admin certificates, and managers (their own calls to each other). */
@@ -146,6 +148,7 @@ export class ControlApi {
       services: this.store.services.size,
       tasks: this.store.tasks.size,
       managers: this.ctx.managers?.() ?? [],
+      store: this.ctx.storeKind?.() ?? 'raft',
     };
   }
 

@@ -114,6 +114,8 @@ export interface GetClusterResponse {
   tasks: number;
   /** the Raft members (managers) with their ids, addresses and reachability as this manager sees them */
   managers: ManagerStatus[];
+  /** the managers' store: "raft" or "etcd <endpoints> <prefix>" */
+  store: string;
 }
 
 export interface ListNodesRequest {
@@ -1085,7 +1087,7 @@ export const GetClusterRequest: MessageFns<GetClusterRequest> = {
 };
 
 function createBaseGetClusterResponse(): GetClusterResponse {
-  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [] };
+  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [], store: "" };
 }
 
 export const GetClusterResponse: MessageFns<GetClusterResponse> = {
@@ -1107,6 +1109,9 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     }
     for (const v of message.managers) {
       ManagerStatus.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.store !== "") {
+      writer.uint32(1122).string(message.store);
     }
     return writer;
   },
@@ -1172,6 +1177,14 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
             message.managers.push(ManagerStatus.decode(reader, reader.uint32()));
             continue;
           }
+          case 140: {
+            if (tag !== 1122) {
+              break;
+            }
+
+            message.store = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1197,6 +1210,7 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     message.services = object.services ?? 0;
     message.tasks = object.tasks ?? 0;
     message.managers = object.managers?.map((e) => ManagerStatus.fromPartial(e)) || [];
+    message.store = object.store ?? "";
     return message;
   },
 };
