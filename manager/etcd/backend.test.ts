@@ -4,7 +4,7 @@
  * compaction, sealed values, and fencing of a deposed leader's writes.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NodeAvailability, NodeRole, NodeState, Service } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole, NodeState, Service, Task } from '../../gen/flotilla/v1/objects.js';
 import { createLogger } from '../../common/log.js';
 import { FlotillaError } from '../../common/errors.js';
 import { EtcdCluster, haveEtcd } from '../../test/helpers/etcd.js';
@@ -115,6 +115,23 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     expect((err as FlotillaError).code).toBe('RESOURCE_EXHAUSTED');
     expect((err as Error).message).toMatch(/over the limit/);
     expect(a.store.getService('b1')).toBeUndefined();
+  });
+
+  it("many changes: updateBatched splits under etcd's per-transaction operation cap; one update() over it is refused", async () => {
+    const a = await open('/t/many');
+    const b = await open('/t/many');
+    await a.store.updateBatched((tx) => {
+      for (let i = 0; i < 300; i++) tx.create('task', Task.fromPartial({ id: `t${i}`, serviceId: 's', slot: i + 1 }));
+    });
+    expect(a.store.tasks.size).toBe(300);
+    await waitFor('b has all 300', () => b.store.tasks.size === 300);
+    const err = await a.store
+      .update((tx) => {
+        for (let i = 0; i < 300; i++) tx.create('task', Task.fromPartial({ id: `u${i}`, serviceId: 's', slot: i + 1 }));
+      })
+      .catch((e: unknown) => e);
+    expect((err as FlotillaError).code).toBe('RESOURCE_EXHAUSTED');
+    expect(a.store.tasks.size).toBe(300);
   });
 
   it('relists cleanly when its watch revision was compacted while it was away', async () => {

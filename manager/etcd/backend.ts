@@ -31,6 +31,10 @@ import { type MemoryStore, type ObjectChange, type Proposer, type StoreObject, t
 export const ETCD_MAX_REQUEST_BYTES = 1.5 * 1024 * 1024;
 /** the largest batch the store hands this proposer: room under the request limit for keys, seals and compares */
 export const ETCD_MAX_BATCH_BYTES = ETCD_MAX_REQUEST_BYTES - 128 * 1024;
+/** etcd's default cap on the operations of one transaction's branch (--max-txn-ops) */
+export const ETCD_MAX_TXN_OPS = 128;
+/** the most changes the store packs into one batch: each is a compare and a put, plus room for names and the revision marker */
+export const ETCD_MAX_BATCH_ACTIONS = 60;
 export const DEFAULT_LEASE_TTL_S = 10;
 export const STORE_KIND_VALUE = 'flotilla-store-etcd-v1';
 
@@ -82,6 +86,7 @@ export function etcdClient(opts: EtcdStoreOptions): Etcd3 {
 
 export class EtcdBackend implements Proposer {
   readonly maxBatchBytes = ETCD_MAX_BATCH_BYTES;
+  readonly maxBatchActions = ETCD_MAX_BATCH_ACTIONS;
   readonly client: Etcd3;
   private readonly p: string;
   /** mod revision of each store key this manager's store holds */
@@ -439,6 +444,9 @@ export class EtcdBackend implements Proposer {
       throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${bytes} bytes is over etcd's request limit of ${ETCD_MAX_REQUEST_BYTES} bytes (--max-request-bytes): make the object smaller`);
     }
     success.push({ request_put: { key: Buffer.from(this.revKey), value: Buffer.alloc(0) } });
+    if (compare.length > ETCD_MAX_TXN_OPS || success.length > ETCD_MAX_TXN_OPS) {
+      throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${batch.actions.length} changes needs ${Math.max(compare.length, success.length)} etcd operations, over etcd's limit of ${ETCD_MAX_TXN_OPS} per transaction (--max-txn-ops)`);
+    }
     let res: ITxnResponse;
     try {
       res = await this.client.kv.txn({ compare, success, failure: fence ? [{ request_range: { key: fence.key } }] : [] });

@@ -65,6 +65,8 @@ export interface Proposer {
   propose(batch: StoreBatch, signal?: AbortSignal): Promise<void>;
   /** the largest batch this proposer takes (default MAX_BATCH_BYTES; etcd's request limit is lower) */
   readonly maxBatchBytes?: number;
+  /** the most changes one batch may hold (default: no limit; etcd caps operations per transaction) */
+  readonly maxBatchActions?: number;
 }
 
 /** One object's new state as a proposer that is not Raft delivers it (etcd's watch): undefined = deleted. */
@@ -177,6 +179,8 @@ export class MemoryStore {
       const max = proposer.maxBatchBytes ?? MAX_BATCH_BYTES;
       if (size > max)
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${max} bytes`);
+      if (proposer.maxBatchActions !== undefined && actions.length > proposer.maxBatchActions)
+        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${actions.length} changes is over the store's limit of ${proposer.maxBatchActions} changes per transaction`);
       try {
         await proposer.propose({ actions, proposalId: newId() }, signal);
         return result;
@@ -200,7 +204,7 @@ export class MemoryStore {
       const tx = new Tx(this);
       const result = fn(tx);
       try {
-        for (const actions of splitBatches(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD)) {
+        for (const actions of splitBatches(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD, proposer.maxBatchActions)) {
           if (signal?.aborted) return result;
           await proposer.propose({ actions, proposalId: newId() }, signal);
         }
@@ -490,17 +494,17 @@ function varintSize(n: number): number {
 }
 
 /**
- * Packs groups of actions, in order, into batches of at most maxBytes each (a group never spans two
- * batches; a group larger than maxBytes gets a batch of its own, which the proposer then refuses).
+ * Packs groups of actions, in order, into batches of at most maxBytes and maxActions each (a group
+ * never spans two batches; a group over a limit gets a batch of its own, which the proposer then refuses).
  */
-export function splitBatches(groups: StoreAction[][], maxBytes: number): StoreAction[][] {
+export function splitBatches(groups: StoreAction[][], maxBytes: number, maxActions = Infinity): StoreAction[][] {
   const out: StoreAction[][] = [];
   let cur: StoreAction[] = [];
   let size = 0;
   for (const g of groups) {
     if (g.length === 0) continue;
     const gs = g.reduce((n, a) => n + actionSize(a), 0);
-    if (cur.length > 0 && size + gs > maxBytes) {
+    if (cur.length > 0 && (size + gs > maxBytes || cur.length + g.length > maxActions)) {
       out.push(cur);
       cur = [];
       size = 0;
