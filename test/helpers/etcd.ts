@@ -27,16 +27,15 @@ export interface EtcdMember {
 }
 
 export class EtcdCluster {
-  readonly root: string;
+  /** the temp dir, made by start() (a skipped suite that constructs one leaves nothing behind) */
+  root = '';
   readonly members: EtcdMember[] = [];
   caFile = '';
   certFile = '';
   keyFile = '';
   private args: string[][] = [];
 
-  constructor(prefix = 'flotilla-etcd-') {
-    this.root = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  }
+  constructor(private readonly prefix = 'flotilla-etcd-') {}
 
   get endpoints(): string[] {
     return this.members.map((m) => m.clientUrl);
@@ -49,6 +48,7 @@ export class EtcdCluster {
 
   /** Starts n members and waits until the cluster answers. */
   async start(n = 3, opts: { quotaBytes?: number } = {}): Promise<void> {
+    this.root = fs.mkdtempSync(path.join(os.tmpdir(), this.prefix));
     const ca = await createRootCA({ clusterId: 'etcd-test' });
     const root = await RootCA.load(ca);
     const server = await root.issueWithNewKey({ nodeId: 'etcd', role: 'manager', addresses: ['127.0.0.1', 'localhost'] });
@@ -158,6 +158,6 @@ export class EtcdCluster {
   /** Kills every member (SIGKILL) and removes the temp dir. */
   async stop(): Promise<void> {
     await Promise.all(this.members.map((_, i) => this.kill(i)));
-    fs.rmSync(this.root, { recursive: true, force: true });
+    if (this.root) fs.rmSync(this.root, { recursive: true, force: true });
   }
 }
