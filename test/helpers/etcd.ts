@@ -102,7 +102,7 @@ export class EtcdCluster {
   /** (Re)starts member i with its data dir. */
   startMember(i: number): void {
     const m = this.members[i]!;
-    const child = spawn(ETCD_BIN, this.args[i]!, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ETCD_UNSUPPORTED_ARCH: process.env.ETCD_UNSUPPORTED_ARCH ?? '' } });
+    const child = spawn(ETCD_BIN, this.args[i]!, { stdio: ['ignore', 'ignore', 'pipe'] });
     m.log = [];
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
       m.log.push(d);
