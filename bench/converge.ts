@@ -340,10 +340,11 @@ async function main(store: 'raft' | 'etcd', storeArgs: string[]): Promise<number
 
 let code = 0;
 for (const store of benchStores()) {
-  code ||= await withStore(store, (args) => main(store, args)).catch((err: unknown) => {
+  const c = await withStore(store, (args) => main(store, args)).catch((err: unknown) => {
     console.error(`bench:converge (${store} store) failed: ${(err as Error).message}`);
     return 1;
   });
+  code ||= c;
   if (process.exitCode === 130) break;
 }
 if (summary.length > 0 && benchStores().length > 1) {

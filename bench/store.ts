@@ -84,7 +84,7 @@ async function storeWrite(store: MemoryStore, id: string, i: number): Promise<vo
 }
 
 async function seed(store: MemoryStore, writers: number, tag: string): Promise<void> {
-  await store.update((tx) => {
+  await store.updateBatched((tx) => {
     for (let w = 0; w < writers; w++) tx.create('task', task(`${tag}-${w}`, 0));
   });
 }

@@ -96,6 +96,8 @@ export class EtcdBackend implements Proposer {
   private readonly managerAddrs = new Map<string, string>();
   /** the etcd revision the local store has reached */
   private applied = 0;
+  /** this manager's own committed writes by revision, not yet seen on the watch: their objects need no decoding */
+  private readonly ownWrites = new Map<number, Map<string, StoreObject | undefined>>();
   private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
   private watcher: Watcher | undefined;
   private relisting: Promise<void> | undefined;
@@ -306,6 +308,11 @@ export class EtcdBackend implements Proposer {
           changes.push({ ...sk, object: undefined });
         } else {
           this.revs.set(key, ev.kv.mod_revision);
+          const own = this.ownWrites.get(r)?.get(key);
+          if (own) {
+            changes.push({ ...sk, object: own });
+            continue;
+          }
           try {
             changes.push({ ...sk, object: this.decode(sk.table, ev.kv) });
           } catch (err) {
@@ -335,6 +342,7 @@ export class EtcdBackend implements Proposer {
 
   private advance(rev: number): void {
     if (rev > this.applied) this.applied = rev;
+    for (const r of this.ownWrites.keys()) if (r <= this.applied) this.ownWrites.delete(r);
     const ready = this.appliedWaiters.filter((w) => w.rev <= this.applied);
     this.appliedWaiters = this.appliedWaiters.filter((w) => w.rev > this.applied);
     for (const w of ready) w.resolve();
@@ -389,6 +397,7 @@ export class EtcdBackend implements Proposer {
     const fence = this.fenceCtx.getStore();
     if (fence) compare.push({ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision });
     const touchedNames = new Set<string>();
+    const written = new Map<string, StoreObject | undefined>();
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
       const key = this.storeKey(table, obj.id);
@@ -403,6 +412,7 @@ export class EtcdBackend implements Proposer {
         compare.push({ key: kb, target: 'Mod', result: 'Equal', mod_revision: rev });
       }
       if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
+        written.set(key, undefined);
         success.push({ request_delete_range: { key: kb } });
         const old = cur as Service | Secret | Config | undefined;
         if (name !== undefined && old?.spec?.name !== undefined) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, old.spec.name)) } });
@@ -414,6 +424,7 @@ export class EtcdBackend implements Proposer {
         continue;
       }
       const next = { ...obj, meta: nextMeta(obj, cur) } as StoreObject;
+      written.set(key, next);
       const plain = (CODECS[table] as { encode(o: StoreObject): { finish(): Uint8Array } }).encode(next).finish();
       const value = seal(this.sealKey, plain, kb);
       bytes += value.length + kb.length + 32;
@@ -466,6 +477,8 @@ export class EtcdBackend implements Proposer {
       await this.waitApplied(rev, signal).catch(() => {});
       throw new FlotillaError('ABORTED', 'update out of sequence (etcd compare failed)');
     }
+    // the watch brings this revision back: it takes the objects from here instead of decoding them
+    if (rev > this.applied) this.ownWrites.set(rev, written);
     await this.waitApplied(rev, signal);
   }
 
