@@ -32,6 +32,8 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
   const etcd = new EtcdCluster();
   const mgrs: Mgr[] = ['m1', 'm2', 'm3'].map((name) => ({ name, dir: path.join(root, name), sock: path.join(root, `${name}.sock`), addr: '' }));
   const acked = new Set<string>();
+  /** managers stopped with SIGSTOP: the writer leaves them alone */
+  const frozen = new Set<Mgr>();
   let token = '';
   let seq = 0;
   const flags = () => [...etcd.managerFlags('/flotilla/faults'), '--etcd-lease-ttl', String(TTL_S)];
@@ -66,7 +68,7 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
     let errors = 0;
     const t0 = Date.now();
     for (let i = 0; i < max && !until() && Date.now() - t0 < deadlineMs; i++) {
-      const live = mgrs.filter((m) => m.proc);
+      const live = mgrs.filter((m) => m.proc && !frozen.has(m));
       const m = live[i % live.length]!;
       const name = `w${seq++}`;
       try {
@@ -163,6 +165,7 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
     const old = mgrs.find((m) => m.name === name)!;
     const rest = mgrs.filter((m) => m !== old);
     old.proc!.child.kill('SIGSTOP');
+    frozen.add(old);
     try {
       const next = await waitFor('a new leader while it is frozen', async () => {
         const l = await leaderOf(rest[0]!).catch(() => '');
@@ -171,6 +174,7 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
       // writes go on meanwhile
       await writer(() => false, 10);
       old.proc!.child.kill('SIGCONT');
+      frozen.delete(old);
       await waitFor('the frozen leader stepped down', () => steppedDown(old), 10_000);
       // every manager agrees on the one new leader; the old one did not lead again
       for (const m of mgrs) expect(await leaderOf(m)).toBe(next);
@@ -180,6 +184,7 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
       expect(after).not.toContain('became leader');
     } finally {
       old.proc?.child.kill('SIGCONT');
+      frozen.delete(old);
     }
     await writer(() => false, 10);
     await allAckedEverywhere();
