@@ -121,6 +121,21 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/uses the etcd store \(prefix \/flotilla\/faults\), not flotilla's own Raft store/);
     expect(fs.existsSync(path.join(other, 'raft'))).toBe(false);
+    // bad flags: one line naming the flag and value, non-zero exit
+    const bad: Array<[string[], RegExp]> = [
+      [['--store', 'zookeeper'], /--store.*zookeeper.*raft or etcd/],
+      [['--store', 'etcd'], /--etcd-endpoints.*required/],
+      [['--store', 'etcd', '--etcd-endpoints', 'h1:2379'], /--etcd-endpoints.*h1:2379.*http\(s\):\/\/HOST:PORT/],
+      [['--store', 'etcd', '--etcd-endpoints', 'https://h1:2379'], /--etcd-cacert.*required for https/],
+      [['--etcd-prefix', '/x'], /--etcd-prefix.*only with --store etcd/],
+    ];
+    for (const [args, re] of bad) {
+      const b = await cli(['manager', '--data-dir', path.join(root, 'bad'), '--control-socket', '', '--no-agent', ...args], {}, 20_000);
+      expect(b.code, args.join(' ')).not.toBe(0);
+      expect(b.stderr, args.join(' ')).toMatch(re);
+      expect(b.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+    }
+    expect(fs.existsSync(path.join(root, 'bad'))).toBe(false);
   });
 
   it('kill -9 of the etcd leader under a stream of writes: no acknowledged write lost, the cluster carries on', async () => {
