@@ -136,6 +136,18 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
       expect(b.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
     }
     expect(fs.existsSync(path.join(root, 'bad'))).toBe(false);
+    // a Raft data dir with --store etcd: refused with one line
+    const raftDir = path.join(root, 'raftdir');
+    fs.mkdirSync(path.join(raftDir, 'raft'), { recursive: true });
+    const r2 = await cli(['manager', '--data-dir', raftDir, '--listen-addr', '127.0.0.1:0', '--control-socket', '', '--no-agent', ...flags()], {}, 20_000);
+    expect(r2.code).not.toBe(0);
+    expect(r2.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r2.stderr).toMatch(/uses flotilla's own Raft store, not the etcd store \(prefix \/flotilla\/faults\)/);
+    // a new first manager on a prefix that holds a cluster: told to join it
+    const r3 = await cli(['manager', '--data-dir', path.join(root, 'fresh'), '--listen-addr', '127.0.0.1:0', '--control-socket', '', '--no-agent', ...flags()], {}, 30_000);
+    expect(r3.code).not.toBe(0);
+    expect(r3.stderr).toMatch(/the etcd prefix \/flotilla\/faults already holds a flotilla cluster: join it/);
+    expect((await call<GetClusterResponse>(mgrs[0]!, 'getCluster')).cluster?.id).toBe(info.cluster?.id);
   });
 
   it('kill -9 of the etcd leader under a stream of writes: no acknowledged write lost, the cluster carries on', async () => {
