@@ -113,6 +113,24 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
     await call(mgrs[2]!, 'createService', { spec: spec('hello') });
     acked.add('hello');
     await allAckedEverywhere();
+    // a secret (and the CA key, the join tokens) never reach etcd in clear
+    const secretData = `etcd-secret-${Date.now()}-payload`;
+    await call(mgrs[1]!, 'createSecret', { spec: { name: 'db-password', labels: {}, data: Buffer.from(secretData) } });
+    const ec = await etcd.client();
+    try {
+      const all = await ec.getAll().prefix('/flotilla/faults/').buffers();
+      expect(Object.keys(all).some((k) => k.startsWith('/flotilla/faults/store/secret/'))).toBe(true);
+      for (const [k, v] of Object.entries(all)) {
+        expect(k).not.toContain('db-password');
+        const text = v.toString('latin1');
+        expect(text, k).not.toContain(secretData);
+        expect(text, k).not.toContain('db-password');
+        expect(text, k).not.toContain('PRIVATE KEY');
+        expect(text, k).not.toContain(token);
+      }
+    } finally {
+      ec.close();
+    }
     // the same data dir without --store etcd: refused with one line, nothing started
     const other = path.join(root, 'other');
     fs.cpSync(mgrs[1]!.dir, other, { recursive: true });
@@ -181,7 +199,10 @@ describe.skipIf(!builtCli() || !haveEtcd())('etcd store: 3 managers on a 3-membe
     const took = Date.now() - t0;
     console.log(`flotilla leader ${name} killed: ${next} leads after ${took} ms`);
     expect(took).toBeLessThan(TTL_S * 1000 + 2000);
-    expect(terms(mgrs.find((m) => m.name === next)!)).toBe(1);
+    // its leader loops start once its store has caught up with the election's revision
+    const nm = mgrs.find((m) => m.name === next)!;
+    await waitFor(`${next} started its leader loops`, () => terms(nm) >= 1, 5000, 50);
+    expect(terms(nm)).toBe(1);
     await writer(() => false, 10);
     await launch(old);
     await allAckedEverywhere();

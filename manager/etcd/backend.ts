@@ -17,7 +17,7 @@
  *   etcd; the key (path) is the additional authenticated data.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { randomBytes } from 'node:crypto';
+import { createHmac, randomBytes } from 'node:crypto';
 import { Etcd3, type Campaign, type IOptions, type Lease, type Watcher } from 'etcd3';
 import type { ICompare, IKeyValue, IRequestOp, ITxnResponse, IWatchResponse } from 'etcd3/lib/rpc.js';
 import { Cluster, Config, Network, Node, Secret, Service, StoreActionKind, type StoreBatch, Task } from '../../gen/flotilla/v1/objects.js';
@@ -128,8 +128,9 @@ export class EtcdBackend implements Proposer {
   private storeKey(table: Table, id: string): string {
     return `${this.p}/store/${table}/${id}`;
   }
+  /** names are keyed by an HMAC under the store key: etcd sees no service, secret or config name */
   private nameKey(table: Table, name: string): string {
-    return `${this.p}/names/${table}/${name}`;
+    return `${this.p}/names/${table}/${createHmac('sha256', this.sealKey).update(`${table}/${name}`).digest('hex')}`;
   }
   private get revKey(): string {
     return `${this.p}/rev`;
