@@ -242,10 +242,10 @@ export class BenchCluster {
     return p;
   }
 
-  async startManager(opts: { agent: boolean; runtime: 'runc' | 'sim'; heartbeat?: string; nodeArgs?: string[]; dataDir?: string; env?: NodeJS.ProcessEnv; keep?: number }): Promise<Proc> {
+  async startManager(opts: { agent: boolean; runtime: 'runc' | 'sim'; heartbeat?: string; nodeArgs?: string[]; dataDir?: string; env?: NodeJS.ProcessEnv; keep?: number; extra?: string[] }): Promise<Proc> {
     const dir = opts.dataDir ?? path.join(this.root, 'm1');
     this.socket = path.join(this.root, 'm1.sock');
-    const args = ['manager', '--data-dir', dir, '--hostname', 'm1', '--listen-addr', '127.0.0.1:0', '--control-socket', this.socket, '--heartbeat-period', opts.heartbeat ?? '5s', '--runtime', opts.runtime];
+    const args = ['manager', '--data-dir', dir, '--hostname', 'm1', '--listen-addr', '127.0.0.1:0', '--control-socket', this.socket, '--heartbeat-period', opts.heartbeat ?? '5s', '--runtime', opts.runtime, ...(opts.extra ?? [])];
     if (!opts.agent) args.push('--no-agent');
     const p = this.track(startNode(CLI, args, opts.env ?? {}, opts.nodeArgs ?? [], opts.keep));
     this.manager = p;
@@ -355,4 +355,30 @@ export function runcBenchBlocked(name: string): number | undefined {
     return 1;
   }
   return undefined;
+}
+
+/** The stores a benchmark runs on: our Raft, and with `--store etcd` on its command line, a local etcd too (same run). */
+export function benchStores(): Array<'raft' | 'etcd'> {
+  const i = process.argv.indexOf('--store');
+  const v = i >= 0 ? process.argv[i + 1] : process.argv.find((a) => a.startsWith('--store='))?.slice(8);
+  if (v === undefined || v === 'raft') return ['raft'];
+  if (v !== 'etcd') throw new Error(`invalid --store ${JSON.stringify(v)}: raft or etcd`);
+  return ['raft', 'etcd'];
+}
+
+/**
+ * Runs fn with the manager flags of a store: none for our Raft; for etcd, a local etcd (one member of
+ * /usr/bin/etcd on loopback with client TLS, in a temp dir) started before and removed after.
+ */
+export async function withStore<T>(store: 'raft' | 'etcd', fn: (managerArgs: string[]) => Promise<T>): Promise<T> {
+  if (store === 'raft') return fn([]);
+  const { EtcdCluster, haveEtcd } = await import('../test/helpers/etcd.js');
+  if (!haveEtcd()) throw new Error('--store etcd needs /usr/bin/etcd (Debian: etcd-server)');
+  const etcd = new EtcdCluster('flotilla-bench-etcd-');
+  try {
+    await etcd.start(Number(process.env.BENCH_ETCD_MEMBERS ?? 1));
+    return await fn(etcd.managerFlags('/flotilla/bench'));
+  } finally {
+    await etcd.stop();
+  }
 }

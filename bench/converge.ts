@@ -5,7 +5,8 @@
  * Docker Swarm beside it when a local dockerd answers (`docker info`), measured in the same run,
  * interleaved; otherwise the anchor from docs/design (13.2 s for 50, 2.0 s for 10), marked as such.
  *
- *   npm run build && npm run bench:converge       (root; BENCH_RUNS=3, BENCH_SIZES=50,10, BENCH_SWARM=0 to skip Swarm)
+ *   npm run build && npm run bench:converge       (root; BENCH_RUNS=3, BENCH_SIZES=50,10, BENCH_SWARM=0 to skip Swarm;
+ *                                                 `-- --store etcd`: the same run again on a local etcd, side by side)
  *
  * Each size runs BENCH_RUNS times per method; between runs the service is removed and we wait until
  * all its containers are gone. For a missed target it prints where the time goes: per stage (task
@@ -53,6 +54,8 @@ import {
   swarmRunning,
   until,
   waitNodesReady,
+  benchStores,
+  withStore,
 } from './common.js';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
@@ -196,7 +199,10 @@ async function convergeSwarm(name: string, n: number): Promise<Sample> {
   return { ms: performance.now() - t };
 }
 
-async function main(): Promise<number> {
+/** key figures of each store's run, printed side by side at the end */
+const summary: string[] = [];
+
+async function main(store: 'raft' | 'etcd', storeArgs: string[]): Promise<number> {
   const blocked = runcBenchBlocked('bench:converge');
   if (blocked !== undefined) return blocked;
   const c = new BenchCluster(await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-bench-conv-')));
@@ -227,7 +233,9 @@ async function main(): Promise<number> {
       env: TRACE ? { FLOTILLA_TRACE: '1' } : {},
       keep: TRACE ? 1e7 : 200,
       nodeArgs: process.env.BENCH_CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(process.env.BENCH_CPU_PROF)] : [],
+      extra: storeArgs,
     });
+    console.log(`\n== store: ${store}${store === 'etcd' ? ' (a local etcd, one member, client TLS)' : ''}`);
     traceOf = mgr;
     ctl = control(c.socket);
     await waitNodesReady(ctl, 1, 30_000);
@@ -295,6 +303,7 @@ async function main(): Promise<number> {
       console.log(`             runs: API ${r.api.map((s) => secs(s.ms)).join(', ')}; CLI ${r.cli.map((s) => secs(s.ms)).join(', ')}${swarm ? `; Swarm ${r.swarm.map((s) => secs(s.ms)).join(', ')}` : ''}`);
       console.log(`             floor: ${r.n} raw \`runc run -d\`, ${CONCURRENCY} at a time, same rootfs and spec: ${secs(median(r.raw.map((s) => s.ms)))} (flotilla API ${(api / median(r.raw.map((s) => s.ms))).toFixed(2)}x that)`);
       console.log(`             manager process CPU (user+sys, its in-process agent included; runc/conmon not) during an API run: ${secs(median(r.cpu))}`);
+      summary.push(`${store.padEnd(5)} ${String(r.n).padStart(3)} replicas: API ${secs(api)}, CLI ${secs(cliMs)} (runs: ${r.api.map((x) => secs(x.ms)).join(', ')}); manager CPU ${secs(median(r.cpu))}`);
     }
     if (!swarm) console.log(`(${swarmNote})`);
     console.log(`manager RSS (with its in-process agent) at the end: ${mib(mgrRss)}`);
@@ -329,5 +338,17 @@ async function main(): Promise<number> {
   return exit;
 }
 
-const code = await main();
+let code = 0;
+for (const store of benchStores()) {
+  const c = await withStore(store, (args) => main(store, args)).catch((err: unknown) => {
+    console.error(`bench:converge (${store} store) failed: ${(err as Error).message}`);
+    return 1;
+  });
+  code ||= c;
+  if (process.exitCode === 130) break;
+}
+if (summary.length > 0 && benchStores().length > 1) {
+  console.log('\nside by side (same run, same machine):');
+  for (const l of summary) console.log(`  ${l}`);
+}
 process.exit(process.exitCode && process.exitCode !== 0 ? process.exitCode : code);

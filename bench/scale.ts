@@ -6,7 +6,8 @@
  * running. Prints a timeline (tasks per state every poll), the manager's RSS (end and peak, sampled
  * every 250 ms) and CPU time, the agent processes' RSS.
  *
- *   npm run build && npm run bench:scale    (BENCH_AGENTS, BENCH_PROCS, BENCH_SERVICES, BENCH_REPLICAS,
+ *   npm run build && npm run bench:scale [-- --store etcd]   (etcd: the same run again on a local etcd,
+ *                                           figures side by side at the end; BENCH_AGENTS, BENCH_PROCS, BENCH_SERVICES, BENCH_REPLICAS,
  *                                           BENCH_TIMEOUT_S=300 for convergence, BENCH_CPU_PROF=DIR for
  *                                           a V8 profile of the manager)
  *
@@ -24,7 +25,7 @@ import type { Control } from '../cli/client.js';
 import { buildServiceSpec } from '../cli/servicespec.js';
 import type { CreateServiceResponse, GetClusterResponse, ListNodesResponse } from '../gen/flotilla/v1/control.js';
 import { NodeRole, NodeState, TaskState } from '../gen/flotilla/v1/objects.js';
-import { BenchCluster, CLI, control, cpuMs, listTasks, loadAvg, mib, rssKb, secs, sleep, startNode, teardown, type Proc } from './common.js';
+import { BenchCluster, CLI, benchStores, control, withStore, cpuMs, listTasks, loadAvg, mib, rssKb, secs, sleep, startNode, teardown, type Proc } from './common.js';
 
 const AGENTS = Number(process.env.BENCH_AGENTS ?? 500);
 const PROCS = Math.max(1, Number(process.env.BENCH_PROCS ?? 4));
@@ -37,7 +38,10 @@ const SIM_AGENTS = path.resolve(path.dirname(fileURLToPath(import.meta.url)), 's
 
 const stateName = (s: TaskState): string => TaskState[s]?.replace('TASK_STATE_', '').toLowerCase() ?? String(s);
 
-async function main(): Promise<number> {
+/** key figures of each store's run, printed side by side at the end */
+const summary: string[] = [];
+
+async function main(store: 'raft' | 'etcd', storeArgs: string[]): Promise<number> {
   if (!existsSync(CLI) || !existsSync(SIM_AGENTS)) {
     console.log(`bench:scale needs ${CLI} and ${SIM_AGENTS} (npm run build)`);
     return 1;
@@ -59,7 +63,8 @@ async function main(): Promise<number> {
   const load0 = loadAvg();
   try {
     const prof = process.env.BENCH_CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(process.env.BENCH_CPU_PROF)] : [];
-    const mgr = await c.startManager({ agent: false, runtime: 'sim', heartbeat: '5s', nodeArgs: prof });
+    const mgr = await c.startManager({ agent: false, runtime: 'sim', heartbeat: '5s', nodeArgs: prof, extra: storeArgs });
+    console.log(`\n== store: ${store}${store === 'etcd' ? ' (a local etcd, one member, client TLS)' : ''}`);
     const mgrPid = mgr.child.pid;
     let peakRss = rssKb(mgrPid);
     const agentPeak = new Map<number, number>();
@@ -186,6 +191,9 @@ async function main(): Promise<number> {
     console.log(`agents ready after ${secs(joinMs)}; CreateService x ${SERVICES} took ${secs(createMs)}; a poll (ListTasks of every unfinished service) took ${pollTimes.map(secs).join(', ')}`);
     console.log(`manager: RSS at the end ${mib(endRss)}, peak ${mib(peakRss)}; CPU (user+sys) from the first create to the end ${secs(cpu)}`);
     console.log(`agent processes: RSS ${agentProcs.map((p) => mib(rssKb(p.child.pid))).join(', ')} (peak ${agentProcs.map((p) => mib(agentPeak.get(p.child.pid ?? 0) ?? NaN)).join(', ')}); CPU ${agentProcs.map((p) => secs(cpuMs(p.child.pid))).join(', ')}`);
+    summary.push(
+      `${store.padEnd(5)} ${converged ? `${secs(doneMs)} to all ${total} running (${Math.round(total / (doneMs / 1000))} tasks/s)` : `NOT converged in ${secs(TIMEOUT_MS)}`}; agents ready ${secs(joinMs)}; create ${secs(createMs)}; manager RSS end ${mib(endRss)} peak ${mib(peakRss)}, CPU ${secs(cpu)}`,
+    );
     console.log('anchors (published, not run here): swarmkit scheduler micro-benchmark 100,000 tasks / 1,000 nodes in 22.6 s; Nomad C1M 3,750 containers/s (5 servers)');
   } catch (err) {
     console.error(`bench:scale failed: ${(err as Error).stack ?? String(err)}`);
@@ -202,5 +210,17 @@ async function main(): Promise<number> {
   return exit;
 }
 
-const code = await main();
+let code = 0;
+for (const store of benchStores()) {
+  const c = await withStore(store, (args) => main(store, args)).catch((err: unknown) => {
+    console.error(`bench:scale (${store} store) failed: ${(err as Error).message}`);
+    return 1;
+  });
+  code ||= c;
+  if (process.exitCode === 130) break;
+}
+if (summary.length > 1) {
+  console.log('\nside by side (same run, same machine):');
+  for (const l of summary) console.log(`  ${l}`);
+}
 process.exit(process.exitCode && process.exitCode !== 0 ? process.exitCode : code);

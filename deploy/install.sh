@@ -15,7 +15,7 @@ for arg in "$@"; do
   esac
 done
 apt-get update
-apt-get install -y runc conmon busybox-static tini iproute2 jq ca-certificates util-linux procps attr python3 containernetworking-plugins nftables conntrack systemd docker-registry skopeo openssl socat redis-server redis-tools
+apt-get install -y runc conmon busybox-static tini iproute2 jq ca-certificates util-linux procps attr python3 containernetworking-plugins nftables conntrack systemd docker-registry skopeo openssl socat redis-server redis-tools etcd-server
 if ! command -v node >/dev/null || [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
   apt-get install -y nodejs npm
   if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then

@@ -41,6 +41,8 @@ import { joinCaFor } from './ca/join.js';
 import { type CaBackend, joinCluster, nodeCaHandlers, renewCertificate, runRenewal } from './ca/service.js';
 import { issuerNames, parseCertificate } from './ca/x509.js';
 import { Wal } from './raft/wal.js';
+import { EtcdBackend } from './etcd/backend.js';
+import { type EtcdMode, checkStoreKind, loadStoreKey, saveStoreKey } from './etcd/mode.js';
 
 export interface ManagerOptions {
   dataDir: string;
@@ -71,6 +73,8 @@ export interface ManagerOptions {
   onLocked?: () => void;
   /** node certificate lifetime for a new cluster (--cert-expiry; default 90 days) */
   certExpiryMs?: number;
+  /** --store etcd: the store on an etcd cluster instead of our Raft (docs/store.md) */
+  etcd?: EtcdMode;
   log: Logger;
   signal: AbortSignal;
 }
@@ -90,6 +94,10 @@ export class Manager {
   readonly dispatcher: Dispatcher;
   readonly control: ControlApi;
   raft: RaftNode | undefined;
+  /** --store etcd: the store's proposer, membership and leadership (instead of raft) */
+  etcd: EtcdBackend | undefined;
+  /** --store etcd: the key that seals values before they reach etcd */
+  private storeKey: Buffer | undefined;
   /**
    * this manager's data key (manager/keys), set by start() once unlocked: it seals the Raft WAL and
    * snapshots, and is the `dek` to give saveNodeTls/loadNodeTls
@@ -144,7 +152,7 @@ export class Manager {
 
   constructor(readonly opts: ManagerOptions) {
     this.dispatcher = new Dispatcher(this.store, opts.log.child({ component: 'dispatcher' }), {
-      managers: () => this.raft?.members().filter((m) => !m.learner).map((m) => m.addr) ?? [this.advertiseAddr()],
+      managers: () => (this.etcd ?? this.raft)?.members().filter((m) => !m.learner).map((m) => m.addr) ?? [this.advertiseAddr()],
       heartbeatMs: opts.heartbeatMs,
       trustBundle: () => {
         const ca = this.store.getCluster()?.ca;
@@ -154,12 +162,14 @@ export class Manager {
     this.control = new ControlApi({
       store: this.store,
       dispatcher: this.dispatcher,
-      leaderAddr: () => this.raft?.leaderAddr() ?? '',
+      leaderAddr: () => (this.etcd ?? this.raft)?.leaderAddr() ?? '',
       readBarrier: async () => {
         if (this.removed) throw new FlotillaError('UNAVAILABLE', 'this manager was removed from the cluster; ask another manager');
-        if (!this.raft) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
-        await this.raft.readIndex();
+        const cons = this.etcd ?? this.raft;
+        if (!cons) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
+        await cons.readIndex();
       },
+      storeKind: () => (this.opts.etcd ? `etcd ${this.opts.etcd.endpoints.join(',')} ${this.opts.etcd.prefix}` : 'raft'),
       managerStatus: (n) => this.managerStatus(n),
       selfNodeId: () => {
         try {
@@ -169,7 +179,7 @@ export class Manager {
         }
       },
       managers: () =>
-        (this.raft?.members() ?? [])
+        ((this.etcd ?? this.raft)?.members() ?? [])
           .filter((m) => !m.learner)
           .map((m) => ({ raftId: m.raftId, addr: m.addr, leader: m.leader, reachability: m.reachable || m.leader ? 'reachable' : 'unreachable' })),
       removeManager: (n, force) => this.removeManager(n, force),
@@ -179,7 +189,7 @@ export class Manager {
         return { caPem: trustBundle(ca), certPem: pair.certPem, keyPem: pair.keyPem };
       },
       relayLogs: (call) => {
-        const leader = this.raft?.leaderAddr();
+        const leader = (this.etcd ?? this.raft)?.leaderAddr();
         if (!leader) return void call.emit('error', grpcError(new FlotillaError('UNAVAILABLE', 'no leader to serve the logs')));
         const client = new ControlClient(leader, clientCredentials(this.requireTls()), TLS_CHANNEL_OPTIONS);
         const up = client.serviceLogs(call.request);
@@ -272,7 +282,12 @@ export class Manager {
       if (res.role !== 'manager') {
         throw new FlotillaError('PERMISSION_DENIED', 'the join token is a worker token: a manager joins with the manager token (flotilla cluster join-token manager -q)');
       }
-      await saveNodeTls(dir, res, { dek });
+      if (this.opts.etcd) {
+        if (!res.storeKey?.length) throw new FlotillaError('FAILED_PRECONDITION', `the cluster of ${this.opts.join} does not use an etcd store: join it without --store etcd`);
+        saveStoreKey(dir, dek, res.storeKey);
+      }
+      const { storeKey: _sk, ...material } = res;
+      await saveNodeTls(dir, material, { dek });
       this.opts.log.info({ nodeId: res.nodeId }, 'joined: received this manager\'s certificate');
       return new TlsSource(res);
     }
@@ -333,6 +348,7 @@ export class Manager {
         );
         return id;
       },
+      storeKey: () => this.storeKey,
       nodeRole: (nodeId) => {
         const n = this.store.getNode(nodeId);
         if (!n) return undefined;
@@ -434,6 +450,7 @@ export class Manager {
     } catch (err) {
       this.onLeadershipChange(false);
       await this.raft?.stop().catch(() => {});
+      await this.etcd?.stop().catch(() => {});
       this.server.forceShutdown();
       this.unixServer.forceShutdown();
       if (this.opts.controlSocket) fs.rmSync(this.opts.controlSocket, { force: true });
@@ -538,6 +555,7 @@ export class Manager {
   }
 
   private async startInner(): Promise<void> {
+    checkStoreKind(this.opts.dataDir, this.opts.etcd?.prefix);
     const tls = await this.prepareTls();
     this.tls = tls;
     this.serverTrust = new ServerTrust(tls);
@@ -550,7 +568,8 @@ export class Manager {
     const port = await bind(this.server, this.opts.listenAddr, serverCredentials(tls, 'require', this.serverTrust));
     const host = this.opts.listenAddr.slice(0, this.opts.listenAddr.lastIndexOf(':'));
     this.boundAddr = `${host === '0.0.0.0' || host === '' ? '127.0.0.1' : host}:${port}`;
-    const raft = await this.openRaft(this.opts.join, this.opts.forceNewCluster);
+    const raft = this.opts.etcd ? undefined : await this.openRaft(this.opts.join, this.opts.forceNewCluster);
+    if (this.opts.etcd) await this.openEtcd(this.opts.etcd);
     if (this.opts.controlSocket) {
       // its own server with the plain handlers: inside one server a plain-text call could not be
       // told apart from a TLS call whose certificate failed
@@ -560,6 +579,64 @@ export class Manager {
       await bind(this.unixServer, `unix://${this.opts.controlSocket}`, grpc.ServerCredentials.createInsecure());
       fs.chmodSync(this.opts.controlSocket, 0o600);
     }
+    if (raft) await this.raftStarted(raft);
+    // joining: wait until the cluster object has arrived through the log
+    const t0 = Date.now();
+    while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await sleep(50, this.opts.signal);
+    if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
+    if ((this.etcd ?? raft)?.isLeader()) this.onLeadershipChange(true);
+    if (this.opts.registerNode) {
+      this.registerOwnNode().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'registering this manager as a node failed'));
+    }
+    if (raft) this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
+    this.renewLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));
+    this.followTrustLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'trust bundle loop failed'));
+  }
+
+  /**
+   * --store etcd: the store key (this manager's, or a new cluster's), the prefix's kind checked or
+   * claimed, the store listed and watched, and a new cluster's object created.
+   */
+  private async openEtcd(mode: EtcdMode): Promise<void> {
+    const dek = this.requireKeys().dek;
+    const tls = this.requireTls();
+    let key = loadStoreKey(this.opts.dataDir, dek);
+    const backend = new EtcdBackend(this.store, mode, key ?? Buffer.alloc(32), { nodeId: tls.identity.nodeId, addr: this.advertiseAddr() }, this.opts.log.child({ component: 'etcd' }));
+    this.etcd = backend;
+    let found;
+    try {
+      found = await EtcdBackend.inspect(backend.client, mode.prefix, key);
+    } catch (err) {
+      throw new FlotillaError('UNAVAILABLE', `etcd at ${mode.endpoints.join(',')}: ${errorMessage(err)}`, { cause: err });
+    }
+    if (!found) {
+      if (this.opts.join || !this.bootstrap) {
+        throw new FlotillaError('FAILED_PRECONDITION', `the etcd prefix ${mode.prefix} holds no flotilla cluster (wrong --etcd-prefix or --etcd-endpoints?)`);
+      }
+      key = EtcdBackend.newSealKey();
+      saveStoreKey(this.opts.dataDir, dek, key);
+      if (!(await EtcdBackend.claim(backend.client, mode.prefix, key))) throw new FlotillaError('FAILED_PRECONDITION', `another manager created a cluster in the etcd prefix ${mode.prefix} at the same time: join it with --join`);
+      await backend.stop();
+      this.etcd = new EtcdBackend(this.store, mode, key, { nodeId: tls.identity.nodeId, addr: this.advertiseAddr() }, this.opts.log.child({ component: 'etcd' }));
+    } else if (!key) {
+      throw new FlotillaError('FAILED_PRECONDITION', `the etcd prefix ${mode.prefix} already holds a flotilla cluster: join it (--join HOST:PORT of one of its managers, with the manager token), or pick another --etcd-prefix`);
+    } else if (!found.keyOk) {
+      throw new FlotillaError('FAILED_PRECONDITION', `the etcd prefix ${mode.prefix} holds another flotilla cluster (this manager's store key does not open it): pick the right --etcd-prefix`);
+    }
+    this.storeKey = key;
+    const etcd = this.etcd;
+    this.store.setProposer(etcd);
+    etcd.onLeadershipChange((leader) => this.onLeadershipChange(leader));
+    await etcd.start();
+    const cluster = this.store.getCluster();
+    if (cluster && cluster.id !== tls.identity.clusterId) {
+      throw new FlotillaError('FAILED_PRECONDITION', `the etcd prefix ${mode.prefix} holds cluster ${cluster.id}, not this manager's cluster ${tls.identity.clusterId}`);
+    }
+    if (!cluster && !this.opts.join) await this.initCluster();
+  }
+
+  /** Raft: waits for a leader, and a brand-new cluster's first leader creates the cluster object. */
+  private async raftStarted(raft: RaftNode): Promise<void> {
     try {
       await raft.waitForLeader(this.opts.signal, 30_000);
     } catch (err) {
@@ -583,17 +660,6 @@ export class Manager {
       await raft.readIndex(this.opts.signal);
       if (!this.store.getCluster() && raft.isLeader()) await this.initCluster();
     }
-    // joining: wait until the cluster object has arrived through the log
-    const t0 = Date.now();
-    while (!this.store.getCluster() && Date.now() - t0 < 30_000 && !this.opts.signal.aborted) await sleep(50, this.opts.signal);
-    if (!this.store.getCluster()) throw new FlotillaError('UNAVAILABLE', 'the cluster state did not arrive within 30 s');
-    if (raft.isLeader()) this.onLeadershipChange(true);
-    if (this.opts.registerNode) {
-      this.registerOwnNode().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'registering this manager as a node failed'));
-    }
-    this.watchMembership().catch((err: unknown) => this.opts.log.error({ err: (err as Error).message }, 'membership watch failed'));
-    this.renewLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'certificate renewal loop failed'));
-    this.followTrustLoop().catch((err: unknown) => this.opts.log.error({ err: errorMessage(err) }, 'trust bundle loop failed'));
   }
 
   /**
@@ -662,15 +728,16 @@ export class Manager {
   private async watchManagerNodes(signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
       await sleep(1000, signal);
-      const raft = this.raft;
-      if (signal.aborted || !raft) break;
-      const members = raft.members();
+      const cons = this.etcd ?? this.raft;
+      if (signal.aborted || !cons) break;
+      const members = cons.members();
       const changes: Array<[string, NodeState]> = [];
       for (const n of this.store.listNodes()) {
         if (!isAgentless(n)) continue;
         const m = members.find((x) => x.addr === n.status?.addr);
-        if (!m) continue;
-        const want = m.reachable || m.leader ? NodeState.NODE_STATE_READY : NodeState.NODE_STATE_DOWN;
+        // under etcd, a manager is a member while its registration lease lives
+        if (!m && !this.etcd) continue;
+        const want = m && (m.reachable || m.leader) ? NodeState.NODE_STATE_READY : NodeState.NODE_STATE_DOWN;
         if (n.status?.state !== want) changes.push([n.id, want]);
       }
       if (changes.length === 0) continue;
@@ -826,13 +893,16 @@ export class Manager {
   }
 
   private managerStatus(n: Node): ManagerStatus | undefined {
-    if (n.role !== NodeRole.NODE_ROLE_MANAGER || !this.raft) return undefined;
-    const m = this.raft.members().find((x) => x.addr === n.status?.addr);
+    const cons = this.etcd ?? this.raft;
+    if (n.role !== NodeRole.NODE_ROLE_MANAGER || !cons) return undefined;
+    const m = cons.members().find((x) => x.addr === n.status?.addr);
     if (!m) return { raftId: 0, addr: n.status?.addr ?? '', leader: false, reachability: 'unreachable' };
     return { raftId: m.raftId, addr: m.addr, leader: m.leader, reachability: m.reachable || m.leader ? 'reachable' : 'unreachable' };
   }
 
   private async removeManager(n: Node, force: boolean): Promise<void> {
+    // under etcd a manager is no consensus member: nothing to remove
+    if (this.etcd) return;
     if (!this.raft) throw new FlotillaError('UNAVAILABLE', 'the manager is starting');
     const m = this.raft.members().find((x) => x.addr === n.status?.addr);
     if (!m) return;
@@ -892,7 +962,8 @@ export class Manager {
       setMaxListeners(0, ctl.signal);
       this.leaderCtl = ctl;
       const log = this.opts.log;
-      const raft = this.raft;
+      const raft = this.etcd ?? this.raft;
+      const etcd = this.etcd;
       this.leaderRuns = (async () => {
         // never act on a store that has not applied everything committed before this term
         while (raft && !ctl.signal.aborted) {
@@ -904,7 +975,8 @@ export class Manager {
           }
         }
         if (ctl.signal.aborted) return;
-        await this.runLeaderLoops(ctl, log);
+        // under etcd, the leader loops' writes are fenced by this manager's election key
+        await (etcd ? etcd.fenced(() => this.runLeaderLoops(ctl, log)) : this.runLeaderLoops(ctl, log));
       })();
       return;
     }
@@ -952,6 +1024,7 @@ export class Manager {
     await this.leaderRuns;
     if (!this.failure) await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     await this.raft?.stop();
+    await this.etcd?.stop();
     if (this.keysTimer) {
       clearTimeout(this.keysTimer);
       this.keysTimer = undefined;

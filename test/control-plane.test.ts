@@ -1,9 +1,11 @@
 /**
  * The control plane end to end, as real processes on loopback: one manager, several agents with the
- * sim runtime (many nodes on one machine), driven through the CLI.
+ * sim runtime (many nodes on one machine), driven through the CLI. Every case runs against both
+ * stores: our Raft and an etcd cluster (three real etcd members with client TLS).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, waitFor } from './helpers/procs.js';
+import { EtcdCluster, haveEtcd } from './helpers/etcd.js';
 
 interface TaskJ {
   id: string;
@@ -24,19 +26,28 @@ interface NodeJ {
   managerStatus: unknown;
 }
 
-describe.skipIf(!builtCli())('control plane (manager + sim agents as processes)', () => {
+for (const store of ['raft', 'etcd'] as const)
+describe.skipIf(!builtCli() || (store === 'etcd' && !haveEtcd()))(`control plane (manager + sim agents as processes, ${store} store)`, () => {
   const c = new TestCluster();
+  const etcd = store === 'etcd' ? new EtcdCluster() : undefined;
+  const storeFlags = (): string[] => (etcd ? [...etcd.managerFlags('/flotilla/cp'), '--etcd-lease-ttl', '2'] : []);
   const ps = (svc: string) => cliJson<TaskJ[]>(['service', 'ps', svc], c.env);
   const running = async (svc: string) => (await ps(svc)).filter((t) => t.desiredState === 'running' && t.state === 'running');
   const nodes = () => cliJson<NodeJ[]>(['node', 'ls'], c.env);
 
   beforeAll(async () => {
-    await c.startManager();
+    await etcd?.start(3);
+    await c.startManager({ extra: storeFlags() });
+    expect((await cliJson<{ store: string }>(['cluster', 'info'], c.env)).store).toMatch(store === 'etcd' ? /^etcd https:\/\/127\.0\.0\.1:\d+,.* \/flotilla\/cp$/ : /^raft$/);
     for (const h of ['n1', 'n2', 'n3']) await c.startAgent(h, { labels: [`zone=${h === 'n3' ? 'b' : 'a'}`] });
     await waitFor('3 ready workers', async () => (await nodes()).filter((n) => n.role === 'worker' && n.status === 'ready').length === 3);
   });
   afterAll(async () => {
-    await c.cleanup();
+    try {
+      await c.cleanup();
+    } finally {
+      await etcd?.stop();
+    }
   });
 
   it('lists nodes with stable fields', async () => {
@@ -158,7 +169,7 @@ describe.skipIf(!builtCli())('control plane (manager + sim agents as processes)'
     const m = c.procs[0]!;
     await c.kill(m, 'SIGKILL');
     c.procs.splice(0, 1);
-    await c.startManager();
+    await c.startManager({ extra: storeFlags() });
     const svcAfter = await cliJson<Array<{ id: string; name: string }>>(['service', 'ls'], c.env);
     expect(svcAfter.map((s) => s.id).sort()).toEqual(svcBefore.map((s) => s.id).sort());
     // agents reconnect and the service is still whole

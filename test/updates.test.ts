@@ -8,6 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, waitFor } from './helpers/procs.js';
+import { EtcdCluster, haveEtcd } from './helpers/etcd.js';
 import { Control, hostTarget } from '../cli/client.js';
 import type { GetServiceResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { HealthState, TaskState, UpdateState, type Service, type Task } from '../gen/flotilla/v1/objects.js';
@@ -116,8 +117,15 @@ function sampler(control: Control, service: string): { stop: () => Promise<Sampl
   };
 }
 
-describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (manager + 4 sim agents)', () => {
+// the core cases run against both stores (our Raft, and three real etcd members with client TLS);
+// the rest against Raft only, to keep the suite's run time in budget
+for (const store of ['raft', 'etcd'] as const)
+describe.skipIf(!builtCli() || (store === 'etcd' && !haveEtcd()))(`rolling updates, rollback, history and drain (manager + 4 sim agents, ${store} store)`, () => {
   const c = new TestCluster('flotilla-upd-');
+  const etcd = store === 'etcd' ? new EtcdCluster() : undefined;
+  const storeFlags = (): string[] => (etcd ? [...etcd.managerFlags('/flotilla/upd'), '--etcd-lease-ttl', '2'] : []);
+  /** a case beyond the core: Raft only */
+  const more = store === 'raft' ? it : it.skip;
   let control: Control;
   const flotilla = (...args: string[]) => cli(args, c.env);
   const inspect = async (svc: string) => (await cliJson<ServiceJ[]>(['service', 'inspect', svc], c.env))[0]!;
@@ -143,7 +151,8 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
   };
 
   beforeAll(async () => {
-    await c.startManager();
+    await etcd?.start(3);
+    await c.startManager({ extra: storeFlags() });
     for (const h of ['n1', 'n2', 'n3', 'n4'])
       await c.startAgent(h, { env: { FLOTILLA_SIM_MISSING_IMAGES: h === 'n4' ? 'missing,flaky' : 'missing' } });
     control = new Control(hostTarget(c.env.FLOTILLA_HOST));
@@ -153,7 +162,11 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     const m = c.procs[0];
     if (m && m.child.exitCode !== null) console.error(`manager exited (${m.child.exitCode}):`, m.err.join('').slice(-5000));
     control?.close();
-    await c.cleanup();
+    try {
+      await c.cleanup();
+    } finally {
+      await etcd?.stop();
+    }
   });
 
   it("service update applies add/remove forms and the update policy; Swarm's defaults", async () => {
@@ -251,7 +264,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect(o.overlap).toBe(true);
   });
 
-  it('parallelism 0 replaces every task at once', async () => {
+  more('parallelism 0 replaces every task at once', async () => {
     await create('all', 6, ['--update-parallelism', '0', '--update-monitor', '300ms', '--health-cmd', 'true', '--health-interval', '300ms']);
     const { r, samples, before } = await during('all', ['service', 'update', '--force', 'all']);
     expect(r.code).toBe(0);
@@ -307,7 +320,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect((await inspect('hb')).updateStatus!.state).toBe('rollback_completed');
   });
 
-  it('the max failure ratio: 1 failed of 4 pauses an update allowing 0.2, not one allowing 0.3; continue ignores failures', async () => {
+  more('the max failure ratio: 1 failed of 4 pauses an update allowing 0.2, not one allowing 0.3; continue ignores failures', async () => {
     // global services (one task per node, no restarts): n4 lacks "flaky" images, so exactly 1 of 4 new tasks is rejected
     const opts = ['--mode', 'global', '--restart-condition', 'none', '--update-parallelism', '0', '--update-monitor', '300ms'];
     const created = await Promise.all(['r20', 'r30', 'rc'].map((name) => flotilla('service', 'create', '--name', name, ...opts, 'busybox:1', 'sleep', '1000')));
@@ -334,7 +347,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect((await flotilla('service', 'rm', 'r20', 'r30', 'rc')).code).toBe(0);
   });
 
-  it('a task failing after the monitor window but before the update completes still fails the update', async () => {
+  more('a task failing after the monitor window but before the update completes still fails the update', async () => {
     await create('late', 4, ['--update-monitor', '300ms', '--update-delay', '400ms']);
     const t0 = Date.now();
     const r = await flotilla('service', 'update', '--env-add', 'FLOTILLA_SIM_EXIT_CODE=3', '--env-add', 'FLOTILLA_SIM_EXIT_AFTER_MS=1200', 'late');
@@ -413,7 +426,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect(capped.map((x) => x.version)).toEqual([2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
   });
 
-  it('a rollback that fails pauses (rollback_paused) and `service rollback` exits 1', async () => {
+  more('a rollback that fails pauses (rollback_paused) and `service rollback` exits 1', async () => {
     await create('rp', 2, ['--update-monitor', '200ms', '--rollback-monitor', '200ms']);
     // v2: a missing image (the update pauses), v3: a good one
     expect((await flotilla('service', 'update', '--image', 'busybox:missing', 'rp')).code).toBe(1);
@@ -424,7 +437,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect((await inspect('rp')).updateStatus!.state).toBe('rollback_paused');
   });
 
-  it('draining a node never leaves a start-first service short of healthy tasks', async () => {
+  more('draining a node never leaves a start-first service short of healthy tasks', async () => {
     await create('dr', 3, ['--update-order', 'start-first', '--update-monitor', '200ms', '--health-cmd', 'true', '--health-interval', '150ms', '--replicas-max-per-node', '1']);
     const { tasks } = await tasksOf('dr');
     const nodes = await cliJson<Array<{ id: string; hostname: string }>>(['node', 'ls'], c.env);
@@ -446,7 +459,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     }
   });
 
-  it('global services: the parallelism holds per node, and a drained node just loses its task', async () => {
+  more('global services: the parallelism holds per node, and a drained node just loses its task', async () => {
     const r0 = await flotilla('service', 'create', '--name', 'g', '--mode', 'global', '--update-monitor', '200ms', '--health-cmd', 'true', '--health-interval', '150ms', 'busybox:1', 'sleep', '1000');
     expect(r0.code, r0.stderr).toBe(0);
     const nodes = (await cliJson<Array<{ id: string; hostname: string; role: string }>>(['node', 'ls'], c.env)).filter((n) => n.role === 'worker');
@@ -481,7 +494,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     expect((await flotilla('service', 'rm', 'g')).code).toBe(0);
   });
 
-  it('a paused update resumes with the next `service update` once the cause is fixed', async () => {
+  more('a paused update resumes with the next `service update` once the cause is fixed', async () => {
     for (const n of ['n3', 'n4']) expect((await flotilla('node', 'update', '--label-add', 'pool=a', n)).code).toBe(0);
     await create('res', 2, ['--constraint', 'node.labels.pool==a', '--replicas-max-per-node', '1', '--restart-delay', '200ms', '--update-monitor', '200ms']);
     // n4 lacks "flaky" images: the update pauses when it reaches the slot on n4
@@ -517,7 +530,7 @@ describe.skipIf(!builtCli())('rolling updates, rollback, history and drain (mana
     await c.kill(m, 'SIGKILL');
     c.procs.splice(0, 1);
     control.close();
-    await c.startManager();
+    await c.startManager({ extra: storeFlags() });
     control = new Control(hostTarget(c.env.FLOTILLA_HOST));
     await waitFor(
       'the update completed',

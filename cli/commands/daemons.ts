@@ -10,6 +10,7 @@ import { DEFAULT_CONTROL_SOCKET } from '../client.js';
 import { action, collect, ExitError, resolveToken } from '../util.js';
 import { parseKeyValue } from '../../common/units.js';
 import { MIN_CERT_EXPIRY_MS } from '../../manager/ca/x509.js';
+import { type EtcdFlags, parseEtcdFlags } from '../../manager/etcd/mode.js';
 
 import { checkPool, DEFAULT_ADDR_POOL, DEFAULT_POOL_MASK_LENGTH } from '../../manager/allocator/ipam.js';
 
@@ -48,6 +49,13 @@ export function register(program: Command): void {
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .option('--default-addr-pool <cidr>', 'a new cluster\'s address pool for overlay network subnets (default 10.0.0.0/8)')
     .option('--default-addr-pool-mask-length <n>', 'prefix length of the subnets taken from the pool (default 24)')
+    .option('--store <kind>', 'the managers\' store, chosen by a cluster\'s first manager: raft (built in) or etcd (docs/store.md)', 'raft')
+    .option('--etcd-endpoints <urls>', 'with --store etcd: comma-separated etcd client URLs (https://h1:2379,...)')
+    .option('--etcd-prefix <path>', 'with --store etcd: the cluster\'s key prefix (default /flotilla/default)')
+    .option('--etcd-cacert <file>', 'with --store etcd: CA bundle that verifies etcd\'s certificate')
+    .option('--etcd-cert <file>', 'with --store etcd: client certificate for etcd')
+    .option('--etcd-key <file>', 'with --store etcd: client key for etcd')
+    .option('--etcd-lease-ttl <seconds>', 'with --store etcd: leader election lease TTL (default 10)')
     .action(
       action(
         async (opts: {
@@ -67,8 +75,10 @@ export function register(program: Command): void {
           defaultAddrPool?: string;
           defaultAddrPoolMaskLength?: string;
           autolock?: boolean;
-                  certExpiry: string;
-        }) => {
+          certExpiry: string;
+        } & EtcdFlags) => {
+          const etcd = parseEtcdFlags(opts);
+          if (etcd && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'not with --store etcd (etcd keeps the state; restart the managers)');
           const certExpiryMs = parseCertExpiry(opts.certExpiry);
           if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 1m');
           let pool: { pool: string; mask: number } | undefined;
@@ -115,6 +125,7 @@ export function register(program: Command): void {
             defaultAddrPool: pool?.pool,
             defaultAddrPoolMaskLength: pool?.mask,
             certExpiryMs,
+            etcd,
             registerNode: !opts.agent,
             autolock: opts.autolock,
             onLocked: () => process.stdout.write(`flotilla manager locked (autolock): run \`flotilla cluster unlock\` (control socket unix://${opts.controlSocket})\n`),
@@ -137,7 +148,7 @@ export function register(program: Command): void {
             agentRun = runAgent({
               dataDir,
               // this manager first, then every other manager (a follower's dispatcher sends agents on)
-              managers: [manager.advertiseAddr(), ...(manager.raft?.members().map((m) => m.addr) ?? []), ...(opts.join ? [opts.join] : [])].filter(
+              managers: [manager.advertiseAddr(), ...((manager.etcd ?? manager.raft)?.members().map((m) => m.addr) ?? []), ...(opts.join ? [opts.join] : [])].filter(
                 (a, i, all) => all.indexOf(a) === i,
               ),
               addr: manager.advertiseAddr(),

@@ -42,6 +42,8 @@ export interface CaBackend {
   nodeRole(nodeId: string): 'manager' | 'worker' | undefined;
   /** told of every certificate issued to a node (join and renewal), e.g. to show its expiry */
   onIssued?(nodeId: string, certPem: string): void;
+  /** etcd store mode: the store key, handed to joining managers only (docs/store.md) */
+  storeKey?(): Uint8Array | undefined;
 }
 
 /** Who may call what on NodeCA. */
@@ -83,7 +85,8 @@ export function nodeCaHandlers(backend: CaBackend, authz: AuthzOptions): NodeCAS
       const nodeId = await backend.admitNode(role, req.addresses);
       const certPem = await ca.issue({ csrPem: req.csrPem, nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
       backend.onIssued?.(nodeId, certPem);
-      return { nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
+      const storeKey = role === 'manager' ? Buffer.from(backend.storeKey?.() ?? []) : Buffer.alloc(0);
+      return { nodeId, role, certPem, trustBundlePem: backend.trustBundle(), storeKey };
     }),
     renewNodeCertificate: unary(async (req: RenewNodeCertificateRequest, call): Promise<IssueNodeCertificateResponse> => {
       const id = callerOf(call)?.identity;
@@ -93,7 +96,7 @@ export function nodeCaHandlers(backend: CaBackend, authz: AuthzOptions): NodeCAS
       const ca = await backend.signingCA();
       const certPem = await ca.issue({ csrPem: req.csrPem, nodeId: id.nodeId, role, addresses: req.addresses, expiryMs: backend.certExpiryMs() });
       backend.onIssued?.(id.nodeId, certPem);
-      return { nodeId: id.nodeId, role, certPem, trustBundlePem: backend.trustBundle() };
+      return { nodeId: id.nodeId, role, certPem, trustBundlePem: backend.trustBundle(), storeKey: Buffer.alloc(0) };
     }),
   };
   return authorize(NodeCAService, handlers, NODE_CA_POLICY, authz);
@@ -110,6 +113,8 @@ function call<Req, Res>(fn: (req: Req, md: grpc.Metadata, opts: grpc.CallOptions
 export interface JoinResult extends TlsMaterial {
   nodeId: string;
   role: Role;
+  /** etcd store mode, a joining manager: the cluster's store key */
+  storeKey?: Uint8Array;
 }
 
 /**
@@ -147,7 +152,7 @@ export async function joinCluster(addr: string, token: string, opts: { addresses
   const client = new NodeCAClient(addr, joinerClientCredentials(root.rootCaPem, clusterId, joiner), TLS_CHANNEL_OPTIONS);
   try {
     const res = await call(client.issueNodeCertificate.bind(client), { token: opts.sendToken ? token : '', csrPem, addresses: opts.addresses ?? [] }, timeoutMs);
-    return checkIssued(res, keyPem, res.trustBundlePem || root.rootCaPem);
+    return { ...checkIssued(res, keyPem, res.trustBundlePem || root.rootCaPem), ...(res.storeKey.length ? { storeKey: res.storeKey } : {}) };
   } finally {
     client.close();
   }

@@ -73,6 +73,8 @@ export interface ControlContext {
   resolveImage?(ref: string, auth: import('../../gen/flotilla/v1/objects.js').RegistryAuth | undefined): Promise<string>;
   /** a follower: serve a logs request by relaying it from the leader */
   relayLogs?(call: grpc.ServerWritableStream<ServiceLogsRequest, LogLine>): void;
+  /** the managers' store, for `cluster info`: "raft" or "etcd <endpoints> <prefix>" */
+  storeKind?(): string;
 }
 
 /** Over TCP (mutual TLS): admin certificates, and managers (their own calls to each other). */
@@ -175,6 +177,7 @@ export class ControlApi {
       tasks: this.store.tasks.size,
       managers: this.ctx.managers?.() ?? [],
       selfNodeId: this.ctx.selfNodeId?.() ?? '',
+      store: this.ctx.storeKind?.() ?? 'raft',
     };
   }
 

@@ -67,6 +67,17 @@ export type StoreEvent = ObjectEvent | CommitEvent;
 export interface Proposer {
   /** Resolves once the batch has been applied to the local store (rejects with the apply error). */
   propose(batch: StoreBatch, signal?: AbortSignal): Promise<void>;
+  /** the largest batch this proposer takes (default MAX_BATCH_BYTES; etcd's request limit is lower) */
+  readonly maxBatchBytes?: number;
+  /** the most changes one batch may hold (default: no limit; etcd caps operations per transaction) */
+  readonly maxBatchActions?: number;
+}
+
+/** One object's new state as a proposer that is not Raft delivers it (etcd's watch): undefined = deleted. */
+export interface ObjectChange {
+  table: Table;
+  id: string;
+  object: StoreObject | undefined;
 }
 
 type Listener = (events: StoreEvent[]) => void;
@@ -169,8 +180,11 @@ export class MemoryStore {
       const actions = tx.actions();
       if (actions.length === 0) return result;
       const size = actions.reduce((n, a) => n + actionSize(a), BATCH_OVERHEAD);
-      if (size > MAX_BATCH_BYTES)
-        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${MAX_BATCH_BYTES} bytes`);
+      const max = proposer.maxBatchBytes ?? MAX_BATCH_BYTES;
+      if (size > max)
+        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${max} bytes`);
+      if (proposer.maxBatchActions !== undefined && actions.length > proposer.maxBatchActions)
+        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${actions.length} changes is over the store's limit of ${proposer.maxBatchActions} changes per transaction`);
       try {
         await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
         return result;
@@ -194,7 +208,7 @@ export class MemoryStore {
       const tx = new Tx(this);
       const result = fn(tx);
       try {
-        for (const actions of splitBatches(tx.groups(), MAX_BATCH_BYTES - BATCH_OVERHEAD)) {
+        for (const actions of splitBatches(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD, proposer.maxBatchActions)) {
           if (signal?.aborted) return result;
           await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
         }
@@ -217,6 +231,65 @@ export class MemoryStore {
    */
   applyBatch(batch: StoreBatch, index: number): void {
     // validate first, so a rejected batch changes nothing
+    this.validateBatch(batch);
+    const events: StoreEvent[] = [];
+    for (const a of batch.actions) {
+      const { table, obj } = unpack(a);
+      const map = this.table(table) as Map<string, StoreObject>;
+      const cur = map.get(obj.id);
+      if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
+        if (!cur) continue;
+        map.delete(obj.id);
+        if (table === 'task') this.unindexTask(cur as Task);
+        events.push({ kind: 'delete', table, object: cur } as ObjectEvent);
+        continue;
+      }
+      const next = { ...obj, meta: nextMeta(obj, cur) } as StoreObject;
+      this.setObject(table, next, cur, events);
+    }
+    this.appliedIndex = index;
+    events.push({ kind: 'commit', index, time: batch.proposedAt });
+    this.publish(events);
+  }
+
+  /**
+   * Applies object states decided elsewhere (etcd: one revision of its watch), without validation:
+   * they are already committed. Publishes one event per change, then a commit marker with index.
+   */
+  applyChanges(changes: ObjectChange[], index: number, time?: number): void {
+    const events: StoreEvent[] = [];
+    for (const c of changes) {
+      const map = this.table(c.table) as Map<string, StoreObject>;
+      const cur = map.get(c.id);
+      if (!c.object) {
+        if (!cur) continue;
+        map.delete(c.id);
+        if (c.table === 'task') this.unindexTask(cur as Task);
+        events.push({ kind: 'delete', table: c.table, object: cur } as ObjectEvent);
+        continue;
+      }
+      this.setObject(c.table, c.object, cur, events);
+    }
+    this.appliedIndex = index;
+    events.push({ kind: 'commit', index, time });
+    this.publish(events);
+  }
+
+  private setObject(table: Table, next: StoreObject, cur: StoreObject | undefined, events: StoreEvent[]): void {
+    (this.table(table) as Map<string, StoreObject>).set(next.id, next);
+    if (table === 'task') {
+      if (cur) this.unindexTask(cur as Task);
+      this.indexTask(next as Task);
+    }
+    events.push((cur ? { kind: 'update', table, object: next, old: cur } : { kind: 'create', table, object: next }) as ObjectEvent);
+  }
+
+  /**
+   * The checks applyBatch makes before it changes anything (versions, existence, unique names,
+   * references), against the current state: throws ABORTED, ALREADY_EXISTS, INVALID_ARGUMENT or
+   * FAILED_PRECONDITION.
+   */
+  validateBatch(batch: StoreBatch): void {
     const names = new Map<string, string>();
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
@@ -253,31 +326,6 @@ export class MemoryStore {
         }
       }
     }
-    const events: StoreEvent[] = [];
-    for (const a of batch.actions) {
-      const { table, obj } = unpack(a);
-      const map = this.table(table) as Map<string, StoreObject>;
-      const cur = map.get(obj.id);
-      if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
-        if (!cur) continue;
-        map.delete(obj.id);
-        if (table === 'task') this.unindexTask(cur as Task);
-        events.push({ kind: 'delete', table, object: cur } as ObjectEvent);
-        continue;
-      }
-      const meta = { ...(obj.meta ?? { version: 0, createdAt: 0, updatedAt: 0 }) };
-      meta.version = (cur?.meta?.version ?? 0) + 1;
-      const next = { ...obj, meta } as StoreObject;
-      map.set(obj.id, next);
-      if (table === 'task') {
-        if (cur) this.unindexTask(cur as Task);
-        this.indexTask(next as Task);
-      }
-      events.push((cur ? { kind: 'update', table, object: next, old: cur } : { kind: 'create', table, object: next }) as ObjectEvent);
-    }
-    this.appliedIndex = index;
-    events.push({ kind: 'commit', index, time: batch.proposedAt });
-    this.publish(events);
   }
 
   /**
@@ -414,7 +462,12 @@ function addTo(m: Map<string, Set<string>>, k: string, v: string): void {
   s.add(v);
 }
 
-function unpack(a: StoreAction): { table: Table; obj: StoreObject } {
+/** The meta an applied create or update gets: the version one past the current object's. */
+export function nextMeta(obj: StoreObject, cur: StoreObject | undefined): NonNullable<StoreObject['meta']> {
+  return { ...(obj.meta ?? { version: 0, createdAt: 0, updatedAt: 0 }), version: (cur?.meta?.version ?? 0) + 1 };
+}
+
+export function unpack(a: StoreAction): { table: Table; obj: StoreObject } {
   if (a.node) return { table: 'node', obj: a.node };
   if (a.service) return { table: 'service', obj: a.service };
   if (a.task) return { table: 'task', obj: a.task };
@@ -445,17 +498,17 @@ function varintSize(n: number): number {
 }
 
 /**
- * Packs groups of actions, in order, into batches of at most maxBytes each (a group never spans two
- * batches; a group larger than maxBytes gets a batch of its own, which the proposer then refuses).
+ * Packs groups of actions, in order, into batches of at most maxBytes and maxActions each (a group
+ * never spans two batches; a group over a limit gets a batch of its own, which the proposer then refuses).
  */
-export function splitBatches(groups: StoreAction[][], maxBytes: number): StoreAction[][] {
+export function splitBatches(groups: StoreAction[][], maxBytes: number, maxActions = Infinity): StoreAction[][] {
   const out: StoreAction[][] = [];
   let cur: StoreAction[] = [];
   let size = 0;
   for (const g of groups) {
     if (g.length === 0) continue;
     const gs = g.reduce((n, a) => n + actionSize(a), 0);
-    if (cur.length > 0 && size + gs > maxBytes) {
+    if (cur.length > 0 && (size + gs > maxBytes || cur.length + g.length > maxActions)) {
       out.push(cur);
       cur = [];
       size = 0;

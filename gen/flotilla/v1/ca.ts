@@ -46,6 +46,11 @@ export interface IssueNodeCertificateResponse {
   role: string;
   certPem: string;
   trustBundlePem: string;
+  /**
+   * etcd store mode: the cluster's store key (seals values before they reach etcd), given to a
+   * joining manager only (issue, not renewal); empty under Raft
+   */
+  storeKey: Buffer;
 }
 
 export interface RenewNodeCertificateRequest {
@@ -259,7 +264,7 @@ export const IssueNodeCertificateRequest: MessageFns<IssueNodeCertificateRequest
 };
 
 function createBaseIssueNodeCertificateResponse(): IssueNodeCertificateResponse {
-  return { nodeId: "", role: "", certPem: "", trustBundlePem: "" };
+  return { nodeId: "", role: "", certPem: "", trustBundlePem: "", storeKey: Buffer.alloc(0) };
 }
 
 export const IssueNodeCertificateResponse: MessageFns<IssueNodeCertificateResponse> = {
@@ -275,6 +280,9 @@ export const IssueNodeCertificateResponse: MessageFns<IssueNodeCertificateRespon
     }
     if (message.trustBundlePem !== "") {
       writer.uint32(34).string(message.trustBundlePem);
+    }
+    if (message.storeKey.length !== 0) {
+      writer.uint32(1122).bytes(message.storeKey);
     }
     return writer;
   },
@@ -324,6 +332,14 @@ export const IssueNodeCertificateResponse: MessageFns<IssueNodeCertificateRespon
             message.trustBundlePem = reader.string();
             continue;
           }
+          case 140: {
+            if (tag !== 1122) {
+              break;
+            }
+
+            message.storeKey = Buffer.from(reader.bytes());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -345,6 +361,7 @@ export const IssueNodeCertificateResponse: MessageFns<IssueNodeCertificateRespon
     message.role = object.role ?? "";
     message.certPem = object.certPem ?? "";
     message.trustBundlePem = object.trustBundlePem ?? "";
+    message.storeKey = object.storeKey ?? Buffer.alloc(0);
     return message;
   },
 };

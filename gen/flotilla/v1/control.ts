@@ -156,6 +156,8 @@ export interface GetClusterResponse {
   managers: ManagerStatus[];
   /** the node of the manager that answered (`node ps` without arguments lists its tasks) */
   selfNodeId: string;
+  /** the managers' store: "raft" or "etcd <endpoints> <prefix>" */
+  store: string;
 }
 
 export interface ListNodesRequest {
@@ -1485,7 +1487,16 @@ export const GetClusterRequest: MessageFns<GetClusterRequest> = {
 };
 
 function createBaseGetClusterResponse(): GetClusterResponse {
-  return { cluster: undefined, leaderAddr: "", nodes: 0, services: 0, tasks: 0, managers: [], selfNodeId: "" };
+  return {
+    cluster: undefined,
+    leaderAddr: "",
+    nodes: 0,
+    services: 0,
+    tasks: 0,
+    managers: [],
+    selfNodeId: "",
+    store: "",
+  };
 }
 
 export const GetClusterResponse: MessageFns<GetClusterResponse> = {
@@ -1510,6 +1521,9 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     }
     if (message.selfNodeId !== "") {
       writer.uint32(962).string(message.selfNodeId);
+    }
+    if (message.store !== "") {
+      writer.uint32(1122).string(message.store);
     }
     return writer;
   },
@@ -1583,6 +1597,14 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
             message.selfNodeId = reader.string();
             continue;
           }
+          case 140: {
+            if (tag !== 1122) {
+              break;
+            }
+
+            message.store = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1609,6 +1631,7 @@ export const GetClusterResponse: MessageFns<GetClusterResponse> = {
     message.tasks = object.tasks ?? 0;
     message.managers = object.managers?.map((e) => ManagerStatus.fromPartial(e)) || [];
     message.selfNodeId = object.selfNodeId ?? "";
+    message.store = object.store ?? "";
     return message;
   },
 };

@@ -1,0 +1,184 @@
+/**
+ * Store write benchmark: transactions/s with 1 and 64 concurrent writers through our store
+ * (MemoryStore.update: read the object, write a modified copy, wait until applied locally)
+ *
+ *   - on etcd (manager/etcd: one etcd transaction per store transaction, compares + puts, then the
+ *     watch brings the revision back into the local store),
+ *   - beside raw etcd3 requests of the same size to the same etcd: a plain put, and the transaction
+ *     a hand-written GuaranteedUpdate sends (compare the mod revision, put) — the target: our store
+ *     adds at most 20% over that raw transaction,
+ *   - and on our Raft (a one-member RaftNode, WAL with fsync, in this process).
+ *
+ *   npm run build && npm run bench:store     (BENCH_SECONDS=4 per phase, BENCH_VALUE_BYTES=1024,
+ *                                            BENCH_ETCD_MEMBERS=1)
+ *
+ * Starts a local etcd (/usr/bin/etcd, client TLS, in a temp dir) and removes everything afterwards.
+ * Bounded in time; never fails on a missed target.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Task } from '../gen/flotilla/v1/objects.js';
+import { StoreBatch, StoreSnapshot } from '../gen/flotilla/v1/objects.js';
+import { createLogger } from '../common/log.js';
+import { MemoryStore } from '../manager/store/store.js';
+import { EtcdBackend } from '../manager/etcd/backend.js';
+import { RaftNode } from '../manager/raft/node.js';
+import { EtcdCluster, haveEtcd } from '../test/helpers/etcd.js';
+import { waitFor } from '../test/helpers/wait.js';
+
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
+const VALUE_BYTES = Number(process.env.BENCH_VALUE_BYTES ?? 1024);
+const MEMBERS = Number(process.env.BENCH_ETCD_MEMBERS ?? 1);
+const log = createLogger('bench-store');
+log.level = 'warn';
+
+interface Result {
+  rate: number;
+  p50: number;
+  p99: number;
+  errors: number;
+}
+
+const quantile = (xs: number[], q: number): number => {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
+};
+
+/** Runs op(writer, i) from `writers` concurrent loops for SECONDS; each op is one acknowledged write. */
+async function phase(writers: number, op: (w: number, i: number) => Promise<void>): Promise<Result> {
+  const lat: number[] = [];
+  let errors = 0;
+  const end = Date.now() + SECONDS * 1000;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: writers }, async (_, w) => {
+      for (let i = 0; Date.now() < end; i++) {
+        const s = performance.now();
+        try {
+          await op(w, i);
+          lat.push(performance.now() - s);
+        } catch {
+          errors++;
+          if (errors > 1000) return;
+        }
+      }
+    }),
+  );
+  return { rate: lat.length / ((performance.now() - t0) / 1000), p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), errors };
+}
+
+const fmt = (r: Result): string => `${Math.round(r.rate).toString().padStart(6)} tx/s  p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms${r.errors ? `  (${r.errors} errors)` : ''}`;
+
+function task(id: string, i: number): Task {
+  return Task.fromPartial({ id, serviceId: 'bench', slot: i, nodeId: '', serviceName: 'x'.repeat(VALUE_BYTES) });
+}
+
+/** the store's transaction: read the object, write a modified copy */
+async function storeWrite(store: MemoryStore, id: string, i: number): Promise<void> {
+  await store.update((tx) => {
+    const t = tx.get('task', id)!;
+    tx.update('task', { ...t, slot: i });
+  });
+}
+
+async function seed(store: MemoryStore, writers: number, tag: string): Promise<void> {
+  await store.updateBatched((tx) => {
+    for (let w = 0; w < writers; w++) tx.create('task', task(`${tag}-${w}`, 0));
+  });
+}
+
+async function main(): Promise<void> {
+  if (!haveEtcd()) {
+    console.log('bench:store needs /usr/bin/etcd (Debian: etcd-server)');
+    return;
+  }
+  const etcd = new EtcdCluster('flotilla-bench-store-');
+  const raftDir = fs.mkdtempSync(path.join(os.tmpdir(), 'flotilla-bench-raft-'));
+  const ac = new AbortController();
+  let backend: EtcdBackend | undefined;
+  let raft: RaftNode | undefined;
+  const raw = await (async () => {
+    await etcd.start(MEMBERS);
+    return etcd.client();
+  })();
+  try {
+    const results: Array<[string, number, Result]> = [];
+    // -- our store on etcd
+    const store = new MemoryStore(log);
+    const key = EtcdBackend.newSealKey();
+    backend = new EtcdBackend(store, { endpoints: etcd.endpoints, prefix: '/bench', ...etcd.tls() }, key, { nodeId: 'bench', addr: '127.0.0.1:1' }, log);
+    await EtcdBackend.claim(backend.client, '/bench', key);
+    store.setProposer(backend);
+    await backend.start();
+    const size = Task.encode(task('x', 0)).finish().length;
+    // -- our Raft, one member
+    const rstore = new MemoryStore(log);
+    raft = await RaftNode.open({
+      dataDir: raftDir,
+      listenAddr: '127.0.0.1:0',
+      signal: ac.signal,
+      log,
+      stateMachine: {
+        apply: (data, index) => rstore.applyBatch(StoreBatch.decode(data), index),
+        snapshot: () => StoreSnapshot.encode(rstore.snapshot()).finish(),
+        restore: (data) => rstore.restore(StoreSnapshot.decode(data), rstore.appliedIndex),
+      },
+    });
+    const r = raft;
+    rstore.setProposer({ propose: (batch, signal) => r.propose(StoreBatch.encode(batch).finish(), signal) });
+    await waitFor('raft leader', () => r.isLeader(), 10_000);
+
+    for (const writers of [1, 64]) {
+      const tag = `w${writers}`;
+      // warm-up, not counted
+      await seed(store, writers, `${tag}-warm`);
+      await phase(writers, (w, i) => storeWrite(store, `${tag}-warm-${w}`, i)).catch(() => undefined);
+
+      await seed(store, writers, tag);
+      results.push(['flotilla store on etcd (store.update: one etcd txn + watch back)', writers, await phase(writers, (w, i) => storeWrite(store, `${tag}-${w}`, i))]);
+
+      // raw etcd3, same size (the sealed value our store writes: object + 28 bytes)
+      const value = Buffer.alloc(size + 28, 1);
+      const revs = new Map<number, string>();
+      for (let w = 0; w < writers; w++) revs.set(w, (await raw.put(`/raw/${tag}/${w}`).value(value).exec()).header.revision);
+      results.push([
+        'raw etcd3 txn (compare mod revision, put; the hand-written GuaranteedUpdate)',
+        writers,
+        await phase(writers, async (w) => {
+          const k = Buffer.from(`/raw/${tag}/${w}`);
+          const res = await raw.kv.txn({ compare: [{ key: k, target: 'Mod', result: 'Equal', mod_revision: revs.get(w)! }], success: [{ request_put: { key: k, value } }] });
+          if (!res.succeeded) throw new Error('conflict');
+          revs.set(w, res.header.revision);
+        }),
+      ]);
+      results.push(['raw etcd3 put', writers, await phase(writers, async (w, i) => void (await raw.put(`/rawput/${tag}/${w}/${i % 16}`).value(value).exec()))]);
+
+      // our Raft
+      await seed(rstore, writers, tag);
+      results.push(['flotilla store on our Raft (one member, fsync)', writers, await phase(writers, (w, i) => storeWrite(rstore, `${tag}-${w}`, i))]);
+    }
+
+    console.log(`\nstore writes: a ${size}-byte task per transaction, ${SECONDS} s per phase, ${os.availableParallelism()} CPUs, load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+    console.log(`etcd: ${MEMBERS} member(s) of /usr/bin/etcd on loopback, client TLS; our Raft: one member in this process\n`);
+    for (const writers of [1, 64]) {
+      console.log(`${writers} writer${writers === 1 ? '' : 's'}:`);
+      for (const [name, w, res] of results) if (w === writers) console.log(`  ${fmt(res)}   ${name}`);
+      const ours = results.find(([n, w]) => w === writers && n.startsWith('flotilla store on etcd'))![2];
+      const rawTxn = results.find(([n, w]) => w === writers && n.startsWith('raw etcd3 txn'))![2];
+      const overhead = (rawTxn.rate / ours.rate - 1) * 100;
+      console.log(`  overhead of our store over the raw etcd transaction: ${overhead.toFixed(1)}% (target at most 20%: ${overhead <= 20 ? 'met' : 'missed'})\n`);
+    }
+  } finally {
+    await backend?.stop().catch(() => undefined);
+    ac.abort();
+    await raft?.stop().catch(() => undefined);
+    raw.close();
+    await etcd.stop();
+    fs.rmSync(raftDir, { recursive: true, force: true });
+  }
+}
+
+await main();
+process.exit(0);

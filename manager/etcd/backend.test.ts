@@ -1,0 +1,185 @@
+/**
+ * The etcd proposer against a real etcd (three members on loopback, client TLS): transactions,
+ * watch events and commit markers, conflicts, unique names, the request limit, relist after
+ * compaction, sealed values, and fencing of a deposed leader's writes.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NodeAvailability, NodeRole, NodeState, Service, Task } from '../../gen/flotilla/v1/objects.js';
+import { createLogger } from '../../common/log.js';
+import { FlotillaError } from '../../common/errors.js';
+import { EtcdCluster, haveEtcd } from '../../test/helpers/etcd.js';
+import { waitFor } from '../../test/helpers/wait.js';
+import { MemoryStore, type StoreEvent } from '../store/store.js';
+import { EtcdBackend } from './backend.js';
+
+const log = createLogger('etcd-test');
+
+function svc(id: string, name: string, labels: Record<string, string> = {}): Service {
+  return Service.fromPartial({ id, spec: { name, labels } });
+}
+
+describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client TLS)', () => {
+  const etcd = new EtcdCluster();
+  const backends: EtcdBackend[] = [];
+  const key = EtcdBackend.newSealKey();
+  let n = 0;
+
+  async function open(prefix: string, ttl = 2): Promise<{ store: MemoryStore; be: EtcdBackend; events: StoreEvent[][] }> {
+    const store = new MemoryStore(log);
+    const events: StoreEvent[][] = [];
+    store.subscribe((e) => events.push(e));
+    const be = new EtcdBackend(store, { endpoints: etcd.endpoints, prefix, ...etcd.tls(), leaseTtlS: ttl }, key, { nodeId: `m${n++}`, addr: `127.0.0.1:${1000 + n}` }, log);
+    backends.push(be);
+    store.setProposer(be);
+    if (!(await EtcdBackend.inspect(be.client, prefix, key))) await EtcdBackend.claim(be.client, prefix, key);
+    await be.start();
+    return { store, be, events };
+  }
+
+  beforeAll(async () => {
+    await etcd.start(3);
+  }, 60_000);
+  afterAll(async () => {
+    await Promise.allSettled(backends.map((b) => b.stop()));
+    await etcd.stop();
+  });
+
+  it('a write reaches every store as one event per object, then one commit marker per etcd revision', async () => {
+    const a = await open('/t/events');
+    const b = await open('/t/events');
+    await a.store.update((tx) => {
+      tx.create('service', svc('s1', 'web'));
+      tx.create('service', svc('s2', 'db'));
+    });
+    expect(a.store.getService('s1')?.meta?.version).toBe(1);
+    await waitFor('b sees both', () => b.store.services.size === 2);
+    const last = b.events.filter((e) => e.some((x) => x.kind !== 'commit')).at(-1)!;
+    expect(last.map((e) => e.kind)).toEqual(['create', 'create', 'commit']);
+    const commit = last.at(-1) as { index: number };
+    expect(commit.index).toBe(b.store.appliedIndex);
+    // an update through b, seen by a with its old object
+    await b.store.update((tx) => tx.update('service', { ...tx.get('service', 's1')!, spec: { ...tx.get('service', 's1')!.spec!, labels: { x: 'y' } } }));
+    await waitFor('a sees the update', () => a.store.getService('s1')?.spec?.labels.x === 'y');
+    const up = a.events.at(-1)!;
+    expect(up[0]).toMatchObject({ kind: 'update', table: 'service' });
+    expect(a.store.getService('s1')?.meta?.version).toBe(2);
+  });
+
+  it('values in etcd are sealed: no name or label in clear', async () => {
+    const a = await open('/t/sealed');
+    await a.store.update((tx) => tx.create('service', svc('s9', 'very-secret-name')));
+    const c = await etcd.client();
+    try {
+      const all = await c.getAll().prefix('/t/sealed/store/').buffers();
+      expect(Object.keys(all)).toEqual(['/t/sealed/store/service/s9']);
+      for (const v of Object.values(all)) expect(v.toString('latin1')).not.toContain('very-secret-name');
+    } finally {
+      c.close();
+    }
+  });
+
+  it('a stale version is ABORTED by etcd; update() re-runs on fresh state; names stay unique across managers', async () => {
+    const a = await open('/t/conflict');
+    const b = await open('/t/conflict');
+    await a.store.update((tx) => tx.create('service', svc('c1', 'one')));
+    await waitFor('b has c1', () => b.store.getService('c1'));
+    // a raw proposal with the version b read, after a changed it: refused by the etcd compare
+    const stale = b.store.getService('c1')!;
+    await a.store.update((tx) => tx.update('service', { ...tx.get('service', 'c1')!, spec: { ...stale.spec!, labels: { by: 'a' } } }));
+    const err = await b.be
+      .propose({ proposalId: 'x', actions: [{ kind: 2, service: { ...stale, spec: { ...stale.spec!, labels: { by: 'b' } } } } as never], proposedAt: 0 })
+      .catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(FlotillaError);
+    expect((err as FlotillaError).code).toBe('ABORTED');
+    // 20 concurrent increments from two managers: none lost
+    await Promise.all(
+      Array.from({ length: 20 }, (_, i) =>
+        (i % 2 ? a : b).store.update((tx) => {
+          const s = tx.get('service', 'c1')!;
+          tx.update('service', { ...s, spec: { ...s.spec!, labels: { n: String(Number(s.spec!.labels.n ?? 0) + 1) } } });
+        }),
+      ),
+    );
+    await waitFor('both at 20', () => a.store.getService('c1')?.spec?.labels.n === '20' && b.store.getService('c1')?.spec?.labels.n === '20');
+    // the same name created on both at once: exactly one wins
+    const r = await Promise.allSettled([a.store.update((tx) => tx.create('service', svc('d1', 'dup'))), b.store.update((tx) => tx.create('service', svc('d2', 'dup')))]);
+    expect(r.filter((x) => x.status === 'fulfilled')).toHaveLength(1);
+    const rej = r.find((x) => x.status === 'rejected') as PromiseRejectedResult;
+    expect((rej.reason as FlotillaError).code).toBe('ALREADY_EXISTS');
+  });
+
+  it("refuses an object over etcd's request limit with a clear message", async () => {
+    const a = await open('/t/big');
+    const big = svc('b1', 'big', { x: 'y'.repeat(1_600_000) });
+    const err = await a.store.update((tx) => tx.create('service', big)).catch((e: unknown) => e);
+    expect((err as FlotillaError).code).toBe('RESOURCE_EXHAUSTED');
+    expect((err as Error).message).toMatch(/over the limit/);
+    expect(a.store.getService('b1')).toBeUndefined();
+  });
+
+  it("many changes: updateBatched splits under etcd's per-transaction operation cap; one update() over it is refused", async () => {
+    const a = await open('/t/many');
+    const b = await open('/t/many');
+    await a.store.updateBatched((tx) => {
+      for (let i = 0; i < 300; i++) tx.create('task', Task.fromPartial({ id: `t${i}`, serviceId: 's', slot: i + 1 }));
+    });
+    expect(a.store.tasks.size).toBe(300);
+    await waitFor('b has all 300', () => b.store.tasks.size === 300);
+    const err = await a.store
+      .update((tx) => {
+        for (let i = 0; i < 300; i++) tx.create('task', Task.fromPartial({ id: `u${i}`, serviceId: 's', slot: i + 1 }));
+      })
+      .catch((e: unknown) => e);
+    expect((err as FlotillaError).code).toBe('RESOURCE_EXHAUSTED');
+    expect(a.store.tasks.size).toBe(300);
+  });
+
+  it('relists cleanly when its watch revision was compacted while it was away', async () => {
+    const a = await open('/t/compact');
+    await a.store.update((tx) => tx.create('node', { id: 'n1', meta: undefined, spec: { labels: {}, desiredRole: NodeRole.NODE_ROLE_WORKER, availability: NodeAvailability.NODE_AVAILABILITY_ACTIVE }, description: undefined, status: { state: NodeState.NODE_STATE_READY, message: '', addr: '', lastHeartbeat: 0 }, managerStatus: undefined, role: NodeRole.NODE_ROLE_WORKER, certificateExpiryMs: 0, certificateIssuer: '' }));
+    const b = await open('/t/compact');
+    await waitFor('b has n1', () => b.store.getNode('n1'));
+    // b goes away (its watch stops), a writes, etcd compacts past b's revision, b comes back
+    const paused = b.be as unknown as { watcher: { cancel(): Promise<void> } | undefined };
+    const w = paused.watcher!;
+    paused.watcher = undefined;
+    await w.cancel();
+    const from = b.store.appliedIndex;
+    await a.store.update((tx) => tx.delete('node', 'n1'));
+    await a.store.update((tx) => tx.create('service', svc('after', 'after')));
+    const c = await etcd.client();
+    try {
+      const rev = (await c.get('/t/compact/rev').exec()).header.revision;
+      await c.kv.compact({ revision: rev, physical: true });
+    } finally {
+      c.close();
+    }
+    // b watches from its old revision again: etcd says compacted, b relists
+    await (b.be as unknown as { watchFrom(r: number): Promise<void> }).watchFrom(from + 1);
+    await waitFor('b relisted', () => b.store.getService('after') && !b.store.getNode('n1'));
+    const evs = b.events.flat();
+    expect(evs.some((e) => e.kind === 'delete' && e.table === 'node')).toBe(true);
+  });
+
+  it("fencing: a deposed leader's late write fails, and it steps down", async () => {
+    const a = await open('/t/fence');
+    await waitFor('a leads', () => a.be.isLeader(), 10_000);
+    await a.store.update((tx) => tx.create('service', svc('f1', 'f')));
+    const transitions: boolean[] = [];
+    a.be.onLeadershipChange((l) => transitions.push(l));
+    // a write from the leader loops' context, made after its election key is gone
+    const c = await etcd.client();
+    const late = a.be.fenced(async () => {
+      await c.delete().prefix('/t/fence/election/').exec();
+      const s = a.store.getService('f1')!;
+      return a.store.update((tx) => tx.update('service', { ...s, spec: { ...s.spec!, labels: { late: '1' } } }));
+    });
+    const err = await late.catch((e: unknown) => e);
+    c.close();
+    expect((err as FlotillaError).code).toBe('FAILED_PRECONDITION');
+    expect(a.store.getService('f1')?.spec?.labels.late).toBeUndefined();
+    expect(transitions[0]).toBe(false);
+    // it campaigns again and leads again
+    await waitFor('a leads again', () => a.be.isLeader(), 10_000);
+  });
+});

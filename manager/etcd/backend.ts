@@ -1,0 +1,625 @@
+/**
+ * The store on an etcd cluster (docs/store.md, "etcd mode"): the proposer behind the store seam
+ * when a manager runs with `--store etcd`.
+ *
+ * - Writes: each proposed StoreBatch becomes ONE etcd transaction that compares the mod revision of
+ *   every object it updates or deletes with the revision this manager's store holds for it (created
+ *   keys must be absent), and writes all it changes (Kubernetes' GuaranteedUpdate pattern). A failed
+ *   compare waits until the local store has caught up with etcd and answers ABORTED: the store
+ *   re-runs the transaction on fresh state, as under Raft.
+ * - Reads: every manager keeps its MemoryStore by a list of the prefix then a watch from that
+ *   revision; each etcd revision becomes one applyChanges() call (one event per object, then a
+ *   commit marker whose index is the revision). A compacted revision (or a lost watch) relists.
+ * - Leadership: an etcd election (etcd3's Campaign) on a lease. Writes made inside fenced() (the
+ *   leader-only loops) carry a compare on the create revision of this manager's election key, so a
+ *   deposed leader's late write fails.
+ * - Values are sealed (AES-256-GCM, manager/keys) with the cluster's store key before they reach
+ *   etcd; the key (path) is the additional authenticated data.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { createHmac, randomBytes } from 'node:crypto';
+import { Etcd3, type Campaign, type IOptions, type Lease, type Watcher } from 'etcd3';
+import type { ICompare, IKeyValue, IRequestOp, ITxnResponse, IWatchResponse } from 'etcd3/lib/rpc.js';
+import { Cluster, Config, Network, Node, Secret, Service, StoreActionKind, type StoreBatch, Task } from '../../gen/flotilla/v1/objects.js';
+import { FlotillaError, errorMessage } from '../../common/errors.js';
+import type { Logger } from '../../common/log.js';
+import { sleep } from '../../common/sleep.js';
+import { seal, unseal } from '../keys/keys.js';
+import { type MemoryStore, type ObjectChange, type Proposer, type StoreObject, type Table, nextMeta, unpack } from '../store/store.js';
+
+/** etcd's default request limit (--max-request-bytes, 1.5 MiB) */
+export const ETCD_MAX_REQUEST_BYTES = 1.5 * 1024 * 1024;
+/** the largest batch the store hands this proposer: room under the request limit for keys, seals and compares */
+export const ETCD_MAX_BATCH_BYTES = ETCD_MAX_REQUEST_BYTES - 128 * 1024;
+/** etcd's default cap on the operations of one transaction's branch (--max-txn-ops) */
+export const ETCD_MAX_TXN_OPS = 128;
+/** the most changes the store packs into one batch: each is a compare and a put, plus room for names and the revision marker */
+export const ETCD_MAX_BATCH_ACTIONS = 60;
+export const DEFAULT_LEASE_TTL_S = 10;
+export const STORE_KIND_VALUE = 'flotilla-store-etcd-v1';
+
+export interface EtcdStoreOptions {
+  endpoints: string[];
+  /** key prefix of this cluster, without a trailing slash (default /flotilla/default) */
+  prefix: string;
+  /** PEM contents (not paths) of the CA bundle, client certificate and key */
+  ca?: Buffer;
+  cert?: Buffer;
+  key?: Buffer;
+  /** election lease TTL, seconds (default 10) */
+  leaseTtlS?: number;
+}
+
+/** What a manager needs of its consensus layer (RaftNode has the same shape). */
+export interface MemberInfo {
+  raftId: number;
+  addr: string;
+  reachable: boolean;
+  leader: boolean;
+  learner: boolean;
+}
+
+const CODECS: { [K in Table]: { encode(o: never): { finish(): Uint8Array }; decode(b: Uint8Array): StoreObject } } = {
+  node: Node as never,
+  service: Service as never,
+  task: Task as never,
+  cluster: Cluster as never,
+  network: Network as never,
+  secret: Secret as never,
+  config: Config as never,
+};
+const TABLES = Object.keys(CODECS) as Table[];
+
+interface Fence {
+  key: Buffer;
+  createRevision: string;
+}
+
+export function etcdClient(opts: EtcdStoreOptions): Etcd3 {
+  const o: IOptions = { hosts: opts.endpoints, dialTimeout: 5000 };
+  if (opts.ca || opts.cert || opts.key) {
+    if (!opts.ca) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --etcd-cacert "": required with --etcd-cert/--etcd-key');
+    o.credentials = { rootCertificate: opts.ca, ...(opts.cert && opts.key ? { certChain: opts.cert, privateKey: opts.key } : {}) };
+  }
+  return new Etcd3(o);
+}
+
+export class EtcdBackend implements Proposer {
+  readonly maxBatchBytes = ETCD_MAX_BATCH_BYTES;
+  readonly maxBatchActions = ETCD_MAX_BATCH_ACTIONS;
+  readonly client: Etcd3;
+  private readonly p: string;
+  /** mod revision of each store key this manager's store holds */
+  private readonly revs = new Map<string, string>();
+  /** election keys (key -> create revision, value) and registered managers (node id -> addr) */
+  private readonly candidates = new Map<string, { createRevision: number; value: string }>();
+  private readonly managerAddrs = new Map<string, string>();
+  /** the etcd revision the local store has reached */
+  private applied = 0;
+  /** this manager's own committed writes by revision, not yet seen on the watch: their objects need no decoding */
+  private readonly ownWrites = new Map<number, Map<string, StoreObject | undefined>>();
+  private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
+  private watcher: Watcher | undefined;
+  private relisting: Promise<void> | undefined;
+  private stopped = false;
+  private readonly fenceCtx = new AsyncLocalStorage<Fence>();
+  private campaign: Campaign | undefined;
+  private fence: Fence | undefined;
+  private leader = false;
+  private leaderCbs = new Set<(leader: boolean) => void>();
+  private regLease: Lease | undefined;
+  private leaseTimer: NodeJS.Timeout | undefined;
+  private readonly ttl: number;
+
+  constructor(
+    private readonly store: MemoryStore,
+    private readonly opts: EtcdStoreOptions,
+    private readonly sealKey: Buffer,
+    private readonly self: { nodeId: string; addr: string },
+    private readonly log: Logger,
+  ) {
+    this.client = etcdClient(opts);
+    this.p = opts.prefix.replace(/\/+$/, '');
+    this.ttl = opts.leaseTtlS ?? DEFAULT_LEASE_TTL_S;
+  }
+
+  // ---- key layout
+
+  private storeKey(table: Table, id: string): string {
+    return `${this.p}/store/${table}/${id}`;
+  }
+  /** names are keyed by an HMAC under the store key: etcd sees no service, secret or config name */
+  private nameKey(table: Table, name: string): string {
+    return `${this.p}/names/${table}/${createHmac('sha256', this.sealKey).update(`${table}/${name}`).digest('hex')}`;
+  }
+  private get revKey(): string {
+    return `${this.p}/rev`;
+  }
+  private get electionPrefix(): string {
+    return `${this.p}/election/leader/`;
+  }
+  private get managersPrefix(): string {
+    return `${this.p}/managers/`;
+  }
+
+  // ---- the store kind of a prefix, and the store key check
+
+  /**
+   * Reads <prefix>/meta/kind and <prefix>/meta/keycheck: undefined when the prefix is empty (a new
+   * cluster), else whether sealKey opens the prefix's values.
+   */
+  static async inspect(client: Etcd3, prefix: string, sealKey: Buffer | undefined): Promise<{ kind: string; keyOk: boolean } | undefined> {
+    const p = prefix.replace(/\/+$/, '');
+    const kind = await client.get(`${p}/meta/kind`).string();
+    if (kind === null) return undefined;
+    const check = await client.get(`${p}/meta/keycheck`).buffer();
+    let keyOk = false;
+    if (check && sealKey) {
+      try {
+        keyOk = unseal(sealKey, check, Buffer.from(`${p}/meta/keycheck`)).toString() === STORE_KIND_VALUE;
+      } catch {
+        keyOk = false;
+      }
+    }
+    return { kind, keyOk };
+  }
+
+  /** Claims an empty prefix for a new cluster (fails if another manager claimed it first). */
+  static async claim(client: Etcd3, prefix: string, sealKey: Buffer): Promise<boolean> {
+    const p = prefix.replace(/\/+$/, '');
+    const res = await client
+      .if(`${p}/meta/kind`, 'Create', '==', 0)
+      .then(client.put(`${p}/meta/kind`).value(STORE_KIND_VALUE), client.put(`${p}/meta/keycheck`).value(seal(sealKey, Buffer.from(STORE_KIND_VALUE), Buffer.from(`${p}/meta/keycheck`))))
+      .commit();
+    return res.succeeded;
+  }
+
+  static newSealKey(): Buffer {
+    return randomBytes(32);
+  }
+
+  // ---- list then watch
+
+  /** Lists the prefix into the store and starts the watch; resolves once the store holds the listed state. */
+  async start(): Promise<void> {
+    await this.relist();
+    await this.register();
+  }
+
+  private decode(table: Table, kv: IKeyValue): StoreObject {
+    const plain = unseal(this.sealKey, kv.value, kv.key);
+    return CODECS[table].decode(plain);
+  }
+
+  private parseStoreKey(key: string): { table: Table; id: string } | undefined {
+    const rest = key.startsWith(`${this.p}/store/`) ? key.slice(this.p.length + 7) : undefined;
+    if (rest === undefined) return undefined;
+    const i = rest.indexOf('/');
+    const table = rest.slice(0, i) as Table;
+    if (!TABLES.includes(table)) return undefined;
+    return { table, id: rest.slice(i + 1) };
+  }
+
+  /** A full list of the prefix: the store becomes exactly what etcd holds (events for the difference). */
+  private relist(): Promise<void> {
+    if (!this.relisting) {
+      this.relisting = this.doRelist().finally(() => (this.relisting = undefined));
+    }
+    return this.relisting;
+  }
+
+  private async doRelist(): Promise<void> {
+    for (let attempt = 0; !this.stopped; attempt++) {
+      try {
+        if (this.watcher) {
+          const w = this.watcher;
+          this.watcher = undefined;
+          w.removeAllListeners();
+          w.on('error', () => {});
+          await w.cancel().catch(() => {});
+        }
+        const res = await this.client.getAll().prefix(`${this.p}/`).exec();
+        const rev = Number(res.header.revision);
+        const seen = new Set<string>();
+        const changes: ObjectChange[] = [];
+        this.candidates.clear();
+        this.managerAddrs.clear();
+        for (const kv of res.kvs) {
+          const key = kv.key.toString();
+          const sk = this.parseStoreKey(key);
+          if (sk) {
+            seen.add(key);
+            if (this.revs.get(key) !== kv.mod_revision) changes.push({ ...sk, object: this.decode(sk.table, kv) });
+            this.revs.set(key, kv.mod_revision);
+          } else this.noteOther(key, kv, false);
+        }
+        for (const key of [...this.revs.keys()]) {
+          if (seen.has(key)) continue;
+          const sk = this.parseStoreKey(key);
+          this.revs.delete(key);
+          if (sk) changes.push({ ...sk, object: undefined });
+        }
+        this.store.applyChanges(changes, rev);
+        this.advance(rev);
+        this.log.info({ revision: rev, objects: seen.size, changed: changes.length }, 'etcd: listed the store');
+        await this.watchFrom(rev + 1);
+        this.checkLeaderKey();
+        return;
+      } catch (err) {
+        if (this.stopped) return;
+        if (attempt % 10 === 0) this.log.warn({ err: errorMessage(err) }, 'etcd: listing the store failed; retrying');
+        await sleep(Math.min(1000, 100 * (attempt + 1)));
+      }
+    }
+  }
+
+  private async watchFrom(rev: number): Promise<void> {
+    const w = this.client.watch().prefix(`${this.p}/`).startRevision(String(rev)).watcher();
+    this.watcher = w;
+    w.on('data', (res: IWatchResponse) => {
+      if (this.watcher === w) this.onWatch(res);
+    });
+    await new Promise<void>((resolve, reject) => {
+      w.once('connected', () => resolve());
+      w.on('error', (err) => {
+        reject(err);
+        if (this.stopped || this.watcher !== w) return;
+        // a compacted revision cancels the watch: relist from the current state
+        this.log.warn({ err: errorMessage(err) }, 'etcd: the watch ended (compacted?): relisting');
+        this.watcher = undefined;
+        void this.relist();
+      });
+    });
+    if (this.stopped) await w.cancel().catch(() => {});
+  }
+
+  private onWatch(res: IWatchResponse): void {
+    if (res.canceled || Number(res.compact_revision) > 0) {
+      if (this.stopped) return;
+      this.log.warn({ compactRevision: res.compact_revision }, 'etcd: the watch revision was compacted: relisting');
+      void this.relist();
+      return;
+    }
+    // one applyChanges per revision: one event per object, then the commit marker
+    let rev = 0;
+    let changes: ObjectChange[] = [];
+    let storeTouched = false;
+    let time: number | undefined;
+    const flush = (): void => {
+      if (rev === 0) return;
+      if (rev > this.applied) {
+        if (storeTouched) this.store.applyChanges(changes, rev, time);
+        this.advance(rev);
+      }
+      changes = [];
+      storeTouched = false;
+      time = undefined;
+    };
+    for (const ev of res.events) {
+      const r = Number(ev.kv.mod_revision);
+      if (r !== rev) {
+        flush();
+        rev = r;
+      }
+      if (r <= this.applied) continue;
+      const key = ev.kv.key.toString();
+      const sk = this.parseStoreKey(key);
+      if (sk) {
+        storeTouched = true;
+        if (ev.type === 'Delete') {
+          this.revs.delete(key);
+          changes.push({ ...sk, object: undefined });
+        } else {
+          this.revs.set(key, ev.kv.mod_revision);
+          const own = this.ownWrites.get(r)?.get(key);
+          if (own) {
+            changes.push({ ...sk, object: own });
+            continue;
+          }
+          try {
+            changes.push({ ...sk, object: this.decode(sk.table, ev.kv) });
+          } catch (err) {
+            this.log.error({ key, err: errorMessage(err) }, 'etcd: a value does not open with the store key: ignored');
+          }
+        }
+      } else {
+        if (key === this.revKey) {
+          storeTouched = true;
+          time = Number(ev.kv.value.toString()) || undefined;
+        }
+        this.noteOther(key, ev.kv, ev.type === 'Delete');
+      }
+    }
+    flush();
+    this.checkLeaderKey();
+  }
+
+  /** Election candidates and registered managers, from the list or the watch. */
+  private noteOther(key: string, kv: IKeyValue, deleted: boolean): void {
+    if (key.startsWith(this.electionPrefix)) {
+      if (deleted) this.candidates.delete(key);
+      else this.candidates.set(key, { createRevision: Number(kv.create_revision), value: kv.value.toString() });
+    } else if (key.startsWith(this.managersPrefix)) {
+      const id = key.slice(this.managersPrefix.length);
+      if (deleted) this.managerAddrs.delete(id);
+      else this.managerAddrs.set(id, kv.value.toString());
+    }
+  }
+
+  private advance(rev: number): void {
+    if (rev > this.applied) this.applied = rev;
+    for (const r of this.ownWrites.keys()) if (r <= this.applied) this.ownWrites.delete(r);
+    const ready = this.appliedWaiters.filter((w) => w.rev <= this.applied);
+    this.appliedWaiters = this.appliedWaiters.filter((w) => w.rev > this.applied);
+    for (const w of ready) w.resolve();
+  }
+
+  /** Resolves once the local store has applied etcd revision rev (or rejects at the deadline). */
+  async waitApplied(rev: number, signal?: AbortSignal, timeoutMs = 30_000): Promise<void> {
+    if (this.applied >= rev) return;
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort = (): void => {};
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.appliedWaiters.push({ rev, resolve });
+        timer = setTimeout(() => reject(new FlotillaError('UNAVAILABLE', `etcd: the store did not reach revision ${rev} within ${timeoutMs / 1000} s (watch behind)`)), timeoutMs);
+        onAbort = () => reject(new FlotillaError('UNAVAILABLE', 'cancelled'));
+        signal?.addEventListener('abort', onAbort, { once: true });
+      });
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** The read barrier (Raft's ReadIndex): the local store has applied every store write committed before the call. */
+  async readIndex(signal?: AbortSignal): Promise<void> {
+    let res;
+    try {
+      res = await this.client.get(this.revKey).exec();
+    } catch (err) {
+      throw new FlotillaError('UNAVAILABLE', `etcd unreachable: ${errorMessage(err)}`, { cause: err });
+    }
+    const kv = res.kvs[0];
+    await this.waitApplied(kv ? Number(kv.mod_revision) : 0, signal);
+  }
+
+  // ---- writes
+
+  /** Runs fn with this manager's leadership as the fence of the store writes it makes. */
+  fenced<T>(fn: () => T): T {
+    const f = this.fence;
+    if (!f) return fn();
+    return this.fenceCtx.run(f, fn);
+  }
+
+  async propose(batch: StoreBatch, signal?: AbortSignal): Promise<void> {
+    if (this.stopped) throw new FlotillaError('UNAVAILABLE', 'the manager is stopping');
+    // the same checks as under Raft, against this manager's store
+    this.store.validateBatch(batch);
+    const compare: ICompare[] = [];
+    const success: IRequestOp[] = [];
+    let bytes = 0;
+    const fence = this.fenceCtx.getStore();
+    if (fence) compare.push({ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision });
+    const touchedNames = new Set<string>();
+    const written = new Map<string, StoreObject | undefined>();
+    for (const a of batch.actions) {
+      const { table, obj } = unpack(a);
+      const key = this.storeKey(table, obj.id);
+      const kb = Buffer.from(key);
+      const cur = this.store.table(table).get(obj.id) as StoreObject | undefined;
+      const name = table === 'service' || table === 'secret' || table === 'config' ? ((obj as Service | Secret | Config).spec?.name ?? '') : undefined;
+      if (a.kind === StoreActionKind.STORE_ACTION_KIND_CREATE) {
+        compare.push({ key: kb, target: 'Create', result: 'Equal', create_revision: 0 });
+      } else {
+        const rev = this.revs.get(key);
+        if (!rev) throw new FlotillaError('ABORTED', `${table} ${obj.id} no longer exists`);
+        compare.push({ key: kb, target: 'Mod', result: 'Equal', mod_revision: rev });
+      }
+      if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
+        written.set(key, undefined);
+        success.push({ request_delete_range: { key: kb } });
+        const old = cur as Service | Secret | Config | undefined;
+        if (name !== undefined && old?.spec?.name !== undefined) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, old.spec.name)) } });
+        if (table === 'secret' || table === 'config') {
+          // no service may have started to use it since this manager's store last saw the services
+          const from = Buffer.from(`${this.p}/store/service/`);
+          compare.push({ key: from, range_end: rangeEnd(from), target: 'Mod', result: 'Less', mod_revision: this.applied + 1 });
+        }
+        continue;
+      }
+      const next = { ...obj, meta: nextMeta(obj, cur) } as StoreObject;
+      written.set(key, next);
+      const plain = (CODECS[table] as { encode(o: StoreObject): { finish(): Uint8Array } }).encode(next).finish();
+      const value = seal(this.sealKey, plain, kb);
+      bytes += value.length + kb.length + 32;
+      success.push({ request_put: { key: kb, value } });
+      // unique names: a name key per service, secret and config
+      const oldName = (cur as Service | Secret | Config | undefined)?.spec?.name;
+      if (name !== undefined && name !== oldName && !touchedNames.has(name)) {
+        touchedNames.add(name);
+        const nk = Buffer.from(this.nameKey(table, name));
+        compare.push({ key: nk, target: 'Create', result: 'Equal', create_revision: 0 });
+        success.push({ request_put: { key: nk, value: Buffer.from(obj.id) } });
+        if (oldName !== undefined && cur) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, oldName)) } });
+      }
+      // references a service adds must still exist
+      if (table === 'service') {
+        const before = cur as Service | undefined;
+        const had = new Set([...(before?.spec?.task?.container?.secrets ?? []).map((r) => `secret/${r.secretId}`), ...(before?.spec?.task?.container?.configs ?? []).map((r) => `config/${r.configId}`)]);
+        const c = (obj as Service).spec?.task?.container;
+        const refs = [...(c?.secrets ?? []).map((r) => ['secret', r.secretId] as const), ...(c?.configs ?? []).map((r) => ['config', r.configId] as const)];
+        for (const [t, id] of refs) {
+          if (had.has(`${t}/${id}`)) continue;
+          if (batch.actions.some((x) => x.kind === StoreActionKind.STORE_ACTION_KIND_CREATE && x[t]?.id === id)) continue;
+          compare.push({ key: Buffer.from(this.storeKey(t, id)), target: 'Version', result: 'Greater', version: 0 });
+        }
+      }
+    }
+    if (bytes > ETCD_MAX_REQUEST_BYTES - 64 * 1024) {
+      throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${bytes} bytes is over etcd's request limit of ${ETCD_MAX_REQUEST_BYTES} bytes (--max-request-bytes): make the object smaller`);
+    }
+    // the marker carries the proposal time: every manager times this revision's events the same way
+    success.push({ request_put: { key: Buffer.from(this.revKey), value: Buffer.from(String(batch.proposedAt || Date.now())) } });
+    if (compare.length > ETCD_MAX_TXN_OPS || success.length > ETCD_MAX_TXN_OPS) {
+      throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${batch.actions.length} changes needs ${Math.max(compare.length, success.length)} etcd operations, over etcd's limit of ${ETCD_MAX_TXN_OPS} per transaction (--max-txn-ops)`);
+    }
+    let res: ITxnResponse;
+    try {
+      res = await this.client.kv.txn({ compare, success, failure: fence ? [{ request_range: { key: fence.key } }] : [] });
+    } catch (err) {
+      throw new FlotillaError('UNAVAILABLE', `etcd: ${errorMessage(err)}`, { cause: err });
+    }
+    const rev = Number(res.header.revision);
+    if (!res.succeeded) {
+      if (fence) {
+        const kv = res.responses[0]?.response_range?.kvs[0];
+        if (!kv || kv.create_revision !== fence.createRevision) {
+          if (this.fence === fence) this.lostLeadership('a fenced write found another leader');
+          throw new FlotillaError('FAILED_PRECONDITION', 'this manager is no longer the leader (its election key is gone): write refused');
+        }
+      }
+      // someone else wrote first: catch up, then the store re-runs the transaction on fresh state
+      await this.waitApplied(rev, signal).catch(() => {});
+      throw new FlotillaError('ABORTED', 'update out of sequence (etcd compare failed)');
+    }
+    // the watch brings this revision back: it takes the objects from here instead of decoding them
+    if (rev > this.applied) this.ownWrites.set(rev, written);
+    await this.waitApplied(rev, signal);
+  }
+
+  // ---- members and leadership
+
+  /** Registers this manager under <prefix>/managers/<node id> on a lease, and campaigns. */
+  private async register(): Promise<void> {
+    const lease = this.client.lease(this.ttl);
+    this.regLease = lease;
+    lease.on('lost', (err) => {
+      if (this.stopped) return;
+      this.log.warn({ err: errorMessage(err) }, 'etcd: the registration lease was lost: registering again');
+      void sleep(500).then(() => (this.stopped ? undefined : this.register()));
+    });
+    await lease.put(this.managersPrefix + this.self.nodeId).value(this.self.addr).exec().catch((err: unknown) => this.log.warn({ err: errorMessage(err) }, 'etcd: registering this manager failed'));
+    this.startCampaign();
+  }
+
+  private startCampaign(): void {
+    if (this.stopped || this.campaign) return;
+    // keys <prefix>/election/leader/<lease id>, the lowest create revision leads
+    const campaign = this.client.namespace(`${this.p}/`).election('leader', this.ttl).campaign(`${this.self.nodeId}\t${this.self.addr}`);
+    this.campaign = campaign;
+    const lease = (campaign as unknown as { lease: Lease }).lease;
+    // the lease is alive at etcd for ttl after the last keepalive it received; this manager counts
+    // from when it sent the last keepalive that succeeded, and steps down before the lease can expire
+    let sent = Date.now();
+    let lastOk = sent;
+    lease.on('keepaliveFired', () => (sent = Date.now()));
+    lease.on('keepaliveSucceeded', () => (lastOk = sent));
+    clearInterval(this.leaseTimer);
+    this.leaseTimer = setInterval(() => {
+      if (this.campaign !== campaign || !this.leader) return;
+      if (Date.now() - lastOk > this.ttl * 1000 - 500) this.lostLeadership(`no lease keepalive for ${Date.now() - lastOk} ms`);
+    }, 100);
+    campaign.on('elected', () => {
+      if (this.campaign !== campaign) return;
+      void (async () => {
+        try {
+          const key = Buffer.from(await campaign.getCampaignKey());
+          const r = await this.client.get(key.toString()).exec();
+          const kv = r.kvs[0];
+          if (!kv || this.campaign !== campaign) throw new Error('the election key vanished');
+          this.fence = { key, createRevision: kv.create_revision };
+          // never act on a store that has not applied everything committed before the election
+          await this.waitApplied(Number(r.header.revision));
+          if (this.campaign !== campaign) return;
+          this.leader = true;
+          this.log.info({ key: key.toString() }, 'etcd: elected leader');
+          for (const cb of this.leaderCbs) cb(true);
+        } catch (err) {
+          this.lostLeadership(`after the election: ${errorMessage(err)}`);
+        }
+      })();
+    });
+    campaign.on('error', (err) => {
+      if (this.campaign !== campaign) return;
+      this.lostLeadership(`campaign: ${errorMessage(err)}`);
+    });
+  }
+
+  /** Steps down (leader loops stop through the handlers) and campaigns again. */
+  private lostLeadership(why: string): void {
+    const campaign = this.campaign;
+    if (!campaign) return; // already stepped down; a new campaign is on its way
+    this.campaign = undefined;
+    this.fence = undefined;
+    const was = this.leader;
+    this.leader = false;
+    if (was) {
+      this.log.warn({ why }, 'etcd: lost leadership');
+      for (const cb of this.leaderCbs) cb(false);
+    }
+    void campaign?.resign().catch(() => {});
+    if (!this.stopped) setTimeout(() => this.startCampaign(), 200);
+  }
+
+  /** Called once the leader key was deleted by someone else (e.g. its lease expired while this process was stopped). */
+  private checkLeaderKey(): void {
+    const f = this.fence;
+    if (!f || !this.leader) return;
+    const c = this.candidates.get(f.key.toString());
+    if (!c || String(c.createRevision) !== f.createRevision) this.lostLeadership('the election key is gone');
+  }
+
+  onLeadershipChange(cb: (leader: boolean) => void): () => void {
+    this.leaderCbs.add(cb);
+    return () => this.leaderCbs.delete(cb);
+  }
+
+  isLeader(): boolean {
+    return this.leader;
+  }
+
+  private leaderCandidate(): { nodeId: string; addr: string } | undefined {
+    let best: { createRevision: number; value: string } | undefined;
+    for (const c of this.candidates.values()) if (!best || c.createRevision < best.createRevision) best = c;
+    if (!best) return undefined;
+    const [nodeId = '', addr = ''] = best.value.split('\t');
+    return { nodeId, addr };
+  }
+
+  leaderAddr(): string | undefined {
+    return this.leaderCandidate()?.addr || undefined;
+  }
+
+  members(): MemberInfo[] {
+    const lead = this.leaderCandidate()?.nodeId;
+    return [...this.managerAddrs.entries()].map(([id, addr]) => ({ raftId: 0, addr, reachable: true, leader: id === lead, learner: false }));
+  }
+
+  get appliedRevision(): number {
+    return this.applied;
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    clearInterval(this.leaseTimer);
+    if (this.leader) {
+      this.leader = false;
+      for (const cb of this.leaderCbs) cb(false);
+    }
+    const w = this.watcher;
+    this.watcher = undefined;
+    await Promise.allSettled([this.campaign?.resign(), this.regLease?.revoke(), w?.cancel()]);
+    for (const waiter of this.appliedWaiters) waiter.resolve();
+    this.appliedWaiters = [];
+    this.client.close();
+  }
+}
+
+function rangeEnd(prefix: Buffer): Buffer {
+  const end = Buffer.from(prefix);
+  end[end.length - 1]! += 1;
+  return end;
+}
