@@ -256,6 +256,33 @@ describe.skipIf(!isRoot)('runtime images and snapshots (needs root: overlayfs, m
     expect(await fs.readFile(path.join(lower, 'etc/passwd'), 'utf8')).toContain('nobody:x:65534:65534');
   });
 
+  it('a root file system import is reproducible: the same directory gives the same digest in another store, later', async () => {
+    const img = await store.import('busybox', rootfs, { config: { cmd: ['sh'] } });
+    await new Promise((r) => setTimeout(r, 1100)); // a second later: no time of the import itself may enter it
+    const otherDir = await fs.mkdtemp(path.join(os.tmpdir(), 'flotilla-img-repro-'));
+    const other = await ImageStore.open(otherDir);
+    try {
+      const again = await other.import('busybox', rootfs, { config: { cmd: ['sh'] } });
+      expect(again.digest).toBe(img.digest);
+      // a copy of the tree made at another time differs, unless SOURCE_DATE_EPOCH clamps the times
+      const copy = path.join(work, 'copy');
+      execFileSync('cp', ['-a', rootfs, copy]);
+      execFileSync('touch', [copy, path.join(copy, 'etc/passwd')]);
+      expect((await other.import('bb-copy', copy, { config: { cmd: ['sh'] } })).digest).not.toBe(img.digest);
+      process.env.SOURCE_DATE_EPOCH = '1000000000';
+      try {
+        const a = await other.import('bb-a', rootfs, { config: { cmd: ['sh'] } });
+        const b = await other.import('bb-b', copy, { config: { cmd: ['sh'] } });
+        expect(b.digest).toBe(a.digest);
+      } finally {
+        delete process.env.SOURCE_DATE_EPOCH;
+        await fs.rm(copy, { recursive: true, force: true });
+      }
+    } finally {
+      await fs.rm(otherDir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  });
+
   it('a root file system import keeps devices, fifos and hardlinks (sockets are skipped)', async () => {
     const dir = path.join(work, 'special');
     await fs.rm(dir, { recursive: true, force: true });

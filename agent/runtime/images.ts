@@ -661,7 +661,16 @@ export class ImageStore {
     // The one spawn of the runtime not on the spawner thread, on purpose: its stdout streams into gzip
     // with backpressure, and only `flotilla image import` (a one-shot CLI process) imports a directory;
     // no daemon calls ImageStore.import.
-    const child = spawn('tar', ['-C', dir, '--format=posix', '--numeric-owner', '--sort=name', '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Reproducible: the same directory gives the same layer and image digest on every node (so an
+    // image imported on each node pins to one digest): no pid, atime or ctime in the pax headers, and
+    // with SOURCE_DATE_EPOCH (the reproducible-builds convention) file times are clamped to it.
+    const epoch = sourceDateEpoch();
+    const child = spawn(
+      'tar',
+      ['-C', dir, '--format=posix', '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime', '--numeric-owner', '--sort=name',
+        ...(epoch !== undefined ? [`--mtime=@${epoch}`, '--clamp-mtime'] : []), '-cf', '-', '.'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<number>((resolve, reject) => {
@@ -672,7 +681,8 @@ export class ImageStore {
     pin(layer.digest);
     if (code !== 0) throw bad(dir, `packing the directory failed: tar: ${stderr.trim().split('\n').slice(-3).join('; ')}`);
     const diffId = `sha256:${hash.digest('hex')}`;
-    const now = new Date().toISOString();
+    // the image's creation time: SOURCE_DATE_EPOCH, else the directory's own modification time
+    const now = (epoch !== undefined ? new Date(epoch * 1000) : (await fs.stat(dir)).mtime).toISOString();
     const config = {
       created: now,
       architecture: goArch(),
@@ -828,4 +838,10 @@ export async function detectSource(dir: string): Promise<'oci' | 'docker' | 'roo
   if (await exists(path.join(dir, 'manifest.json'))) return 'docker';
   if ((await exists(path.join(dir, 'index.json'))) && (await exists(path.join(dir, 'blobs')))) return 'oci';
   return 'rootfs';
+}
+
+/** SOURCE_DATE_EPOCH (seconds) when set to a plain number: file times and the image time for imports. */
+function sourceDateEpoch(): number | undefined {
+  const v = process.env.SOURCE_DATE_EPOCH;
+  return v && /^\d{1,12}$/.test(v) ? Number(v) : undefined;
 }

@@ -49,4 +49,6 @@ printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
 : > "$root/etc/hosts"; : > "$root/etc/hostname"; : > "$root/etc/resolv.conf"
 chmod 0644 "$root"/etc/{passwd,group,hosts,hostname,resolv.conf}
 
+# reproducible: built on each node from the same packages, it has the same digest everywhere
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(stat -c %Y /bin/busybox)}"
 "${flotilla[@]}" image import "${data_dir_args[@]}" --cmd sh "$name" "$root"

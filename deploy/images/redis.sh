@@ -98,5 +98,7 @@ if command -v flotilla >/dev/null 2>&1; then
 else
   flotilla=(node "$repo/dist/cli/main.js")
 fi
+# reproducible: built on each node from the same packages, it has the same digest everywhere
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(stat -c %Y /usr/bin/redis-server)}"
 "${flotilla[@]}" image import "${data_dir_args[@]}" --workdir /data \
   --cmd '["redis-server","--protected-mode","no","--save","","--appendonly","no"]' "$name" "$root"
