@@ -106,7 +106,7 @@ describeIf('root CA rotation (real daemons)', () => {
 
     // old-root certificates fail the TLS handshake (UNAVAILABLE: the call never reaches a handler);
     // the manager's trust follows the store within a moment of the rotation's end
-    const reg = { token: '', nodeId: '', description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '' };
+    const reg = { token: '', nodeId: '', description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '', images: [], contentAddr: '' };
     for (const addr of managerAddrs) {
       await waitFor(`old admin certificate refused by ${addr}`, async () => (await callCode(ControlClient, addr, oldAdmin, 'getCluster', {})) === grpc.status.UNAVAILABLE, 5000, 200);
       expect(await callCode(DispatcherClient, addr, oldWorker, 'register', reg)).toBe(grpc.status.UNAVAILABLE);

@@ -81,7 +81,7 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
     for (const creds of [noCert(), withCert(otherAdmin)]) {
       const clients: Array<[grpc.Client, string, unknown]> = [
         [new ControlClient(c.managerAddr, creds, TLS_CHANNEL_OPTIONS), 'getCluster', {}],
-        [new DispatcherClient(c.managerAddr, creds, TLS_CHANNEL_OPTIONS), 'register', { token: '', nodeId: '', description: undefined, addr: '' }],
+        [new DispatcherClient(c.managerAddr, creds, TLS_CHANNEL_OPTIONS), 'register', { token: '', nodeId: '', description: undefined, addr: '', images: [], contentAddr: '' }],
         [new RaftClient(c.managerAddr, creds, TLS_CHANNEL_OPTIONS), 'propose', { data: Buffer.from('x') }],
       ];
       for (const [client, method, req] of clients) {
@@ -175,7 +175,7 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
     const task = await waitFor('on-m1 running', async () => (await cliJson<Array<{ id: string; node: string; state: string }>>(['service', 'ps', 'on-m1'], c.env)).find((t) => t.state === 'running'), 30_000);
     const disp = new DispatcherClient(c.managerAddr, clientCredentials(new TlsSource(workerTls)), TLS_CHANNEL_OPTIONS);
     try {
-      const reg = await call<unknown, RegisterResponse>(disp, 'register', { token: '', nodeId: m1.id, description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '127.0.0.1' });
+      const reg = await call<unknown, RegisterResponse>(disp, 'register', { token: '', nodeId: m1.id, description: { hostname: 'w1', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '127.0.0.1', images: [], contentAddr: '' });
       expect(reg.nodeId).toBe(w1.id);
       const err = await failure(
         call(disp, 'updateTaskStatus', { nodeId: m1.id, sessionId: reg.sessionId, updates: [{ taskId: task.id, status: TaskStatus.fromPartial({ state: TaskState.TASK_STATE_FAILED, message: 'forged', err: 'forged', timestamp: Date.now() }) }] }),
@@ -222,7 +222,7 @@ describeIf('mutual TLS on every connection (real daemons)', () => {
     expect(rm.code, rm.stderr).toBe(0);
     const disp = new DispatcherClient(c.managerAddr, clientCredentials(new TlsSource(tls)), TLS_CHANNEL_OPTIONS);
     try {
-      const err = await failure(call(disp, 'register', { token: '', nodeId: '', description: { hostname: 'doomed', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '' }));
+      const err = await failure(call(disp, 'register', { token: '', nodeId: '', description: { hostname: 'doomed', resources: undefined, engineLabels: {}, os: 'linux', arch: 'x64', runtime: 'sim', managerAddr: '' }, addr: '', images: [], contentAddr: '' }));
       expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
       expect(err.details).toMatch(/removed from the cluster/);
     } finally {

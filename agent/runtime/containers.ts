@@ -32,6 +32,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { FlotillaError, errorMessage, invalidArgument, isCode, notFound } from '../../common/errors.js';
+import { execInWorker } from './spawner.js';
 import { isValidName, newId } from '../../common/ids.js';
 import { sleep } from '../../common/sleep.js';
 import { cgroupPaths, inCgroup, oomKills, removeCgroups } from './cgroups.js';
@@ -57,8 +58,6 @@ import {
 } from '../../common/containeropts.js';
 import { CONTAINER_ID, Records, newRecord, type ContainerRecord } from './records.js';
 import { findExecutable, resolveGroups, resolveInRoot, resolveUser } from './rootfs.js';
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { Runc, RuncError, findBinary, startMonitor } from './runc.js';
 import { RUN_ROOT_FILE, ownDir, runRootOf } from './run-root.js';
 import type {
@@ -901,8 +900,6 @@ export class RuncRuntime implements ContainerRuntime {
   }
 }
 
-const execFileP = promisify(execFile);
-
 /**
  * Copies what the image has at `target` (resolved inside the image's root) into a new volume's directory,
  * owners, modes and times included (cp -a), and gives the volume's root the directory's owner and mode.
@@ -911,7 +908,9 @@ async function copyUp(root: string, target: string, dest: string): Promise<void>
   const src = await resolveInRoot(root, target);
   const st = await fs.stat(src).catch(() => undefined);
   if (!st?.isDirectory()) return;
-  await execFileP('cp', ['-a', '--', `${src}/.`, `${dest}/`]);
+  // on the spawner thread, as every child of the runtime (agent/runtime/spawner.ts)
+  const r = await execInWorker('cp', ['-a', '--', `${src}/.`, `${dest}/`], { timeoutMs: 600_000 });
+  if (r.code !== 0) throw new FlotillaError('INTERNAL', `copying the image's ${target} into the volume: ${r.stderr.trim() || r.error || `exit ${r.code}`}`);
   await fs.chown(dest, st.uid, st.gid);
   await fs.chmod(dest, st.mode & 0o7777);
 }

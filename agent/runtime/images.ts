@@ -154,6 +154,8 @@ export interface ImportOptions {
    * standard PATH), WorkingDir and User.
    */
   config?: Partial<Omit<ImageConfig, 'healthcheck'>>;
+  /** Only for a directory: clamp file times to this (seconds) and use it as the image's time (default: env SOURCE_DATE_EPOCH). */
+  sourceDateEpoch?: number;
 }
 
 export interface RemoveOptions {
@@ -353,7 +355,7 @@ export class ImageStore {
             ? await this.stageOci(dir, source, ref, pin)
             : kind === 'docker'
               ? await this.stageDocker(dir, source, ref, pin)
-              : await this.stageRootfs(dir, opts.config ?? {}, pin);
+              : await this.stageRootfs(dir, opts.config ?? {}, pin, opts.sourceDateEpoch);
         },
         source,
       );
@@ -646,7 +648,7 @@ export class ImageStore {
     return { manifestDigest: m.digest, configDigest: cfg.digest, layers, config };
   }
 
-  private async stageRootfs(dir: string, overrides: Partial<Omit<ImageConfig, 'healthcheck'>>, pin: (d: string) => void): Promise<Staged> {
+  private async stageRootfs(dir: string, overrides: Partial<Omit<ImageConfig, 'healthcheck'>>, pin: (d: string) => void, sourceEpoch?: number): Promise<Staged> {
     const hash = createHash('sha256');
     const hasher = new Transform({
       transform(chunk: Buffer, _enc, cb) {
@@ -664,7 +666,7 @@ export class ImageStore {
     // Reproducible: the same directory gives the same layer and image digest on every node (so an
     // image imported on each node pins to one digest): no pid, atime or ctime in the pax headers, and
     // with SOURCE_DATE_EPOCH (the reproducible-builds convention) file times are clamped to it.
-    const epoch = sourceDateEpoch();
+    const epoch = sourceEpoch ?? sourceDateEpoch();
     const child = spawn(
       'tar',
       ['-C', dir, '--format=posix', '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime', '--numeric-owner', '--sort=name',

@@ -51,6 +51,8 @@ export async function pinImage(image: string, noResolve: boolean, auth: Registry
   const { parseReference, familiarName, familiarString } = await import('../../common/imageref.js');
   const ref = parseReference(image, 'spec.task.container.image');
   if (ref.digest) return image;
+  // no node with an image store (simulated only): nothing to pin against, and no node reports images
+  if (ctx.simulatedOnly()) return image;
   const name = `${familiarName(ref)}:${ref.tag ?? 'latest'}`;
   const local = ctx.localDigests(name);
   if (local.size === 1) return `${name}@${[...local][0]!}`;
@@ -60,7 +62,6 @@ export async function pinImage(image: string, noResolve: boolean, auth: Registry
       `image ${JSON.stringify(image)}: nodes hold ${local.size} different images of that name (imported separately): give NAME@DIGEST, or --no-resolve-image`,
     );
   }
-  if (ctx.simulatedOnly()) return image;
   let digest: string;
   try {
     digest = await (ctx.resolve ?? registryDigest)(familiarString(ref), auth);

@@ -206,8 +206,9 @@ export class ControlApi {
       localDigests: (name) => this.ctx.dispatcher.localImageDigests(name),
       simulatedOnly: () => {
         const nodes = this.store.listNodes().filter((n) => !isAgentless(n));
-        // no node with an image store (simulated nodes only, or none yet): nothing to pin against
-        return nodes.every((n) => n.description?.runtime === 'sim');
+        // no node with an image store (simulated nodes only, or none registered yet: a node that
+        // joined but never registered has no description): nothing to pin against
+        return nodes.every((n) => !n.description || n.description.runtime === 'sim');
       },
       ...(this.ctx.resolveImage ? { resolve: this.ctx.resolveImage } : {}),
     };

@@ -54,7 +54,9 @@ export async function importBusybox(dataDir: string, name = 'busybox:latest'): P
   try {
     await buildBusyboxRootfs(tmp);
     const store = await ImageStore.open(dataDir);
-    return await store.import(name, tmp, { config: { cmd: ['sh'] } });
+    // as deploy/images/busybox.sh: the same image (digest) on every node that imports it
+    const sourceDateEpoch = Math.floor((await fs.stat('/bin/busybox')).mtimeMs / 1000);
+    return await store.import(name, tmp, { config: { cmd: ['sh'] }, sourceDateEpoch });
   } finally {
     await fs.rm(tmp, { recursive: true, force: true });
   }
