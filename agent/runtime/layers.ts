@@ -47,6 +47,24 @@ export interface LayerInfo extends UnpackResult {
   path: string;
 }
 
+/** A layer unpacked into a temp directory of the store, not yet visible (LayerStore.stage/commit). */
+export interface StagedLayer extends UnpackResult {
+  digest: string;
+  tmp: string;
+}
+
+/**
+ * syncfs(2) of the file system holding dir (coreutils' `sync -f`), so that everything written there is
+ * durable. Falls back to a global sync(1) where `sync -f` is missing (busybox); never skipped silently.
+ */
+export async function syncFs(dir: string): Promise<void> {
+  try {
+    await helper('sync', ['-f', dir]);
+  } catch {
+    await helper('sync', []);
+  }
+}
+
 export type Compression = 'gzip' | 'zstd' | 'bzip2' | 'xz' | 'none';
 
 /** Detects the compression of a blob by its first bytes. */
@@ -486,28 +504,65 @@ export class LayerStore {
   private async doPrepare(digest: string): Promise<LayerInfo> {
     const existing = await this.info(digest);
     if (existing) return existing;
+    const staged = await this.stage(digest, await this.content.openRead(digest));
+    await this.commit([staged]);
+    const info = await this.info(digest);
+    if (!info) throw new FlotillaError('INTERNAL', `layer ${digest} vanished after unpacking`);
+    return info;
+  }
+
+  /**
+   * Unpacks a layer's bytes (the blob, compressed or not) into a temp directory of the store, invisible
+   * until commit(); on failure nothing stays behind. The source need not be verified yet: a registry pull
+   * streams the blob here while it is downloaded and hashed, and commits the layer only once the blob's
+   * digest matched (discard() otherwise). Unpacked data is not synced here: commit() does that once for
+   * a batch of layers.
+   */
+  async stage(digest: string, source: Readable | Iterable<Buffer> | AsyncIterable<Buffer>): Promise<StagedLayer> {
+    digestHex(digest, 'layer digest');
     const tmp = path.join(this.root, `.tmp-${tempName()}`);
     await fs.mkdir(path.join(tmp, 'fs'), { recursive: true, mode: 0o700 });
     try {
       await fs.chmod(path.join(tmp, 'fs'), 0o755);
-      const result = await unpackTar(await this.content.openRead(digest), path.join(tmp, 'fs'), digest);
+      const result = await unpackTar(source, path.join(tmp, 'fs'), digest);
       await fs.writeFile(path.join(tmp, 'layer.json'), JSON.stringify({ digest, ...result }) + '\n');
-      await helper('sync', ['-f', tmp]).catch(() => undefined);
-      try {
-        await fs.rename(tmp, this.dir(digest));
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
-        await fs.rm(tmp, { recursive: true, force: true });
-      }
-      await fsyncDir(this.root);
+      return { digest, tmp, ...result };
     } catch (err) {
+      if (typeof (source as Readable).destroy === 'function') (source as Readable).destroy();
       await fs.rm(tmp, { recursive: true, force: true });
       throw err;
     }
-    const info = await this.info(digest);
-    if (!info) throw new FlotillaError('INTERNAL', `layer ${digest} vanished after unpacking`);
-    return info;
+  }
+
+  /**
+   * Makes staged layers durable and visible: one syncfs(2) of the store's file system for the whole batch
+   * (cheaper than an fsync per file, and per layer), then each is renamed into place and the directory
+   * synced. A layer is thus never visible before its data is on disk. If another unpack of the same
+   * digest won the rename, its copy is kept. Staged layers not committed are removed on failure.
+   */
+  async commit(staged: StagedLayer[]): Promise<void> {
+    if (staged.length === 0) return;
+    try {
+      await syncFs(this.root);
+      for (const s of staged) {
+        try {
+          await fs.rename(s.tmp, this.dir(s.digest));
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
+          await fs.rm(s.tmp, { recursive: true, force: true });
+        }
+      }
+      await fsyncDir(this.root);
+    } catch (err) {
+      await this.discard(staged);
+      throw err;
+    }
+  }
+
+  /** Removes staged layers that will not be committed (a no-op for those already committed). */
+  async discard(staged: StagedLayer[]): Promise<void> {
+    for (const s of staged) await fs.rm(s.tmp, { recursive: true, force: true });
   }
 
   /** Removes an unpacked layer (the caller makes sure no image or snapshot uses it). */
