@@ -203,6 +203,8 @@ class Unpacker {
   private readonly okDirs = new Set<string>(['']);
   private readonly dirTimes: { abs: string; mtime: Date }[] = [];
   readonly opaque: string[] = [];
+  /** set when the unpack failed elsewhere (the source): entry() stops at its next chunk */
+  stopped = false;
 
   constructor(
     private readonly root: string,
@@ -307,6 +309,9 @@ class Unpacker {
           for await (const chunk of e as AsyncIterable<Buffer>) {
             let off = 0;
             while (off < chunk.length) off += (await fh.write(chunk, off, chunk.length - off)).bytesWritten;
+            // the source failed meanwhile: the rest of this entry will never come (and an entry destroyed
+            // while no read was pending does not end a later one), so stop here
+            if (this.stopped) throw new FlotillaError('INVALID_ARGUMENT', `layer ${this.label}: unpacking stopped`);
           }
           await fh.chown(uid, gid);
           await fh.chmod(mode);
@@ -390,6 +395,8 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
   let failure: unknown;
   let sawEntry = false;
   let chain: Promise<void> = Promise.resolve();
+  /** the entry being written: destroyed when the source fails mid-entry, else its data never ends */
+  let current: ReadEntry | undefined;
   let rejectFailed: (err: unknown) => void = () => undefined;
   const failed = new Promise<never>((_, reject) => (rejectFailed = reject));
   failed.catch(() => undefined);
@@ -408,10 +415,13 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
         return;
       }
       try {
+        current = e;
         await unpacker.entry(e);
       } catch (err) {
         e.resume();
         fail(err);
+      } finally {
+        current = undefined;
       }
     });
   });
@@ -438,6 +448,8 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
     await unpacker.finish();
   } catch (err) {
     fail(err);
+    unpacker.stopped = true;
+    current?.destroy();
     await chain.catch(() => undefined);
     throw failure;
   }

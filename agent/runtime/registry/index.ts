@@ -332,9 +332,9 @@ async function fetchAndStage(
         let ended = false;
         try {
           for await (const chunk of stream) {
-            if (unpackFailed !== undefined) throw unpackFailed;
-            if (!side.write(chunk)) await Promise.race([once(side, 'drain'), settled]);
-            if (unpackFailed !== undefined) throw unpackFailed;
+            // after a failed unpack the download still goes on to the end: if the blob does not match its
+            // digest, that (not the broken archive it made) is the error to report
+            if (unpackFailed === undefined && !side.destroyed && !side.write(chunk)) await Promise.race([once(side, 'drain'), settled]);
             yield chunk;
           }
           side.end();
