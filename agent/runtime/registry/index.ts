@@ -319,7 +319,8 @@ async function fetchAndStage(
     if (unpack) {
       // the unpacker reads from side; the content store from source. Chunks go to both; a full side
       // buffer holds the download back (both run at the pace of the slower).
-      const side = new PassThrough({ highWaterMark: 8 << 20 });
+      // object mode: the unpacker gets the download's (1 MiB) chunks as they are, never concatenated
+      const side = new PassThrough({ objectMode: true, highWaterMark: 8 });
       let unpackFailed: unknown;
       unpacking = store.layers.stage(desc.digest, side);
       const settled = unpacking.then(
