@@ -11,8 +11,9 @@
  *   resolved inside the container's root at run time, never followed while unpacking.
  * - Ownership, modes (with setuid/setgid/sticky), mtimes, symlinks, hardlinks, devices and FIFOs are
  *   kept (we run as root). PAX xattrs (e.g. file capabilities) are not applied.
- * A layer is unpacked into a temporary directory and renamed into place only when complete, so a failure
- * or crash leaves nothing half-unpacked behind.
+ * A layer is unpacked into a temporary directory (stage) and renamed into place only when complete and
+ * synced to disk (commit: one syncfs per batch of layers), so a failure or crash leaves nothing
+ * half-unpacked behind.
  */
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';

@@ -34,7 +34,8 @@
  * What is verified: every manifest's sha256 against the digest it was asked for (by digest or via the
  * index) and against the registry's Docker-Content-Digest header; the config and every layer blob against
  * their descriptor's digest and size as they are written (nothing unverified becomes visible in the
- * content store); every unpacked layer against the config's diff id (ImageStore.importStaged).
+ * content store); every unpacked layer against the config's diff id (ImageStore.importStaged). Layers
+ * are unpacked while their blob streams in and made visible only if the blob matched (fetchAndStage).
  */
 import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
