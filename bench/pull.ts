@@ -28,7 +28,10 @@ const LAYERS = Number(process.env.BENCH_LAYERS ?? 6);
 const TOTAL_MB = Number(process.env.BENCH_MB ?? 200);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CLI = process.env.FLOTILLA_CLI ?? path.resolve(HERE, '../cli/main.js');
-/** BENCH_VARIANT="NAME=VALUE ...": also run flotilla with these environment variables in every round (an A/B in one run) */
+/**
+ * BENCH_VARIANT="NAME=VALUE ...": also run flotilla with these environment variables in every round (an
+ * A/B in one run); FLOTILLA_CLI=PATH among them runs another build's CLI as the variant.
+ */
 const VARIANT = (process.env.BENCH_VARIANT ?? '').split(' ').filter(Boolean);
 
 function run(cmd: string, args: string[], timeoutMs = 300_000, env?: NodeJS.ProcessEnv): Promise<{ code: number; stderr: string; ms: number }> {
@@ -132,7 +135,8 @@ async function main(): Promise<void> {
         if (who === 'variant') {
           const env = { ...process.env, ...Object.fromEntries(VARIANT.map((kv) => [kv.split('=')[0]!, kv.split('=').slice(1).join('=')])) };
           const vdir = path.join(work, `variant-${i}`);
-          const r = await run(process.execPath, [CLI, 'image', 'pull', '-q', '--data-dir', vdir, ref], 300_000, env);
+          // FLOTILLA_CLI in the variant runs another build (e.g. the one before a change)
+          const r = await run(process.execPath, [env.FLOTILLA_CLI ?? CLI, 'image', 'pull', '-q', '--data-dir', vdir, ref], 300_000, env);
           if (r.code !== 0) throw new Error(`flotilla image pull (${VARIANT.join(' ')}) failed: ${r.stderr.trim()}`);
           variant.push(r.ms);
           await fs.rm(vdir, { recursive: true, force: true });
