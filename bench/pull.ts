@@ -28,11 +28,16 @@ const LAYERS = Number(process.env.BENCH_LAYERS ?? 6);
 const TOTAL_MB = Number(process.env.BENCH_MB ?? 200);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CLI = process.env.FLOTILLA_CLI ?? path.resolve(HERE, '../cli/main.js');
+/**
+ * BENCH_VARIANT="NAME=VALUE ...": also run flotilla with these environment variables in every round (an
+ * A/B in one run); FLOTILLA_CLI=PATH among them runs another build's CLI as the variant.
+ */
+const VARIANT = (process.env.BENCH_VARIANT ?? '').split(' ').filter(Boolean);
 
-function run(cmd: string, args: string[], timeoutMs = 300_000): Promise<{ code: number; stderr: string; ms: number }> {
+function run(cmd: string, args: string[], timeoutMs = 300_000, env?: NodeJS.ProcessEnv): Promise<{ code: number; stderr: string; ms: number }> {
   return new Promise((resolve) => {
     const t = performance.now();
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], ...(env ? { env } : {}) });
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-2000)));
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
@@ -180,13 +185,23 @@ async function main(): Promise<void> {
     const ours: number[] = [];
     const theirs: number[] = [];
     const theirsUnpacked: number[] = [];
+    const variant: number[] = [];
     for (let i = 0; i < N; i++) {
       const dataDir = path.join(work, `flotilla-${i}`);
       const outDir = path.join(work, `skopeo-${i}`);
       // alternate who goes first
       const order = i % 2 === 0 ? ['flotilla', 'skopeo'] : ['skopeo', 'flotilla'];
+      if (VARIANT.length > 0) order.splice(i % 3, 0, 'variant');
       for (const who of order) {
-        if (who === 'flotilla') {
+        if (who === 'variant') {
+          const env = { ...process.env, ...Object.fromEntries(VARIANT.map((kv) => [kv.split('=')[0]!, kv.split('=').slice(1).join('=')])) };
+          const vdir = path.join(work, `variant-${i}`);
+          // FLOTILLA_CLI in the variant runs another build (e.g. the one before a change)
+          const r = await run(process.execPath, [env.FLOTILLA_CLI ?? CLI, 'image', 'pull', '-q', '--data-dir', vdir, ref], 300_000, env);
+          if (r.code !== 0) throw new Error(`flotilla image pull (${VARIANT.join(' ')}) failed: ${r.stderr.trim()}`);
+          variant.push(r.ms);
+          await fs.rm(vdir, { recursive: true, force: true });
+        } else if (who === 'flotilla') {
           // BENCH_NODE_ARGS: extra node flags for the CLI, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
           const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
           const r = await run(process.execPath, [...nodeArgs, CLI, 'image', 'pull', '-q', '--data-dir', dataDir, ref]);
@@ -216,7 +231,7 @@ async function main(): Promise<void> {
         }
       }
       process.stdout.write(
-        `round ${i + 1}: flotilla image pull ${(ours[i]! / 1000).toFixed(2)} s, skopeo copy ${(theirs[i]! / 1000).toFixed(2)} s, skopeo copy + tar -x of the layers ${(theirsUnpacked[i]! / 1000).toFixed(2)} s\n`,
+        `round ${i + 1}: flotilla image pull ${(ours[i]! / 1000).toFixed(2)} s, ${VARIANT.length > 0 ? `flotilla with ${VARIANT.join(' ')} ${(variant[i]! / 1000).toFixed(2)} s, ` : ''}skopeo copy ${(theirs[i]! / 1000).toFixed(2)} s, skopeo copy + tar -x of the layers ${(theirsUnpacked[i]! / 1000).toFixed(2)} s\n`,
       );
       await fs.rm(dataDir, { recursive: true, force: true });
       await fs.rm(outDir, { recursive: true, force: true });
@@ -228,6 +243,8 @@ async function main(): Promise<void> {
         `skopeo copy to dir: ${(b / 1000).toFixed(2)} s; ratio flotilla/skopeo ${(a / b).toFixed(2)} (target <= 1.0)\n` +
         `skopeo copy + tar -x of every layer: ${(median(theirsUnpacked) / 1000).toFixed(2)} s; ratio flotilla/(skopeo + tar) ${(a / median(theirsUnpacked)).toFixed(2)}\n`,
     );
+    if (VARIANT.length > 0) process.stdout.write(`flotilla image pull with ${VARIANT.join(' ')}: ${(median(variant) / 1000).toFixed(2)} s
+`);
     if (process.env.BENCH_CLUSTER !== '0') await clusterPart(ref, work);
   } finally {
     await reg?.stop();

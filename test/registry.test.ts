@@ -219,6 +219,42 @@ describe.skipIf(!isRoot())('registry client against docker-registry (needs root 
     expect(await store.content.has(mid.digest)).toBe(false);
   });
 
+  it('a corrupted blob unpacked while it streams in: the finished unpack is discarded, no layer dir, temp dir or blob left', async () => {
+    // an uncompressed tar layer: the flipped byte lands in file data, so the unpack itself succeeds and
+    // only the blob digest check (at the end of the stream) can refuse it
+    const dir = await fs.mkdtemp(path.join(work, 'plain-'));
+    await fs.mkdir(path.join(dir, 'data'));
+    await fs.writeFile(path.join(dir, 'data/plain'), randomBytes(600_000));
+    const file = `${dir}.tar`;
+    await tar.c({ cwd: dir, file, portable: true }, ['.']);
+    const bytes = await fs.readFile(file);
+    const plain: Layer = { bytes, digest: sha(bytes), diffId: sha(bytes) };
+    const img = makeImage([plain]);
+    await uploadImage(new RegistryClient(basic.host, { auth }), 'team/plain', img, '1');
+    const dataDir = path.join(work, 'n-corrupt-plain');
+    const store = await ImageStore.open(dataDir);
+    proxy.corrupt(plain.digest);
+    await expect(pull(`${proxy.host}/team/plain:1`, store, { auth })).rejects.toThrow(/blob sha256:[a-f0-9]{64} of team\/plain refused: content digest mismatch/);
+    expect(await store.list()).toEqual([]);
+    expect(await store.layers.has(plain.digest)).toBe(false);
+    expect(await fs.readdir(store.layers.root)).toEqual([]);
+    expect(await fs.readdir(store.content.ingestDir)).toEqual([]);
+    expect(await store.content.has(plain.digest)).toBe(false);
+  });
+
+  it('a layer that is not a tar archive (digest right): refused, nothing of it left behind', async () => {
+    const junk = Buffer.concat([Buffer.from([0x1f, 0x8b]), randomBytes(4000)]);
+    const img = makeImage([{ bytes: junk, digest: sha(junk), diffId: sha(junk) }]);
+    await uploadImage(new RegistryClient(basic.host, { auth }), 'team/junk', img, '1');
+    const dataDir = path.join(work, 'n-junk');
+    const store = await ImageStore.open(dataDir);
+    await expect(pull(`${basic.host}/team/junk:1`, store, { auth })).rejects.toThrow(/layer sha256:[a-f0-9]{64}: corrupt gzip data/);
+    expect(await store.list()).toEqual([]);
+    expect(await fs.readdir(store.layers.root)).toEqual([]);
+    expect(await fs.readdir(store.content.ingestDir)).toEqual([]);
+    expect(await storeFiles(dataDir)).toEqual([]);
+  });
+
   it('multi-platform: an index built here is pushed to the token registry; each platform pulls its own manifest', async () => {
     const arm = makeImage([base, await makeLayer(work, { 'arch.txt': 'arm64\n' })], 'arm64');
     const amd = makeImage([base, await makeLayer(work, { 'arch.txt': 'amd64\n' })], 'amd64');

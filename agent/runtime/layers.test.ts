@@ -162,6 +162,43 @@ describe.skipIf(!isRoot)('layers (needs root: chown, mknod, trusted xattrs)', ()
     expect(await fs.readdir(layers.root)).toEqual([]);
   });
 
+  it('a gzip stream that breaks in the middle of a file: refused promptly, the staged layer removed', async () => {
+    // the failure comes from the source (gunzip) while an entry is being written: the entry must be
+    // ended, or the unpack waits forever for the rest of its data
+    const gz = rawTar([{ path: 'big', body: randomBytes(2 * 1024 * 1024) }], { gzip: true });
+    const bad = Buffer.from(gz);
+    bad[64 * 1024] = (bad[64 * 1024] ?? 0) ^ 0xff;
+    const digest = sha256Digest(gz);
+    // small chunks (the error while a read of the entry is pending) and big ones (while it is written)
+    for (const size of [16 * 1024, 4 * 1024 * 1024]) {
+      const chunks = (async function* () {
+        for (let o = 0; o < bad.length; o += size) yield bad.subarray(o, o + size);
+      })();
+      const t = Date.now();
+      await expect(layers.stage(digest, chunks)).rejects.toThrow(/corrupt gzip data/);
+      expect(Date.now() - t).toBeLessThan(5000);
+      expect(await fs.readdir(layers.root)).toEqual([]);
+      expect(await layers.has(digest)).toBe(false);
+    }
+  });
+
+  it('stage + commit: invisible until committed, discard removes it', async () => {
+    const buf = rawTar([{ path: 'f', body: 'staged' }]);
+    const digest = sha256Digest(buf);
+    const staged = await layers.stage(digest, [buf]);
+    expect(await layers.has(digest)).toBe(false);
+    expect(await layers.list()).toEqual([]);
+    await layers.commit([staged]);
+    expect(await layers.has(digest)).toBe(true);
+    expect(await fs.readFile(path.join(layers.fsPath(digest), 'f'), 'utf8')).toBe('staged');
+    await layers.discard([staged]); // a no-op once committed
+    expect(await layers.has(digest)).toBe(true);
+    const other = rawTar([{ path: 'g', body: 'dropped' }]);
+    const dropped = await layers.stage(sha256Digest(other), [other]);
+    await layers.discard([dropped]);
+    expect((await fs.readdir(layers.root)).sort()).toEqual([digest.slice(7)]);
+  });
+
   it('refuses a GNU-format device entry rather than turning it into a whiteout', async () => {
     const src = path.join(dir, 'src');
     await fs.mkdir(path.join(src, 'dev'), { recursive: true });

@@ -11,8 +11,9 @@
  *   resolved inside the container's root at run time, never followed while unpacking.
  * - Ownership, modes (with setuid/setgid/sticky), mtimes, symlinks, hardlinks, devices and FIFOs are
  *   kept (we run as root). PAX xattrs (e.g. file capabilities) are not applied.
- * A layer is unpacked into a temporary directory and renamed into place only when complete, so a failure
- * or crash leaves nothing half-unpacked behind.
+ * A layer is unpacked into a temporary directory (stage) and renamed into place only when complete and
+ * synced to disk (commit: one syncfs per batch of layers), so a failure or crash leaves nothing
+ * half-unpacked behind.
  */
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
@@ -45,6 +46,24 @@ export interface LayerInfo extends UnpackResult {
   digest: string;
   /** the unpacked file system, <data>/snapshots/layers/<hex>/fs */
   path: string;
+}
+
+/** A layer unpacked into a temp directory of the store, not yet visible (LayerStore.stage/commit). */
+export interface StagedLayer extends UnpackResult {
+  digest: string;
+  tmp: string;
+}
+
+/**
+ * syncfs(2) of the file system holding dir (coreutils' `sync -f`), so that everything written there is
+ * durable. Falls back to a global sync(1) where `sync -f` is missing (busybox); never skipped silently.
+ */
+export async function syncFs(dir: string): Promise<void> {
+  try {
+    await helper('sync', ['-f', dir]);
+  } catch {
+    await helper('sync', []);
+  }
 }
 
 export type Compression = 'gzip' | 'zstd' | 'bzip2' | 'xz' | 'none';
@@ -185,6 +204,8 @@ class Unpacker {
   private readonly okDirs = new Set<string>(['']);
   private readonly dirTimes: { abs: string; mtime: Date }[] = [];
   readonly opaque: string[] = [];
+  /** set when the unpack failed elsewhere (the source): entry() stops at its next chunk */
+  stopped = false;
 
   constructor(
     private readonly root: string,
@@ -289,6 +310,9 @@ class Unpacker {
           for await (const chunk of e as AsyncIterable<Buffer>) {
             let off = 0;
             while (off < chunk.length) off += (await fh.write(chunk, off, chunk.length - off)).bytesWritten;
+            // the source failed meanwhile: the rest of this entry will never come (and an entry destroyed
+            // while no read was pending does not end a later one), so stop here
+            if (this.stopped) throw new FlotillaError('INVALID_ARGUMENT', `layer ${this.label}: unpacking stopped`);
           }
           await fh.chown(uid, gid);
           await fh.chmod(mode);
@@ -372,6 +396,8 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
   let failure: unknown;
   let sawEntry = false;
   let chain: Promise<void> = Promise.resolve();
+  /** the entry being written: destroyed when the source fails mid-entry, else its data never ends */
+  let current: ReadEntry | undefined;
   let rejectFailed: (err: unknown) => void = () => undefined;
   const failed = new Promise<never>((_, reject) => (rejectFailed = reject));
   failed.catch(() => undefined);
@@ -390,10 +416,13 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
         return;
       }
       try {
+        current = e;
         await unpacker.entry(e);
       } catch (err) {
         e.resume();
         fail(err);
+      } finally {
+        current = undefined;
       }
     });
   });
@@ -420,6 +449,8 @@ export async function unpackTar(source: Readable | Iterable<Buffer> | AsyncItera
     await unpacker.finish();
   } catch (err) {
     fail(err);
+    unpacker.stopped = true;
+    current?.destroy();
     await chain.catch(() => undefined);
     throw failure;
   }
@@ -486,28 +517,65 @@ export class LayerStore {
   private async doPrepare(digest: string): Promise<LayerInfo> {
     const existing = await this.info(digest);
     if (existing) return existing;
+    const staged = await this.stage(digest, await this.content.openRead(digest));
+    await this.commit([staged]);
+    const info = await this.info(digest);
+    if (!info) throw new FlotillaError('INTERNAL', `layer ${digest} vanished after unpacking`);
+    return info;
+  }
+
+  /**
+   * Unpacks a layer's bytes (the blob, compressed or not) into a temp directory of the store, invisible
+   * until commit(); on failure nothing stays behind. The source need not be verified yet: a registry pull
+   * streams the blob here while it is downloaded and hashed, and commits the layer only once the blob's
+   * digest matched (discard() otherwise). Unpacked data is not synced here: commit() does that once for
+   * a batch of layers.
+   */
+  async stage(digest: string, source: Readable | Iterable<Buffer> | AsyncIterable<Buffer>): Promise<StagedLayer> {
+    digestHex(digest, 'layer digest');
     const tmp = path.join(this.root, `.tmp-${tempName()}`);
     await fs.mkdir(path.join(tmp, 'fs'), { recursive: true, mode: 0o700 });
     try {
       await fs.chmod(path.join(tmp, 'fs'), 0o755);
-      const result = await unpackTar(await this.content.openRead(digest), path.join(tmp, 'fs'), digest);
+      const result = await unpackTar(source, path.join(tmp, 'fs'), digest);
       await fs.writeFile(path.join(tmp, 'layer.json'), JSON.stringify({ digest, ...result }) + '\n');
-      await helper('sync', ['-f', tmp]).catch(() => undefined);
-      try {
-        await fs.rename(tmp, this.dir(digest));
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
-        await fs.rm(tmp, { recursive: true, force: true });
-      }
-      await fsyncDir(this.root);
+      return { digest, tmp, ...result };
     } catch (err) {
+      if (typeof (source as Readable).destroy === 'function') (source as Readable).destroy();
       await fs.rm(tmp, { recursive: true, force: true });
       throw err;
     }
-    const info = await this.info(digest);
-    if (!info) throw new FlotillaError('INTERNAL', `layer ${digest} vanished after unpacking`);
-    return info;
+  }
+
+  /**
+   * Makes staged layers durable and visible: one syncfs(2) of the store's file system for the whole batch
+   * (cheaper than an fsync per file, and per layer), then each is renamed into place and the directory
+   * synced. A layer is thus never visible before its data is on disk. If another unpack of the same
+   * digest won the rename, its copy is kept. Staged layers not committed are removed on failure.
+   */
+  async commit(staged: StagedLayer[]): Promise<void> {
+    if (staged.length === 0) return;
+    try {
+      await syncFs(this.root);
+      for (const s of staged) {
+        try {
+          await fs.rename(s.tmp, this.dir(s.digest));
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw err;
+          await fs.rm(s.tmp, { recursive: true, force: true });
+        }
+      }
+      await fsyncDir(this.root);
+    } catch (err) {
+      await this.discard(staged);
+      throw err;
+    }
+  }
+
+  /** Removes staged layers that will not be committed (a no-op for those already committed). */
+  async discard(staged: StagedLayer[]): Promise<void> {
+    for (const s of staged) await fs.rm(s.tmp, { recursive: true, force: true });
   }
 
   /** Removes an unpacked layer (the caller makes sure no image or snapshot uses it). */

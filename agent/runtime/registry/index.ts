@@ -34,12 +34,16 @@
  * What is verified: every manifest's sha256 against the digest it was asked for (by digest or via the
  * index) and against the registry's Docker-Content-Digest header; the config and every layer blob against
  * their descriptor's digest and size as they are written (nothing unverified becomes visible in the
- * content store); every unpacked layer against the config's diff id (ImageStore.importStaged).
+ * content store); every unpacked layer against the config's diff id (ImageStore.importStaged). Layers
+ * are unpacked while their blob streams in and made visible only if the blob matched (fetchAndStage).
  */
+import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
+import { PassThrough } from 'node:stream';
 import { FlotillaError, errorMessage, invalidArgument } from '../../../common/errors.js';
 import { sha256Digest } from '../content.js';
 import type { Descriptor, ImageStore, Manifest, OciConfig } from '../images.js';
+import type { StagedLayer } from '../layers.js';
 import type { ImageRecord } from '../types.js';
 import { MEDIA_TYPES, RegistryClient, type ClientOptions } from './client.js';
 import type { Credentials } from './credentials.js';
@@ -265,7 +269,7 @@ async function mapLimit<T, R>(items: T[], n: number, fn: (item: T, i: number) =>
 const inflight = new WeakMap<object, Map<string, Promise<void>>>();
 
 /** Fetches a blob into the content store unless present; verified against digest and size. */
-async function fetchBlob(
+function fetchBlob(
   client: RegistryClient,
   store: ImageStore,
   repository: string,
@@ -273,6 +277,26 @@ async function fetchBlob(
   kind: ProgressEvent['kind'],
   onProgress?: (e: ProgressEvent) => void,
 ): Promise<'exists' | 'fetched'> {
+  return fetchAndStage(client, store, repository, desc, kind, onProgress, false).then((r) => (r === 'exists' ? 'exists' : 'fetched'));
+}
+
+/**
+ * Fetches a blob into the content store unless present. With unpack set (a layer), the bytes are also
+ * streamed as they arrive into an unpack of the layer into a temp directory (LayerStore.stage): the blob
+ * is hashed and the layer unpacked at once instead of one after the other. The staged layer is returned
+ * only if the blob's digest and size matched; on any failure of either side both are stopped and nothing
+ * stays behind (no blob, no temp directory). The caller commits the staged layer (LayerStore.commit).
+ * Returns 'exists' if the blob was present, 'fetched' if another pull downloaded it meanwhile.
+ */
+async function fetchAndStage(
+  client: RegistryClient,
+  store: ImageStore,
+  repository: string,
+  desc: Descriptor,
+  kind: ProgressEvent['kind'],
+  onProgress: ((e: ProgressEvent) => void) | undefined,
+  unpack: boolean,
+): Promise<'exists' | 'fetched' | StagedLayer> {
   if (await store.content.has(desc.digest)) return 'exists';
   let map = inflight.get(store.content);
   if (!map) inflight.set(store.content, (map = new Map()));
@@ -281,6 +305,7 @@ async function fetchBlob(
     await running;
     return 'fetched';
   }
+  let staged: StagedLayer | undefined;
   const p = (async () => {
     let last = 0;
     const stream = client.blob(repository, desc.digest, desc.size, (n) => {
@@ -290,18 +315,63 @@ async function fetchBlob(
         onProgress?.({ id: desc.digest, kind, status: 'downloading', current: n, total: desc.size });
       }
     });
-    try {
-      await store.content.ingest(stream, { digest: desc.digest, size: desc.size });
-    } catch (err) {
-      if (err instanceof FlotillaError && err.code === 'INVALID_ARGUMENT') {
-        throw new FlotillaError('INVALID_ARGUMENT', `registry ${client.registry}: blob ${desc.digest} of ${repository} refused: ${err.message}`);
-      }
-      throw err;
+    let source: AsyncIterable<Buffer> = stream;
+    let unpacking: Promise<StagedLayer> | undefined;
+    if (unpack) {
+      // the unpacker reads from side; the content store from source. Chunks go to both; a full side
+      // buffer holds the download back (both run at the pace of the slower).
+      // object mode: the unpacker gets the download's (1 MiB) chunks as they are, never concatenated
+      const side = new PassThrough({ objectMode: true, highWaterMark: 8 });
+      let unpackFailed: unknown;
+      unpacking = store.layers.stage(desc.digest, side);
+      const settled = unpacking.then(
+        () => undefined,
+        (err: unknown) => {
+          unpackFailed = err;
+        },
+      );
+      source = (async function* () {
+        let ended = false;
+        try {
+          for await (const chunk of stream) {
+            // after a failed unpack the download still goes on to the end: if the blob does not match its
+            // digest, that (not the broken archive it made) is the error to report
+            if (unpackFailed === undefined && !side.destroyed && !side.write(chunk)) await Promise.race([once(side, 'drain'), settled]);
+            yield chunk;
+          }
+          side.end();
+          ended = true;
+        } finally {
+          if (!ended) side.destroy(new Error('the blob download stopped'));
+        }
+      })();
     }
+    let ingestErr: unknown;
+    try {
+      await store.content.ingest(source, { digest: desc.digest, size: desc.size });
+    } catch (err) {
+      ingestErr = err instanceof FlotillaError && err.code === 'INVALID_ARGUMENT'
+        ? new FlotillaError('INVALID_ARGUMENT', `registry ${client.registry}: blob ${desc.digest} of ${repository} refused: ${err.message}`)
+        : err;
+    }
+    if (unpacking) {
+      try {
+        staged = await unpacking;
+      } catch (err) {
+        // the download's failure is the cause if there was one; else the layer itself is bad (the blob,
+        // committed by now, is removed by the caller's cleanup like any other blob of a failed pull)
+        throw ingestErr ?? err;
+      }
+      if (ingestErr !== undefined) {
+        await store.layers.discard([staged]);
+        staged = undefined;
+      }
+    }
+    if (ingestErr !== undefined) throw ingestErr;
   })().finally(() => map.delete(desc.digest));
   map.set(desc.digest, p);
   await p;
-  return 'fetched';
+  return staged ?? 'fetched';
 }
 
 /**
@@ -337,17 +407,32 @@ export async function pull(refIn: string | Reference, store: ImageStore, opts: P
         throw new FlotillaError('INVALID_ARGUMENT', `image ${familiarString(ref)}: config ${manifest.config.digest} is not valid JSON: ${errorMessage(err)}`);
       }
       for (const l of manifest.layers) progress?.({ id: l.digest, kind: 'layer', status: 'waiting', current: 0, total: l.size });
-      await mapLimit(manifest.layers, opts.concurrency ?? 3, async (l) => {
-        pin(l.digest);
-        const how = await fetchBlob(client, store, ref.repository, l, 'layer', progress);
-        if (how === 'exists' && (await store.layers.has(l.digest))) {
-          progress?.({ id: l.digest, kind: 'layer', status: 'exists', total: l.size });
-          return;
-        }
-        progress?.({ id: l.digest, kind: 'layer', status: 'extracting', total: l.size });
-        await store.layers.prepare(l.digest);
-        progress?.({ id: l.digest, kind: 'layer', status: 'complete', total: l.size });
-      });
+      // layers are downloaded and unpacked at once (opts.concurrency of them at a time); the unpacked
+      // layers are made durable and visible together at the end, with one file system sync
+      const staged: StagedLayer[] = [];
+      try {
+        await mapLimit(manifest.layers, opts.concurrency ?? 3, async (l) => {
+          pin(l.digest);
+          const how = await fetchAndStage(client, store, ref.repository, l, 'layer', progress, !(await store.layers.has(l.digest)));
+          if (typeof how === 'object') {
+            staged.push(how);
+            progress?.({ id: l.digest, kind: 'layer', status: 'extracting', total: l.size });
+            return;
+          }
+          if (how === 'exists' && (await store.layers.has(l.digest))) {
+            progress?.({ id: l.digest, kind: 'layer', status: 'exists', total: l.size });
+            return;
+          }
+          // the blob was here (or fetched by a concurrent pull) but not unpacked
+          progress?.({ id: l.digest, kind: 'layer', status: 'extracting', total: l.size });
+          await store.layers.prepare(l.digest);
+          progress?.({ id: l.digest, kind: 'layer', status: 'complete', total: l.size });
+        });
+        await store.layers.commit(staged);
+      } finally {
+        await store.layers.discard(staged);
+      }
+      for (const l of manifest.layers) if (staged.some((s) => s.digest === l.digest)) progress?.({ id: l.digest, kind: 'layer', status: 'complete', total: l.size });
       pin(resolved.manifestDigest);
       await store.content.writeBytes(resolved.manifestBytes, { digest: resolved.manifestDigest });
       return { manifestDigest: resolved.manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers, config, repoDigests: [repoDigest] };
