@@ -15,6 +15,23 @@ import {
 } from '../gen/flotilla/v1/objects.js';
 import { shortId } from '../common/ids.js';
 import { protocolName } from '../manager/allocator/ports.js';
+import { familiarName, parseReference } from '../common/imageref.js';
+
+/**
+ * The IMAGE cell of the tables. A pinned "name:tag@sha256:<64 hex>" is long: `service ls` shows
+ * "name:tag" as Docker's does; `service ps` (digest: 'short') keeps the pin visible with the digest's
+ * first 12 hex digits, as IDs are shortened. --no-trunc, --format json and inspect show it whole.
+ */
+export function imageCell(image: string, trunc = true, digest: 'none' | 'short' = 'none'): string {
+  if (!trunc) return image;
+  try {
+    const ref = parseReference(image);
+    if (ref.tag === undefined || ref.digest === undefined) return image;
+    return `${familiarName(ref)}:${ref.tag}${digest === 'short' ? `@${ref.digest.slice(0, 19)}` : ''}`;
+  } catch {
+    return image;
+  }
+}
 
 export const taskStateName = (s: TaskState): string => TaskState[s]?.replace('TASK_STATE_', '').toLowerCase() ?? String(s);
 export const availabilityName = (a: NodeAvailability | undefined): string =>

@@ -21,7 +21,7 @@ import { applyUpdate, waitForUpdate, type UpdateFlags } from '../update.js';
 import { formatPorts } from '../../manager/allocator/ports.js';
 import { diffSpecs } from '../../manager/controlapi/diff.js';
 import { isUp } from '../../manager/orchestrator/update.js';
-import { renderTemplate, serviceJson, serviceModeName, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
+import { imageCell, renderTemplate, serviceJson, serviceModeName, taskJson, taskName, taskStateName, updateStateName, healthName } from '../format.js';
 import { action, checkFormat, checkFormatOrTemplate, collect, printJson, table, timeAgo, ExitError } from '../util.js';
 import { isJobService, jobProgress } from '../../manager/orchestrator/jobs.js';
 import { serviceFilter, taskFilter } from '../filters.js';
@@ -122,7 +122,7 @@ export function printTasks(tasks: Task[], nodes: Map<string, Node>, opts: TaskLi
     return {
       ID: trunc ? shortId(t.id) : t.id,
       Name: shown,
-      Image: t.spec?.container?.image ?? '',
+      Image: imageCell(t.spec?.container?.image ?? '', trunc, 'short'),
       Node: nodes.get(t.nodeId)?.description?.hostname ?? '',
       DesiredState: cap(taskStateName(t.desiredState)),
       // a task getting its image shows the progress (e.g. "Preparing (fetching from h1: 1/3 layers, 12.0MiB/40.0MiB) 2 seconds ago")
@@ -232,7 +232,7 @@ export function register(program: Command): void {
           Name: r.s.spec?.name ?? '',
           Mode: serviceModeName(r.s.spec?.mode).replace('-', ' '),
           Replicas: r.replicas,
-          Image: r.s.spec?.task?.container?.image ?? '',
+          Image: imageCell(r.s.spec?.task?.container?.image ?? ''),
           Ports: formatPorts(r.s.endpoint?.ports ?? []),
           UpdateStatus: r.s.updateStatus ? updateStateName(r.s.updateStatus.state) : '',
         }));

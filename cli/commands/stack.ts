@@ -14,23 +14,22 @@ import type {
   GetConfigResponse,
   ListConfigsResponse,
   ListNetworksResponse,
-  ListNodesResponse,
   ListSecretsResponse,
   ListServicesResponse,
   ListTasksResponse,
   UpdateServiceResponse,
 } from '../../gen/flotilla/v1/control.js';
-import { ServiceMode, TaskState, type Node, type Service, type Task } from '../../gen/flotilla/v1/objects.js';
+import { ServiceMode, TaskState, type Service } from '../../gen/flotilla/v1/objects.js';
 import { shortId } from '../../common/ids.js';
 import { parseDuration } from '../../common/units.js';
 import { isUp } from '../../manager/orchestrator/update.js';
 import { formatPorts } from '../../manager/allocator/ports.js';
 import { withControl, type Control } from '../client.js';
-import { serviceJson, taskJson, taskName, taskStateName } from '../format.js';
+import { imageCell, serviceJson } from '../format.js';
 import { ComposeError, loadCompose } from '../stack/compose.js';
 import { STACK_LABEL, STACK_NAME_RE, translateStack, type StackPlan } from '../stack/translate.js';
-import { action, checkFormat, collect, ExitError, printJson, table, timeAgo } from '../util.js';
-import { hostOption } from './service.js';
+import { action, checkFormat, collect, ExitError, printJson, table } from '../util.js';
+import { hostOption, nodeMap, printTasks, type TaskListOpts } from './service.js';
 
 const inStack = (stack: string) => (o: { spec?: { labels: Record<string, string> } }) => o.spec?.labels[STACK_LABEL] === stack;
 
@@ -188,11 +187,6 @@ async function deploy(stack: string, opts: DeployFlags): Promise<void> {
   });
 }
 
-async function nodeMap(c: Control): Promise<Map<string, Node>> {
-  const { nodes } = await c.call<unknown, ListNodesResponse>('listNodes', {});
-  return new Map(nodes.map((n) => [n.id, n] as const));
-}
-
 /** As Docker's MODE column. */
 const MODE_NAMES: Record<number, string> = {
   [ServiceMode.SERVICE_MODE_REPLICATED]: 'replicated',
@@ -200,8 +194,6 @@ const MODE_NAMES: Record<number, string> = {
   [ServiceMode.SERVICE_MODE_REPLICATED_JOB]: 'replicated job',
   [ServiceMode.SERVICE_MODE_GLOBAL_JOB]: 'global job',
 };
-
-const cap = (s: string): string => s.charAt(0).toUpperCase() + s.slice(1);
 
 function portsCell(s: Service): string {
   return formatPorts(s.endpoint?.ports ?? []);
@@ -270,7 +262,7 @@ export function register(program: Command): void {
             services.map((s) => {
               const global = s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL || s.spec?.mode === ServiceMode.SERVICE_MODE_GLOBAL_JOB;
               const want = global ? (desired.get(s.id) ?? 0) : (s.spec?.replicas ?? 0);
-              return [shortId(s.id), s.spec?.name ?? '', MODE_NAMES[s.spec?.mode ?? 0] ?? '', `${running.get(s.id) ?? 0}/${want}`, s.spec?.task?.container?.image ?? '', portsCell(s)];
+              return [shortId(s.id), s.spec?.name ?? '', MODE_NAMES[s.spec?.mode ?? 0] ?? '', `${running.get(s.id) ?? 0}/${want}`, imageCell(s.spec?.task?.container?.image ?? ''), portsCell(s)];
             }),
           ),
         );
@@ -283,48 +275,18 @@ export function register(program: Command): void {
       .command('ps')
       .description('List the tasks in the stack')
       .argument('<stack>')
-      .option('--format <format>', 'table or json')
+      .option('--format <format>', 'table, json or a template')
       .option('-q, --quiet', 'only task ids')
       .option('--no-trunc', 'do not truncate output'),
   ).action(
-    action(async (name: string, opts: { host?: string; format?: string; quiet?: boolean; trunc?: boolean }) => {
-      const format = checkFormat(opts.format);
+    action(async (name: string, opts: TaskListOpts) => {
       checkStackName(name);
       await withControl(opts.host, async (c) => {
         const services = await stackServices(c, name);
         if (services.length === 0) throw new ExitError(1, `nothing found in stack: ${name}`);
         const ids = new Set(services.map((s) => s.id));
-        const nodes = await nodeMap(c);
         const { tasks: all } = await c.call<unknown, ListTasksResponse>('listTasks', { serviceId: '', nodeId: '', desiredRunning: false });
-        const tasks: Task[] = all.filter((t) => ids.has(t.serviceId));
-        tasks.sort(
-          (a, b) => a.serviceName.localeCompare(b.serviceName) || a.slot - b.slot || a.nodeId.localeCompare(b.nodeId) || (b.meta?.createdAt ?? 0) - (a.meta?.createdAt ?? 0),
-        );
-        if (opts.quiet) return void process.stdout.write(tasks.map((t) => `${t.id}\n`).join(''));
-        if (format === 'json') return printJson(tasks.map((t) => taskJson(t, nodes)));
-        const trunc = opts.trunc !== false;
-        let prev = '';
-        process.stdout.write(
-          table(
-            ['ID', 'NAME', 'IMAGE', 'NODE', 'DESIRED STATE', 'CURRENT STATE', 'ERROR', 'PORTS'],
-            tasks.map((t) => {
-              const tn = taskName(t, nodes);
-              const shown = tn === prev ? ` \\_ ${tn}` : tn;
-              prev = tn;
-              const err = t.status?.err ?? '';
-              return [
-                trunc ? shortId(t.id) : t.id,
-                shown,
-                t.spec?.container?.image ?? '',
-                nodes.get(t.nodeId)?.description?.hostname ?? '',
-                cap(taskStateName(t.desiredState)),
-                `${cap(taskStateName(t.status?.state ?? 0))} ${timeAgo(t.status?.timestamp ?? 0)}`,
-                trunc && err.length > 80 ? `"${err.slice(0, 77)}…"` : err ? `"${err}"` : '',
-                '',
-              ];
-            }),
-          ),
-        );
+        printTasks(all.filter((t) => ids.has(t.serviceId)), await nodeMap(c), opts);
       });
     }),
   );
