@@ -9,7 +9,7 @@ import { createLogger } from '../../common/log.js';
 import { MemoryStore } from '../store/store.js';
 import { MemoryProposer } from '../store/memory-proposer.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
-import { testSpec } from '../../testing/testutil.js';
+import { testNode, testSpec } from '../../testing/testutil.js';
 import { ControlApi } from './server.js';
 import { ingressNetwork } from './ingress.js';
 
@@ -65,5 +65,32 @@ describe('published ports in the control API', () => {
     await expect(api.createService({ spec: withPorts('web', [port(8080, 80)]), noResolveImage: false })).rejects.toThrow(/already exists/);
     await expect(api.createService({ spec: withPorts('bad', [port(8080, 80), port(8080, 81)]), noResolveImage: false })).rejects.toThrow('invalid publish "8080/tcp": published port given twice');
     expect(store.networks.size).toBe(0);
+  });
+});
+
+describe('createService checks before pinning', () => {
+  it('a duplicate name or a taken port is refused before a registry is asked for the digest', async () => {
+    const store = new MemoryStore(log);
+    store.setProposer(new MemoryProposer(store));
+    const asked: string[] = [];
+    const api = new ControlApi({
+      store,
+      // the one node has a real image store and reports no image of that name: pinning asks the registry
+      dispatcher: { localImageDigests: () => new Set<string>() } as unknown as Dispatcher,
+      leaderAddr: () => '',
+      readBarrier: async () => {},
+      resolveImage: async (ref) => {
+        asked.push(ref);
+        return `sha256:${'a'.repeat(64)}`;
+      },
+    });
+    const node = testNode('h1');
+    await store.update((tx) => tx.create('node', { ...node, description: { ...node.description!, runtime: 'runc' } }));
+    const { service } = await api.createService({ spec: withPorts('web', [port(8080, 80)]), noResolveImage: false });
+    expect(service!.spec!.task!.container!.image).toBe(`busybox:latest@sha256:${'a'.repeat(64)}`);
+    expect(asked).toHaveLength(1);
+    await expect(api.createService({ spec: testSpec('web', 1), noResolveImage: false })).rejects.toThrow(/already exists/);
+    await expect(api.createService({ spec: withPorts('thief', [port(8080, 80)]), noResolveImage: false })).rejects.toThrow(/already used by service web/);
+    expect(asked).toHaveLength(1);
   });
 });

@@ -226,13 +226,15 @@ export class ControlApi {
   async createService(req: CreateServiceRequest): Promise<CreateServiceResponse> {
     const given = validateServiceSpec(req.spec);
     stripIngress(this.store, given);
-    const spec = await this.pinned(resolveServiceNetworks(this.store, given), req.noResolveImage);
+    const resolved = resolveServiceNetworks(this.store, given);
     const id = newId();
-    // what would refuse the service is checked before the ingress network is made for it: its name,
-    // secrets and configs, a published port another service holds
-    if (this.store.serviceByName(spec.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(spec.name)} already exists`);
-    resolveReferences(new Tx(this.store), structuredClone(spec));
-    allocatePorts(id, spec.endpoint, [], this.store.listServices());
+    // what would refuse the service is checked before a registry is asked for the image's digest and
+    // before the ingress network is made for it: its name, secrets and configs, a published port
+    // another service holds
+    if (this.store.serviceByName(resolved.name)) throw new FlotillaError('ALREADY_EXISTS', `service ${JSON.stringify(resolved.name)} already exists`);
+    resolveReferences(new Tx(this.store), structuredClone(resolved));
+    allocatePorts(id, resolved.endpoint, [], this.store.listServices());
+    const spec = await this.pinned(resolved, req.noResolveImage);
     await followIngress(this.store, spec);
     const now = Date.now();
     await this.store.update((tx) => {
