@@ -69,7 +69,32 @@ export function nodeJson(n: Node, leaderAddr?: string): Record<string, unknown> 
   };
 }
 
-export function taskJson(t: Task, nodes: Map<string, Node>): Record<string, unknown> {
+/** A task as `service ps/node ps/stack ps --format json` print it. */
+export interface TaskJson {
+  id: string;
+  name: string;
+  serviceId: string;
+  service: string;
+  slot: number;
+  nodeId: string;
+  node: string;
+  image: string;
+  state: string;
+  desiredState: string;
+  message: string;
+  error: string;
+  exitCode: number;
+  oomKilled: boolean;
+  health: string;
+  containerId: string;
+  specVersion: number;
+  jobIteration: number;
+  networks: Array<{ networkId: string; addresses: string[]; aliases: string[] }>;
+  stateSince: string;
+  createdAt: string;
+}
+
+export function taskJson(t: Task, nodes: Map<string, Node>): TaskJson {
   return {
     id: t.id,
     name: taskName(t, nodes),

@@ -6,19 +6,12 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
-import { importBusybox } from './helpers/busybox.js';
+import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor, startRuncNode } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { cgroupMismatches, flotillaCgroups, mountsUnder, processAlive } from './helpers/runtime-debris.js';
 import { runRootOf } from '../agent/runtime/containers.js';
 
-interface TaskJ {
-  id: string;
-  slot: number;
-  state: string;
-  desiredState: string;
-  containerId: string;
-  error: string;
-}
+type TaskJ = TaskJson;
 
 const skip = !isRoot() || !builtCli();
 
@@ -29,9 +22,7 @@ describe.skipIf(skip)('e2e on runc (needs root)', () => {
   const running = async (svc: string) => (await cliJson<TaskJ[]>(['service', 'ps', svc], c.env)).filter((t) => t.desiredState === 'running' && t.state === 'running');
 
   beforeAll(async () => {
-    await importBusybox(dataDir);
-    await c.startManager({ agent: true, runtime: 'runc' });
-    await waitFor('the node is ready', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env))[0]?.status === 'ready');
+    await startRuncNode(c);
   });
   afterAll(async () => {
     // stops the daemon (SIGKILL after a deadline), removes any container the tests left before the data dir

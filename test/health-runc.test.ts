@@ -12,23 +12,14 @@ import path from 'node:path';
 import * as tar from 'tar';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { buildBusyboxRootfs, importBusybox } from './helpers/busybox.js';
 import { processAlive } from './helpers/runtime-debris.js';
 import { Control, hostTarget } from '../cli/client.js';
 import type { GetServiceResponse, ListTasksResponse } from '../gen/flotilla/v1/control.js';
 import { HealthState, TaskState } from '../gen/flotilla/v1/objects.js';
 
-interface TaskJ {
-  id: string;
-  slot: number;
-  image: string;
-  state: string;
-  desiredState: string;
-  error: string;
-  health: string;
-  containerId: string;
-  createdAt: string;
-}
+type TaskJ = TaskJson;
 interface ServiceJ {
   version: number;
   updateStatus: { state: string; message: string } | null;

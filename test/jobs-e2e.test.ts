@@ -8,19 +8,10 @@
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { importBusybox } from './helpers/busybox.js';
 
-interface TaskJ {
-  id: string;
-  name: string;
-  service: string;
-  slot: number;
-  node: string;
-  state: string;
-  desiredState: string;
-  exitCode: number;
-  jobIteration: number;
-}
+type TaskJ = TaskJson;
 
 const skip = !isRoot() || !builtCli();
 

@@ -21,16 +21,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, TestCluster, builtCli, cli, cliJson, isRoot, waitFor, type CliResult } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { importBusybox } from './helpers/busybox.js';
 
-interface TaskJ {
-  id: string;
-  state: string;
-  desiredState: string;
-  containerId: string;
-  node: string;
-  error: string;
-}
+type TaskJ = TaskJson;
 
 const TMPFS_MAGIC = 0x01021994;
 const skip = !isRoot() || !builtCli();

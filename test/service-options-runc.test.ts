@@ -11,17 +11,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor, type CliResult } from './helpers/procs.js';
-import { importBusybox } from './helpers/busybox.js';
+import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor, type CliResult, startRuncNode } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 
-interface TaskJ {
-  id: string;
-  slot: number;
-  state: string;
-  desiredState: string;
-  containerId: string;
-  error: string;
-}
+type TaskJ = TaskJson;
 
 const skip = !isRoot() || !builtCli();
 
@@ -48,9 +41,7 @@ describe.skipIf(skip)('service container options on real runc (needs root)', () 
   beforeAll(async () => {
     fs.mkdirSync(out, { mode: 0o777 });
     fs.writeFileSync(envFile, '# app settings\nFROM_FILE=yes\n\nOVERRIDDEN=file\n');
-    await importBusybox(dataDir);
-    await c.startManager({ agent: true, runtime: 'runc' });
-    await waitFor('the node is ready', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env))[0]?.status === 'ready');
+    await startRuncNode(c);
   }, 60_000);
   afterAll(async () => {
     await cli(['service', 'rm', 'opts'], c.env).catch(() => undefined);

@@ -158,7 +158,7 @@ describe.skipIf(skip)('stack deploy on real runc (needs root)', () => {
     expect(table.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+MODE\s+REPLICAS\s+IMAGE\s+PORTS$/);
     expect(table.stdout).toMatch(/st_web\s+replicated\s+2\/2\s+busybox:latest/);
     const ps = await cli(['stack', 'ps', 'st']);
-    expect(ps.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+IMAGE\s+NODE\s+DESIRED STATE\s+CURRENT STATE\s+ERROR\s+PORTS$/);
+    expect(ps.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+IMAGE\s+NODE\s+DESIRED STATE\s+CURRENT STATE\s+HEALTH\s+ERROR$/);
     expect(ps.stdout.match(/Running/g)?.length).toBeGreaterThanOrEqual(3);
     const none = await cli(['stack', 'ps', 'nope']);
     expect([none.code, none.stderr]).toEqual([1, 'flotilla: nothing found in stack: nope\n']);

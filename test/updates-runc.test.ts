@@ -9,18 +9,11 @@ import { readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { importBusybox } from './helpers/busybox.js';
 import { cgroupMismatches, processAlive, processEnv } from './helpers/runtime-debris.js';
 
-interface TaskJ {
-  id: string;
-  slot: number;
-  node: string;
-  state: string;
-  desiredState: string;
-  health: string;
-  containerId: string;
-}
+type TaskJ = TaskJson;
 interface ContainerJ {
   state: string;
   pid: number;

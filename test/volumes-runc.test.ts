@@ -12,18 +12,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor } from './helpers/procs.js';
-import { importBusybox } from './helpers/busybox.js';
+import { TestCluster, builtCli, cli, cliJson, isRoot, waitFor, startRuncNode } from './helpers/procs.js';
+import type { TaskJson } from '../cli/format.js';
 import { mountsUnder } from './helpers/runtime-debris.js';
 
-interface TaskJ {
-  id: string;
-  slot: number;
-  state: string;
-  desiredState: string;
-  containerId: string;
-  error: string;
-}
+type TaskJ = TaskJson;
 
 const skip = !isRoot() || !builtCli();
 
@@ -41,9 +34,7 @@ describe.skipIf(skip)('volumes and mounts on real runc (needs root)', () => {
   const lines = () => (fs.existsSync(logFile()) ? fs.readFileSync(logFile(), 'utf8').trim().split('\n').length : 0);
 
   beforeAll(async () => {
-    await importBusybox(dataDir);
-    await c.startManager({ agent: true, runtime: 'runc' });
-    await waitFor('the node is ready', async () => (await cliJson<Array<{ status: string }>>(['node', 'ls'], c.env))[0]?.status === 'ready');
+    await startRuncNode(c);
   }, 60_000);
   afterAll(async () => {
     await cli(['service', 'rm', 'db', 'badbind'], c.env).catch(() => undefined);

@@ -202,3 +202,21 @@ export class TestCluster {
     if (problems.length) throw new Error(`cleanup: ${problems.join('; ')}`);
   }
 }
+
+/** Waits until `n` nodes of the cluster are ready (`node ls`). */
+export async function waitNodesReady(c: TestCluster, n: number, timeoutMs = 30_000): Promise<void> {
+  await waitFor(`${n} ready node(s)`, async () => (await cliJson<Array<{ status: string }>>(['node', 'ls', '--format', 'json'], c.env)).filter((x) => x.status === 'ready').length >= n, timeoutMs);
+}
+
+/**
+ * A one-node cluster on real runc: busybox:latest imported into the node's data dir, the manager with
+ * its in-process agent started, the node ready. Returns the data dir (for `--data-dir` commands).
+ */
+export async function startRuncNode(c: TestCluster, name = 'm1'): Promise<string> {
+  const dataDir = path.join(c.root, name);
+  const { importBusybox } = await import('./busybox.js');
+  await importBusybox(dataDir);
+  await c.startManager({ name, agent: true, runtime: 'runc' });
+  await waitNodesReady(c, 1);
+  return dataDir;
+}
