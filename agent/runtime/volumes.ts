@@ -55,6 +55,10 @@ export interface VolumeCreateOptions {
 /** Who uses which volume: the runtime answers from its container records. */
 export type VolumeUsers = () => Promise<Map<string, string[]>>;
 
+function inUse(name: string, users: string[]): FlotillaError {
+  return new FlotillaError('FAILED_PRECONDITION', `volume ${name} is in use by container ${users.join(', ')}: remove the container first`);
+}
+
 export class VolumeStore {
   readonly dir: string;
 
@@ -176,13 +180,29 @@ export class VolumeStore {
     return r;
   }
 
-  /** Removes the volume's directory (and unmounts its file system) without asking who uses it. */
-  private async destroy(name: string): Promise<void> {
+  /**
+   * Removes the volume's directory and unmounts its file system. The directory is renamed away first, so
+   * a half-removed volume is never seen as a volume. With `checkUsers`, who uses the volume is asked
+   * again once it is renamed away: a container create writes its record (naming its volumes) before it
+   * takes the volume, so a create that raced past the caller's first check is seen here, and the volume
+   * is put back (FAILED_PRECONDITION). A create that comes after the rename finds no volume and makes a
+   * new one, as if it came after the removal.
+   */
+  private async destroy(name: string, checkUsers = false): Promise<void> {
     const dir = this.volDir(name);
-    await unmount(path.join(dir, '_data'));
-    // renamed away first: a half-removed volume is never seen as a volume
     const gone = path.join(this.dir, `${TEMP_PREFIX}${tempName()}`);
     await fs.rename(dir, gone);
+    if (checkUsers) {
+      const users = (await this.users()).get(name) ?? [];
+      if (users.length > 0) {
+        const back = await fs.rename(gone, dir).then(
+          () => true,
+          () => false, // that create made a new volume after the rename: this one goes, as if removed first
+        );
+        if (back) throw inUse(name, users);
+      }
+    }
+    await unmount(path.join(gone, '_data'));
     await fs.rm(gone, { recursive: true, force: true, maxRetries: 3 });
   }
 
@@ -191,10 +211,8 @@ export class VolumeStore {
     this.checkName(name);
     if (!(await this.readMeta(name))) throw notFound('volume', name);
     const users = (await this.users()).get(name) ?? [];
-    if (users.length > 0 && !force) {
-      throw new FlotillaError('FAILED_PRECONDITION', `volume ${name} is in use by container ${users.join(', ')}: remove the container first`);
-    }
-    await this.destroy(name);
+    if (users.length > 0 && !force) throw inUse(name, users);
+    await this.destroy(name, !force);
   }
 
   /** Removes the volumes no container references (anonymous ones only unless all); returns their names. */
@@ -204,7 +222,13 @@ export class VolumeStore {
     for (const v of await this.list()) {
       if ((users.get(v.name) ?? []).length > 0) continue;
       if (!all && !v.anonymous) continue;
-      await this.destroy(v.name);
+      try {
+        await this.destroy(v.name, true);
+      } catch (err) {
+        // taken by a container created meanwhile: not unused any more
+        if (err instanceof FlotillaError && err.code === 'FAILED_PRECONDITION') continue;
+        throw err;
+      }
       out.push(v.name);
     }
     return out;
