@@ -45,7 +45,7 @@ export function register(program: Command): void {
     .option('--token-file <path>', 'read the manager join token from this file, with --join (keeps it out of `ps`)')
     .option('--token <token>', 'the manager join token, with --join; visible to every user in `ps`: prefer --token-file or env FLOTILLA_TOKEN')
     .option('--autolock', 'a new cluster starts with autolock: a restarted manager stays locked until `flotilla cluster unlock` (see `flotilla cluster unlock-key`)')
-    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 90d, 12h, 5m; at least 1m)', '90d')
+    .option('--cert-expiry <duration>', 'node certificate lifetime, for a new cluster (e.g. 90d, 12h, 5m; at least 30s)', '90d')
     .option('--force-new-cluster', 'restart this manager as a new one-manager cluster with all its state (quorum loss recovery)')
     .option('--default-addr-pool <cidr>', 'a new cluster\'s address pool for overlay network subnets (default 10.0.0.0/8)')
     .option('--default-addr-pool-mask-length <n>', 'prefix length of the subnets taken from the pool (default 24)')
@@ -80,7 +80,7 @@ export function register(program: Command): void {
           const etcd = parseEtcdFlags(opts);
           if (etcd && opts.forceNewCluster) throw invalidArgument('--force-new-cluster', true, 'not with --store etcd (etcd keeps the state; restart the managers)');
           const certExpiryMs = parseCertExpiry(opts.certExpiry);
-          if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 1m');
+          if (certExpiryMs < MIN_CERT_EXPIRY_MS) throw invalidArgument('--cert-expiry', opts.certExpiry, 'must be at least 30s');
           let pool: { pool: string; mask: number } | undefined;
           if (opts.defaultAddrPool !== undefined || opts.defaultAddrPoolMaskLength !== undefined) {
             if (opts.join) throw invalidArgument('--default-addr-pool', opts.defaultAddrPool ?? '', 'only for the first manager (a joining manager gets the cluster\'s)');

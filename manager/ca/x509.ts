@@ -34,7 +34,7 @@ export const DAY_MS = 24 * 3600 * 1000;
 /** Default node certificate lifetime (Swarm's default too). */
 export const DEFAULT_CERT_EXPIRY_MS = 90 * DAY_MS;
 /** Shortest accepted --cert-expiry: tests use minutes; below this renewal would thrash. */
-export const MIN_CERT_EXPIRY_MS = 60 * 1000;
+export const MIN_CERT_EXPIRY_MS = 30 * 1000;
 /** Root CA lifetime. */
 export const ROOT_CA_EXPIRY_MS = 20 * 365 * DAY_MS;
 /** Certificates start this much in the past, so a peer whose clock is a little behind accepts them. */
