@@ -1,7 +1,8 @@
 /**
  * Image pull from a local registry: `flotilla image pull` (a CLI process into a fresh data dir: download,
- * verify, unpack every layer) beside `skopeo copy docker://... dir:...` (download and verify only) of the
- * same image, interleaved in the same run so that machine noise hits both alike.
+ * verify, unpack every layer) beside `skopeo copy docker://... dir:...` (download, verify, write and fsync
+ * each blob; no unpacking) of the same image, interleaved in the same run so that machine noise hits both
+ * alike.
  *
  *   npm run build && npm run bench:pull        (root: layers are unpacked with their owners; BENCH_N rounds, default 3)
  *

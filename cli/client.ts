@@ -9,6 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import { ControlClient } from '../gen/flotilla/v1/control.js';
 import { readClientTls } from '../manager/ca/certstore.js';
 import { TLS_CHANNEL_OPTIONS, staticClientCredentials } from '../manager/ca/credentials.js';
+import { clientTlsFlags } from './tlsflags.js';
 
 export const DEFAULT_CONTROL_SOCKET = '/run/flotilla/control.sock';
 
@@ -20,24 +21,13 @@ export function hostTarget(host?: string): string {
   return h;
 }
 
-export interface ClientTlsFlags {
-  tlsdir?: string;
-  tlscacert?: string;
-  tlscert?: string;
-  tlskey?: string;
-}
-
-let tlsFlags: ClientTlsFlags = {};
-
-/** The TLS flags of this invocation (set once from the global options, before the command runs). */
-export function setClientTlsFlags(f: ClientTlsFlags): void {
-  tlsFlags = f;
-}
+export { type ClientTlsFlags, setClientTlsFlags } from './tlsflags.js';
 
 /** Credentials for a target: none over the unix socket, the admin client certificate over TCP. */
 export function credentialsFor(target: string): { creds: grpc.ChannelCredentials; options: grpc.ChannelOptions } {
   if (target.startsWith('unix:')) return { creds: grpc.credentials.createInsecure(), options: {} };
   const env = process.env;
+  const tlsFlags = clientTlsFlags();
   const dir = tlsFlags.tlsdir ?? env.FLOTILLA_TLS_DIR;
   const ca = tlsFlags.tlscacert ?? env.FLOTILLA_TLS_CACERT;
   const cert = tlsFlags.tlscert ?? env.FLOTILLA_TLS_CERT;

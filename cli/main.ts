@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
 import { registerCommands } from './commands/index.js';
-import { type ClientTlsFlags, setClientTlsFlags } from './client.js';
+// not ./client.js: that loads gRPC and X.509, which most commands load later only if they need them
+import { type ClientTlsFlags, setClientTlsFlags } from './tlsflags.js';
 
 // `flotilla ... | head`: a closed pipe ends the command quietly
 for (const out of [process.stdout, process.stderr]) {
