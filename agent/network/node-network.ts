@@ -12,7 +12,9 @@
  *   static entries, from the NetworkViews the manager sends (there is no gossip):
  *     bridge fdb 00:00:00:00:00:00 dev fl-vx-N dst NODE     per remote node (broadcasts, unknown unicast)
  *     bridge fdb MAC dev fl-vx-N dst NODE                   per remote task
- *     ip neigh IP lladdr MAC dev fl-br-N nud permanent      per remote task
+ *     ip neigh IP lladdr MAC dev fl-br-N nud permanent      per task, local ones too (the node never
+ *                                                          ARPs for them: such a request would be
+ *                                                          flooded to every node's tasks)
  *   where MAC = macOf(IP) (02:42:<IPv4 bytes>), the MAC each node gives its own task interfaces.
  *
  * Per task: a network namespace bind-mounted at <stateDir>/netns/<task id> (runc joins it by path), CNI
@@ -404,6 +406,18 @@ export class NodeNetwork implements TaskNetwork {
     const wantNeigh = new Map<string, string>(); // ip -> mac
     const nodes = new Set<string>();
     for (const p of view?.peers ?? []) {
+      if (p.address && !p.nodeAddress && this.isLocal(p)) {
+        // a local task: its neighbour entry too (its MAC follows from its address), so that the node
+        // never ARPs for it: such a request ("who has X, tell GATEWAY") is flooded over the VXLAN
+        // device to every node's tasks, as the bridge does not know X yet
+        try {
+          const ip = parseCidr(p.address, 'peer address').ip;
+          wantNeigh.set(ip, macOf(ip));
+        } catch {
+          // ignored below as well
+        }
+        continue;
+      }
       if (!p.address || !p.nodeAddr || this.isLocal(p)) continue;
       let ip: string;
       let dst: string;
