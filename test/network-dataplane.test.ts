@@ -123,6 +123,13 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
     const brMac = JSON.parse((await inNs(hostNs(1), ['ip', '-j', 'link', 'show', 'fl-br-4101'])).stdout)[0].address;
     const neigh = JSON.parse((await inNs(nsOf('t2'), ['ip', '-j', 'neigh', 'show', '10.77.1.1'])).stdout) as { lladdr: string }[];
     expect(neigh.map((n) => n.lladdr)).toEqual([brMac]);
+    // h1 ARPs for an address its bridge does not know: "who has 10.77.1.99, tell 10.77.1.1" from h1's
+    // bridge MAC, flooded over the overlay to t2 on h2; t2's gateway entry must not move to h1 (its
+    // replies routed through the gateway would leave through the wrong node: docs/networking.md)
+    await new Promise((r) => setTimeout(r, 1100)); // past the neighbour entry's locktime (1 s)
+    await ping(hostNs(0), '10.77.1.99', 1);
+    const pinned = JSON.parse((await inNs(nsOf('t2'), ['ip', '-j', 'neigh', 'show', '10.77.1.1'])).stdout) as { lladdr: string; state: string[] }[];
+    expect(pinned).toEqual([expect.objectContaining({ lladdr: brMac, state: ['PERMANENT'] })]);
   });
 
   it('isolates networks: a task on A cannot reach one only on B', async () => {

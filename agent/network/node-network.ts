@@ -12,7 +12,9 @@
  *   static entries, from the NetworkViews the manager sends (there is no gossip):
  *     bridge fdb 00:00:00:00:00:00 dev fl-vx-N dst NODE     per remote node (broadcasts, unknown unicast)
  *     bridge fdb MAC dev fl-vx-N dst NODE                   per remote task
- *     ip neigh IP lladdr MAC dev fl-br-N nud permanent      per remote task
+ *     ip neigh IP lladdr MAC dev fl-br-N nud permanent      per task, local ones too (the node never
+ *                                                          ARPs for them: such a request would be
+ *                                                          flooded to every node's tasks)
  *   where MAC = macOf(IP) (02:42:<IPv4 bytes>), the MAC each node gives its own task interfaces.
  *
  * Per task: a network namespace bind-mounted at <stateDir>/netns/<task id> (runc joins it by path), CNI
@@ -139,6 +141,8 @@ export class NodeNetwork implements TaskNetwork {
   private ingressReady = '';
   /** UDP backends per published port in the table last applied ("5353" -> addresses) */
   private udpBackends = new Map<number, string[]>();
+  /** the task addresses in the ingress view last applied (undefined: none seen yet) */
+  private ingressPeers: Set<string> | undefined;
   /** the published-ports table last applied ('' = none) */
   private portsApplied = 'unknown: an earlier agent process may have left one';
 
@@ -318,6 +322,7 @@ export class NodeNetwork implements TaskNetwork {
       await this.cmd('sysctl', ['-qw', 'net.ipv4.ip_forward=1', `net.ipv4.conf.${br}.route_localnet=1`], true);
       this.ingressReady = ready;
     });
+    await this.forgetGoneBackends(view);
     const { rules, remote } = portRules(view, (p) => this.isLocal(p), !!mine);
     const text = renderPorts(rules, remote, br, mine ? parseCidr(mine, 'node ingress address').ip : undefined);
     if (text === this.portsApplied) return;
@@ -346,6 +351,26 @@ export class NodeNetwork implements TaskNetwork {
       }
     }
     this.udpBackends = now;
+  }
+
+  /**
+   * A task that left the ingress view altogether (stopped, failed, its node down) has no connection to
+   * serve any more: this node's conntrack entries towards its address are deleted, so that a client
+   * still sending on such a connection gets a reset (its next packet is a new connection to a live
+   * backend, which has no such socket) instead of retransmitting into nothing for minutes. A task that
+   * only left the port rules (stopping, unhealthy) keeps its connections: they drain.
+   */
+  private async forgetGoneBackends(view: NetworkView): Promise<void> {
+    const now = new Set<string>();
+    for (const p of view.peers) if (!p.nodeAddress && p.address) now.add(p.address.split('/')[0]!);
+    const before = this.ingressPeers;
+    this.ingressPeers = now;
+    if (!before) return; // first view after start: nothing known to have left
+    for (const ip of before) {
+      if (now.has(ip)) continue;
+      // exit 1 when no entry matched: nothing to do
+      await this.cmd('conntrack', ['-D', '-p', 'tcp', '--reply-src', ip], true);
+    }
   }
 
   /** The networks whose bridge or VXLAN device exists on this node, by VXLAN id. */
@@ -381,6 +406,18 @@ export class NodeNetwork implements TaskNetwork {
     const wantNeigh = new Map<string, string>(); // ip -> mac
     const nodes = new Set<string>();
     for (const p of view?.peers ?? []) {
+      if (p.address && !p.nodeAddress && this.isLocal(p)) {
+        // a local task: its neighbour entry too (its MAC follows from its address), so that the node
+        // never ARPs for it: such a request ("who has X, tell GATEWAY") is flooded over the VXLAN
+        // device to every node's tasks, as the bridge does not know X yet
+        try {
+          const ip = parseCidr(p.address, 'peer address').ip;
+          wantNeigh.set(ip, macOf(ip));
+        } catch {
+          // ignored below as well
+        }
+        continue;
+      }
       if (!p.address || !p.nodeAddr || this.isLocal(p)) continue;
       let ip: string;
       let dst: string;
@@ -600,6 +637,7 @@ export class NodeNetwork implements TaskNetwork {
           });
           a.result = await cniAdd(this.cniList(a), { containerId: taskId, netns, ifname: a.ifname, capabilityArgs: { mac: a.mac } }, this.cniOpts());
           await this.writeRecord(rec);
+          await this.pinGateway(netns, a);
         }
         // the VIP table in the task's namespace, before its container runs
         await this.opts.discovery?.attachTask(taskId, netns, plan.map((a) => a.networkId));
@@ -610,6 +648,22 @@ export class NodeNetwork implements TaskNetwork {
         throw err;
       }
     });
+  }
+
+  /**
+   * The task's neighbour entry for its gateway, permanent, with this node's bridge MAC. Every node's
+   * bridge holds the gateway address, and a node that ARPs for an address its bridge does not know yet
+   * (its own new task, say) sends "who has X, tell GATEWAY" from its own bridge MAC, flooded over the
+   * VXLAN device to every node's tasks; a task that learned that MAC sent its replies to the other
+   * node, where no conntrack entry un-NATs them: connections the mesh sent to a task on the receiving
+   * node (no SNAT) stalled (a lost SYN-ACK, a FIN that never arrived). A permanent entry is never
+   * replaced by ARP.
+   */
+  private async pinGateway(netns: string, a: NetAttachRecord): Promise<void> {
+    if (!a.gateway) return;
+    const mac = bridgeMac(this.opts.localAddr, a.vni);
+    const r = await execInWorker('nsenter', [`--net=${netns}`, '--', 'ip', 'neigh', 'replace', a.gateway, 'lladdr', mac, 'dev', a.ifname, 'nud', 'permanent'], { timeoutMs: 10_000 });
+    if (r.code !== 0) throw new FlotillaError('INTERNAL', `pinning the gateway ${a.gateway} of ${a.ifname}: ${r.stderr.trim() || r.error}`);
   }
 
   /** CNI CHECK of every network of the task (the plugins verify the interface and its addresses). */

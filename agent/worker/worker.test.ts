@@ -12,6 +12,7 @@ import { LABEL_SERVICE_ID, LABEL_SERVICE_NAME, LABEL_SLOT, LABEL_TASK_ID, contai
 import { SimRuntime, type SimRuntimeOptions } from './sim.js';
 import { StatusQueue } from './status.js';
 import { Worker } from './worker.js';
+import type { TaskNetwork } from '../network/node-network.js';
 import { waitFor as poll } from '../../test/helpers/wait.js';
 
 const waitFor = (what: string, fn: () => boolean | Promise<boolean>, ms = 5000): Promise<boolean> => poll(what, fn, ms, 10);
@@ -263,6 +264,43 @@ describe('worker over the sim runtime', () => {
     expect(rec.states(c.id)).not.toContain(S.TASK_STATE_SHUTDOWN);
     expect(worker.taskIds()).toEqual([b.id]);
     expect(rt.size).toBe(1);
+  });
+
+  it('drains a ready task on an overlay network before its stop signal: views applied first, SIGTERM after the drain delay', async () => {
+    // the node's data plane seen from the worker: which views it applied, and when
+    const applied: Array<{ at: number; views: number }> = [];
+    const network: TaskNetwork = {
+      applyAssignments: async (m) => void applied.push({ at: Date.now(), views: m.networkViews.length }),
+      attach: async (id) => `/nonexistent/netns/${id}`,
+      detach: async () => undefined,
+      attachedTasks: () => [],
+    };
+    const stops = new Map<string, number>();
+    const stop = rt.stop.bind(rt);
+    rt.stop = async (id: string, grace: number) => {
+      stops.set(id, Date.now());
+      return stop(id, grace);
+    };
+    worker = newWorker(rt, rec, { network, drainDelayMs: 400 });
+    const net = [{ networkId: 'ingress1', addresses: ['10.255.0.5/16'] }];
+    const a = Task.fromPartial({ ...task({ slot: 1 }), networks: net });
+    const b = task({ slot: 2 }); // no overlay network: nothing to drain
+    const c = Task.fromPartial({ ...task({ slot: 3 }), networks: net });
+    await worker.assign(complete([a, b, c]));
+    await waitFor('running', () => [a, b, c].every((t) => rec.last(t.id)?.state === S.TASK_STATE_RUNNING));
+    const view = { network: { id: 'ingress1' }, peers: [], endpoints: [] } as unknown as AssignmentsMessage['networkViews'][number];
+    const t0 = Date.now();
+    await worker.assign({ ...incremental([{ ...a, desiredState: S.TASK_STATE_SHUTDOWN }, { ...b, desiredState: S.TASK_STATE_SHUTDOWN }]), networkViews: [view] });
+    await waitFor('a and b shut down', () => [a, b].every((t) => rec.last(t.id)?.state === S.TASK_STATE_SHUTDOWN));
+    const viewAt = applied.find((x) => x.views === 1)!.at;
+    expect(viewAt).toBeLessThanOrEqual(stops.get(rec.last(a.id)!.containerId)!);
+    expect(stops.get(rec.last(a.id)!.containerId)! - t0).toBeGreaterThanOrEqual(400);
+    expect(stops.get(rec.last(b.id)!.containerId)! - t0).toBeLessThan(400);
+    // removed outright (service rm): no drain
+    const t1 = Date.now();
+    await worker.assign(incremental([], [c.id]));
+    await worker.idle();
+    expect(Date.now() - t1).toBeLessThan(400);
   });
 
   it('reports SHUTDOWN for a task stopped before it started', async () => {

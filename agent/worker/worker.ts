@@ -26,7 +26,7 @@ import { HealthState, TaskState, type Config, type FileTarget, type Secret, type
 import { DEFAULT_FILE_MODE, defaultTarget, targetPath } from '../../common/secrets.js';
 import type { ContainerFile, ContainerInfo, ContainerRuntime, ExitInfo, ImageConfig } from '../runtime/types.js';
 import { healthSettings, monitorHealth } from './health.js';
-import { type ImageProvider, LABEL_TASK_ID, TaskController, TaskError } from './controller.js';
+import { type ImageProvider, LABEL_TASK_ID, TaskController, TaskError, overlayAttachments } from './controller.js';
 import { StatusQueue, type StatusQueueOptions, type StatusSender } from './status.js';
 import type { TaskNetwork } from '../network/node-network.js';
 
@@ -45,7 +45,20 @@ export interface WorkerOptions {
   network?: TaskNetwork;
   /** where missing images come from (agent/worker/distribution.ts); absent: they must be imported */
   images?: ImageProvider;
+  /**
+   * How long a ready task on an overlay network keeps running, out of every node's load-balancer
+   * tables already, before it is sent its stop signal; default DEFAULT_DRAIN_DELAY_MS (0: none)
+   */
+  drainDelayMs?: number;
 }
+
+/**
+ * The drain delay (docs/networking.md, "Rolling updates without a failed request"): the manager takes
+ * a task it stops out of the network views in the same commit that tells its node to stop it, and the
+ * nodes apply the views within a few hundred ms of each other; this long after, no node sends it a new
+ * connection any more, and only then does it get SIGTERM.
+ */
+export const DEFAULT_DRAIN_DELAY_MS = 1000;
 
 /**
  * A counting semaphore. Waiters queue in order, except urgent ones, which go to the front: a
@@ -545,6 +558,23 @@ export class Worker {
     }
   }
 
+  /**
+   * A ready task on an overlay network that the manager stops (update, scale down: desired state
+   * SHUTDOWN) left every node's load-balancer tables in the same commit: it keeps serving for the drain
+   * delay, so that no node still sends it a new connection when it gets SIGTERM. Not for tasks removed
+   * outright (service rm), nor ones that were not ready (not in the tables), nor when the worker closes.
+   */
+  private async drain(r: Runner): Promise<void> {
+    const ms = this.opts.drainDelayMs ?? DEFAULT_DRAIN_DELAY_MS;
+    if (ms <= 0 || !this.opts.network || this.closed || r.removing) return;
+    if (overlayAttachments(r.task).length === 0 || r.task.desiredState !== TaskState.TASK_STATE_SHUTDOWN) return;
+    if (r.state !== TaskState.TASK_STATE_RUNNING) return;
+    const h = r.status.health;
+    if (h !== HealthState.HEALTH_STATE_NONE && h !== HealthState.HEALTH_STATE_HEALTHY) return;
+    this.log?.debug({ taskId: r.task.id, ms }, 'draining before the stop signal');
+    await new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
   private shutdown(r: Runner): Promise<void> {
     if (r.stopping) return r.stopping;
     r.abort.abort();
@@ -559,6 +589,7 @@ export class Worker {
           return;
         }
         if (before && before.status !== 'stopped') {
+          await this.drain(r);
           try {
             await this.stopLimit.run(() => r.ctl.shutdown());
           } catch (err) {
