@@ -12,6 +12,9 @@
  *   (b) the mesh landing on the task's node: the client to h2's address and the published port;
  *   (c) the mesh landing on another node: the client to h3's address and the published port (h3 carries
  *       the connection over the ingress overlay to h2).
+ * The order of the paths rotates each round (a b c, b c a, c a b). Besides the rate, the CPU time of the
+ * load generator's process and of redis-server per exchange (the kernel's work on the path runs mostly in
+ * their context): on a busy machine the rate swings with the load, the CPU per exchange much less.
  * Target: (b) and (c) >= 80% of (a)'s exchanges per second. Docker Swarm's routing mesh beside ours needs
  * dockerd, which this machine does not have: the output says so when it is absent.
  *
@@ -215,7 +218,7 @@ async function main(): Promise<void> {
       '  CPU per exchange (client process + redis-server, median round): ' +
         paths.map((p) => {
           const v = median(results.get(p.key)!.map(cpuPer));
-          return `(${p.key}) ${v.toFixed(1)} µs` + (p.key === 'a' ? '' : ` (+${(v - ca).toFixed(1)})`);
+          return `(${p.key}) ${v.toFixed(1)} µs` + (p.key === 'a' ? '' : ` (${v >= ca ? '+' : ''}${(v - ca).toFixed(1)})`);
         }).join(', '),
     );
     console.log(`  load average: ${os.loadavg().map((x) => x.toFixed(1)).join(' ')} on ${os.cpus().length} CPUs at the end (${load0} at the start)`);

@@ -17,8 +17,12 @@
  *   Targets: p99 <= 1 s. The client side is probed from the client container's namespace every ~10 ms.
  * BENCH_PARTS=throughput|discovery runs one part only.
  *
+ * iperf3's CPU use (both ends' processes) gives MB per CPU-second per path: the data path's cost, much
+ * steadier than MB/s when other work shares the cores.
+ *
  * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
- * BENCH_RTT (2000) round trips.
+ * BENCH_RTT (2000) round trips; experiments: BENCH_OFFLOAD ("gro on ...": ethtool -K on every device),
+ * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces).
  */
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
