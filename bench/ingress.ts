@@ -12,12 +12,17 @@
  *   (b) the mesh landing on the task's node: the client to h2's address and the published port;
  *   (c) the mesh landing on another node: the client to h3's address and the published port (h3 carries
  *       the connection over the ingress overlay to h2).
+ * The order of the paths rotates each round (a b c, b c a, c a b). Besides the rate, the CPU time of the
+ * load generator's process and of redis-server per exchange (the kernel's work on the path runs mostly in
+ * their context): on a busy machine the rate swings with the load, the CPU per exchange much less.
  * Target: (b) and (c) >= 80% of (a)'s exchanges per second. Docker Swarm's routing mesh beside ours needs
  * dockerd, which this machine does not have: the output says so when it is absent.
  *
  * Options (environment): BENCH_CONNS (8), BENCH_SECONDS (5), BENCH_ROUNDS (3).
  */
 import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
@@ -38,6 +43,8 @@ interface Load {
   ms: number;
   p50: number;
   p99: number;
+  /** CPU time of the load generator's process during the measured window (µs, user + system) */
+  cpuUs?: number;
 }
 
 function quantile(xs: number[], q: number): number {
@@ -55,6 +62,7 @@ async function client(host: string, port: number, conns: number, seconds: number
   const lat: number[] = [];
   let errors = 0;
   const t0 = performance.now();
+  const cpu0 = process.cpuUsage();
   const until = t0 + seconds * 1000;
   await Promise.all(
     redis.map(async (r) => {
@@ -71,8 +79,9 @@ async function client(host: string, port: number, conns: number, seconds: number
     }),
   );
   const ms = performance.now() - t0;
+  const cpu = process.cpuUsage(cpu0);
   for (const r of redis) r.disconnect();
-  const out: Load = { exchanges: lat.length, errors, ms, p50: quantile(lat, 0.5), p99: quantile(lat, 0.99) };
+  const out: Load = { exchanges: lat.length, errors, ms, p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), cpuUs: cpu.user + cpu.system };
   process.stdout.write(JSON.stringify(out) + '\n');
 }
 
@@ -83,7 +92,7 @@ async function client(host: string, port: number, conns: number, seconds: number
  * an accept rule for the pair ahead of the overlay's isolation rules, and a route back to the client in
  * the task's namespace via the network's gateway. No NAT, no balancing: the anchor.
  */
-async function directPath(bed: Testbed, host: TestbedHost, clientIp: string, taskIp: string, gateway: string, taskId: string): Promise<void> {
+async function directPath(bed: Testbed, host: TestbedHost, clientIp: string, taskIp: string, gateway: string, taskId: string): Promise<number> {
   const must = async (what: string, p: Promise<{ code: number; stderr: string; stdout: string }>): Promise<string> => {
     const r = await p;
     if (r.code !== 0) throw new Error(`${what}: ${r.stderr.trim()}`);
@@ -104,6 +113,18 @@ async function directPath(bed: Testbed, host: TestbedHost, clientIp: string, tas
   if ((await inTask(['ip', 'route', 'get', clientIp])).code !== 0) {
     await must('route back to the client', inTask(['ip', 'route', 'add', `${clientIp}/32`, 'via', gateway]));
   }
+  return ct.pid;
+}
+
+/** CPU time (µs, user + system) of a process so far, from /proc/PID/stat (clock ticks of 10 ms). */
+async function procCpuUs(pid: number): Promise<number> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10_000; // fields 14 and 15 (utime, stime) after pid and comm
+  } catch {
+    return NaN;
+  }
 }
 
 interface TaskJ {
@@ -116,6 +137,7 @@ interface TaskJ {
 
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('bench:ingress needs root (network namespaces, runc)');
+  const load0 = os.loadavg().map((x) => x.toFixed(1)).join(' ');
   const dockerd = existsSync('/usr/bin/dockerd') || existsSync('/usr/sbin/dockerd');
   const bed = await Testbed.create({
     managers: 1,
@@ -148,7 +170,7 @@ async function main(): Promise<void> {
     const nb = (await bed.cliJson<Array<{ id: string; name: string }>>(['network', 'ls'])).find((n) => n.name === 'nb')!;
     const addr = (task.networks.find((n) => n.networkId === nb.id) ?? task.networks[0])?.addresses[0]?.split('/')[0];
     if (!addr) throw new Error(`task ${task.id} has no overlay address`);
-    await directPath(bed, h2!, c.ip, addr, NET_GATEWAY, task.id);
+    const serverPid = await directPath(bed, h2!, c.ip, addr, NET_GATEWAY, task.id);
     const paths: Array<{ key: string; what: string; host: string; port: number }> = [
       { key: 'a', what: `direct to the task ${addr}:6379 (routed via ${h2!.name})`, host: addr, port: 6379 },
     ];
@@ -157,19 +179,25 @@ async function main(): Promise<void> {
       paths.push({ key: 'c', what: `mesh, ${h3!.name}:${PUBLISHED} (task on another node)`, host: h3!.ip, port: PUBLISHED });
     }
     const me = fileURLToPath(import.meta.url);
-    const load = async (host: string, port: number): Promise<Load> => {
+    const load = async (host: string, port: number): Promise<Load & { serverCpuUs: number }> => {
       // the mesh may take a moment after the task runs: retry the first round's connection for up to 20 s
       const deadline = Date.now() + 20_000;
       for (;;) {
+        const s0 = await procCpuUs(serverPid);
         const r = await c.exec([process.execPath, me, '--client', host, String(port), String(CONNS), String(SECONDS)], { timeoutMs: SECONDS * 1000 + 30_000 });
-        if (r.code === 0) return JSON.parse(r.stdout.trim().split('\n').pop()!) as Load;
+        // the server's CPU over the whole client run (connect and warm-up included: a few exchanges)
+        if (r.code === 0) return { ...(JSON.parse(r.stdout.trim().split('\n').pop()!) as Load), serverCpuUs: (await procCpuUs(serverPid)) - s0 };
         if (Date.now() > deadline) throw new Error(`load generator to ${host}:${port} failed: ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`);
         await new Promise((res) => setTimeout(res, 500));
       }
     };
-    const results = new Map<string, Load[]>(paths.map((p) => [p.key, []]));
+    const results = new Map<string, Array<Load & { serverCpuUs: number }>>(paths.map((p) => [p.key, []]));
     for (let round = 0; round < ROUNDS; round++) {
-      for (const p of paths) results.get(p.key)!.push(await load(p.host, p.port));
+      // the order rotates each round (a b c, b c a, c a b): no path always runs first or last
+      for (let k = 0; k < paths.length; k++) {
+        const p = paths[(k + round) % paths.length]!;
+        results.get(p.key)!.push(await load(p.host, p.port));
+      }
     }
     const rps = (l: Load): number => (l.exchanges / l.ms) * 1000;
     const a = median(results.get('a')!.map(rps));
@@ -182,6 +210,18 @@ async function main(): Promise<void> {
       const ratio = p.key === 'a' ? '(anchor)' : `${((r / a) * 100).toFixed(0)}% of (a) (target >= 80%)`;
       console.log(`  (${p.key}) ${p.what.padEnd(58)} ${r.toFixed(0).padStart(7)} req/s  p50 ${median(ls.map((l) => l.p50)).toFixed(3)} ms  p99 ${median(ls.map((l) => l.p99)).toFixed(3)} ms  ${ratio}${errs ? `  ${errs} errors` : ''}`);
     }
+    // CPU per exchange (the load generator's process + redis-server): the kernel's work on the path runs mostly
+    // in these two processes' context, so this is much less exposed to a busy machine than req/s
+    const cpuPer = (l: Load & { serverCpuUs: number }): number => ((l.cpuUs ?? NaN) + l.serverCpuUs) / Math.max(1, l.exchanges);
+    const ca = median(results.get('a')!.map(cpuPer));
+    console.log(
+      '  CPU per exchange (client process + redis-server, median round): ' +
+        paths.map((p) => {
+          const v = median(results.get(p.key)!.map(cpuPer));
+          return `(${p.key}) ${v.toFixed(1)} µs` + (p.key === 'a' ? '' : ` (${v >= ca ? '+' : ''}${(v - ca).toFixed(1)})`);
+        }).join(', '),
+    );
+    console.log(`  load average: ${os.loadavg().map((x) => x.toFixed(1)).join(' ')} on ${os.cpus().length} CPUs at the end (${load0} at the start)`);
     if (!mesh) console.log('  (b), (c): not measured: this build has no routing mesh (`service create --publish` and agent/network/ports.ts)');
     console.log(dockerd ? '  Docker Swarm: dockerd is installed but the Swarm side of this bench is not written yet' : '  Docker Swarm: not measured (dockerd is not installed on this machine)');
     // the task's network namespace goes with its task: wait for it before the bed stops the agents

@@ -17,8 +17,12 @@
  *   Targets: p99 <= 1 s. The client side is probed from the client container's namespace every ~10 ms.
  * BENCH_PARTS=throughput|discovery runs one part only.
  *
+ * iperf3's CPU use (both ends' processes) gives MB per CPU-second per path: the data path's cost, much
+ * steadier than MB/s when other work shares the cores.
+ *
  * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
- * BENCH_RTT (2000) round trips.
+ * BENCH_RTT (2000) round trips; experiments: BENCH_OFFLOAD ("gro on ...": ethtool -K on every device),
+ * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces).
  */
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
@@ -42,15 +46,17 @@ function quantile(xs: number[], q: number): number {
 }
 const median = (xs: number[]): number => quantile(xs, 0.5);
 
-async function iperf(serverNs: string, clientNs: string, ip: string): Promise<number | undefined> {
+/** iperf3's throughput (MB/s) and the CPU both ends' processes used (sum of iperf3's host and remote cpu_utilization, %). */
+async function iperf(serverNs: string, clientNs: string, ip: string): Promise<{ mbs: number; cpu: number } | undefined> {
   if (!existsSync('/usr/bin/iperf3')) return undefined;
   const srv = run('nsenter', [`--net=${serverNs}`, '--', 'iperf3', '-s', '-1', '-p', '7201'], { timeoutMs: 30_000 });
   await new Promise((r) => setTimeout(r, 300));
   const r = await inNs(clientNs, ['iperf3', '-c', ip, '-p', '7201', '-t', '3', '-J'], 30_000);
   await srv;
   if (r.code !== 0) return undefined;
-  const j = JSON.parse(r.stdout) as { end: { sum_received: { bits_per_second: number } } };
-  return j.end.sum_received.bits_per_second / 8 / 1e6;
+  const j = JSON.parse(r.stdout) as { end: { sum_received: { bits_per_second: number }; cpu_utilization_percent?: { host_total: number; remote_total: number } } };
+  const c = j.end.cpu_utilization_percent;
+  return { mbs: j.end.sum_received.bits_per_second / 8 / 1e6, cpu: c ? c.host_total + c.remote_total : NaN };
 }
 
 const TASKS = Number(process.env.BENCH_TASKS ?? 50);
@@ -243,9 +249,21 @@ async function throughput(): Promise<void> {
       }
       console.log(`offload settings applied: ethtool -K DEV ${offload}`);
     }
+    // BENCH_BRNF=0 sets net.bridge.bridge-nf-call-{iptables,ip6tables,arptables}=0 in both hosts' namespaces
+    // (an experiment: a host where br_netfilter is not loaded; the agent never changes these host-wide settings)
+    const brnf = process.env.BENCH_BRNF;
+    if (brnf === '0' || brnf === '1') {
+      for (const ns of [ns2, ns3]) {
+        await inNs(ns, ['sysctl', '-qw', `net.bridge.bridge-nf-call-iptables=${brnf}`, `net.bridge.bridge-nf-call-ip6tables=${brnf}`, `net.bridge.bridge-nf-call-arptables=${brnf}`], 10_000);
+      }
+      console.log(`br_netfilter calls set to ${brnf} in both hosts' namespaces`);
+    }
     const bytes = MB * 1024 * 1024;
     const tput: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
     const ip3: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
+    // iperf3 MB per CPU-second of both ends' processes (the kernel's network work runs mostly in their
+    // context): the data path's cost, much less exposed to a busy machine than MB/s
+    const eff: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
     const rtt: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
     for (let round = 0; round < ROUNDS; round++) {
       for (const kind of ['underlay', 'overlay'] as const) {
@@ -260,7 +278,10 @@ async function throughput(): Promise<void> {
           srv.kill();
         }
         const i = await iperf(p.server, p.client, p.ip);
-        if (i !== undefined) ip3[kind].push(i);
+        if (i !== undefined) {
+          ip3[kind].push(i.mbs);
+          if (i.cpu > 0) eff[kind].push(i.mbs / (i.cpu / 100));
+        }
       }
     }
     const lines: string[] = [];
@@ -283,6 +304,12 @@ async function throughput(): Promise<void> {
     // rounds alternate underlay/overlay: the ratio within each round is less exposed to the machine's drifting load
     const paired = (xs: number[], ys: number[]): string => median(xs.map((x, i) => x / ys[i]!)).toFixed(2);
     say(`  per-round overlay/underlay ratio, median: node-tcp ${paired(tput.overlay, tput.underlay)}` + (ip3.overlay.length ? `, iperf3 ${paired(ip3.overlay, ip3.underlay)}` : '') + ` (load average at start ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} CPUs)`);
+    if (eff.overlay.length && eff.underlay.length) {
+      say(
+        `  iperf3 CPU cost: underlay ${median(eff.underlay).toFixed(0)} MB per CPU-second (runs ${eff.underlay.map((x) => x.toFixed(0)).join(', ')}), overlay ${median(eff.overlay).toFixed(0)} (runs ${eff.overlay.map((x) => x.toFixed(0)).join(', ')}): ` +
+          `the overlay costs ${(median(eff.underlay) / median(eff.overlay)).toFixed(2)}x the CPU per byte (per-round median ${median(eff.underlay.map((u, i) => u / eff.overlay[i]!)).toFixed(2)}x)`,
+      );
+    }
     say(`  rtt overhead p50: +${(quantile(rtt.overlay, 0.5) - quantile(rtt.underlay, 0.5)).toFixed(3)} ms`);
     process.exitCode = 0;
   } finally {
