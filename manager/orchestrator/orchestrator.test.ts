@@ -1,7 +1,8 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import {
   NodeAvailability,
   NodeState,
+  NodeRole,
   Node,
   RestartCondition,
   Service,
@@ -186,6 +187,52 @@ describe('orchestrator watch loop', () => {
       while (store.listTasks().some((t) => t.desiredState !== TaskState.TASK_STATE_COMPLETE) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
       expect(store.listTasks().map((t) => t.desiredState)).toEqual([TaskState.TASK_STATE_COMPLETE, TaskState.TASK_STATE_COMPLETE]);
     } finally {
+      ctl.abort();
+      await running;
+    }
+  });
+});
+
+describe('updater watch loop and drained nodes', () => {
+  it('a drained node without tasks (an agentless manager) costs no look at the tasks; a drained node with tasks still has them moved', async () => {
+    const { store, repl, upd } = setup();
+    // an agentless manager: always drained, never holds a task
+    const mgr = testNode('mgr', { availability: NodeAvailability.NODE_AVAILABILITY_DRAIN, role: NodeRole.NODE_ROLE_MANAGER });
+    mgr.description = { ...mgr.description!, runtime: '', managerAddr: '127.0.0.1:4242' };
+    const a = testNode('a');
+    const b = testNode('b');
+    for (const n of [mgr, a, b]) await put(store, 'node', n);
+    const svc = testService('web', 4);
+    await put(store, 'service', svc);
+    await store.update((tx) => repl.reconcileService(tx, svc.id));
+    await runAll(store, [a, b]);
+    const ctl = new AbortController();
+    const running = upd.run(ctl.signal);
+    const scans = vi.spyOn(store, 'tasksOfService');
+    try {
+      // task events the updater watches (state changes) make passes over the service
+      for (let i = 0; i < 4; i++) {
+        await store.update((tx) => {
+          for (const t of store.tasksOfService(svc.id)) tx.update('task', { ...t, status: { ...t.status!, state: i % 2 ? TaskState.TASK_STATE_RUNNING : TaskState.TASK_STATE_STARTING, timestamp: Date.now() } });
+        });
+        await new Promise((r) => setTimeout(r, 30));
+      }
+      const ours = scans.mock.calls.length - 4; // the four calls above are the test's own
+      expect(ours).toBe(0);
+      // drain b, which holds tasks: the updater takes them off it
+      const onB = store.tasksOfService(svc.id).filter((t) => t.nodeId === b.id);
+      expect(onB.length).toBeGreaterThan(0);
+      await store.update((tx) => {
+        const n = tx.get('node', b.id)!;
+        tx.update('node', { ...n, spec: { ...n.spec!, availability: NodeAvailability.NODE_AVAILABILITY_DRAIN } });
+      });
+      const deadline = Date.now() + 3000;
+      // stop-first (the default): each slot on b is stopped and gets a replacement, held until it has
+      const moved = () => store.tasksOfService(svc.id).length > 4 || onB.some((t) => (store.getTask(t.id)?.desiredState ?? 0) > TaskState.TASK_STATE_RUNNING);
+      while (!moved() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      expect(moved()).toBe(true);
+    } finally {
+      scans.mockRestore();
       ctl.abort();
       await running;
     }

@@ -70,7 +70,9 @@ export class Updater extends ServiceLoop {
   }
 
   protected override beginPass(): void {
-    this.anyDrained = this.store.listNodes().some((n) => n.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN);
+    // a drained node without tasks (an agentless manager is always drained) has none to move: it must
+    // not cost every pass a look at every task of every service touched
+    this.anyDrained = this.store.listNodes().some((n) => n.spec?.availability === NodeAvailability.NODE_AVAILABILITY_DRAIN && this.store.nodeHasTasks(n.id));
   }
 
   /** An update in progress; otherwise only drained nodes, or held tasks of a paused update. */

@@ -265,10 +265,13 @@ export function schedule(input: ScheduleInput, options: ScheduleOptions = {}): P
   // including tasks being stopped (the port is free once the task has ended)
   const portsUsed = new Map<number, Set<string>>();
   if (input.services) {
+    // each service's host ports worked out once per plan, not once per task (this loop sees every task)
+    const keysOf = new Map<string, string[]>();
     for (const t of input.tasks) {
       const st = t.status?.state ?? TaskState.TASK_STATE_NEW;
       if (!t.nodeId || st <= PENDING || st >= COMPLETE) continue;
-      const keys = hostPortKeys(input.services.get(t.serviceId));
+      let keys = keysOf.get(t.serviceId);
+      if (!keys) keysOf.set(t.serviceId, (keys = hostPortKeys(input.services.get(t.serviceId))));
       if (keys.length === 0) continue;
       const i = index.get(t.nodeId);
       if (i === undefined) continue;

@@ -88,3 +88,35 @@ describe('MemoryStore.updateBatched', () => {
     expect(withShutdown.actions.filter((a) => a.task?.slot === 1)).toHaveLength(2);
   });
 });
+
+describe('MemoryStore: the encoded batch handed to the proposer', () => {
+  it('is exactly StoreBatch.encode(batch), for update() and for every batch of updateBatched(), also after an action the encoder refused', async () => {
+    const store = new MemoryStore();
+    const inner = new MemoryProposer(store);
+    const seen: Array<{ batch: StoreBatch; encoded: Uint8Array | undefined }> = [];
+    store.setProposer({ propose: (batch, _signal, encoded) => (seen.push({ batch, encoded }), inner.propose(batch)) });
+    const svc = testService('web', 1);
+    await store.update((tx) => tx.create('service', svc));
+    // fat tasks (about 300 KiB each), so updateBatched needs several batches
+    const fat = { ...svc, spec: { ...svc.spec!, task: { ...svc.spec!.task!, container: { ...svc.spec!.task!.container!, env: [`X=${'x'.repeat(300 * 1024)}`] } } } };
+    await store.updateBatched((tx) => {
+      for (let slot = 1; slot <= 12; slot++) tx.create('task', newTask(fat, slot));
+    });
+    // an action whose encoding fails half-way (an int32 field out of range) must not leave bytes behind
+    const t99 = newTask(svc, 99);
+    const bad = { ...t99, status: { ...t99.status!, exitCode: 2 ** 40 } };
+    await expect(store.update((tx) => tx.create('task', bad))).rejects.toThrow();
+    await store.update((tx) => {
+      tx.create('task', newTask(svc, 13));
+      tx.update('service', { ...tx.get('service', svc.id)!, specVersion: 2 });
+    });
+    // the service, two batches of six fat tasks, the last update (the refused one never reached the proposer)
+    expect(seen.map((s) => s.batch.actions.length)).toEqual([1, 6, 6, 2]);
+    for (const { batch, encoded } of seen) {
+      expect(encoded).toBeDefined();
+      expect(Buffer.from(encoded!).equals(Buffer.from(StoreBatch.encode(batch).finish()))).toBe(true);
+      // and it decodes to the same batch
+      expect(StoreBatch.decode(encoded!).actions.map((a) => a.task?.id ?? a.service?.id)).toEqual(batch.actions.map((a) => a.task?.id ?? a.service?.id));
+    }
+  });
+});

@@ -15,6 +15,7 @@
  *
  * Each applied batch publishes one event per changed object, then a commit marker.
  */
+import { BinaryWriter } from '@bufbuild/protobuf/wire';
 import { Cluster, Config, Network, Node, Secret, Service, StoreAction, StoreActionKind, StoreBatch, StoreSnapshot, Task } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
@@ -65,8 +66,12 @@ export type StoreEvent = ObjectEvent | CommitEvent;
 
 /** The proposer seam: how a batch reaches every manager's store. */
 export interface Proposer {
-  /** Resolves once the batch has been applied to the local store (rejects with the apply error). */
-  propose(batch: StoreBatch, signal?: AbortSignal): Promise<void>;
+  /**
+   * Resolves once the batch has been applied to the local store (rejects with the apply error).
+   * `encoded` is the batch's encoding, the same bytes as StoreBatch.encode(batch), which the store
+   * already made to measure the batch: a proposer that sends bytes uses it instead of encoding again.
+   */
+  propose(batch: StoreBatch, signal?: AbortSignal, encoded?: Uint8Array): Promise<void>;
   /** the largest batch this proposer takes (default MAX_BATCH_BYTES; etcd's request limit is lower) */
   readonly maxBatchBytes?: number;
   /** the most changes one batch may hold (default: no limit; etcd caps operations per transaction) */
@@ -152,6 +157,10 @@ export class MemoryStore {
   tasksOfNode(nodeId: string): Task[] {
     return this.tasksIn(this.tasksByNode.get(nodeId));
   }
+  /** Whether any task (in any state) is on this node, without listing them. */
+  nodeHasTasks(nodeId: string): boolean {
+    return (this.tasksByNode.get(nodeId)?.size ?? 0) > 0;
+  }
   private tasksIn(ids: Set<string> | undefined): Task[] {
     const out: Task[] = [];
     for (const id of ids ?? []) {
@@ -179,14 +188,17 @@ export class MemoryStore {
       const result = fn(tx);
       const actions = tx.actions();
       if (actions.length === 0) return result;
-      const size = actions.reduce((n, a) => n + actionSize(a), BATCH_OVERHEAD);
+      // each action is encoded once: for its size here, and then as part of the proposal's bytes
+      const encoded = actions.map(encodeAction);
+      const size = encoded.reduce((n, e) => n + framedSize(e), BATCH_OVERHEAD);
       const max = proposer.maxBatchBytes ?? MAX_BATCH_BYTES;
       if (size > max)
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${max} bytes`);
       if (proposer.maxBatchActions !== undefined && actions.length > proposer.maxBatchActions)
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${actions.length} changes is over the store's limit of ${proposer.maxBatchActions} changes per transaction`);
       try {
-        await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
+        const batch: StoreBatch = { actions, proposalId: newId(), proposedAt: Date.now() };
+        await proposer.propose(batch, signal, encodeBatch(batch, encoded));
         return result;
       } catch (err) {
         if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
@@ -208,9 +220,10 @@ export class MemoryStore {
       const tx = new Tx(this);
       const result = fn(tx);
       try {
-        for (const actions of splitBatches(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD, proposer.maxBatchActions)) {
+        for (const { actions, encoded } of splitEncoded(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD, proposer.maxBatchActions)) {
           if (signal?.aborted) return result;
-          await proposer.propose({ actions, proposalId: newId(), proposedAt: Date.now() }, signal);
+          const batch: StoreBatch = { actions, proposalId: newId(), proposedAt: Date.now() };
+          await proposer.propose(batch, signal, encodeBatch(batch, encoded));
         }
         return result;
       } catch (err) {
@@ -482,10 +495,32 @@ function isConflict(err: unknown): boolean {
   return err instanceof FlotillaError && err.code === 'ABORTED';
 }
 
-/** An action's size inside an encoded StoreBatch (its bytes, field tag and length prefix). */
-function actionSize(a: StoreAction): number {
-  const n = StoreAction.encode(a).finish().length;
-  return n + 1 + varintSize(n);
+/** One writer for every action: finish() copies the bytes out and keeps the buffer for the next. */
+const actionWriter = new BinaryWriter();
+
+function encodeAction(a: StoreAction): Uint8Array {
+  try {
+    return StoreAction.encode(a, actionWriter).finish();
+  } catch (err) {
+    actionWriter.finish(); // a value the encoder refused: start the next action on an empty writer
+    throw err;
+  }
+}
+
+/** An encoded action's size inside an encoded StoreBatch (its bytes, field tag and length prefix). */
+function framedSize(e: Uint8Array): number {
+  return e.length + 1 + varintSize(e.length);
+}
+
+/**
+ * A batch's encoding from its actions' encodings (in batch.actions' order): the same bytes as
+ * StoreBatch.encode(batch), without encoding every action a second time.
+ */
+export function encodeBatch(batch: StoreBatch, encoded: readonly Uint8Array[]): Uint8Array {
+  const w = new BinaryWriter();
+  // field 1 (actions), length-delimited: what StoreBatch.encode writes for each action
+  for (const e of encoded) w.uint32(10).bytes(e);
+  return StoreBatch.encode({ ...batch, actions: [] }, w).finish();
 }
 
 function varintSize(n: number): number {
@@ -502,21 +537,30 @@ function varintSize(n: number): number {
  * never spans two batches; a group over a limit gets a batch of its own, which the proposer then refuses).
  */
 export function splitBatches(groups: StoreAction[][], maxBytes: number, maxActions = Infinity): StoreAction[][] {
-  const out: StoreAction[][] = [];
+  return splitEncoded(groups, maxBytes, maxActions).map((b) => b.actions);
+}
+
+/** splitBatches, with each batch's actions' encodings (made once, to measure them) alongside. */
+function splitEncoded(groups: StoreAction[][], maxBytes: number, maxActions = Infinity): Array<{ actions: StoreAction[]; encoded: Uint8Array[] }> {
+  const out: Array<{ actions: StoreAction[]; encoded: Uint8Array[] }> = [];
   let cur: StoreAction[] = [];
+  let enc: Uint8Array[] = [];
   let size = 0;
   for (const g of groups) {
     if (g.length === 0) continue;
-    const gs = g.reduce((n, a) => n + actionSize(a), 0);
+    const ge = g.map(encodeAction);
+    const gs = ge.reduce((n, e) => n + framedSize(e), 0);
     if (cur.length > 0 && (size + gs > maxBytes || cur.length + g.length > maxActions)) {
-      out.push(cur);
+      out.push({ actions: cur, encoded: enc });
       cur = [];
+      enc = [];
       size = 0;
     }
     cur.push(...g);
+    enc.push(...ge);
     size += gs;
   }
-  if (cur.length > 0) out.push(cur);
+  if (cur.length > 0) out.push({ actions: cur, encoded: enc });
   return out;
 }
 
