@@ -9,8 +9,13 @@
  *     adds at most 20% over that raw transaction,
  *   - and on our Raft (a one-member RaftNode, WAL with fsync, in this process).
  *
- *   npm run build && npm run bench:store     (BENCH_SECONDS=4 per phase, BENCH_VALUE_BYTES=1024,
- *                                            BENCH_ETCD_MEMBERS=1)
+ *   npm run build && npm run bench:store     (BENCH_SECONDS=4 per variant, BENCH_ROUNDS=4,
+ *                                            BENCH_VALUE_BYTES=1024, BENCH_ETCD_MEMBERS=1)
+ *
+ * The machine may be shared: each variant's time is cut into BENCH_ROUNDS slices, run in rounds that
+ * alternate the variants (the order reversed every other round), so a burst of outside load hits
+ * every variant alike instead of whichever phase ran during it. Every variant gets a short warm-up
+ * slice first (not counted).
  *
  * Starts a local etcd (/usr/bin/etcd, client TLS, in a temp dir) and removes everything afterwards.
  * Bounded in time; never fails on a missed target.
@@ -30,6 +35,7 @@ import { waitFor } from '../test/helpers/wait.js';
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
 const VALUE_BYTES = Number(process.env.BENCH_VALUE_BYTES ?? 1024);
 const MEMBERS = Number(process.env.BENCH_ETCD_MEMBERS ?? 1);
+const ROUNDS = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 4));
 const log = createLogger('bench-store');
 log.level = 'warn';
 
@@ -46,28 +52,47 @@ const quantile = (xs: number[], q: number): number => {
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
 };
 
-/** Runs op(writer, i) from `writers` concurrent loops for SECONDS; each op is one acknowledged write. */
-async function phase(writers: number, op: (w: number, i: number) => Promise<void>): Promise<Result> {
-  const lat: number[] = [];
-  let errors = 0;
-  const end = Date.now() + SECONDS * 1000;
+interface Variant {
+  name: string;
+  op: (w: number, i: number) => Promise<void>;
+  lat: number[];
+  ms: number;
+  errors: number;
+  n: number;
+}
+
+/** Runs v.op(writer, i) from `writers` concurrent loops for `seconds`; each op is one acknowledged write. */
+async function slice(writers: number, v: Variant, seconds: number, count: boolean): Promise<void> {
+  const end = Date.now() + seconds * 1000;
   const t0 = performance.now();
   await Promise.all(
     Array.from({ length: writers }, async (_, w) => {
-      for (let i = 0; Date.now() < end; i++) {
+      while (Date.now() < end) {
         const s = performance.now();
         try {
-          await op(w, i);
-          lat.push(performance.now() - s);
+          await v.op(w, v.n++);
+          if (count) v.lat.push(performance.now() - s);
         } catch {
-          errors++;
-          if (errors > 1000) return;
+          if (count) v.errors++;
+          if (v.errors > 1000) return;
         }
       }
     }),
   );
-  return { rate: lat.length / ((performance.now() - t0) / 1000), p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), errors };
+  if (count) v.ms += performance.now() - t0;
 }
+
+/** Every variant for SECONDS in all, in ROUNDS alternating rounds, after a warm-up slice each. */
+async function interleaved(writers: number, variants: Variant[]): Promise<Map<string, Result>> {
+  const warm = Math.min(1, SECONDS / ROUNDS);
+  for (const v of variants) await slice(writers, v, warm, false);
+  for (let r = 0; r < ROUNDS; r++) {
+    for (const v of r % 2 ? [...variants].reverse() : variants) await slice(writers, v, SECONDS / ROUNDS, true);
+  }
+  return new Map(variants.map((v) => [v.name, { rate: v.lat.length / (v.ms / 1000), p50: quantile(v.lat, 0.5), p99: quantile(v.lat, 0.99), errors: v.errors }]));
+}
+
+const variant = (name: string, op: Variant['op']): Variant => ({ name, op, lat: [], ms: 0, errors: 0, n: 0 });
 
 const fmt = (r: Result): string => `${Math.round(r.rate).toString().padStart(6)} tx/s  p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms${r.errors ? `  (${r.errors} errors)` : ''}`;
 
@@ -105,6 +130,7 @@ async function main(): Promise<void> {
   })();
   try {
     const results: Array<[string, number, Result]> = [];
+    const load0 = os.loadavg();
     // -- our store on etcd
     const store = new MemoryStore(log);
     const key = EtcdBackend.newSealKey();
@@ -132,35 +158,27 @@ async function main(): Promise<void> {
 
     for (const writers of [1, 64]) {
       const tag = `w${writers}`;
-      // warm-up, not counted
-      await seed(store, writers, `${tag}-warm`);
-      await phase(writers, (w, i) => storeWrite(store, `${tag}-warm-${w}`, i)).catch(() => undefined);
-
       await seed(store, writers, tag);
-      results.push(['flotilla store on etcd (store.update: one etcd txn + watch back)', writers, await phase(writers, (w, i) => storeWrite(store, `${tag}-${w}`, i))]);
-
       // raw etcd3, same size (the sealed value our store writes: object + 28 bytes)
       const value = Buffer.alloc(size + 28, 1);
       const revs = new Map<number, string>();
       for (let w = 0; w < writers; w++) revs.set(w, (await raw.put(`/raw/${tag}/${w}`).value(value).exec()).header.revision);
-      results.push([
-        'raw etcd3 txn (compare mod revision, put; the hand-written GuaranteedUpdate)',
-        writers,
-        await phase(writers, async (w) => {
+      await seed(rstore, writers, tag);
+      const variants = [
+        variant('flotilla store on etcd (store.update: one etcd txn, then applied to the local store)', (w, i) => storeWrite(store, `${tag}-${w}`, i)),
+        variant('raw etcd3 txn (compare mod revision, put; the hand-written GuaranteedUpdate)', async (w) => {
           const k = Buffer.from(`/raw/${tag}/${w}`);
           const res = await raw.kv.txn({ compare: [{ key: k, target: 'Mod', result: 'Equal', mod_revision: revs.get(w)! }], success: [{ request_put: { key: k, value } }] });
           if (!res.succeeded) throw new Error('conflict');
           revs.set(w, res.header.revision);
         }),
-      ]);
-      results.push(['raw etcd3 put', writers, await phase(writers, async (w, i) => void (await raw.put(`/rawput/${tag}/${w}/${i % 16}`).value(value).exec()))]);
-
-      // our Raft
-      await seed(rstore, writers, tag);
-      results.push(['flotilla store on our Raft (one member, fsync)', writers, await phase(writers, (w, i) => storeWrite(rstore, `${tag}-${w}`, i))]);
+        variant('raw etcd3 put', async (w, i) => void (await raw.put(`/rawput/${tag}/${w}/${i % 16}`).value(value).exec())),
+        variant('flotilla store on our Raft (one member, fsync)', (w, i) => storeWrite(rstore, `${tag}-${w}`, i)),
+      ];
+      for (const [name, res] of await interleaved(writers, variants)) results.push([name, writers, res]);
     }
 
-    console.log(`\nstore writes: a ${size}-byte task per transaction, ${SECONDS} s per phase, ${os.availableParallelism()} CPUs, load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+    console.log(`\nstore writes: a ${size}-byte task per transaction, ${SECONDS} s per variant in ${ROUNDS} alternating rounds, ${os.availableParallelism()} CPUs, load (1/5/15 min) ${load0.map((x) => x.toFixed(2)).join(' ')} at the start, ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at the end`);
     console.log(`etcd: ${MEMBERS} member(s) of /usr/bin/etcd on loopback, client TLS; our Raft: one member in this process\n`);
     for (const writers of [1, 64]) {
       console.log(`${writers} writer${writers === 1 ? '' : 's'}:`);
