@@ -1,10 +1,11 @@
-import { randomBytes, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
+import { pooledRandomBytes } from './random.js';
 
 const ALPHABET = '0123456789abcdefghijklmnopqrstuvwxyz';
 
 /** A random 25-character lowercase id, like Swarm's. */
 export function newId(): string {
-  const bytes = randomBytes(25);
+  const bytes = pooledRandomBytes(25);
   let out = '';
   for (const b of bytes) out += ALPHABET[b % 36];
   return out;

@@ -65,6 +65,50 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     expect(a.store.getService('s1')?.meta?.version).toBe(2);
   });
 
+  it("a manager's own writes apply from the transactions' answers, in revision order, each revision once; a revision made by another waits for the watch", async () => {
+    const a = await open('/t/own');
+    const b = await open('/t/own');
+    // both registered and campaigning: no more revisions but the test's own
+    const candidates = (x: { be: EtcdBackend }): number => (x.be as unknown as { candidates: Map<string, unknown> }).candidates.size;
+    await waitFor('both campaign', () => candidates(a) === 2 && candidates(b) === 2 && a.be.members().length === 2, 10_000);
+    await a.store.update((tx) => tx.create('service', svc('o0', 'own')));
+    await waitFor('b has o0', () => b.store.getService('o0') && b.store.appliedIndex === a.store.appliedIndex);
+    // a's watch stops: its own writes still apply, from the transactions' answers
+    const be = a.be as unknown as { watcher: { cancel(): Promise<void> } | undefined; watchFrom(r: number): Promise<void> };
+    const w = be.watcher!;
+    be.watcher = undefined;
+    await w.cancel();
+    const from = a.events.length;
+    const t0 = Date.now();
+    await Promise.all(Array.from({ length: 20 }, (_, i) => a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })))));
+    expect(a.store.tasks.size).toBe(20);
+    const mine = a.events.slice(from);
+    expect(mine.map((e) => e.map((x) => x.kind))).toEqual(Array.from({ length: 20 }, () => ['create', 'commit']));
+    const idx = mine.map((e) => (e[1] as { index: number }).index);
+    expect(idx).toEqual(idx.map((_, i) => idx[0]! + i));
+    for (const e of mine) expect((e[1] as { time?: number }).time).toBeGreaterThanOrEqual(t0);
+    // b gets the same revisions through its watch: the same objects, commit indices and proposal times
+    await waitFor('b has the 20 tasks', () => b.store.tasks.size === 20);
+    const theirs = b.events.filter((e) => e.some((x) => x.kind === 'create' && x.table === 'task'));
+    expect(theirs.map((e) => e.map((x) => (x.kind === 'commit' ? `${x.index}@${x.time}` : `${x.kind} ${x.object.id} v${x.object.meta?.version}`)))).toEqual(
+      mine.map((e) => e.map((x) => (x.kind === 'commit' ? `${x.index}@${x.time}` : `${x.kind} ${x.object.id} v${x.object.meta?.version}`))),
+    );
+    // a revision made by b comes before a's next one: a's write waits for the watch to bring b's first
+    await b.store.update((tx) => tx.create('service', svc('o1', 'by-b')));
+    let done = false;
+    const next = a.store.update((tx) => tx.create('service', svc('o2', 'by-a'))).then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(done).toBe(false);
+    expect(a.store.getService('o1')).toBeUndefined();
+    await be.watchFrom(a.store.appliedIndex + 1);
+    await next;
+    const tail = a.events.slice(-2).map((e) => e.map((x) => (x.kind === 'commit' ? 'commit' : x.object.id)));
+    expect(tail).toEqual([
+      ['o1', 'commit'],
+      ['o2', 'commit'],
+    ]);
+  });
+
   it('values in etcd are sealed: no name or label in clear', async () => {
     const a = await open('/t/sealed');
     await a.store.update((tx) => tx.create('service', svc('s9', 'very-secret-name')));

@@ -70,6 +70,12 @@ const CODECS: { [K in Table]: { encode(o: never): { finish(): Uint8Array }; deco
 };
 const TABLES = Object.keys(CODECS) as Table[];
 
+/** One of this manager's committed transactions: its store changes in order (key -> object, undefined = deleted), and its proposal time. */
+interface OwnWrite {
+  changes: Array<ObjectChange & { key: string }>;
+  time: number;
+}
+
 interface Fence {
   key: Buffer;
   createRevision: string;
@@ -96,8 +102,12 @@ export class EtcdBackend implements Proposer {
   private readonly managerAddrs = new Map<string, string>();
   /** the etcd revision the local store has reached */
   private applied = 0;
-  /** this manager's own committed writes by revision, not yet seen on the watch: their objects need no decoding */
-  private readonly ownWrites = new Map<number, Map<string, StoreObject | undefined>>();
+  /**
+   * This manager's own committed writes by revision, not yet applied: the whole of each such
+   * revision (one etcd revision is one transaction), so the store applies it from here as soon as it
+   * is the next revision, without waiting for the watch (which then skips it) or decoding it.
+   */
+  private readonly ownWrites = new Map<number, OwnWrite>();
   private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
   private watcher: Watcher | undefined;
   private relisting: Promise<void> | undefined;
@@ -311,7 +321,7 @@ export class EtcdBackend implements Proposer {
           changes.push({ ...sk, object: undefined });
         } else {
           this.revs.set(key, ev.kv.mod_revision);
-          const own = this.ownWrites.get(r)?.get(key);
+          const own = this.ownWrites.get(r)?.changes.find((c) => c.key === key)?.object;
           if (own) {
             changes.push({ ...sk, object: own });
             continue;
@@ -348,10 +358,40 @@ export class EtcdBackend implements Proposer {
 
   private advance(rev: number): void {
     if (rev > this.applied) this.applied = rev;
-    for (const r of this.ownWrites.keys()) if (r <= this.applied) this.ownWrites.delete(r);
-    const ready = this.appliedWaiters.filter((w) => w.rev <= this.applied);
-    this.appliedWaiters = this.appliedWaiters.filter((w) => w.rev > this.applied);
-    for (const w of ready) w.resolve();
+    if (this.ownWrites.size > 0) {
+      for (const r of this.ownWrites.keys()) if (r <= this.applied) this.ownWrites.delete(r);
+      this.applyOwn();
+    }
+    if (this.appliedWaiters.length === 0) return;
+    const waiting: typeof this.appliedWaiters = [];
+    const ready: Array<() => void> = [];
+    for (const w of this.appliedWaiters) {
+      if (w.rev <= this.applied) ready.push(w.resolve);
+      else waiting.push(w);
+    }
+    this.appliedWaiters = waiting;
+    for (const resolve of ready) resolve();
+  }
+
+  /**
+   * Applies this manager's own committed transactions while the next revision is one of them: an
+   * etcd revision is exactly one transaction, so its changes are all known here and the local store
+   * need not wait for the watch to bring it back (the watch skips what is applied). Revisions made by
+   * others still come only from the watch, in order. Not during a relist (its list may predate them).
+   */
+  private applyOwn(): void {
+    if (this.relisting) return;
+    for (let own = this.ownWrites.get(this.applied + 1); own; own = this.ownWrites.get(this.applied + 1)) {
+      const rev = this.applied + 1;
+      this.ownWrites.delete(rev);
+      const rs = String(rev);
+      for (const c of own.changes) {
+        if (c.object) this.revs.set(c.key, rs);
+        else this.revs.delete(c.key);
+      }
+      this.store.applyChanges(own.changes, rev, own.time);
+      this.applied = rev;
+    }
   }
 
   /** Resolves once the local store has applied etcd revision rev (or rejects at the deadline). */
@@ -403,7 +443,7 @@ export class EtcdBackend implements Proposer {
     const fence = this.fenceCtx.getStore();
     if (fence) compare.push({ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision });
     const touchedNames = new Set<string>();
-    const written = new Map<string, StoreObject | undefined>();
+    const changes: OwnWrite['changes'] = [];
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
       const key = this.storeKey(table, obj.id);
@@ -418,7 +458,7 @@ export class EtcdBackend implements Proposer {
         compare.push({ key: kb, target: 'Mod', result: 'Equal', mod_revision: rev });
       }
       if (a.kind === StoreActionKind.STORE_ACTION_KIND_DELETE) {
-        written.set(key, undefined);
+        changes.push({ key, table, id: obj.id, object: undefined });
         success.push({ request_delete_range: { key: kb } });
         const old = cur as Service | Secret | Config | undefined;
         if (name !== undefined && old?.spec?.name !== undefined) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, old.spec.name)) } });
@@ -430,7 +470,7 @@ export class EtcdBackend implements Proposer {
         continue;
       }
       const next = { ...obj, meta: nextMeta(obj, cur) } as StoreObject;
-      written.set(key, next);
+      changes.push({ key, table, id: obj.id, object: next });
       const plain = (CODECS[table] as { encode(o: StoreObject): { finish(): Uint8Array } }).encode(next).finish();
       const value = seal(this.sealKey, plain, kb);
       bytes += value.length + kb.length + 32;
@@ -461,7 +501,8 @@ export class EtcdBackend implements Proposer {
       throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${bytes} bytes is over etcd's request limit of ${ETCD_MAX_REQUEST_BYTES} bytes (--max-request-bytes): make the object smaller`);
     }
     // the marker carries the proposal time: every manager times this revision's events the same way
-    success.push({ request_put: { key: Buffer.from(this.revKey), value: Buffer.from(String(batch.proposedAt || Date.now())) } });
+    const time = batch.proposedAt || Date.now();
+    success.push({ request_put: { key: Buffer.from(this.revKey), value: Buffer.from(String(time)) } });
     if (compare.length > ETCD_MAX_TXN_OPS || success.length > ETCD_MAX_TXN_OPS) {
       throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${batch.actions.length} changes needs ${Math.max(compare.length, success.length)} etcd operations, over etcd's limit of ${ETCD_MAX_TXN_OPS} per transaction (--max-txn-ops)`);
     }
@@ -484,8 +525,12 @@ export class EtcdBackend implements Proposer {
       await this.waitApplied(rev, signal).catch(() => {});
       throw new FlotillaError('ABORTED', 'update out of sequence (etcd compare failed)');
     }
-    // the watch brings this revision back: it takes the objects from here instead of decoding them
-    if (rev > this.applied) this.ownWrites.set(rev, written);
+    // committed: the store applies this revision from here once it is the next one (else the watch
+    // brings the revisions before it first); read-your-writes, as under Raft
+    if (rev > this.applied) {
+      this.ownWrites.set(rev, { changes, time });
+      this.advance(this.applied);
+    }
     await this.waitApplied(rev, signal);
   }
 

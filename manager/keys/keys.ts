@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import { writeFileAtomicSync } from '../../common/fsutil.js';
+import { pooledRandomBytes } from '../../common/random.js';
 
 export const KEYS_FILE = 'keys.json';
 export const UNLOCK_KEY_PREFIX = 'FLTKEY-1-';
@@ -32,7 +33,7 @@ export const SEAL_OVERHEAD = NONCE + TAG;
 
 /** AES-256-GCM with a random 96-bit nonce: nonce || ciphertext || tag. */
 export function seal(key: Uint8Array, plain: Uint8Array, aad?: Uint8Array): Buffer {
-  const nonce = randomBytes(NONCE);
+  const nonce = pooledRandomBytes(NONCE);
   const c = createCipheriv('aes-256-gcm', key, nonce);
   if (aad) c.setAAD(aad);
   const out = Buffer.allocUnsafe(NONCE + plain.length + TAG);
