@@ -21,6 +21,7 @@
  */
 import type { Logger } from '../../common/log.js';
 import { errorMessage } from '../../common/errors.js';
+import { sleep } from '../../common/sleep.js';
 import { AssignmentsType, type AssignmentsMessage } from '../../gen/flotilla/v1/dispatcher.js';
 import { HealthState, TaskState, type Config, type FileTarget, type Secret, type Task, type TaskStatus } from '../../gen/flotilla/v1/objects.js';
 import { DEFAULT_FILE_MODE, defaultTarget, targetPath } from '../../common/secrets.js';
@@ -121,6 +122,8 @@ export class Worker {
   private readonly stopLimit: Limiter;
   private applying: Promise<void> = Promise.resolve();
   private closed = false;
+  /** aborted by close(): ends the waits that are not a runner's own (the drain delay) */
+  private readonly closing = new AbortController();
   /** the secrets and configs the manager sent for this node's tasks, by id (memory only) */
   private readonly secrets = new Map<string, Secret>();
   private readonly configs = new Map<string, Config>();
@@ -175,6 +178,7 @@ export class Worker {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.closing.abort();
     await this.applying;
     for (const r of this.runners.values()) r.abort.abort();
     let timer: NodeJS.Timeout | undefined;
@@ -572,7 +576,7 @@ export class Worker {
     const h = r.status.health;
     if (h !== HealthState.HEALTH_STATE_NONE && h !== HealthState.HEALTH_STATE_HEALTHY) return;
     this.log?.debug({ taskId: r.task.id, ms }, 'draining before the stop signal');
-    await new Promise((resolve) => setTimeout(resolve, ms));
+    await sleep(ms, this.closing.signal);
   }
 
   private shutdown(r: Runner): Promise<void> {
