@@ -153,7 +153,7 @@ describe('mutual TLS and roles', () => {
         return await codeOf(
           new Promise<void>((resolve, reject) => {
             const s = c.stream((err) => (err ? reject(err) : resolve()));
-            s.write({ message: undefined, chunk: undefined, batch: [] });
+            s.write({ message: undefined, chunk: undefined });
             s.end();
           }),
         );
@@ -318,7 +318,7 @@ describe('hot swap', () => {
     const before = f.handled.envelopes;
     const done = new Promise<void>((resolve, reject) => {
       const s = c.stream((err) => (err ? reject(err) : resolve()));
-      s.write({ message: undefined, chunk: undefined, batch: [] });
+      s.write({ message: undefined, chunk: undefined });
       void (async () => {
         // renew both sides mid-stream: the worker through NodeCA, the server's own certificate by update
         const oldSerial = worker.identity.serial;
@@ -327,7 +327,7 @@ describe('hot swap', () => {
         expect(worker.identity.nodeId).toBe('w-renew');
         f.mgr.update(await f.ca.issueWithNewKey({ nodeId: 'mgr1', role: 'manager' }));
         manager.update(await f.ca.issueWithNewKey({ nodeId: 'mgr-renew', role: 'manager' }));
-        s.write({ message: undefined, chunk: undefined, batch: [] });
+        s.write({ message: undefined, chunk: undefined });
         s.end();
       })().catch(reject);
     });

@@ -1,8 +1,7 @@
 /**
  * Raft messages between managers over gRPC (the `Raft` service of proto/flotilla/v1/raft.proto).
  *
- * Outbound: one client stream (Raft.Stream) per peer carrying RaftEnvelope{message} or, for several
- * messages queued in the same tick, RaftEnvelope{batch} (in order). Each peer has
+ * Outbound: one client stream (Raft.Stream) per peer carrying RaftEnvelope{message}. Each peer has
  * a bounded queue (default 4096 messages); when the peer is slow or unreachable the queue fills and
  * further messages are DROPPED (Raft retransmits), and onUnreachable(id) tells the driver, which
  * calls rawNode.reportUnreachable(id). After a stream fails, the peer is in backoff (100 ms doubling
@@ -33,10 +32,6 @@ import {
 
 export const DEFAULT_QUEUE = 4096;
 export const DEFAULT_CHUNK = 1024 * 1024;
-/** at most this many messages in one envelope */
-const MAX_BATCH = 256;
-/** a batch stops growing past this much entry data (a single larger message still goes alone) */
-const MAX_BATCH_BYTES = 4 * 1024 * 1024;
 const BACKOFF_MIN = 100;
 const BACKOFF_MAX = 2000;
 /** a snapshot larger than this is refused by the receiver */
@@ -104,8 +99,6 @@ export function addRaftService(server: grpc.Server, handlers: RaftServiceHandler
         if (failed) return;
         try {
           if (env.message && !forged(env.message)) handlers.onMessage(env.message);
-          // a batch is delivered in order; each message's sender is checked on its own
-          for (const m of env.batch) if (!forged(m)) handlers.onMessage(m);
           const c = env.chunk;
           if (!c) return;
           if (!c.header) return fail('snapshot chunk without a header');
@@ -209,7 +202,6 @@ class Peer {
   private call: grpc.ClientWritableStream<RaftEnvelope> | undefined;
   private queue: Message[] = [];
   private blocked = false;
-  private pumpScheduled = false;
   private backoff = 0;
   private backoffUntil = 0;
   reachable = true;
@@ -242,20 +234,7 @@ class Peer {
       return;
     }
     this.queue.push(m);
-    this.schedulePump();
-  }
-
-  /**
-   * Write at the end of the current tick, so that the messages of one Ready (and of anything
-   * else queued in the same tick) go to the peer in one envelope.
-   */
-  private schedulePump(): void {
-    if (this.pumpScheduled || this.blocked || this.stopped) return;
-    this.pumpScheduled = true;
-    queueMicrotask(() => {
-      this.pumpScheduled = false;
-      this.pump();
-    });
+    this.pump();
   }
 
   private drop(n: number): void {
@@ -289,12 +268,12 @@ class Peer {
   }
 
   private pump(): void {
-    if (this.blocked || this.stopped || this.queue.length === 0) return;
+    if (this.blocked || this.stopped) return;
     const call = this.ensureCall();
     while (this.queue.length > 0) {
-      const batch = this.takeBatch();
-      this.sent += batch.length;
-      const ok = call.write(batch.length === 1 ? { message: batch[0], chunk: undefined, batch: [] } : { message: undefined, chunk: undefined, batch });
+      const m = this.queue.shift()!;
+      this.sent++;
+      const ok = call.write({ message: m, chunk: undefined });
       if (!ok) {
         this.blocked = true;
         call.once('drain', () => {
@@ -306,21 +285,6 @@ class Peer {
         return;
       }
     }
-  }
-
-  /** The head of the queue, up to MAX_BATCH messages and about MAX_BATCH_BYTES of entry data. */
-  private takeBatch(): Message[] {
-    let n = 0;
-    let bytes = 0;
-    while (n < this.queue.length && n < MAX_BATCH) {
-      const m = this.queue[n]!;
-      let b = 0;
-      for (const e of m.entries) b += e.data.length;
-      if (n > 0 && bytes + b > MAX_BATCH_BYTES) break;
-      bytes += b;
-      n++;
-    }
-    return n === this.queue.length ? this.queue.splice(0) : this.queue.splice(0, n);
   }
 
   /** A write went through the flow control window: the peer reads what we send. */
@@ -346,7 +310,7 @@ class Peer {
           let off = 0;
           do {
             const end = Math.min(data.length, off + chunk);
-            const ok = call.write({ message: undefined, chunk: { header, data: data.subarray(off, end), offset: off, last: end === data.length }, batch: [] });
+            const ok = call.write({ message: undefined, chunk: { header, data: data.subarray(off, end), offset: off, last: end === data.length } });
             off = end;
             if (!ok) await new Promise<void>((r) => call.once('drain', () => r()));
             if (signal.aborted) throw signal.reason;

@@ -119,14 +119,7 @@ export interface SnapshotChunk {
 
 export interface RaftEnvelope {
   message: Message | undefined;
-  chunk:
-    | SnapshotChunk
-    | undefined;
-  /**
-   * several messages to the same peer in one write (the sender coalesces what is queued for the
-   * peer); delivered in order
-   */
-  batch: Message[];
+  chunk: SnapshotChunk | undefined;
 }
 
 export interface RaftStreamResponse {
@@ -962,7 +955,7 @@ export const SnapshotChunk: MessageFns<SnapshotChunk> = {
 };
 
 function createBaseRaftEnvelope(): RaftEnvelope {
-  return { message: undefined, chunk: undefined, batch: [] };
+  return { message: undefined, chunk: undefined };
 }
 
 export const RaftEnvelope: MessageFns<RaftEnvelope> = {
@@ -972,9 +965,6 @@ export const RaftEnvelope: MessageFns<RaftEnvelope> = {
     }
     if (message.chunk !== undefined) {
       SnapshotChunk.encode(message.chunk, writer.uint32(18).fork()).join();
-    }
-    for (const v of message.batch) {
-      Message.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -1008,14 +998,6 @@ export const RaftEnvelope: MessageFns<RaftEnvelope> = {
             message.chunk = SnapshotChunk.decode(reader, reader.uint32());
             continue;
           }
-          case 3: {
-            if (tag !== 26) {
-              break;
-            }
-
-            message.batch.push(Message.decode(reader, reader.uint32()));
-            continue;
-          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1039,7 +1021,6 @@ export const RaftEnvelope: MessageFns<RaftEnvelope> = {
     message.chunk = (object.chunk !== undefined && object.chunk !== null)
       ? SnapshotChunk.fromPartial(object.chunk)
       : undefined;
-    message.batch = object.batch?.map((e) => Message.fromPartial(e)) || [];
     return message;
   },
 };
