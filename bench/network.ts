@@ -22,12 +22,17 @@
  *
  * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
  * BENCH_RTT (2000) round trips; experiments: BENCH_OFFLOAD ("gro on ...": ethtool -K on every device),
- * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces).
+ * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces); BENCH_KERNEL=0 skips the floor.
+ *
+ * The floor, after the rounds (with iperf3): bench/vxlan-floor.sh builds the same shape (underlay bridge,
+ * two hosts, a bridge + VXLAN device and one container namespace each) by hand, without flotilla, and
+ * measures the same two paths the same way: where the kernel's own overlay path stands on this machine.
  */
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { NodeNetwork } from '../agent/network/node-network.js';
 import { AssignmentsType } from '../gen/flotilla/v1/dispatcher.js';
 import { handView, inNs, mtuOf, tcpRtt, tcpSend, tcpServer, type HandNetwork } from '../test/helpers/overlay.js';
@@ -311,6 +316,14 @@ async function throughput(): Promise<void> {
       );
     }
     say(`  rtt overhead p50: +${(quantile(rtt.overlay, 0.5) - quantile(rtt.underlay, 0.5)).toFixed(3)} ms`);
+    if (ip3.overlay.length && process.env.BENCH_KERNEL !== '0') {
+      // the floor: the same devices built by hand, without flotilla (bench/vxlan-floor.sh), same iperf3
+      const script = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../bench/vxlan-floor.sh');
+      const k = await run('bash', [script, String(ROUNDS)], { timeoutMs: ROUNDS * 20_000 + 30_000 });
+      const m = k.stdout.match(/median ratio ([0-9.]+)/);
+      if (k.code !== 0 || !m) say(`  kernel floor (bench/vxlan-floor.sh): failed: ${k.stderr.trim().split('\n').pop() ?? ''}`);
+      else say(`  kernel floor: the same VXLAN + bridge path built by hand without flotilla (bench/vxlan-floor.sh), iperf3 per-round median ${m[1]} of its underlay (ours ${paired(ip3.overlay, ip3.underlay)})`);
+    }
     process.exitCode = 0;
   } finally {
     for (const n of nets) await n.teardown().catch(() => undefined);
