@@ -786,7 +786,7 @@ export class Manager {
     });
     this.raft = raft;
     this.removed = false;
-    this.store.setProposer({ propose: (batch, signal, encoded) => raft.propose(encoded ?? StoreBatch.encode(batch).finish(), signal) });
+    this.store.setProposer({ propose: (batch, signal, encoded) => raft.propose(encoded ? encoded() : StoreBatch.encode(batch).finish(), signal) });
     raft.onLeadershipChange((leader) => this.onLeadershipChange(leader));
     raft.onRemoved(() => this.leaveRaft(raft));
     raft.onFatal((err) => {

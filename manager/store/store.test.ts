@@ -94,7 +94,7 @@ describe('MemoryStore: the encoded batch handed to the proposer', () => {
     const store = new MemoryStore();
     const inner = new MemoryProposer(store);
     const seen: Array<{ batch: StoreBatch; encoded: Uint8Array | undefined }> = [];
-    store.setProposer({ propose: (batch, _signal, encoded) => (seen.push({ batch, encoded }), inner.propose(batch)) });
+    store.setProposer({ propose: (batch, _signal, encoded) => (seen.push({ batch, encoded: encoded?.() }), inner.propose(batch)) });
     const svc = testService('web', 1);
     await store.update((tx) => tx.create('service', svc));
     // fat tasks (about 300 KiB each), so updateBatched needs several batches

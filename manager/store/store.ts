@@ -68,10 +68,11 @@ export type StoreEvent = ObjectEvent | CommitEvent;
 export interface Proposer {
   /**
    * Resolves once the batch has been applied to the local store (rejects with the apply error).
-   * `encoded` is the batch's encoding, the same bytes as StoreBatch.encode(batch), which the store
-   * already made to measure the batch: a proposer that sends bytes uses it instead of encoding again.
+   * `encoded` gives the batch's encoding, the same bytes as StoreBatch.encode(batch), from the
+   * actions' encodings the store already made to measure the batch: a proposer that sends bytes
+   * calls it instead of encoding again; one that does not (etcd) pays nothing.
    */
-  propose(batch: StoreBatch, signal?: AbortSignal, encoded?: Uint8Array): Promise<void>;
+  propose(batch: StoreBatch, signal?: AbortSignal, encoded?: () => Uint8Array): Promise<void>;
   /** the largest batch this proposer takes (default MAX_BATCH_BYTES; etcd's request limit is lower) */
   readonly maxBatchBytes?: number;
   /** the most changes one batch may hold (default: no limit; etcd caps operations per transaction) */
@@ -198,7 +199,7 @@ export class MemoryStore {
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${actions.length} changes is over the store's limit of ${proposer.maxBatchActions} changes per transaction`);
       try {
         const batch: StoreBatch = { actions, proposalId: newId(), proposedAt: Date.now() };
-        await proposer.propose(batch, signal, encodeBatch(batch, encoded));
+        await proposer.propose(batch, signal, () => encodeBatch(batch, encoded));
         return result;
       } catch (err) {
         if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
@@ -223,7 +224,7 @@ export class MemoryStore {
         for (const { actions, encoded } of splitEncoded(tx.groups(), (proposer.maxBatchBytes ?? MAX_BATCH_BYTES) - BATCH_OVERHEAD, proposer.maxBatchActions)) {
           if (signal?.aborted) return result;
           const batch: StoreBatch = { actions, proposalId: newId(), proposedAt: Date.now() };
-          await proposer.propose(batch, signal, encodeBatch(batch, encoded));
+          await proposer.propose(batch, signal, () => encodeBatch(batch, encoded));
         }
         return result;
       } catch (err) {
