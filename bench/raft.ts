@@ -9,12 +9,25 @@
  * figures beside the anchors of /work/shared/design/ANCHORS.md (etcd 3.4, 3 members, measured on
  * a machine like this one). If `etcd` is on PATH it is not measured here (left to a later run).
  * Bounded in time; never fails on a missed target.
+ *
+ * Against an older build (issue 11: "within 15% of the commit before mutual TLS"):
+ *
+ *   git worktree add --detach /tmp/base f93cc1e && ln -s "$PWD/node_modules" /tmp/base/node_modules
+ *   (cd /tmp/base && npx tsc -p tsconfig.json)
+ *   BENCH_RAFT_BASELINE=/tmp/base npm run bench:raft     (BENCH_AB_ROUNDS=8, BENCH_AB_ONLY=1 skips the rest)
+ *
+ * starts a second 3-member cluster from that build (as it runs: plaintext if it predates TLS) beside
+ * ours, both idle but for the round being measured, and runs the 64- and 1-client phases in paired
+ * rounds, the order of the two builds alternating each round, so load from outside hits both alike.
+ * Prints each round's rates, the median of the per-round ratios, and CPU µs per write of each
+ * cluster's three members (from /proc).
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { RootCA, createRootCA } from '../manager/ca/x509.js';
-import { KvConnection, builtRaftKv, findLeader, killKv, request, spawnKv, status, type KvProc } from '../test/helpers/raft-kv-procs.js';
+import * as kvprocs from '../test/helpers/raft-kv-procs.js';
+import { builtRaftKv, findLeader, killKv, request, spawnKv, status, type KvProc } from '../test/helpers/raft-kv-procs.js';
 import { waitFor } from '../test/helpers/wait.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
@@ -27,7 +40,10 @@ const quantile = (xs: number[], q: number): number => {
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
 };
 
-async function throughput(leader: KvProc, clients: number, seconds: number, tag: string): Promise<{ rate: number; p50: number; p99: number; errors: number }> {
+/** The raft-kv helpers of a build (ours, or BENCH_RAFT_BASELINE's: the same exports since f93cc1e). */
+type KvModule = Pick<typeof kvprocs, 'KvConnection' | 'spawnKv' | 'status' | 'killKv'>;
+
+async function throughput(leader: KvProc, clients: number, seconds: number, tag: string, mod: KvModule = kvprocs): Promise<{ rate: number; p50: number; p99: number; errors: number }> {
   const lat: number[] = [];
   let errors = 0;
   const end = Date.now() + seconds * 1000;
@@ -35,7 +51,7 @@ async function throughput(leader: KvProc, clients: number, seconds: number, tag:
   await Promise.all(
     Array.from({ length: clients }, async (_, c) => {
       // one keep-alive connection per client, one request at a time: each write is one acknowledged PUT
-      const conn = new KvConnection(leader.httpPort);
+      const conn = new mod.KvConnection(leader.httpPort);
       try {
         for (let i = 0; Date.now() < end; i++) {
           const s = performance.now();
@@ -54,6 +70,74 @@ async function throughput(leader: KvProc, clients: number, seconds: number, tag:
   );
   const secs = (Date.now() - t0) / 1000;
   return { rate: lat.length / secs, p50: quantile(lat, 0.5), p99: quantile(lat, 0.99), errors };
+}
+
+/** CPU seconds (user + system) a process has used so far. */
+function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return 0;
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100; // clock ticks (USER_HZ 100 on Linux)
+  } catch {
+    return 0;
+  }
+}
+
+interface AbRound {
+  rate: number;
+  /** CPU µs per write, the three members together */
+  cpuUs: number;
+}
+
+async function abRound(nodes: KvProc[], leader: KvProc, clients: number, tag: string, mod: KvModule): Promise<AbRound> {
+  const pids = nodes.map((n) => n.child.pid);
+  const c0 = pids.map(cpuSeconds);
+  const r = await throughput(leader, clients, SECONDS, tag, mod);
+  const used = pids.map(cpuSeconds).reduce((sum, v, i) => sum + v - c0[i]!, 0);
+  const writes = r.rate * SECONDS;
+  return { rate: r.rate, cpuUs: writes > 0 ? (used * 1e6) / writes : NaN };
+}
+
+/**
+ * Paired rounds against the build at BENCH_RAFT_BASELINE (see the header): both clusters up, the
+ * order alternating each round. Returns the summary lines.
+ */
+async function compareWithBaseline(baseDir: string, ours: KvProc[], root: string, procs: KvProc[]): Promise<string[]> {
+  const modPath = path.join(path.resolve(baseDir), 'dist/test/helpers/raft-kv-procs.js');
+  if (!fs.existsSync(modPath)) throw new Error(`BENCH_RAFT_BASELINE=${baseDir}: ${modPath} is missing (build that checkout first)`);
+  const base = (await import(modPath)) as KvModule;
+  const rounds = Math.max(2, Number(process.env.BENCH_AB_ROUNDS ?? 8));
+  const b0 = await base.spawnKv('base-a', path.join(root, 'base-a'));
+  procs.push(b0);
+  await waitFor('baseline a leads', async () => (await base.status(b0))?.leader, 20_000);
+  const b1 = await base.spawnKv('base-b', path.join(root, 'base-b'), { join: b0.addr });
+  procs.push(b1);
+  const b2 = await base.spawnKv('base-c', path.join(root, 'base-c'), { join: b0.addr });
+  procs.push(b2);
+  await waitFor('baseline: 3 voters', async () => (await base.status(b0))?.members.filter((m) => !m.learner).length === 3, 30_000);
+  const baseNodes = [b0, b1, b2];
+  const ourLeader = (await findLeader(ours))!;
+  await throughput(b0, 16, 1, 'base-warm', base);
+  const lines: string[] = [];
+  for (const clients of [64, 1]) {
+    const res = { ours: [] as AbRound[], base: [] as AbRound[] };
+    for (let r = 0; r < rounds; r++) {
+      const order = r % 2 === 0 ? (['base', 'ours'] as const) : (['ours', 'base'] as const);
+      for (const which of order) {
+        const x = which === 'ours' ? await abRound(ours, ourLeader, clients, `ab${clients}-${r}`, kvprocs) : await abRound(baseNodes, b0, clients, `ab${clients}-${r}`, base);
+        res[which].push(x);
+        console.log(`  paired round ${r + 1}/${rounds}, ${clients} client(s), ${which === 'ours' ? 'this build' : 'baseline  '}: ${x.rate.toFixed(0).padStart(6)} writes/s, ${x.cpuUs.toFixed(0)} µs CPU/write (3 members)   load ${os.loadavg()[0]!.toFixed(2)}`);
+      }
+    }
+    const ratios = res.ours.map((o, i) => o.rate / res.base[i]!.rate);
+    const med = (xs: number[]): number => quantile(xs, 0.5);
+    lines.push(
+      `vs baseline (${path.basename(path.resolve(baseDir))}), ${clients} client(s), ${rounds} paired rounds: this build median ${med(res.ours.map((x) => x.rate)).toFixed(0)} writes/s (${med(res.ours.map((x) => x.cpuUs)).toFixed(0)} µs CPU/write), baseline ${med(res.base.map((x) => x.rate)).toFixed(0)} (${med(res.base.map((x) => x.cpuUs)).toFixed(0)} µs CPU/write); per-round ratios ${ratios.map((x) => x.toFixed(2)).join(' ')}, median ${med(ratios).toFixed(3)}${clients === 64 ? '   target >= 0.85' : ''}`,
+    );
+    console.log(lines[lines.length - 1]);
+  }
+  for (const p of baseNodes) await base.killKv(p, 'SIGTERM');
+  return lines;
 }
 
 async function main(): Promise<void> {
@@ -85,6 +169,16 @@ async function main(): Promise<void> {
     const c = await spawn('c', { join: a.addr });
     await waitFor('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3, 30_000);
     let nodes = [a, b, c];
+
+    const baseline = process.env.BENCH_RAFT_BASELINE;
+    if (baseline) {
+      results.push(...(await compareWithBaseline(baseline, nodes, root, procs)));
+      if (process.env.BENCH_AB_ONLY === '1') {
+        console.log('\nsummary');
+        for (const line of results) console.log(`  ${line}`);
+        return;
+      }
+    }
 
     // warm-up
     await throughput(a, 16, 1, 'warm');
