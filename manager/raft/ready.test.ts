@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { EntryType, MessageType as T } from '../../gen/flotilla/v1/raft.js';
 import { RawNode, newMessage } from './core.js';
 import { MemoryStorage } from './memory-storage.js';
-import { ReadyRunner, type ReadyStep } from './ready.js';
+import { ReadyRunner, coalesceAppends, type ReadyStep } from './ready.js';
 import { mulberry32 } from '../../testing/raft/prng.js';
 import type { Message } from './types.js';
 
@@ -160,5 +160,50 @@ describe('Ready handler ordering', () => {
     expect(before).toEqual(['write', 'sync']);
     h.runner.finish(step);
     expect(h.log).toContain('send:MESSAGE_TYPE_VOTE');
+  });
+
+  it('an acknowledgement and a proposal in one Ready: one append per follower, carrying the new commit', () => {
+    const h = leaderOfThree();
+    const term = h.raw.basicStatus().term;
+    h.raw.step(newMessage({ type: T.MESSAGE_TYPE_APP_RESP, from: 3, to: 1, term, index: h.raw.log.lastIndex() }));
+    drain(h);
+    h.raw.propose(Buffer.from('a'));
+    drain(h);
+    const a = h.raw.log.lastIndex();
+    // follower 2 acknowledges a (a commits: the core queues commit-only appends), then b is proposed
+    h.raw.step(newMessage({ type: T.MESSAGE_TYPE_APP_RESP, from: 2, to: 1, term, index: a }));
+    h.raw.propose(Buffer.from('b'));
+    const rd = h.raw.ready();
+    const apps = rd.messages.filter((m) => m.type === T.MESSAGE_TYPE_APP);
+    expect(apps.some((m) => m.entries.length === 0 && m.commit === a)).toBe(true); // what the core produced
+    h.sent.length = 0;
+    h.runner.finish(h.runner.begin(rd));
+    const out = h.sent.filter((m) => m.type === T.MESSAGE_TYPE_APP);
+    expect(out.map((m) => m.to).sort()).toEqual([2, 3]);
+    for (const m of out) {
+      expect(m.entries.map((e) => e.index)).toEqual([a + 1]);
+      expect(m.commit).toBe(a);
+    }
+  });
+});
+
+describe('coalesceAppends', () => {
+  const app = (to: number, commit: number, ents: number[], term = 5): Message =>
+    newMessage({ type: T.MESSAGE_TYPE_APP, from: 1, to, term, index: ents.length ? ents[0]! - 1 : 9, commit, entries: ents.map((index) => ({ term, index, type: EntryType.ENTRY_TYPE_NORMAL, data: Buffer.from('x') })) });
+  const hb = (to: number): Message => newMessage({ type: T.MESSAGE_TYPE_HEARTBEAT, from: 1, to, term: 5, commit: 3 });
+  const show = (ms: Message[]): string[] => ms.map((m) => `${T[m.type]!.replace('MESSAGE_TYPE_', '')}>${m.to} c${m.commit} [${m.entries.map((e) => e.index).join(',')}]`);
+
+  it('drops a follower\'s empty appends when it has one with entries, keeping the highest commit', () => {
+    const msgs = [app(2, 7, [10, 11]), hb(3), app(2, 9, []), app(3, 9, []), app(2, 9, [12])];
+    expect(show(coalesceAppends(msgs))).toEqual(['APP>2 c9 [10,11]', 'HEARTBEAT>3 c3 []', 'APP>3 c9 []', 'APP>2 c9 [12]']);
+  });
+
+  it('leaves lone appends, empty-only followers and mixed terms alone', () => {
+    const lone = [app(2, 7, []), app(3, 7, [10])];
+    expect(coalesceAppends(lone)).toBe(lone);
+    const empties = [app(2, 7, []), app(2, 8, [])];
+    expect(coalesceAppends(empties)).toBe(empties);
+    const mixed = [app(2, 7, [], 4), app(2, 8, [10], 5)];
+    expect(coalesceAppends(mixed)).toBe(mixed);
   });
 });

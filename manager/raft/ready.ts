@@ -86,6 +86,45 @@ export function coalesceAcks(msgs: Message[]): Message[] {
   return out;
 }
 
+/**
+ * A leader's Ready often holds two appends for the same follower: one with the new entries, and an
+ * empty one that only carries the commit index (sent when an acknowledgement advanced the commit).
+ * Under load that is every other append, and each is a message the follower decodes and answers.
+ * When a follower has an append with entries in the Ready, its empty appends are dropped and the
+ * highest commit index among its appends is put on the ones kept: a follower takes
+ * min(commit, last new index) from any accepted append, so it learns the same commit index, one
+ * message sooner. Only appends of the same term are merged; every other message passes unchanged.
+ */
+export function coalesceAppends(msgs: Message[]): Message[] {
+  if (msgs.length < 2) return msgs;
+  const APP = MessageType.MESSAGE_TYPE_APP;
+  let per: Map<number, { n: number; term: number; mixed: boolean; commit: number; full: boolean }> | undefined;
+  for (const m of msgs) {
+    if (m.type !== APP) continue;
+    per ??= new Map();
+    const p = per.get(m.to);
+    if (!p) per.set(m.to, { n: 1, term: m.term, mixed: false, commit: m.commit, full: m.entries.length > 0 });
+    else {
+      p.n++;
+      if (p.term !== m.term) p.mixed = true;
+      if (m.commit > p.commit) p.commit = m.commit;
+      if (m.entries.length > 0) p.full = true;
+    }
+  }
+  if (!per || ![...per.values()].some((p) => p.n > 1 && p.full && !p.mixed)) return msgs;
+  const out: Message[] = [];
+  for (const m of msgs) {
+    const p = m.type === APP ? per.get(m.to) : undefined;
+    if (!p || p.n < 2 || !p.full || p.mixed) {
+      out.push(m);
+      continue;
+    }
+    if (m.entries.length === 0) continue;
+    out.push(m.commit < p.commit ? { ...m, commit: p.commit } : m);
+  }
+  return out;
+}
+
 export class ReadyRunner<S> {
   /** this node is the leader (from the last soft state) */
   leader = false;
@@ -110,7 +149,7 @@ export class ReadyRunner<S> {
     const prev = storage.initialState().hardState;
     const termOrVote = rd.hardState !== undefined && (rd.hardState.term !== prev.term || rd.hardState.vote !== prev.vote);
     const early = this.leader && !termOrVote && !rd.snapshot;
-    if (early && rd.messages.length > 0) host.send(rd.messages);
+    if (early && rd.messages.length > 0) host.send(coalesceAppends(rd.messages));
     if (rd.snapshot) {
       disk.saveSnapshot(rd.snapshot);
       storage.applySnapshot(rd.snapshot);
@@ -141,7 +180,7 @@ export class ReadyRunner<S> {
     const storage = this.disk.storage;
     if (rd.hardState) storage.setHardState(rd.hardState);
     storage.append(rd.entries);
-    if (!step.early && rd.messages.length > 0) host.send(coalesceAcks(rd.messages));
+    if (!step.early && rd.messages.length > 0) host.send(coalesceAppends(coalesceAcks(rd.messages)));
     if (rd.snapshot) host.restoreSnapshot(rd.snapshot);
     const committed = rd.committedEntries;
     for (; step.applied < committed.length; step.applied++) host.applyEntry(committed[step.applied]!);
