@@ -3,7 +3,8 @@
  *
  *   npm run build && npm run bench:raft          (BENCH_SECONDS=4 per throughput phase)
  *
- * Measures committed writes/s (256-byte puts over HTTP keep-alive to the leader) with 1 and 64
+ * After a warm-up (BENCH_WARMUP_SECONDS=8 at 64 clients: the members' JIT settles), measures
+ * committed writes/s (256-byte puts over HTTP keep-alive to the leader) with 1 and 64
  * concurrent clients, leader failover after kill -9 (from the kill to the first write a survivor
  * accepts), and the catch-up time of a new member from a snapshot of 100,000 objects. Prints our
  * figures beside the anchors of /work/shared/design/ANCHORS.md (etcd 3.4, 3 members, measured on
@@ -31,6 +32,7 @@ import { builtRaftKv, findLeader, killKv, request, spawnKv, status, type KvProc 
 import { waitFor } from '../test/helpers/wait.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
+const WARMUP_SECONDS = Number(process.env.BENCH_WARMUP_SECONDS ?? 8);
 const VALUE = 'v'.repeat(256);
 const ANCHOR = { etcd1: 735, etcd64: 3345, etcdFailover: 1.21 };
 
@@ -117,7 +119,8 @@ async function compareWithBaseline(baseDir: string, ours: KvProc[], root: string
   await waitFor('baseline: 3 voters', async () => (await base.status(b0))?.members.filter((m) => !m.learner).length === 3, 30_000);
   const baseNodes = [b0, b1, b2];
   const ourLeader = (await findLeader(ours))!;
-  await throughput(b0, 16, 1, 'base-warm', base);
+  // both builds warmed the same way (ours was warmed in main())
+  await throughput(b0, 64, WARMUP_SECONDS, 'base-warm', base);
   const lines: string[] = [];
   for (const clients of [64, 1]) {
     const res = { ours: [] as AbRound[], base: [] as AbRound[] };
@@ -180,8 +183,9 @@ async function main(): Promise<void> {
       }
     }
 
-    // warm-up
-    await throughput(a, 16, 1, 'warm');
+    // warm-up: V8 is still compiling the hot paths for the first seconds under load (perf showed
+    // ~27% of a fresh member's CPU in the optimizing compiler in its first 4 s, ~1.5% after 12 s)
+    await throughput(a, 64, WARMUP_SECONDS, 'warm');
     const one = await throughput(a, 1, SECONDS, 'one');
     const many = await throughput(a, 64, SECONDS, 'many');
     results.push(
