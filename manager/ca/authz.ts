@@ -12,7 +12,7 @@
  * its own grpc.Server with the unwrapped handlers: inside one server, a plain-text call cannot be
  * told apart reliably from a TLS call whose certificate failed verification.
  */
-import type { PeerCertificate } from 'node:tls';
+import { type PeerCertificate, TLSSocket } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { errorMessage } from '../../common/errors.js';
 import { type CertIdentity, type Role, identityFromPeer } from './x509.js';
@@ -87,12 +87,45 @@ export function callerOf(call: object): Caller | undefined {
   return callers.get(call);
 }
 
+/**
+ * The TLS socket a server call arrived on, when grpc-js's internals are where 1.14 keeps them
+ * (ServerUnaryCallImpl.call -> [ServerInterceptingCall.nextCall ->] BaseServerInterceptingCall
+ * .stream.session.socket); undefined otherwise, and the identity is then read from the call.
+ */
+function tlsSocketOf(call: object): object | undefined {
+  let c = (call as { call?: unknown }).call as { nextCall?: unknown; stream?: { session?: { socket?: unknown } } } | undefined;
+  for (let i = 0; i < 4 && c && !c.stream; i++) c = c.nextCall as typeof c;
+  const sock = c?.stream?.session?.socket;
+  return sock instanceof TLSSocket ? sock : undefined;
+}
+
+/**
+ * Identities read from each connection's certificate. grpc-js's getAuthContext() converts the
+ * peer certificate to a JS object on every call (~60 µs: subject, issuer, key, three fingerprints);
+ * a connection's certificate is fixed once its handshake verified it, so it is read once per
+ * connection. Every per-call check (cluster, expiry, CA rotation, revocation, role) still runs on
+ * each call.
+ */
+const socketIdentities = new WeakMap<object, CertIdentity | null>();
+/** How often the per-connection identity was reused (tests). */
+export const peerIdentityStats = { reads: 0, reused: 0 };
+
 /** The verified identity of a call's caller, if its TLS certificate verified. */
 export function peerIdentity(call: { getAuthContext(): AuthContextLike | null }): CertIdentity | undefined {
+  const sock = tlsSocketOf(call);
+  if (sock) {
+    const known = socketIdentities.get(sock);
+    if (known !== undefined) {
+      peerIdentityStats.reused++;
+      return known ?? undefined;
+    }
+  }
   const ctx = call.getAuthContext();
+  peerIdentityStats.reads++;
   // grpc-js fills sslPeerCertificate only for an authorized (chain-verified) TLS socket
-  if (ctx?.transportSecurityType !== 'ssl' || !ctx.sslPeerCertificate) return undefined;
-  return identityFromPeer(ctx.sslPeerCertificate);
+  const id = ctx?.transportSecurityType !== 'ssl' || !ctx.sslPeerCertificate ? undefined : identityFromPeer(ctx.sslPeerCertificate);
+  if (sock) socketIdentities.set(sock, id ?? null);
+  return id;
 }
 
 type StatusError = grpc.ServiceError;

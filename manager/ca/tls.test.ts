@@ -12,7 +12,7 @@ import { ControlClient, ControlService, type ControlServer, type LogLine } from 
 import { NodeCAClient, NodeCAService } from '../../gen/flotilla/v1/ca.js';
 import { JoinRaftResponse, LeaveRaftResponse, RaftClient, type RaftEnvelope, RaftService, type RaftServer } from '../../gen/flotilla/v1/raft.js';
 import { newId } from '../../common/ids.js';
-import { type AuthzOptions, type Policy, RevocationList, authorize, callerOf } from './authz.js';
+import { type AuthzOptions, type Policy, RevocationList, authorize, callerOf, peerIdentityStats } from './authz.js';
 import { TLS_CHANNEL_OPTIONS, TlsSource, clientCredentials, serverCredentials, staticClientCredentials, untrustedClientCredentials } from './credentials.js';
 import { type CaBackend, joinCluster, nodeCaHandlers, renewCertificate } from './service.js';
 import { formatToken, newTokenSecret } from './token.js';
@@ -306,6 +306,25 @@ describe('revocation', () => {
     const other = new TlsSource(await material(f.ca, 'mgr4', 'manager'));
     f.revocations.revokeSerial(other.identity.serial);
     expect((await codeOf(propose(f.requireAddr, clientCredentials(other)))).code).toBe(grpc.status.PERMISSION_DENIED);
+  });
+
+  it('the certificate is read once per connection, and a node revoked while connected is refused on its next call', async () => {
+    const manager = new TlsSource(await material(f.ca, 'mgr-live', 'manager'));
+    const c = new RaftClient(f.requireAddr, clientCredentials(manager), TLS_CHANNEL_OPTIONS);
+    const call = (): Promise<void> => new Promise((resolve, reject) => c.propose({ data: Buffer.alloc(0) }, (err) => (err ? reject(err) : resolve())));
+    try {
+      await call();
+      const before = { ...peerIdentityStats };
+      for (let i = 0; i < 5; i++) await call();
+      expect(peerIdentityStats.reads - before.reads).toBe(0); // the same connection: no new read
+      expect(peerIdentityStats.reused - before.reused).toBe(5);
+      f.revocations.revokeNode('mgr-live');
+      const r = await codeOf(call());
+      expect(r.code).toBe(grpc.status.PERMISSION_DENIED);
+      expect(r.details).toMatch(/node mgr-live has been removed from the cluster/);
+    } finally {
+      c.close();
+    }
   });
 });
 
