@@ -30,7 +30,13 @@ import { MAX_PROPOSAL, encodeContext, newRid, parseContext, unwrapProposal, unwr
 import { forceNewCluster } from './force-new-cluster.js';
 import { MemberBook, checkRemovalQuorum, joinCluster, learnerToPromote, transferTarget, writeMembersFile } from './membership.js';
 import { snapIndex } from './memory-storage.js';
-import { ReadyRunner } from './ready.js';
+import { HeldEmptyAppends, ReadyRunner } from './ready.js';
+
+/**
+ * How long a leader's commit-only append waits for an append that can carry its commit index
+ * (HeldEmptyAppends): a follower's commit index may lag the leader's by this much when writes stop.
+ */
+const HOLD_EMPTY_APPEND_MS = 5;
 import { attachRaftService, type ServiceRef } from './service.js';
 import { CHANNEL_OPTIONS, RAFT_ID_GENERATIONS, RaftTransport, callUnary, raftIdForNode, raftIdsOfNode } from './transport.js';
 import type { AuthzOptions } from '../ca/authz.js';
@@ -143,6 +149,8 @@ export class RaftNode {
   private applied = 0;
   private lastSnapshotIndex = 0;
   private runner!: ReadyRunner<Promise<void>>;
+  /** a leader's commit-only appends wait a moment for an append that can carry them (ready.ts) */
+  private readonly heldApps = new HeldEmptyAppends((msgs) => this.transport.send(msgs), HOLD_EMPTY_APPEND_MS);
   private syncStart = 0;
   private lead = 0;
   private leader = false;
@@ -307,7 +315,7 @@ export class RaftNode {
       },
       {
         onSoftState: (lead, isLeader) => this.onSoftState(lead, isLeader),
-        send: (msgs) => this.transport.send(msgs),
+        send: (msgs) => this.heldApps.send(msgs),
         restoreSnapshot: (snap) => this.restoreSnapshot(snap),
         applyEntry: (e) => this.applyEntry(e),
         afterApply: () => this.wakeApplied(),
@@ -776,6 +784,7 @@ export class RaftNode {
       this.events.emit('leadership', false);
     }
     await this.loop;
+    this.heldApps.clear();
     this.ac.abort();
     this.transport.stop();
     await this.transport.drain();

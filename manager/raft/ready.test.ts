@@ -3,11 +3,11 @@
  * is applied before the fsync, and what waits for it. The simulation (sim.test.ts) checks the
  * consequences under faults; these pin the rules down one by one.
  */
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { EntryType, MessageType as T } from '../../gen/flotilla/v1/raft.js';
 import { RawNode, newMessage } from './core.js';
 import { MemoryStorage } from './memory-storage.js';
-import { ReadyRunner, coalesceAppends, type ReadyStep } from './ready.js';
+import { HeldEmptyAppends, ReadyRunner, coalesceAppends, type ReadyStep } from './ready.js';
 import { mulberry32 } from '../../testing/raft/prng.js';
 import type { Message } from './types.js';
 
@@ -205,5 +205,40 @@ describe('coalesceAppends', () => {
     expect(coalesceAppends(empties)).toBe(empties);
     const mixed = [app(2, 7, [], 4), app(2, 8, [10], 5)];
     expect(coalesceAppends(mixed)).toBe(mixed);
+  });
+});
+
+describe('HeldEmptyAppends (a leader\'s commit-only appends wait for an append to carry them)', () => {
+  const app = (to: number, commit: number, ents: number[], term = 5): Message =>
+    newMessage({ type: T.MESSAGE_TYPE_APP, from: 1, to, term, index: ents.length ? ents[0]! - 1 : 9, commit, entries: ents.map((index) => ({ term, index, type: EntryType.ENTRY_TYPE_NORMAL, data: Buffer.from('x') })) });
+  const show = (ms: Message[]): string[] => ms.map((m) => `${T[m.type]!.replace('MESSAGE_TYPE_', '')}>${m.to} t${m.term} c${m.commit} [${m.entries.map((e) => e.index).join(',')}]`);
+
+  it('an append sent within the delay carries the held commit; otherwise the empty append goes out when the time is up', () => {
+    vi.useFakeTimers();
+    try {
+      const sent: Message[] = [];
+      const h = new HeldEmptyAppends((ms) => sent.push(...ms), 5);
+      h.send([app(2, 7, []), app(3, 7, []), newMessage({ type: T.MESSAGE_TYPE_HEARTBEAT, from: 1, to: 2, term: 5, commit: 6 })]);
+      expect(show(sent)).toEqual(['HEARTBEAT>2 t5 c6 []']); // only the empty appends wait
+      h.send([app(2, 6, [10])]);
+      expect(show(sent.splice(0))).toEqual(['HEARTBEAT>2 t5 c6 []', 'APP>2 t5 c7 [10]']);
+      expect(h.merged).toBe(1);
+      vi.advanceTimersByTime(4);
+      expect(sent).toHaveLength(0);
+      vi.advanceTimersByTime(1);
+      expect(show(sent.splice(0))).toEqual(['APP>3 t5 c7 []']);
+      // a later empty append replaces the held one; one of a new term is never merged into an old one
+      h.send([app(2, 8, [])]);
+      h.send([app(2, 9, [])]);
+      h.send([app(2, 9, [11], 6)]);
+      expect(show(sent.splice(0))).toEqual(['APP>2 t6 c9 [11]']);
+      expect(h.merged).toBe(1);
+      h.send([app(3, 9, [])]);
+      h.clear();
+      vi.advanceTimersByTime(10);
+      expect(sent).toHaveLength(0);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });

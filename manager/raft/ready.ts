@@ -125,6 +125,75 @@ export function coalesceAppends(msgs: Message[]): Message[] {
   return out;
 }
 
+/**
+ * A leader's empty appends, held back for a moment (production driver only). The core sends one
+ * to every follower whenever an acknowledgement advances the commit index, so with one client
+ * every write cost each follower two appends and two answers: the entry's, and the commit's. The
+ * commit index is only news to the follower (the leader answers its client from its own apply),
+ * and the next append carries it anyway. So an empty append waits up to `delayMs`: an append to
+ * the same follower sent meanwhile takes its commit index (as in coalesceAppends) and it is
+ * dropped; otherwise it is sent when the time is up. A later empty append replaces a held one of
+ * the same follower (it carries the leader's newer view). Messages are never reordered otherwise;
+ * Raft tolerates the delay (a follower's commit index may lag, never run ahead), and linearizable
+ * reads are unaffected (ReadIndex heartbeats carry the commit index and are not held).
+ */
+export class HeldEmptyAppends {
+  private readonly held = new Map<number, Message>();
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(
+    private readonly out: (msgs: Message[]) => void,
+    private readonly delayMs: number,
+  ) {}
+
+  /** how many empty appends were dropped because a later append carried their commit index */
+  merged = 0;
+
+  send(msgs: Message[]): void {
+    const APP = MessageType.MESSAGE_TYPE_APP;
+    let out: Message[] | undefined;
+    for (const m of msgs) {
+      if (m.type !== APP) {
+        (out ??= []).push(m);
+        continue;
+      }
+      const h = this.held.get(m.to);
+      if (m.entries.length === 0) {
+        this.held.set(m.to, h && h.term === m.term && h.commit > m.commit ? { ...m, commit: h.commit } : m);
+        continue;
+      }
+      let send = m;
+      if (h) {
+        this.held.delete(m.to);
+        if (h.term === m.term) {
+          this.merged++;
+          if (h.commit > m.commit) send = { ...m, commit: h.commit };
+        }
+      }
+      (out ??= []).push(send);
+    }
+    if (out) this.out(out);
+    if (this.held.size > 0 && this.timer === undefined) this.timer = setTimeout(() => this.flush(), this.delayMs);
+  }
+
+  /** Send what is held now. */
+  flush(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.held.size === 0) return;
+    const msgs = [...this.held.values()];
+    this.held.clear();
+    this.out(msgs);
+  }
+
+  /** Forget what is held (the node stops). */
+  clear(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    this.held.clear();
+  }
+}
+
 export class ReadyRunner<S> {
   /** this node is the leader (from the last soft state) */
   leader = false;
