@@ -3,8 +3,9 @@
 # Same shape as the test bed: an underlay namespace holding a bridge, two host namespaces on it, and in
 # each host a bridge with a VXLAN device (id 4242, UDP 4789) and one "container" namespace on that
 # bridge (MTU 1450). iperf3 host->host (underlay) and container->container (overlay), alternating, 3 s
-# each; prints one line per round and the median ratio. Everything lives in namespaces it makes and
-# deletes on exit (198.18.250.0/24 and 10.250.0.0/24 never leave them).
+# each; prints one line per round, the median ratio and the median CPU per byte overlay/underlay (iperf3's
+# CPU use of both ends, as bench:network counts it). Everything lives in namespaces it makes and deletes
+# on exit (198.18.250.0/24 and 10.250.0.0/24 never leave them).
 #   bash bench/vxlan-floor.sh [ROUNDS]     (root, iperf3, busybox)
 set -euo pipefail
 ROUNDS=${1:-5}
@@ -44,19 +45,25 @@ for h in A B; do
   i=$((i + 1))
 done
 ip netns exec "$P-cA" busybox ping -c1 -W2 10.250.0.2 >/dev/null
-tput() { # server-ns client-ns ip -> MB/s
+tput() { # server-ns client-ns ip -> "MB/s MB-per-CPU-second"
   ip netns exec "$1" timeout 20 iperf3 -s -1 -p 7301 >/dev/null 2>&1 &
   local sp=$!
   sleep 0.3
-  ip netns exec "$2" timeout 20 iperf3 -c "$3" -p 7301 -t 3 -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/8e6))'
+  # "MB/s MB-per-CPU-second" (CPU: both ends' iperf3 processes, as bench:network counts it)
+  ip netns exec "$2" timeout 20 iperf3 -c "$3" -p 7301 -t 3 -J | python3 -c 'import json,sys; e=json.load(sys.stdin)["end"]; m=e["sum_received"]["bits_per_second"]/8e6; c=e["cpu_utilization_percent"]; print(round(m), round(m/((c["host_total"]+c["remote_total"])/100)))'
   wait "$sp" 2>/dev/null || true
 }
 ratios=()
+costs=()
 for r in $(seq 1 "$ROUNDS"); do
-  u=$(tput "$P-hB" "$P-hA" 198.18.250.12)
-  o=$(tput "$P-cB" "$P-cA" 10.250.0.2)
+  read -r u ue < <(tput "$P-hB" "$P-hA" 198.18.250.12)
+  read -r o oe < <(tput "$P-cB" "$P-cA" 10.250.0.2)
   q=$(python3 -c "print(round($o/$u, 2))")
+  k=$(python3 -c "print(round($ue/$oe, 2))")
   ratios+=("$q")
-  echo "round $r: underlay $u MB/s, overlay $o MB/s, ratio $q"
+  costs+=("$k")
+  echo "round $r: underlay $u MB/s ($ue MB per CPU-second), overlay $o MB/s ($oe), ratio $q, overlay CPU per byte ${k}x"
 done
-echo "median ratio $(printf '%s\n' "${ratios[@]}" | sort -n | python3 -c 'import sys,statistics; print(round(statistics.median(float(x) for x in sys.stdin), 2))')"
+med() { sort -n | python3 -c 'import sys,statistics; print(round(statistics.median(float(x) for x in sys.stdin), 2))'; }
+echo "median ratio $(printf '%s\n' "${ratios[@]}" | med)"
+echo "median CPU per byte overlay/underlay $(printf '%s\n' "${costs[@]}" | med)x"

@@ -133,6 +133,8 @@ describe.skipIf(why !== '')('overlay data plane on the test bed', () => {
   });
 
   it('isolates networks: a task on A cannot reach one only on B', async () => {
+    // one isolation table for both networks of host 2 (one chain on the forward hook, not one per network)
+    expect((await inNs(hostNs(2), ['nft', 'list', 'tables'])).stdout.trim().split('\n').filter((l) => l.includes('flotilla'))).toEqual(['table inet flotilla-isolation']);
     expect(await ping(nsOf('t1'), '10.77.2.14', 1)).toBe(false);
     // not even through its gateway (the host neither routes between overlays nor into them)
     expect((await inNs(nsOf('t3'), ['ip', 'route', 'add', '10.77.2.0/24', 'via', '10.77.1.1'])).code).toBe(0);

@@ -578,6 +578,8 @@ describe('VIP ruleset rendering', () => {
     expect(text).toContain('dnat to numgen random mod 2 map { 0 : 10.0.1.5, 1 : 10.0.1.6 }');
     expect(text).toContain('ip daddr { 10.0.1.3 } meta l4proto tcp reject with tcp reset');
     expect(text.split('\n').slice(0, 2)).toEqual(['table ip flotilla', 'delete table ip flotilla']);
+    // no filter hook at all while every VIP has a task (each packet sent would pay for the call)
+    expect(renderRuleset([{ vip: '10.0.1.2', backends: ['10.0.1.5'] }])).not.toContain('hook output priority 0');
   });
 });
 

@@ -123,6 +123,47 @@ class KeyedLock {
 
 const NET_LOCK = 'net:';
 const TASK_LOCK = 'task:';
+const ISOLATION_LOCK = 'isolation';
+
+/** The node's one nftables table isolating its overlay networks (renderIsolation()). */
+export const ISOLATION_TABLE = 'flotilla-isolation';
+
+/**
+ * The nft script replacing the isolation table (one transaction; with no bridge, it only deletes it).
+ * `isolated`: the overlay bridges nothing is routed into or out of; `ingress`: the ingress network's
+ * bridge, into and out of which only the published ports' connections (DNAT'ed by table ip
+ * flotilla-ports) and their replies are routed.
+ *
+ * Where br_netfilter is on (bridge-nf-call-iptables=1, the default in every namespace once the module is
+ * loaded) every bridged frame of every overlay, task to task, runs this chain (seen as bridge to the same
+ * bridge): it is the data path's only netfilter cost, so such frames leave after the first rule, one set
+ * lookup whatever the number of networks, and interfaces are matched by index (iface_index, resolved when
+ * the table is loaded: the bridges exist then). A table per network with `iifname` rules cost ~2% of the
+ * overlay's CPU with one network and ~7% more with ten (docs/benchmarks.md, "bench:network: what our
+ * overlay costs more than the hand-built one"). Kept out of the chain while there is no ingress bridge:
+ * `ct` rules, which would turn conntrack on for all the host's traffic.
+ */
+export function renderIsolation(isolated: string[], ingress: string[]): string {
+  const t = ISOLATION_TABLE;
+  const lines = [`table inet ${t}`, `delete table inet ${t}`];
+  const all = [...isolated, ...ingress].sort();
+  if (all.length === 0) return lines.join('\n') + '\n';
+  const q = (names: string[]): string => names.map((n) => `"${n}"`).join(', ');
+  lines.push(`table inet ${t} {`);
+  lines.push('  set same {', '    type iface_index . iface_index', `    elements = { ${all.map((n) => `"${n}" . "${n}"`).join(', ')} }`, '  }');
+  if (isolated.length > 0) lines.push('  set isolated {', '    type iface_index', `    elements = { ${q([...isolated].sort())} }`, '  }');
+  if (ingress.length > 0) lines.push('  set ingress {', '    type iface_index', `    elements = { ${q([...ingress].sort())} }`, '  }');
+  lines.push('  chain forward {', '    type filter hook forward priority filter - 10; policy accept;');
+  // within one bridge (bridged frames under br_netfilter; a task routing to its own subnet)
+  lines.push('    meta iif . meta oif @same accept');
+  if (isolated.length > 0) lines.push('    meta iif @isolated drop', '    meta oif @isolated drop');
+  if (ingress.length > 0) {
+    lines.push('    meta iif @ingress ct status dnat accept', '    meta oif @ingress ct status dnat accept');
+    lines.push('    meta iif @ingress drop', '    meta oif @ingress drop');
+  }
+  lines.push('  }', '}');
+  return lines.join('\n') + '\n';
+}
 
 export class NodeNetwork implements TaskNetwork {
   private readonly views = new Map<string, NetworkView>();
@@ -143,6 +184,8 @@ export class NodeNetwork implements TaskNetwork {
   private udpBackends = new Map<number, string[]>();
   /** the task addresses in the ingress view last applied (undefined: none seen yet) */
   private ingressPeers: Set<string> | undefined;
+  /** networks whose bridge is the ingress network's (for the isolation table; the views say so too) */
+  private readonly ingressVnis = new Set<number>();
   /** the published-ports table last applied ('' = none) */
   private portsApplied = 'unknown: an earlier agent process may have left one';
 
@@ -506,7 +549,10 @@ export class NodeNetwork implements TaskNetwork {
     if (vxLink?.master !== br) await this.cmd('ip', ['link', 'set', vx, 'master', br]);
     // ARP for remote tasks answered from the bridge's neighbour table; none for local addresses over the overlay
     await this.cmd('bridge', ['link', 'set', 'dev', vx, 'neigh_suppress', 'on']);
-    await this.isolate(vni, !!net.spec?.ingress);
+    // a table per network from an earlier version goes (one table for all of them now)
+    await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
+    if (net.spec?.ingress) this.ingressVnis.add(vni);
+    await this.isolate();
     if (vxLink?.operstate !== 'UNKNOWN' && vxLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', vx, 'up']);
     if (brLink?.operstate !== 'UP') await this.cmd('ip', ['link', 'set', br, 'up']);
     this.ensured.set(vni, mtu);
@@ -514,32 +560,25 @@ export class NodeNetwork implements TaskNetwork {
   }
 
   /**
-   * The host never routes into or out of an overlay network (one nftables table per network, replaced
-   * whole): a task reaches only the tasks of its own networks, even where the host forwards IPv4 and a
-   * task has a route through its gateway. Traffic within the bridge (seen here as bridge to the same
-   * bridge when br_netfilter is loaded) is not touched.
+   * The host never routes into or out of an overlay network: a task reaches only the tasks of its own
+   * networks, even where the host forwards IPv4 and a task has a route through its gateway. One table
+   * for all the node's overlay bridges (ISOLATION_TABLE, renderIsolation()), made again whole from the
+   * bridges present (serialised: the last render sees every bridge made or removed before it).
    */
-  private async isolate(vni: number, ingress = false): Promise<void> {
-    const br = bridgeName(vni);
-    const table = `flotilla-${vni}`;
-    const rules = [
-      `table inet ${table}`,
-      `delete table inet ${table}`,
-      `table inet ${table} {`,
-      '  chain forward {',
-      '    type filter hook forward priority filter - 10; policy accept;',
-      // the ingress network: the published ports' connections (DNAT'ed by table ip flotilla-ports)
-      // and their replies are routed in and out; nothing else
-      ...(ingress ? ['    ct status dnat accept'] : []),
-      `    iifname "${br}" oifname != "${br}" drop`,
-      `    oifname "${br}" iifname != "${br}" drop`,
-      '  }',
-      '}',
-    ].join('\n');
-    const f = this.opts.hostNetns ? 'nsenter' : 'nft';
-    const a = this.opts.hostNetns ? [`--net=${this.opts.hostNetns}`, '--', 'nft', '-f', '-'] : ['-f', '-'];
-    const r = await execInWorker(f, a, { input: rules + '\n', timeoutMs: 30_000 });
-    if (r.code !== 0) throw new FlotillaError('INTERNAL', `nft: isolating network ${br}: ${r.stderr.trim() || r.error}`);
+  private async isolate(): Promise<void> {
+    await this.lock.run(ISOLATION_LOCK, async () => {
+      const vnis = [...(await this.presentNetworks()).entries()].filter(([, k]) => k.has('br')).map(([v]) => v);
+      const ingress = (v: number): boolean =>
+        this.ingressVnis.has(v) || [...this.views.values()].some((x) => x.network?.allocation?.vni === v && !!x.network.spec?.ingress);
+      const text = renderIsolation(
+        vnis.filter((v) => !ingress(v)).map(bridgeName),
+        vnis.filter(ingress).map(bridgeName),
+      );
+      const f = this.opts.hostNetns ? 'nsenter' : 'nft';
+      const a = this.opts.hostNetns ? [`--net=${this.opts.hostNetns}`, '--', 'nft', '-f', '-'] : ['-f', '-'];
+      const r = await execInWorker(f, a, { input: text, timeoutMs: 30_000 });
+      if (r.code !== 0) throw new FlotillaError('INTERNAL', `nft: isolating the overlay networks: ${r.stderr.trim() || r.error}`);
+    });
   }
 
   private async removeDevices(vni: number): Promise<void> {
@@ -549,6 +588,9 @@ export class NodeNetwork implements TaskNetwork {
     await this.cmd('nft', ['delete', 'table', 'inet', `flotilla-${vni}`], true);
     await this.cmd('ip', ['link', 'del', vxlanName(vni)], true);
     await this.cmd('ip', ['link', 'del', bridgeName(vni)], true);
+    this.ingressVnis.delete(vni);
+    // the isolation table without this bridge (deleted with the last one)
+    await this.isolate().catch((err: unknown) => this.log?.warn({ vni, err: errorMessage(err) }, 'updating the isolation table'));
     this.log?.info({ vni }, 'overlay devices removed (no task of the network left on this node)');
   }
 

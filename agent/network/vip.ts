@@ -7,7 +7,8 @@
  *   map services { type ipv4_addr : verdict }      VIP -> jump svc_N
  *   chain output (nat, output hook): ip daddr vmap @services
  *   chain svc_N: dnat to numgen random mod K map { 0 : task1, 1 : task2, ... }
- *   chain reject_out (filter, output hook): VIPs with no ready task get a TCP reset / ICMP unreachable
+ *   chain reject_out (filter, output hook; only while there are such VIPs): VIPs with no ready task get a
+ *     TCP reset / ICMP unreachable
  *
  * Why in the client's netns, and why nftables:
  * - The DNAT happens where the connection starts, so no SNAT is needed: the backend sees the client's real
@@ -93,12 +94,14 @@ export function renderRuleset(entries: VipEntry[]): string {
     const map = e.backends.map((b, j) => `${j} : ${b}`).join(', ');
     lines.push(`  chain svc_${i} {`, `    dnat to numgen random mod ${e.backends.length} map { ${map} }`, '  }');
   });
-  lines.push('  chain reject_out {', '    type filter hook output priority 0; policy accept;');
+  // only while some VIP has no ready task: a base chain costs every packet the container sends a
+  // netfilter hook call, even when empty (docs/benchmarks.md, "Network")
   if (empty.length > 0) {
     const set = empty.map((e) => e.vip).join(', ');
-    lines.push(`    ip daddr { ${set} } meta l4proto tcp reject with tcp reset`, `    ip daddr { ${set} } reject`);
+    lines.push('  chain reject_out {', '    type filter hook output priority 0; policy accept;');
+    lines.push(`    ip daddr { ${set} } meta l4proto tcp reject with tcp reset`, `    ip daddr { ${set} } reject`, '  }');
   }
-  lines.push('  }', '}');
+  lines.push('}');
   return lines.join('\n') + '\n';
 }
 
