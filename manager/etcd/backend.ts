@@ -6,7 +6,9 @@
  *   every object it updates or deletes with the revision this manager's store holds for it (created
  *   keys must be absent), and writes all it changes (Kubernetes' GuaranteedUpdate pattern). A failed
  *   compare waits until the local store has caught up with etcd and answers ABORTED: the store
- *   re-runs the transaction on fresh state, as under Raft.
+ *   re-runs the transaction on fresh state, as under Raft. Batches proposed in the same event-loop
+ *   turn that commute (each compares only keys it writes, none shared, same fence) share one etcd
+ *   transaction (flush()); if etcd refuses it, each is sent again on its own.
  * - Reads: every manager keeps its MemoryStore by a list of the prefix then a watch from that
  *   revision; each etcd revision becomes one applyChanges() call (one event per object, then a
  *   commit marker whose index is the revision). A compacted revision (or a lost watch) relists.
