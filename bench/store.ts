@@ -2,8 +2,10 @@
  * Store write benchmark: transactions/s with 1 and 64 concurrent writers through our store
  * (MemoryStore.update: read the object, write a modified copy, wait until applied locally)
  *
- *   - on etcd (manager/etcd: one etcd transaction per store transaction, compares + puts, then the
- *     watch brings the revision back into the local store),
+ *   - on etcd (manager/etcd: compares + puts in one etcd transaction, applied to the local store from
+ *     etcd's answer; store transactions proposed in the same event-loop turn that commute share one
+ *     etcd transaction), and the same with that off (mergeWrites: false, one etcd transaction per
+ *     store transaction),
  *   - beside raw etcd3 requests of the same size to the same etcd: a plain put, and the transaction
  *     a hand-written GuaranteedUpdate sends (compare the mod revision, put) — the target: our store
  *     adds at most 20% over that raw transaction,
@@ -11,6 +13,10 @@
  *
  *   npm run build && npm run bench:store     (BENCH_SECONDS=4 per variant, BENCH_ROUNDS=4,
  *                                            BENCH_VALUE_BYTES=1024, BENCH_ETCD_MEMBERS=1)
+ *
+ * For profiling and A/B runs: BENCH_WRITERS=64 (only these writer counts), BENCH_VARIANTS=store,txn
+ * (of store,store1,txn,put,raft), BENCH_AB=/abs/path/to/an/older/dist/manager/etcd/backend.js (that
+ * backend module runs beside, on its own prefix, as variant "B").
  *
  * The machine may be shared: each variant's time is cut into BENCH_ROUNDS slices, run in rounds that
  * alternate the variants (the order reversed every other round), so a burst of outside load hits
@@ -36,6 +42,9 @@ const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
 const VALUE_BYTES = Number(process.env.BENCH_VALUE_BYTES ?? 1024);
 const MEMBERS = Number(process.env.BENCH_ETCD_MEMBERS ?? 1);
 const ROUNDS = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 4));
+/** for profiling: only these writer counts (e.g. "64") and variants (of "store,store1,txn,put,raft") */
+const WRITERS = (process.env.BENCH_WRITERS ?? '1,64').split(',').map(Number);
+const ONLY = new Set((process.env.BENCH_VARIANTS ?? 'store,store1,txn,put,raft').split(','));
 const log = createLogger('bench-store');
 log.level = 'warn';
 
@@ -131,7 +140,9 @@ async function interleaved(writers: number, variants: Variant[]): Promise<Map<st
 }
 
 const variant = (name: string, op: Variant['op']): Variant => ({ name, op, lat: [], done: 0, ms: 0, cpuUs: 0, etcdCpuS: 0, errors: 0, n: 0 });
+const SHORT = ['store', 'store1', 'txn', 'put', 'raft'];
 
+const pct = (x: number): string => `${Math.abs(x).toFixed(1)}% ${x >= 0 ? 'more' : 'less'}`;
 const fmt = (r: Result): string => `${Math.round(r.rate).toString().padStart(6)} tx/s  p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms  CPU/tx ${Math.round(r.cpuUs)} µs here + ${Math.round(r.etcdCpuUs)} µs etcd${r.errors ? `  (${r.errors} errors)` : ''}`;
 
 function task(id: string, i: number): Task {
@@ -162,6 +173,8 @@ async function main(): Promise<void> {
   const ac = new AbortController();
   let backend: EtcdBackend | undefined;
   let raft: RaftNode | undefined;
+  let abStop: (() => Promise<void>) | undefined;
+  let stop1: (() => Promise<void>) | undefined;
   const raw = await (async () => {
     await etcd.start(MEMBERS);
     etcdPids = etcd.members.flatMap((m) => (m.proc?.pid ? [m.proc.pid] : []));
@@ -177,7 +190,25 @@ async function main(): Promise<void> {
     await EtcdBackend.claim(backend.client, '/bench', key);
     store.setProposer(backend);
     await backend.start();
+    // the same store with one etcd transaction per store transaction (no joint transactions)
+    const store1 = new MemoryStore(log);
+    const backend1 = new EtcdBackend(store1, { endpoints: etcd.endpoints, prefix: '/bench1', ...etcd.tls(), mergeWrites: false }, key, { nodeId: 'bench1', addr: '127.0.0.1:3' }, log);
+    stop1 = () => backend1.stop();
+    await EtcdBackend.claim(backend1.client, '/bench1', key);
+    store1.setProposer(backend1);
+    await backend1.start();
     const size = Task.encode(task('x', 0)).finish().length;
+    // A/B: an older backend module beside (not committed)
+    let storeB: MemoryStore | undefined;
+    if (process.env.BENCH_AB) {
+      const mod = (await import(process.env.BENCH_AB)) as { EtcdBackend: typeof EtcdBackend };
+      storeB = new MemoryStore(log);
+      const bb = new mod.EtcdBackend(storeB, { endpoints: etcd.endpoints, prefix: '/benchb', ...etcd.tls() }, key, { nodeId: 'benchb', addr: '127.0.0.1:2' }, log);
+      await mod.EtcdBackend.claim(bb.client, '/benchb', key);
+      storeB.setProposer(bb);
+      await bb.start();
+      abStop = () => bb.stop();
+    }
     // -- our Raft, one member
     const rstore = new MemoryStore(log);
     raft = await RaftNode.open({
@@ -195,16 +226,19 @@ async function main(): Promise<void> {
     rstore.setProposer({ propose: (batch, signal) => r.propose(StoreBatch.encode(batch).finish(), signal) });
     await waitFor('raft leader', () => r.isLeader(), 10_000);
 
-    for (const writers of [1, 64]) {
+    for (const writers of WRITERS) {
       const tag = `w${writers}`;
       await seed(store, writers, tag);
+      await seed(store1, writers, tag);
+      if (storeB) await seed(storeB, writers, tag);
       // raw etcd3, same size (the sealed value our store writes: object + 28 bytes)
       const value = Buffer.alloc(size + 28, 1);
       const revs = new Map<number, string>();
       for (let w = 0; w < writers; w++) revs.set(w, (await raw.put(`/raw/${tag}/${w}`).value(value).exec()).header.revision);
       await seed(rstore, writers, tag);
       const variants = [
-        variant('flotilla store on etcd (store.update: one etcd txn, then applied to the local store)', (w, i) => storeWrite(store, `${tag}-${w}`, i)),
+        variant('flotilla store on etcd (store.update; writes of one turn that commute share one etcd txn; applied from the answer)', (w, i) => storeWrite(store, `${tag}-${w}`, i)),
+        variant('flotilla store on etcd, one etcd txn per store transaction (mergeWrites off)', (w, i) => storeWrite(store1, `${tag}-${w}`, i)),
         variant('raw etcd3 txn (compare mod revision, put; the hand-written GuaranteedUpdate)', async (w) => {
           const k = Buffer.from(`/raw/${tag}/${w}`);
           const res = await raw.kv.txn({ compare: [{ key: k, target: 'Mod', result: 'Equal', mod_revision: revs.get(w)! }], success: [{ request_put: { key: k, value } }] });
@@ -213,25 +247,39 @@ async function main(): Promise<void> {
         }),
         variant('raw etcd3 put', async (w, i) => void (await raw.put(`/rawput/${tag}/${w}/${i % 16}`).value(value).exec())),
         variant('flotilla store on our Raft (one member, fsync)', (w, i) => storeWrite(rstore, `${tag}-${w}`, i)),
-      ];
+      ].filter((_, i) => ONLY.has(SHORT[i]!));
+      const sb = storeB;
+      if (sb) variants.push(variant('B: the other backend', (w, i) => storeWrite(sb, `${tag}-${w}`, i)));
       for (const [name, res] of await interleaved(writers, variants)) results.push([name, writers, res]);
     }
 
     console.log(`\nstore writes: a ${size}-byte task per transaction, ${SECONDS} s per variant in ${ROUNDS} alternating rounds, ${os.availableParallelism()} CPUs, load (1/5/15 min) ${load0.map((x) => x.toFixed(2)).join(' ')} at the start, ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at the end`);
     console.log(`etcd: ${MEMBERS} member(s) of /usr/bin/etcd on loopback, client TLS; our Raft: one member in this process\n`);
-    for (const writers of [1, 64]) {
+    for (const writers of WRITERS) {
       console.log(`${writers} writer${writers === 1 ? '' : 's'}:`);
       for (const [name, w, res] of results) if (w === writers) console.log(`  ${fmt(res)}   ${name}`);
-      const ours = results.find(([n, w]) => w === writers && n.startsWith('flotilla store on etcd'))![2];
-      const rawTxn = results.find(([n, w]) => w === writers && n.startsWith('raw etcd3 txn'))![2];
+      const bres = results.find(([n, w]) => w === writers && n.startsWith('B:'))?.[2];
+      const ares = results.find(([n, w]) => w === writers && n.startsWith('flotilla store on etcd ('))?.[2];
+      if (bres && ares) console.log(`  A/B: CPU/tx here ${Math.round(ares.cpuUs)} vs ${Math.round(bres.cpuUs)} µs, etcd ${Math.round(ares.etcdCpuUs)} vs ${Math.round(bres.etcdCpuUs)} µs; rate ${Math.round(ares.rate)} vs ${Math.round(bres.rate)}`);
+      const ours = results.find(([n, w]) => w === writers && n.startsWith('flotilla store on etcd ('))?.[2];
+      const one = results.find(([n, w]) => w === writers && n.startsWith('flotilla store on etcd, one'))?.[2];
+      const rawTxn = results.find(([n, w]) => w === writers && n.startsWith('raw etcd3 txn'))?.[2];
+      if (!ours || !rawTxn) continue;
       const overhead = (rawTxn.rate / ours.rate - 1) * 100;
-      console.log(`  overhead of our store over the raw etcd transaction: ${overhead.toFixed(1)}% (target at most 20%: ${overhead <= 20 ? 'met' : 'missed'})`);
+      console.log(`  overhead of our store over the raw etcd transaction: ${overhead.toFixed(1)}% (target at most 20%: ${overhead <= 20 ? 'met' : 'missed'}${overhead < 0 ? '; negative: ours is faster' : ''})`);
       const cpuOurs = ours.cpuUs + ours.etcdCpuUs;
       const cpuRaw = rawTxn.cpuUs + rawTxn.etcdCpuUs;
-      console.log(`  CPU per transaction (this process + etcd): ours ${Math.round(cpuOurs)} µs, raw txn ${Math.round(cpuRaw)} µs (${((cpuOurs / cpuRaw - 1) * 100).toFixed(1)}% more)\n`);
+      console.log(`  CPU per transaction (this process + etcd): ours ${Math.round(cpuOurs)} µs, raw txn ${Math.round(cpuRaw)} µs (${pct((cpuOurs / cpuRaw - 1) * 100)})`);
+      if (one) {
+        const cpuOne = one.cpuUs + one.etcdCpuUs;
+        console.log(`  without joint transactions: overhead ${((rawTxn.rate / one.rate - 1) * 100).toFixed(1)}%, CPU per transaction ${Math.round(cpuOne)} µs (${pct((cpuOne / cpuRaw - 1) * 100)} than raw)`);
+      }
+      console.log('');
     }
   } finally {
     await backend?.stop().catch(() => undefined);
+    await abStop?.().catch(() => undefined);
+    await stop1?.().catch(() => undefined);
     ac.abort();
     await raft?.stop().catch(() => undefined);
     raw.close();

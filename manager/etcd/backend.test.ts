@@ -4,7 +4,7 @@
  * compaction, sealed values, and fencing of a deposed leader's writes.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NodeAvailability, NodeRole, NodeState, Service, Task } from '../../gen/flotilla/v1/objects.js';
+import { NodeAvailability, NodeRole, NodeState, Service, StoreActionKind, Task } from '../../gen/flotilla/v1/objects.js';
 import { createLogger } from '../../common/log.js';
 import { FlotillaError } from '../../common/errors.js';
 import { EtcdCluster, haveEtcd } from '../../test/helpers/etcd.js';
@@ -80,15 +80,21 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     await w.cancel();
     const from = a.events.length;
     const t0 = Date.now();
+    // 20 creates proposed in one event-loop turn commute (each compares only its own key): one
+    // etcd transaction, one revision, one commit marker after the 20 events
     await Promise.all(Array.from({ length: 20 }, (_, i) => a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })))));
     expect(a.store.tasks.size).toBe(20);
+    // then 10 more, one after another: one revision each, in order
+    for (let i = 20; i < 30; i++) await a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })));
+    expect(a.store.tasks.size).toBe(30);
     const mine = a.events.slice(from);
-    expect(mine.map((e) => e.map((x) => x.kind))).toEqual(Array.from({ length: 20 }, () => ['create', 'commit']));
-    const idx = mine.map((e) => (e[1] as { index: number }).index);
+    expect(mine.map((e) => e.map((x) => x.kind))).toEqual([[...Array.from({ length: 20 }, () => 'create'), 'commit'], ...Array.from({ length: 10 }, () => ['create', 'commit'])]);
+    expect(mine.flat().flatMap((x) => (x.kind === 'create' ? [x.object.id] : [])).sort()).toEqual(Array.from({ length: 30 }, (_, i) => `o${i}`).sort());
+    const idx = mine.map((e) => (e.at(-1) as { index: number }).index);
     expect(idx).toEqual(idx.map((_, i) => idx[0]! + i));
-    for (const e of mine) expect((e[1] as { time?: number }).time).toBeGreaterThanOrEqual(t0);
+    for (const e of mine) expect((e.at(-1) as { time?: number }).time).toBeGreaterThanOrEqual(t0);
     // b gets the same revisions through its watch: the same objects, commit indices and proposal times
-    await waitFor('b has the 20 tasks', () => b.store.tasks.size === 20);
+    await waitFor('b has the 30 tasks', () => b.store.tasks.size === 30);
     const theirs = b.events.filter((e) => e.some((x) => x.kind === 'create' && x.table === 'task'));
     expect(theirs.map((e) => e.map((x) => (x.kind === 'commit' ? `${x.index}@${x.time}` : `${x.kind} ${x.object.id} v${x.object.meta?.version}`)))).toEqual(
       mine.map((e) => e.map((x) => (x.kind === 'commit' ? `${x.index}@${x.time}` : `${x.kind} ${x.object.id} v${x.object.meta?.version}`))),
@@ -150,6 +156,54 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     expect(r.filter((x) => x.status === 'fulfilled')).toHaveLength(1);
     const rej = r.find((x) => x.status === 'rejected') as PromiseRejectedResult;
     expect((rej.reason as FlotillaError).code).toBe('ALREADY_EXISTS');
+  });
+
+  it('writes of one turn share a transaction only when they commute; a failed joint transaction answers each write on its own', async () => {
+    const a = await open('/t/merge');
+    const b = await open('/t/merge');
+    await a.store.update((tx) => tx.create('service', svc('m1', 'm1')));
+    await waitFor('b has m1', () => b.store.getService('m1'));
+    // b's watch pauses, so b still holds m1's first version when a updates it
+    const be = b.be as unknown as { watcher: { cancel(): Promise<void> } | undefined; watchFrom(r: number): Promise<void> };
+    const w = be.watcher!;
+    be.watcher = undefined;
+    await w.cancel();
+    const stale = b.store.getService('m1')!;
+    await a.store.update((tx) => tx.update('service', { ...tx.get('service', 'm1')!, spec: { ...stale.spec!, labels: { by: 'a' } } }));
+    // the etcd transactions b sends: how many store objects each compares
+    const kv = b.be.client.kv as unknown as { txn(req: { compare: Array<{ key: Buffer }> }): Promise<unknown> };
+    const txn = kv.txn.bind(kv);
+    const sent: number[] = [];
+    kv.txn = (req) => {
+      sent.push(req.compare.filter((c) => c.key.toString().includes('/store/')).length);
+      return txn(req);
+    };
+    // b, in one turn: a stale update of m1 (its compare fails) and a create of m2: they commute, so
+    // they go as one transaction, which etcd refuses; each is then sent again on its own
+    const before = b.store.appliedIndex;
+    const both = Promise.allSettled([
+      b.be.propose({ proposalId: 'x', actions: [{ kind: StoreActionKind.STORE_ACTION_KIND_UPDATE, service: { ...stale, spec: { ...stale.spec!, labels: { by: 'b' } } } } as never], proposedAt: 0 }),
+      b.be.propose({ proposalId: 'y', actions: [{ kind: StoreActionKind.STORE_ACTION_KIND_CREATE, service: svc('m2', 'm2') } as never], proposedAt: 0 }),
+    ]);
+    await waitFor('three transactions sent', () => sent.length === 3);
+    await be.watchFrom(b.store.appliedIndex + 1);
+    const [stl, fresh] = await both;
+    expect(sent).toEqual([2, 1, 1]);
+    expect(stl.status === 'rejected' && (stl.reason as FlotillaError).code).toBe('ABORTED');
+    expect(fresh.status === 'rejected' ? String(fresh.reason) : 'fulfilled').toBe('fulfilled');
+    expect(b.store.getService('m2')?.meta?.version).toBe(1);
+    expect(b.store.getService('m1')?.spec?.labels.by).toBe('a');
+    // two updates of one object in one turn never share a transaction: one commits, the other
+    // conflicts and update() runs it again
+    const bump = (): Promise<void> =>
+      b.store.update((tx) => {
+        const s = tx.get('service', 'm2')!;
+        tx.update('service', { ...s, spec: { ...s.spec!, labels: { n: String(Number(s.spec!.labels.n ?? 0) + 1) } } });
+      });
+    await Promise.all([bump(), bump(), bump()]);
+    expect(b.store.getService('m2')?.spec?.labels.n).toBe('3');
+    expect(b.store.appliedIndex).toBeGreaterThan(before);
+    await waitFor('a sees n=3', () => a.store.getService('m2')?.spec?.labels.n === '3');
   });
 
   it("refuses an object over etcd's request limit with a clear message", async () => {

@@ -6,7 +6,9 @@
  *   every object it updates or deletes with the revision this manager's store holds for it (created
  *   keys must be absent), and writes all it changes (Kubernetes' GuaranteedUpdate pattern). A failed
  *   compare waits until the local store has caught up with etcd and answers ABORTED: the store
- *   re-runs the transaction on fresh state, as under Raft.
+ *   re-runs the transaction on fresh state, as under Raft. Batches proposed in the same event-loop
+ *   turn that commute (each compares only keys it writes, none shared, same fence) share one etcd
+ *   transaction (flush()); if etcd refuses it, each is sent again on its own.
  * - Reads: every manager keeps its MemoryStore by a list of the prefix then a watch from that
  *   revision; each etcd revision becomes one applyChanges() call (one event per object, then a
  *   commit marker whose index is the revision). A compacted revision (or a lost watch) relists.
@@ -18,6 +20,7 @@
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { createHmac, randomBytes } from 'node:crypto';
+import { BinaryWriter } from '@bufbuild/protobuf/wire';
 import { Etcd3, type Campaign, type IOptions, type Lease, type Watcher } from 'etcd3';
 import type { ICompare, IKeyValue, IRequestOp, ITxnResponse, IWatchResponse } from 'etcd3/lib/rpc.js';
 import { Cluster, Config, Network, Node, Secret, Service, StoreActionKind, type StoreBatch, Task } from '../../gen/flotilla/v1/objects.js';
@@ -36,6 +39,8 @@ export const ETCD_MAX_TXN_OPS = 128;
 /** the most changes the store packs into one batch: each is a compare and a put, plus room for names and the revision marker */
 export const ETCD_MAX_BATCH_ACTIONS = 60;
 export const DEFAULT_LEASE_TTL_S = 10;
+/** the sealed bytes of one etcd transaction: room under the request limit for keys and compares */
+const MAX_WRITE_BYTES = ETCD_MAX_REQUEST_BYTES - 64 * 1024;
 export const STORE_KIND_VALUE = 'flotilla-store-etcd-v1';
 
 export interface EtcdStoreOptions {
@@ -48,6 +53,8 @@ export interface EtcdStoreOptions {
   key?: Buffer;
   /** election lease TTL, seconds (default 10) */
   leaseTtlS?: number;
+  /** writes proposed in the same event-loop turn that commute share one etcd transaction (default true; flush()) */
+  mergeWrites?: boolean;
 }
 
 /** What a manager needs of its consensus layer (RaftNode has the same shape). */
@@ -76,8 +83,28 @@ interface OwnWrite {
   time: number;
 }
 
+/** A write on its way to etcd: its compares and operations, and how to settle its propose(). */
+interface PendingWrite {
+  compare: ICompare[];
+  success: IRequestOp[];
+  /** every key it compares or changes (not the fence) */
+  keys: string[];
+  /** compares only keys it changes itself: may share an etcd transaction with others (flush) */
+  mergeable: boolean;
+  bytes: number;
+  changes: OwnWrite['changes'];
+  /** sealed values by key, with the objects they seal (inflight) */
+  sent: Array<[string, { value: Buffer; object: StoreObject }]>;
+  fence: Fence | undefined;
+  time: number;
+  resolve(o: { rev: number; committed: boolean }): void;
+  reject(err: unknown): void;
+}
+
 interface Fence {
   key: Buffer;
+  /** key as a string */
+  name: string;
   createRevision: string;
 }
 
@@ -108,6 +135,14 @@ export class EtcdBackend implements Proposer {
    * is the next revision, without waiting for the watch (which then skips it) or decoding it.
    */
   private readonly ownWrites = new Map<number, OwnWrite>();
+  /**
+   * The sealed values of this manager's transactions in flight, by key, with the objects they seal:
+   * the watch may bring such a revision before etcd's answer does, and a value equal byte for byte
+   * to one sent here is that object (values are sealed with a random nonce), so it is not opened.
+   */
+  private readonly inflight = new Map<string, Array<{ value: Buffer; object: StoreObject }>>();
+  /** writes proposed since the last flush (one event-loop turn) */
+  private queue: PendingWrite[] = [];
   private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
   private watcher: Watcher | undefined;
   private relisting: Promise<void> | undefined;
@@ -321,7 +356,7 @@ export class EtcdBackend implements Proposer {
           changes.push({ ...sk, object: undefined });
         } else {
           this.revs.set(key, ev.kv.mod_revision);
-          const own = this.ownWrites.get(r)?.changes.find((c) => c.key === key)?.object;
+          const own = this.ownWrites.get(r)?.changes.find((c) => c.key === key)?.object ?? this.inflight.get(key)?.find((w) => w.value.equals(ev.kv.value))?.object;
           if (own) {
             changes.push({ ...sk, object: own });
             continue;
@@ -437,17 +472,41 @@ export class EtcdBackend implements Proposer {
     if (this.stopped) throw new FlotillaError('UNAVAILABLE', 'the manager is stopping');
     // the same checks as under Raft, against this manager's store
     this.store.validateBatch(batch);
+    const w = this.prepare(batch);
+    const outcome = await new Promise<{ rev: number; committed: boolean }>((resolve, reject) => {
+      w.resolve = resolve;
+      w.reject = reject;
+      if (!w.mergeable || this.opts.mergeWrites === false) {
+        void this.send([w]);
+        return;
+      }
+      this.queue.push(w);
+      if (this.queue.length === 1) setImmediate(() => this.flush());
+    });
+    if (!outcome.committed) {
+      // someone else wrote first: catch up, then the store re-runs the transaction on fresh state
+      await this.waitApplied(outcome.rev, signal).catch(() => {});
+      throw new FlotillaError('ABORTED', 'update out of sequence (etcd compare failed)');
+    }
+    // committed: read-your-writes, as under Raft
+    await this.waitApplied(outcome.rev, signal);
+  }
+
+  /** A batch's compares and operations (without the fence and the revision marker, which send() adds). */
+  private prepare(batch: StoreBatch): PendingWrite {
     const compare: ICompare[] = [];
     const success: IRequestOp[] = [];
+    const keys: string[] = [];
+    let mergeable = true;
     let bytes = 0;
-    const fence = this.fenceCtx.getStore();
-    if (fence) compare.push({ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision });
     const touchedNames = new Set<string>();
     const changes: OwnWrite['changes'] = [];
+    const sent: PendingWrite['sent'] = [];
     for (const a of batch.actions) {
       const { table, obj } = unpack(a);
       const key = this.storeKey(table, obj.id);
       const kb = Buffer.from(key);
+      keys.push(key);
       const cur = this.store.table(table).get(obj.id) as StoreObject | undefined;
       const name = table === 'service' || table === 'secret' || table === 'config' ? ((obj as Service | Secret | Config).spec?.name ?? '') : undefined;
       if (a.kind === StoreActionKind.STORE_ACTION_KIND_CREATE) {
@@ -461,28 +520,39 @@ export class EtcdBackend implements Proposer {
         changes.push({ key, table, id: obj.id, object: undefined });
         success.push({ request_delete_range: { key: kb } });
         const old = cur as Service | Secret | Config | undefined;
-        if (name !== undefined && old?.spec?.name !== undefined) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, old.spec.name)) } });
+        if (name !== undefined && old?.spec?.name !== undefined) {
+          const nk = this.nameKey(table, old.spec.name);
+          keys.push(nk);
+          success.push({ request_delete_range: { key: Buffer.from(nk) } });
+        }
         if (table === 'secret' || table === 'config') {
           // no service may have started to use it since this manager's store last saw the services
           const from = Buffer.from(`${this.p}/store/service/`);
           compare.push({ key: from, range_end: rangeEnd(from), target: 'Mod', result: 'Less', mod_revision: this.applied + 1 });
+          mergeable = false;
         }
         continue;
       }
       const next = { ...obj, meta: nextMeta(obj, cur) } as StoreObject;
       changes.push({ key, table, id: obj.id, object: next });
-      const plain = (CODECS[table] as { encode(o: StoreObject): { finish(): Uint8Array } }).encode(next).finish();
-      const value = seal(this.sealKey, plain, kb);
+      const value = seal(this.sealKey, encodeObject(table, next), kb);
       bytes += value.length + kb.length + 32;
       success.push({ request_put: { key: kb, value } });
+      sent.push([key, { value, object: next }]);
       // unique names: a name key per service, secret and config
       const oldName = (cur as Service | Secret | Config | undefined)?.spec?.name;
       if (name !== undefined && name !== oldName && !touchedNames.has(name)) {
         touchedNames.add(name);
-        const nk = Buffer.from(this.nameKey(table, name));
-        compare.push({ key: nk, target: 'Create', result: 'Equal', create_revision: 0 });
-        success.push({ request_put: { key: nk, value: Buffer.from(obj.id) } });
-        if (oldName !== undefined && cur) success.push({ request_delete_range: { key: Buffer.from(this.nameKey(table, oldName)) } });
+        const nk = this.nameKey(table, name);
+        const nkb = Buffer.from(nk);
+        keys.push(nk);
+        compare.push({ key: nkb, target: 'Create', result: 'Equal', create_revision: 0 });
+        success.push({ request_put: { key: nkb, value: Buffer.from(obj.id) } });
+        if (oldName !== undefined && cur) {
+          const ok = this.nameKey(table, oldName);
+          keys.push(ok);
+          success.push({ request_delete_range: { key: Buffer.from(ok) } });
+        }
       }
       // references a service adds must still exist
       if (table === 'service') {
@@ -494,23 +564,89 @@ export class EtcdBackend implements Proposer {
           if (had.has(`${t}/${id}`)) continue;
           if (batch.actions.some((x) => x.kind === StoreActionKind.STORE_ACTION_KIND_CREATE && x[t]?.id === id)) continue;
           compare.push({ key: Buffer.from(this.storeKey(t, id)), target: 'Version', result: 'Greater', version: 0 });
+          mergeable = false;
         }
       }
     }
-    if (bytes > ETCD_MAX_REQUEST_BYTES - 64 * 1024) {
+    if (bytes > MAX_WRITE_BYTES) {
       throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${bytes} bytes is over etcd's request limit of ${ETCD_MAX_REQUEST_BYTES} bytes (--max-request-bytes): make the object smaller`);
     }
+    // one more compare for the fence, one more put for the revision marker
+    if (compare.length + 1 > ETCD_MAX_TXN_OPS || success.length + 1 > ETCD_MAX_TXN_OPS) {
+      throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${batch.actions.length} changes needs ${Math.max(compare.length, success.length) + 1} etcd operations, over etcd's limit of ${ETCD_MAX_TXN_OPS} per transaction (--max-txn-ops)`);
+    }
+    const noop = (): void => {};
+    return { compare, success, keys, mergeable, bytes, changes, sent, fence: this.fenceCtx.getStore(), time: batch.proposedAt || Date.now(), resolve: noop, reject: noop };
+  }
+
+  /**
+   * Sends the writes queued since the last flush: writes that compare only keys they write themselves
+   * (no reference or range compares), under the same fence, with no key in common, go as ONE etcd
+   * transaction (one revision), up to etcd's operation and request limits. Such writes commute: each
+   * compares and changes only its own keys, so the joint transaction has the effect of running them
+   * one after another, in any order, and it commits all of them or none.
+   */
+  private flush(): void {
+    const queue = this.queue;
+    this.queue = [];
+    const groups: Array<{ ws: PendingWrite[]; keys: Set<string>; compares: number; ops: number; bytes: number }> = [];
+    for (const w of queue) {
+      const g = groups.find(
+        (x) =>
+          x.ws[0]!.fence === w.fence &&
+          x.compares + w.compare.length < ETCD_MAX_TXN_OPS &&
+          x.ops + w.success.length < ETCD_MAX_TXN_OPS &&
+          x.bytes + w.bytes <= MAX_WRITE_BYTES &&
+          !w.keys.some((k) => x.keys.has(k)),
+      );
+      if (g) {
+        g.ws.push(w);
+        g.compares += w.compare.length;
+        g.ops += w.success.length;
+        g.bytes += w.bytes;
+        for (const k of w.keys) g.keys.add(k);
+      } else {
+        // a write whose own keys repeat (it cannot, but then it goes alone and etcd refuses it) still goes
+        groups.push({ ws: [w], keys: new Set(w.keys), compares: w.compare.length, ops: w.success.length, bytes: w.bytes });
+      }
+    }
+    for (const g of groups) void this.send(g.ws);
+  }
+
+  /** One etcd transaction for these writes (one or several, see flush); settles each write. */
+  private async send(ws: PendingWrite[]): Promise<void> {
+    const fence = ws[0]!.fence;
+    const compare: ICompare[] = fence ? [{ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision }] : [];
+    const success: IRequestOp[] = [];
+    for (const w of ws) {
+      for (const c of w.compare) compare.push(c);
+      for (const o of w.success) success.push(o);
+    }
     // the marker carries the proposal time: every manager times this revision's events the same way
-    const time = batch.proposedAt || Date.now();
+    const time = ws[0]!.time;
     success.push({ request_put: { key: Buffer.from(this.revKey), value: Buffer.from(String(time)) } });
-    if (compare.length > ETCD_MAX_TXN_OPS || success.length > ETCD_MAX_TXN_OPS) {
-      throw new FlotillaError('RESOURCE_EXHAUSTED', `a store write of ${batch.actions.length} changes needs ${Math.max(compare.length, success.length)} etcd operations, over etcd's limit of ${ETCD_MAX_TXN_OPS} per transaction (--max-txn-ops)`);
+    for (const w of ws) {
+      for (const [k, v] of w.sent) {
+        const l = this.inflight.get(k);
+        if (l) l.push(v);
+        else this.inflight.set(k, [v]);
+      }
     }
     let res: ITxnResponse;
     try {
       res = await this.client.kv.txn({ compare, success, failure: fence ? [{ request_range: { key: fence.key } }] : [] });
     } catch (err) {
-      throw new FlotillaError('UNAVAILABLE', `etcd: ${errorMessage(err)}`, { cause: err });
+      const e = new FlotillaError('UNAVAILABLE', `etcd: ${errorMessage(err)}`, { cause: err });
+      for (const w of ws) w.reject(e);
+      return;
+    } finally {
+      for (const w of ws) {
+        for (const [k, v] of w.sent) {
+          const l = this.inflight.get(k);
+          if (l && l.length > 1) l.splice(l.indexOf(v), 1);
+          else this.inflight.delete(k);
+        }
+      }
     }
     const rev = Number(res.header.revision);
     if (!res.succeeded) {
@@ -518,20 +654,26 @@ export class EtcdBackend implements Proposer {
         const kv = res.responses[0]?.response_range?.kvs[0];
         if (!kv || kv.create_revision !== fence.createRevision) {
           if (this.fence === fence) this.lostLeadership('a fenced write found another leader');
-          throw new FlotillaError('FAILED_PRECONDITION', 'this manager is no longer the leader (its election key is gone): write refused');
+          const e = new FlotillaError('FAILED_PRECONDITION', 'this manager is no longer the leader (its election key is gone): write refused');
+          for (const w of ws) w.reject(e);
+          return;
         }
       }
-      // someone else wrote first: catch up, then the store re-runs the transaction on fresh state
-      await this.waitApplied(rev, signal).catch(() => {});
-      throw new FlotillaError('ABORTED', 'update out of sequence (etcd compare failed)');
+      // a joint transaction changed nothing: each write again on its own, for its own answer
+      if (ws.length > 1) {
+        for (const w of ws) void this.send([w]);
+        return;
+      }
+      ws[0]!.resolve({ rev, committed: false });
+      return;
     }
     // committed: the store applies this revision from here once it is the next one (else the watch
-    // brings the revisions before it first); read-your-writes, as under Raft
+    // brings the revisions before it first)
     if (rev > this.applied) {
-      this.ownWrites.set(rev, { changes, time });
+      this.ownWrites.set(rev, { changes: ws.length === 1 ? ws[0]!.changes : ws.flatMap((w) => w.changes), time });
       this.advance(this.applied);
     }
-    await this.waitApplied(rev, signal);
+    for (const w of ws) w.resolve({ rev, committed: true });
   }
 
   // ---- members and leadership
@@ -574,7 +716,7 @@ export class EtcdBackend implements Proposer {
           const r = await this.client.get(key.toString()).exec();
           const kv = r.kvs[0];
           if (!kv || this.campaign !== campaign) throw new Error('the election key vanished');
-          this.fence = { key, createRevision: kv.create_revision };
+          this.fence = { key, name: key.toString(), createRevision: kv.create_revision };
           // never act on a store that has not applied everything committed before the election
           await this.waitApplied(Number(r.header.revision));
           if (this.campaign !== campaign) return;
@@ -612,7 +754,7 @@ export class EtcdBackend implements Proposer {
   private checkLeaderKey(): void {
     const f = this.fence;
     if (!f || !this.leader) return;
-    const c = this.candidates.get(f.key.toString());
+    const c = this.candidates.get(f.name);
     if (!c || String(c.createRevision) !== f.createRevision) this.lostLeadership('the election key is gone');
   }
 
@@ -660,6 +802,18 @@ export class EtcdBackend implements Proposer {
     for (const waiter of this.appliedWaiters) waiter.resolve();
     this.appliedWaiters = [];
     this.client.close();
+  }
+}
+
+const writer = new BinaryWriter();
+
+/** An object's protobuf encoding (one writer, reused: it keeps the buffer it grew). */
+function encodeObject(table: Table, o: StoreObject): Uint8Array {
+  try {
+    return (CODECS[table] as unknown as { encode(o: StoreObject, w: BinaryWriter): BinaryWriter }).encode(o, writer).finish();
+  } catch (err) {
+    writer.finish(); // a value the encoder refused: start the next one on an empty writer
+    throw err;
   }
 }
 
