@@ -80,15 +80,16 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     await w.cancel();
     const from = a.events.length;
     const t0 = Date.now();
-    // 20 creates proposed in one event-loop turn commute (each compares only its own key): one
-    // etcd transaction, one revision, one commit marker after the 20 events
+    // 20 creates proposed in one event-loop turn commute (each compares only its own key): the
+    // first goes at once (nothing else on its way), the 19 others as one etcd transaction, one
+    // revision, one commit marker after the 19 events
     await Promise.all(Array.from({ length: 20 }, (_, i) => a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })))));
     expect(a.store.tasks.size).toBe(20);
     // then 10 more, one after another: one revision each, in order
     for (let i = 20; i < 30; i++) await a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })));
     expect(a.store.tasks.size).toBe(30);
     const mine = a.events.slice(from);
-    expect(mine.map((e) => e.map((x) => x.kind))).toEqual([[...Array.from({ length: 20 }, () => 'create'), 'commit'], ...Array.from({ length: 10 }, () => ['create', 'commit'])]);
+    expect(mine.map((e) => e.map((x) => x.kind))).toEqual([['create', 'commit'], [...Array.from({ length: 19 }, () => 'create'), 'commit'], ...Array.from({ length: 10 }, () => ['create', 'commit'])]);
     expect(mine.flat().flatMap((x) => (x.kind === 'create' ? [x.object.id] : [])).sort()).toEqual(Array.from({ length: 30 }, (_, i) => `o${i}`).sort());
     const idx = mine.map((e) => (e.at(-1) as { index: number }).index);
     expect(idx).toEqual(idx.map((_, i) => idx[0]! + i));
@@ -178,17 +179,20 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
       sent.push(req.compare.filter((c) => c.key.toString().includes('/store/')).length);
       return txn(req);
     };
-    // b, in one turn: a stale update of m1 (its compare fails) and a create of m2: they commute, so
-    // they go as one transaction, which etcd refuses; each is then sent again on its own
+    // b, in one turn: a create of m0 (nothing on its way to etcd: it goes at once), then a stale
+    // update of m1 (its compare fails) and a create of m2, which commute, so they go as one
+    // transaction, which etcd refuses; each is then sent again on its own
     const before = b.store.appliedIndex;
+    const first = b.be.propose({ proposalId: 'w', actions: [{ kind: StoreActionKind.STORE_ACTION_KIND_CREATE, service: svc('m0', 'm0') } as never], proposedAt: 0 });
     const both = Promise.allSettled([
       b.be.propose({ proposalId: 'x', actions: [{ kind: StoreActionKind.STORE_ACTION_KIND_UPDATE, service: { ...stale, spec: { ...stale.spec!, labels: { by: 'b' } } } } as never], proposedAt: 0 }),
       b.be.propose({ proposalId: 'y', actions: [{ kind: StoreActionKind.STORE_ACTION_KIND_CREATE, service: svc('m2', 'm2') } as never], proposedAt: 0 }),
     ]);
-    await waitFor('three transactions sent', () => sent.length === 3);
+    await waitFor('four transactions sent', () => sent.length === 4);
     await be.watchFrom(b.store.appliedIndex + 1);
+    await first;
     const [stl, fresh] = await both;
-    expect(sent).toEqual([2, 1, 1]);
+    expect(sent).toEqual([1, 2, 1, 1]);
     expect(stl.status === 'rejected' && (stl.reason as FlotillaError).code).toBe('ABORTED');
     expect(fresh.status === 'rejected' ? String(fresh.reason) : 'fulfilled').toBe('fulfilled');
     expect(b.store.getService('m2')?.meta?.version).toBe(1);

@@ -6,9 +6,10 @@
  *   every object it updates or deletes with the revision this manager's store holds for it (created
  *   keys must be absent), and writes all it changes (Kubernetes' GuaranteedUpdate pattern). A failed
  *   compare waits until the local store has caught up with etcd and answers ABORTED: the store
- *   re-runs the transaction on fresh state, as under Raft. Batches proposed in the same event-loop
- *   turn that commute (each compares only keys it writes, none shared, same fence) share one etcd
- *   transaction (flush()); if etcd refuses it, each is sent again on its own.
+ *   re-runs the transaction on fresh state, as under Raft. A batch proposed while nothing is on its
+ *   way to etcd goes at once; batches proposed meanwhile in the same event-loop turn that commute
+ *   (each compares only keys it writes, none shared, same fence) share one etcd transaction
+ *   (flush()); if etcd refuses it, each is sent again on its own.
  * - Reads: every manager keeps its MemoryStore by a list of the prefix then a watch from that
  *   revision; each etcd revision becomes one applyChanges() call (one event per object, then a
  *   commit marker whose index is the revision). A compacted revision (or a lost watch) relists.
@@ -143,6 +144,8 @@ export class EtcdBackend implements Proposer {
   private readonly inflight = new Map<string, Array<{ value: Buffer; object: StoreObject }>>();
   /** writes proposed since the last flush (one event-loop turn) */
   private queue: PendingWrite[] = [];
+  /** etcd transactions sent and not answered yet */
+  private sending = 0;
   private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
   private watcher: Watcher | undefined;
   private relisting: Promise<void> | undefined;
@@ -476,7 +479,8 @@ export class EtcdBackend implements Proposer {
     const outcome = await new Promise<{ rev: number; committed: boolean }>((resolve, reject) => {
       w.resolve = resolve;
       w.reject = reject;
-      if (!w.mergeable || this.opts.mergeWrites === false) {
+      // nothing on its way to etcd: no reason to wait for company (a lone writer pays no turn)
+      if (!w.mergeable || this.opts.mergeWrites === false || (this.sending === 0 && this.queue.length === 0)) {
         void this.send([w]);
         return;
       }
@@ -633,6 +637,7 @@ export class EtcdBackend implements Proposer {
       }
     }
     let res: ITxnResponse;
+    this.sending++;
     try {
       res = await this.client.kv.txn({ compare, success, failure: fence ? [{ request_range: { key: fence.key } }] : [] });
     } catch (err) {
@@ -640,6 +645,7 @@ export class EtcdBackend implements Proposer {
       for (const w of ws) w.reject(e);
       return;
     } finally {
+      this.sending--;
       for (const w of ws) {
         for (const [k, v] of w.sent) {
           const l = this.inflight.get(k);
