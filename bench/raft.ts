@@ -119,7 +119,7 @@ async function compareWithBaseline(baseDir: string, ours: KvProc[], root: string
   await waitFor('baseline: 3 voters', async () => (await base.status(b0))?.members.filter((m) => !m.learner).length === 3, 30_000);
   const baseNodes = [b0, b1, b2];
   const ourLeader = (await findLeader(ours))!;
-  // both builds warmed the same way (ours was warmed in main())
+  // both builds warmed the same way (ours was warmed in main(), just before)
   await throughput(b0, 64, WARMUP_SECONDS, 'base-warm', base);
   const lines: string[] = [];
   for (const clients of [64, 1]) {
@@ -172,6 +172,9 @@ async function main(): Promise<void> {
     const c = await spawn('c', { join: a.addr });
     await waitFor('3 voters', async () => (await status(a))?.members.filter((m) => !m.learner).length === 3, 30_000);
     let nodes = [a, b, c];
+    // warm-up: V8 is still compiling the hot paths for the first seconds under load (perf showed
+    // ~27% of a fresh member's CPU in the optimizing compiler in its first 4 s, ~1.5% after 12 s)
+    await throughput(a, 64, WARMUP_SECONDS, 'warm');
 
     const baseline = process.env.BENCH_RAFT_BASELINE;
     if (baseline) {
@@ -183,9 +186,6 @@ async function main(): Promise<void> {
       }
     }
 
-    // warm-up: V8 is still compiling the hot paths for the first seconds under load (perf showed
-    // ~27% of a fresh member's CPU in the optimizing compiler in its first 4 s, ~1.5% after 12 s)
-    await throughput(a, 64, WARMUP_SECONDS, 'warm');
     const one = await throughput(a, 1, SECONDS, 'one');
     const many = await throughput(a, 64, SECONDS, 'many');
     results.push(
