@@ -481,7 +481,7 @@ export class EtcdBackend implements Proposer {
       w.reject = reject;
       // nothing on its way to etcd: no reason to wait for company (a lone writer pays no turn)
       if (!w.mergeable || this.opts.mergeWrites === false || (this.sending === 0 && this.queue.length === 0)) {
-        void this.send([w]);
+        this.send([w]);
         return;
       }
       this.queue.push(w);
@@ -614,11 +614,21 @@ export class EtcdBackend implements Proposer {
         groups.push({ ws: [w], keys: new Set(w.keys), compares: w.compare.length, ops: w.success.length, bytes: w.bytes });
       }
     }
-    for (const g of groups) void this.send(g.ws);
+    for (const g of groups) this.send(g.ws);
   }
 
-  /** One etcd transaction for these writes (one or several, see flush); settles each write. */
-  private async send(ws: PendingWrite[]): Promise<void> {
+  /**
+   * One etcd transaction for these writes (one or several, see flush); settles each write. Never
+   * rejects: whatever fails after the transaction (applying it here) fails the writes, not the
+   * process (an unsettled write or an unhandled rejection).
+   */
+  private send(ws: PendingWrite[]): void {
+    this.transact(ws).catch((err: unknown) => {
+      for (const w of ws) w.reject(err); // no-op for a write already settled
+    });
+  }
+
+  private async transact(ws: PendingWrite[]): Promise<void> {
     const fence = ws[0]!.fence;
     const compare: ICompare[] = fence ? [{ key: fence.key, target: 'Create', result: 'Equal', create_revision: fence.createRevision }] : [];
     const success: IRequestOp[] = [];
@@ -667,7 +677,7 @@ export class EtcdBackend implements Proposer {
       }
       // a joint transaction changed nothing: each write again on its own, for its own answer
       if (ws.length > 1) {
-        for (const w of ws) void this.send([w]);
+        for (const w of ws) this.send([w]);
         return;
       }
       ws[0]!.resolve({ rev, committed: false });
