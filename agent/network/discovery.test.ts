@@ -50,6 +50,26 @@ function tryRun(cmd: string, args: string[]): void {
     /* best effort in cleanup */
   }
 }
+/** Whether the root namespace has iptables' `ip filter` table (iptables-nft makes it on first use). */
+function hasFilterTable(): boolean {
+  try {
+    sh('nft', ['list', 'table', 'ip', 'filter']);
+    return true;
+  } catch {
+    return false;
+  }
+}
+/** The `ip filter` table holds no rule (only its table and chain lines). */
+function filterTableEmpty(): boolean {
+  try {
+    return sh('nft', ['list', 'table', 'ip', 'filter'])
+      .split('\n')
+      .map((l) => l.trim())
+      .every((l) => l === '' || l === '}' || l.startsWith('table ') || l.startsWith('chain ') || l.startsWith('type '));
+  } catch {
+    return false;
+  }
+}
 
 /** The helper run inside each netns: JSON line requests on stdin, JSON line replies on stdout. */
 const HELPER = String.raw`
@@ -248,6 +268,8 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
   let upstreamPort = 0;
   let resolver: Resolver;
   let vip: VipBalancer;
+  /** iptables below makes the root namespace's `ip filter` table when it is not there: removed after */
+  const hadFilterTable = hasFilterTable();
 
   beforeAll(async () => {
     try {
@@ -296,6 +318,8 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
       tryRun('iptables', ['-D', 'FORWARD', '-i', n.bridge, '-o', n.bridge, '-j', 'ACCEPT']);
       tryRun('ip', ['link', 'del', n.bridge]);
     }
+    // the table (and FORWARD chain) iptables made for the rules above, unless something else uses it
+    if (!hadFilterTable && filterTableEmpty()) tryRun('nft', ['delete', 'table', 'ip', 'filter']);
     await closeSpawner();
   }
 
@@ -308,6 +332,8 @@ describe.skipIf(!isRoot || !haveTools)('service discovery and VIPs on real netns
     expect(links.split('\n').filter((l) => l.includes(TAG))).toEqual([]);
     const ss = sh('ss', ['-Hlntu']);
     expect(ss.split('\n').filter((l) => l.includes(`.${K}.1:53 `))).toEqual([]);
+    // nor the root namespace's iptables table, if it was not there before
+    if (!hadFilterTable) expect(hasFilterTable()).toBe(false);
   }, 60_000);
 
   it('resolv.conf names each network gateway and no search domain', () => {
