@@ -12,7 +12,11 @@
  *   (flush()); if etcd refuses it, each is sent again on its own.
  * - Reads: every manager keeps its MemoryStore by a list of the prefix then a watch from that
  *   revision; each etcd revision becomes one applyChanges() call (one event per object, then a
- *   commit marker whose index is the revision). A compacted revision (or a lost watch) relists.
+ *   commit marker whose index is the revision). The watch is a gRPC stream of this module's own
+ *   (etcdserverpb.Watch, decoded by the code generated from proto/etcd/watch.proto), not etcd3's
+ *   watcher: that one turns every event into plain objects with BigNumber revisions, about a tenth
+ *   of a lone writer's rate. A broken stream resumes from the next revision on another endpoint; a
+ *   compacted revision relists.
  * - Leadership: an etcd election (etcd3's Campaign) on a lease. Writes made inside fenced() (the
  *   leader-only loops) carry a compare on the create revision of this manager's election key, so a
  *   deposed leader's late write fails.
@@ -22,8 +26,10 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { createHmac, randomBytes } from 'node:crypto';
 import { BinaryWriter } from '@bufbuild/protobuf/wire';
-import { Etcd3, type Campaign, type IOptions, type Lease, type Watcher } from 'etcd3';
-import type { ICompare, IKeyValue, IRequestOp, ITxnResponse, IWatchResponse } from 'etcd3/lib/rpc.js';
+import * as grpc from '@grpc/grpc-js';
+import { Etcd3, type Campaign, type IOptions, type Lease } from 'etcd3';
+import type { ICompare, IRequestOp, ITxnResponse } from 'etcd3/lib/rpc.js';
+import { Event_EventType, WatchClient, type WatchRequest, type WatchResponse } from '../../gen/etcd/watch.js';
 import { Cluster, Config, Network, Node, Secret, Service, StoreActionKind, type StoreBatch, Task } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
 import type { Logger } from '../../common/log.js';
@@ -109,8 +115,29 @@ interface Fence {
   createRevision: string;
 }
 
+/**
+ * The channel options of the etcd3 client and of the watch stream: the same options and credentials
+ * let grpc-js carry both on one HTTP/2 connection per endpoint. Keepalive pings find a dead
+ * connection (etcd allows one per 5 s by default).
+ */
+const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+  'grpc.max_receive_message_length': 64 * 1024 * 1024,
+};
+
+/** A watch stream that etcd refused or ended: compacted when its start revision is gone. */
+class WatchEnded extends Error {
+  constructor(
+    message: string,
+    readonly compacted: boolean,
+  ) {
+    super(message);
+  }
+}
+
 export function etcdClient(opts: EtcdStoreOptions): Etcd3 {
-  const o: IOptions = { hosts: opts.endpoints, dialTimeout: 5000 };
+  const o: IOptions = { hosts: opts.endpoints, dialTimeout: 5000, grpcOptions: CHANNEL_OPTIONS };
   if (opts.ca || opts.cert || opts.key) {
     if (!opts.ca) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --etcd-cacert "": required with --etcd-cert/--etcd-key');
     o.credentials = { rootCertificate: opts.ca, ...(opts.cert && opts.key ? { certChain: opts.cert, privateKey: opts.key } : {}) };
@@ -121,10 +148,12 @@ export function etcdClient(opts: EtcdStoreOptions): Etcd3 {
 export class EtcdBackend implements Proposer {
   readonly maxBatchBytes = ETCD_MAX_BATCH_BYTES;
   readonly maxBatchActions = ETCD_MAX_BATCH_ACTIONS;
+  /** prepare() measures the sealed values against etcd's request limit */
+  readonly measuresBatches = true;
   readonly client: Etcd3;
   private readonly p: string;
   /** mod revision of each store key this manager's store holds */
-  private readonly revs = new Map<string, string>();
+  private readonly revs = new Map<string, number>();
   /** election keys (key -> create revision, value) and registered managers (node id -> addr) */
   private readonly candidates = new Map<string, { createRevision: number; value: string }>();
   private readonly managerAddrs = new Map<string, string>();
@@ -147,7 +176,11 @@ export class EtcdBackend implements Proposer {
   /** etcd transactions sent and not answered yet */
   private sending = 0;
   private appliedWaiters: Array<{ rev: number; resolve: () => void }> = [];
-  private watcher: Watcher | undefined;
+  /** the watch stream in use (watchFrom), and a client per endpoint for it */
+  private watchCall: grpc.ClientDuplexStream<WatchRequest, WatchResponse> | undefined;
+  private readonly watchClients = new Map<number, WatchClient>();
+  private watchEndpoint = 0;
+  private rewatching: Promise<void> | undefined;
   private relisting: Promise<void> | undefined;
   private stopped = false;
   private readonly fenceCtx = new AsyncLocalStorage<Fence>();
@@ -234,8 +267,8 @@ export class EtcdBackend implements Proposer {
     await this.register();
   }
 
-  private decode(table: Table, kv: IKeyValue): StoreObject {
-    const plain = unseal(this.sealKey, kv.value, kv.key);
+  private decode(table: Table, key: Uint8Array, value: Uint8Array): StoreObject {
+    const plain = unseal(this.sealKey, value, key);
     return CODECS[table].decode(plain);
   }
 
@@ -259,13 +292,7 @@ export class EtcdBackend implements Proposer {
   private async doRelist(): Promise<void> {
     for (let attempt = 0; !this.stopped; attempt++) {
       try {
-        if (this.watcher) {
-          const w = this.watcher;
-          this.watcher = undefined;
-          w.removeAllListeners();
-          w.on('error', () => {});
-          await w.cancel().catch(() => {});
-        }
+        this.cancelWatch();
         const res = await this.client.getAll().prefix(`${this.p}/`).exec();
         const rev = Number(res.header.revision);
         const seen = new Set<string>();
@@ -277,9 +304,10 @@ export class EtcdBackend implements Proposer {
           const sk = this.parseStoreKey(key);
           if (sk) {
             seen.add(key);
-            if (this.revs.get(key) !== kv.mod_revision) changes.push({ ...sk, object: this.decode(sk.table, kv) });
-            this.revs.set(key, kv.mod_revision);
-          } else this.noteOther(key, kv, false);
+            const modRevision = Number(kv.mod_revision);
+            if (this.revs.get(key) !== modRevision) changes.push({ ...sk, object: this.decode(sk.table, kv.key, kv.value) });
+            this.revs.set(key, modRevision);
+          } else this.noteOther(key, kv.value, Number(kv.create_revision), false);
         }
         for (const key of [...this.revs.keys()]) {
           if (seen.has(key)) continue;
@@ -291,43 +319,110 @@ export class EtcdBackend implements Proposer {
         this.advance(rev);
         this.log.info({ revision: rev, objects: seen.size, changed: changes.length }, 'etcd: listed the store');
         await this.watchFrom(rev + 1);
+        if (this.stopped) this.cancelWatch();
         this.checkLeaderKey();
         return;
       } catch (err) {
         if (this.stopped) return;
+        this.watchEndpoint++; // the watch (if that failed) tries another member next
         if (attempt % 10 === 0) this.log.warn({ err: errorMessage(err) }, 'etcd: listing the store failed; retrying');
         await sleep(Math.min(1000, 100 * (attempt + 1)));
       }
     }
   }
 
-  private async watchFrom(rev: number): Promise<void> {
-    const w = this.client.watch().prefix(`${this.p}/`).startRevision(String(rev)).watcher();
-    this.watcher = w;
-    w.on('data', (res: IWatchResponse) => {
-      if (this.watcher === w) this.onWatch(res);
-    });
-    await new Promise<void>((resolve, reject) => {
-      w.once('connected', () => resolve());
-      w.on('error', (err) => {
-        reject(err);
-        if (this.stopped || this.watcher !== w) return;
-        // a compacted revision cancels the watch: relist from the current state
-        this.log.warn({ err: errorMessage(err) }, 'etcd: the watch ended (compacted?): relisting');
-        this.watcher = undefined;
-        void this.relist();
-      });
-    });
-    if (this.stopped) await w.cancel().catch(() => {});
+  /** The watch's gRPC client for the current endpoint (credentials as etcd3 makes them). */
+  private watchClient(): WatchClient {
+    const i = this.watchEndpoint % this.opts.endpoints.length;
+    let c = this.watchClients.get(i);
+    if (!c) {
+      const ep = this.opts.endpoints[i]!;
+      const { ca, cert, key } = this.opts;
+      // like etcd3: TLS with the given CA (and client certificate), or with the system's CAs for an
+      // https endpoint; an http:// endpoint (an operator's choice, refused by nothing) is plaintext
+      const creds = ca ? grpc.credentials.createSsl(ca, key ?? null, cert ?? null) : ep.startsWith('https://') ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+      c = new WatchClient(ep.replace(/^https?:\/\//, ''), creds, CHANNEL_OPTIONS);
+      this.watchClients.set(i, c);
+    }
+    return c;
   }
 
-  private onWatch(res: IWatchResponse): void {
-    if (res.canceled || Number(res.compact_revision) > 0) {
-      if (this.stopped) return;
-      this.log.warn({ compactRevision: res.compact_revision }, 'etcd: the watch revision was compacted: relisting');
-      void this.relist();
-      return;
-    }
+  private cancelWatch(): void {
+    const call = this.watchCall;
+    this.watchCall = undefined;
+    call?.cancel(); // its 'error' (CANCELLED) is ignored: it is no longer this.watchCall
+  }
+
+  /**
+   * Watches the prefix from revision rev on one stream; resolves once etcd created the watch,
+   * rejects (WatchEnded) if the stream fails first. Afterwards a broken stream resumes (rewatch) and
+   * a compacted revision relists.
+   */
+  private watchFrom(rev: number): Promise<void> {
+    this.cancelWatch();
+    const md = new grpc.Metadata();
+    // etcd cancels the watch when its member loses the cluster's leader (then another is tried)
+    md.set('hasleader', 'true');
+    const call = this.watchClient().watch(md);
+    this.watchCall = call;
+    const prefix = Buffer.from(`${this.p}/`);
+    return new Promise<void>((resolve, reject) => {
+      let created = false;
+      const ended = (err: WatchEnded): void => {
+        if (!created) reject(err); // also when cancelled here before etcd created it: the caller looks at why
+        if (this.watchCall !== call) return; // cancelled here, or replaced
+        this.watchCall = undefined;
+        call.cancel();
+        if (!created || this.stopped) return;
+        if (err.compacted) {
+          this.log.warn({ err: err.message }, 'etcd: the watch revision was compacted: relisting');
+          void this.relist();
+        } else {
+          this.log.warn({ err: err.message }, 'etcd: the watch stream broke: resuming it');
+          this.rewatch();
+        }
+      };
+      call.on('data', (res: WatchResponse) => {
+        if (this.watchCall !== call) return;
+        if (res.created && !created) {
+          created = true;
+          resolve();
+        }
+        if (res.compactRevision > 0) return ended(new WatchEnded(`revision ${rev} was compacted (oldest kept: ${res.compactRevision})`, true));
+        if (res.canceled) return ended(new WatchEnded(`etcd cancelled the watch: ${res.cancelReason || 'no reason given'}`, false));
+        if (res.events.length > 0) this.onWatch(res);
+      });
+      call.on('error', (err: Error) => ended(new WatchEnded(errorMessage(err), false)));
+      call.on('end', () => ended(new WatchEnded('etcd ended the watch stream', false)));
+      call.write({ createRequest: { key: prefix, rangeEnd: rangeEnd(prefix), startRevision: rev, progressNotify: false, prevKv: false, watchId: 0, fragment: false } });
+    });
+  }
+
+  /** After a broken watch stream: watch again from the next revision, on the next endpoint. */
+  private rewatch(): void {
+    if (this.stopped || this.rewatching || this.relisting) return;
+    this.rewatching = (async () => {
+      for (let attempt = 0; !this.stopped && !this.relisting; attempt++) {
+        this.watchEndpoint++;
+        try {
+          await this.watchFrom(this.applied + 1);
+          if (this.stopped) this.cancelWatch();
+          this.log.info({ revision: this.applied + 1 }, 'etcd: the watch resumed');
+          return;
+        } catch (err) {
+          if (this.stopped || this.relisting) return;
+          if (err instanceof WatchEnded && err.compacted) {
+            void this.relist();
+            return;
+          }
+          if (attempt % 10 === 0) this.log.warn({ err: errorMessage(err) }, 'etcd: resuming the watch failed; retrying');
+          await sleep(Math.min(1000, 100 * (attempt + 1)));
+        }
+      }
+    })().finally(() => (this.rewatching = undefined));
+  }
+
+  private onWatch(res: WatchResponse): void {
     // one applyChanges per revision: one event per object, then the commit marker
     let rev = 0;
     let changes: ObjectChange[] = [];
@@ -344,28 +439,30 @@ export class EtcdBackend implements Proposer {
       time = undefined;
     };
     for (const ev of res.events) {
-      const r = Number(ev.kv.mod_revision);
+      const kv = ev.kv;
+      if (!kv) continue;
+      const r = kv.modRevision;
       if (r !== rev) {
         flush();
         rev = r;
       }
       if (r <= this.applied) continue;
-      const key = ev.kv.key.toString();
+      const key = kv.key.toString();
       const sk = this.parseStoreKey(key);
       if (sk) {
         storeTouched = true;
-        if (ev.type === 'Delete') {
+        if (ev.type === Event_EventType.DELETE) {
           this.revs.delete(key);
           changes.push({ ...sk, object: undefined });
         } else {
-          this.revs.set(key, ev.kv.mod_revision);
-          const own = this.ownWrites.get(r)?.changes.find((c) => c.key === key)?.object ?? this.inflight.get(key)?.find((w) => w.value.equals(ev.kv.value))?.object;
+          this.revs.set(key, r);
+          const own = this.ownWrites.get(r)?.changes.find((c) => c.key === key)?.object ?? this.inflight.get(key)?.find((w) => w.value.equals(kv.value))?.object;
           if (own) {
             changes.push({ ...sk, object: own });
             continue;
           }
           try {
-            changes.push({ ...sk, object: this.decode(sk.table, ev.kv) });
+            changes.push({ ...sk, object: this.decode(sk.table, kv.key, kv.value) });
           } catch (err) {
             this.log.error({ key, err: errorMessage(err) }, 'etcd: a value does not open with the store key: ignored');
           }
@@ -373,9 +470,9 @@ export class EtcdBackend implements Proposer {
       } else {
         if (key === this.revKey) {
           storeTouched = true;
-          time = Number(ev.kv.value.toString()) || undefined;
+          time = Number(kv.value.toString()) || undefined;
         }
-        this.noteOther(key, ev.kv, ev.type === 'Delete');
+        this.noteOther(key, kv.value, kv.createRevision, ev.type === Event_EventType.DELETE);
       }
     }
     flush();
@@ -383,14 +480,14 @@ export class EtcdBackend implements Proposer {
   }
 
   /** Election candidates and registered managers, from the list or the watch. */
-  private noteOther(key: string, kv: IKeyValue, deleted: boolean): void {
+  private noteOther(key: string, value: Buffer, createRevision: number, deleted: boolean): void {
     if (key.startsWith(this.electionPrefix)) {
       if (deleted) this.candidates.delete(key);
-      else this.candidates.set(key, { createRevision: Number(kv.create_revision), value: kv.value.toString() });
+      else this.candidates.set(key, { createRevision, value: value.toString() });
     } else if (key.startsWith(this.managersPrefix)) {
       const id = key.slice(this.managersPrefix.length);
       if (deleted) this.managerAddrs.delete(id);
-      else this.managerAddrs.set(id, kv.value.toString());
+      else this.managerAddrs.set(id, value.toString());
     }
   }
 
@@ -422,9 +519,8 @@ export class EtcdBackend implements Proposer {
     for (let own = this.ownWrites.get(this.applied + 1); own; own = this.ownWrites.get(this.applied + 1)) {
       const rev = this.applied + 1;
       this.ownWrites.delete(rev);
-      const rs = String(rev);
       for (const c of own.changes) {
-        if (c.object) this.revs.set(c.key, rs);
+        if (c.object) this.revs.set(c.key, rev);
         else this.revs.delete(c.key);
       }
       this.store.applyChanges(own.changes, rev, own.time);
@@ -812,9 +908,9 @@ export class EtcdBackend implements Proposer {
       this.leader = false;
       for (const cb of this.leaderCbs) cb(false);
     }
-    const w = this.watcher;
-    this.watcher = undefined;
-    await Promise.allSettled([this.campaign?.resign(), this.regLease?.revoke(), w?.cancel()]);
+    this.cancelWatch();
+    await Promise.allSettled([this.campaign?.resign(), this.regLease?.revoke()]);
+    for (const c of this.watchClients.values()) c.close();
     for (const waiter of this.appliedWaiters) waiter.resolve();
     this.appliedWaiters = [];
     this.client.close();

@@ -77,6 +77,12 @@ export interface Proposer {
   readonly maxBatchBytes?: number;
   /** the most changes one batch may hold (default: no limit; etcd caps operations per transaction) */
   readonly maxBatchActions?: number;
+  /**
+   * The proposer measures what it sends and refuses a batch over its limit itself (RESOURCE_EXHAUSTED,
+   * nothing written), and never asks for `encoded`: update() then does not encode the actions just
+   * to measure them (etcd: each object is encoded and sealed on its own there anyway).
+   */
+  readonly measuresBatches?: boolean;
 }
 
 /** One object's new state as a proposer that is not Raft delivers it (etcd's watch): undefined = deleted. */
@@ -190,16 +196,19 @@ export class MemoryStore {
       const actions = tx.actions();
       if (actions.length === 0) return result;
       // each action is encoded once: for its size here, and then as part of the proposal's bytes
-      const encoded = actions.map(encodeAction);
-      const size = encoded.reduce((n, e) => n + framedSize(e), BATCH_OVERHEAD);
-      const max = proposer.maxBatchBytes ?? MAX_BATCH_BYTES;
-      if (size > max)
-        throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${max} bytes`);
+      // (not for a proposer that measures what it sends itself)
+      const encoded = proposer.measuresBatches ? undefined : actions.map(encodeAction);
+      if (encoded) {
+        const size = encoded.reduce((n, e) => n + framedSize(e), BATCH_OVERHEAD);
+        const max = proposer.maxBatchBytes ?? MAX_BATCH_BYTES;
+        if (size > max)
+          throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${size} bytes (${actions.length} changes) is over the limit of ${max} bytes`);
+      }
       if (proposer.maxBatchActions !== undefined && actions.length > proposer.maxBatchActions)
         throw new FlotillaError('RESOURCE_EXHAUSTED', `a store batch of ${actions.length} changes is over the store's limit of ${proposer.maxBatchActions} changes per transaction`);
       try {
         const batch: StoreBatch = { actions, proposalId: newId(), proposedAt: Date.now() };
-        await proposer.propose(batch, signal, () => encodeBatch(batch, encoded));
+        await proposer.propose(batch, signal, encoded ? () => encodeBatch(batch, encoded) : undefined);
         return result;
       } catch (err) {
         if (isConflict(err) && attempt < MAX_TX_RETRIES && !signal?.aborted) continue;
