@@ -22,7 +22,9 @@
  *
  * Options (environment): BENCH_MB (default 128) bytes per throughput round, BENCH_ROUNDS (5),
  * BENCH_RTT (2000) round trips; experiments: BENCH_OFFLOAD ("gro on ...": ethtool -K on every device),
- * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces); BENCH_KERNEL=0 skips the floor.
+ * BENCH_BRNF (0|1: br_netfilter's calls in the two hosts' namespaces); BENCH_KERNEL=0 skips the floor;
+ * BENCH_LINK (e.g. 10gbit: each host's eth0 shaped to that rate with tc tbf, an underlay that is a link
+ * as between separate machines, not the two shared CPUs).
  *
  * The floor, after the rounds (with iperf3): bench/vxlan-floor.sh builds the same shape (underlay bridge,
  * two hosts, a bridge + VXLAN device and one container namespace each) by hand, without flotilla, and
@@ -264,6 +266,15 @@ async function throughput(): Promise<void> {
         await inNs(ns, ['sysctl', '-qw', `net.bridge.bridge-nf-call-iptables=${brnf}`, `net.bridge.bridge-nf-call-ip6tables=${brnf}`, `net.bridge.bridge-nf-call-arptables=${brnf}`], 10_000);
       }
       console.log(`br_netfilter calls set to ${brnf} in both hosts' namespaces`);
+    }
+    // BENCH_LINK=10gbit gives each host's eth0 the egress rate of a NIC (tc tbf; large burst, so GSO
+    // packets pass whole): the underlay is then a link, as between separate machines, instead of the
+    // CPU the two "hosts" share here. Both paths leave through eth0, so both are limited alike.
+    const link = process.env.BENCH_LINK;
+    if (link) {
+      if (!/^\d+(\.\d+)?[kmg]bit$/.test(link)) throw new Error(`invalid BENCH_LINK "${link}": expected a tc rate such as 10gbit`);
+      for (const ns of [ns2, ns3]) await inNs(ns, ['tc', 'qdisc', 'replace', 'dev', 'eth0', 'root', 'tbf', 'rate', link, 'burst', '4mb', 'latency', '20ms'], 10_000);
+      console.log(`each host's eth0 limited to ${link} (tc tbf)`);
     }
     const bytes = MB * 1024 * 1024;
     const tput: Record<'underlay' | 'overlay', number[]> = { underlay: [], overlay: [] };
