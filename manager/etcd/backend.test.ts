@@ -3,6 +3,7 @@
  * watch events and commit markers, conflicts, unique names, the request limit, relist after
  * compaction, sealed values, and fencing of a deposed leader's writes.
  */
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NodeAvailability, NodeRole, NodeState, Service, StoreActionKind, Task } from '../../gen/flotilla/v1/objects.js';
 import { createLogger } from '../../common/log.js';
@@ -277,6 +278,35 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     // it campaigns again and leads again
     await waitFor('a leads again', () => a.be.isLeader(), 10_000);
   });
+
+  it('a member that never answers is given up for the next one: the watch resumes there', async () => {
+    // a TCP listener that accepts and never speaks: a blackholed etcd endpoint
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((c) => sockets.push(c));
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+    const dead = `https://127.0.0.1:${(silent.address() as net.AddressInfo).port}`;
+    try {
+      const a = await open('/t/silent');
+      const b = await open('/t/silent');
+      // b's watch breaks, and the next endpoint it tries is the silent one (etcd3's own calls keep
+      // the live members: only the watch's endpoint list is changed)
+      const bb = b.be as unknown as { opts: { endpoints: string[] }; watchClients: Map<number, unknown>; watchEndpoint: number; cancelWatch(): void; rewatch(): void };
+      bb.opts = { ...bb.opts, endpoints: [dead, ...etcd.endpoints] };
+      bb.watchClients.clear();
+      bb.watchEndpoint = -1;
+      const t0 = Date.now();
+      bb.cancelWatch();
+      bb.rewatch();
+      await a.store.update((tx) => tx.create('service', svc('s1', 'silent')));
+      await waitFor('b sees the write through a live member', () => b.store.getService('s1'), 15_000);
+      // given up after the creation timeout (5 s), not hung
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(4_500);
+      expect(bb.watchEndpoint % 4).not.toBe(0);
+    } finally {
+      for (const c of sockets) c.destroy();
+      silent.close();
+    }
+  }, 30_000);
 
   // last: it kills an etcd member
   it('a broken watch stream resumes from the next revision on another member, without a relist', async () => {

@@ -126,6 +126,9 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': 64 * 1024 * 1024,
 };
 
+/** how long a new watch stream may take to be created by etcd before another member is tried */
+const WATCH_CREATE_TIMEOUT_MS = 5_000;
+
 /** A watch stream that etcd refused or ended: compacted when its start revision is gone. */
 class WatchEnded extends Error {
   constructor(
@@ -368,7 +371,10 @@ export class EtcdBackend implements Proposer {
     const prefix = Buffer.from(`${this.p}/`);
     return new Promise<void>((resolve, reject) => {
       let created = false;
+      // a member that does not answer (unreachable, blackholed) is given up for the next one
+      const timer = setTimeout(() => ended(new WatchEnded(`no answer from ${this.opts.endpoints[this.watchEndpoint % this.opts.endpoints.length]} within ${WATCH_CREATE_TIMEOUT_MS} ms`, false)), WATCH_CREATE_TIMEOUT_MS);
       const ended = (err: WatchEnded): void => {
+        clearTimeout(timer);
         if (!created) reject(err); // also when cancelled here before etcd created it: the caller looks at why
         if (this.watchCall !== call) return; // cancelled here, or replaced
         this.watchCall = undefined;
@@ -386,6 +392,7 @@ export class EtcdBackend implements Proposer {
         if (this.watchCall !== call) return;
         if (res.created && !created) {
           created = true;
+          clearTimeout(timer);
           resolve();
         }
         if (res.compactRevision > 0) return ended(new WatchEnded(`revision ${rev} was compacted (oldest kept: ${res.compactRevision})`, true));
