@@ -366,13 +366,14 @@ export class EtcdBackend implements Proposer {
     const md = new grpc.Metadata();
     // etcd cancels the watch when its member loses the cluster's leader (then another is tried)
     md.set('hasleader', 'true');
+    const endpoint = this.opts.endpoints[this.watchEndpoint % this.opts.endpoints.length];
     const call = this.watchClient().watch(md);
     this.watchCall = call;
     const prefix = Buffer.from(`${this.p}/`);
     return new Promise<void>((resolve, reject) => {
       let created = false;
       // a member that does not answer (unreachable, blackholed) is given up for the next one
-      const timer = setTimeout(() => ended(new WatchEnded(`no answer from ${this.opts.endpoints[this.watchEndpoint % this.opts.endpoints.length]} within ${WATCH_CREATE_TIMEOUT_MS} ms`, false)), WATCH_CREATE_TIMEOUT_MS);
+      const timer = setTimeout(() => ended(new WatchEnded(`no answer from ${endpoint} within ${WATCH_CREATE_TIMEOUT_MS} ms`, false)), WATCH_CREATE_TIMEOUT_MS);
       const ended = (err: WatchEnded): void => {
         clearTimeout(timer);
         if (!created) reject(err); // also when cancelled here before etcd created it: the caller looks at why
@@ -397,7 +398,14 @@ export class EtcdBackend implements Proposer {
         }
         if (res.compactRevision > 0) return ended(new WatchEnded(`revision ${rev} was compacted (oldest kept: ${res.compactRevision})`, true));
         if (res.canceled) return ended(new WatchEnded(`etcd cancelled the watch: ${res.cancelReason || 'no reason given'}`, false));
-        if (res.events.length > 0) this.onWatch(res);
+        if (res.events.length === 0) return;
+        try {
+          this.onWatch(res);
+        } catch (err) {
+          // never the process: the store is made whole again from a fresh list
+          this.log.error({ err: errorMessage(err) }, 'etcd: applying a watch response failed: relisting');
+          void this.relist();
+        }
       });
       call.on('error', (err: Error) => ended(new WatchEnded(errorMessage(err), false)));
       call.on('end', () => ended(new WatchEnded('etcd ended the watch stream', false)));
