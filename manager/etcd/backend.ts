@@ -343,7 +343,7 @@ export class EtcdBackend implements Proposer {
       const { ca, cert, key } = this.opts;
       // like etcd3: TLS with the given CA (and client certificate), or with the system's CAs for an
       // https endpoint; an http:// endpoint (an operator's choice, refused by nothing) is plaintext
-      const creds = ca ? grpc.credentials.createSsl(ca, key ?? null, cert ?? null) : ep.startsWith('https://') ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+      const creds = ca ? grpc.credentials.createSsl(ca, cert && key ? key : null, cert && key ? cert : null) : ep.startsWith('https://') ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
       c = new WatchClient(ep.replace(/^https?:\/\//, ''), creds, CHANNEL_OPTIONS);
       this.watchClients.set(i, c);
     }
