@@ -308,6 +308,53 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     }
   }, 30_000);
 
+  it('large stores and responses: a relist reads in pages at one revision; a watch response etcd splits into fragments is put back together', async () => {
+    const a = await open('/t/large');
+    const b = await open('/t/large');
+    // b's watch pauses; a writes 3 revisions of 3 tasks of ~400 KB each: b's catch-up response
+    // (~3.6 MB) is over what etcd sends at once (its request limit plus 512 KiB), so etcd sends it in
+    // fragments, and the first boundary falls inside the second revision
+    (b.be as unknown as { cancelWatch(): void }).cancelWatch();
+    const big = (id: string, slot: number): Task => Task.fromPartial({ id, serviceId: 'large', slot, serviceName: `${id}-`.padEnd(400_000, 'x') });
+    for (let r = 0; r < 3; r++) await a.store.update((tx) => [0, 1, 2].forEach((k) => tx.create('task', big(`big${r}-${k}`, r * 3 + k + 1))));
+    const from = b.store.appliedIndex;
+    const commits: number[] = [];
+    b.store.subscribe((evs) => {
+      for (const e of evs) if (e.kind === 'commit') commits.push(e.index);
+    });
+    await (b.be as unknown as { watchFrom(r: number): Promise<void> }).watchFrom(from + 1);
+    await waitFor('b has the 9 large tasks', () => b.store.tasks.size === 9, 15_000);
+    for (const t of b.store.tasks.values()) expect(t.serviceName).toBe(`${t.id}-`.padEnd(400_000, 'x'));
+    // each revision whole, once: 3 commits, in order
+    expect(commits).toHaveLength(3);
+    expect(commits).toEqual([...commits].sort((x, y) => x - y));
+    // a new manager lists 9 large and 100 small tasks: pages of 40 keys, at one revision
+    await a.store.updateBatched((tx) => {
+      for (let i = 0; i < 100; i++) tx.create('task', Task.fromPartial({ id: `small${i}`, serviceId: 'large', slot: 100 + i }));
+    });
+    const store = new MemoryStore(log);
+    const be = new EtcdBackend(store, { endpoints: etcd.endpoints, prefix: '/t/large', ...etcd.tls(), leaseTtlS: 2 }, key, { nodeId: `m${n++}`, addr: '127.0.0.1:1998' }, log);
+    backends.push(be);
+    store.setProposer(be);
+    const kv = be.client.kv as unknown as { range(req: { revision?: number }): Promise<unknown> };
+    const range = kv.range.bind(kv);
+    const revisions: Array<number | undefined> = [];
+    kv.range = (req) => {
+      revisions.push(req.revision);
+      return range(req);
+    };
+    await be.start();
+    expect(store.tasks.size).toBe(109);
+    expect(store.appliedIndex).toBe(a.store.appliedIndex);
+    // at least 3 pages (109 store keys, plus names, managers, the election and the marker), the
+    // first at the current revision, every later one at the first one's
+    const pages = revisions.slice(0, revisions.indexOf(undefined, 1) === -1 ? undefined : revisions.indexOf(undefined, 1));
+    expect(pages.length).toBeGreaterThanOrEqual(3);
+    expect(pages[0]).toBeUndefined();
+    expect(new Set(pages.slice(1)).size).toBe(1);
+    expect(pages[1]).toBeGreaterThan(0);
+  }, 60_000);
+
   // last: it kills an etcd member
   it('a broken watch stream resumes from the next revision on another member, without a relist', async () => {
     const a = await open('/t/resume');

@@ -28,7 +28,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { BinaryWriter } from '@bufbuild/protobuf/wire';
 import * as grpc from '@grpc/grpc-js';
 import { Etcd3, type Campaign, type IOptions, type Lease } from 'etcd3';
-import type { ICompare, IRequestOp, ITxnResponse } from 'etcd3/lib/rpc.js';
+import type { ICompare, IKeyValue, IRangeResponse, IRequestOp, ITxnResponse } from 'etcd3/lib/rpc.js';
 import { Event_EventType, WatchClient, type WatchRequest, type WatchResponse } from '../../gen/etcd/watch.js';
 import { Cluster, Config, Network, Node, Secret, Service, StoreActionKind, type StoreBatch, Task } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, errorMessage } from '../../common/errors.js';
@@ -125,6 +125,12 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_timeout_ms': 5_000,
   'grpc.max_receive_message_length': 64 * 1024 * 1024,
 };
+
+/**
+ * Keys per page of a list (the store's relist): a value is at most etcd's request limit (1.5 MiB), so
+ * a page always fits the channel's 64 MiB message limit.
+ */
+const LIST_PAGE = 40;
 
 /** how long a new watch stream may take to be created by etcd before another member is tried */
 const WATCH_CREATE_TIMEOUT_MS = 5_000;
@@ -296,13 +302,12 @@ export class EtcdBackend implements Proposer {
     for (let attempt = 0; !this.stopped; attempt++) {
       try {
         this.cancelWatch();
-        const res = await this.client.getAll().prefix(`${this.p}/`).exec();
-        const rev = Number(res.header.revision);
+        const { rev, kvs } = await this.listPrefix();
         const seen = new Set<string>();
         const changes: ObjectChange[] = [];
         this.candidates.clear();
         this.managerAddrs.clear();
-        for (const kv of res.kvs) {
+        for (const kv of kvs) {
           const key = kv.key.toString();
           const sk = this.parseStoreKey(key);
           if (sk) {
@@ -331,6 +336,27 @@ export class EtcdBackend implements Proposer {
         if (attempt % 10 === 0) this.log.warn({ err: errorMessage(err) }, 'etcd: listing the store failed; retrying');
         await sleep(Math.min(1000, 100 * (attempt + 1)));
       }
+    }
+  }
+
+  /**
+   * Every key of the prefix at one revision (that of the first page), in pages of LIST_PAGE keys: one
+   * range of a large store would pass gRPC's message limit. A revision compacted meanwhile fails the
+   * list (the caller lists again).
+   */
+  private async listPrefix(): Promise<{ rev: number; kvs: IKeyValue[] }> {
+    const prefix = Buffer.from(`${this.p}/`);
+    const end = rangeEnd(prefix);
+    const kvs: IKeyValue[] = [];
+    let key = prefix;
+    let rev = 0;
+    for (;;) {
+      const res: IRangeResponse = await this.client.kv.range({ key, range_end: end, limit: LIST_PAGE, ...(rev ? { revision: rev } : {}) });
+      if (rev === 0) rev = Number(res.header.revision);
+      for (const kv of res.kvs) kvs.push(kv);
+      const last = res.kvs.at(-1);
+      if (!res.more || !last) return { rev, kvs };
+      key = Buffer.concat([last.key, Buffer.from([0])]);
     }
   }
 
@@ -389,8 +415,18 @@ export class EtcdBackend implements Proposer {
           this.rewatch();
         }
       };
+      // a large response comes in fragments (asked for below: each within etcd's request limit)
+      let fragments: WatchResponse['events'] = [];
       call.on('data', (res: WatchResponse) => {
         if (this.watchCall !== call) return;
+        if (res.fragment) {
+          for (const ev of res.events) fragments.push(ev);
+          return;
+        }
+        if (fragments.length > 0) {
+          res.events = [...fragments, ...res.events];
+          fragments = [];
+        }
         if (res.created && !created) {
           created = true;
           clearTimeout(timer);
@@ -409,7 +445,7 @@ export class EtcdBackend implements Proposer {
       });
       call.on('error', (err: Error) => ended(new WatchEnded(errorMessage(err), false)));
       call.on('end', () => ended(new WatchEnded('etcd ended the watch stream', false)));
-      call.write({ createRequest: { key: prefix, rangeEnd: rangeEnd(prefix), startRevision: rev, progressNotify: false, prevKv: false, watchId: 0, fragment: false } });
+      call.write({ createRequest: { key: prefix, rangeEnd: rangeEnd(prefix), startRevision: rev, progressNotify: false, prevKv: false, watchId: 0, fragment: true } });
     });
   }
 
