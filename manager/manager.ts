@@ -859,7 +859,10 @@ export class Manager {
           const res = await new Promise<GetNodeResponse>((resolve, reject) =>
             client.getNode({ nodeId: hostname }, new grpc.Metadata(), { deadline: Date.now() + 3000 }, (err, r) => (err ? reject(err) : resolve(r))),
           );
-          if (res.node?.spec?.desiredRole !== NodeRole.NODE_ROLE_MANAGER) break; // asked, not promoted
+          // promoted: recorded as a worker and asked to be a manager. A demotion that removed this
+          // member but has not yet recorded the worker role still reads manager/manager: not a promotion
+          const node = res.node;
+          if (node?.spec?.desiredRole !== NodeRole.NODE_ROLE_MANAGER || node.role !== NodeRole.NODE_ROLE_WORKER) break;
           this.opts.log.info({ via: addr }, 'this node was promoted: joining the managers again');
           this.promoting = true;
           const dir = path.join(this.opts.dataDir, 'raft');
@@ -868,7 +871,7 @@ export class Manager {
           this.store.restore({ nodes: [], services: [], tasks: [], clusters: [], networks: [], secrets: [], configs: [] }, 0);
           const raft = await this.openRaft(addr);
           await raft.waitForLeader(signal, 30_000);
-          const nodeId = res.node.id;
+          const nodeId = node.id;
           // wait until this manager's store has caught up with the cluster, then mark the node
           for (let tries = 0; tries < 300 && !signal.aborted; tries++) {
             await raft.readIndex(signal).catch(() => {});

@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Control } from '../cli/client.js';
 import { ServiceSpec } from '../gen/flotilla/v1/objects.js';
 import type { ListServicesResponse, ListNodesResponse } from '../gen/flotilla/v1/control.js';
@@ -104,6 +104,15 @@ describe.skipIf(!builtCli())('manager high availability (3 managers as processes
     expect(token).toMatch(/^FLTKN-1-[0-9a-f]{64}-[0-9a-z]{32}$/);
     await launch(mgrs[1]!, ['--join', mgrs[0]!.addr, '--token', token]);
     await launch(mgrs[2]!, ['--join', mgrs[0]!.addr, '--token', token]);
+  });
+  afterEach((ctx) => {
+    // a failure shows what each manager logged (warnings and errors unless HA_LOG_LEVEL says more)
+    if (ctx.task.result?.state !== 'fail') return;
+    for (const m of mgrs) {
+      const log = m.proc?.err.join('') ?? '';
+      if (process.env.HA_LOG_LEVEL) fs.writeFileSync(`/tmp/ha-${m.name}.log`, log);
+      console.log(`--- ${m.name} (${m.proc ? 'running' : 'stopped'}), last of its log:\n${log.slice(-4000)}`);
+    }
   });
   afterAll(async () => {
     try {

@@ -29,6 +29,7 @@ import {
 import { Node, NodeAvailability, NodeRole, NodeState, Service, ServiceMode, ServiceSpec, Task, TaskState } from '../../gen/flotilla/v1/objects.js';
 import { FlotillaError, invalidArgument, notFound } from '../../common/errors.js';
 import { newId } from '../../common/ids.js';
+import { sleep } from '../../common/sleep.js';
 import { Tx, type MemoryStore } from '../store/store.js';
 import type { Dispatcher } from '../dispatcher/dispatcher.js';
 import { isAgentless, unary } from '../dispatcher/dispatcher.js';
@@ -152,6 +153,9 @@ export function resolveNode(store: MemoryStore, ref: string): Node {
   if (matches.length > 1 || byName.length > 1) throw new FlotillaError('FAILED_PRECONDITION', `node ${JSON.stringify(ref)} is ambiguous`);
   throw notFound('node', ref);
 }
+
+/** How often a demotion tries to record the worker role after the member left Raft (250 ms apart). */
+const DEMOTE_WRITE_ATTEMPTS = 40;
 
 export class ControlApi {
   /** the store's recent changes, for Watch (created with the API, before it serves) */
@@ -407,11 +411,27 @@ export class ControlApi {
         role = NodeRole.NODE_ROLE_WORKER;
       }
     }
-    await this.store.update((tx) => {
-      const n = tx.get('node', cur.id);
-      if (!n) throw notFound('node', req.nodeId);
-      tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: wantRole === NodeRole.NODE_ROLE_MANAGER ? wantRole : role } });
-    });
+    const write = () =>
+      this.store.update((tx) => {
+        const n = tx.get('node', cur.id);
+        if (!n) throw notFound('node', req.nodeId);
+        tx.update('node', { ...n, role, spec: { ...req.spec!, desiredRole: wantRole === NodeRole.NODE_ROLE_MANAGER ? wantRole : role } });
+      });
+    if (role === NodeRole.NODE_ROLE_WORKER && cur.role !== role) {
+      // the member is gone from Raft already: record the worker role even through the election that
+      // removing a leader causes (the write is idempotent, so a retry after an unknown outcome is safe)
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await write();
+          break;
+        } catch (err) {
+          if (!(err instanceof FlotillaError && err.code === 'UNAVAILABLE') || attempt >= DEMOTE_WRITE_ATTEMPTS) throw err;
+          await sleep(250);
+        }
+      }
+    } else {
+      await write();
+    }
     return this.withManagerStatus(this.store.getNode(cur.id)!);
   }
 

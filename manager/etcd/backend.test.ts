@@ -11,7 +11,7 @@ import { FlotillaError } from '../../common/errors.js';
 import { EtcdCluster, haveEtcd } from '../../test/helpers/etcd.js';
 import { waitFor } from '../../test/helpers/wait.js';
 import { MemoryStore, type StoreEvent } from '../store/store.js';
-import { EtcdBackend } from './backend.js';
+import { EtcdBackend, etcdClient } from './backend.js';
 
 const log = createLogger('etcd-test');
 
@@ -81,14 +81,19 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
     const t0 = Date.now();
     // 20 creates proposed in one event-loop turn commute (each compares only its own key): the
     // first goes at once (nothing else on its way), the 19 others as one etcd transaction, one
-    // revision, one commit marker after the 19 events
+    // revision, one commit marker after the 19 events. Both transactions are in flight together, so
+    // etcd may order either first: the store applies them in etcd's order
     await Promise.all(Array.from({ length: 20 }, (_, i) => a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })))));
     expect(a.store.tasks.size).toBe(20);
     // then 10 more, one after another: one revision each, in order
     for (let i = 20; i < 30; i++) await a.store.update((tx) => tx.create('task', Task.fromPartial({ id: `o${i}`, serviceId: 'o', slot: i + 1 })));
     expect(a.store.tasks.size).toBe(30);
     const mine = a.events.slice(from);
-    expect(mine.map((e) => e.map((x) => x.kind))).toEqual([['create', 'commit'], [...Array.from({ length: 19 }, () => 'create'), 'commit'], ...Array.from({ length: 10 }, () => ['create', 'commit'])]);
+    const single = ['create', 'commit'];
+    const joint = [...Array.from({ length: 19 }, () => 'create'), 'commit'];
+    const kinds = mine.map((e) => e.map((x) => x.kind));
+    expect(kinds.slice(0, 2)).toEqual(kinds[0]!.length === 2 ? [single, joint] : [joint, single]);
+    expect(kinds.slice(2)).toEqual(Array.from({ length: 10 }, () => single));
     expect(mine.flat().flatMap((x) => (x.kind === 'create' ? [x.object.id] : [])).sort()).toEqual(Array.from({ length: 30 }, (_, i) => `o${i}`).sort());
     const idx = mine.map((e) => (e.at(-1) as { index: number }).index);
     expect(idx).toEqual(idx.map((_, i) => idx[0]! + i));
@@ -303,6 +308,33 @@ describe.skipIf(!haveEtcd())('etcd store backend (real etcd, 3 members, client T
       expect(Date.now() - t0).toBeGreaterThanOrEqual(4_500);
       expect(bb.watchEndpoint % 4).not.toBe(0);
     } finally {
+      for (const c of sockets) c.destroy();
+      silent.close();
+    }
+  }, 30_000);
+
+  it("etcd3's own calls to a member that never answers end at their deadline and go on through a live one", async () => {
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((c) => sockets.push(c));
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r));
+    const dead = `https://127.0.0.1:${(silent.address() as net.AddressInfo).port}`;
+    const client = etcdClient({ endpoints: [dead, etcd.endpoints[0]!], prefix: '/t/deadline', ...etcd.tls(), callTimeoutMs: 1000 });
+    try {
+      // etcd3 picks a member at random per call: call until one went to the silent member (bounded)
+      const took: number[] = [];
+      for (let i = 0; i < 40 && (i === 0 || sockets.length === 0); i++) {
+        const t0 = Date.now();
+        // a call may also fail when etcd3's retries all land on the silent member: it must end either way
+        await (i === 0 ? client.put('/t/deadline/k').value('v') : client.get('/t/deadline/k').string()).catch(() => undefined);
+        took.push(Date.now() - t0);
+      }
+      expect(sockets.length, 'a call went to the silent member').toBeGreaterThan(0);
+      // it ended at its deadline (1 s, up to 3 attempts), not never; afterwards the live member answers
+      expect(Math.max(...took)).toBeLessThan(3 * 1000 + 2000);
+      expect(Math.max(...took)).toBeGreaterThanOrEqual(900);
+      await waitFor('a later call answered', async () => (await client.get('/t/deadline/k').string()) === 'v', 15_000, 0);
+    } finally {
+      client.close();
       for (const c of sockets) c.destroy();
       silent.close();
     }

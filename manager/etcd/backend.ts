@@ -62,6 +62,8 @@ export interface EtcdStoreOptions {
   leaseTtlS?: number;
   /** writes proposed in the same event-loop turn that commute share one etcd transaction (default true; flush()) */
   mergeWrites?: boolean;
+  /** deadline of each unary etcd call, ms (default 10 s); streams (watch, lease keepalive) have none */
+  callTimeoutMs?: number;
 }
 
 /** What a manager needs of its consensus layer (RaftNode has the same shape). */
@@ -132,6 +134,9 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
  */
 const LIST_PAGE = 40;
 
+/** the default deadline of a unary etcd call (a transaction, a range, a lease grant) */
+const ETCD_CALL_TIMEOUT_MS = 10_000;
+
 /** how long a new watch stream may take to be created by etcd before another member is tried */
 const WATCH_CREATE_TIMEOUT_MS = 5_000;
 
@@ -146,7 +151,15 @@ class WatchEnded extends Error {
 }
 
 export function etcdClient(opts: EtcdStoreOptions): Etcd3 {
-  const o: IOptions = { hosts: opts.endpoints, dialTimeout: 5000, grpcOptions: CHANNEL_OPTIONS };
+  // a member that accepts connections and never answers (blackholed, frozen) would hold a call with
+  // no deadline forever; past the deadline etcd3 retries the call on another member
+  const callTimeoutMs = opts.callTimeoutMs ?? ETCD_CALL_TIMEOUT_MS;
+  const o: IOptions = {
+    hosts: opts.endpoints,
+    dialTimeout: 5000,
+    grpcOptions: CHANNEL_OPTIONS,
+    defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
+  };
   if (opts.ca || opts.cert || opts.key) {
     if (!opts.ca) throw new FlotillaError('INVALID_ARGUMENT', 'invalid --etcd-cacert "": required with --etcd-cert/--etcd-key');
     o.credentials = { rootCertificate: opts.ca, ...(opts.cert && opts.key ? { certChain: opts.cert, privateKey: opts.key } : {}) };
