@@ -1,7 +1,8 @@
 /**
- * npm test (built to dist/scripts/test-lanes.js): the whole suite in two lanes at once (vitest.config.ts names them), each one file at a
- * time: "host" (runc, mounts, cgroups, network namespaces, nftables) and "loopback" (unit tests and
- * processes on 127.0.0.1 with the sim runtime or etcd). Most of a test's time is waiting on processes,
+ * npm test (built to dist/scripts/test-lanes.js): the whole suite in two lanes at once, each one file
+ * at a time (vitest.config.ts names them as projects): "host" (runc, mounts, cgroups, network
+ * namespaces, nftables) and "loopback" (unit tests and processes on 127.0.0.1 with the sim runtime or
+ * etcd). Most of a test's time is waiting on processes,
  * so the lanes overlap well on two cores. Each lane's lines are printed as they come, prefixed with
  * its name; a failing lane's summary is printed again at the end. Exits non-zero if either lane fails.
  *
